@@ -1,0 +1,119 @@
+//! Request context shared by every resource: application state, bearer authentication, role
+//! checks and the client address used by the audit log.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use poem::Request;
+use poem_openapi::{SecurityScheme, auth::Bearer};
+use sqlx::PgPool;
+
+use crate::auth::{self, AuthSettings, Identity};
+use crate::config::Config;
+use crate::domain::Role;
+use crate::store::{self, audit::NewAuditEntry};
+
+use super::error::ApiError;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub pool: PgPool,
+    /// The configuration the process started with.
+    pub config: Arc<Config>,
+}
+
+impl AppState {
+    /// Identity settings derived from the configuration.
+    pub fn auth_settings(&self) -> AuthSettings {
+        AuthSettings {
+            token_ttl: self.config.token_ttl,
+            max_failures_per_user: self.config.login_max_failures_per_user,
+            max_failures_per_ip: self.config.login_max_failures_per_ip,
+            window: self.config.login_window,
+        }
+    }
+}
+
+/// A bearer token from `POST /api/v1/auth/login` or an API token.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", rename = "bearerAuth")]
+pub struct BearerAuth(pub Bearer);
+
+/// The authenticated caller of one request, with its address.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Who.
+    pub identity: Identity,
+    /// From where.
+    pub ip: Option<String>,
+}
+
+/// The client address: the socket peer, or the first `X-Forwarded-For` hop when the deployment
+/// says a trusted proxy sets it.
+pub fn client_ip(req: &Request, trust_forwarded_for: bool) -> Option<String> {
+    if trust_forwarded_for {
+        if let Some(forwarded) = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            if let Some(first) = forwarded.split(',').next() {
+                if let Ok(ip) = first.trim().parse::<IpAddr>() {
+                    return Some(ip.to_string());
+                }
+            }
+        }
+    }
+    req.remote_addr()
+        .as_socket_addr()
+        .map(|addr| addr.ip().to_string())
+}
+
+impl AppState {
+    /// Authenticates the bearer token and checks the least role the operation needs.
+    pub async fn authorize(
+        &self,
+        req: &Request,
+        auth: &BearerAuth,
+        least: Role,
+    ) -> Result<Caller, ApiError> {
+        let identity = auth::authenticate(&self.pool, &auth.0.token).await?;
+        auth::require(&identity, least)?;
+        Ok(Caller {
+            identity,
+            ip: client_ip(req, self.config.trust_forwarded_for),
+        })
+    }
+}
+
+impl Caller {
+    /// An audit entry by this caller.
+    pub fn audit<'a>(
+        &'a self,
+        action: &'a str,
+        resource_type: &'a str,
+        resource_id: Option<uuid::Uuid>,
+        details: serde_json::Value,
+    ) -> NewAuditEntry<'a> {
+        NewAuditEntry {
+            user_id: Some(self.identity.user_id),
+            action,
+            resource_type,
+            resource_id,
+            details,
+            ip_address: self.ip.as_deref(),
+        }
+    }
+
+    /// Writes an audit entry in the caller's transaction.
+    pub async fn record(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        entry: NewAuditEntry<'_>,
+    ) -> Result<(), ApiError> {
+        store::audit::audit_insert(conn, &entry).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! The one JSON error body of the API and its mapping from every lower-layer error.
+
+use poem_openapi::{ApiResponse, Object, payload::Json};
+
+use crate::auth::AuthError;
+use crate::store::StoreError;
+
+/// Where an error came from, when it concerns one field of the request.
+#[derive(Debug, Clone, Object)]
+pub struct ErrorDetails {
+    /// The offending field, as a path into the request (`role`, `steps[2].timeout_seconds`).
+    #[oai(skip_serializing_if_is_none)]
+    pub field: Option<String>,
+    /// Why the field was refused.
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object)]
+pub struct ErrorBody {
+    /// Stable machine-readable code (`not_found`, `validation_failed`, ...).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+    /// The offending field, when there is one.
+    #[oai(skip_serializing_if_is_none)]
+    pub details: Option<ErrorDetails>,
+}
+
+/// Every error an operation can answer with.
+#[derive(Debug, ApiResponse)]
+#[oai(bad_request_handler = "bad_request_from_parse")]
+pub enum ApiError {
+    /// The request could not be parsed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No valid bearer token.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The caller's role is too low.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// The resource does not exist.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The request conflicts with the current state (duplicate name, wrong state).
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    /// The request body exceeds the configured size limit.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The request parsed but a field is invalid.
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
+    /// Too many attempts; retry later.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>),
+    /// An unexpected failure; details are in the server log.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// A dependency (the database) is unavailable; retry later.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+fn body(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        code: code.to_owned(),
+        message: message.into(),
+        details: field.map(|f| ErrorDetails {
+            field: Some(f.to_owned()),
+            reason: None,
+        }),
+    })
+}
+
+/// Extracts the field name from poem-openapi's parse error messages, which quote it.
+fn field_from_parse_message(message: &str) -> Option<String> {
+    for marker in ["field `", "parameter `", "\""] {
+        if let Some(start) = message.find(marker) {
+            let rest = &message[start + marker.len()..];
+            let end = rest.find(['`', '"'])?;
+            let field = &rest[..end];
+            if !field.is_empty() {
+                return Some(field.to_owned());
+            }
+        }
+    }
+    None
+}
+
+fn bad_request_from_parse(err: poem::Error) -> ApiError {
+    let message = err.to_string();
+    if err.status() == poem::http::StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::PayloadTooLarge(body("payload_too_large", message, None));
+    }
+    if err.status() == poem::http::StatusCode::UNAUTHORIZED {
+        return ApiError::Unauthorized(body("unauthorized", message, None));
+    }
+    let field = field_from_parse_message(&message);
+    ApiError::BadRequest(Json(ErrorBody {
+        code: "bad_request".to_owned(),
+        details: field.map(|f| ErrorDetails {
+            field: Some(f),
+            reason: Some(message.clone()),
+        }),
+        message,
+    }))
+}
+
+impl ApiError {
+    /// 404 for a resource kind and id.
+    pub fn not_found(what: &str, id: impl std::fmt::Display) -> Self {
+        ApiError::NotFound(body("not_found", format!("{what} {id} not found"), None))
+    }
+
+    /// 422 naming the field and the reason.
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        ApiError::Unprocessable(Json(ErrorBody {
+            code: "validation_failed".to_owned(),
+            message: format!("{field}: {reason}"),
+            details: Some(ErrorDetails {
+                field: Some(field.to_owned()),
+                reason: Some(reason),
+            }),
+        }))
+    }
+
+    /// 409 with a message.
+    pub fn conflict(message: impl Into<String>, field: Option<&str>) -> Self {
+        ApiError::Conflict(body("conflict", message, field))
+    }
+
+    /// 500, logging the cause once here so callers need not.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::Internal(body("internal", "internal server error", None))
+    }
+
+    /// The status code, for logs and tests.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized(_) => 401,
+            ApiError::Forbidden(_) => 403,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::PayloadTooLarge(_) => 413,
+            ApiError::Unprocessable(_) => 422,
+            ApiError::TooManyRequests(_) => 429,
+            ApiError::Internal(_) => 500,
+            ApiError::Unavailable(_) => 503,
+        }
+    }
+}
+
+/// The field a unique constraint protects, for the 409 body.
+fn field_of_constraint(constraint: &str) -> Option<&str> {
+    let trimmed = constraint.strip_suffix("_key")?;
+    let (_, column) = trimmed.split_once('_')?;
+    // users_username_key -> username; system_config_pkey is not a named field.
+    Some(column.rsplit_once('_').map_or(column, |(_, c)| c))
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Conflict(c) => ApiError::Conflict(body(
+                "conflict",
+                format!("already exists ({c})"),
+                field_of_constraint(c),
+            )),
+            StoreError::ForeignKey(c) => ApiError::invalid(c, "refers to a missing resource"),
+            StoreError::Check(c) => ApiError::invalid(c, "violates a constraint"),
+            StoreError::Database(sqlx::Error::PoolTimedOut)
+            | StoreError::Database(sqlx::Error::Io(_)) => {
+                tracing::error!(error = %e, "database unavailable");
+                ApiError::Unavailable(body("unavailable", "database unavailable", None))
+            }
+            StoreError::Database(_) => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::from(e).into()
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::InvalidCredentials | AuthError::Inactive | AuthError::Unauthenticated => {
+                ApiError::Unauthorized(body("unauthorized", e.to_string(), None))
+            }
+            AuthError::Throttled { .. } => {
+                ApiError::TooManyRequests(body("too_many_requests", e.to_string(), None))
+            }
+            AuthError::Forbidden { .. } => {
+                ApiError::Forbidden(body("forbidden", e.to_string(), None))
+            }
+            AuthError::Store(s) => s.into(),
+        }
+    }
+}
+
+/// Turns any error poem raises outside our handlers (unknown route, wrong method, body too
+/// large, missing credentials) into the same JSON body.
+pub fn poem_error_body(err: &poem::Error) -> ErrorBody {
+    let status = err.status();
+    let code = match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "validation_failed",
+        429 => "too_many_requests",
+        503 => "unavailable",
+        s if s >= 500 => "internal",
+        _ => "error",
+    };
+    let message = if status.is_server_error() {
+        "internal server error".to_owned()
+    } else {
+        err.to_string()
+    };
+    ErrorBody {
+        code: code.to_owned(),
+        details: field_from_parse_message(&message).map(|f| ErrorDetails {
+            field: Some(f),
+            reason: None,
+        }),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constraint_names_map_to_fields() {
+        assert_eq!(field_of_constraint("users_username_key"), Some("username"));
+        assert_eq!(field_of_constraint("users_email_key"), Some("email"));
+    }
+
+    #[test]
+    fn parse_messages_name_fields() {
+        assert_eq!(
+            field_from_parse_message("failed to parse parameter `limit`: bad"),
+            Some("limit".to_owned())
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! The HTTP API: poem-openapi only. One file per resource, DTOs beside their handlers, one
+//! error type ([`error::ApiError`]). Handlers authorize, validate, call `store`/`auth` and map
+//! results; they hold no business rules of their own.
+//!
+//! Routes: `/api/v1/...` (the typed API), `/api/v1/openapi.json` (the spec), `/docs` (Swagger UI),
+//! `/healthz` (process alive) and `/readyz` (database reachable, migrations current).
+
+pub mod audit;
+pub mod auth;
+pub mod context;
+pub mod error;
+pub mod pagination;
+pub mod system;
+pub mod system_config;
+pub mod users;
+
+use std::sync::Arc;
+
+use poem::http::StatusCode;
+use poem::web::Data;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, handler};
+use poem_openapi::{OpenApiService, Tags};
+
+use crate::config::Config;
+pub use context::AppState;
+
+/// Operation groups in the spec.
+#[derive(Tags)]
+pub enum Tag {
+    /// Version and service metadata.
+    System,
+    /// Login, logout and API tokens.
+    Auth,
+    /// User accounts.
+    Users,
+    /// The audit log.
+    Audit,
+    /// Global settings.
+    SystemConfig,
+}
+
+/// The path prefix of the typed API.
+pub const API_PREFIX: &str = "/api/v1";
+
+fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
+    let apis = (
+        system::SystemApi,
+        auth::AuthApi {
+            state: state.clone(),
+        },
+        users::UsersApi {
+            state: state.clone(),
+        },
+        audit::AuditApi {
+            state: state.clone(),
+        },
+        system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+    );
+    OpenApiService::new(apis, "aiops", crate::VERSION)
+        .description(
+            "Auto-remediation platform: Alertmanager alerts in, durable runbook workflows out. \
+             Authenticate with `Authorization: Bearer <token>` from `auth_login` or `token_create`. \
+             Every operation's description states the least role it needs \
+             (admin > engineer > operator > viewer).",
+        )
+        .server(API_PREFIX)
+}
+
+/// The OpenAPI document the code emits, as pretty JSON. Needs no database.
+pub fn spec_json() -> String {
+    // The lazy pool never connects, but sqlx needs a runtime to create it.
+    let own_runtime = match tokio::runtime::Handle::try_current() {
+        Ok(_) => None,
+        Err(_) => Some(
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("a current-thread runtime builds"),
+        ),
+    };
+    let _guard = own_runtime.as_ref().map(|rt| rt.enter());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://localhost/unused")
+        .expect("a constant URL parses");
+    let state = AppState {
+        pool,
+        config: Arc::new(Config::default()),
+    };
+    let mut spec = service(&state).spec();
+    spec.push('\n');
+    spec
+}
+
+#[handler]
+fn healthz() -> poem::web::Json<serde_json::Value> {
+    poem::web::Json(serde_json::json!({ "status": "alive" }))
+}
+
+#[handler]
+async fn readyz(state: Data<&AppState>) -> Response {
+    match crate::store::migrations_current(&state.pool).await {
+        Ok(true) => poem::web::Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Ok(false) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "database migrations are not current; run `aiops migrate`",
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unreachable",
+            )
+        }
+    }
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = error::ErrorBody {
+        code: code.to_owned(),
+        message: message.to_owned(),
+        details: None,
+    };
+    json_error(status, &body)
+}
+
+fn json_error(status: StatusCode, body: &error::ErrorBody) -> Response {
+    let mut value = serde_json::json!({ "code": body.code, "message": body.message });
+    if let Some(d) = &body.details {
+        value["details"] = serde_json::json!({ "field": d.field, "reason": d.reason });
+    }
+    poem::web::Json(value).with_status(status).into_response()
+}
+
+/// Reads the whole body up to the limit before any handler sees it, so oversized requests are
+/// refused with 413 whether or not they declare a Content-Length.
+async fn limit_body(max: usize, mut req: Request) -> Result<Request, Response> {
+    if let Some(len) = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > max {
+            return Err(error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!("request body of {len} bytes exceeds the limit of {max} bytes"),
+            ));
+        }
+    }
+    match req.take_body().into_bytes_limit(max).await {
+        Ok(bytes) => {
+            req.set_body(bytes);
+            Ok(req)
+        }
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => Err(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("request body exceeds the limit of {max} bytes"),
+        )),
+        Err(e) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("cannot read request body: {e}"),
+        )),
+    }
+}
+
+/// The whole HTTP application: API, spec, Swagger UI and probes, with one JSON error body for
+/// every error and the request body limit applied.
+pub fn app(state: AppState) -> impl Endpoint {
+    let api = service(&state);
+    let spec = api.spec_endpoint();
+    let docs = api.swagger_ui();
+    let max = state.config.max_body_bytes;
+    Route::new()
+        .nest(API_PREFIX, api)
+        .at(format!("{API_PREFIX}/openapi.json"), spec)
+        .nest("/docs", docs)
+        .at("/healthz", get(healthz))
+        .at("/readyz", get(readyz))
+        .data(state)
+        .around(move |ep, req| async move {
+            let req = match limit_body(max, req).await {
+                Ok(req) => req,
+                Err(resp) => return Ok(resp),
+            };
+            match ep.call(req).await {
+                Ok(resp) => Ok(resp.into_response()),
+                Err(err) if err.is_from_response() => Ok(err.into_response()),
+                Err(err) => {
+                    let status = err.status();
+                    if status.is_server_error() {
+                        tracing::error!(error = %err, "request failed");
+                    }
+                    Ok(json_error(status, &error::poem_error_body(&err)))
+                }
+            }
+        })
+}

@@ -1,0 +1,184 @@
+//! Global key/value settings (admin).
+
+use chrono::{DateTime, Utc};
+use poem::Request;
+use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
+use uuid::Uuid;
+
+use crate::domain::Role;
+use crate::store;
+
+use super::Tag;
+use super::context::{AppState, BearerAuth};
+use super::error::ApiError;
+
+/// One setting.
+#[derive(Debug, Object)]
+pub struct ConfigEntry {
+    /// Key (1 to 50 characters: letters, digits, `.`, `_`, `-`).
+    pub key: String,
+    /// Any JSON value.
+    pub value: serde_json::Value,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Who made the last change.
+    #[oai(skip_serializing_if_is_none)]
+    pub updated_by: Option<Uuid>,
+}
+
+/// A new value for a key.
+#[derive(Debug, Object)]
+pub struct ConfigValue {
+    /// Any JSON value.
+    pub value: serde_json::Value,
+}
+
+impl From<store::system_config::ConfigRow> for ConfigEntry {
+    fn from(r: store::system_config::ConfigRow) -> ConfigEntry {
+        ConfigEntry {
+            key: r.key,
+            value: r.value_json,
+            updated_at: r.updated_at,
+            updated_by: r.updated_by,
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+enum Deleted {
+    /// Deleted.
+    #[oai(status = 204)]
+    NoContent,
+}
+
+fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty()
+        || key.len() > 50
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(ApiError::invalid(
+            "key",
+            "must be 1 to 50 characters of letters, digits, '.', '_' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// System configuration endpoints.
+pub struct SystemConfigApi {
+    /// Shared state.
+    pub state: AppState,
+}
+
+#[OpenApi(prefix_path = "/system-config", tag = "Tag::SystemConfig")]
+impl SystemConfigApi {
+    /// List every setting.
+    ///
+    /// Least role: admin.
+    #[oai(path = "/", method = "get", operation_id = "config_list")]
+    async fn config_list(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+    ) -> Result<Json<Vec<ConfigEntry>>, ApiError> {
+        self.state.authorize(req, &auth, Role::Admin).await?;
+        let mut conn = self.state.pool.acquire().await?;
+        let rows = store::system_config::config_list(&mut conn).await?;
+        Ok(Json(rows.into_iter().map(ConfigEntry::from).collect()))
+    }
+
+    /// Get one setting.
+    ///
+    /// Least role: admin.
+    #[oai(path = "/:key", method = "get", operation_id = "config_get")]
+    async fn config_get(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Setting key.
+        key: Path<String>,
+    ) -> Result<Json<ConfigEntry>, ApiError> {
+        self.state.authorize(req, &auth, Role::Admin).await?;
+        validate_key(&key.0)?;
+        let mut conn = self.state.pool.acquire().await?;
+        let row = store::system_config::config_get(&mut conn, &key.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("system_config key", &key.0))?;
+        Ok(Json(row.into()))
+    }
+
+    /// Create or replace one setting.
+    ///
+    /// Least role: admin.
+    #[oai(path = "/:key", method = "put", operation_id = "config_put")]
+    async fn config_put(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Setting key.
+        key: Path<String>,
+        body: Json<ConfigValue>,
+    ) -> Result<Json<ConfigEntry>, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Admin).await?;
+        validate_key(&key.0)?;
+        let mut tx = self.state.pool.begin().await?;
+        let (row, previous) = store::system_config::config_put(
+            &mut tx,
+            &key.0,
+            &body.0.value,
+            Some(caller.identity.user_id),
+        )
+        .await?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "system_config_put",
+                    "system_config",
+                    None,
+                    serde_json::json!({
+                        "key": key.0,
+                        "previous": previous,
+                        "value": body.0.value,
+                    }),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Json(row.into()))
+    }
+
+    /// Delete one setting.
+    ///
+    /// Least role: admin.
+    #[oai(path = "/:key", method = "delete", operation_id = "config_delete")]
+    async fn config_delete(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Setting key.
+        key: Path<String>,
+    ) -> Result<Deleted, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Admin).await?;
+        validate_key(&key.0)?;
+        let mut tx = self.state.pool.begin().await?;
+        if !store::system_config::config_delete(&mut tx, &key.0).await? {
+            return Err(ApiError::not_found("system_config key", &key.0));
+        }
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "system_config_delete",
+                    "system_config",
+                    None,
+                    serde_json::json!({ "key": key.0 }),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Deleted::NoContent)
+    }
+}

@@ -1,0 +1,222 @@
+//! Identity: login with throttling, bearer-token authentication, API tokens and role checks.
+//!
+//! This is the application layer for identity: it composes `crypto` and `store` and knows nothing
+//! about HTTP. The API layer maps [`AuthError`] onto status codes.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::crypto::{password, token};
+use crate::domain::Role;
+use crate::store::{self, StoreError, audit::NewAuditEntry, tokens::NewTokenRow};
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The user.
+    pub user_id: Uuid,
+    /// The user's name.
+    pub username: String,
+    /// The user's role.
+    pub role: Role,
+    /// The token that authenticated this request.
+    pub token_id: Uuid,
+}
+
+/// Why an identity operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown user or wrong password (deliberately indistinguishable).
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    /// The account exists but is deactivated.
+    #[error("account is disabled")]
+    Inactive,
+    /// Too many failed attempts for this user or address.
+    #[error("too many failed login attempts; retry in {} seconds", retry_after.as_secs())]
+    Throttled {
+        /// When a new attempt may succeed.
+        retry_after: Duration,
+    },
+    /// No valid token (missing, unknown, expired, revoked, or its user deactivated).
+    #[error("missing, invalid, expired or revoked token")]
+    Unauthenticated,
+    /// Valid token, insufficient role.
+    #[error("this operation needs role {need} or higher; you have {have}")]
+    Forbidden {
+        /// The least role the operation needs.
+        need: Role,
+        /// The caller's role.
+        have: Role,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Login throttling and token settings.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Lifetime of session tokens.
+    pub token_ttl: Duration,
+    /// Failed attempts per username in the window before refusing.
+    pub max_failures_per_user: i64,
+    /// Failed attempts per address in the window before refusing.
+    pub max_failures_per_ip: i64,
+    /// The counting window.
+    pub window: Duration,
+}
+
+/// A successful login: the bearer secret (shown once) and its expiry.
+#[derive(Debug, Clone)]
+pub struct LoginGrant {
+    /// The bearer token.
+    pub token: String,
+    /// When it stops working.
+    pub expires_at: chrono::DateTime<Utc>,
+    /// Who logged in.
+    pub user_id: Uuid,
+    /// Their role.
+    pub role: Role,
+}
+
+fn parse_role(stored: &str) -> Role {
+    // The CHECK constraint on users.role guarantees one of the four; fall back to the least
+    // privileged role rather than failing open.
+    stored.parse().unwrap_or(Role::Viewer)
+}
+
+/// Verifies a password off the async runtime (argon2id is deliberately slow).
+async fn verify_blocking(candidate: String, stored: String) -> bool {
+    tokio::task::spawn_blocking(move || password::verify(&candidate, &stored))
+        .await
+        .unwrap_or(false)
+}
+
+/// Hashes a password off the async runtime.
+pub async fn hash_password(plain: String) -> Result<String, password::PasswordError> {
+    match tokio::task::spawn_blocking(move || password::hash(&plain)).await {
+        Ok(result) => result,
+        Err(e) => Err(password::PasswordError::from_join(e)),
+    }
+}
+
+/// Logs a user in: refuses throttled attempts, verifies the password, records the attempt,
+/// issues a session token, writes `last_login` and the audit log.
+pub async fn login(
+    pool: &PgPool,
+    settings: &AuthSettings,
+    username: &str,
+    candidate: &str,
+    ip: Option<&str>,
+) -> Result<LoginGrant, AuthError> {
+    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+    let (user_failures, ip_failures) =
+        store::login_attempts::login_failures_recent(&mut conn, username, ip, settings.window)
+            .await?;
+    if user_failures >= settings.max_failures_per_user || ip_failures >= settings.max_failures_per_ip
+    {
+        store::login_attempts::login_attempt_record(&mut conn, username, ip, false).await?;
+        return Err(AuthError::Throttled {
+            retry_after: settings.window,
+        });
+    }
+    let user = store::users::user_get_by_username(&mut conn, username).await?;
+    let stored = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| password::dummy_hash().to_owned());
+    let ok = verify_blocking(candidate.to_owned(), stored).await;
+    let user = match user {
+        Some(user) if ok => user,
+        _ => {
+            let mut tx = pool.begin().await.map_err(StoreError::from)?;
+            store::login_attempts::login_attempt_record(&mut tx, username, ip, false).await?;
+            store::audit::audit_insert(
+                &mut tx,
+                &NewAuditEntry {
+                    user_id: None,
+                    action: "login_failed",
+                    resource_type: "user",
+                    resource_id: None,
+                    details: serde_json::json!({ "username": username }),
+                    ip_address: ip,
+                },
+            )
+            .await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            return Err(AuthError::InvalidCredentials);
+        }
+    };
+    if !user.is_active {
+        store::login_attempts::login_attempt_record(&mut conn, username, ip, false).await?;
+        return Err(AuthError::Inactive);
+    }
+    let new = token::generate();
+    let expires_at = Utc::now()
+        + chrono::Duration::from_std(settings.token_ttl).unwrap_or(chrono::Duration::hours(12));
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let row = store::tokens::token_insert(
+        &mut tx,
+        &NewTokenRow {
+            user_id: user.id,
+            kind: "session",
+            name: None,
+            token_hash: &new.hash,
+            expires_at: Some(expires_at),
+        },
+    )
+    .await?;
+    store::users::user_touch_login(&mut tx, user.id).await?;
+    store::login_attempts::login_attempt_record(&mut tx, username, ip, true).await?;
+    store::audit::audit_insert(
+        &mut tx,
+        &NewAuditEntry {
+            user_id: Some(user.id),
+            action: "login",
+            resource_type: "token",
+            resource_id: Some(row.id),
+            details: serde_json::json!({ "kind": "session" }),
+            ip_address: ip,
+        },
+    )
+    .await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(LoginGrant {
+        token: new.secret,
+        expires_at,
+        user_id: user.id,
+        role: parse_role(&user.role),
+    })
+}
+
+/// Resolves a bearer secret to the caller.
+pub async fn authenticate(pool: &PgPool, secret: &str) -> Result<Identity, AuthError> {
+    if !secret.starts_with(token::PREFIX) {
+        return Err(AuthError::Unauthenticated);
+    }
+    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+    let found = store::tokens::token_lookup(&mut conn, &token::hash(secret)).await?;
+    let found = found.ok_or(AuthError::Unauthenticated)?;
+    Ok(Identity {
+        user_id: found.user_id,
+        username: found.username,
+        role: parse_role(&found.role),
+        token_id: found.token_id,
+    })
+}
+
+/// Checks the caller's role against the least role an operation needs.
+pub fn require(identity: &Identity, least: Role) -> Result<(), AuthError> {
+    if identity.role.allows(least) {
+        Ok(())
+    } else {
+        Err(AuthError::Forbidden {
+            need: least,
+            have: identity.role,
+        })
+    }
+}

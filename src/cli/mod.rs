@@ -1,0 +1,176 @@
+//! Command-line entry points. Thin: each subcommand loads configuration, sets up logging and
+//! calls into `startup`, `store`, `api` or `worker`.
+
+mod user;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::startup::{self, Application, embedded_pg::EmbeddedPostgres};
+use crate::{store, telemetry};
+
+/// aiops: auto-remediation for Prometheus Alertmanager alerts, as durable runbook workflows in
+/// PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "aiops", version, about, long_about = None)]
+pub struct Cli {
+    /// YAML configuration file (also AIOPS_CONFIG). Environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything in one process: API, webhook and a worker. Without DATABASE_URL it creates
+    /// (first run) or reuses a private PostgreSQL cluster under the data directory, and stops it
+    /// on exit. Creates and prints the first admin on first start.
+    Up,
+    /// Run the HTTP API only (stateless; run several behind a load balancer).
+    Serve {
+        /// Apply pending migrations before serving.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Run a worker that claims and runs jobs (stateless; run several on any hosts).
+    Worker,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document of this build (the one committed under openapi/).
+    Openapi,
+    /// Manage user accounts directly in the database.
+    User {
+        /// What to do.
+        #[command(subcommand)]
+        command: user::UserCommand,
+    },
+}
+
+/// Parses the command line and runs it; the process exit code reflects success.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", crate::api::spec_json());
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    let url = config.database_url.as_deref().context(
+        "DATABASE_URL is not set (only `aiops up` starts an embedded database by itself)",
+    )?;
+    store::connect(url, config.db_max_connections)
+        .await
+        .context("cannot connect to the database")
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Up => up(config).await,
+        Command::Serve { migrate } => {
+            let pool = connect(&config).await?;
+            if migrate {
+                store::migrate(&pool).await.context("migration failed")?;
+            }
+            let app = Application::build(Arc::new(config), pool).await?;
+            tracing::info!(addr = %app.local_addr(), "API listening");
+            app.run_until(startup::shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Worker => {
+            let pool = connect(&config).await?;
+            crate::worker::run(pool, startup::shutdown_signal()).await
+        }
+        Command::Migrate => {
+            let pool = connect(&config).await?;
+            store::migrate(&pool).await.context("migration failed")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", crate::api::spec_json());
+            Ok(())
+        }
+        Command::User { command } => {
+            let pool = connect(&config).await?;
+            user::run(command, &pool).await
+        }
+    }
+}
+
+async fn up(mut config: Config) -> anyhow::Result<()> {
+    let embedded = match config.database_url {
+        Some(_) => None,
+        None => {
+            let pg = EmbeddedPostgres::start(&config.data_dir, config.postgres_bin_dir.as_deref()).await?;
+            tracing::info!(pgdata = %pg.pgdata().display(), "embedded PostgreSQL running");
+            config.database_url = Some(pg.url());
+            Some(pg)
+        }
+    };
+    let result = up_with_database(config).await;
+    if let Some(pg) = embedded {
+        if let Err(e) = pg.stop().await {
+            tracing::error!(error = %e, "stopping the embedded PostgreSQL failed");
+        } else {
+            tracing::info!("embedded PostgreSQL stopped");
+        }
+    }
+    result
+}
+
+async fn up_with_database(config: Config) -> anyhow::Result<()> {
+    let pool = connect(&config).await?;
+    store::migrate(&pool).await.context("migration failed")?;
+    if let Some(admin) = startup::ensure_first_admin(&pool).await? {
+        println!("First admin created. Save these credentials now; they are not shown again:");
+        println!("  username: {}", admin.username);
+        println!("  password: {}", admin.password);
+    }
+    let config = Arc::new(config);
+    let app = Application::build(config.clone(), pool.clone()).await?;
+    println!("aiops is up: http://{}/docs", app.local_addr());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    let server = tokio::spawn(app.run_until(wait_stop(stop_rx.clone())));
+    let worker = tokio::spawn(crate::worker::run(pool.clone(), wait_stop(stop_rx)));
+    startup::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    server.await.context("API task panicked")??;
+    worker.await.context("worker task panicked")??;
+    pool.close().await;
+    Ok(())
+}

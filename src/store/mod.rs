@@ -1,0 +1,87 @@
+//! All SQL lives here, one file per table group, with noun_verb function names (`user_create`,
+//! `token_lookup`). Functions take `&mut PgConnection` (a transaction or a pooled connection) so
+//! callers decide the transaction boundary; nothing here knows about HTTP.
+
+pub mod audit;
+pub mod login_attempts;
+pub mod system_config;
+pub mod tokens;
+pub mod users;
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+/// The migrations under `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// A database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint refused the write; carries the constraint name.
+    #[error("conflicts with an existing row ({0})")]
+    Conflict(String),
+    /// A foreign key refused the write; carries the constraint name.
+    #[error("refers to a row that does not exist ({0})")]
+    ForeignKey(String),
+    /// A CHECK constraint refused the write; carries the constraint name.
+    #[error("violates constraint {0}")]
+    Check(String),
+    /// Anything else: connection loss, timeouts, bugs.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            let constraint = db.constraint().unwrap_or_default().to_owned();
+            match db.code().as_deref() {
+                Some("23505") => return StoreError::Conflict(constraint),
+                Some("23503") => return StoreError::ForeignKey(constraint),
+                Some("23514") => return StoreError::Check(constraint),
+                _ => {}
+            }
+        }
+        StoreError::Database(e)
+    }
+}
+
+/// Result alias for store functions.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Opens a pool. Statement logging is at debug level so that normal logs stay quiet.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    let options = options
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2))
+        .application_name("aiops");
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+}
+
+/// Applies every pending migration. Safe to run from several processes at once: sqlx takes an
+/// advisory lock around the whole run.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Whether the database is reachable and every embedded migration has been applied successfully.
+pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let applied: Vec<(i64,)> = sqlx::query_as(
+        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await?;
+    let applied: std::collections::HashSet<i64> = applied.into_iter().map(|(v,)| v).collect();
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .all(|m| applied.contains(&m.version)))
+}

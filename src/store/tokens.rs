@@ -1,0 +1,125 @@
+//! `auth_tokens`: login (session) tokens and long-lived API tokens, stored as SHA-256 hashes.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::StoreResult;
+
+/// A token row, without its hash.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TokenRow {
+    /// Primary key.
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: Uuid,
+    /// `session` (from login) or `api`.
+    pub kind: String,
+    /// Label for API tokens.
+    pub name: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Expiry; `None` for API tokens without one.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Last time it authenticated a request.
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Revocation time.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Fields of a new token.
+pub struct NewTokenRow<'a> {
+    /// Owner.
+    pub user_id: Uuid,
+    /// `session` or `api`.
+    pub kind: &'a str,
+    /// Label.
+    pub name: Option<&'a str>,
+    /// SHA-256 of the secret.
+    pub token_hash: &'a [u8],
+    /// Expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Inserts a token.
+pub async fn token_insert(conn: &mut PgConnection, new: &NewTokenRow<'_>) -> StoreResult<TokenRow> {
+    Ok(sqlx::query_as::<_, TokenRow>(
+        "INSERT INTO auth_tokens (user_id, kind, name, token_hash, expires_at) \
+         VALUES ($1, $2, $3, $4, $5) \
+         RETURNING id, user_id, kind, name, created_at, expires_at, last_used_at, revoked_at",
+    )
+    .bind(new.user_id)
+    .bind(new.kind)
+    .bind(new.name)
+    .bind(new.token_hash)
+    .bind(new.expires_at)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The identity behind a valid token.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TokenIdentity {
+    /// The token's id.
+    pub token_id: Uuid,
+    /// The user's id.
+    pub user_id: Uuid,
+    /// The user's name.
+    pub username: String,
+    /// The user's role.
+    pub role: String,
+}
+
+/// Resolves a token hash to its user when the token is unrevoked, unexpired and its user active,
+/// and records its use. One statement, so a revocation is seen by the very next request.
+pub async fn token_lookup(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+) -> StoreResult<Option<TokenIdentity>> {
+    Ok(sqlx::query_as::<_, TokenIdentity>(
+        "UPDATE auth_tokens t SET last_used_at = now() \
+         FROM users u \
+         WHERE t.token_hash = $1 AND u.id = t.user_id \
+           AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) \
+           AND u.is_active \
+         RETURNING t.id AS token_id, u.id AS user_id, u.username, u.role",
+    )
+    .bind(token_hash)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Revokes one token of a user; returns whether it was live.
+pub async fn token_revoke(conn: &mut PgConnection, user_id: Uuid, id: Uuid) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE auth_tokens SET revoked_at = now() \
+         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .bind(user_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Revokes every live token of a user (deactivation, password change).
+pub async fn token_revoke_all(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "UPDATE auth_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(user_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Lists a user's API tokens, newest first.
+pub async fn token_list_api(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<Vec<TokenRow>> {
+    Ok(sqlx::query_as::<_, TokenRow>(
+        "SELECT id, user_id, kind, name, created_at, expires_at, last_used_at, revoked_at \
+         FROM auth_tokens WHERE user_id = $1 AND kind = 'api' ORDER BY created_at DESC, id",
+    )
+    .bind(user_id)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,238 @@
+//! Test harness shared by every integration test.
+//!
+//! - [`fresh_pool`]: a brand-new, fully migrated database per test, so tests run in parallel
+//!   without seeing each other's rows.
+//! - [`spawn_app`]: the real HTTP server on port 0 against such a database, with a logged-in
+//!   admin and helpers to make users of every role.
+//!
+//! The server comes from `DATABASE_URL` when it is set; otherwise the harness starts (once, for
+//! every test binary, under a file lock) a private cluster under `target/test-pg` with the
+//! product's own embedded-PostgreSQL code. `scripts/test.sh` stops that cluster afterwards.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use aiops::config::Config;
+use aiops::startup::Application;
+use aiops::startup::embedded_pg::EmbeddedPostgres;
+use serde_json::{Value, json};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+static SERVER_URL: OnceLock<String> = OnceLock::new();
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+/// URL of the server-level connection (the `DATABASE_URL` or the private test cluster).
+pub async fn server_url() -> String {
+    if let Some(url) = SERVER_URL.get() {
+        return url.clone();
+    }
+    let url = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            let dir = target_dir().join("test-pg");
+            std::fs::create_dir_all(&dir).expect("create target/test-pg");
+            let lock = std::fs::File::create(dir.join("lock")).expect("create the lock file");
+            lock.lock().expect("lock target/test-pg");
+            let pg = EmbeddedPostgres::start(&dir, None)
+                .await
+                .expect("start the private test cluster");
+            let url = pg.url();
+            // The cluster outlives this process on purpose: other test binaries reuse it and the
+            // test script stops it at the end.
+            std::mem::forget(pg);
+            drop(lock);
+            url
+        }
+    };
+    SERVER_URL.get_or_init(|| url).clone()
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database_url() -> String {
+    let base = server_url().await;
+    let options: PgConnectOptions = base.parse().expect("DATABASE_URL parses");
+    let mut admin = options.connect().await.expect("connect to the test server");
+    let name = format!("aiops_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create the test database");
+    admin.close().await.ok();
+    replace_database(&base, &name)
+}
+
+fn replace_database(url: &str, name: &str) -> String {
+    // postgres://user@host:port/db?query -> same with /name
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = head[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(head.len());
+    let mut out = format!("{}/{}", &head[..path_start], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A pool on a brand-new database with every migration applied.
+pub async fn fresh_pool() -> PgPool {
+    let url = fresh_database_url().await;
+    let pool = aiops::store::connect(&url, 10).await.expect("connect to the test database");
+    aiops::store::migrate(&pool).await.expect("migrate the test database");
+    pool
+}
+
+/// A running server and a client logged in as an admin.
+pub struct TestApp {
+    /// Where the server listens.
+    pub addr: SocketAddr,
+    /// The test database.
+    pub pool: PgPool,
+    /// An HTTP client.
+    pub client: reqwest::Client,
+    /// Bearer token of the admin.
+    pub admin_token: String,
+    /// The admin's id.
+    pub admin_id: uuid::Uuid,
+    /// The configuration the server runs with.
+    pub config: Arc<Config>,
+}
+
+/// The password every harness-made user gets.
+pub const PASSWORD: &str = "correct-horse-battery";
+
+/// Starts the real server on port 0 with the default configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the real server on port 0 after letting the test adjust the configuration.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
+    let pool = fresh_pool().await;
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    adjust(&mut config);
+    let config = Arc::new(config);
+    let app = Application::build(config.clone(), pool.clone())
+        .await
+        .expect("bind the test server");
+    let addr = app.local_addr();
+    tokio::spawn(app.run_until(std::future::pending()));
+    let mut test_app = TestApp {
+        addr,
+        pool,
+        client: reqwest::Client::new(),
+        admin_token: String::new(),
+        admin_id: uuid::Uuid::nil(),
+        config,
+    };
+    let (id, token) = test_app.user_with_role("admin").await;
+    test_app.admin_id = id;
+    test_app.admin_token = token;
+    test_app
+}
+
+impl TestApp {
+    /// Absolute URL of an API path (`/users` -> `http://addr/api/v1/users`).
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}/api/v1{}", self.addr, path)
+    }
+
+    /// Absolute URL of a path outside the API.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Creates a user with the given role straight in the database and logs it in through the
+    /// API; returns its id and bearer token.
+    pub async fn user_with_role(&self, role: &str) -> (uuid::Uuid, String) {
+        let username = format!("{role}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let hash = aiops::auth::hash_password(PASSWORD.to_owned()).await.unwrap();
+        let mut conn = self.pool.acquire().await.unwrap();
+        let row = aiops::store::users::user_create(
+            &mut conn,
+            &aiops::store::users::NewUser {
+                username: &username,
+                email: &format!("{username}@example.test"),
+                full_name: None,
+                password_hash: &hash,
+                role,
+                is_active: true,
+            },
+        )
+        .await
+        .unwrap();
+        let token = self.login(&username, PASSWORD).await;
+        (row.id, token)
+    }
+
+    /// Logs in and returns the token; panics on failure.
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let resp = self
+            .client
+            .post(self.api("/auth/login"))
+            .json(&json!({ "username": username, "password": password }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "login of {username} failed: {:?}", resp.text().await);
+        let body: Value = resp.json().await.unwrap();
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends a request with a bearer token and returns (status, JSON body or Null).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.client.request(method, self.api(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    /// GET as the admin.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, Some(&self.admin_token), None).await
+    }
+
+    /// Audit rows for an action, newest first, straight from the database.
+    pub async fn audit_rows(&self, action: &str) -> Vec<(Option<uuid::Uuid>, Option<String>, Option<uuid::Uuid>, Option<Value>, Option<String>)> {
+        sqlx::query_as(
+            "SELECT user_id, resource_type, resource_id, details_json, ip_address \
+             FROM audit_log WHERE action = $1 ORDER BY created_at DESC",
+        )
+        .bind(action)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+}
