@@ -142,14 +142,13 @@ async fn limit_body(max: usize, mut req: Request) -> Result<Request, Response> {
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
+        && len > max
     {
-        if len > max {
-            return Err(error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!("request body of {len} bytes exceeds the limit of {max} bytes"),
-            ));
-        }
+        return Err(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("request body of {len} bytes exceeds the limit of {max} bytes"),
+        ));
     }
     match req.take_body().into_bytes_limit(max).await {
         Ok(bytes) => {

@@ -70,7 +70,10 @@ pub fn main() -> ExitCode {
         }
     };
     telemetry::init(config.log_format, &config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -133,7 +136,8 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     let embedded = match config.database_url {
         Some(_) => None,
         None => {
-            let pg = EmbeddedPostgres::start(&config.data_dir, config.postgres_bin_dir.as_deref()).await?;
+            let pg = EmbeddedPostgres::start(&config.data_dir, config.postgres_bin_dir.as_deref())
+                .await?;
             tracing::info!(pgdata = %pg.pgdata().display(), "embedded PostgreSQL running");
             config.database_url = Some(pg.url());
             Some(pg)
