@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod blackouts;
 pub mod context;
 pub mod error;
 pub mod pagination;
@@ -37,6 +38,8 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// Maintenance windows during which runbooks do not run.
+    Blackouts,
 }
 
 /// The path prefix of the typed API.
@@ -55,6 +58,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        blackouts::BlackoutsApi {
             state: state.clone(),
         },
     );

@@ -3,6 +3,7 @@
 //! callers decide the transaction boundary; nothing here knows about HTTP.
 
 pub mod audit;
+pub mod blackouts;
 pub mod login_attempts;
 pub mod system_config;
 pub mod tokens;
