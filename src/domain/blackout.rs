@@ -323,7 +323,7 @@ pub fn server_has_tag(tags: &Value, wanted: &str) -> bool {
         Value::Object(map) => match (map.get(name), value) {
             (Some(_), None) => true,
             (Some(Value::String(s)), Some(v)) => s == v,
-            (Some(other), Some(v)) => other.to_string() == v,
+            (Some(other), Some(v)) => serde_json::to_string(other).is_ok_and(|s| s == v),
             (None, _) => false,
         },
         _ => false,
