@@ -8,9 +8,11 @@
 pub mod audit;
 pub mod auth;
 pub mod blackouts;
+pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod pagination;
+pub mod stats;
 pub mod system;
 pub mod system_config;
 pub mod users;
@@ -40,6 +42,10 @@ pub enum Tag {
     SystemConfig,
     /// Maintenance windows during which runbooks do not run.
     Blackouts,
+    /// Per-runbook circuit breakers.
+    CircuitBreakers,
+    /// Execution statistics.
+    Stats,
 }
 
 /// The path prefix of the typed API.
@@ -61,6 +67,12 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         blackouts::BlackoutsApi {
+            state: state.clone(),
+        },
+        breakers::BreakersApi {
+            state: state.clone(),
+        },
+        stats::StatsApi {
             state: state.clone(),
         },
     );

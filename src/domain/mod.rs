@@ -2,6 +2,8 @@
 //! it is plain data and functions, testable without any of them.
 
 pub mod blackout;
+pub mod circuit;
+pub mod execution;
 pub mod role;
 
 pub use role::Role;

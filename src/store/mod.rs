@@ -4,7 +4,9 @@
 
 pub mod audit;
 pub mod blackouts;
+pub mod breakers;
 pub mod login_attempts;
+pub mod stats;
 pub mod system_config;
 pub mod tokens;
 pub mod users;
