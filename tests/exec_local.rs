@@ -38,12 +38,17 @@ fn alive(pid: i32) -> bool {
 async fn wait_for_pid(path: &Path) -> i32 {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(pid) = text.trim().parse() {
-                return pid;
-            }
+        if let Ok(pid) = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+        {
+            return pid;
         }
-        assert!(std::time::Instant::now() < deadline, "pid file never appeared");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid file never appeared"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -69,7 +74,12 @@ async fn hostile_environment_values_stay_literal() {
     assert_eq!(out.stdout, hostile);
     req.env = vec![("BAD-NAME".to_owned(), "x".to_owned())];
     let (tx, _rx) = mpsc::channel(1);
-    assert!(LocalExecutor.run(&Target::Local, &req, CancellationToken::new(), tx).await.is_err());
+    assert!(
+        LocalExecutor
+            .run(&Target::Local, &req, CancellationToken::new(), tx)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -83,7 +93,10 @@ async fn output_is_capped_with_a_marker_and_streamed_live() {
         .unwrap();
     assert!(out.truncated);
     assert!(out.stdout.starts_with(&"a".repeat(1000)));
-    assert!(out.stdout.contains("output truncated at 1000 bytes; 99000 more bytes discarded"));
+    assert!(
+        out.stdout
+            .contains("output truncated at 1000 bytes; 99000 more bytes discarded")
+    );
     assert_eq!(out.stderr, "done\n");
     let mut live = 0;
     while let Ok(chunk) = rx.try_recv() {
@@ -99,7 +112,10 @@ async fn timeout_kills_the_process_group() {
     let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("pid");
-    let mut req = request(&format!("sleep 300 & echo $! > {}; wait", pidfile.display()));
+    let mut req = request(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
     req.timeout = Duration::from_millis(500);
     let out = run(&req).await;
     assert!(out.timed_out);
@@ -112,14 +128,15 @@ async fn cancellation_kills_mid_command() {
     let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("pid");
-    let req = request(&format!("echo started; sleep 300 & echo $! > {}; wait", pidfile.display()));
+    let req = request(&format!(
+        "echo started; sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
     let cancel = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel(16);
     let task = {
         let cancel = cancel.clone();
-        tokio::spawn(async move {
-            LocalExecutor.run(&Target::Local, &req, cancel, tx).await
-        })
+        tokio::spawn(async move { LocalExecutor.run(&Target::Local, &req, cancel, tx).await })
     };
     // Cancel once the command has visibly started.
     let first = rx.recv().await.unwrap();

@@ -78,7 +78,11 @@ pub struct SecretSlot<'a> {
 
 impl SecretSlot<'_> {
     fn aad(&self) -> Vec<u8> {
-        format!("aiops:{VERSION}:{}:{}:{}", self.table, self.row_id, self.column).into_bytes()
+        format!(
+            "aiops:{VERSION}:{}:{}:{}",
+            self.table, self.row_id, self.column
+        )
+        .into_bytes()
     }
 }
 
@@ -209,12 +213,18 @@ impl Keyring {
                 if line.is_empty() || line.starts_with('#') {
                     continue;
                 }
-                entries.push((format!("{} line {}", path.display(), n + 1), line.to_owned()));
+                entries.push((
+                    format!("{} line {}", path.display(), n + 1),
+                    line.to_owned(),
+                ));
             }
         }
         for (n, entry) in config.secret_keys_old.iter().enumerate() {
             if !entry.trim().is_empty() {
-                entries.push((format!("AIOPS_SECRET_KEYS_OLD entry {}", n + 1), entry.clone()));
+                entries.push((
+                    format!("AIOPS_SECRET_KEYS_OLD entry {}", n + 1),
+                    entry.clone(),
+                ));
             }
         }
         if entries.is_empty() {
@@ -374,7 +384,10 @@ mod tests {
             column: "ssh_key_encrypted",
             ..slot(row)
         };
-        assert!(matches!(ring.open(other_column, &env), Err(SecretError::Tampered)));
+        assert!(matches!(
+            ring.open(other_column, &env),
+            Err(SecretError::Tampered)
+        ));
         let mut bytes = env.clone().into_bytes();
         let last = bytes.len() - 2;
         bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
@@ -393,7 +406,9 @@ mod tests {
         let resealed = rotated.seal_str(slot(row), "s").unwrap();
         assert!(!rotated.is_stale(&resealed));
         let new_only = ring(&[&format!("new:{K2}")]);
-        assert!(matches!(new_only.open(slot(row), &env), Err(SecretError::UnknownKey(id)) if id == "old"));
+        assert!(
+            matches!(new_only.open(slot(row), &env), Err(SecretError::UnknownKey(id)) if id == "old")
+        );
     }
 
     #[test]
@@ -419,7 +434,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("aiops-keys-{}", Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("keys");
-        std::fs::write(&file, format!("# current first\nfile1:{K1}\n\nfile2:{K2}\n")).unwrap();
+        std::fs::write(
+            &file,
+            format!("# current first\nfile1:{K1}\n\nfile2:{K2}\n"),
+        )
+        .unwrap();
         let config = Config {
             secret_key_file: Some(file.clone()),
             ..Config::default()

@@ -56,7 +56,10 @@ async fn kill_group(pgid: u32, signal: &str) {
 async fn terminate(child: &mut Child, pgid: Option<u32>) {
     if let Some(pgid) = pgid {
         kill_group(pgid, "TERM").await;
-        if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        if tokio::time::timeout(KILL_GRACE, child.wait())
+            .await
+            .is_err()
+        {
             tracing::debug!(pgid, "command ignored SIGTERM; sending SIGKILL");
         }
         // Always KILL the group: the shell may be gone while its children still run.

@@ -10,7 +10,7 @@
 //! nothing about SQL, HTTP, runbooks or templates: it receives a finished command string.
 
 pub mod local;
-
+pub mod ssh;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -208,7 +208,8 @@ impl Target {
 }
 
 /// The boxed future executors return, so the trait can be used as `dyn StepExecutor`.
-pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Result<CommandOutcome, ExecError>> + Send + 'a>>;
+pub type ExecFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<CommandOutcome, ExecError>> + Send + 'a>>;
 
 /// Runs one command on one target. The execution engine holds executors as
 /// `Arc<dyn StepExecutor>` and picks one per target kind.
@@ -376,6 +377,9 @@ mod tests {
         assert!(b.push(b"xyz").is_none());
         assert!(b.truncated());
         let text = b.finish();
-        assert!(text.starts_with("abcde\n[aiops: output truncated at 5 bytes; 5 more"), "{text}");
+        assert!(
+            text.starts_with("abcde\n[aiops: output truncated at 5 bytes; 5 more"),
+            "{text}"
+        );
     }
 }
