@@ -26,6 +26,15 @@ const BODIES: &[(&str, &str)] = &[
     ),
     ("user_update", r#"{"full_name": "Renamed"}"#),
     ("config_put", r#"{"value": {"enabled": true}}"#),
+    ("breaker_update", r#"{"failure_threshold": 3}"#),
+    (
+        "blackout_create",
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+    ),
+    (
+        "blackout_update",
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+    ),
 ];
 
 struct Operation {

@@ -7,9 +7,12 @@
 
 pub mod audit;
 pub mod auth;
+pub mod blackouts;
+pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod pagination;
+pub mod stats;
 pub mod system;
 pub mod system_config;
 pub mod users;
@@ -37,6 +40,12 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// Maintenance windows during which runbooks do not run.
+    Blackouts,
+    /// Per-runbook circuit breakers.
+    CircuitBreakers,
+    /// Execution statistics.
+    Stats,
 }
 
 /// The path prefix of the typed API.
@@ -55,6 +64,15 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        blackouts::BlackoutsApi {
+            state: state.clone(),
+        },
+        breakers::BreakersApi {
+            state: state.clone(),
+        },
+        stats::StatsApi {
             state: state.clone(),
         },
     );

@@ -3,7 +3,10 @@
 //! callers decide the transaction boundary; nothing here knows about HTTP.
 
 pub mod audit;
+pub mod blackouts;
+pub mod breakers;
 pub mod login_attempts;
+pub mod stats;
 pub mod system_config;
 pub mod tokens;
 pub mod users;
