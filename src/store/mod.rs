@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod blackouts;
 pub mod breakers;
+pub mod executions;
 pub mod login_attempts;
 pub mod stats;
 pub mod system_config;
