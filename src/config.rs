@@ -339,10 +339,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("aiops-config-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("aiops.yaml");
-        std::fs::write(&path, "listen: 0.0.0.0:9000\nlog_format: json\ntoken_ttl_seconds: 60\n")
-            .unwrap();
-        let c = Config::from_sources(Some(&path), env(&[("AIOPS_LISTEN", "127.0.0.1:9100")]))
-            .unwrap();
+        std::fs::write(
+            &path,
+            "listen: 0.0.0.0:9000\nlog_format: json\ntoken_ttl_seconds: 60\n",
+        )
+        .unwrap();
+        let c =
+            Config::from_sources(Some(&path), env(&[("AIOPS_LISTEN", "127.0.0.1:9100")])).unwrap();
         assert_eq!(c.listen.port(), 9100);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.token_ttl, Duration::from_secs(60));

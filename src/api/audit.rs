@@ -97,7 +97,8 @@ impl AuditApi {
             until: until.0,
         };
         let mut conn = self.state.pool.acquire().await?;
-        let (rows, total) = store::audit::audit_list(&mut conn, &filter, page.limit, page.offset).await?;
+        let (rows, total) =
+            store::audit::audit_list(&mut conn, &filter, page.limit, page.offset).await?;
         Ok(Json(AuditPage {
             items: rows
                 .into_iter()

@@ -173,7 +173,11 @@ impl AuthApi {
     ///
     /// Least role: viewer.
     #[oai(path = "/auth/me", method = "get", operation_id = "current_user_get")]
-    async fn current_user_get(&self, req: &Request, auth: BearerAuth) -> Result<Json<User>, ApiError> {
+    async fn current_user_get(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+    ) -> Result<Json<User>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Viewer).await?;
         let mut conn = self.state.pool.acquire().await?;
         let user = store::users::user_get(&mut conn, caller.identity.user_id)

@@ -21,7 +21,10 @@ impl Page {
     pub fn parse(limit: Option<i64>, offset: Option<i64>) -> Result<Page, ApiError> {
         let limit = limit.unwrap_or(DEFAULT_LIMIT);
         if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::invalid("limit", format!("must be between 1 and {MAX_LIMIT}")));
+            return Err(ApiError::invalid(
+                "limit",
+                format!("must be between 1 and {MAX_LIMIT}"),
+            ));
         }
         let offset = offset.unwrap_or(0);
         if offset < 0 {

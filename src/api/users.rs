@@ -180,8 +180,7 @@ pub fn validate_username(username: &str) -> Result<(), ApiError> {
 
 /// Email rule shared by create, update and the CLI.
 pub fn validate_email(email: &str) -> Result<(), ApiError> {
-    if email.len() > 255 || !email.contains('@') || email.starts_with('@') || email.ends_with('@')
-    {
+    if email.len() > 255 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
         return Err(ApiError::invalid(
             "email",
             "must be an email address of at most 255 characters",
@@ -192,7 +191,10 @@ pub fn validate_email(email: &str) -> Result<(), ApiError> {
 
 fn validate_full_name(name: Option<&str>) -> Result<(), ApiError> {
     if name.is_some_and(|n| n.chars().count() > 100) {
-        return Err(ApiError::invalid("full_name", "must be at most 100 characters"));
+        return Err(ApiError::invalid(
+            "full_name",
+            "must be at most 100 characters",
+        ));
     }
     Ok(())
 }
@@ -414,7 +416,10 @@ impl UsersApi {
         if current.role == "admin"
             && store::users::user_count_other_active_admins(&mut tx, id.0).await? == 0
         {
-            return Err(ApiError::conflict("cannot delete the last active admin", Some("id")));
+            return Err(ApiError::conflict(
+                "cannot delete the last active admin",
+                Some("id"),
+            ));
         }
         store::users::user_delete(&mut tx, id.0).await?;
         caller

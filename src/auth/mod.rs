@@ -117,7 +117,8 @@ pub async fn login(
     let (user_failures, ip_failures) =
         store::login_attempts::login_failures_recent(&mut conn, username, ip, settings.window)
             .await?;
-    if user_failures >= settings.max_failures_per_user || ip_failures >= settings.max_failures_per_ip
+    if user_failures >= settings.max_failures_per_user
+        || ip_failures >= settings.max_failures_per_ip
     {
         store::login_attempts::login_attempt_record(&mut conn, username, ip, false).await?;
         return Err(AuthError::Throttled {

@@ -99,7 +99,10 @@ pub async fn run(command: UserCommand, pool: &PgPool) -> anyhow::Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("created user {} ({}) with role {}", row.username, row.id, row.role);
+            println!(
+                "created user {} ({}) with role {}",
+                row.username, row.id, row.role
+            );
             if generated {
                 println!("password: {password}");
             }

@@ -226,9 +226,15 @@ impl EmbeddedPostgres {
         tracing::info!(pgdata = %self.pgdata.display(), "creating the embedded PostgreSQL cluster");
         self.prepare_dir(&self.pgdata)?;
         let mut cmd = self.command("initdb");
-        cmd.arg("-D")
-            .arg(&self.pgdata)
-            .args(["-U", DATABASE, "-A", "trust", "-E", "UTF8", "--locale=C"]);
+        cmd.arg("-D").arg(&self.pgdata).args([
+            "-U",
+            DATABASE,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         self.run(cmd, format!("initdb -D {}", self.pgdata.display()))
             .await
             .map(|_| ())
@@ -283,17 +289,33 @@ impl EmbeddedPostgres {
         let mut cmd = self.command("psql");
         cmd.arg("-h")
             .arg(&self.socket_dir)
-            .args(["-p", &PORT.to_string(), "-U", DATABASE, "-d", "postgres", "-tAc"])
-            .arg(format!("SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"));
+            .args([
+                "-p",
+                &PORT.to_string(),
+                "-U",
+                DATABASE,
+                "-d",
+                "postgres",
+                "-tAc",
+            ])
+            .arg(format!(
+                "SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"
+            ));
         let exists = self.run(cmd, "psql (check database)".to_owned()).await?;
         if exists.trim() == "1" {
             return Ok(());
         }
         let mut cmd = self.command("createdb");
-        cmd.arg("-h")
-            .arg(&self.socket_dir)
-            .args(["-p", &PORT.to_string(), "-U", DATABASE, DATABASE]);
-        self.run(cmd, format!("createdb {DATABASE}")).await.map(|_| ())
+        cmd.arg("-h").arg(&self.socket_dir).args([
+            "-p",
+            &PORT.to_string(),
+            "-U",
+            DATABASE,
+            DATABASE,
+        ]);
+        self.run(cmd, format!("createdb {DATABASE}"))
+            .await
+            .map(|_| ())
     }
 
     /// The connection URL (Unix socket, no password).

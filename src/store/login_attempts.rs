@@ -13,14 +13,12 @@ pub async fn login_attempt_record(
     ip_address: Option<&str>,
     succeeded: bool,
 ) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO login_attempts (username, ip_address, succeeded) VALUES ($1, $2, $3)",
-    )
-    .bind(username)
-    .bind(ip_address)
-    .bind(succeeded)
-    .execute(conn)
-    .await?;
+    sqlx::query("INSERT INTO login_attempts (username, ip_address, succeeded) VALUES ($1, $2, $3)")
+        .bind(username)
+        .bind(ip_address)
+        .bind(succeeded)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -53,7 +51,10 @@ pub async fn login_failures_recent(
 }
 
 /// Deletes attempts older than the given age; returns how many were removed.
-pub async fn login_attempt_prune(conn: &mut PgConnection, older_than: Duration) -> StoreResult<u64> {
+pub async fn login_attempt_prune(
+    conn: &mut PgConnection,
+    older_than: Duration,
+) -> StoreResult<u64> {
     let done = sqlx::query(
         "DELETE FROM login_attempts WHERE created_at < now() - make_interval(secs => $1)",
     )

@@ -3,7 +3,9 @@
 //! callers decide the transaction boundary; nothing here knows about HTTP.
 
 pub mod audit;
+pub mod jobs;
 pub mod login_attempts;
+pub mod queue_workers;
 pub mod system_config;
 pub mod tokens;
 pub mod users;
@@ -74,11 +76,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// Whether the database is reachable and every embedded migration has been applied successfully.
 pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    let applied: Vec<(i64,)> = sqlx::query_as(
-        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(pool)
-    .await?;
+    let applied: Vec<(i64,)> =
+        sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await?;
     let applied: std::collections::HashSet<i64> = applied.into_iter().map(|(v,)| v).collect();
     Ok(MIGRATOR
         .iter()

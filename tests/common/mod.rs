@@ -91,8 +91,12 @@ fn replace_database(url: &str, name: &str) -> String {
 /// A pool on a brand-new database with every migration applied.
 pub async fn fresh_pool() -> PgPool {
     let url = fresh_database_url().await;
-    let pool = aiops::store::connect(&url, 10).await.expect("connect to the test database");
-    aiops::store::migrate(&pool).await.expect("migrate the test database");
+    let pool = aiops::store::connect(&url, 10)
+        .await
+        .expect("connect to the test database");
+    aiops::store::migrate(&pool)
+        .await
+        .expect("migrate the test database");
     pool
 }
 
@@ -163,8 +167,13 @@ impl TestApp {
     /// Creates a user with the given role straight in the database and logs it in through the
     /// API; returns its id and bearer token.
     pub async fn user_with_role(&self, role: &str) -> (uuid::Uuid, String) {
-        let username = format!("{role}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let hash = aiops::auth::hash_password(PASSWORD.to_owned()).await.unwrap();
+        let username = format!(
+            "{role}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let hash = aiops::auth::hash_password(PASSWORD.to_owned())
+            .await
+            .unwrap();
         let mut conn = self.pool.acquire().await.unwrap();
         let row = aiops::store::users::user_create(
             &mut conn,
@@ -192,7 +201,12 @@ impl TestApp {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 200, "login of {username} failed: {:?}", resp.text().await);
+        assert_eq!(
+            resp.status(),
+            200,
+            "login of {username} failed: {:?}",
+            resp.text().await
+        );
         let body: Value = resp.json().await.unwrap();
         body["token"].as_str().unwrap().to_owned()
     }
@@ -221,11 +235,21 @@ impl TestApp {
 
     /// GET as the admin.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, path, Some(&self.admin_token), None).await
+        self.call(reqwest::Method::GET, path, Some(&self.admin_token), None)
+            .await
     }
 
     /// Audit rows for an action, newest first, straight from the database.
-    pub async fn audit_rows(&self, action: &str) -> Vec<(Option<uuid::Uuid>, Option<String>, Option<uuid::Uuid>, Option<Value>, Option<String>)> {
+    pub async fn audit_rows(
+        &self,
+        action: &str,
+    ) -> Vec<(
+        Option<uuid::Uuid>,
+        Option<String>,
+        Option<uuid::Uuid>,
+        Option<Value>,
+        Option<String>,
+    )> {
         sqlx::query_as(
             "SELECT user_id, resource_type, resource_id, details_json, ip_address \
              FROM audit_log WHERE action = $1 ORDER BY created_at DESC",
