@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod context;
 pub mod error;
+pub mod jobs;
 pub mod pagination;
 pub mod system;
 pub mod system_config;
@@ -37,6 +38,8 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// The job queue: jobs, counts and workers.
+    Queue,
 }
 
 /// The path prefix of the typed API.
@@ -55,6 +58,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        jobs::JobsApi {
             state: state.clone(),
         },
     );
