@@ -47,11 +47,20 @@ pub async fn run(
     options: WorkerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    match crate::store::migrations_current(&pool).await {
+        Ok(true) => {}
+        Ok(false) => anyhow::bail!("the database schema is not current; run `aiops migrate` first"),
+        Err(e) => {
+            anyhow::bail!("cannot read the applied migrations ({e}); run `aiops migrate` first")
+        }
+    }
     let registry = registry(&options)?;
     let worker = Worker::start(pool, registry, options.queue)
         .await
         .context("cannot register the worker")?;
-    worker.run(shutdown).await.context("worker failed")?;
+    tracing::info!(worker = %worker.id(), "worker started");
+    let totals = worker.run(shutdown).await.context("worker failed")?;
+    tracing::info!(?totals, "worker stopped");
     Ok(())
 }
 

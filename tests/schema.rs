@@ -1231,13 +1231,13 @@ async fn schema_matches_the_document() {
                 ("created_at" | "updated_at", Tstz) => Some("now()"),
                 _ => None,
             };
-            if let Some(expected) = generic_default {
-                if info.default.as_deref() != Some(expected) {
-                    problems.push(format!(
-                        "{what}: expected default {expected}, found {:?}",
-                        info.default
-                    ));
-                }
+            if let Some(expected) = generic_default
+                && info.default.as_deref() != Some(expected)
+            {
+                problems.push(format!(
+                    "{what}: expected default {expected}, found {:?}",
+                    info.default
+                ));
             }
         }
     }

@@ -53,18 +53,15 @@ pub struct Caller {
 /// The client address: the socket peer, or the first `X-Forwarded-For` hop when the deployment
 /// says a trusted proxy sets it.
 pub fn client_ip(req: &Request, trust_forwarded_for: bool) -> Option<String> {
-    if trust_forwarded_for {
-        if let Some(forwarded) = req
+    if trust_forwarded_for
+        && let Some(forwarded) = req
             .headers()
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
-        {
-            if let Some(first) = forwarded.split(',').next() {
-                if let Ok(ip) = first.trim().parse::<IpAddr>() {
-                    return Some(ip.to_string());
-                }
-            }
-        }
+        && let Some(first) = forwarded.split(',').next()
+        && let Ok(ip) = first.trim().parse::<IpAddr>()
+    {
+        return Some(ip.to_string());
     }
     req.remote_addr()
         .as_socket_addr()

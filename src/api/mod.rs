@@ -7,10 +7,13 @@
 
 pub mod audit;
 pub mod auth;
+pub mod blackouts;
+pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod jobs;
 pub mod pagination;
+pub mod stats;
 pub mod system;
 pub mod system_config;
 pub mod users;
@@ -40,6 +43,12 @@ pub enum Tag {
     SystemConfig,
     /// The job queue: jobs, counts and workers.
     Queue,
+    /// Maintenance windows during which runbooks do not run.
+    Blackouts,
+    /// Per-runbook circuit breakers.
+    CircuitBreakers,
+    /// Execution statistics.
+    Stats,
 }
 
 /// The path prefix of the typed API.
@@ -61,6 +70,15 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         jobs::JobsApi {
+            state: state.clone(),
+        },
+        blackouts::BlackoutsApi {
+            state: state.clone(),
+        },
+        breakers::BreakersApi {
+            state: state.clone(),
+        },
+        stats::StatsApi {
             state: state.clone(),
         },
     );
@@ -148,14 +166,13 @@ async fn limit_body(max: usize, mut req: Request) -> Result<Request, Response> {
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
+        && len > max
     {
-        if len > max {
-            return Err(error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!("request body of {len} bytes exceeds the limit of {max} bytes"),
-            ));
-        }
+        return Err(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("request body of {len} bytes exceeds the limit of {max} bytes"),
+        ));
     }
     match req.take_body().into_bytes_limit(max).await {
         Ok(bytes) => {

@@ -17,6 +17,13 @@ pub const LANES: u32 = 1;
 #[error("password hashing failed: {0}")]
 pub struct PasswordError(String);
 
+impl PasswordError {
+    /// Wraps a failure of the blocking task that ran the hash.
+    pub fn from_join(e: impl std::fmt::Display) -> Self {
+        PasswordError(e.to_string())
+    }
+}
+
 fn hasher() -> Argon2<'static> {
     // The parameters are constants that argon2 accepts; a failure here is a programming error
     // caught by the unit test below.
@@ -63,12 +70,5 @@ mod tests {
         assert!(!verify("wrong horse", &h));
         assert!(!verify("x", "not a hash"));
         assert!(!verify("x", dummy_hash()));
-    }
-}
-
-impl PasswordError {
-    /// Wraps a failure of the blocking task that ran the hash.
-    pub fn from_join(e: impl std::fmt::Display) -> Self {
-        PasswordError(e.to_string())
     }
 }

@@ -378,15 +378,15 @@ impl Inner {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut lost = 0;
         for id in ids.iter().filter(|id| !held.contains(id)) {
-            if let Some((_, state)) = running.get(id) {
-                if !state.settled.load(Ordering::SeqCst) {
-                    tracing::warn!(
-                        job = id,
-                        "lease lost (rescued or cancelled); stopping the handler"
-                    );
-                    state.mark_lost();
-                    lost += 1;
-                }
+            if let Some((_, state)) = running.get(id)
+                && !state.settled.load(Ordering::SeqCst)
+            {
+                tracing::warn!(
+                    job = id,
+                    "lease lost (rescued or cancelled); stopping the handler"
+                );
+                state.mark_lost();
+                lost += 1;
             }
         }
         Ok(lost)

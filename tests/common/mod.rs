@@ -260,3 +260,25 @@ impl TestApp {
         .unwrap()
     }
 }
+
+impl TestApp {
+    /// Issues a session token for a user straight in the database (no password round trip), for
+    /// tests that need many tokens.
+    pub async fn mint_token(&self, user_id: uuid::Uuid) -> String {
+        let new = aiops::crypto::token::generate();
+        let mut conn = self.pool.acquire().await.unwrap();
+        aiops::store::tokens::token_insert(
+            &mut conn,
+            &aiops::store::tokens::NewTokenRow {
+                user_id,
+                kind: "session",
+                name: None,
+                token_hash: &new.hash,
+                expires_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+            },
+        )
+        .await
+        .unwrap();
+        new.secret
+    }
+}

@@ -1,0 +1,625 @@
+//! Identity end to end through the real server: login, tokens (expiry, revocation, API tokens),
+//! inactive users, throttling, user management and the audit rows each of them writes.
+
+mod common;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn login_returns_an_opaque_token_and_writes_last_login_and_audit() {
+    let app = common::spawn_app().await;
+    let (id, _) = app.user_with_role("viewer").await;
+    let username: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({ "username": username, "password": common::PASSWORD })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap();
+    assert!(
+        token.starts_with("aiops_") && token.len() == 6 + 64,
+        "{token}"
+    );
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["user"]["role"], "viewer");
+    assert!(body["user"].get("password_hash").is_none());
+
+    // Only the hash is stored; the secret appears nowhere in the database.
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM auth_tokens WHERE encode(token_hash, 'escape') LIKE '%' || $1 || '%'",
+    )
+    .bind(&token[6..])
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(leaked, 0);
+    let stored: Vec<u8> = sqlx::query_scalar(
+        "SELECT token_hash FROM auth_tokens WHERE user_id = $1 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, aiops::crypto::token::hash(token));
+
+    let last_login: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_login FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(last_login.is_some());
+
+    let (status, me) = app.call(Method::GET, "/auth/me", Some(token), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(me["id"], json!(id));
+
+    let logins = app.audit_rows("login").await;
+    let mine = logins
+        .iter()
+        .find(|r| r.0 == Some(id))
+        .expect("login audited");
+    assert_eq!(mine.4.as_deref(), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_user_are_refused_alike() {
+    let app = common::spawn_app().await;
+    let (_, _) = app.user_with_role("viewer").await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({ "username": "admin-nope", "password": "wrong" })),
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "unauthorized");
+    let admin_name: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
+        .bind(app.admin_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let (status2, body2) = app
+        .call(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({ "username": admin_name, "password": "wrong-password" })),
+        )
+        .await;
+    assert_eq!(status2, 401);
+    assert_eq!(body["message"], body2["message"]);
+    let failed = app.audit_rows("login_failed").await;
+    assert_eq!(failed.len(), 2);
+    // The attempted password is never recorded.
+    for row in &failed {
+        let details = row.3.as_ref().unwrap().to_string();
+        assert!(!details.contains("wrong"), "{details}");
+    }
+}
+
+#[tokio::test]
+async fn inactive_users_cannot_log_in_and_their_tokens_stop_working() {
+    let app = common::spawn_app().await;
+    let (id, token) = app.user_with_role("engineer").await;
+    let (status, _) = app.call(Method::GET, "/auth/me", Some(&token), None).await;
+    assert_eq!(status, 200);
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            Some(&app.admin_token),
+            Some(json!({ "is_active": false })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["is_active"], false);
+    let (status, _) = app.call(Method::GET, "/auth/me", Some(&token), None).await;
+    assert_eq!(status, 401, "a deactivated user's token must stop working");
+    let username = body["username"].as_str().unwrap();
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({ "username": username, "password": common::PASSWORD })),
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["message"], "account is disabled");
+}
+
+#[tokio::test]
+async fn expired_and_revoked_tokens_are_refused() {
+    let app = common::spawn_app().await;
+    let (id, token) = app.user_with_role("viewer").await;
+    let other = app.mint_token(id).await;
+
+    // Logout revokes exactly the presenting token.
+    let (status, _) = app
+        .call(Method::POST, "/auth/logout", Some(&token), None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, body) = app.call(Method::GET, "/auth/me", Some(&token), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "unauthorized");
+    let (status, _) = app.call(Method::GET, "/auth/me", Some(&other), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.audit_rows("logout").await.len(), 1);
+
+    // Expiry is enforced by the database clock.
+    sqlx::query(
+        "UPDATE auth_tokens SET expires_at = now() - interval '1 second' WHERE user_id = $1",
+    )
+    .bind(id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, _) = app.call(Method::GET, "/auth/me", Some(&other), None).await;
+    assert_eq!(status, 401);
+
+    // Garbage and missing tokens.
+    let (status, _) = app
+        .call(Method::GET, "/auth/me", Some("aiops_nonsense"), None)
+        .await;
+    assert_eq!(status, 401);
+    let (status, body) = app.call(Method::GET, "/auth/me", None, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn login_token_lifetime_follows_configuration() {
+    let app = common::spawn_app_with(|c| c.token_ttl = std::time::Duration::from_secs(120)).await;
+    let (id, _) = app.user_with_role("viewer").await;
+    let seconds: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM expires_at - created_at)::float8 FROM auth_tokens \
+         WHERE user_id = $1 AND kind = 'session'",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!((119.0..=121.0).contains(&seconds), "{seconds}");
+}
+
+#[tokio::test]
+async fn api_tokens_are_shown_once_listed_without_secret_and_revocable() {
+    let app = common::spawn_app().await;
+    let (_, token) = app.user_with_role("operator").await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/tokens",
+            Some(&token),
+            Some(json!({ "name": "ci pipeline", "expires_in_days": 30 })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let secret = created["token"].as_str().unwrap().to_owned();
+    let token_id = created["info"]["id"].as_str().unwrap().to_owned();
+    let (status, me) = app.call(Method::GET, "/auth/me", Some(&secret), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(me["role"], "operator");
+
+    let (status, list) = app.call(Method::GET, "/tokens", Some(&token), None).await;
+    assert_eq!(status, 200);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "ci pipeline");
+    assert!(list[0].get("token").is_none());
+    assert!(!serde_json::to_string(&list).unwrap().contains(&secret[6..]));
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/tokens",
+            Some(&token),
+            Some(json!({ "name": "" })),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(body["details"]["field"], "name");
+
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/tokens/{token_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = app.call(Method::GET, "/auth/me", Some(&secret), None).await;
+    assert_eq!(status, 401);
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/tokens/{token_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(app.audit_rows("token_create").await.len(), 1);
+    assert_eq!(app.audit_rows("token_revoke").await.len(), 1);
+}
+
+#[tokio::test]
+async fn failed_logins_are_throttled_per_user_and_per_address() {
+    let app = common::spawn_app_with(|c| {
+        c.login_max_failures_per_user = 3;
+        c.login_max_failures_per_ip = 6;
+    })
+    .await;
+    let (id, _) = app.user_with_role("viewer").await;
+    let username: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let login = |user: String, password: &'static str| {
+        let app = &app;
+        async move {
+            app.call(
+                Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({ "username": user, "password": password })),
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(login(username.clone(), "wrong-password").await.0, 401);
+    }
+    // Even the right password is refused while the user is throttled.
+    let (status, body) = login(username.clone(), common::PASSWORD).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "too_many_requests");
+
+    // Per address: failures spread over other usernames (4 more makes 8 from this address).
+    for i in 0..4 {
+        login(format!("ghost-{i}"), "wrong-password").await;
+    }
+    let fresh: String = format!("fresh-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let hash = aiops::auth::hash_password(common::PASSWORD.to_owned())
+        .await
+        .unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    aiops::store::users::user_create(
+        &mut conn,
+        &aiops::store::users::NewUser {
+            username: &fresh,
+            email: &format!("{fresh}@example.test"),
+            full_name: None,
+            password_hash: &hash,
+            role: "viewer",
+            is_active: true,
+        },
+    )
+    .await
+    .unwrap();
+    let (status, _) = login(fresh, common::PASSWORD).await;
+    assert_eq!(status, 429, "the address is over its limit");
+}
+
+#[tokio::test]
+async fn users_crud_validation_conflicts_and_audit() {
+    let app = common::spawn_app().await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/users",
+            Some(&app.admin_token),
+            Some(json!({
+                "username": "alice",
+                "email": "alice@example.test",
+                "full_name": "Alice",
+                "password": "a-long-enough-password",
+                "role": "engineer"
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(created.get("password").is_none() && created.get("password_hash").is_none());
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/users",
+            Some(&app.admin_token),
+            Some(json!({
+                "username": "alice",
+                "email": "other@example.test",
+                "password": "a-long-enough-password",
+                "role": "viewer"
+            })),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["details"]["field"], "username");
+
+    for (payload, field) in [
+        (
+            json!({"username": "bad name", "email": "x@y", "password": "a-long-enough-password", "role": "viewer"}),
+            "username",
+        ),
+        (
+            json!({"username": "bob", "email": "nope", "password": "a-long-enough-password", "role": "viewer"}),
+            "email",
+        ),
+        (
+            json!({"username": "bob", "email": "b@y", "password": "short", "role": "viewer"}),
+            "password",
+        ),
+    ] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/users",
+                Some(&app.admin_token),
+                Some(payload),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["details"]["field"], field, "{body}");
+    }
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/users",
+            Some(&app.admin_token),
+            Some(json!({"username": "bob", "email": "b@y", "password": "a-long-enough-password", "role": "root"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "bad_request");
+
+    let (status, got) = app.get(&format!("/users/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(got["role"], "engineer");
+
+    let (status, page) = app.get("/users?limit=1&offset=0").await;
+    assert_eq!(status, 200);
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["total"], 2);
+    let (status, body) = app.get("/users?limit=0").await;
+    assert_eq!(status, 422);
+    assert_eq!(body["details"]["field"], "limit");
+
+    let (status, updated) = app
+        .call(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            Some(&app.admin_token),
+            Some(json!({ "role": "operator", "password": "another-long-password" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["role"], "operator");
+    let token = app.login("alice", "another-long-password").await;
+    assert!(!token.is_empty());
+
+    // The last admin cannot be demoted or deleted.
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &format!("/users/{}", app.admin_id),
+            Some(&app.admin_token),
+            Some(json!({ "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/users/{id}"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, body) = app.get(&format!("/users/{id}")).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["code"], "not_found");
+
+    let create = app.audit_rows("user_create").await;
+    assert_eq!(create.len(), 1);
+    assert_eq!(create[0].0, Some(app.admin_id));
+    assert_eq!(create[0].1.as_deref(), Some("user"));
+    assert_eq!(create[0].2.unwrap().to_string(), id);
+    assert_eq!(create[0].4.as_deref(), Some("127.0.0.1"));
+    let update = app.audit_rows("user_update").await;
+    assert_eq!(update.len(), 1);
+    let details = update[0].3.clone().unwrap();
+    assert_eq!(details["changed"], json!(["password", "role"]));
+    assert!(!details.to_string().contains("another-long-password"));
+    assert_eq!(app.audit_rows("user_delete").await.len(), 1);
+}
+
+#[tokio::test]
+async fn system_config_put_get_list_delete_with_audit() {
+    let app = common::spawn_app().await;
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/system-config/notifications.slack",
+            Some(&app.admin_token),
+            Some(json!({ "value": { "channel": "#ops", "enabled": true } })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["updated_by"], json!(app.admin_id));
+    let first_update = body["updated_at"].as_str().unwrap().to_owned();
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/system-config/notifications.slack",
+            Some(&app.admin_token),
+            Some(json!({ "value": { "channel": "#sre", "enabled": false } })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_ne!(body["updated_at"].as_str().unwrap(), first_update);
+    let (status, got) = app.get("/system-config/notifications.slack").await;
+    assert_eq!(status, 200);
+    assert_eq!(got["value"]["channel"], "#sre");
+    let (status, list) = app.get("/system-config").await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (status, body) = app.get("/system-config/bad%20key").await;
+    assert_eq!(status, 422);
+    assert_eq!(body["details"]["field"], "key");
+
+    let audit = app.audit_rows("system_config_put").await;
+    assert_eq!(audit.len(), 2);
+    let latest = audit[0].3.clone().unwrap();
+    assert_eq!(latest["key"], "notifications.slack");
+    assert_eq!(latest["previous"]["channel"], "#ops");
+    assert_eq!(latest["value"]["channel"], "#sre");
+
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            "/system-config/notifications.slack",
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = app.get("/system-config/notifications.slack").await;
+    assert_eq!(status, 404);
+    assert_eq!(app.audit_rows("system_config_delete").await.len(), 1);
+}
+
+#[tokio::test]
+async fn audit_log_lists_with_filters() {
+    let app = common::spawn_app().await;
+    for key in ["a", "b", "c"] {
+        app.call(
+            Method::PUT,
+            &format!("/system-config/{key}"),
+            Some(&app.admin_token),
+            Some(json!({ "value": 1 })),
+        )
+        .await;
+    }
+    let (status, page) = app.get("/audit-log?action=system_config_put&limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 3);
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["items"][0]["details"]["key"], "c", "newest first");
+
+    let (_, by_user) = app
+        .get(&format!("/audit-log?user_id={}", app.admin_id))
+        .await;
+    assert!(by_user["total"].as_i64().unwrap() >= 4, "{by_user}");
+    let (_, by_resource) = app.get("/audit-log?resource_type=system_config").await;
+    assert_eq!(by_resource["total"], 3);
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let (status, later) = app
+        .get(&format!("/audit-log?since={}", urlencode(&future)))
+        .await;
+    assert_eq!(status, 200, "{later}");
+    assert_eq!(later["total"], 0);
+    let (status, body) = app.get("/audit-log?user_id=not-a-uuid").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["code"], "bad_request");
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+#[tokio::test]
+async fn errors_share_one_json_body_and_bodies_are_limited() {
+    let app = common::spawn_app_with(|c| c.max_body_bytes = 1024).await;
+    let resp = app
+        .client
+        .get(app.api("/no-such-thing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "not_found");
+    assert!(body["message"].is_string());
+
+    let resp = app
+        .client
+        .post(app.api("/users"))
+        .bearer_auth(&app.admin_token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "bad_request");
+
+    let big = json!({ "value": "x".repeat(4096) });
+    let resp = app
+        .client
+        .put(app.api("/system-config/big"))
+        .bearer_auth(&app.admin_token)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM system_config")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+
+    // Probes and docs live outside the API prefix.
+    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = app
+        .client
+        .get(app.api("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let spec: Value = resp.json().await.unwrap();
+    assert_eq!(spec["info"]["title"], "aiops");
+    let (status, version) = app.call(Method::GET, "/version", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(version["version"], aiops::VERSION);
+}
+
+#[tokio::test]
+async fn readyz_fails_when_migrations_are_not_current() {
+    let app = common::spawn_app().await;
+    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable");
+}

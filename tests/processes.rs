@@ -1,0 +1,300 @@
+//! The binary as an operator runs it: `aiops up` on its embedded database (twice, keeping its
+//! data), `aiops up` without PostgreSQL binaries, `aiops worker` stopping on SIGTERM, and
+//! `aiops user create`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_aiops");
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aiops-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn aiops(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AIOPS_DATA_DIR", data_dir)
+        .env("AIOPS_LISTEN", "127.0.0.1:0")
+        .env("AIOPS_LOG", "warn")
+        .env(
+            "AIOPS_WORKFLOWS_DIR",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+        )
+        .current_dir(data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Reads stdout until the "is up" line; returns (base URL, printed admin password if any).
+async fn wait_until_up(child: &mut Child) -> (String, Option<String>) {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut password = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(p) = line.trim().strip_prefix("password: ") {
+                password = Some(p.to_owned());
+            }
+            if let Some(rest) = line.strip_prefix("aiops is up: ") {
+                return rest.trim_end_matches("/docs").to_owned();
+            }
+        }
+        panic!("aiops up exited before it was up");
+    };
+    let base = tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .expect("aiops up did not come up within 120 s");
+    (base, password)
+}
+
+async fn terminate(child: &mut Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("did not exit within 60 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}");
+}
+
+async fn login(client: &reqwest::Client, base: &str, password: &str) -> String {
+    let resp = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({ "username": "admin", "password": password }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    body["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn up_twice_keeps_its_data_and_stops_its_cluster() {
+    let dir = temp_dir("up");
+    let client = reqwest::Client::new();
+
+    let mut first = aiops(&dir).arg("up").spawn().unwrap();
+    let (base, password) = wait_until_up(&mut first).await;
+    let password = password.expect("first start prints the admin credentials");
+    let token = login(&client, &base, &password).await;
+    let resp = client
+        .put(format!("{base}/api/v1/system-config/kept"))
+        .bearer_auth(&token)
+        .json(&json!({ "value": { "survives": "restart" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    terminate(&mut first).await;
+    assert!(
+        !dir.join("postgres/postmaster.pid").exists(),
+        "the embedded cluster must be stopped on exit"
+    );
+
+    let mut second = aiops(&dir).arg("up").spawn().unwrap();
+    let (base, printed) = wait_until_up(&mut second).await;
+    assert!(
+        printed.is_none(),
+        "credentials are printed only on the first start"
+    );
+    let token = login(&client, &base, &password).await;
+    let resp = client
+        .get(format!("{base}/api/v1/system-config/kept"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["value"]["survives"], "restart");
+    terminate(&mut second).await;
+    assert!(!dir.join("postgres/postmaster.pid").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn up_without_postgres_binaries_names_the_package() {
+    let dir = temp_dir("nobin");
+    let empty = dir.join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = aiops(&dir)
+        .env("AIOPS_POSTGRES_BIN_DIR", &empty)
+        .arg("up")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("apt-get install postgresql") && stderr.contains("DATABASE_URL"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn worker_connects_and_stops_cleanly_on_sigterm() {
+    let url = common::fresh_database_url().await;
+    let dir = temp_dir("worker");
+    // A worker refuses a database whose migrations are not applied, naming the fix.
+    let out = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .arg("worker")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aiops migrate"));
+    let pool = aiops::store::connect(&url, 2).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    pool.close().await;
+    let mut child = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .env("AIOPS_LOG", "info")
+        .arg("worker")
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("worker started") {
+                return;
+            }
+        }
+        panic!("worker exited before starting");
+    })
+    .await
+    .expect("worker did not start");
+    terminate(&mut child).await;
+
+    // A worker that cannot reach its database fails at once with a clear error.
+    let out = aiops(&dir)
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .arg("worker")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn user_create_cli_makes_an_admin_that_can_log_in() {
+    let url = common::fresh_database_url().await;
+    let dir = temp_dir("cli");
+    let out = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .arg("migrate")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .args([
+            "user",
+            "create",
+            "--username",
+            "ops-lead",
+            "--role",
+            "admin",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let password = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("a generated password is printed")
+        .to_owned();
+    let pool = aiops::store::connect(&url, 2).await.unwrap();
+    let (role, hash): (String, String) =
+        sqlx::query_as("SELECT role, password_hash FROM users WHERE username = 'ops-lead'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(role, "admin");
+    assert!(aiops::crypto::password::verify(&password, &hash));
+
+    let out = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .args([
+            "user",
+            "create",
+            "--username",
+            "ops-lead",
+            "--role",
+            "admin",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .args(["user", "create", "--username", "x", "--role", "root"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown role"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_subcommand_has_useful_help() {
+    for args in [
+        vec!["--help"],
+        vec!["up", "--help"],
+        vec!["serve", "--help"],
+        vec!["worker", "--help"],
+        vec!["migrate", "--help"],
+        vec!["openapi", "--help"],
+        vec!["user", "create", "--help"],
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Usage:") && text.len() > 200,
+            "{args:?}: {text}"
+        );
+    }
+}
