@@ -11,6 +11,7 @@ pub mod blackouts;
 pub mod breakers;
 pub mod context;
 pub mod error;
+pub mod jobs;
 pub mod pagination;
 pub mod stats;
 pub mod system;
@@ -40,6 +41,8 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// The job queue: jobs, counts and workers.
+    Queue,
     /// Maintenance windows during which runbooks do not run.
     Blackouts,
     /// Per-runbook circuit breakers.
@@ -64,6 +67,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        jobs::JobsApi {
             state: state.clone(),
         },
         blackouts::BlackoutsApi {
