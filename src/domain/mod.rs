@@ -2,5 +2,7 @@
 //! it is plain data and functions, testable without any of them.
 
 pub mod role;
+pub mod runbook;
+pub mod trigger_match;
 
 pub use role::Role;
