@@ -94,7 +94,11 @@ fn each_hostile_value_arrives_as_one_literal_argument() {
             .unwrap();
         assert_eq!(
             run_sh(&command),
-            vec![value.to_string(), "second".to_owned(), format!("{value}{value}")],
+            vec![
+                value.to_string(),
+                "second".to_owned(),
+                format!("{value}{value}")
+            ],
             "via {command:?}"
         );
     }
@@ -110,7 +114,11 @@ fn environment_vars_carry_hostile_values_safely() {
         "name: hostile\nenvironment_vars:\n  TARGET: '{{ alert.labels.x }}'\n  COMBINED: 'svc-{{ alert.labels.x }}'\nsteps:\n  - name: show\n    command: printf '%s\\0' {{ TARGET }} {{ vars.COMBINED }}\n",
     )
     .unwrap();
-    assert!(validate_runbook(&doc).is_empty(), "{:?}", validate_runbook(&doc));
+    assert!(
+        validate_runbook(&doc).is_empty(),
+        "{:?}",
+        validate_runbook(&doc)
+    );
     let renderer = Renderer::new(TargetOs::Linux);
     for value in HOSTILE {
         let ctx = context(value);

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod context;
 pub mod error;
 pub mod pagination;
+pub mod runbooks;
 pub mod system;
 pub mod system_config;
 pub mod users;
@@ -37,6 +38,8 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// Runbook definitions, versions, YAML import/export and dry runs.
+    Runbooks,
 }
 
 /// The path prefix of the typed API.
@@ -55,6 +58,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        runbooks::RunbooksApi {
             state: state.clone(),
         },
     );

@@ -8,7 +8,8 @@
 //! adds the template checks on top of [`validate`]), PostgreSQL or HTTP.
 //!
 //! Canonical form: steps sorted by their order; `order` written only when the orders are not
-//! simply 1, 2, 3, ... in list order; approval roles in privilege order; time windows as `HH:MM`
+//! simply 1, 2, 3, ... in list order; triggers sorted by priority then name (the order matching
+//! considers them in); approval roles in privilege order; time windows as `HH:MM`
 //! (or `HH:MM:SS`). Canonical YAML always writes `name`, `mode`, `target_os`, `steps` (with each
 //! step's `name` and `command`) and each trigger's `name` and `alert_name_pattern`; every other
 //! field is written only when it differs from its default. `export(import(x))` is therefore
@@ -551,7 +552,11 @@ pub fn parse_time_of_day(s: &str) -> Option<NaiveTime> {
     if !well_formed {
         return None;
     }
-    let format = if bytes.len() == 5 { "%H:%M" } else { "%H:%M:%S" };
+    let format = if bytes.len() == 5 {
+        "%H:%M"
+    } else {
+        "%H:%M:%S"
+    };
     NaiveTime::parse_from_str(s, format).ok()
 }
 
@@ -568,7 +573,10 @@ pub fn format_time_of_day(t: NaiveTime) -> String {
 fn valid_runbook_name(name: &str) -> bool {
     !name.is_empty()
         && name.chars().count() <= 200
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
@@ -599,10 +607,10 @@ pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
                 .into(),
         );
     }
-    if let Some(c) = &doc.category {
-        if c.is_empty() || c.chars().count() > 100 {
-            push("category".into(), "must be 1 to 100 characters".into());
-        }
+    if let Some(c) = &doc.category
+        && (c.is_empty() || c.chars().count() > 100)
+    {
+        push("category".into(), "must be 1 to 100 characters".into());
     }
     if doc.timeout_seconds <= 0 {
         push("timeout_seconds".into(), "must be > 0".into());
@@ -682,7 +690,10 @@ fn validate_steps(doc: &RunbookDocument, push: &mut impl FnMut(String, String)) 
         push("steps".into(), "must contain at least one step".into());
     }
     if doc.steps.len() > MAX_STEPS {
-        push("steps".into(), format!("must have at most {MAX_STEPS} steps"));
+        push(
+            "steps".into(),
+            format!("must have at most {MAX_STEPS} steps"),
+        );
     }
     let with_order = doc.steps.iter().filter(|s| s.order.is_some()).count();
     if with_order != 0 && with_order != doc.steps.len() {
@@ -753,7 +764,11 @@ fn validate_steps(doc: &RunbookDocument, push: &mut impl FnMut(String, String)) 
         if step.retry_delay_seconds < 0 {
             push(format!("{p}.retry_delay_seconds"), "must be >= 0".into());
         }
-        if step.condition.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        if step
+            .condition
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
             push(
                 format!("{p}.condition"),
                 "must not be empty (omit it to always run)".into(),
@@ -802,10 +817,10 @@ fn validate_triggers(doc: &RunbookDocument, push: &mut impl FnMut(String, String
             ("severity_pattern", &t.severity_pattern),
             ("source_pattern", &t.source_pattern),
         ] {
-            if let Some(v) = value {
-                if let Err(e) = Pattern::compile(v) {
-                    push(format!("{p}.{field}"), e);
-                }
+            if let Some(v) = value
+                && let Err(e) = Pattern::compile(v)
+            {
+                push(format!("{p}.{field}"), e);
             }
         }
         for (label, pattern) in &t.labels_match {
@@ -889,6 +904,8 @@ pub fn canonicalize(doc: &RunbookDocument) -> RunbookDocument {
         .collect();
     doc.approval_roles
         .sort_by_key(|r| std::cmp::Reverse(r.parse::<Role>().ok()));
+    doc.triggers
+        .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
     for t in &mut doc.triggers {
         for bound in [&mut t.time_window_start, &mut t.time_window_end] {
             if let Some(parsed) = bound.as_deref().and_then(parse_time_of_day) {
@@ -903,8 +920,7 @@ pub fn canonicalize(doc: &RunbookDocument) -> RunbookDocument {
 pub fn to_canonical_yaml(doc: &RunbookDocument) -> String {
     let canonical = canonicalize(doc);
     // Serializing plain data (strings, integers, JSON values) into a String cannot fail.
-    serde_saphyr::to_string(&canonical)
-        .unwrap_or_else(|e| format!("# cannot serialize: {e}\n"))
+    serde_saphyr::to_string(&canonical).unwrap_or_else(|e| format!("# cannot serialize: {e}\n"))
 }
 
 /// A short summary of what changed between two versions of a runbook, for `runbook_versions`.
@@ -989,7 +1005,10 @@ pub fn change_summary(old: &RunbookDocument, new: &RunbookDocument) -> String {
             .map(|(i, s)| {
                 let mut s = s.clone();
                 s.order = Some(s.effective_order(i));
-                (s.name.clone(), serde_json::to_string(&s).unwrap_or_default())
+                (
+                    s.name.clone(),
+                    serde_json::to_string(&s).unwrap_or_default(),
+                )
             })
             .collect()
     };
@@ -1084,7 +1103,10 @@ triggers:
 
     #[test]
     fn oversized_documents_are_refused() {
-        let big = format!("{MINIMAL}description: \"{}\"\n", "a".repeat(MAX_DOCUMENT_BYTES));
+        let big = format!(
+            "{MINIMAL}description: \"{}\"\n",
+            "a".repeat(MAX_DOCUMENT_BYTES)
+        );
         assert!(parse_yaml(&big).unwrap_err().message.contains("exceeds"));
     }
 

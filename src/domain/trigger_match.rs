@@ -283,7 +283,8 @@ mod tests {
     fn matches_when_everything_holds() {
         let mut t = trigger();
         t.alert_name_pattern = "Node*".into();
-        t.labels_match.insert("job".into(), "re:node|windows".into());
+        t.labels_match
+            .insert("job".into(), "re:node|windows".into());
         let v = trigger_matches(&t, &alert("NodeDown"), at(12, 0), None);
         assert!(v.matched, "{:?}", v.reasons);
     }

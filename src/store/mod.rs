@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod login_attempts;
+pub mod runbooks;
 pub mod system_config;
 pub mod tokens;
 pub mod users;

@@ -56,7 +56,10 @@ pub enum TemplateError {
 }
 
 fn describe(e: &Error) -> String {
-    let detail = e.detail().map(str::to_owned).unwrap_or_else(|| e.kind().to_string());
+    let detail = e
+        .detail()
+        .map(str::to_owned)
+        .unwrap_or_else(|| e.kind().to_string());
     match e.line() {
         Some(line) => format!("{detail} (line {line})"),
         None => detail,
@@ -313,7 +316,10 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
                 )),
                 Ok(tmpl) => {
                     if let Err(e) = check_placement(source, renderer.shell) {
-                        issues.push(Issue::new(path.clone(), format!("in step `{}`: {e}", step.name)));
+                        issues.push(Issue::new(
+                            path.clone(),
+                            format!("in step `{}`: {e}", step.name),
+                        ));
                     }
                     scope.check(
                         &mut issues,
@@ -330,11 +336,7 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
             match renderer.text.compile_expression(condition) {
                 Err(e) => issues.push(Issue::new(
                     path,
-                    format!(
-                        "does not compile in step `{}`: {}",
-                        step.name,
-                        describe(&e)
-                    ),
+                    format!("does not compile in step `{}`: {}", step.name, describe(&e)),
                 )),
                 Ok(expr) => scope.check(
                     &mut issues,
@@ -510,31 +512,56 @@ mod tests {
         let r = Renderer::new(TargetOs::Linux);
         let vars = BTreeMap::new();
         let out = r
-            .render_command("echo {{ alert.labels.evil }} {{ alert.labels.service }} {{ alert.labels.n }}", &ctx(), &vars)
+            .render_command(
+                "echo {{ alert.labels.evil }} {{ alert.labels.service }} {{ alert.labels.n }}",
+                &ctx(),
+                &vars,
+            )
             .unwrap();
         assert_eq!(out, "echo '$(id)' nginx 5");
         let out = r
-            .render_command("{% autoescape false %}echo {{ alert.labels.evil }}{% endautoescape %}", &ctx(), &vars)
+            .render_command(
+                "{% autoescape false %}echo {{ alert.labels.evil }}{% endautoescape %}",
+                &ctx(),
+                &vars,
+            )
             .unwrap();
-        assert_eq!(out, "echo '$(id)'", "autoescape blocks cannot disable quoting");
+        assert_eq!(
+            out, "echo '$(id)'",
+            "autoescape blocks cannot disable quoting"
+        );
         let out = r
             .render_command("{% set x %}$(id) {% endset %}echo {{ x }}", &ctx(), &vars)
             .unwrap();
-        assert_eq!(out, "echo '$(id) '", "captured blocks (safe strings) are still quoted");
+        assert_eq!(
+            out, "echo '$(id) '",
+            "captured blocks (safe strings) are still quoted"
+        );
     }
 
     #[test]
     fn raw_is_the_only_opt_out() {
         let r = Renderer::new(TargetOs::Linux);
         let out = r
-            .render_command("ls {{ '-la --color=never' | raw }}", &ctx(), &BTreeMap::new())
+            .render_command(
+                "ls {{ '-la --color=never' | raw }}",
+                &ctx(),
+                &BTreeMap::new(),
+            )
             .unwrap();
         assert_eq!(out, "ls -la --color=never");
         for removed in ["safe", "escape", "e"] {
             let err = r
-                .render_command(&format!("echo {{{{ alert.name | {removed} }}}}"), &ctx(), &BTreeMap::new())
+                .render_command(
+                    &format!("echo {{{{ alert.name | {removed} }}}}"),
+                    &ctx(),
+                    &BTreeMap::new(),
+                )
                 .unwrap_err();
-            assert!(matches!(err, TemplateError::Syntax(_) | TemplateError::Render(_)), "{removed}");
+            assert!(
+                matches!(err, TemplateError::Syntax(_) | TemplateError::Render(_)),
+                "{removed}"
+            );
         }
     }
 
@@ -542,7 +569,11 @@ mod tests {
     fn powershell_targets_get_powershell_quoting() {
         let r = Renderer::new(TargetOs::Windows);
         let out = r
-            .render_command("Restart-Service -Name {{ alert.labels.evil }}", &ctx(), &BTreeMap::new())
+            .render_command(
+                "Restart-Service -Name {{ alert.labels.evil }}",
+                &ctx(),
+                &BTreeMap::new(),
+            )
             .unwrap();
         assert_eq!(out, "Restart-Service -Name '$(id)'");
     }
@@ -581,9 +612,18 @@ mod tests {
     fn conditions_evaluate() {
         let r = Renderer::new(TargetOs::Linux);
         let vars = BTreeMap::new();
-        assert!(r.eval_condition("alert.labels.service == 'nginx'", &ctx(), &vars).unwrap());
-        assert!(!r.eval_condition("alert.labels.n > 10", &ctx(), &vars).unwrap());
-        assert!(r.eval_condition("alert.labels.nope is defined", &ctx(), &vars).is_ok());
+        assert!(
+            r.eval_condition("alert.labels.service == 'nginx'", &ctx(), &vars)
+                .unwrap()
+        );
+        assert!(
+            !r.eval_condition("alert.labels.n > 10", &ctx(), &vars)
+                .unwrap()
+        );
+        assert!(
+            r.eval_condition("alert.labels.nope is defined", &ctx(), &vars)
+                .is_ok()
+        );
     }
 
     fn issues(yaml: &str) -> Vec<String> {
@@ -596,23 +636,43 @@ mod tests {
     #[test]
     fn template_validation_names_the_step() {
         let found = issues("name: x\nsteps:\n  - name: broken\n    command: echo {{ alert.name \n");
-        assert!(found[0].starts_with("steps[0].command has a template syntax error in step `broken`"), "{found:?}");
-        let found = issues("name: x\nsteps:\n  - name: q\n    command: echo \"{{ alert.name }}\"\n");
+        assert!(
+            found[0].starts_with("steps[0].command has a template syntax error in step `broken`"),
+            "{found:?}"
+        );
+        let found =
+            issues("name: x\nsteps:\n  - name: q\n    command: echo \"{{ alert.name }}\"\n");
         assert!(found[0].contains("inside double quotes"), "{found:?}");
-        let found = issues("name: x\nsteps:\n  - name: u\n    command: echo {{ SERVICE }} {{ vars.OTHER }}\n");
+        let found = issues(
+            "name: x\nsteps:\n  - name: u\n    command: echo {{ SERVICE }} {{ vars.OTHER }}\n",
+        );
         assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found[0].contains("refers to `SERVICE`, which is never defined"), "{found:?}");
+        assert!(
+            found[0].contains("refers to `SERVICE`, which is never defined"),
+            "{found:?}"
+        );
         assert!(found[1].contains("`vars.OTHER`"), "{found:?}");
-        let found = issues("name: x\nsteps:\n  - name: c\n    command: 'true'\n    condition: alert.name ==\n");
-        assert!(found[0].starts_with("steps[0].condition does not compile in step `c`"), "{found:?}");
+        let found = issues(
+            "name: x\nsteps:\n  - name: c\n    command: 'true'\n    condition: alert.name ==\n",
+        );
+        assert!(
+            found[0].starts_with("steps[0].condition does not compile in step `c`"),
+            "{found:?}"
+        );
         let found = issues(
             "name: x\nsteps:\n  - name: a\n    command: 'true'\n  - name: b\n    command: echo {{ steps.a.stdout }}\n",
         );
-        assert!(found[0].contains("does not set capture_output"), "{found:?}");
+        assert!(
+            found[0].contains("does not set capture_output"),
+            "{found:?}"
+        );
         let found = issues(
             "name: x\nenvironment_vars:\n  A: '{{ vars.B }}'\nsteps:\n  - name: a\n    command: 'true'\n",
         );
-        assert!(found[0].starts_with("environment_vars.A refers to `vars`"), "{found:?}");
+        assert!(
+            found[0].starts_with("environment_vars.A refers to `vars`"),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -621,10 +681,20 @@ mod tests {
             "name: x\nenvironment_vars:\n  SVC: '{{ alert.labels.service }}'\nsteps:\n  - name: check\n    command: systemctl is-active -- {{ SVC }}\n    capture_output: true\n  - name: restart\n    condition: steps.check.stdout != 'active'\n    command: systemctl restart -- {{ SVC }}\n    rollback_command: systemctl stop -- {{ SVC }}\n",
         )
         .unwrap();
-        assert!(validate_runbook(&doc).is_empty(), "{:?}", validate_runbook(&doc));
+        assert!(
+            validate_runbook(&doc).is_empty(),
+            "{:?}",
+            validate_runbook(&doc)
+        );
         let out = render_dry_run(&doc, &ctx());
-        assert_eq!(out.steps[0].command, Ok("systemctl is-active -- nginx".into()));
+        assert_eq!(
+            out.steps[0].command,
+            Ok("systemctl is-active -- nginx".into())
+        );
         assert_eq!(out.steps[1].condition.as_ref().unwrap().result, Ok(true));
-        assert_eq!(out.steps[1].rollback_command, Some(Ok("systemctl stop -- nginx".into())));
+        assert_eq!(
+            out.steps[1].rollback_command,
+            Some(Ok("systemctl stop -- nginx".into()))
+        );
     }
 }

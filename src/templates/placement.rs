@@ -254,9 +254,15 @@ mod tests {
         assert!(posix("echo \"it's\" {{ x }}").is_ok());
         assert!(posix("echo $(cat {{ file }})").is_ok());
         assert!(posix("{% if x %}echo 'a'{% endif %} {{ y }}").is_ok());
-        assert!(posix("a#b {{ x }}").is_ok(), "# inside a word is not a comment");
+        assert!(
+            posix("a#b {{ x }}").is_ok(),
+            "# inside a word is not a comment"
+        );
         assert!(posix("cat <<'EOF'\nliteral\nEOF\necho {{ x }}").is_ok());
-        assert!(posix("echo {{ \"it's\" }}").is_ok(), "quotes inside the tag are template syntax");
+        assert!(
+            posix("echo {{ \"it's\" }}").is_ok(),
+            "quotes inside the tag are template syntax"
+        );
     }
 
     #[test]
@@ -284,8 +290,14 @@ mod tests {
         let ps = |s| check_placement(s, Shell::PowerShell);
         assert!(ps("Restart-Service -Name {{ vars.SERVICE }} -Force").is_ok());
         assert!(ps("Write-Output 'it''s' {{ x }}").is_ok());
-        assert_eq!(ps("Write-Output \"{{ x }}\"").unwrap_err().context, "double quotes");
-        assert_eq!(ps("Write-Output '{{ x }}'").unwrap_err().context, "single quotes");
+        assert_eq!(
+            ps("Write-Output \"{{ x }}\"").unwrap_err().context,
+            "double quotes"
+        );
+        assert_eq!(
+            ps("Write-Output '{{ x }}'").unwrap_err().context,
+            "single quotes"
+        );
         assert_eq!(ps("# {{ x }}").unwrap_err().context, "a comment");
         assert_eq!(ps("<# {{ x }} #>").unwrap_err().context, "a comment");
         assert_eq!(ps("@'\n{{ x }}\n'@").unwrap_err().context, "a here-string");

@@ -94,7 +94,8 @@ mod tests {
     /// backticks, `"` and newlines are left as they are (they are literal in a verbatim string).
     #[test]
     fn powershell_rules() {
-        let hostile = "a'b\u{2018}c\u{2019}d\u{201A}e\u{201B}f $(Get-Process) `n \"x\" ; & | @{}\nline2";
+        let hostile =
+            "a'b\u{2018}c\u{2019}d\u{201A}e\u{201B}f $(Get-Process) `n \"x\" ; & | @{}\nline2";
         let q = quote_powershell(hostile).unwrap();
         assert!(q.starts_with('\'') && q.ends_with('\''));
         let inner: Vec<char> = q[1..q.len() - 1].chars().collect();
