@@ -10,11 +10,13 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod engine;
 pub mod exec;
 pub mod queue;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod templates;
 pub mod worker;
 
 /// The crate version, as reported by `GET /api/v1/version` and `aiops --version`.

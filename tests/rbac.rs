@@ -28,12 +28,38 @@ const BODIES: &[(&str, &str)] = &[
     ("config_put", r#"{"value": {"enabled": true}}"#),
     ("breaker_update", r#"{"failure_threshold": 3}"#),
     (
+        "execution_create",
+        r#"{"runbook_id": "00000000-0000-0000-0000-000000000001"}"#,
+    ),
+    ("execution_cancel", r#"{"reason": "rbac"}"#),
+    ("execution_reject", r#"{"reason": "rbac"}"#),
+    (
         "blackout_create",
         r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
     ),
     (
         "blackout_update",
         r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+    ),
+    (
+        "runbook_create",
+        r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
+    ),
+    (
+        "runbook_update",
+        r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
+    ),
+    (
+        "runbook_import",
+        r#"{"yaml": "name: rbac-import\nsteps:\n  - {name: s, command: 'true'}\n"}"#,
+    ),
+    (
+        "runbook_validate",
+        r#"{"yaml": "name: rbac-validate\nsteps:\n  - {name: s, command: 'true'}\n"}"#,
+    ),
+    (
+        "runbook_dry_run",
+        r#"{"yaml": "name: rbac-dry\nsteps:\n  - {name: s, command: 'true'}\n", "alert": {"name": "NodeDown"}, "server": {"hostname": "web-1"}}"#,
     ),
 ];
 

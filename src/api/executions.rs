@@ -16,7 +16,9 @@ use uuid::Uuid;
 use crate::domain::Role;
 use crate::domain::blackout::{ServerFacts, ServerSelector};
 use crate::engine::{self, EngineError, StartRequest};
-use crate::store::{self, executions::ExecutionFilter, executions::ExecutionRow, executions::StepRow};
+use crate::store::{
+    self, executions::ExecutionFilter, executions::ExecutionRow, executions::StepRow,
+};
 
 use super::Tag;
 use super::context::{AppState, BearerAuth};
@@ -90,7 +92,7 @@ pub struct ExecutionCreate {
     /// Executions of one fan-out that may run at once (default 5).
     pub max_concurrency: Option<i32>,
     /// Variables; override the runbook's environment_vars of the same name.
-    pub variables: Option<serde_json::Map<String, Value>>,
+    pub variables: Option<std::collections::BTreeMap<String, Value>>,
 }
 
 /// The executions a request created.
@@ -177,7 +179,10 @@ pub struct Execution {
 
 fn to_execution(r: ExecutionRow) -> Execution {
     Execution {
-        runbook_name: r.runbook_snapshot["name"].as_str().unwrap_or_default().to_owned(),
+        runbook_name: r.runbook_snapshot["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
         id: r.id,
         runbook_id: r.runbook_id,
         runbook_version: r.runbook_version,
@@ -369,13 +374,24 @@ impl ExecutionsApi {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
         let body = body.0;
         if body.server_id.is_some() && body.servers.is_some() {
-            return Err(ApiError::invalid("servers", "give either server_id or servers, not both"));
+            return Err(ApiError::invalid(
+                "servers",
+                "give either server_id or servers, not both",
+            ));
         }
         let concurrency = body.max_concurrency.unwrap_or(5);
         if !(1..=1000).contains(&concurrency) {
-            return Err(ApiError::invalid("max_concurrency", "must be between 1 and 1000"));
+            return Err(ApiError::invalid(
+                "max_concurrency",
+                "must be between 1 and 1000",
+            ));
         }
-        let variables = body.variables.clone().unwrap_or_default();
+        let variables: serde_json::Map<String, Value> = body
+            .variables
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if variables.len() > 200 {
             return Err(ApiError::invalid("variables", "at most 200 variables"));
         }
@@ -384,7 +400,10 @@ impl ExecutionsApi {
             None => (vec![body.server_id], None),
             Some(sel) => {
                 if sel.tags.is_empty() && sel.environments.is_empty() {
-                    return Err(ApiError::invalid("servers", "give at least one tag or environment"));
+                    return Err(ApiError::invalid(
+                        "servers",
+                        "give at least one tag or environment",
+                    ));
                 }
                 let selector = ServerSelector {
                     server_ids: Vec::new(),
@@ -408,7 +427,10 @@ impl ExecutionsApi {
                     .map(|(id, _, _)| Some(id))
                     .collect();
                 if matching.is_empty() {
-                    return Err(ApiError::invalid("servers", "no server matches the selector"));
+                    return Err(ApiError::invalid(
+                        "servers",
+                        "no server matches the selector",
+                    ));
                 }
                 (matching, Some((Uuid::new_v4(), concurrency)))
             }
@@ -526,7 +548,11 @@ impl ExecutionsApi {
     /// List the step attempts (and rollbacks) of an execution, in the order they ran.
     ///
     /// Least role: viewer.
-    #[oai(path = "/:id/steps", method = "get", operation_id = "execution_steps_list")]
+    #[oai(
+        path = "/:id/steps",
+        method = "get",
+        operation_id = "execution_steps_list"
+    )]
     async fn execution_steps_list(
         &self,
         req: &Request,
@@ -546,7 +572,11 @@ impl ExecutionsApi {
     /// Cancel an execution; a running command is killed.
     ///
     /// Least role: operator.
-    #[oai(path = "/:id/cancel", method = "post", operation_id = "execution_cancel")]
+    #[oai(
+        path = "/:id/cancel",
+        method = "post",
+        operation_id = "execution_cancel"
+    )]
     async fn execution_cancel(
         &self,
         req: &Request,
@@ -559,7 +589,11 @@ impl ExecutionsApi {
         let reason = format!(
             "cancelled by {}{}",
             caller.identity.username,
-            body.0.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            body.0
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         );
         let mut tx = self.state.pool.begin().await?;
         engine::control::cancel(&mut tx, id.0, Some(caller.identity.user_id), &reason)
@@ -568,7 +602,12 @@ impl ExecutionsApi {
         caller
             .record(
                 &mut tx,
-                caller.audit("execution_cancel", "execution", Some(id.0), serde_json::json!({ "reason": body.0.reason })),
+                caller.audit(
+                    "execution_cancel",
+                    "execution",
+                    Some(id.0),
+                    serde_json::json!({ "reason": body.0.reason }),
+                ),
             )
             .await?;
         let row = store::executions::execution_get(&mut tx, id.0)
@@ -582,7 +621,11 @@ impl ExecutionsApi {
     /// approval_roles may approve; others get 403.
     ///
     /// Least role: operator.
-    #[oai(path = "/:id/approve", method = "post", operation_id = "execution_approve")]
+    #[oai(
+        path = "/:id/approve",
+        method = "post",
+        operation_id = "execution_approve"
+    )]
     async fn execution_approve(
         &self,
         req: &Request,
@@ -592,11 +635,24 @@ impl ExecutionsApi {
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
         let mut tx = self.state.pool.begin().await?;
-        engine::control::approve(&mut tx, id.0, caller.identity.user_id, caller.identity.role.as_str())
-            .await
-            .map_err(engine_error)?;
+        engine::control::approve(
+            &mut tx,
+            id.0,
+            caller.identity.user_id,
+            caller.identity.role.as_str(),
+        )
+        .await
+        .map_err(engine_error)?;
         caller
-            .record(&mut tx, caller.audit("execution_approve", "execution", Some(id.0), serde_json::json!({})))
+            .record(
+                &mut tx,
+                caller.audit(
+                    "execution_approve",
+                    "execution",
+                    Some(id.0),
+                    serde_json::json!({}),
+                ),
+            )
             .await?;
         let row = store::executions::execution_get(&mut tx, id.0)
             .await?
@@ -608,7 +664,11 @@ impl ExecutionsApi {
     /// Reject an execution waiting for approval (it is cancelled with the reason).
     ///
     /// Least role: operator.
-    #[oai(path = "/:id/reject", method = "post", operation_id = "execution_reject")]
+    #[oai(
+        path = "/:id/reject",
+        method = "post",
+        operation_id = "execution_reject"
+    )]
     async fn execution_reject(
         &self,
         req: &Request,
@@ -631,7 +691,12 @@ impl ExecutionsApi {
         caller
             .record(
                 &mut tx,
-                caller.audit("execution_reject", "execution", Some(id.0), serde_json::json!({ "reason": body.0.reason })),
+                caller.audit(
+                    "execution_reject",
+                    "execution",
+                    Some(id.0),
+                    serde_json::json!({ "reason": body.0.reason }),
+                ),
             )
             .await?;
         let row = store::executions::execution_get(&mut tx, id.0)
@@ -646,7 +711,11 @@ impl ExecutionsApi {
     /// execution has finished and every event was sent.
     ///
     /// Least role: viewer.
-    #[oai(path = "/:id/events", method = "get", operation_id = "execution_events_stream")]
+    #[oai(
+        path = "/:id/events",
+        method = "get",
+        operation_id = "execution_events_stream"
+    )]
     async fn execution_events_stream(
         &self,
         req: &Request,
@@ -664,51 +733,60 @@ impl ExecutionsApi {
         drop(conn);
         let pool = self.state.pool.clone();
         let execution_id = id.0;
-        let state = (pool, after.0.unwrap_or(0), std::collections::VecDeque::new(), false);
-        let events = stream::unfold(state, move |(pool, mut last, mut buffered, mut done)| async move {
-            loop {
-                if let Some(event) = buffered.pop_front() {
-                    return Some((event, (pool, last, buffered, done)));
+        let state = (
+            pool,
+            after.0.unwrap_or(0),
+            std::collections::VecDeque::new(),
+            false,
+        );
+        let events = stream::unfold(
+            state,
+            move |(pool, mut last, mut buffered, mut done)| async move {
+                loop {
+                    if let Some(event) = buffered.pop_front() {
+                        return Some((event, (pool, last, buffered, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    let Ok(mut conn) = pool.acquire().await else {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    };
+                    // Read the status first: events written before a terminal status are all seen.
+                    let finished = matches!(
+                        store::executions::execution_status(&mut conn, execution_id).await,
+                        Ok(Some((ref s, _))) if crate::domain::execution::Status::is_terminal(
+                            s.parse().unwrap_or(crate::domain::execution::Status::Running))
+                            && !matches!(s.as_str(), "running")
+                    );
+                    let rows =
+                        store::executions::event_list_after(&mut conn, execution_id, last, 200)
+                            .await
+                            .unwrap_or_default();
+                    drop(conn);
+                    let full_page = rows.len() == 200;
+                    for r in rows {
+                        last = r.id;
+                        buffered.push_back(ExecutionEvent {
+                            id: r.id,
+                            kind: r.kind,
+                            step_execution_id: r.step_execution_id,
+                            data: r.data,
+                            created_at: r.created_at,
+                        });
+                    }
+                    if finished && !full_page {
+                        // Rollbacks may still append after a terminal status; give them a moment.
+                        done = true;
+                        continue;
+                    }
+                    if buffered.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
-                if done {
-                    return None;
-                }
-                let Ok(mut conn) = pool.acquire().await else {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                };
-                // Read the status first: events written before a terminal status are all seen.
-                let finished = matches!(
-                    store::executions::execution_status(&mut conn, execution_id).await,
-                    Ok(Some((ref s, _))) if crate::domain::execution::Status::is_terminal(
-                        s.parse().unwrap_or(crate::domain::execution::Status::Running))
-                        && !matches!(s.as_str(), "running")
-                );
-                let rows = store::executions::event_list_after(&mut conn, execution_id, last, 200)
-                    .await
-                    .unwrap_or_default();
-                drop(conn);
-                let full_page = rows.len() == 200;
-                for r in rows {
-                    last = r.id;
-                    buffered.push_back(ExecutionEvent {
-                        id: r.id,
-                        kind: r.kind,
-                        step_execution_id: r.step_execution_id,
-                        data: r.data,
-                        created_at: r.created_at,
-                    });
-                }
-                if finished && !full_page {
-                    // Rollbacks may still append after a terminal status; give them a moment.
-                    done = true;
-                    continue;
-                }
-                if buffered.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        })
+            },
+        )
         .boxed();
         Ok(EventStream::new(events)
             .keep_alive(Duration::from_secs(15))

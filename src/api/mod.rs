@@ -11,8 +11,10 @@ pub mod blackouts;
 pub mod breakers;
 pub mod context;
 pub mod error;
+pub mod executions;
 pub mod jobs;
 pub mod pagination;
+pub mod runbooks;
 pub mod stats;
 pub mod system;
 pub mod system_config;
@@ -49,6 +51,10 @@ pub enum Tag {
     CircuitBreakers,
     /// Execution statistics.
     Stats,
+    /// Runbook definitions, versions, YAML import/export and dry runs.
+    Runbooks,
+    /// Runs of runbooks: start, follow, cancel, approve.
+    Executions,
 }
 
 /// The path prefix of the typed API.
@@ -79,6 +85,12 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         stats::StatsApi {
+            state: state.clone(),
+        },
+        runbooks::RunbooksApi {
+            state: state.clone(),
+        },
+        executions::ExecutionsApi {
             state: state.clone(),
         },
     );

@@ -115,6 +115,7 @@ impl WorkerArgs {
             queue,
             retention: std::time::Duration::from_secs(self.retention_hours * 3600),
             test_kinds: self.test_kinds,
+            ..crate::worker::WorkerOptions::default()
         })
     }
 }

@@ -38,7 +38,10 @@ pub struct StartRequest {
 }
 
 /// Creates a pending execution and enqueues its start job, in the caller's transaction.
-pub async fn create_execution(conn: &mut PgConnection, req: &StartRequest) -> Result<Uuid, EngineError> {
+pub async fn create_execution(
+    conn: &mut PgConnection,
+    req: &StartRequest,
+) -> Result<Uuid, EngineError> {
     let (snapshot, _status) = snapshot_load(conn, req.runbook_id)
         .await?
         .ok_or_else(|| EngineError::NotFound(format!("runbook {}", req.runbook_id)))?;
@@ -52,14 +55,20 @@ pub async fn create_execution(conn: &mut PgConnection, req: &StartRequest) -> Re
         let facts = store::blackouts::blackout_server_facts(conn, server_id)
             .await?
             .ok_or_else(|| EngineError::NotFound(format!("server {server_id}")))?;
-        let allowed = snapshot.allows_server(Some(&facts)).map_err(|reason| EngineError::Invalid {
-            field: "runbook_id".into(),
-            reason,
-        })?;
+        let allowed =
+            snapshot
+                .allows_server(Some(&facts))
+                .map_err(|reason| EngineError::Invalid {
+                    field: "runbook_id".into(),
+                    reason,
+                })?;
         if !allowed {
             return Err(EngineError::Invalid {
                 field: "server_id".into(),
-                reason: format!("runbook {} may not run on this server (allowed_servers)", snapshot.name),
+                reason: format!(
+                    "runbook {} may not run on this server (allowed_servers)",
+                    snapshot.name
+                ),
             });
         }
     }
@@ -86,7 +95,13 @@ pub async fn create_execution(conn: &mut PgConnection, req: &StartRequest) -> Re
         },
     )
     .await?;
-    log(conn, id, "created", json!({ "runbook_version": snapshot.version })).await?;
+    log(
+        conn,
+        id,
+        "created",
+        json!({ "runbook_version": snapshot.version }),
+    )
+    .await?;
     store::jobs::job_enqueue(conn, &start_job(id)).await?;
     notify_jobs(conn).await?;
     Ok(id)
@@ -102,7 +117,12 @@ pub(crate) async fn notify_jobs(conn: &mut PgConnection) -> Result<(), EngineErr
 }
 
 /// Appends to `execution_log` and the live stream.
-pub(crate) async fn log(conn: &mut PgConnection, id: Uuid, event: &str, details: Value) -> Result<(), EngineError> {
+pub(crate) async fn log(
+    conn: &mut PgConnection,
+    id: Uuid,
+    event: &str,
+    details: Value,
+) -> Result<(), EngineError> {
     let entry = json!({ "at": Utc::now(), "event": event, "details": details });
     store::executions::execution_log_append(conn, id, &entry).await?;
     store::executions::event_append(conn, id, None, "status", &entry.to_string()).await?;
@@ -150,7 +170,13 @@ pub(crate) async fn refuse(
     )
     .await?;
     if done {
-        log(conn, row.id, "refused", json!({ "gate": gate, "reason": reason })).await?;
+        log(
+            conn,
+            row.id,
+            "refused",
+            json!({ "gate": gate, "reason": reason }),
+        )
+        .await?;
     }
     Ok(done)
 }
@@ -173,7 +199,8 @@ pub async fn approve(
             row.status
         )));
     }
-    transition(state_of(&row), &Event::Approved).map_err(|e| EngineError::Conflict(e.to_string()))?;
+    transition(state_of(&row), &Event::Approved)
+        .map_err(|e| EngineError::Conflict(e.to_string()))?;
     if !store::executions::execution_approve(conn, execution_id, user_id).await? {
         return Err(EngineError::Conflict(
             "the approval request expired or was already decided".into(),
@@ -229,7 +256,13 @@ pub async fn reject(
     )
     .await?;
     store::executions::execution_request_cancel(conn, execution_id, Some(user_id)).await?;
-    log(conn, execution_id, "rejected", json!({ "by": user_id, "reason": reason })).await?;
+    log(
+        conn,
+        execution_id,
+        "rejected",
+        json!({ "by": user_id, "reason": reason }),
+    )
+    .await?;
     Ok(())
 }
 
@@ -257,7 +290,13 @@ pub async fn cancel(
         None,
     )
     .await?;
-    log(conn, execution_id, "cancelled", json!({ "by": user_id, "reason": reason })).await?;
+    log(
+        conn,
+        execution_id,
+        "cancelled",
+        json!({ "by": user_id, "reason": reason }),
+    )
+    .await?;
     Ok(())
 }
 
@@ -288,7 +327,10 @@ pub async fn handle_approval_expiry(engine: &Engine, ctx: JobContext) -> Result<
 
 /// The job that expires an approval request.
 pub(crate) fn approval_expiry_job(execution_id: Uuid, at: chrono::DateTime<Utc>) -> NewJob {
-    let mut job = NewJob::new(KIND_APPROVAL_EXPIRY, json!(ExecutionPayload { execution_id }));
+    let mut job = NewJob::new(
+        KIND_APPROVAL_EXPIRY,
+        json!(ExecutionPayload { execution_id }),
+    );
     job.run_at = Some(at);
     job.unique_key = Some(format!("execution:{execution_id}:approval_expiry"));
     job
@@ -361,10 +403,19 @@ pub(crate) async fn finish_run(
                     }
                     store::breakers::breaker_save(conn, snapshot.id, &breaker).await?;
                     b.state = breaker.state.as_str().to_owned();
-                    log(conn, row.id, "circuit_breaker", json!({ "state": b.state, "failures": breaker.failure_count })).await?;
+                    log(
+                        conn,
+                        row.id,
+                        "circuit_breaker",
+                        json!({ "state": b.state, "failures": breaker.failure_count }),
+                    )
+                    .await?;
                 }
             }
-            Effect::KillRunning | Effect::EnqueueStart | Effect::AwaitApproval | Effect::StartRun { .. } => {}
+            Effect::KillRunning
+            | Effect::EnqueueStart
+            | Effect::AwaitApproval
+            | Effect::StartRun { .. } => {}
         }
     }
     log(
@@ -397,7 +448,12 @@ async fn start_rollback(
     let mut remaining: Vec<usize> = done
         .iter()
         .filter(|r| r.status == "completed" && !r.skipped)
-        .filter_map(|r| snapshot.steps.iter().position(|s| s.step_order == r.step_order))
+        .filter_map(|r| {
+            snapshot
+                .steps
+                .iter()
+                .position(|s| s.step_order == r.step_order)
+        })
         .filter(|i| snapshot.steps[*i].rollback_command.is_some())
         .collect();
     remaining.sort_unstable();
@@ -417,7 +473,12 @@ async fn start_rollback(
             then_attempt,
         }),
     );
-    job.unique_key = Some(format!("execution:{}:rollback:{}:{}", row.id, row.attempt, remaining.len()));
+    job.unique_key = Some(format!(
+        "execution:{}:rollback:{}:{}",
+        row.id,
+        row.attempt,
+        remaining.len()
+    ));
     job.max_attempts = 10;
     store::jobs::job_enqueue(conn, &job).await?;
     notify_jobs(conn).await?;
@@ -435,10 +496,17 @@ pub(crate) async fn begin_attempt(
         return Ok(());
     }
     let mut job = step_job(row.id, attempt, 0, 0);
-    job.run_at = Some(Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds)));
+    job.run_at =
+        Some(Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds)));
     store::jobs::job_enqueue(conn, &job).await?;
     notify_jobs(conn).await?;
-    log(conn, row.id, "retry_scheduled", json!({ "attempt": attempt, "delay_seconds": snapshot.retry_delay_seconds })).await?;
+    log(
+        conn,
+        row.id,
+        "retry_scheduled",
+        json!({ "attempt": attempt, "delay_seconds": snapshot.retry_delay_seconds }),
+    )
+    .await?;
     Ok(())
 }
 
@@ -449,7 +517,10 @@ async fn run_summary(conn: &mut PgConnection, row: &ExecutionRow) -> Result<Stri
         .iter()
         .filter(|s| s.phase == "run" && s.run_attempt == row.attempt && !s.interrupted)
         .collect();
-    let completed = this.iter().filter(|s| s.status == "completed" && !s.skipped).count();
+    let completed = this
+        .iter()
+        .filter(|s| s.status == "completed" && !s.skipped)
+        .count();
     let skipped = this.iter().filter(|s| s.skipped).count();
     let failed = this.iter().filter(|s| s.status == "failed").count();
     Ok(format!(

@@ -36,9 +36,18 @@ impl Masker {
 /// Whether a variable name says its value is a secret.
 pub fn is_secret_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    ["password", "passwd", "secret", "token", "api_key", "apikey", "private_key", "credential"]
-        .iter()
-        .any(|m| lower.contains(m))
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "private_key",
+        "credential",
+    ]
+    .iter()
+    .any(|m| lower.contains(m))
 }
 
 #[cfg(test)]
@@ -47,8 +56,15 @@ mod tests {
 
     #[test]
     fn masks_every_occurrence_longest_first() {
-        let m = Masker::new(["hunter2".to_owned(), "hunter2-extended".to_owned(), "x".to_owned()]);
-        assert_eq!(m.mask("a hunter2 b hunter2-extended x"), "a ******** b ******** x");
+        let m = Masker::new([
+            "hunter2".to_owned(),
+            "hunter2-extended".to_owned(),
+            "x".to_owned(),
+        ]);
+        assert_eq!(
+            m.mask("a hunter2 b hunter2-extended x"),
+            "a ******** b ******** x"
+        );
         assert!(is_secret_name("DB_PASSWORD"));
         assert!(is_secret_name("slack_token"));
         assert!(!is_secret_name("SERVICE_NAME"));

@@ -177,7 +177,9 @@ pub fn step_job(execution_id: Uuid, attempt: i32, index: usize, retry: i64) -> N
             index
         }),
     );
-    job.unique_key = Some(format!("execution:{execution_id}:{attempt}:{index}:{retry}"));
+    job.unique_key = Some(format!(
+        "execution:{execution_id}:{attempt}:{index}:{retry}"
+    ));
     job.max_attempts = 10;
     job
 }

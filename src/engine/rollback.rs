@@ -45,10 +45,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     let mut g = ctx.lease().guarded_tx().await?;
     let already = store::executions::step_slot_done(g.conn(), slot).await?;
-    let mut outcome_error: Option<String> = None;
     if !already {
         store::executions::step_mark_interrupted(g.conn(), slot).await?;
-        let retry = i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(0);
+        let retry =
+            i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(0);
         let renderer = Renderer::new(if snapshot.target_os == "windows" {
             crate::domain::runbook::TargetOs::Windows
         } else {
@@ -70,7 +70,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             .map_err(|(n, e)| format!("variable {n}: {e}"))
             .and_then(|v| {
                 renderer
-                    .render_command(step.rollback_command.as_deref().unwrap_or("true"), &tctx, &v)
+                    .render_command(
+                        step.rollback_command.as_deref().unwrap_or("true"),
+                        &tctx,
+                        &v,
+                    )
                     .map_err(|e| format!("rollback_command: {e}"))
             });
         let masked = rendered.as_ref().ok().map(|c| masker.mask(c));
@@ -114,18 +118,31 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         };
         g = ctx.lease().guarded_tx().await?;
         let (status, exit_code, stdout, stderr, error) = match result {
-            Ok(o) if o.exit_code == Some(0) => ("completed", o.exit_code, Some(masker.mask(&o.stdout)), Some(masker.mask(&o.stderr)), None),
+            Ok(o) if o.exit_code == Some(0) => (
+                "completed",
+                o.exit_code,
+                Some(masker.mask(&o.stdout)),
+                Some(masker.mask(&o.stderr)),
+                None,
+            ),
             Ok(o) => (
                 if o.timed_out { "timeout" } else { "failed" },
                 o.exit_code,
                 Some(masker.mask(&o.stdout)),
                 Some(masker.mask(&o.stderr)),
-                Some(if o.timed_out { "rollback timed out".to_owned() } else { format!("rollback exited with {:?}", o.exit_code) }),
+                Some(if o.timed_out {
+                    "rollback timed out".to_owned()
+                } else {
+                    format!("rollback exited with {:?}", o.exit_code)
+                }),
             ),
             Err(e) => ("failed", None, None, None, Some(masker.mask(&e))),
         };
         let (stdout, stderr) = if step.sensitive {
-            (Some("[output of a sensitive step is masked]".to_owned()), Some(String::new()))
+            (
+                Some("[output of a sensitive step is masked]".to_owned()),
+                Some(String::new()),
+            )
         } else {
             (stdout, stderr)
         };
@@ -142,12 +159,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             },
         )
         .await?;
-        outcome_error = error;
         log(
             g.conn(),
             row.id,
             "rollback_step",
-            json!({ "step": step.name, "status": status, "error": outcome_error }),
+            json!({ "step": step.name, "status": status, "error": error }),
         )
         .await?;
     }
@@ -161,7 +177,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 then_attempt: p.then_attempt,
             }),
         );
-        job.unique_key = Some(format!("execution:{}:rollback:{}:{}", row.id, p.attempt, rest.len()));
+        job.unique_key = Some(format!(
+            "execution:{}:rollback:{}:{}",
+            row.id,
+            p.attempt,
+            rest.len()
+        ));
         job.max_attempts = 10;
         g.enqueue(&job).await?;
         notify_jobs(g.conn()).await?;
@@ -171,7 +192,13 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     {
         begin_attempt(g.conn(), &current, &snapshot, next).await?;
     } else {
-        log(g.conn(), row.id, "rollback_finished", json!({ "at": Utc::now() })).await?;
+        log(
+            g.conn(),
+            row.id,
+            "rollback_finished",
+            json!({ "at": Utc::now() }),
+        )
+        .await?;
     }
     g.complete().await
 }

@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::domain::execution::Event;
-use crate::exec::{CancellationToken, CommandOutcome, CommandRequest, OutputChunk, OutputStream, Target};
+use crate::exec::{
+    CancellationToken, CommandOutcome, CommandRequest, OutputChunk, OutputStream, Target,
+};
 use crate::queue::{GuardedTx, JobContext, JobError};
 use crate::store::{self, executions::ExecutionRow, executions::StepResult, executions::StepSlot};
 use crate::templates::{Renderer, StepOutput, TemplateContext};
@@ -75,8 +77,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         return Ok(());
     }
     let interrupted = store::executions::step_mark_interrupted(g.conn(), slot).await?;
-    let retry_attempt = i32::try_from(store::executions::step_attempts(g.conn(), slot).await?)
-        .unwrap_or(i32::MAX);
+    let retry_attempt =
+        i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(i32::MAX);
     let tctx = template_context(g.conn(), &row, &snapshot, server_json).await?;
     let renderer = Renderer::new(target_os(&snapshot));
     let rendered_vars = renderer.render_vars(&vars, &tctx);
@@ -93,9 +95,9 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     );
 
     // Render: condition, then command. A template error fails the attempt without running.
-    let prepared: Result<Option<String>, String> = match rendered_vars {
+    let prepared: Result<Option<String>, String> = match &rendered_vars {
         Err((name, e)) => Err(format!("variable {name}: {e}")),
-        Ok(ref rvars) => match step.condition.as_deref() {
+        Ok(rvars) => match step.condition.as_deref() {
             Some(cond) => match renderer.eval_condition(cond, &tctx, rvars) {
                 Ok(false) => Ok(None),
                 Ok(true) => renderer
@@ -164,7 +166,13 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 },
             )
             .await?;
-            status_event(g.conn(), row.id, step_row, json!({ "step": step.name, "status": "skipped" })).await?;
+            status_event(
+                g.conn(),
+                row.id,
+                step_row,
+                json!({ "step": step.name, "status": "skipped" }),
+            )
+            .await?;
             advance(engine, g, &row, &snapshot, p.index).await?;
             return Ok(());
         }
@@ -178,12 +186,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     g.commit().await?;
 
     // Run.
-    let deadline = row
-        .started_at
-        .unwrap_or_else(Utc::now)
+    let deadline = row.started_at.unwrap_or_else(Utc::now)
         + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
     let remaining = (deadline - Utc::now()).to_std().unwrap_or_default();
-    let step_timeout = std::time::Duration::from_secs(u64::try_from(step.timeout_seconds).unwrap_or(60));
+    let step_timeout =
+        std::time::Duration::from_secs(u64::try_from(step.timeout_seconds).unwrap_or(60));
     let runbook_deadline_binds = remaining < step_timeout;
     let run = match command {
         Err(message) => RunResult::NotRun(message),
@@ -195,7 +202,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 timeout: remaining.min(step_timeout),
                 output_limit_bytes: engine.settings.output_limit_bytes,
             };
-            RunResult::Ran(run_command(engine, &ctx, &row, &step, step_row, &target, &request, &masker).await)
+            RunResult::Ran(
+                run_command(
+                    engine, &ctx, &row, &step, step_row, &target, &request, &masker,
+                )
+                .await,
+            )
         }
     };
 
@@ -243,7 +255,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     }
     if retry_attempt < step.retry_count {
         let mut job = step_job(row.id, p.attempt, p.index, i64::from(retry_attempt) + 1);
-        job.run_at = Some(Utc::now() + chrono::Duration::seconds(i64::from(step.retry_delay_seconds)));
+        job.run_at =
+            Some(Utc::now() + chrono::Duration::seconds(i64::from(step.retry_delay_seconds)));
         g.enqueue(&job).await?;
         log(
             g.conn(),
@@ -256,7 +269,13 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         return g.complete().await;
     }
     if step.continue_on_failure {
-        log(g.conn(), row.id, "step_failed_continuing", json!({ "step": step.name })).await?;
+        log(
+            g.conn(),
+            row.id,
+            "step_failed_continuing",
+            json!({ "step": step.name }),
+        )
+        .await?;
         advance(engine, g, &current, &snapshot, p.index).await?;
         return Ok(());
     }
@@ -286,7 +305,12 @@ struct Verdict {
     error: Option<String>,
 }
 
-fn judge(step: &StepSnapshot, run: &RunResult, masker: &Masker, step_timeout: std::time::Duration) -> Verdict {
+fn judge(
+    step: &StepSnapshot,
+    run: &RunResult,
+    masker: &Masker,
+    step_timeout: std::time::Duration,
+) -> Verdict {
     let failed = |error: String| Verdict {
         status: "failed",
         exit_code: None,
@@ -306,8 +330,14 @@ fn judge(step: &StepSnapshot, run: &RunResult, masker: &Masker, step_timeout: st
         RunResult::Ran(Ok(o)) => {
             let (stdout, stderr) = if step.sensitive {
                 (
-                    format!("[output of a sensitive step is masked: {} bytes]", o.stdout.len()),
-                    format!("[output of a sensitive step is masked: {} bytes]", o.stderr.len()),
+                    format!(
+                        "[output of a sensitive step is masked: {} bytes]",
+                        o.stdout.len()
+                    ),
+                    format!(
+                        "[output of a sensitive step is masked: {} bytes]",
+                        o.stderr.len()
+                    ),
                 )
             } else {
                 (masker.mask(&o.stdout), masker.mask(&o.stderr))
@@ -322,7 +352,10 @@ fn judge(step: &StepSnapshot, run: &RunResult, masker: &Masker, step_timeout: st
                         o.duration.as_secs().min(step_timeout.as_secs())
                     )),
                 )
-            } else if o.exit_code.is_some_and(|c| step.expected_exit_codes.contains(&c)) {
+            } else if o
+                .exit_code
+                .is_some_and(|c| step.expected_exit_codes.contains(&c))
+            {
                 ("completed", None)
             } else {
                 (
@@ -386,9 +419,12 @@ async fn run_command(
                     _ = lease.lost() => { cancel.cancel(); return; }
                     _ = tokio::time::sleep(poll) => {}
                 }
-                let Ok(mut conn) = pool.acquire().await else { continue };
+                let Ok(mut conn) = pool.acquire().await else {
+                    continue;
+                };
                 match store::executions::execution_status(&mut conn, id).await {
-                    Ok(Some((status, cancel_requested))) if status == "running" && !cancel_requested => {}
+                    Ok(Some((status, cancel_requested)))
+                        if status == "running" && !cancel_requested => {}
                     Ok(_) => {
                         cancel.cancel();
                         return;
@@ -434,7 +470,14 @@ async fn stream_output(
         if sensitive {
             if !announced {
                 announced = true;
-                append(&pool, execution_id, step_row, kind, "[output of a sensitive step is not streamed]\n").await;
+                append(
+                    &pool,
+                    execution_id,
+                    step_row,
+                    kind,
+                    "[output of a sensitive step is not streamed]\n",
+                )
+                .await;
             }
             continue;
         }
@@ -458,9 +501,17 @@ async fn stream_output(
     }
 }
 
-async fn append(pool: &sqlx::PgPool, execution_id: uuid::Uuid, step_row: uuid::Uuid, kind: &str, text: &str) {
+async fn append(
+    pool: &sqlx::PgPool,
+    execution_id: uuid::Uuid,
+    step_row: uuid::Uuid,
+    kind: &str,
+    text: &str,
+) {
     let text: String = text.chars().take(60_000).collect();
-    let Ok(mut conn) = pool.acquire().await else { return };
+    let Ok(mut conn) = pool.acquire().await else {
+        return;
+    };
     if store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text)
         .await
         .is_ok()
@@ -479,7 +530,14 @@ async fn status_event(
     step_row: uuid::Uuid,
     data: Value,
 ) -> Result<(), EngineError> {
-    store::executions::event_append(conn, execution_id, Some(step_row), "status", &data.to_string()).await?;
+    store::executions::event_append(
+        conn,
+        execution_id,
+        Some(step_row),
+        "status",
+        &data.to_string(),
+    )
+    .await?;
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(EVENTS_CHANNEL)
         .bind(execution_id.to_string())
@@ -498,7 +556,8 @@ async fn advance(
     index: usize,
 ) -> Result<(), JobError> {
     if index + 1 < snapshot.steps.len() {
-        g.enqueue(&step_job(row.id, row.attempt, index + 1, 0)).await?;
+        g.enqueue(&step_job(row.id, row.attempt, index + 1, 0))
+            .await?;
         notify_jobs(g.conn()).await?;
     } else if let Some(current) = store::executions::execution_lock(g.conn(), row.id).await? {
         finish_run(engine, g.conn(), &current, Event::RunSucceeded).await?;
@@ -546,25 +605,15 @@ async fn template_context(
     server: Value,
 ) -> Result<TemplateContext, EngineError> {
     let alert = match row.alert_id {
-        Some(id) => {
-            let found: Option<(String, Option<String>, Option<String>, String, Option<Value>, Option<Value>, String)> =
-                sqlx::query_as(
-                    "SELECT alert_name, severity, instance, status, labels_json, annotations_json, fingerprint \
-                     FROM alerts WHERE id = $1",
-                )
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?;
-            match found {
-                Some((name, severity, instance, status, labels, annotations, fingerprint)) => json!({
-                    "id": id, "name": name, "alertname": name, "severity": severity,
-                    "instance": instance, "status": status, "fingerprint": fingerprint,
-                    "labels": labels.unwrap_or(json!({})),
-                    "annotations": annotations.unwrap_or(json!({})),
-                }),
-                None => json!({}),
-            }
-        }
+        Some(id) => match store::executions::execution_alert(conn, id).await? {
+            Some(a) => json!({
+                "id": id, "name": a.alert_name, "alertname": a.alert_name, "severity": a.severity,
+                "instance": a.instance, "status": a.status, "fingerprint": a.fingerprint,
+                "labels": a.labels_json.unwrap_or(json!({})),
+                "annotations": a.annotations_json.unwrap_or(json!({})),
+            }),
+            None => json!({}),
+        },
         None => json!({}),
     };
     let mut steps = BTreeMap::new();

@@ -101,9 +101,15 @@ impl RunbookSnapshot {
 
     /// Whether the runbook may run on a server (`allowed_servers` selects by server id, tag or
     /// environment; empty allows every server). Runs on the worker's own host are always allowed.
-    pub fn allows_server(&self, server: Option<&crate::domain::blackout::ServerFacts>) -> Result<bool, String> {
+    pub fn allows_server(
+        &self,
+        server: Option<&crate::domain::blackout::ServerFacts>,
+    ) -> Result<bool, String> {
         let selector = crate::domain::blackout::ServerSelector::parse(&self.allowed_servers)
-            .map_err(|e| e.to_string().replacen("affected_servers", "allowed_servers", 1))?;
+            .map_err(|e| {
+                e.to_string()
+                    .replacen("affected_servers", "allowed_servers", 1)
+            })?;
         Ok(match server {
             None => true,
             Some(s) => selector.matches(s),
@@ -114,7 +120,11 @@ impl RunbookSnapshot {
     pub fn secret_var_names(&self) -> Vec<String> {
         self.config["secret_vars"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -239,7 +249,10 @@ pub async fn snapshot_load(
 }
 
 /// The current status label of a runbook (`None` when it was deleted).
-pub async fn runbook_status(conn: &mut PgConnection, runbook_id: Uuid) -> StoreResult<Option<String>> {
+pub async fn runbook_status(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+) -> StoreResult<Option<String>> {
     Ok(
         sqlx::query_scalar("SELECT status::text FROM runbooks WHERE id = $1")
             .bind(runbook_id)

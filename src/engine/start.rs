@@ -19,7 +19,9 @@ use crate::domain::execution::{Event, transition};
 use crate::queue::{JobContext, JobError};
 use crate::store;
 
-use super::control::{approval_expiry_job, deadline_job, log, notify_jobs, refuse, snapshot_of, state_of};
+use super::control::{
+    approval_expiry_job, deadline_job, log, notify_jobs, refuse, snapshot_of, state_of,
+};
 use super::snapshot::runbook_status;
 use super::{Engine, ExecutionPayload, step_job};
 
@@ -56,8 +58,17 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         Some(id) => store::blackouts::blackout_server_facts(g.conn(), id).await?,
         None => None,
     };
-    if !snapshot.allows_server(server_facts.as_ref()).unwrap_or(false) {
-        refuse(g.conn(), &row, "target", "the server is not among the runbook's allowed_servers").await?;
+    if !snapshot
+        .allows_server(server_facts.as_ref())
+        .unwrap_or(false)
+    {
+        refuse(
+            g.conn(),
+            &row,
+            "target",
+            "the server is not among the runbook's allowed_servers",
+        )
+        .await?;
         return g.complete().await;
     }
     let active =
@@ -72,7 +83,8 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let mut probe = false;
     if let Some(b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
         let mut breaker = b.breaker();
-        let probes = store::executions::execution_count_probes_running(g.conn(), snapshot.id).await?;
+        let probes =
+            store::executions::execution_count_probes_running(g.conn(), snapshot.id).await?;
         let admission = breaker.admit(now, probes);
         if breaker != b.breaker() {
             store::breakers::breaker_save(g.conn(), snapshot.id, &breaker).await?;
@@ -89,13 +101,19 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     // 4. Rate limit, counted under a per-runbook advisory lock so concurrent workers cannot all
     //    squeeze under it.
-    if let (Some(count), Some(window)) = (snapshot.rate_limit_count, snapshot.rate_limit_window_seconds) {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('aiops.rate_limit:' || $1::text, 0))")
-            .bind(snapshot.id)
-            .execute(g.conn())
-            .await?;
+    if let (Some(count), Some(window)) = (
+        snapshot.rate_limit_count,
+        snapshot.rate_limit_window_seconds,
+    ) {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('aiops.rate_limit:' || $1::text, 0))",
+        )
+        .bind(snapshot.id)
+        .execute(g.conn())
+        .await?;
         let since = now - chrono::Duration::seconds(i64::from(window));
-        let started = store::executions::execution_count_started_since(g.conn(), snapshot.id, since).await?;
+        let started =
+            store::executions::execution_count_started_since(g.conn(), snapshot.id, since).await?;
         if started >= i64::from(count) {
             let reason = format!(
                 "rate limit reached: {started} run(s) of {} started in the last {window} s (limit {count})",
@@ -110,7 +128,8 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     if row.status == "pending" && snapshot.needs_approval() {
         if !row.awaiting_approval {
             let expires = now + snapshot.approval_timeout();
-            transition(state_of(&row), &Event::ApprovalRequired).map_err(|e| JobError::Permanent(e.to_string()))?;
+            transition(state_of(&row), &Event::ApprovalRequired)
+                .map_err(|e| JobError::Permanent(e.to_string()))?;
             store::executions::execution_await_approval(g.conn(), row.id, expires).await?;
             g.enqueue(&approval_expiry_job(row.id, expires)).await?;
             log(
@@ -126,10 +145,12 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     // Fan-out concurrency: wait for a slot without consuming an attempt.
     if let (Some(batch), Some(limit)) = (row.batch_id, row.batch_concurrency) {
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('aiops.batch:' || $1::text, 0))")
-            .bind(batch)
-            .execute(g.conn())
-            .await?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('aiops.batch:' || $1::text, 0))",
+        )
+        .bind(batch)
+        .execute(g.conn())
+        .await?;
         let running = store::executions::execution_count_running_in_batch(g.conn(), batch).await?;
         if running >= i64::from(limit) {
             drop(g);
@@ -137,7 +158,8 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         }
     }
 
-    transition(state_of(&row), &Event::GatesPassed).map_err(|e| JobError::Permanent(e.to_string()))?;
+    transition(state_of(&row), &Event::GatesPassed)
+        .map_err(|e| JobError::Permanent(e.to_string()))?;
     if !store::executions::execution_start(g.conn(), row.id, probe).await? {
         return g.complete().await;
     }
@@ -145,6 +167,12 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
     g.enqueue(&deadline_job(row.id, deadline)).await?;
     notify_jobs(g.conn()).await?;
-    log(g.conn(), row.id, "started", json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline })).await?;
+    log(
+        g.conn(),
+        row.id,
+        "started",
+        json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline }),
+    )
+    .await?;
     g.complete().await
 }

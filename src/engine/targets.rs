@@ -22,7 +22,8 @@ pub struct ResolvedTarget {
 }
 
 /// Boxed future of [`TargetResolver::resolve`].
-pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Result<ResolvedTarget, String>> + Send + 'a>>;
+pub type ResolveFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ResolvedTarget, String>> + Send + 'a>>;
 
 /// Resolves an execution's server.
 pub trait TargetResolver: Send + Sync {
@@ -42,7 +43,9 @@ impl TargetResolver for LocalOnly {
                     secrets: Vec::new(),
                     server: serde_json::json!({ "name": "local", "hostname": "localhost" }),
                 }),
-                Some(id) => Err(format!("server {id}: no remote executor is configured on this worker")),
+                Some(id) => Err(format!(
+                    "server {id}: no remote executor is configured on this worker"
+                )),
             }
         })
     }
