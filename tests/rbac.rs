@@ -46,6 +46,15 @@ const BODIES: &[(&str, &str)] = &[
         "runbook_dry_run",
         r#"{"yaml": "name: rbac-dry\nsteps:\n  - {name: s, command: 'true'}\n", "alert": {"name": "NodeDown"}, "server": {"hostname": "web-1"}}"#,
     ),
+    ("breaker_update", r#"{"failure_threshold": 3}"#),
+    (
+        "blackout_create",
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+    ),
+    (
+        "blackout_update",
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+    ),
 ];
 
 struct Operation {

@@ -7,10 +7,13 @@
 
 pub mod audit;
 pub mod auth;
+pub mod blackouts;
+pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod pagination;
 pub mod runbooks;
+pub mod stats;
 pub mod system;
 pub mod system_config;
 pub mod users;
@@ -40,6 +43,12 @@ pub enum Tag {
     SystemConfig,
     /// Runbook definitions, versions, YAML import/export and dry runs.
     Runbooks,
+    /// Maintenance windows during which runbooks do not run.
+    Blackouts,
+    /// Per-runbook circuit breakers.
+    CircuitBreakers,
+    /// Execution statistics.
+    Stats,
 }
 
 /// The path prefix of the typed API.
@@ -61,6 +70,15 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         runbooks::RunbooksApi {
+            state: state.clone(),
+        },
+        blackouts::BlackoutsApi {
+            state: state.clone(),
+        },
+        breakers::BreakersApi {
+            state: state.clone(),
+        },
+        stats::StatsApi {
             state: state.clone(),
         },
     );

@@ -3,8 +3,12 @@
 //! callers decide the transaction boundary; nothing here knows about HTTP.
 
 pub mod audit;
+pub mod blackouts;
+pub mod breakers;
+pub mod executions;
 pub mod login_attempts;
 pub mod runbooks;
+pub mod stats;
 pub mod system_config;
 pub mod tokens;
 pub mod users;

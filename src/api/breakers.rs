@@ -1,0 +1,282 @@
+//! Circuit breakers: visible to viewers, thresholds set by engineers, reset by admins.
+
+use chrono::{DateTime, Utc};
+use poem::Request;
+use poem_openapi::{Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
+use uuid::Uuid;
+
+use crate::domain::Role;
+use crate::store::{self, breakers::BreakerRow};
+
+use super::Tag;
+use super::context::{AppState, BearerAuth};
+use super::error::ApiError;
+use super::pagination::Page;
+
+/// `circuit_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum CircuitStateName {
+    /// Runs are admitted.
+    Closed,
+    /// Runs are refused until the reset timeout passes.
+    Open,
+    /// Limited probe runs are admitted.
+    HalfOpen,
+}
+
+fn state_name(s: &str) -> CircuitStateName {
+    match s {
+        "closed" => CircuitStateName::Closed,
+        "half_open" => CircuitStateName::HalfOpen,
+        _ => CircuitStateName::Open,
+    }
+}
+
+fn state_label(s: CircuitStateName) -> &'static str {
+    match s {
+        CircuitStateName::Closed => "closed",
+        CircuitStateName::Open => "open",
+        CircuitStateName::HalfOpen => "half_open",
+    }
+}
+
+/// A runbook's circuit breaker.
+#[derive(Debug, Object)]
+pub struct CircuitBreaker {
+    /// The runbook.
+    pub runbook_id: Uuid,
+    /// The runbook's name.
+    pub runbook_name: String,
+    /// State.
+    pub state: CircuitStateName,
+    /// Consecutive failures.
+    pub failure_count: i32,
+    /// Consecutive successes while half-open.
+    pub success_count: i32,
+    /// Most recent failure.
+    #[oai(skip_serializing_if_is_none)]
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// When it opened.
+    #[oai(skip_serializing_if_is_none)]
+    pub opened_at: Option<DateTime<Utc>>,
+    /// When it became half-open.
+    #[oai(skip_serializing_if_is_none)]
+    pub half_open_at: Option<DateTime<Utc>>,
+    /// Failures before opening.
+    pub failure_threshold: i32,
+    /// Successes before closing.
+    pub success_threshold: i32,
+    /// Seconds in open before half-open.
+    pub reset_timeout_seconds: i32,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<BreakerRow> for CircuitBreaker {
+    fn from(r: BreakerRow) -> Self {
+        CircuitBreaker {
+            runbook_id: r.runbook_id,
+            runbook_name: r.runbook_name,
+            state: state_name(&r.state),
+            failure_count: r.failure_count,
+            success_count: r.success_count,
+            last_failure_at: r.last_failure_at,
+            opened_at: r.opened_at,
+            half_open_at: r.half_open_at,
+            failure_threshold: r.failure_threshold,
+            success_threshold: r.success_threshold,
+            reset_timeout_seconds: r.reset_timeout_seconds,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// New thresholds; absent fields are kept.
+#[derive(Debug, Object)]
+pub struct CircuitBreakerSettings {
+    /// Consecutive failures before opening (> 0).
+    pub failure_threshold: Option<i32>,
+    /// Consecutive half-open successes before closing (> 0).
+    pub success_threshold: Option<i32>,
+    /// Seconds in open before half-open (> 0).
+    pub reset_timeout_seconds: Option<i32>,
+}
+
+/// A page of breakers.
+#[derive(Debug, Object)]
+pub struct CircuitBreakerPage {
+    /// Breakers.
+    pub items: Vec<CircuitBreaker>,
+    /// Matching breakers.
+    pub total: i64,
+    /// Page size used.
+    pub limit: i64,
+    /// Offset used.
+    pub offset: i64,
+}
+
+/// Circuit breaker endpoints.
+pub struct BreakersApi {
+    /// Shared state.
+    pub state: AppState,
+}
+
+#[OpenApi(prefix_path = "/circuit-breakers", tag = "Tag::CircuitBreakers")]
+impl BreakersApi {
+    /// List circuit breakers.
+    ///
+    /// Least role: viewer.
+    #[oai(path = "/", method = "get", operation_id = "breaker_list")]
+    async fn breaker_list(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Only breakers in this state.
+        state: Query<Option<CircuitStateName>>,
+        /// Page size, 1 to 500 (default 50).
+        limit: Query<Option<i64>>,
+        /// Rows to skip (default 0).
+        offset: Query<Option<i64>>,
+    ) -> Result<Json<CircuitBreakerPage>, ApiError> {
+        self.state.authorize(req, &auth, Role::Viewer).await?;
+        let page = Page::parse(limit.0, offset.0)?;
+        let mut conn = self.state.pool.acquire().await?;
+        let (rows, total) = store::breakers::breaker_list(
+            &mut conn,
+            state.0.map(state_label),
+            page.limit,
+            page.offset,
+        )
+        .await?;
+        Ok(Json(CircuitBreakerPage {
+            items: rows.into_iter().map(Into::into).collect(),
+            total,
+            limit: page.limit,
+            offset: page.offset,
+        }))
+    }
+
+    /// Get a runbook's circuit breaker (created closed on first use).
+    ///
+    /// Least role: viewer.
+    #[oai(path = "/:runbook_id", method = "get", operation_id = "breaker_get")]
+    async fn breaker_get(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Runbook id.
+        runbook_id: Path<Uuid>,
+    ) -> Result<Json<CircuitBreaker>, ApiError> {
+        self.state.authorize(req, &auth, Role::Viewer).await?;
+        let mut tx = self.state.pool.begin().await?;
+        let row = store::breakers::breaker_lock(&mut tx, runbook_id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        tx.commit().await?;
+        Ok(Json(row.into()))
+    }
+
+    /// Change a breaker's thresholds.
+    ///
+    /// Least role: engineer.
+    #[oai(
+        path = "/:runbook_id",
+        method = "patch",
+        operation_id = "breaker_update"
+    )]
+    async fn breaker_update(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Runbook id.
+        runbook_id: Path<Uuid>,
+        body: Json<CircuitBreakerSettings>,
+    ) -> Result<Json<CircuitBreaker>, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
+        for (field, value) in [
+            ("failure_threshold", body.0.failure_threshold),
+            ("success_threshold", body.0.success_threshold),
+            ("reset_timeout_seconds", body.0.reset_timeout_seconds),
+        ] {
+            if value.is_some_and(|v| v <= 0) {
+                return Err(ApiError::invalid(field, "must be > 0"));
+            }
+        }
+        let mut tx = self.state.pool.begin().await?;
+        store::breakers::breaker_lock(&mut tx, runbook_id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        store::breakers::breaker_configure(
+            &mut tx,
+            runbook_id.0,
+            body.0.failure_threshold,
+            body.0.success_threshold,
+            body.0.reset_timeout_seconds,
+        )
+        .await?;
+        let row = store::breakers::breaker_lock(&mut tx, runbook_id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "breaker_update",
+                    "circuit_breaker",
+                    Some(row.id),
+                    serde_json::json!({
+                        "runbook_id": runbook_id.0,
+                        "failure_threshold": row.failure_threshold,
+                        "success_threshold": row.success_threshold,
+                        "reset_timeout_seconds": row.reset_timeout_seconds,
+                    }),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Json(row.into()))
+    }
+
+    /// Reset a breaker to closed with clean counters.
+    ///
+    /// Least role: admin.
+    #[oai(
+        path = "/:runbook_id/reset",
+        method = "post",
+        operation_id = "breaker_reset"
+    )]
+    async fn breaker_reset(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Runbook id.
+        runbook_id: Path<Uuid>,
+    ) -> Result<Json<CircuitBreaker>, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Admin).await?;
+        let mut tx = self.state.pool.begin().await?;
+        let row = store::breakers::breaker_lock(&mut tx, runbook_id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        let previous = row.state.clone();
+        let mut breaker = row.breaker();
+        breaker.reset();
+        store::breakers::breaker_save(&mut tx, runbook_id.0, &breaker).await?;
+        let row = store::breakers::breaker_lock(&mut tx, runbook_id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "breaker_reset",
+                    "circuit_breaker",
+                    Some(row.id),
+                    serde_json::json!({ "runbook_id": runbook_id.0, "previous_state": previous }),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Json(row.into()))
+    }
+}

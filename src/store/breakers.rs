@@ -1,0 +1,158 @@
+//! `circuit_breakers`: one row per runbook, created on first use, always read `FOR UPDATE` by the
+//! transaction that admits an execution or records its outcome.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::StoreResult;
+use crate::domain::circuit::{Breaker, CircuitState};
+
+/// A row of `circuit_breakers`, with the runbook's name for listings.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BreakerRow {
+    /// Id.
+    pub id: Uuid,
+    /// The runbook.
+    pub runbook_id: Uuid,
+    /// The runbook's name.
+    pub runbook_name: String,
+    /// closed, open, half_open.
+    pub state: String,
+    /// Consecutive failures.
+    pub failure_count: i32,
+    /// Consecutive successes while half_open.
+    pub success_count: i32,
+    /// Most recent failure.
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// When it opened.
+    pub opened_at: Option<DateTime<Utc>>,
+    /// When it became half_open.
+    pub half_open_at: Option<DateTime<Utc>>,
+    /// Failures before opening.
+    pub failure_threshold: i32,
+    /// Successes before closing.
+    pub success_threshold: i32,
+    /// Seconds in open before half_open.
+    pub reset_timeout_seconds: i32,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl BreakerRow {
+    /// The domain breaker.
+    pub fn breaker(&self) -> Breaker {
+        Breaker {
+            state: CircuitState::parse(&self.state),
+            failure_count: self.failure_count,
+            success_count: self.success_count,
+            last_failure_at: self.last_failure_at,
+            opened_at: self.opened_at,
+            half_open_at: self.half_open_at,
+            failure_threshold: self.failure_threshold,
+            success_threshold: self.success_threshold,
+            reset_timeout: chrono::Duration::seconds(i64::from(self.reset_timeout_seconds)),
+        }
+    }
+}
+
+/// Creates the runbook's breaker if missing and locks it for the rest of the transaction.
+/// `None` when the runbook does not exist.
+pub async fn breaker_lock(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+) -> StoreResult<Option<BreakerRow>> {
+    sqlx::query(
+        "INSERT INTO circuit_breakers (runbook_id) SELECT id FROM runbooks WHERE id = $1 \
+         ON CONFLICT (runbook_id) DO NOTHING",
+    )
+    .bind(runbook_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(sqlx::query_as::<_, BreakerRow>(
+        "SELECT b.id, b.runbook_id, r.name AS runbook_name, b.state::text AS state, \
+           b.failure_count, b.success_count, b.last_failure_at, b.opened_at, b.half_open_at, \
+           b.failure_threshold, b.success_threshold, b.reset_timeout_seconds, b.updated_at \
+         FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id \
+         WHERE b.runbook_id = $1 FOR UPDATE OF b",
+    )
+    .bind(runbook_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Writes the breaker's state and counters back.
+pub async fn breaker_save(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+    b: &Breaker,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE circuit_breakers SET state = $2::circuit_state, failure_count = $3, \
+           success_count = $4, last_failure_at = $5, opened_at = $6, half_open_at = $7 \
+         WHERE runbook_id = $1",
+    )
+    .bind(runbook_id)
+    .bind(b.state.as_str())
+    .bind(b.failure_count)
+    .bind(b.success_count)
+    .bind(b.last_failure_at)
+    .bind(b.opened_at)
+    .bind(b.half_open_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Changes the thresholds.
+pub async fn breaker_configure(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+    failure_threshold: Option<i32>,
+    success_threshold: Option<i32>,
+    reset_timeout_seconds: Option<i32>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE circuit_breakers SET \
+           failure_threshold = COALESCE($2, failure_threshold), \
+           success_threshold = COALESCE($3, success_threshold), \
+           reset_timeout_seconds = COALESCE($4, reset_timeout_seconds) \
+         WHERE runbook_id = $1",
+    )
+    .bind(runbook_id)
+    .bind(failure_threshold)
+    .bind(success_threshold)
+    .bind(reset_timeout_seconds)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Lists breakers (every runbook that has one), optionally by state.
+pub async fn breaker_list(
+    conn: &mut PgConnection,
+    state: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> StoreResult<(Vec<BreakerRow>, i64)> {
+    let rows = sqlx::query_as::<_, BreakerRow>(
+        "SELECT b.id, b.runbook_id, r.name AS runbook_name, b.state::text AS state, \
+           b.failure_count, b.success_count, b.last_failure_at, b.opened_at, b.half_open_at, \
+           b.failure_threshold, b.success_threshold, b.reset_timeout_seconds, b.updated_at \
+         FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id \
+         WHERE ($1::text IS NULL OR b.state::text = $1) \
+         ORDER BY r.name LIMIT $2 OFFSET $3",
+    )
+    .bind(state)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    let total = sqlx::query_scalar(
+        "SELECT count(*) FROM circuit_breakers WHERE ($1::text IS NULL OR state::text = $1)",
+    )
+    .bind(state)
+    .fetch_one(conn)
+    .await?;
+    Ok((rows, total))
+}

@@ -1,0 +1,236 @@
+//! Blackout windows through the API: CRUD, validation (the database enforces end > start), and
+//! the check endpoint for one-off, recurring and cron windows selecting by tag and category.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use reqwest::Method;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+async fn runbook(app: &common::TestApp, name: &str, category: &str) -> Uuid {
+    sqlx::query_scalar("INSERT INTO runbooks (name, category) VALUES ($1, $2) RETURNING id")
+        .bind(name)
+        .bind(category)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn server(app: &common::TestApp, name: &str, tags: Value, env: &str) -> Uuid {
+    sqlx::query_scalar(
+        "INSERT INTO server_credentials (name, hostname, username, os_type, protocol, auth_type, tags, environment) \
+         VALUES ($1, 'db1.example.test', 'ops', 'linux', 'ssh', 'key', $2, $3) RETURNING id",
+    )
+    .bind(name)
+    .bind(tags)
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn crud_and_validation() {
+    let app = common::spawn_app().await;
+    let (_, engineer) = app.user_with_role("engineer").await;
+    let start = Utc::now() + Duration::hours(1);
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&engineer),
+            Some(json!({
+                "name": "Saturday patching",
+                "description": "OS patching of the database fleet",
+                "start_time": start,
+                "end_time": start + Duration::hours(2),
+                "recurrence": "weekly",
+                "recurrence_pattern": { "timezone": "Europe/Berlin" },
+                "affected_servers": { "tags": ["role=db"] },
+                "affected_runbooks": { "categories": ["database"] }
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["recurrence"], "weekly");
+    assert_eq!(created["recurrence_pattern"]["timezone"], "Europe/Berlin");
+    assert_eq!(created["affected_servers"]["tags"], json!(["role=db"]));
+    assert_eq!(created["active_now"], false);
+
+    // end_time <= start_time is refused by the database constraint, reported on end_time.
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            &format!("/blackout-windows/{id}"),
+            Some(&engineer),
+            Some(json!({ "name": "bad", "start_time": start, "end_time": start })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "end_time");
+    let (_, unchanged) = app.get(&format!("/blackout-windows/{id}")).await;
+    assert_eq!(
+        unchanged["name"], "Saturday patching",
+        "a refused update loses nothing"
+    );
+
+    for (payload, field) in [
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence": "cron"}),
+            "recurrence_pattern.cron",
+        ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence": "cron", "recurrence_pattern": {"cron": "99 * * * *"}}),
+            "recurrence_pattern.cron",
+        ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence_pattern": {"timezone": "Nowhere/City"}}),
+            "recurrence_pattern.timezone",
+        ),
+        (
+            json!({"name": "", "start_time": start, "end_time": start + Duration::hours(1)}),
+            "name",
+        ),
+    ] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/blackout-windows",
+                Some(&engineer),
+                Some(payload),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["details"]["field"], field, "{body}");
+    }
+
+    let (status, updated) = app
+        .call(
+            Method::PUT,
+            &format!("/blackout-windows/{id}"),
+            Some(&engineer),
+            Some(json!({
+                "name": "Nightly backups",
+                "start_time": start,
+                "end_time": start + Duration::minutes(30),
+                "recurrence": "cron",
+                "recurrence_pattern": { "cron": "0 2 * * *", "timezone": "UTC" },
+                "enabled": false
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["enabled"], false);
+    let (status, page) = app.get("/blackout-windows?enabled=false").await;
+    assert_eq!(status, 200);
+    assert_eq!(page["total"], 1);
+    let (_, page) = app.get("/blackout-windows?enabled=true").await;
+    assert_eq!(page["total"], 0);
+
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/blackout-windows/{id}"),
+            Some(&engineer),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = app.get(&format!("/blackout-windows/{id}")).await;
+    assert_eq!(status, 404);
+    for action in ["blackout_create", "blackout_update", "blackout_delete"] {
+        let rows = app.audit_rows(action).await;
+        assert_eq!(rows.len(), 1, "{action}");
+        assert_eq!(rows[0].2.unwrap().to_string(), id);
+    }
+}
+
+#[tokio::test]
+async fn check_says_whether_and_why() {
+    let app = common::spawn_app().await;
+    let db_runbook = runbook(&app, "pg-cancel-long-queries", "database").await;
+    let web_runbook = runbook(&app, "nginx-reload", "web").await;
+    let db_server = server(&app, "db1", json!({"role": "db"}), "production").await;
+    let web_server = server(&app, "web1", json!(["web"]), "staging").await;
+    let now = Utc::now();
+
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(json!({
+                "name": "DB maintenance",
+                "start_time": now - Duration::minutes(10),
+                "end_time": now + Duration::minutes(50),
+                "affected_servers": { "tags": ["role=db"] },
+                "affected_runbooks": { "categories": ["database"] }
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["active_now"], true);
+
+    let check = |runbook: Uuid, server: Uuid| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .get(&format!(
+                    "/blackout-windows/check?runbook_id={runbook}&server_id={server}"
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let hit = check(db_runbook, db_server).await;
+    assert_eq!(hit["blacked_out"], true, "{hit}");
+    assert_eq!(hit["windows"][0]["name"], "DB maintenance");
+    assert!(
+        hit["windows"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("DB maintenance")
+    );
+    assert_eq!(check(db_runbook, web_server).await["blacked_out"], false);
+    assert_eq!(check(web_runbook, db_server).await["blacked_out"], false);
+
+    // A recurring window that started days ago and repeats daily covers now.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(json!({
+                "name": "Daily web freeze",
+                "start_time": now - Duration::days(3) - Duration::minutes(5),
+                "end_time": now - Duration::days(3) + Duration::minutes(5),
+                "recurrence": "daily",
+                "affected_servers": { "environments": ["staging"] }
+            })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let web = check(web_runbook, web_server).await;
+    assert_eq!(web["blacked_out"], true, "{web}");
+    assert_eq!(web["windows"][0]["name"], "Daily web freeze");
+
+    // The same instant two hours later is outside both windows.
+    let later = (now + Duration::hours(2)).to_rfc3339().replace('+', "%2B");
+    let (_, body) = app
+        .get(&format!(
+            "/blackout-windows/check?runbook_id={web_runbook}&server_id={web_server}&at={later}"
+        ))
+        .await;
+    assert_eq!(body["blacked_out"], false, "{body}");
+
+    let (status, _) = app
+        .get(&format!(
+            "/blackout-windows/check?runbook_id={}",
+            Uuid::new_v4()
+        ))
+        .await;
+    assert_eq!(status, 404);
+}
