@@ -12,6 +12,7 @@ pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod pagination;
+pub mod servers;
 pub mod stats;
 pub mod system;
 pub mod system_config;
@@ -46,6 +47,8 @@ pub enum Tag {
     CircuitBreakers,
     /// Execution statistics.
     Stats,
+    /// Managed servers, their credentials and connection tests.
+    Servers,
 }
 
 /// The path prefix of the typed API.
@@ -73,6 +76,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         stats::StatsApi {
+            state: state.clone(),
+        },
+        servers::ServersApi {
             state: state.clone(),
         },
     );
@@ -104,6 +110,7 @@ pub fn spec_json() -> String {
     let state = AppState {
         pool,
         config: Arc::new(Config::default()),
+        secrets: None,
     };
     let mut spec = service(&state).spec();
     spec.push('\n');
