@@ -12,6 +12,7 @@ pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod pagination;
+pub mod runbooks;
 pub mod servers;
 pub mod stats;
 pub mod system;
@@ -41,6 +42,8 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// Runbook definitions, versions, YAML import/export and dry runs.
+    Runbooks,
     /// Maintenance windows during which runbooks do not run.
     Blackouts,
     /// Per-runbook circuit breakers.
@@ -67,6 +70,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        runbooks::RunbooksApi {
             state: state.clone(),
         },
         blackouts::BlackoutsApi {
