@@ -13,6 +13,7 @@ pub mod domain;
 pub mod engine;
 pub mod exec;
 pub mod queue;
+pub mod servers;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -53,6 +53,27 @@ impl Default for WorkerOptions {
     }
 }
 
+impl WorkerOptions {
+    /// Lets this worker run steps on managed servers over SSH, opening their credentials with
+    /// the configured keyring.
+    pub fn with_ssh(
+        mut self,
+        pool: &PgPool,
+        config: &crate::config::Config,
+    ) -> anyhow::Result<Self> {
+        let keyring = crate::crypto::secrets::Keyring::from_config(config)
+            .context("cannot load the secret key")?;
+        self.targets = Arc::new(crate::engine::targets::DatabaseTargets {
+            keyring,
+            connect_timeout: Duration::from_secs(10),
+        });
+        self.ssh = Some(Arc::new(crate::exec::ssh::SshExecutor::new(Arc::new(
+            crate::servers::PgHostKeyPinner { pool: pool.clone() },
+        ))));
+        Ok(self)
+    }
+}
+
 /// The registry every worker process runs: internal queue kinds and the execution engine.
 pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Registry> {
     let mut registry = Registry::new();

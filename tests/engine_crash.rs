@@ -36,7 +36,17 @@ steps:
     let runbook = app.runbook_from_yaml(&yaml).await;
 
     let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
-        .args(["worker", "--concurrency", "2", "--lease-seconds", "2", "--poll-ms", "50", "--maintenance-ms", "200"])
+        .args([
+            "worker",
+            "--concurrency",
+            "2",
+            "--lease-seconds",
+            "2",
+            "--poll-ms",
+            "50",
+            "--maintenance-ms",
+            "200",
+        ])
         .env("DATABASE_URL", &app.database_url)
         .env("AIOPS_LOG", "warn")
         .stdout(Stdio::null())
@@ -48,14 +58,20 @@ steps:
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::read_to_string(&file).unwrap_or_default() != "1\n2\n" {
-        assert!(Instant::now() < deadline, "step 2 never started: {:?}", std::fs::read_to_string(&file));
+        assert!(
+            Instant::now() < deadline,
+            "step 2 never started: {:?}",
+            std::fs::read_to_string(&file)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     doomed.start_kill().unwrap(); // SIGKILL
     doomed.wait().await.unwrap();
 
     let survivor = common::TestWorker::start(&app.pool).await;
-    let done = app.wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
+        .await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),
@@ -66,7 +82,12 @@ steps:
     let two: Vec<_> = steps.iter().filter(|s| s["step_name"] == "two").collect();
     assert_eq!(two.len(), 2, "{steps:?}");
     assert_eq!(two[0]["interrupted"], true);
-    assert!(two[0]["error_message"].as_str().unwrap().contains("interrupted"));
+    assert!(
+        two[0]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted")
+    );
     assert_eq!(two[1]["status"], "completed");
     assert_eq!(steps.iter().filter(|s| s["step_name"] == "one").count(), 1);
     survivor.stop().await;

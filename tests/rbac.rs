@@ -16,6 +16,11 @@ use serde_json::{Value, json};
 /// with it; allowed roles anything but 401/403 (201, 404, 409, 422 are all fine).
 const BODIES: &[(&str, &str)] = &[
     (
+        "server_create",
+        r#"{"name": "rbac-server", "hostname": "127.0.0.1", "username": "root", "auth_type": "password", "password": "pw"}"#,
+    ),
+    ("server_update", r#"{"environment": "staging"}"#),
+    (
         "auth_login",
         r#"{"username": "nobody", "password": "wrong-password"}"#,
     ),
@@ -26,21 +31,12 @@ const BODIES: &[(&str, &str)] = &[
     ),
     ("user_update", r#"{"full_name": "Renamed"}"#),
     ("config_put", r#"{"value": {"enabled": true}}"#),
-    ("breaker_update", r#"{"failure_threshold": 3}"#),
     (
         "execution_create",
         r#"{"runbook_id": "00000000-0000-0000-0000-000000000001"}"#,
     ),
     ("execution_cancel", r#"{"reason": "rbac"}"#),
     ("execution_reject", r#"{"reason": "rbac"}"#),
-    (
-        "blackout_create",
-        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
-    ),
-    (
-        "blackout_update",
-        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
-    ),
     (
         "runbook_create",
         r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
@@ -60,6 +56,15 @@ const BODIES: &[(&str, &str)] = &[
     (
         "runbook_dry_run",
         r#"{"yaml": "name: rbac-dry\nsteps:\n  - {name: s, command: 'true'}\n", "alert": {"name": "NodeDown"}, "server": {"hostname": "web-1"}}"#,
+    ),
+    ("breaker_update", r#"{"failure_threshold": 3}"#),
+    (
+        "blackout_create",
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+    ),
+    (
+        "blackout_update",
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
     ),
 ];
 

@@ -15,6 +15,7 @@ pub mod executions;
 pub mod jobs;
 pub mod pagination;
 pub mod runbooks;
+pub mod servers;
 pub mod stats;
 pub mod system;
 pub mod system_config;
@@ -45,16 +46,18 @@ pub enum Tag {
     SystemConfig,
     /// The job queue: jobs, counts and workers.
     Queue,
+    /// Runbook definitions, versions, YAML import/export and dry runs.
+    Runbooks,
     /// Maintenance windows during which runbooks do not run.
     Blackouts,
     /// Per-runbook circuit breakers.
     CircuitBreakers,
     /// Execution statistics.
     Stats,
-    /// Runbook definitions, versions, YAML import/export and dry runs.
-    Runbooks,
     /// Runs of runbooks: start, follow, cancel, approve.
     Executions,
+    /// Managed servers, their credentials and connection tests.
+    Servers,
 }
 
 /// The path prefix of the typed API.
@@ -78,6 +81,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
         jobs::JobsApi {
             state: state.clone(),
         },
+        runbooks::RunbooksApi {
+            state: state.clone(),
+        },
         blackouts::BlackoutsApi {
             state: state.clone(),
         },
@@ -87,10 +93,10 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
         stats::StatsApi {
             state: state.clone(),
         },
-        runbooks::RunbooksApi {
+        executions::ExecutionsApi {
             state: state.clone(),
         },
-        executions::ExecutionsApi {
+        servers::ServersApi {
             state: state.clone(),
         },
     );
@@ -122,6 +128,7 @@ pub fn spec_json() -> String {
     let state = AppState {
         pool,
         config: Arc::new(Config::default()),
+        secrets: None,
     };
     let mut spec = service(&state).spec();
     spec.push('\n');

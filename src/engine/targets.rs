@@ -50,3 +50,46 @@ impl TargetResolver for LocalOnly {
         })
     }
 }
+
+/// Resolves servers from `server_credentials`: SSH servers get their credentials opened with
+/// the keyring (in memory only) and their secrets masked; the worker's own host needs no row.
+pub struct DatabaseTargets {
+    /// Opens the stored credentials; `None` when no secret key is configured.
+    pub keyring: Option<crate::crypto::secrets::Keyring>,
+    /// SSH connect timeout.
+    pub connect_timeout: std::time::Duration,
+}
+
+impl TargetResolver for DatabaseTargets {
+    fn resolve<'a>(&'a self, pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a> {
+        Box::pin(async move {
+            let Some(id) = server_id else {
+                return LocalOnly.resolve(pool, None).await;
+            };
+            let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+            let row = crate::store::servers::server_get(&mut conn, id)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("server {id} no longer exists"))?;
+            let server = serde_json::json!({
+                "id": row.id, "name": row.name, "hostname": row.hostname, "port": row.port,
+                "username": row.username, "os_type": row.os_type, "protocol": row.protocol,
+                "environment": row.environment, "tags": row.tags,
+            });
+            let target =
+                crate::servers::ssh_target(&row, self.keyring.as_ref(), self.connect_timeout)
+                    .map_err(|e| e.to_string())?;
+            let secrets = match &target.auth {
+                crate::exec::SshAuth::Password(p) => vec![p.clone()],
+                crate::exec::SshAuth::Key { passphrase, .. } => {
+                    passphrase.iter().cloned().collect()
+                }
+            };
+            Ok(ResolvedTarget {
+                target: Target::Ssh(target),
+                secrets,
+                server,
+            })
+        })
+    }
+}

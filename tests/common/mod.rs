@@ -130,10 +130,18 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
     let database_url = fresh_database_url().await;
-    let pool = aiops::store::connect(&database_url, 10).await.expect("connect to the test database");
-    aiops::store::migrate(&pool).await.expect("migrate the test database");
+    let pool = aiops::store::connect(&database_url, 10)
+        .await
+        .expect("connect to the test database");
+    aiops::store::migrate(&pool)
+        .await
+        .expect("migrate the test database");
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        // A fixed test key so that endpoints storing secrets work; tests may replace it.
+        secret_key: Some(
+            "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f".to_owned(),
+        ),
         ..Config::default()
     };
     adjust(&mut config);
