@@ -35,6 +35,8 @@ pub struct Config {
     pub secret_key: Option<String>,
     /// File holding the secret key, used when `secret_key` is not set.
     pub secret_key_file: Option<PathBuf>,
+    /// Old keys still accepted for reading secrets during a rotation (`id:key` or bare keys).
+    pub secret_keys_old: Vec<String>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter, in `tracing` EnvFilter syntax (`info`, `aiops=debug,sqlx=warn`).
@@ -66,6 +68,7 @@ impl Default for Config {
             postgres_bin_dir: None,
             secret_key: None,
             secret_key_file: None,
+            secret_keys_old: Vec::new(),
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
             token_ttl: Duration::from_secs(12 * 3600),
@@ -91,6 +94,7 @@ struct FileConfig {
     postgres_bin_dir: Option<PathBuf>,
     secret_key: Option<String>,
     secret_key_file: Option<PathBuf>,
+    secret_keys_old: Option<Vec<String>>,
     log_format: Option<String>,
     log_level: Option<String>,
     token_ttl_seconds: Option<u64>,
@@ -225,6 +229,9 @@ impl Config {
         if let Some(v) = f.secret_key_file {
             self.secret_key_file = Some(v);
         }
+        if let Some(v) = f.secret_keys_old {
+            self.secret_keys_old = v;
+        }
         if let Some(v) = f.log_format {
             self.log_format = parse_format("log_format", &v)?;
         }
@@ -277,6 +284,9 @@ impl Config {
         }
         if let Some(v) = get("AIOPS_SECRET_KEY_FILE") {
             self.secret_key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("AIOPS_SECRET_KEYS_OLD") {
+            self.secret_keys_old = v.split(',').map(|s| s.trim().to_owned()).collect();
         }
         if let Some(v) = get("AIOPS_LOG_FORMAT") {
             self.log_format = parse_format("AIOPS_LOG_FORMAT", &v)?;

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod blackouts;
 pub mod breakers;
+pub mod executions;
 pub mod jobs;
 pub mod login_attempts;
 pub mod queue_workers;

@@ -1,0 +1,166 @@
+//! The local executor: runs a command on the worker's own host with `/bin/sh -c`, in its own
+//! process group, so that a timeout or a cancellation kills the command and everything it
+//! started. Knows nothing about SSH, SQL or runbooks.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::{
+    CancellationToken, CappedBuffer, CommandOutcome, CommandRequest, ExecError, ExecFuture,
+    OutputChunk, OutputStream, StepExecutor, Target, forward, signal_name, validate_env,
+};
+
+/// Time a killed group gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs commands on the worker's host.
+#[derive(Debug, Default, Clone)]
+pub struct LocalExecutor;
+
+impl StepExecutor for LocalExecutor {
+    fn run<'a>(
+        &'a self,
+        target: &'a Target,
+        request: &'a CommandRequest,
+        cancel: CancellationToken,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> ExecFuture<'a> {
+        Box::pin(async move {
+            if !matches!(target, Target::Local) {
+                return Err(ExecError::UnsupportedTarget(target.kind()));
+            }
+            run_local(request, cancel, output).await
+        })
+    }
+}
+
+/// Sends `signal` to the whole process group `pgid` with the system `kill` utility, which keeps
+/// this crate free of unsafe FFI.
+async fn kill_group(pgid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// TERM the group, give it a grace period, then KILL whatever is left.
+async fn terminate(child: &mut Child, pgid: Option<u32>) {
+    if let Some(pgid) = pgid {
+        kill_group(pgid, "TERM").await;
+        if tokio::time::timeout(KILL_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(pgid, "command ignored SIGTERM; sending SIGKILL");
+        }
+        // Always KILL the group: the shell may be gone while its children still run.
+        kill_group(pgid, "KILL").await;
+    }
+    let _ = child.start_kill();
+}
+
+async fn run_local(
+    request: &CommandRequest,
+    cancel: CancellationToken,
+    output: mpsc::Sender<OutputChunk>,
+) -> Result<CommandOutcome, ExecError> {
+    validate_env(&request.env)?;
+    let started = Instant::now();
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&request.command)
+        .envs(request.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pgid = child.id();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut out = CappedBuffer::new(OutputStream::Stdout, request.output_limit_bytes);
+    let mut err = CappedBuffer::new(OutputStream::Stderr, request.output_limit_bytes);
+    let mut out_buf = vec![0u8; 16 * 1024];
+    let mut err_buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::sleep(request.timeout);
+    tokio::pin!(deadline);
+    let mut timed_out = false;
+    let mut cancelled = false;
+    let mut status = None;
+
+    // Read both pipes until they close and the child exits, or until time runs out.
+    loop {
+        if stdout.is_none() && stderr.is_none() && status.is_some() {
+            break;
+        }
+        tokio::select! {
+            n = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => stdout = None,
+                    Ok(n) => forward(&output, out.push(&out_buf[..n])).await,
+                }
+            }
+            n = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => {
+                match n {
+                    Ok(0) | Err(_) => stderr = None,
+                    Ok(n) => forward(&output, err.push(&err_buf[..n])).await,
+                }
+            }
+            s = child.wait(), if status.is_none() => {
+                status = Some(s?);
+            }
+            _ = &mut deadline => {
+                timed_out = true;
+                break;
+            }
+            _ = cancel.cancelled() => {
+                cancelled = true;
+                break;
+            }
+        }
+    }
+    if timed_out || cancelled {
+        terminate(&mut child, pgid).await;
+        status = child.wait().await.ok();
+    } else if let Some(pgid) = pgid {
+        // Background processes the command left behind are part of the step; do not leak them.
+        kill_group(pgid, "KILL").await;
+    }
+    let (exit_code, exit_signal) = match status {
+        Some(s) => (s.code(), s.signal().map(signal_name)),
+        None => (None, None),
+    };
+    let truncated = out.truncated() || err.truncated();
+    Ok(CommandOutcome {
+        exit_code,
+        exit_signal,
+        stdout: out.finish(),
+        stderr: err.finish(),
+        truncated,
+        timed_out,
+        cancelled,
+        duration: started.elapsed(),
+    })
+}
+
+/// Reads from a pipe that may already be closed (then never resolves; the select guard keeps
+/// it from being polled).
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut Option<R>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match reader {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,385 @@
+//! Executors: run one command on one target and report what happened. The [`StepExecutor`]
+//! trait is the boundary the execution engine calls; [`local::LocalExecutor`] runs on the
+//! worker's own host and [`ssh::SshExecutor`] on a managed server over SSH (a WinRM executor
+//! will implement the same trait).
+//!
+//! Every executor honours the same contract: a command runs under `/bin/sh -c` (or the target's
+//! shell), environment variables are passed as data and never as shell syntax, stdout and stderr
+//! are kept apart, each is capped at `output_limit_bytes` with a visible marker, and on timeout
+//! or cancellation the whole process group is killed before `run` returns. This module knows
+//! nothing about SQL, HTTP, runbooks or templates: it receives a finished command string.
+
+pub mod local;
+pub mod ssh;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+pub use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Which stream a chunk of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of live output, sent as it arrives (already within the output cap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// Which stream.
+    pub stream: OutputStream,
+    /// The bytes, as received (not necessarily whole lines or whole UTF-8 sequences).
+    pub bytes: Vec<u8>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    /// A shell command line, already rendered and quoted by the template layer.
+    pub command: String,
+    /// Environment variables: names must match `[A-Za-z_][A-Za-z0-9_]*`; values are passed
+    /// literally (any bytes but NUL).
+    pub env: Vec<(String, String)>,
+    /// Wall-clock limit for the command; the command is killed when it passes.
+    pub timeout: Duration,
+    /// Cap on each of stdout and stderr, in bytes; the rest is discarded and counted.
+    pub output_limit_bytes: usize,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// Exit code, when the command exited (None when killed by a signal or when no status came).
+    pub exit_code: Option<i32>,
+    /// Signal name without `SIG` (`KILL`, `TERM`), when the process was killed by one.
+    pub exit_signal: Option<String>,
+    /// Standard output (lossy UTF-8), capped, with the truncation marker when capped.
+    pub stdout: String,
+    /// Standard error (lossy UTF-8), capped, with the truncation marker when capped.
+    pub stderr: String,
+    /// Whether either stream was capped.
+    pub truncated: bool,
+    /// Whether the timeout killed the command.
+    pub timed_out: bool,
+    /// Whether cancellation killed the command.
+    pub cancelled: bool,
+    /// Wall-clock time from start to end.
+    pub duration: Duration,
+}
+
+/// Why a connection attempt failed, in the classes the API reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The host name does not resolve.
+    Dns,
+    /// Nothing listens on the port (connection refused).
+    Refused,
+    /// No answer within the connect timeout.
+    Timeout,
+    /// The server refused the credentials.
+    Authentication,
+    /// The server presented a host key other than the pinned one.
+    HostKeyMismatch,
+    /// Anything else (protocol error, unreachable network, bad key material).
+    Other,
+}
+
+impl ConnectFailure {
+    /// Stable lower-case name (`dns`, `refused`, `timeout`, `authentication`,
+    /// `host_key_mismatch`, `other`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Dns => "dns",
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Authentication => "authentication",
+            ConnectFailure::HostKeyMismatch => "host_key_mismatch",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
+/// A command could not be run (as opposed to running and failing, which is a
+/// [`CommandOutcome`] with a non-zero exit code).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request itself is unusable (bad environment variable name, NUL byte).
+    #[error("invalid command request: {0}")]
+    InvalidRequest(String),
+    /// The target could not be reached or refused us.
+    #[error("{message}")]
+    Connect {
+        /// The class of failure.
+        kind: ConnectFailure,
+        /// A message that says what failed and with what input (never a secret).
+        message: String,
+    },
+    /// The executor does not handle this kind of target.
+    #[error("this executor does not handle {0} targets")]
+    UnsupportedTarget(&'static str),
+    /// Starting or supervising the process failed.
+    #[error("cannot run the command: {0}")]
+    Io(#[from] std::io::Error),
+    /// The SSH session failed after connecting.
+    #[error("ssh session failed: {0}")]
+    Session(String),
+}
+
+impl ExecError {
+    /// The connection failure class, when this is one.
+    pub fn connect_failure(&self) -> Option<ConnectFailure> {
+        match self {
+            ExecError::Connect { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// How to authenticate over SSH. Debug output never shows the secret.
+#[derive(Clone)]
+pub enum SshAuth {
+    /// Password authentication.
+    Password(String),
+    /// Private-key authentication with an OpenSSH (or PEM) private key.
+    Key {
+        /// The private key text.
+        private_key: String,
+        /// Passphrase of an encrypted key.
+        passphrase: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for SshAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SshAuth::Password(_) => f.write_str("Password(<redacted>)"),
+            SshAuth::Key { passphrase, .. } => f
+                .debug_struct("Key")
+                .field("private_key", &"<redacted>")
+                .field("passphrase", &passphrase.as_ref().map(|_| "<redacted>"))
+                .finish(),
+        }
+    }
+}
+
+/// A server reached over SSH, with its decrypted credentials and pinned host key.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    /// The `server_credentials` row; connections are pooled per server.
+    pub server_id: Uuid,
+    /// Host name or address.
+    pub hostname: String,
+    /// TCP port.
+    pub port: u16,
+    /// Login name.
+    pub username: String,
+    /// Credentials.
+    pub auth: SshAuth,
+    /// The pinned host key in OpenSSH public-key format (`ssh-ed25519 AAAA...`), or `None` when
+    /// no connection has succeeded yet (trust on first use, recorded through the pinner).
+    pub pinned_host_key: Option<String>,
+    /// Limit for TCP connect, key exchange and authentication together.
+    pub connect_timeout: Duration,
+}
+
+/// Where a command runs.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The worker's own host.
+    Local,
+    /// A managed server over SSH.
+    Ssh(SshTarget),
+}
+
+impl Target {
+    /// `local`, `ssh` (and later `winrm`), for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Local => "local",
+            Target::Ssh(_) => "ssh",
+        }
+    }
+}
+
+/// The boxed future executors return, so the trait can be used as `dyn StepExecutor`.
+pub type ExecFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<CommandOutcome, ExecError>> + Send + 'a>>;
+
+/// Runs one command on one target. The execution engine holds executors as
+/// `Arc<dyn StepExecutor>` and picks one per target kind.
+pub trait StepExecutor: Send + Sync {
+    /// Runs `request` on `target`. Live output goes to `output` as it arrives (a closed receiver
+    /// is ignored); cancelling `cancel` kills the command and returns an outcome with
+    /// `cancelled` set. Returns only after the command (and its process group) is gone.
+    fn run<'a>(
+        &'a self,
+        target: &'a Target,
+        request: &'a CommandRequest,
+        cancel: CancellationToken,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> ExecFuture<'a>;
+}
+
+/// Checks that an environment variable name is a plain shell identifier.
+pub fn validate_env(env: &[(String, String)]) -> Result<(), ExecError> {
+    for (name, value) in env {
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ExecError::InvalidRequest(format!(
+                "environment variable name `{name}` must match [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(ExecError::InvalidRequest(format!(
+                "environment variable `{name}` contains a NUL byte"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Quotes a string as one POSIX shell word: `'...'` with each `'` written as `'\''`.
+pub fn shell_quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Accumulates one stream up to the cap, forwarding what fits as live output.
+pub(crate) struct CappedBuffer {
+    stream: OutputStream,
+    limit: usize,
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl CappedBuffer {
+    pub(crate) fn new(stream: OutputStream, limit: usize) -> Self {
+        CappedBuffer {
+            stream,
+            limit,
+            kept: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Keeps what fits; returns the part to forward live, if any.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Option<OutputChunk> {
+        let room = self.limit.saturating_sub(self.kept.len());
+        let take = room.min(bytes.len());
+        self.dropped += (bytes.len() - take) as u64;
+        if take == 0 {
+            return None;
+        }
+        self.kept.extend_from_slice(&bytes[..take]);
+        Some(OutputChunk {
+            stream: self.stream,
+            bytes: bytes[..take].to_vec(),
+        })
+    }
+
+    pub(crate) fn truncated(&self) -> bool {
+        self.dropped > 0
+    }
+
+    /// The marker appended to a capped stream.
+    pub(crate) fn marker(&self) -> Option<String> {
+        self.truncated().then(|| {
+            format!(
+                "\n[aiops: output truncated at {} bytes; {} more bytes discarded]\n",
+                self.limit, self.dropped
+            )
+        })
+    }
+
+    pub(crate) fn finish(self) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        if let Some(marker) = self.marker() {
+            text.push_str(&marker);
+        }
+        text
+    }
+}
+
+/// Forwards a chunk of live output without blocking the command on a slow consumer for long:
+/// a full or closed channel drops the live copy (the capped copy is still in the outcome).
+pub(crate) async fn forward(output: &mpsc::Sender<OutputChunk>, chunk: Option<OutputChunk>) {
+    if let Some(chunk) = chunk {
+        let _ = output.send(chunk).await;
+    }
+}
+
+/// Signal names without the `SIG` prefix, for the numbers Linux uses.
+pub(crate) fn signal_name(number: i32) -> String {
+    let name = match number {
+        1 => "HUP",
+        2 => "INT",
+        3 => "QUIT",
+        4 => "ILL",
+        6 => "ABRT",
+        8 => "FPE",
+        9 => "KILL",
+        10 => "USR1",
+        11 => "SEGV",
+        12 => "USR2",
+        13 => "PIPE",
+        14 => "ALRM",
+        15 => "TERM",
+        _ => return format!("SIG{number}"),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_is_one_literal_word() {
+        assert_eq!(shell_quote("plain"), "'plain'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn env_names_are_identifiers() {
+        let ok = vec![("A_1".to_owned(), "x; rm -rf /".to_owned())];
+        assert!(validate_env(&ok).is_ok());
+        for bad in ["1A", "A-B", "A B", "", "A;B", "$(x)"] {
+            let env = vec![(bad.to_owned(), String::new())];
+            assert!(validate_env(&env).is_err(), "{bad}");
+        }
+        assert!(validate_env(&[("A".to_owned(), "a\0b".to_owned())]).is_err());
+    }
+
+    #[test]
+    fn capped_buffer_marks_truncation() {
+        let mut b = CappedBuffer::new(OutputStream::Stdout, 5);
+        assert_eq!(b.push(b"abc").unwrap().bytes, b"abc");
+        assert_eq!(b.push(b"defg").unwrap().bytes, b"de");
+        assert!(b.push(b"xyz").is_none());
+        assert!(b.truncated());
+        let text = b.finish();
+        assert!(
+            text.starts_with("abcde\n[aiops: output truncated at 5 bytes; 5 more"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,626 @@
+//! The SSH executor (russh): password and private-key authentication, host keys pinned per
+//! server, one reused connection per server within a worker, and commands that are really
+//! killed on the remote host when they time out or are cancelled.
+//!
+//! How a command runs: the remote shell gets a small wrapper that exports the environment as
+//! single-quoted literals, starts the command under `setsid` (its own session and process
+//! group), records that group's id in a private file under `/tmp`, waits for it, and removes
+//! the file. To kill it, the executor opens a second channel on the same connection and signals
+//! the recorded group (TERM, then KILL). stdout and stderr travel on separate SSH streams.
+//!
+//! Host keys: a target with no pinned key accepts the presented key only after authentication
+//! succeeds and the [`HostKeyPinner`] records it; a target with a pinned key refuses any other
+//! key with [`ConnectFailure::HostKeyMismatch`]. Nothing here knows about SQL: the pinner is
+//! how the caller persists the key.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use russh::client;
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Sig};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, mpsc};
+use uuid::Uuid;
+
+use super::{
+    CancellationToken, CappedBuffer, CommandOutcome, CommandRequest, ConnectFailure, ExecError,
+    ExecFuture, OutputChunk, OutputStream, SshAuth, SshTarget, StepExecutor, Target, forward,
+    shell_quote, validate_env,
+};
+
+/// How long the kill channel may take before we give up on it.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Persists the first host key a server presents. Implemented by the store layer.
+pub trait HostKeyPinner: Send + Sync {
+    /// Records `key` (OpenSSH public-key text) as the pinned key of `server_id` if none is
+    /// pinned yet, and returns the key pinned afterwards (another one when a concurrent first
+    /// connection won the race).
+    fn pin<'a>(
+        &'a self,
+        server_id: Uuid,
+        key: &'a str,
+        fingerprint: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>>;
+}
+
+/// The SHA-256 fingerprint of an OpenSSH public key, as `ssh-keygen -l` prints it.
+pub fn fingerprint(openssh_public_key: &str) -> Option<String> {
+    PublicKey::from_openssh(openssh_public_key)
+        .ok()
+        .map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+}
+
+/// Checks that a private key parses (and decrypts with the passphrase, when one is given).
+/// Returns a message without key material when it does not.
+pub fn check_private_key(private_key: &str, passphrase: Option<&str>) -> Result<(), String> {
+    match russh::keys::decode_secret_key(private_key, passphrase) {
+        Ok(_) => Ok(()),
+        Err(russh::keys::Error::KeyIsEncrypted) => {
+            Err("the key is encrypted; give its passphrase".to_owned())
+        }
+        Err(e) => Err(format!("not a usable OpenSSH or PEM private key ({e})")),
+    }
+}
+
+struct Client {
+    expected: Option<PublicKey>,
+    presented: Arc<StdMutex<Option<PublicKey>>>,
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // Host certificates are not pinned material; refuse them rather than trust a CA silently.
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            return Ok(false);
+        };
+        if let Ok(mut slot) = self.presented.lock() {
+            *slot = Some(key.clone());
+        }
+        Ok(match &self.expected {
+            Some(expected) => expected.key_data() == key.key_data(),
+            None => true,
+        })
+    }
+}
+
+/// One authenticated connection, shared by every command to the same server.
+struct Connection {
+    handle: client::Handle<Client>,
+    /// Digest of everything the connection was made with; a changed target gets a new one.
+    identity: [u8; 32],
+}
+
+fn identity(target: &SshTarget) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(target.hostname.as_bytes());
+    h.update(target.port.to_be_bytes());
+    h.update(target.username.as_bytes());
+    match &target.auth {
+        SshAuth::Password(p) => {
+            h.update(b"password\0");
+            h.update(p.as_bytes());
+        }
+        SshAuth::Key {
+            private_key,
+            passphrase,
+        } => {
+            h.update(b"key\0");
+            h.update(private_key.as_bytes());
+            h.update(passphrase.as_deref().unwrap_or("").as_bytes());
+        }
+    }
+    h.update(b"\0");
+    h.update(target.pinned_host_key.as_deref().unwrap_or("").as_bytes());
+    h.finalize().into()
+}
+
+fn connect_error(
+    kind: ConnectFailure,
+    target: &SshTarget,
+    what: impl std::fmt::Display,
+) -> ExecError {
+    ExecError::Connect {
+        kind,
+        message: format!(
+            "{} to {}@{}:{}: {what}",
+            match kind {
+                ConnectFailure::Dns => "cannot resolve host name",
+                ConnectFailure::Refused => "connection refused",
+                ConnectFailure::Timeout => "connection timed out",
+                ConnectFailure::Authentication => "authentication failed",
+                ConnectFailure::HostKeyMismatch => "host key mismatch",
+                ConnectFailure::Other => "cannot connect",
+            },
+            target.username,
+            target.hostname,
+            target.port
+        ),
+    }
+}
+
+/// Connects, verifies the host key, authenticates and (on a first connection) pins the key.
+async fn connect(
+    target: &SshTarget,
+    pinner: &dyn HostKeyPinner,
+) -> Result<client::Handle<Client>, ExecError> {
+    let started = Instant::now();
+    let remaining = || target.connect_timeout.saturating_sub(started.elapsed());
+    let expected = match &target.pinned_host_key {
+        Some(text) => Some(PublicKey::from_openssh(text).map_err(|e| {
+            connect_error(
+                ConnectFailure::Other,
+                target,
+                format!("the pinned host key is unreadable ({e})"),
+            )
+        })?),
+        None => None,
+    };
+
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(
+        remaining(),
+        tokio::net::lookup_host((target.hostname.as_str(), target.port)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(connect_error(
+                ConnectFailure::Timeout,
+                target,
+                "name lookup took too long",
+            ));
+        }
+        Ok(Err(e)) => return Err(connect_error(ConnectFailure::Dns, target, e)),
+        Ok(Ok(a)) => a.collect(),
+    };
+    if addrs.is_empty() {
+        return Err(connect_error(ConnectFailure::Dns, target, "no addresses"));
+    }
+    let stream =
+        match tokio::time::timeout(remaining(), tokio::net::TcpStream::connect(&addrs[..])).await {
+            Err(_) => {
+                return Err(connect_error(
+                    ConnectFailure::Timeout,
+                    target,
+                    format!("no answer within {:?}", target.connect_timeout),
+                ));
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(connect_error(ConnectFailure::Refused, target, e));
+            }
+            Ok(Err(e)) => return Err(connect_error(ConnectFailure::Other, target, e)),
+            Ok(Ok(s)) => s,
+        };
+    let _ = stream.set_nodelay(true);
+
+    let config = Arc::new(client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    });
+    let presented = Arc::new(StdMutex::new(None));
+    let handler = Client {
+        expected: expected.clone(),
+        presented: presented.clone(),
+    };
+    let presented_key = || presented.lock().ok().and_then(|p| p.clone());
+    let mut handle =
+        match tokio::time::timeout(remaining(), client::connect_stream(config, stream, handler))
+            .await
+        {
+            Err(_) => {
+                return Err(connect_error(
+                    ConnectFailure::Timeout,
+                    target,
+                    "SSH handshake took too long",
+                ));
+            }
+            Ok(Err(e)) => {
+                if let (Some(expected), Some(got)) = (&expected, presented_key())
+                    && expected.key_data() != got.key_data()
+                {
+                    return Err(mismatch(target, expected, &got));
+                }
+                return Err(connect_error(
+                    ConnectFailure::Other,
+                    target,
+                    format!("SSH handshake failed ({e})"),
+                ));
+            }
+            Ok(Ok(h)) => h,
+        };
+
+    let auth = async {
+        match &target.auth {
+            SshAuth::Password(password) => handle
+                .authenticate_password(target.username.clone(), password.clone())
+                .await
+                .map_err(|e| connect_error(ConnectFailure::Other, target, e)),
+            SshAuth::Key {
+                private_key,
+                passphrase,
+            } => {
+                let key = russh::keys::decode_secret_key(private_key, passphrase.as_deref())
+                    .map_err(|e| {
+                        connect_error(
+                            ConnectFailure::Authentication,
+                            target,
+                            format!("the stored private key cannot be used ({e})"),
+                        )
+                    })?;
+                // RSA keys sign with SHA-2 (rsa-sha2-512/256), never SHA-1.
+                let hash = if key.algorithm().is_rsa() {
+                    match handle.best_supported_rsa_hash().await {
+                        Ok(Some(Some(h))) => Some(h),
+                        _ => Some(HashAlg::Sha256),
+                    }
+                } else {
+                    None
+                };
+                handle
+                    .authenticate_publickey(
+                        target.username.clone(),
+                        PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+                    )
+                    .await
+                    .map_err(|e| connect_error(ConnectFailure::Other, target, e))
+            }
+        }
+    };
+    let result = match tokio::time::timeout(remaining(), auth).await {
+        Err(_) => {
+            return Err(connect_error(
+                ConnectFailure::Timeout,
+                target,
+                "authentication took too long",
+            ));
+        }
+        Ok(r) => r?,
+    };
+    if !result.success() {
+        let method = match target.auth {
+            SshAuth::Password(_) => "password",
+            SshAuth::Key { .. } => "private key",
+        };
+        return Err(connect_error(
+            ConnectFailure::Authentication,
+            target,
+            format!("the server refused the {method}"),
+        ));
+    }
+
+    if expected.is_none() {
+        let got = presented_key()
+            .ok_or_else(|| connect_error(ConnectFailure::Other, target, "no host key seen"))?;
+        let text = got
+            .to_openssh()
+            .map_err(|e| connect_error(ConnectFailure::Other, target, e))?;
+        let print = got.fingerprint(HashAlg::Sha256).to_string();
+        let pinned = pinner
+            .pin(target.server_id, &text, &print)
+            .await
+            .map_err(|e| {
+                connect_error(
+                    ConnectFailure::Other,
+                    target,
+                    format!("cannot record the host key: {e}"),
+                )
+            })?;
+        if pinned != text {
+            let winner = PublicKey::from_openssh(&pinned)
+                .map_err(|e| connect_error(ConnectFailure::Other, target, e))?;
+            if winner.key_data() != got.key_data() {
+                return Err(mismatch(target, &winner, &got));
+            }
+        }
+        tracing::info!(server_id = %target.server_id, fingerprint = %print, "pinned SSH host key on first connection");
+    }
+    Ok(handle)
+}
+
+fn mismatch(target: &SshTarget, expected: &PublicKey, got: &PublicKey) -> ExecError {
+    connect_error(
+        ConnectFailure::HostKeyMismatch,
+        target,
+        format!(
+            "the server presented {} but {} is pinned; if the host was legitimately re-keyed, an \
+             admin must reset the pinned key (server_host_key_reset)",
+            got.fingerprint(HashAlg::Sha256),
+            expected.fingerprint(HashAlg::Sha256)
+        ),
+    )
+}
+
+/// Connects and authenticates once, without running anything: the connection test.
+pub async fn test_connection(
+    target: &SshTarget,
+    pinner: &dyn HostKeyPinner,
+) -> Result<(), ExecError> {
+    let handle = connect(target, pinner).await?;
+    let _ = handle
+        .disconnect(russh::Disconnect::ByApplication, "connection test", "en")
+        .await;
+    Ok(())
+}
+
+/// The remote wrapper around a command (see the module comment).
+fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
+    let mut script = String::from("umask 077\n");
+    for (name, value) in &request.env {
+        script.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+    script.push_str(&format!("f={}\n", shell_quote(pgid_file)));
+    script.push_str(&format!(
+        "setsid -w /bin/sh -c 'echo $$ > \"$1\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" {} </dev/null &\n",
+        shell_quote(&request.command)
+    ));
+    // Wait for the command, then remove the pid file and anything the command left running in
+    // its group, so a step never leaks processes (or holds the output streams open).
+    script.push_str(
+        "w=$!\nwait \"$w\"\nrc=$?\nrm -f \"$f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
+    );
+    script
+}
+
+/// The script the second channel runs to kill a command's process group.
+fn kill_script(pgid_file: &str) -> String {
+    format!(
+        "f={}\n\
+         i=0; while [ ! -s \"$f\" ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
+         p=$(cat \"$f\" 2>/dev/null) || exit 0\n\
+         kill -TERM \"-$p\" 2>/dev/null\n\
+         i=0; while kill -0 \"-$p\" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
+         kill -KILL \"-$p\" 2>/dev/null\n\
+         rm -f \"$f\"\n",
+        shell_quote(pgid_file)
+    )
+}
+
+fn sig_name(sig: &Sig) -> String {
+    match sig {
+        Sig::ABRT => "ABRT".to_owned(),
+        Sig::ALRM => "ALRM".to_owned(),
+        Sig::FPE => "FPE".to_owned(),
+        Sig::HUP => "HUP".to_owned(),
+        Sig::ILL => "ILL".to_owned(),
+        Sig::INT => "INT".to_owned(),
+        Sig::KILL => "KILL".to_owned(),
+        Sig::PIPE => "PIPE".to_owned(),
+        Sig::QUIT => "QUIT".to_owned(),
+        Sig::SEGV => "SEGV".to_owned(),
+        Sig::TERM => "TERM".to_owned(),
+        Sig::USR1 => "USR1".to_owned(),
+        Sig::Custom(name) => name.clone(),
+    }
+}
+
+/// Runs commands over SSH, keeping one connection per server.
+pub struct SshExecutor {
+    pinner: Arc<dyn HostKeyPinner>,
+    pool: Mutex<HashMap<Uuid, Arc<Connection>>>,
+}
+
+impl SshExecutor {
+    /// An executor that records first-seen host keys through `pinner`.
+    pub fn new(pinner: Arc<dyn HostKeyPinner>) -> Self {
+        SshExecutor {
+            pinner,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Number of pooled connections (for tests and metrics).
+    pub async fn pooled_connections(&self) -> usize {
+        self.pool.lock().await.len()
+    }
+
+    async fn connection(
+        &self,
+        target: &SshTarget,
+        fresh: bool,
+    ) -> Result<Arc<Connection>, ExecError> {
+        let wanted = identity(target);
+        if !fresh {
+            let pool = self.pool.lock().await;
+            if let Some(conn) = pool.get(&target.server_id)
+                && conn.identity == wanted
+                && !conn.handle.is_closed()
+            {
+                return Ok(conn.clone());
+            }
+        }
+        let handle = connect(target, self.pinner.as_ref()).await?;
+        let conn = Arc::new(Connection {
+            handle,
+            identity: wanted,
+        });
+        self.pool
+            .lock()
+            .await
+            .insert(target.server_id, conn.clone());
+        Ok(conn)
+    }
+
+    async fn drop_connection(&self, server_id: Uuid, conn: &Arc<Connection>) {
+        let mut pool = self.pool.lock().await;
+        if pool.get(&server_id).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            pool.remove(&server_id);
+        }
+    }
+
+    async fn run_ssh(
+        &self,
+        target: &SshTarget,
+        request: &CommandRequest,
+        cancel: CancellationToken,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> Result<CommandOutcome, ExecError> {
+        validate_env(&request.env)?;
+        let started = Instant::now();
+        let mut conn = self.connection(target, false).await?;
+        let mut channel = match conn.handle.channel_open_session().await {
+            Ok(c) => c,
+            Err(e) => {
+                // The pooled connection broke since its last use: replace it once.
+                tracing::info!(server_id = %target.server_id, error = %e, "pooled SSH connection is broken; reconnecting");
+                self.drop_connection(target.server_id, &conn).await;
+                conn = self.connection(target, true).await?;
+                conn.handle
+                    .channel_open_session()
+                    .await
+                    .map_err(|e| ExecError::Session(format!("cannot open a channel: {e}")))?
+            }
+        };
+        let pgid_file = format!("/tmp/.aiops-step-{}.pgid", Uuid::new_v4().simple());
+        channel
+            .exec(true, wrapper_script(request, &pgid_file))
+            .await
+            .map_err(|e| ExecError::Session(format!("cannot start the command: {e}")))?;
+
+        let mut out = CappedBuffer::new(OutputStream::Stdout, request.output_limit_bytes);
+        let mut err = CappedBuffer::new(OutputStream::Stderr, request.output_limit_bytes);
+        let mut exit_code = None;
+        let mut exit_signal = None;
+        let mut timed_out = false;
+        let mut cancelled = false;
+        let mut closed_cleanly = false;
+        let deadline = tokio::time::sleep(request.timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                msg = channel.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => forward(&output, out.push(&data)).await,
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => forward(&output, err.push(&data)).await,
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        exit_code = Some(i32::try_from(exit_status).unwrap_or(i32::MAX));
+                    }
+                    Some(ChannelMsg::ExitSignal { signal_name, .. }) => exit_signal = Some(sig_name(&signal_name)),
+                    Some(ChannelMsg::Close) | None => {
+                        closed_cleanly = exit_code.is_some() || exit_signal.is_some();
+                        break;
+                    }
+                    Some(_) => {}
+                },
+                _ = &mut deadline => { timed_out = true; break; }
+                _ = cancel.cancelled() => { cancelled = true; break; }
+            }
+        }
+        if timed_out || cancelled {
+            self.kill_remote(target, &conn, &pgid_file).await;
+            let _ = channel.close().await;
+        } else if !closed_cleanly {
+            // The connection died under the command: it is unusable for the next one.
+            self.drop_connection(target.server_id, &conn).await;
+            return Err(ExecError::Session(format!(
+                "the connection to {}:{} was lost while the command ran",
+                target.hostname, target.port
+            )));
+        }
+        let truncated = out.truncated() || err.truncated();
+        Ok(CommandOutcome {
+            exit_code,
+            exit_signal,
+            stdout: out.finish(),
+            stderr: err.finish(),
+            truncated,
+            timed_out,
+            cancelled,
+            duration: started.elapsed(),
+        })
+    }
+
+    /// Kills the command's process group over a second channel (a new connection if the pooled
+    /// one is gone). Failures are logged: the caller still reports the timeout or cancellation.
+    async fn kill_remote(&self, target: &SshTarget, conn: &Arc<Connection>, pgid_file: &str) {
+        let attempt = async {
+            let channel = match conn.handle.channel_open_session().await {
+                Ok(c) => c,
+                Err(_) => {
+                    self.drop_connection(target.server_id, conn).await;
+                    let fresh = self
+                        .connection(target, true)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    fresh
+                        .handle
+                        .channel_open_session()
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
+            };
+            let mut channel = channel;
+            channel
+                .exec(true, kill_script(pgid_file))
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(msg) = channel.wait().await {
+                if matches!(msg, ChannelMsg::Close) {
+                    break;
+                }
+            }
+            Ok::<(), String>(())
+        };
+        match tokio::time::timeout(KILL_TIMEOUT, attempt).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command")
+            }
+            Err(_) => {
+                tracing::warn!(server_id = %target.server_id, "killing the remote command timed out")
+            }
+        }
+    }
+}
+
+impl StepExecutor for SshExecutor {
+    fn run<'a>(
+        &'a self,
+        target: &'a Target,
+        request: &'a CommandRequest,
+        cancel: CancellationToken,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> ExecFuture<'a> {
+        Box::pin(async move {
+            match target {
+                Target::Ssh(ssh) => self.run_ssh(ssh, request, cancel, output).await,
+                other => Err(ExecError::UnsupportedTarget(other.kind())),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapper_quotes_environment_and_command() {
+        let request = CommandRequest {
+            command: "echo 'hi'".to_owned(),
+            env: vec![("X".to_owned(), "a'b; rm -rf /".to_owned())],
+            timeout: Duration::from_secs(1),
+            output_limit_bytes: 10,
+        };
+        let script = wrapper_script(&request, "/tmp/.aiops-step-x.pgid");
+        assert!(
+            script.contains("export X='a'\\''b; rm -rf /'\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains("aiops-step \"$f\" 'echo '\\''hi'\\''' </dev/null &"),
+            "{script}"
+        );
+    }
+}

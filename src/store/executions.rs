@@ -1,0 +1,718 @@
+//! `runbook_executions`, `step_executions` and `execution_events`: the durable record of every
+//! run. Status changes are compare-and-set updates guarded by the status the caller read, so
+//! racing workers, approvers and cancellers produce exactly one outcome.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::StoreResult;
+
+/// A row of `runbook_executions` (status and mode as their enum labels).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExecutionRow {
+    /// Id.
+    pub id: Uuid,
+    /// Runbook (None once deleted).
+    pub runbook_id: Option<Uuid>,
+    /// Runbook version at creation.
+    pub runbook_version: i32,
+    /// Target server (None: the worker's own host).
+    pub server_id: Option<Uuid>,
+    /// Triggering alert.
+    pub alert_id: Option<Uuid>,
+    /// Triggering trigger.
+    pub trigger_id: Option<Uuid>,
+    /// Status label.
+    pub status: String,
+    /// Mode label.
+    pub mode: String,
+    /// Request time.
+    pub created_at: DateTime<Utc>,
+    /// First start.
+    pub started_at: Option<DateTime<Utc>>,
+    /// End.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Duration.
+    pub duration_ms: Option<i32>,
+    /// Who started it manually.
+    pub initiated_by: Option<Uuid>,
+    /// Who approved it.
+    pub approved_by: Option<Uuid>,
+    /// When.
+    pub approved_at: Option<DateTime<Utc>>,
+    /// Failure or refusal reason.
+    pub error_message: Option<String>,
+    /// Summary of the run.
+    pub output_summary: Option<String>,
+    /// Variables given at start.
+    pub context_vars: Value,
+    /// Timeline of the run.
+    pub execution_log: Value,
+    /// The runbook as it was at creation.
+    pub runbook_snapshot: Value,
+    /// Current attempt.
+    pub attempt: i32,
+    /// Allowed attempts.
+    pub max_attempts: i32,
+    /// Waiting for an approval.
+    pub awaiting_approval: bool,
+    /// Approval deadline.
+    pub approval_expires_at: Option<DateTime<Utc>>,
+    /// Cancel request time.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Who cancelled.
+    pub cancelled_by: Option<Uuid>,
+    /// Fan-out batch.
+    pub batch_id: Option<Uuid>,
+    /// Fan-out concurrency.
+    pub batch_concurrency: Option<i32>,
+    /// Admitted as a half-open probe.
+    pub breaker_probe: bool,
+    /// The gate that refused the run.
+    pub refused_by: Option<String>,
+}
+
+/// Fields of a new execution.
+#[derive(Debug, Clone)]
+pub struct NewExecution<'a> {
+    /// Runbook.
+    pub runbook_id: Uuid,
+    /// Its version.
+    pub runbook_version: i32,
+    /// Target server.
+    pub server_id: Option<Uuid>,
+    /// Triggering alert.
+    pub alert_id: Option<Uuid>,
+    /// Triggering trigger.
+    pub trigger_id: Option<Uuid>,
+    /// Mode label at creation.
+    pub mode: &'a str,
+    /// Who asked.
+    pub initiated_by: Option<Uuid>,
+    /// Variables.
+    pub context_vars: &'a Value,
+    /// The runbook snapshot.
+    pub runbook_snapshot: &'a Value,
+    /// max_retries + 1.
+    pub max_attempts: i32,
+    /// Fan-out batch.
+    pub batch_id: Option<Uuid>,
+    /// Fan-out concurrency.
+    pub batch_concurrency: Option<i32>,
+}
+
+/// Inserts a pending execution.
+pub async fn execution_create(
+    conn: &mut PgConnection,
+    new: &NewExecution<'_>,
+) -> StoreResult<Uuid> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO runbook_executions (runbook_id, runbook_version, server_id, alert_id, \
+           trigger_id, mode, initiated_by, context_vars, runbook_snapshot, max_attempts, batch_id, \
+           batch_concurrency) \
+         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12) RETURNING id",
+    )
+    .bind(new.runbook_id)
+    .bind(new.runbook_version)
+    .bind(new.server_id)
+    .bind(new.alert_id)
+    .bind(new.trigger_id)
+    .bind(new.mode)
+    .bind(new.initiated_by)
+    .bind(new.context_vars)
+    .bind(new.runbook_snapshot)
+    .bind(new.max_attempts)
+    .bind(new.batch_id)
+    .bind(new.batch_concurrency)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Fetches one execution.
+pub async fn execution_get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<ExecutionRow>> {
+    Ok(sqlx::query_as::<_, ExecutionRow>(
+        "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
+    status::text AS status, mode::text AS mode, created_at, started_at, completed_at, duration_ms, \
+    initiated_by, approved_by, approved_at, error_message, output_summary, context_vars, \
+    execution_log, runbook_snapshot, attempt, max_attempts, awaiting_approval, approval_expires_at, \
+    cancel_requested_at, cancelled_by, batch_id, batch_concurrency, breaker_probe, refused_by \
+    FROM runbook_executions WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Locks one execution for the rest of the transaction.
+pub async fn execution_lock(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> StoreResult<Option<ExecutionRow>> {
+    Ok(sqlx::query_as::<_, ExecutionRow>(
+        "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
+    status::text AS status, mode::text AS mode, created_at, started_at, completed_at, duration_ms, \
+    initiated_by, approved_by, approved_at, error_message, output_summary, context_vars, \
+    execution_log, runbook_snapshot, attempt, max_attempts, awaiting_approval, approval_expires_at, \
+    cancel_requested_at, cancelled_by, batch_id, batch_concurrency, breaker_probe, refused_by \
+    FROM runbook_executions WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Filters for listing executions.
+#[derive(Debug, Default, Clone)]
+pub struct ExecutionFilter {
+    /// Runbook.
+    pub runbook_id: Option<Uuid>,
+    /// Server.
+    pub server_id: Option<Uuid>,
+    /// Alert.
+    pub alert_id: Option<Uuid>,
+    /// Status label.
+    pub status: Option<String>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Created before.
+    pub until: Option<DateTime<Utc>>,
+    /// Fan-out batch.
+    pub batch_id: Option<Uuid>,
+}
+
+/// Lists executions, newest first.
+pub async fn execution_list(
+    conn: &mut PgConnection,
+    f: &ExecutionFilter,
+    limit: i64,
+    offset: i64,
+) -> StoreResult<(Vec<ExecutionRow>, i64)> {
+    let rows = sqlx::query_as::<_, ExecutionRow>(
+        "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
+    status::text AS status, mode::text AS mode, created_at, started_at, completed_at, duration_ms, \
+    initiated_by, approved_by, approved_at, error_message, output_summary, context_vars, \
+    execution_log, runbook_snapshot, attempt, max_attempts, awaiting_approval, approval_expires_at, \
+    cancel_requested_at, cancelled_by, batch_id, batch_concurrency, breaker_probe, refused_by \
+    FROM runbook_executions \
+         WHERE ($1::uuid IS NULL OR runbook_id = $1) AND ($2::uuid IS NULL OR server_id = $2) \
+           AND ($3::uuid IS NULL OR alert_id = $3) AND ($4::text IS NULL OR status::text = $4) \
+           AND ($5::timestamptz IS NULL OR created_at >= $5) \
+           AND ($6::timestamptz IS NULL OR created_at < $6) \
+           AND ($7::uuid IS NULL OR batch_id = $7) \
+         ORDER BY created_at DESC, id LIMIT $8 OFFSET $9",
+    )
+    .bind(f.runbook_id)
+    .bind(f.server_id)
+    .bind(f.alert_id)
+    .bind(f.status.as_deref())
+    .bind(f.since)
+    .bind(f.until)
+    .bind(f.batch_id)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    let total = sqlx::query_scalar(
+        "SELECT count(*) FROM runbook_executions \
+         WHERE ($1::uuid IS NULL OR runbook_id = $1) AND ($2::uuid IS NULL OR server_id = $2) \
+           AND ($3::uuid IS NULL OR alert_id = $3) AND ($4::text IS NULL OR status::text = $4) \
+           AND ($5::timestamptz IS NULL OR created_at >= $5) \
+           AND ($6::timestamptz IS NULL OR created_at < $6) \
+           AND ($7::uuid IS NULL OR batch_id = $7)",
+    )
+    .bind(f.runbook_id)
+    .bind(f.server_id)
+    .bind(f.alert_id)
+    .bind(f.status.as_deref())
+    .bind(f.since)
+    .bind(f.until)
+    .bind(f.batch_id)
+    .fetch_one(conn)
+    .await?;
+    Ok((rows, total))
+}
+
+/// pending|approved -> running for attempt 1 (started_at set once).
+pub async fn execution_start(
+    conn: &mut PgConnection,
+    id: Uuid,
+    breaker_probe: bool,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE runbook_executions SET status = 'running', attempt = 1, \
+           started_at = COALESCE(started_at, now()), awaiting_approval = false, breaker_probe = $2 \
+         WHERE id = $1 AND status IN ('pending', 'approved')",
+    )
+    .bind(id)
+    .bind(breaker_probe)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Moves a running execution to its next attempt.
+pub async fn execution_next_attempt(
+    conn: &mut PgConnection,
+    id: Uuid,
+    attempt: i32,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE runbook_executions SET attempt = $2 \
+         WHERE id = $1 AND status = 'running' AND attempt = $2 - 1 AND $2 <= max_attempts",
+    )
+    .bind(id)
+    .bind(attempt)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records that the execution waits for approval until `expires_at`.
+pub async fn execution_await_approval(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expires_at: DateTime<Utc>,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE runbook_executions SET awaiting_approval = true, approval_expires_at = $2 \
+         WHERE id = $1 AND status = 'pending' AND NOT awaiting_approval",
+    )
+    .bind(id)
+    .bind(expires_at)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// pending (awaiting approval, not expired) -> approved. Compare-and-set: of two racing
+/// approvers exactly one succeeds.
+pub async fn execution_approve(conn: &mut PgConnection, id: Uuid, user: Uuid) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE runbook_executions SET status = 'approved', approved_by = $2, approved_at = now(), \
+           awaiting_approval = false \
+         WHERE id = $1 AND status = 'pending' AND awaiting_approval \
+           AND (approval_expires_at IS NULL OR approval_expires_at > now())",
+    )
+    .bind(id)
+    .bind(user)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Ends an execution with a terminal status if it is still in one of `from`; sets completed_at,
+/// duration_ms (from started_at, or 0 when it never started), and the reason and summary.
+pub async fn execution_finish(
+    conn: &mut PgConnection,
+    id: Uuid,
+    from: &[&str],
+    to: &str,
+    error_message: Option<&str>,
+    output_summary: Option<&str>,
+    refused_by: Option<&str>,
+) -> StoreResult<bool> {
+    let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+    let done = sqlx::query(
+        "UPDATE runbook_executions SET status = $3::execution_status, completed_at = now(), \
+           duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, 0), \
+           error_message = COALESCE($4, error_message), \
+           output_summary = COALESCE($5, output_summary), refused_by = COALESCE($6, refused_by), \
+           awaiting_approval = false \
+         WHERE id = $1 AND status::text = ANY($2)",
+    )
+    .bind(id)
+    .bind(&from)
+    .bind(to)
+    .bind(error_message)
+    .bind(output_summary)
+    .bind(refused_by)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a cancel request (idempotent); returns the row's status after the request.
+pub async fn execution_request_cancel(
+    conn: &mut PgConnection,
+    id: Uuid,
+    user: Option<Uuid>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE runbook_executions SET cancel_requested_at = COALESCE(cancel_requested_at, now()), \
+           cancelled_by = COALESCE(cancelled_by, $2) WHERE id = $1",
+    )
+    .bind(id)
+    .bind(user)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Appends an entry to `execution_log`.
+pub async fn execution_log_append(
+    conn: &mut PgConnection,
+    id: Uuid,
+    entry: &Value,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE runbook_executions SET execution_log = execution_log || jsonb_build_array($2::jsonb) \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(entry)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Status label of one execution (cheap; polled by running steps to notice cancellation).
+pub async fn execution_status(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> StoreResult<Option<(String, bool)>> {
+    Ok(sqlx::query_as(
+        "SELECT status::text, cancel_requested_at IS NOT NULL FROM runbook_executions WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Executions of a runbook that started within the window (rate limiting). Call under the
+/// runbook's advisory lock.
+pub async fn execution_count_started_since(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+    since: DateTime<Utc>,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM runbook_executions WHERE runbook_id = $1 AND started_at >= $2",
+    )
+    .bind(runbook_id)
+    .bind(since)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Half-open probes of a runbook still running.
+pub async fn execution_count_probes_running(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM runbook_executions \
+         WHERE runbook_id = $1 AND breaker_probe AND status = 'running'",
+    )
+    .bind(runbook_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Running executions of a fan-out batch.
+pub async fn execution_count_running_in_batch(
+    conn: &mut PgConnection,
+    batch_id: Uuid,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM runbook_executions WHERE batch_id = $1 AND status = 'running'",
+    )
+    .bind(batch_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Pending executions waiting for approval whose deadline passed.
+pub async fn execution_list_expired_approvals(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+) -> StoreResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM runbook_executions WHERE status = 'pending' AND awaiting_approval \
+           AND approval_expires_at <= $1",
+    )
+    .bind(now)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A row of `step_executions`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StepRow {
+    /// Id.
+    pub id: Uuid,
+    /// Execution.
+    pub execution_id: Uuid,
+    /// Step definition (None once deleted).
+    pub step_id: Option<Uuid>,
+    /// Position.
+    pub step_order: i32,
+    /// Name.
+    pub step_name: String,
+    /// Status label.
+    pub status: String,
+    /// Start.
+    pub started_at: Option<DateTime<Utc>>,
+    /// End.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Duration.
+    pub duration_ms: Option<i32>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Captured stdout (masked, capped).
+    pub stdout: Option<String>,
+    /// Captured stderr (masked, capped).
+    pub stderr: Option<String>,
+    /// Step-level retry number, from 0.
+    pub retry_attempt: i32,
+    /// run or rollback.
+    pub phase: String,
+    /// Runbook-level attempt.
+    pub run_attempt: i32,
+    /// Condition was false.
+    pub skipped: bool,
+    /// The worker died during this attempt.
+    pub interrupted: bool,
+    /// Output was cut.
+    pub truncated: bool,
+    /// Why it failed.
+    pub error_message: Option<String>,
+    /// The command as run (masked).
+    pub command: Option<String>,
+    /// Signal that ended the command.
+    pub exit_signal: Option<String>,
+}
+
+/// Identifies one step slot of one attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSlot<'a> {
+    /// Execution.
+    pub execution_id: Uuid,
+    /// run or rollback.
+    pub phase: &'a str,
+    /// Runbook-level attempt.
+    pub run_attempt: i32,
+    /// Position.
+    pub step_order: i32,
+}
+
+/// Marks earlier attempts of a slot that never finished as interrupted (their worker died);
+/// returns how many.
+pub async fn step_mark_interrupted(
+    conn: &mut PgConnection,
+    slot: StepSlot<'_>,
+) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "UPDATE step_executions SET status = 'failed', interrupted = true, completed_at = now(), \
+           duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, \
+           error_message = 'interrupted: the worker running this attempt stopped before it finished' \
+         WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
+           AND status = 'running'",
+    )
+    .bind(slot.execution_id)
+    .bind(slot.phase)
+    .bind(slot.run_attempt)
+    .bind(slot.step_order)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Number of attempt rows a slot already has (the next retry_attempt).
+pub async fn step_attempts(conn: &mut PgConnection, slot: StepSlot<'_>) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM step_executions \
+         WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4",
+    )
+    .bind(slot.execution_id)
+    .bind(slot.phase)
+    .bind(slot.run_attempt)
+    .bind(slot.step_order)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Whether a slot already finished (completed or skipped) — a completed step never runs again.
+pub async fn step_slot_done(conn: &mut PgConnection, slot: StepSlot<'_>) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM step_executions \
+         WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
+           AND status = 'completed')",
+    )
+    .bind(slot.execution_id)
+    .bind(slot.phase)
+    .bind(slot.run_attempt)
+    .bind(slot.step_order)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Inserts a running attempt row.
+pub async fn step_start(
+    conn: &mut PgConnection,
+    slot: StepSlot<'_>,
+    step_id: Option<Uuid>,
+    step_name: &str,
+    retry_attempt: i32,
+    command: Option<&str>,
+) -> StoreResult<Uuid> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO step_executions (execution_id, step_id, step_order, step_name, status, \
+           started_at, retry_attempt, phase, run_attempt, command) \
+         VALUES ($1, (SELECT id FROM runbook_steps WHERE id = $2), $3, $4, 'running', now(), $5, $6, $7, $8) \
+         RETURNING id",
+    )
+    .bind(slot.execution_id)
+    .bind(step_id)
+    .bind(slot.step_order)
+    .bind(step_name)
+    .bind(retry_attempt)
+    .bind(slot.phase)
+    .bind(slot.run_attempt)
+    .bind(command)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone, Default)]
+pub struct StepResult<'a> {
+    /// Final status label (completed, failed, cancelled, timeout).
+    pub status: &'a str,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Signal.
+    pub exit_signal: Option<&'a str>,
+    /// stdout (masked, capped).
+    pub stdout: Option<&'a str>,
+    /// stderr (masked, capped).
+    pub stderr: Option<&'a str>,
+    /// Output was cut.
+    pub truncated: bool,
+    /// Condition false.
+    pub skipped: bool,
+    /// Why it failed.
+    pub error_message: Option<&'a str>,
+    /// The command as run (masked).
+    pub command: Option<&'a str>,
+}
+
+/// Records the end of a running attempt.
+pub async fn step_finish(
+    conn: &mut PgConnection,
+    id: Uuid,
+    r: &StepResult<'_>,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE step_executions SET status = $2::execution_status, completed_at = now(), \
+           duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, \
+           exit_code = $3, exit_signal = $4, stdout = $5, stderr = $6, truncated = $7, \
+           skipped = $8, error_message = $9, command = COALESCE($10, command) \
+         WHERE id = $1 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(r.status)
+    .bind(r.exit_code)
+    .bind(r.exit_signal)
+    .bind(r.stdout)
+    .bind(r.stderr)
+    .bind(r.truncated)
+    .bind(r.skipped)
+    .bind(r.error_message)
+    .bind(r.command)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Every step row of an execution, in execution order.
+pub async fn step_list(conn: &mut PgConnection, execution_id: Uuid) -> StoreResult<Vec<StepRow>> {
+    Ok(sqlx::query_as::<_, StepRow>(
+        "SELECT id, execution_id, step_id, step_order, step_name, status::text AS status, \
+           started_at, completed_at, duration_ms, exit_code, stdout, stderr, retry_attempt, phase, \
+           run_attempt, skipped, interrupted, truncated, error_message, command, exit_signal \
+         FROM step_executions WHERE execution_id = $1 \
+         ORDER BY started_at NULLS LAST, run_attempt, \
+           CASE phase WHEN 'run' THEN 0 ELSE 1 END, step_order, retry_attempt",
+    )
+    .bind(execution_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The latest completed (not skipped) run row of each step of an attempt: the outputs later
+/// steps read and the steps a rollback undoes.
+pub async fn step_completed_runs(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    run_attempt: i32,
+) -> StoreResult<Vec<StepRow>> {
+    Ok(sqlx::query_as::<_, StepRow>(
+        "SELECT DISTINCT ON (step_order) id, execution_id, step_id, step_order, step_name, \
+           status::text AS status, started_at, completed_at, duration_ms, exit_code, stdout, stderr, \
+           retry_attempt, phase, run_attempt, skipped, interrupted, truncated, error_message, \
+           command, exit_signal \
+         FROM step_executions \
+         WHERE execution_id = $1 AND run_attempt = $2 AND phase = 'run' \
+           AND status IN ('completed', 'failed') AND NOT interrupted \
+         ORDER BY step_order, retry_attempt DESC",
+    )
+    .bind(execution_id)
+    .bind(run_attempt)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Appends a live event (status change or output chunk).
+pub async fn event_append(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    step_execution_id: Option<Uuid>,
+    kind: &str,
+    data: &str,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+         VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(execution_id)
+    .bind(step_execution_id)
+    .bind(kind)
+    .bind(data)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// A live event.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    /// Position in the stream.
+    pub id: i64,
+    /// Step attempt.
+    pub step_execution_id: Option<Uuid>,
+    /// status, stdout, stderr.
+    pub kind: String,
+    /// Payload (JSON for status, text for output).
+    pub data: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Events after `after_id`, oldest first.
+pub async fn event_list_after(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    after_id: i64,
+    limit: i64,
+) -> StoreResult<Vec<EventRow>> {
+    Ok(sqlx::query_as::<_, EventRow>(
+        "SELECT id, step_execution_id, kind, data, created_at FROM execution_events \
+         WHERE execution_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+    )
+    .bind(execution_id)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,149 @@
+//! The local executor: exit codes and signals, separate streams, literal environment values,
+//! output cap, and that timeout and cancellation kill the whole process group.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aiops::exec::local::LocalExecutor;
+use aiops::exec::{CancellationToken, CommandRequest, OutputStream, StepExecutor, Target};
+use tokio::sync::mpsc;
+
+fn request(command: &str) -> CommandRequest {
+    CommandRequest {
+        command: command.to_owned(),
+        env: Vec::new(),
+        timeout: Duration::from_secs(20),
+        output_limit_bytes: 1 << 20,
+    }
+}
+
+async fn run(req: &CommandRequest) -> aiops::exec::CommandOutcome {
+    let (tx, _rx) = mpsc::channel(64);
+    LocalExecutor
+        .run(&Target::Local, req, CancellationToken::new(), tx)
+        .await
+        .unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes; /proc/<pid>/stat's third field is the state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn wait_for_pid(path: &Path) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(pid) = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+        {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid file never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn exit_code_streams_and_signal() {
+    let out = run(&request("echo out; echo err >&2; exit 3")).await;
+    assert_eq!(out.exit_code, Some(3));
+    assert_eq!(out.stdout, "out\n");
+    assert_eq!(out.stderr, "err\n");
+    assert!(!out.truncated && !out.timed_out && !out.cancelled);
+    let out = run(&request("kill -TERM $$")).await;
+    assert_eq!(out.exit_code, None);
+    assert_eq!(out.exit_signal.as_deref(), Some("TERM"));
+}
+
+#[tokio::test]
+async fn hostile_environment_values_stay_literal() {
+    let hostile = "'; touch /tmp/aiops-pwned; echo '$(id)`id`\"\n$HOME";
+    let mut req = request("printf '%s' \"$HOSTILE\"");
+    req.env = vec![("HOSTILE".to_owned(), hostile.to_owned())];
+    let out = run(&req).await;
+    assert_eq!(out.stdout, hostile);
+    req.env = vec![("BAD-NAME".to_owned(), "x".to_owned())];
+    let (tx, _rx) = mpsc::channel(1);
+    assert!(
+        LocalExecutor
+            .run(&Target::Local, &req, CancellationToken::new(), tx)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn output_is_capped_with_a_marker_and_streamed_live() {
+    let mut req = request("head -c 100000 /dev/zero | tr '\\0' a; echo done >&2");
+    req.output_limit_bytes = 1000;
+    let (tx, mut rx) = mpsc::channel(1024);
+    let out = LocalExecutor
+        .run(&Target::Local, &req, CancellationToken::new(), tx)
+        .await
+        .unwrap();
+    assert!(out.truncated);
+    assert!(out.stdout.starts_with(&"a".repeat(1000)));
+    assert!(
+        out.stdout
+            .contains("output truncated at 1000 bytes; 99000 more bytes discarded")
+    );
+    assert_eq!(out.stderr, "done\n");
+    let mut live = 0;
+    while let Ok(chunk) = rx.try_recv() {
+        if chunk.stream == OutputStream::Stdout {
+            live += chunk.bytes.len();
+        }
+    }
+    assert_eq!(live, 1000);
+}
+
+#[tokio::test]
+async fn timeout_kills_the_process_group() {
+    let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let mut req = request(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    req.timeout = Duration::from_millis(500);
+    let out = run(&req).await;
+    assert!(out.timed_out);
+    let pid = wait_for_pid(&pidfile).await;
+    assert!(!alive(pid), "background sleep {pid} survived the timeout");
+}
+
+#[tokio::test]
+async fn cancellation_kills_mid_command() {
+    let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let req = request(&format!(
+        "echo started; sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let cancel = CancellationToken::new();
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { LocalExecutor.run(&Target::Local, &req, cancel, tx).await })
+    };
+    // Cancel once the command has visibly started.
+    let first = rx.recv().await.unwrap();
+    assert_eq!(first.bytes, b"started\n");
+    let pid = wait_for_pid(&pidfile).await;
+    cancel.cancel();
+    let out = task.await.unwrap().unwrap();
+    assert!(out.cancelled && !out.timed_out);
+    assert!(!alive(pid), "sleep {pid} survived cancellation");
+}

@@ -1,0 +1,418 @@
+//! The SSH executor against a real OpenSSH server on loopback (`tests/sshd`): key and password
+//! authentication, host key pinning, timeouts and cancellation that kill the remote process,
+//! output caps, literal environment values, and replacement of a broken pooled connection.
+
+mod sshd;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aiops::exec::ssh::{HostKeyPinner, SshExecutor};
+use aiops::exec::{
+    CancellationToken, CommandOutcome, CommandRequest, ConnectFailure, ExecError, SshAuth,
+    SshTarget, StepExecutor, Target,
+};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Pins in memory, like the store does in the database.
+#[derive(Default)]
+struct MemoryPinner(Mutex<HashMap<Uuid, String>>);
+
+impl HostKeyPinner for MemoryPinner {
+    fn pin<'a>(
+        &'a self,
+        server_id: Uuid,
+        key: &'a str,
+        _fingerprint: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut map = self.0.lock().unwrap();
+            Ok(map
+                .entry(server_id)
+                .or_insert_with(|| key.to_owned())
+                .clone())
+        })
+    }
+}
+
+fn executor() -> (SshExecutor, Arc<MemoryPinner>) {
+    let pinner = Arc::new(MemoryPinner::default());
+    (SshExecutor::new(pinner.clone()), pinner)
+}
+
+fn request(command: &str) -> CommandRequest {
+    CommandRequest {
+        command: command.to_owned(),
+        env: Vec::new(),
+        timeout: Duration::from_secs(30),
+        output_limit_bytes: 1 << 20,
+    }
+}
+
+async fn run(
+    exec: &SshExecutor,
+    target: &SshTarget,
+    req: &CommandRequest,
+) -> Result<CommandOutcome, ExecError> {
+    let (tx, _rx) = mpsc::channel(1024);
+    exec.run(
+        &Target::Ssh(target.clone()),
+        req,
+        CancellationToken::new(),
+        tx,
+    )
+    .await
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn wait_for_pid(path: &str) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(pid) = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+        {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid file {path} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_gone(pid: i32) -> bool {
+    // The kill is done when `run` returns; allow the kernel a moment to reap.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while alive(pid) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+#[tokio::test]
+async fn key_auth_with_every_key_type_and_a_passphrase() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    for key in ["id_ed25519", "id_ecdsa", "id_rsa", "id_ed25519_pass"] {
+        let target = sshd.key_target(key);
+        let out = run(&exec, &target, &request("echo out; echo err >&2; exit 7"))
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(out.exit_code, Some(7), "{key}");
+        assert_eq!(out.stdout, "out\n", "{key}");
+        assert_eq!(out.stderr, "err\n", "{key}");
+    }
+    // RSA authenticates with SHA-2: the server log names the algorithm it accepted.
+    let log = sshd.read("sshd.log");
+    assert!(log.contains("RSA") || log.contains("rsa-sha2"), "{log}");
+    assert!(!log.contains("ssh-rsa SHA1"), "{log}");
+}
+
+#[tokio::test]
+async fn wrong_passphrase_and_wrong_password_fail_as_authentication() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let mut target = sshd.key_target("id_ed25519_pass");
+    target.auth = SshAuth::Key {
+        private_key: sshd.read("id_ed25519_pass"),
+        passphrase: Some("wrong".to_owned()),
+    };
+    let err = run(&exec, &target, &request("true")).await.unwrap_err();
+    assert_eq!(
+        err.connect_failure(),
+        Some(ConnectFailure::Authentication),
+        "{err}"
+    );
+
+    let target = sshd.password_target();
+    let out = run(&exec, &target, &request("whoami")).await.unwrap();
+    assert_eq!(out.stdout, "aiops-test\n");
+    let mut wrong = sshd.password_target();
+    wrong.auth = SshAuth::Password("not-the-password".to_owned());
+    let err = run(&exec, &wrong, &request("true")).await.unwrap_err();
+    assert_eq!(
+        err.connect_failure(),
+        Some(ConnectFailure::Authentication),
+        "{err}"
+    );
+    assert!(err.to_string().contains("refused the password"), "{err}");
+    assert!(!err.to_string().contains("not-the-password"));
+}
+
+#[tokio::test]
+async fn first_connection_pins_and_a_changed_key_is_refused() {
+    let sshd = sshd::sshd();
+    let (exec, pinner) = executor();
+    let target = sshd.key_target("id_ed25519");
+    run(&exec, &target, &request("true")).await.unwrap();
+    let pinned = pinner
+        .0
+        .lock()
+        .unwrap()
+        .get(&target.server_id)
+        .cloned()
+        .unwrap();
+    // The pinned key is one of the server's host keys.
+    let host_keys = [
+        sshd.read("host_ed25519.pub"),
+        sshd.read("host_ecdsa.pub"),
+        sshd.read("host_rsa.pub"),
+    ];
+    let pinned_body = pinned.split_whitespace().nth(1).unwrap();
+    assert!(
+        host_keys.iter().any(|k| k.contains(pinned_body)),
+        "{pinned}"
+    );
+
+    // Pinned to the right key: accepted.
+    let mut good = target.clone();
+    good.pinned_host_key = Some(pinned.clone());
+    run(&exec, &good, &request("true")).await.unwrap();
+
+    // Pinned to another key (the host was re-keyed, or this is not the host): refused.
+    let mut changed = target.clone();
+    changed.pinned_host_key = Some(sshd.read("other_host_ed25519.pub"));
+    let err = run(&exec, &changed, &request("touch /tmp/should-not-run"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.connect_failure(),
+        Some(ConnectFailure::HostKeyMismatch),
+        "{err}"
+    );
+    assert!(err.to_string().contains("admin must reset"), "{err}");
+}
+
+#[tokio::test]
+async fn timeout_kills_the_remote_process() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let target = sshd.key_target("id_ed25519");
+    let pidfile = format!("/tmp/aiops-ssh-test-{}.pid", Uuid::new_v4().simple());
+    let mut req = request(&format!("sleep 300 & echo $! > {pidfile}; wait"));
+    req.timeout = Duration::from_secs(1);
+    let out = run(&exec, &target, &req).await.unwrap();
+    assert!(out.timed_out && !out.cancelled);
+    let pid = wait_for_pid(&pidfile).await;
+    assert!(
+        wait_gone(pid).await,
+        "remote sleep {pid} survived the timeout"
+    );
+    let _ = std::fs::remove_file(&pidfile);
+}
+
+#[tokio::test]
+async fn cancellation_mid_command_kills_it() {
+    let sshd = sshd::sshd();
+    let exec = Arc::new(executor().0);
+    let target = Target::Ssh(sshd.key_target("id_ed25519"));
+    let pidfile = format!("/tmp/aiops-ssh-test-{}.pid", Uuid::new_v4().simple());
+    let req = request(&format!(
+        "echo started; sleep 300 & echo $! > {pidfile}; wait"
+    ));
+    let cancel = CancellationToken::new();
+    let (tx, mut rx) = mpsc::channel(16);
+    let task = {
+        let (exec, cancel) = (exec.clone(), cancel.clone());
+        tokio::spawn(async move { exec.run(&target, &req, cancel, tx).await })
+    };
+    assert_eq!(rx.recv().await.unwrap().bytes, b"started\n");
+    let pid = wait_for_pid(&pidfile).await;
+    assert!(alive(pid));
+    cancel.cancel();
+    let out = task.await.unwrap().unwrap();
+    assert!(out.cancelled && !out.timed_out);
+    assert!(
+        wait_gone(pid).await,
+        "remote sleep {pid} survived cancellation"
+    );
+    let _ = std::fs::remove_file(&pidfile);
+}
+
+#[tokio::test]
+async fn large_output_is_capped_and_streams_stay_apart() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let target = sshd.key_target("id_ed25519");
+    let mut req = request("head -c 5000000 /dev/zero | tr '\\0' x; echo tail >&2; exit 0");
+    req.output_limit_bytes = 4096;
+    let out = run(&exec, &target, &req).await.unwrap();
+    assert_eq!(out.exit_code, Some(0));
+    assert!(out.truncated);
+    assert!(out.stdout.starts_with(&"x".repeat(4096)));
+    assert!(
+        out.stdout
+            .contains("truncated at 4096 bytes; 4995904 more bytes discarded"),
+        "{}",
+        &out.stdout[4096..]
+    );
+    assert_eq!(out.stderr, "tail\n");
+}
+
+#[tokio::test]
+async fn hostile_environment_values_stay_one_literal_argument() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let target = sshd.key_target("id_ed25519");
+    let marker = format!("/tmp/aiops-pwned-{}", Uuid::new_v4().simple());
+    let hostile =
+        format!("x'; touch {marker}; echo '$(touch {marker})`touch {marker}`\"\n;$HOME \\ *");
+    let mut req = request("printf '%s' \"$VALUE\"; printf '|%s' $#");
+    req.env = vec![("VALUE".to_owned(), hostile.clone())];
+    let out = run(&exec, &target, &req).await.unwrap();
+    assert_eq!(out.stdout, format!("{hostile}|0"));
+    // As one argument to a program: argv count is exactly one.
+    let mut req = request("set -- \"$VALUE\"; echo $#");
+    req.env = vec![("VALUE".to_owned(), hostile)];
+    assert_eq!(run(&exec, &target, &req).await.unwrap().stdout, "1\n");
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "hostile value was executed"
+    );
+    // Names are validated, not quoted.
+    let mut req = request("true");
+    req.env = vec![("A;touch x".to_owned(), String::new())];
+    assert!(matches!(
+        run(&exec, &target, &req).await,
+        Err(ExecError::InvalidRequest(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_command_killed_by_a_signal_exits_128_plus_n() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let target = sshd.key_target("id_ed25519");
+    // The command's own shell kills itself; the wrapper reports 128 + 15.
+    let out = run(&exec, &target, &request("kill -TERM $$"))
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, Some(143));
+}
+
+/// A TCP forwarder in front of sshd whose connections the test can cut.
+struct Proxy {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (acc, t) = (accepted.clone(), tasks.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                acc.fetch_add(1, Ordering::SeqCst);
+                let handle = tokio::spawn(async move {
+                    let mut outbound = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                t.lock().unwrap().push(handle);
+            }
+        });
+        Proxy {
+            port,
+            accepted,
+            tasks,
+        }
+    }
+
+    fn cut_all(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_are_reused_and_a_broken_one_is_replaced() {
+    let sshd = sshd::sshd();
+    let proxy = Proxy::start(sshd.port).await;
+    let (exec, _) = executor();
+    let mut target = sshd.key_target("id_ed25519");
+    target.port = proxy.port;
+    for _ in 0..5 {
+        assert_eq!(
+            run(&exec, &target, &request("echo hi"))
+                .await
+                .unwrap()
+                .stdout,
+            "hi\n"
+        );
+    }
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        1,
+        "five steps should share one connection"
+    );
+    assert_eq!(exec.pooled_connections().await, 1);
+
+    proxy.cut_all();
+    let out = run(&exec, &target, &request("echo again")).await.unwrap();
+    assert_eq!(out.stdout, "again\n");
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        2,
+        "the broken connection is replaced once"
+    );
+    assert_eq!(exec.pooled_connections().await, 1);
+}
+
+#[tokio::test]
+async fn connect_failures_are_classified() {
+    let (exec, _) = executor();
+    let sshd = sshd::sshd();
+    // Refused: a port nobody listens on.
+    let mut target = sshd.key_target("id_ed25519");
+    target.port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = run(&exec, &target, &request("true")).await.unwrap_err();
+    assert_eq!(
+        err.connect_failure(),
+        Some(ConnectFailure::Refused),
+        "{err}"
+    );
+    // DNS: a name under the reserved .invalid TLD never resolves.
+    let mut target = sshd.key_target("id_ed25519");
+    target.hostname = "no-such-host.invalid".to_owned();
+    let err = run(&exec, &target, &request("true")).await.unwrap_err();
+    assert_eq!(err.connect_failure(), Some(ConnectFailure::Dns), "{err}");
+    // Timeout: a listener that accepts but never speaks SSH.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut target = sshd.key_target("id_ed25519");
+    target.port = silent.local_addr().unwrap().port();
+    target.connect_timeout = Duration::from_millis(500);
+    let err = run(&exec, &target, &request("true")).await.unwrap_err();
+    assert_eq!(
+        err.connect_failure(),
+        Some(ConnectFailure::Timeout),
+        "{err}"
+    );
+}
