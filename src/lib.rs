@@ -15,6 +15,7 @@ pub mod queue;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod templates;
 pub mod worker;
 
 /// The crate version, as reported by `GET /api/v1/version` and `aiops --version`.

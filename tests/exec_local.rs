@@ -35,6 +35,19 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// SIGKILL is delivered asynchronously: `run` returns once the signal is sent, so allow the
+/// kernel a moment to tear the process down.
+async fn wait_gone(pid: i32) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while alive(pid) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 async fn wait_for_pid(path: &Path) -> i32 {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -120,7 +133,10 @@ async fn timeout_kills_the_process_group() {
     let out = run(&req).await;
     assert!(out.timed_out);
     let pid = wait_for_pid(&pidfile).await;
-    assert!(!alive(pid), "background sleep {pid} survived the timeout");
+    assert!(
+        wait_gone(pid).await,
+        "background sleep {pid} survived the timeout"
+    );
 }
 
 #[tokio::test]
@@ -145,5 +161,5 @@ async fn cancellation_kills_mid_command() {
     cancel.cancel();
     let out = task.await.unwrap().unwrap();
     assert!(out.cancelled && !out.timed_out);
-    assert!(!alive(pid), "sleep {pid} survived cancellation");
+    assert!(wait_gone(pid).await, "sleep {pid} survived cancellation");
 }

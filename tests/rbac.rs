@@ -26,6 +26,26 @@ const BODIES: &[(&str, &str)] = &[
     ),
     ("user_update", r#"{"full_name": "Renamed"}"#),
     ("config_put", r#"{"value": {"enabled": true}}"#),
+    (
+        "runbook_create",
+        r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
+    ),
+    (
+        "runbook_update",
+        r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
+    ),
+    (
+        "runbook_import",
+        r#"{"yaml": "name: rbac-import\nsteps:\n  - {name: s, command: 'true'}\n"}"#,
+    ),
+    (
+        "runbook_validate",
+        r#"{"yaml": "name: rbac-validate\nsteps:\n  - {name: s, command: 'true'}\n"}"#,
+    ),
+    (
+        "runbook_dry_run",
+        r#"{"yaml": "name: rbac-dry\nsteps:\n  - {name: s, command: 'true'}\n", "alert": {"name": "NodeDown"}, "server": {"hostname": "web-1"}}"#,
+    ),
     ("breaker_update", r#"{"failure_threshold": 3}"#),
     (
         "blackout_create",

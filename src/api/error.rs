@@ -6,7 +6,7 @@ use crate::auth::AuthError;
 use crate::store::StoreError;
 
 /// Where an error came from, when it concerns one field of the request.
-#[derive(Debug, Clone, Object)]
+#[derive(Debug, Clone, Default, Object)]
 pub struct ErrorDetails {
     /// The offending field, as a path into the request (`role`, `steps[2].timeout_seconds`).
     #[oai(skip_serializing_if_is_none)]
@@ -14,6 +14,12 @@ pub struct ErrorDetails {
     /// Why the field was refused.
     #[oai(skip_serializing_if_is_none)]
     pub reason: Option<String>,
+    /// 1-based line in a YAML request body, when the error has a position.
+    #[oai(skip_serializing_if_is_none)]
+    pub line: Option<u32>,
+    /// 1-based column in a YAML request body, when the error has a position.
+    #[oai(skip_serializing_if_is_none)]
+    pub column: Option<u32>,
 }
 
 /// The body of every error response.
@@ -70,7 +76,7 @@ fn body(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<Err
         message: message.into(),
         details: field.map(|f| ErrorDetails {
             field: Some(f.to_owned()),
-            reason: None,
+            ..Default::default()
         }),
     })
 }
@@ -104,6 +110,7 @@ fn bad_request_from_parse(err: poem::Error) -> ApiError {
         details: field.map(|f| ErrorDetails {
             field: Some(f),
             reason: Some(message.clone()),
+            ..Default::default()
         }),
         message,
     }))
@@ -124,8 +131,40 @@ impl ApiError {
             details: Some(ErrorDetails {
                 field: Some(field.to_owned()),
                 reason: Some(reason),
+                ..Default::default()
             }),
         }))
+    }
+
+    /// 400 or 422 for a problem in a document body, with the field path and, when known, the
+    /// line and column in the YAML. `syntax` selects 400 (unreadable) over 422 (invalid).
+    pub fn document(
+        syntax: bool,
+        message: impl Into<String>,
+        field: Option<&str>,
+        reason: impl Into<String>,
+        position: Option<(u32, u32)>,
+    ) -> Self {
+        let body = Json(ErrorBody {
+            code: if syntax {
+                "bad_request"
+            } else {
+                "validation_failed"
+            }
+            .to_owned(),
+            message: message.into(),
+            details: Some(ErrorDetails {
+                field: field.map(str::to_owned),
+                reason: Some(reason.into()),
+                line: position.map(|p| p.0),
+                column: position.map(|p| p.1),
+            }),
+        });
+        if syntax {
+            ApiError::BadRequest(body)
+        } else {
+            ApiError::Unprocessable(body)
+        }
     }
 
     /// 409 with a message.
@@ -235,7 +274,7 @@ pub fn poem_error_body(err: &poem::Error) -> ErrorBody {
         code: code.to_owned(),
         details: field_from_parse_message(&message).map(|f| ErrorDetails {
             field: Some(f),
-            reason: None,
+            ..Default::default()
         }),
         message,
     }

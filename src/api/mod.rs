@@ -13,6 +13,7 @@ pub mod context;
 pub mod error;
 pub mod jobs;
 pub mod pagination;
+pub mod runbooks;
 pub mod stats;
 pub mod system;
 pub mod system_config;
@@ -43,6 +44,8 @@ pub enum Tag {
     SystemConfig,
     /// The job queue: jobs, counts and workers.
     Queue,
+    /// Runbook definitions, versions, YAML import/export and dry runs.
+    Runbooks,
     /// Maintenance windows during which runbooks do not run.
     Blackouts,
     /// Per-runbook circuit breakers.
@@ -70,6 +73,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         jobs::JobsApi {
+            state: state.clone(),
+        },
+        runbooks::RunbooksApi {
             state: state.clone(),
         },
         blackouts::BlackoutsApi {

@@ -5,5 +5,7 @@ pub mod blackout;
 pub mod circuit;
 pub mod execution;
 pub mod role;
+pub mod runbook;
+pub mod trigger_match;
 
 pub use role::Role;

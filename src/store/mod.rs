@@ -9,6 +9,7 @@ pub mod executions;
 pub mod jobs;
 pub mod login_attempts;
 pub mod queue_workers;
+pub mod runbooks;
 pub mod stats;
 pub mod system_config;
 pub mod tokens;

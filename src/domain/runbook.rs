@@ -1,0 +1,1162 @@
+//! The runbook document: the YAML format of section 8 of the schema document, able to express
+//! every column of `runbooks`, `runbook_steps` and `runbook_triggers` (except the system-managed
+//! ones: ids, `version`, `created_by`, timestamps and `last_triggered_at`).
+//!
+//! This module parses YAML (errors carry line and column), checks the structural rules (field
+//! paths such as `steps[2].timeout_seconds`, indexes 0-based), puts documents in canonical form
+//! and writes canonical YAML. It knows nothing about templates (see `crate::templates`, which
+//! adds the template checks on top of [`validate`]), PostgreSQL or HTTP.
+//!
+//! Canonical form: steps sorted by their order; `order` written only when the orders are not
+//! simply 1, 2, 3, ... in list order; triggers sorted by priority then name (the order matching
+//! considers them in); approval roles in privilege order; time windows as `HH:MM`
+//! (or `HH:MM:SS`). Canonical YAML always writes `name`, `mode`, `target_os`, `steps` (with each
+//! step's `name` and `command`) and each trigger's `name` and `alert_name_pattern`; every other
+//! field is written only when it differs from its default. `export(import(x))` is therefore
+//! canonical, and importing canonical YAML gives back the same document.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+use chrono::NaiveTime;
+use serde::{Deserialize, Serialize};
+
+use super::Role;
+use super::trigger_match::Pattern;
+
+/// Largest accepted document, in bytes.
+pub const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+/// Most steps in one runbook.
+pub const MAX_STEPS: usize = 100;
+/// Most triggers in one runbook.
+pub const MAX_TRIGGERS: usize = 50;
+
+/// `runbooks.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionMode {
+    /// Runs as soon as a trigger matches.
+    Auto,
+    /// Proposed on a match; a human starts it.
+    SemiAuto,
+    /// Only started by hand.
+    #[default]
+    Manual,
+}
+
+impl ExecutionMode {
+    /// The PostgreSQL enum label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionMode::Auto => "auto",
+            ExecutionMode::SemiAuto => "semi_auto",
+            ExecutionMode::Manual => "manual",
+        }
+    }
+
+    /// Parses the PostgreSQL enum label.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(ExecutionMode::Auto),
+            "semi_auto" => Some(ExecutionMode::SemiAuto),
+            "manual" => Some(ExecutionMode::Manual),
+            _ => None,
+        }
+    }
+}
+
+/// `runbooks.status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunbookStatus {
+    /// In use.
+    #[default]
+    Active,
+    /// Kept but never run.
+    Disabled,
+    /// Being written; never run by triggers.
+    Draft,
+}
+
+impl RunbookStatus {
+    /// The PostgreSQL enum label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunbookStatus::Active => "active",
+            RunbookStatus::Disabled => "disabled",
+            RunbookStatus::Draft => "draft",
+        }
+    }
+
+    /// Parses the PostgreSQL enum label.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(RunbookStatus::Active),
+            "disabled" => Some(RunbookStatus::Disabled),
+            "draft" => Some(RunbookStatus::Draft),
+            _ => None,
+        }
+    }
+}
+
+/// `runbooks.target_os`: decides the shell commands are written for and how values are quoted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetOs {
+    /// POSIX `sh` over SSH.
+    #[default]
+    Linux,
+    /// PowerShell over WinRM.
+    Windows,
+}
+
+impl TargetOs {
+    /// The PostgreSQL enum label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetOs::Linux => "linux",
+            TargetOs::Windows => "windows",
+        }
+    }
+
+    /// Parses the PostgreSQL enum label.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "linux" => Some(TargetOs::Linux),
+            "windows" => Some(TargetOs::Windows),
+            _ => None,
+        }
+    }
+}
+
+fn default_runbook_timeout() -> i32 {
+    300
+}
+fn default_runbook_retry_delay() -> i32 {
+    60
+}
+fn default_approval_roles() -> Vec<String> {
+    vec!["admin".to_owned(), "engineer".to_owned()]
+}
+fn default_allowed_servers() -> serde_json::Value {
+    serde_json::Value::Array(Vec::new())
+}
+fn default_config() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+fn default_exit_codes() -> Vec<i32> {
+    vec![0]
+}
+fn default_step_timeout() -> i32 {
+    60
+}
+fn default_step_retry_delay() -> i32 {
+    5
+}
+fn default_priority() -> i32 {
+    100
+}
+fn default_true() -> bool {
+    true
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+fn is_true(v: &bool) -> bool {
+    *v
+}
+fn is_default_status(v: &RunbookStatus) -> bool {
+    *v == RunbookStatus::default()
+}
+fn is_default_runbook_timeout(v: &i32) -> bool {
+    *v == default_runbook_timeout()
+}
+fn is_default_runbook_retry_delay(v: &i32) -> bool {
+    *v == default_runbook_retry_delay()
+}
+fn is_default_approval_roles(v: &[String]) -> bool {
+    v == default_approval_roles().as_slice()
+}
+fn is_default_allowed_servers(v: &serde_json::Value) -> bool {
+    *v == default_allowed_servers()
+}
+fn is_default_config(v: &serde_json::Value) -> bool {
+    *v == default_config()
+}
+fn is_default_exit_codes(v: &[i32]) -> bool {
+    v == [0]
+}
+fn is_default_step_timeout(v: &i32) -> bool {
+    *v == default_step_timeout()
+}
+fn is_default_step_retry_delay(v: &i32) -> bool {
+    *v == default_step_retry_delay()
+}
+fn is_default_priority(v: &i32) -> bool {
+    *v == default_priority()
+}
+
+/// A whole runbook: the `runbooks` row with its steps and triggers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunbookDocument {
+    /// Unique name: letters, digits, `.`, `_`, `-`; starts with a letter or digit.
+    pub name: String,
+    /// What the runbook is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Grouping (`database`, `network`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// How it starts.
+    #[serde(default)]
+    pub mode: ExecutionMode,
+    /// Whether triggers may run it.
+    #[serde(default, skip_serializing_if = "is_default_status")]
+    pub status: RunbookStatus,
+    /// The OS its commands are written for.
+    #[serde(default)]
+    pub target_os: TargetOs,
+    /// Whole-run limit in seconds (default 300).
+    #[serde(
+        default = "default_runbook_timeout",
+        skip_serializing_if = "is_default_runbook_timeout"
+    )]
+    pub timeout_seconds: i32,
+    /// Retries of a failed run (default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_retries: i32,
+    /// Seconds between run retries (default 60).
+    #[serde(
+        default = "default_runbook_retry_delay",
+        skip_serializing_if = "is_default_runbook_retry_delay"
+    )]
+    pub retry_delay_seconds: i32,
+    /// Runs allowed per window; set together with `rate_limit_window_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_count: Option<i32>,
+    /// The rate-limit window in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_window_seconds: Option<i32>,
+    /// Whether a human must approve each run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub requires_approval: bool,
+    /// Roles that may approve (default admin, engineer).
+    #[serde(
+        default = "default_approval_roles",
+        skip_serializing_if = "is_default_approval_roles"
+    )]
+    pub approval_roles: Vec<String>,
+    /// Server restrictions by tag or group: a list (default empty: no restriction).
+    #[serde(
+        default = "default_allowed_servers",
+        skip_serializing_if = "is_default_allowed_servers"
+    )]
+    pub allowed_servers: serde_json::Value,
+    /// Variables (themselves templates) available as `vars.NAME` and `NAME`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment_vars: BTreeMap<String, String>,
+    /// Free-form extra configuration: a mapping.
+    #[serde(default = "default_config", skip_serializing_if = "is_default_config")]
+    pub config: serde_json::Value,
+    /// The steps, run in order.
+    pub steps: Vec<StepDocument>,
+    /// Alert patterns that start the runbook.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<TriggerDocument>,
+}
+
+/// One `runbook_steps` row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDocument {
+    /// `step_order`; when omitted on every step, the list position (1-based) is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<i32>,
+    /// Unique within the runbook.
+    pub name: String,
+    /// What the step does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The command template.
+    pub command: String,
+    /// Exit codes that count as success (default [0]).
+    #[serde(
+        default = "default_exit_codes",
+        skip_serializing_if = "is_default_exit_codes"
+    )]
+    pub expected_exit_codes: Vec<i32>,
+    /// Step limit in seconds (default 60).
+    #[serde(
+        default = "default_step_timeout",
+        skip_serializing_if = "is_default_step_timeout"
+    )]
+    pub timeout_seconds: i32,
+    /// Go on with the next step when this one fails.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub continue_on_failure: bool,
+    /// A minijinja expression; the step is skipped when it is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Command template that undoes this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_command: Option<String>,
+    /// Step-level retries (default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_count: i32,
+    /// Seconds between step retries (default 5).
+    #[serde(
+        default = "default_step_retry_delay",
+        skip_serializing_if = "is_default_step_retry_delay"
+    )]
+    pub retry_delay_seconds: i32,
+    /// Keep stdout for later steps as `steps.<name>.stdout`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub capture_output: bool,
+    /// Mask output in stored results and logs.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sensitive: bool,
+}
+
+/// One `runbook_triggers` row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerDocument {
+    /// Unique within the runbook.
+    pub name: String,
+    /// Lower wins (default 100).
+    #[serde(
+        default = "default_priority",
+        skip_serializing_if = "is_default_priority"
+    )]
+    pub priority: i32,
+    /// Pattern on the alert name (glob, or regex as `/.../` or `re:...`).
+    pub alert_name_pattern: String,
+    /// Pattern on the severity; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity_pattern: Option<String>,
+    /// Pattern on the alert source; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_pattern: Option<String>,
+    /// Label name -> pattern; every one must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels_match: BTreeMap<String, String>,
+    /// `HH:MM` (UTC) from which the trigger is active; set with `time_window_end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_window_start: Option<String>,
+    /// `HH:MM` (UTC) at which it stops being active; earlier than the start wraps midnight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_window_end: Option<String>,
+    /// Whether the trigger is considered at all (default true).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
+    /// Minimum seconds between two firings (default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cooldown_seconds: i32,
+}
+
+/// A YAML document that could not be read, with its position (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", location_prefix(*line, *column))]
+pub struct ParseError {
+    /// Line of the problem, when known.
+    pub line: Option<u32>,
+    /// Column of the problem, when known.
+    pub column: Option<u32>,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn location_prefix(line: Option<u32>, column: Option<u32>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{l}:{c}: "),
+        (Some(l), None) => format!("{l}: "),
+        _ => String::new(),
+    }
+}
+
+/// One validation problem: where (a field path) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// Field path into the document (`steps[2].timeout_seconds`; indexes 0-based).
+    pub path: String,
+    /// What is wrong, phrased to follow the path (`must be > 0`).
+    pub message: String,
+}
+
+impl Issue {
+    /// A problem at a path.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Issue {
+        Issue {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.path, self.message)
+    }
+}
+
+/// Reads one runbook from YAML: size limit, syntax, unknown fields and types. Does not run the
+/// semantic checks; call [`validate`] (or `templates::validate_runbook`) next.
+pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(ParseError {
+            line: None,
+            column: None,
+            message: format!(
+                "document of {} bytes exceeds the limit of {MAX_DOCUMENT_BYTES} bytes",
+                text.len()
+            ),
+        });
+    }
+    serde_saphyr::from_str::<RunbookDocument>(text).map_err(|e| {
+        let location = e.location();
+        let message = e.without_snippet().to_string();
+        // The plain message repeats the position; keep only the text after it.
+        let message = strip_position(&message);
+        ParseError {
+            line: location.map(|l| l.line() as u32),
+            column: location.map(|l| l.column() as u32),
+            message,
+        }
+    })
+}
+
+fn strip_position(message: &str) -> String {
+    // serde-saphyr renders "... at line L, column C"; the position is carried separately.
+    let trimmed = match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    trimmed.trim().to_owned()
+}
+
+/// 1-based (line, column) of every node of a YAML text, by field path (`steps[1].command`).
+/// Used to point CLI messages at the line a semantic [`Issue`] concerns. Returns an empty map
+/// for text that does not parse.
+pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
+    use serde_saphyr::granit_parser::{Event, Parser};
+    enum Frame {
+        Map { key: Option<String> },
+        Seq { index: usize },
+    }
+    fn child(path: &str, frame: &Frame) -> Option<String> {
+        match frame {
+            Frame::Map { key: Some(k) } if path.is_empty() => Some(k.clone()),
+            Frame::Map { key: Some(k) } => Some(format!("{path}.{k}")),
+            Frame::Map { key: None } => None,
+            Frame::Seq { index } => Some(format!("{path}[{index}]")),
+        }
+    }
+    let mut out = HashMap::new();
+    let mut stack: Vec<(Frame, String)> = Vec::new();
+    // After a value completes, a mapping expects a key next and a sequence moves on.
+    fn advance(stack: &mut [(Frame, String)]) {
+        if let Some((frame, _)) = stack.last_mut() {
+            match frame {
+                Frame::Map { key } => *key = None,
+                Frame::Seq { index } => *index += 1,
+            }
+        }
+    }
+    for item in Parser::new_from_str(text) {
+        let Ok((event, span)) = item else {
+            return HashMap::new();
+        };
+        let pos = (span.start.line() as u32, span.start.col() as u32 + 1);
+        let value_path = stack.last().and_then(|(f, p)| child(p, f));
+        match event {
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                let path = match stack.last() {
+                    None => String::new(),
+                    Some(_) => match value_path {
+                        Some(p) => p,
+                        None => return out, // complex keys: not part of our format
+                    },
+                };
+                if !path.is_empty() {
+                    out.entry(path.clone()).or_insert(pos);
+                }
+                let frame = if matches!(event, Event::MappingStart(..)) {
+                    Frame::Map { key: None }
+                } else {
+                    Frame::Seq { index: 0 }
+                };
+                stack.push((frame, path));
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                stack.pop();
+                advance(&mut stack);
+            }
+            Event::Scalar(value, ..) => match stack.last_mut() {
+                Some((Frame::Map { key }, path)) if key.is_none() => {
+                    let k = value.to_string();
+                    let full = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    out.entry(full).or_insert(pos);
+                    *key = Some(k);
+                }
+                Some(_) => {
+                    if let Some(p) = value_path {
+                        // Point a scalar value's path at the value itself.
+                        out.insert(p, pos);
+                    }
+                    advance(&mut stack);
+                }
+                None => {}
+            },
+            Event::Alias(_) => advance(&mut stack),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The position for an issue path: the path itself or its nearest ancestor that has one.
+pub fn locate(locations: &HashMap<String, (u32, u32)>, path: &str) -> Option<(u32, u32)> {
+    let mut current = path.to_owned();
+    loop {
+        if let Some(pos) = locations.get(&current) {
+            return Some(*pos);
+        }
+        let cut = current.rfind(['.', '['])?;
+        current.truncate(cut);
+        if current.is_empty() {
+            return None;
+        }
+    }
+}
+
+/// Parses a time-window bound: `HH:MM` or `HH:MM:SS`, 24-hour, two digits each.
+pub fn parse_time_of_day(s: &str) -> Option<NaiveTime> {
+    let bytes = s.as_bytes();
+    let well_formed = match bytes.len() {
+        5 => bytes[2] == b':',
+        8 => bytes[2] == b':' && bytes[5] == b':',
+        _ => false,
+    } && s
+        .bytes()
+        .enumerate()
+        .all(|(i, b)| i % 3 == 2 || b.is_ascii_digit());
+    if !well_formed {
+        return None;
+    }
+    let format = if bytes.len() == 5 {
+        "%H:%M"
+    } else {
+        "%H:%M:%S"
+    };
+    NaiveTime::parse_from_str(s, format).ok()
+}
+
+/// Writes a time of day the canonical way: `HH:MM`, or `HH:MM:SS` when seconds are set.
+pub fn format_time_of_day(t: NaiveTime) -> String {
+    use chrono::Timelike;
+    if t.second() == 0 {
+        t.format("%H:%M").to_string()
+    } else {
+        t.format("%H:%M:%S").to_string()
+    }
+}
+
+fn valid_runbook_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= 200
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Whether `name` can be a variable name in templates.
+pub fn valid_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Names of the template context that environment variables may not shadow.
+pub const RESERVED_CONTEXT_NAMES: [&str; 5] = ["alert", "server", "vars", "steps", "execution"];
+
+/// The structural checks of a document (everything except templates). Paths use the list
+/// positions of the document as written. Returns every problem found, in document order.
+pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let mut push = |path: String, message: String| issues.push(Issue { path, message });
+
+    if !valid_runbook_name(&doc.name) {
+        push(
+            "name".into(),
+            "must be 1 to 200 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
+                .into(),
+        );
+    }
+    if let Some(c) = &doc.category
+        && (c.is_empty() || c.chars().count() > 100)
+    {
+        push("category".into(), "must be 1 to 100 characters".into());
+    }
+    if doc.timeout_seconds <= 0 {
+        push("timeout_seconds".into(), "must be > 0".into());
+    }
+    if doc.max_retries < 0 {
+        push("max_retries".into(), "must be >= 0".into());
+    }
+    if doc.retry_delay_seconds < 0 {
+        push("retry_delay_seconds".into(), "must be >= 0".into());
+    }
+    match (doc.rate_limit_count, doc.rate_limit_window_seconds) {
+        (None, None) => {}
+        (Some(c), Some(w)) => {
+            if c <= 0 {
+                push("rate_limit_count".into(), "must be > 0".into());
+            }
+            if w <= 0 {
+                push("rate_limit_window_seconds".into(), "must be > 0".into());
+            }
+        }
+        (Some(_), None) => push(
+            "rate_limit_window_seconds".into(),
+            "must be set when rate_limit_count is".into(),
+        ),
+        (None, Some(_)) => push(
+            "rate_limit_count".into(),
+            "must be set when rate_limit_window_seconds is".into(),
+        ),
+    }
+    let mut seen_roles = HashSet::new();
+    for (i, role) in doc.approval_roles.iter().enumerate() {
+        if role.parse::<Role>().is_err() {
+            push(
+                format!("approval_roles[{i}]"),
+                format!("is `{role}`; must be one of admin, engineer, operator, viewer"),
+            );
+        } else if !seen_roles.insert(role.as_str()) {
+            push(format!("approval_roles[{i}]"), format!("repeats `{role}`"));
+        }
+    }
+    if doc.requires_approval && doc.approval_roles.is_empty() {
+        push(
+            "approval_roles".into(),
+            "must name at least one role when requires_approval is true".into(),
+        );
+    }
+    if !doc.allowed_servers.is_array() {
+        push(
+            "allowed_servers".into(),
+            "must be a list of server tags, groups or names".into(),
+        );
+    }
+    if !doc.config.is_object() {
+        push("config".into(), "must be a mapping".into());
+    }
+    for name in doc.environment_vars.keys() {
+        if !valid_identifier(name) {
+            push(
+                format!("environment_vars.{name}"),
+                "must be a name of letters, digits and '_' not starting with a digit".into(),
+            );
+        } else if RESERVED_CONTEXT_NAMES.contains(&name.as_str()) {
+            push(
+                format!("environment_vars.{name}"),
+                "is a reserved template name (alert, server, vars, steps, execution)".into(),
+            );
+        }
+    }
+
+    validate_steps(doc, &mut push);
+    validate_triggers(doc, &mut push);
+    issues
+}
+
+fn validate_steps(doc: &RunbookDocument, push: &mut impl FnMut(String, String)) {
+    if doc.steps.is_empty() {
+        push("steps".into(), "must contain at least one step".into());
+    }
+    if doc.steps.len() > MAX_STEPS {
+        push(
+            "steps".into(),
+            format!("must have at most {MAX_STEPS} steps"),
+        );
+    }
+    let with_order = doc.steps.iter().filter(|s| s.order.is_some()).count();
+    if with_order != 0 && with_order != doc.steps.len() {
+        push(
+            "steps".into(),
+            "must give `order` on every step or on none".into(),
+        );
+    }
+    let mut orders: HashMap<i32, usize> = HashMap::new();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, step) in doc.steps.iter().enumerate() {
+        let p = format!("steps[{i}]");
+        if let Some(order) = step.order {
+            if order <= 0 {
+                push(format!("{p}.order"), "must be > 0".into());
+            } else if let Some(first) = orders.insert(order, i) {
+                push(
+                    format!("{p}.order"),
+                    format!("repeats order {order} of steps[{first}]"),
+                );
+            }
+        }
+        if step.name.trim().is_empty() || step.name.chars().count() > 200 {
+            push(format!("{p}.name"), "must be 1 to 200 characters".into());
+        } else if let Some(first) = names.insert(step.name.as_str(), i) {
+            push(
+                format!("{p}.name"),
+                format!("repeats the name `{}` of steps[{first}]", step.name),
+            );
+        }
+        if step.command.trim().is_empty() {
+            push(format!("{p}.command"), "must not be empty".into());
+        }
+        if step.expected_exit_codes.is_empty() {
+            push(
+                format!("{p}.expected_exit_codes"),
+                "must list at least one code".into(),
+            );
+        }
+        let mut codes = HashSet::new();
+        for (j, code) in step.expected_exit_codes.iter().enumerate() {
+            if !(0..=255).contains(code) {
+                push(
+                    format!("{p}.expected_exit_codes[{j}]"),
+                    "must be between 0 and 255".into(),
+                );
+            } else if !codes.insert(*code) {
+                push(
+                    format!("{p}.expected_exit_codes[{j}]"),
+                    format!("repeats {code}"),
+                );
+            }
+        }
+        if step.timeout_seconds <= 0 {
+            push(format!("{p}.timeout_seconds"), "must be > 0".into());
+        } else if doc.timeout_seconds > 0 && step.timeout_seconds > doc.timeout_seconds {
+            push(
+                format!("{p}.timeout_seconds"),
+                format!(
+                    "must not exceed the runbook timeout_seconds ({})",
+                    doc.timeout_seconds
+                ),
+            );
+        }
+        if step.retry_count < 0 {
+            push(format!("{p}.retry_count"), "must be >= 0".into());
+        }
+        if step.retry_delay_seconds < 0 {
+            push(format!("{p}.retry_delay_seconds"), "must be >= 0".into());
+        }
+        if step
+            .condition
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            push(
+                format!("{p}.condition"),
+                "must not be empty (omit it to always run)".into(),
+            );
+        }
+        if step
+            .rollback_command
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            push(
+                format!("{p}.rollback_command"),
+                "must not be empty (omit it when there is none)".into(),
+            );
+        }
+    }
+}
+
+fn validate_triggers(doc: &RunbookDocument, push: &mut impl FnMut(String, String)) {
+    if doc.triggers.len() > MAX_TRIGGERS {
+        push(
+            "triggers".into(),
+            format!("must have at most {MAX_TRIGGERS} triggers"),
+        );
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in doc.triggers.iter().enumerate() {
+        let p = format!("triggers[{i}]");
+        if t.name.trim().is_empty() || t.name.chars().count() > 200 {
+            push(format!("{p}.name"), "must be 1 to 200 characters".into());
+        } else if let Some(first) = names.insert(t.name.as_str(), i) {
+            push(
+                format!("{p}.name"),
+                format!("repeats the name `{}` of triggers[{first}]", t.name),
+            );
+        }
+        if t.alert_name_pattern.is_empty() {
+            push(
+                format!("{p}.alert_name_pattern"),
+                "must not be empty (use `*` for any alert)".into(),
+            );
+        } else if let Err(e) = Pattern::compile(&t.alert_name_pattern) {
+            push(format!("{p}.alert_name_pattern"), e);
+        }
+        for (field, value) in [
+            ("severity_pattern", &t.severity_pattern),
+            ("source_pattern", &t.source_pattern),
+        ] {
+            if let Some(v) = value
+                && let Err(e) = Pattern::compile(v)
+            {
+                push(format!("{p}.{field}"), e);
+            }
+        }
+        for (label, pattern) in &t.labels_match {
+            if !valid_identifier(label) {
+                push(
+                    format!("{p}.labels_match.{label}"),
+                    "is not a valid Prometheus label name".into(),
+                );
+            }
+            if let Err(e) = Pattern::compile(pattern) {
+                push(format!("{p}.labels_match.{label}"), e);
+            }
+        }
+        match (&t.time_window_start, &t.time_window_end) {
+            (None, None) => {}
+            (Some(s), Some(e)) => {
+                let start = parse_time_of_day(s);
+                let end = parse_time_of_day(e);
+                if start.is_none() {
+                    push(
+                        format!("{p}.time_window_start"),
+                        format!("is `{s}`; must be HH:MM or HH:MM:SS (24-hour, UTC)"),
+                    );
+                }
+                if end.is_none() {
+                    push(
+                        format!("{p}.time_window_end"),
+                        format!("is `{e}`; must be HH:MM or HH:MM:SS (24-hour, UTC)"),
+                    );
+                }
+                if start.is_some() && start == end {
+                    push(
+                        format!("{p}.time_window_end"),
+                        "must differ from time_window_start (omit both for always active)".into(),
+                    );
+                }
+            }
+            (Some(_), None) => push(
+                format!("{p}.time_window_end"),
+                "must be set when time_window_start is".into(),
+            ),
+            (None, Some(_)) => push(
+                format!("{p}.time_window_start"),
+                "must be set when time_window_end is".into(),
+            ),
+        }
+        if t.cooldown_seconds < 0 {
+            push(format!("{p}.cooldown_seconds"), "must be >= 0".into());
+        }
+    }
+}
+
+impl StepDocument {
+    /// The `step_order` of the step at list position `index` (0-based).
+    pub fn effective_order(&self, index: usize) -> i32 {
+        self.order
+            .unwrap_or_else(|| i32::try_from(index + 1).unwrap_or(i32::MAX))
+    }
+}
+
+/// The canonical form of a (valid) document; see the module documentation.
+pub fn canonicalize(doc: &RunbookDocument) -> RunbookDocument {
+    let mut doc = doc.clone();
+    let mut steps: Vec<(i32, StepDocument)> = doc
+        .steps
+        .drain(..)
+        .enumerate()
+        .map(|(i, s)| (s.effective_order(i), s))
+        .collect();
+    steps.sort_by_key(|(order, _)| *order);
+    let sequential = steps
+        .iter()
+        .enumerate()
+        .all(|(i, (order, _))| usize::try_from(*order).ok() == Some(i + 1));
+    doc.steps = steps
+        .into_iter()
+        .map(|(order, mut s)| {
+            s.order = if sequential { None } else { Some(order) };
+            s
+        })
+        .collect();
+    doc.approval_roles
+        .sort_by_key(|r| std::cmp::Reverse(r.parse::<Role>().ok()));
+    doc.triggers
+        .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    for t in &mut doc.triggers {
+        for bound in [&mut t.time_window_start, &mut t.time_window_end] {
+            if let Some(parsed) = bound.as_deref().and_then(parse_time_of_day) {
+                *bound = Some(format_time_of_day(parsed));
+            }
+        }
+    }
+    doc
+}
+
+/// Canonical YAML of a document (see the module documentation).
+pub fn to_canonical_yaml(doc: &RunbookDocument) -> String {
+    let canonical = canonicalize(doc);
+    // Serializing plain data (strings, integers, JSON values) into a String cannot fail.
+    serde_saphyr::to_string(&canonical).unwrap_or_else(|e| format!("# cannot serialize: {e}\n"))
+}
+
+/// A short summary of what changed between two versions of a runbook, for `runbook_versions`.
+pub fn change_summary(old: &RunbookDocument, new: &RunbookDocument) -> String {
+    let old = canonicalize(old);
+    let new = canonicalize(new);
+    let mut parts = Vec::new();
+    let top = |d: &RunbookDocument| {
+        let mut v = serde_json::to_value(d).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("steps");
+            o.remove("triggers");
+        }
+        v
+    };
+    let (old_top, new_top) = (top(&old), top(&new));
+    let fields = [
+        "name",
+        "description",
+        "category",
+        "mode",
+        "status",
+        "target_os",
+        "timeout_seconds",
+        "max_retries",
+        "retry_delay_seconds",
+        "rate_limit_count",
+        "rate_limit_window_seconds",
+        "requires_approval",
+        "approval_roles",
+        "allowed_servers",
+        "environment_vars",
+        "config",
+    ];
+    let changed: Vec<&str> = fields
+        .iter()
+        .copied()
+        .filter(|f| old_top.get(f) != new_top.get(f))
+        .collect();
+    if !changed.is_empty() {
+        parts.push(format!("changed {}", changed.join(", ")));
+    }
+    let list_changes = |what: &str, old: Vec<(&str, String)>, new: Vec<(&str, String)>| {
+        let old_map: BTreeMap<&str, &String> = old.iter().map(|(n, v)| (*n, v)).collect();
+        let new_map: BTreeMap<&str, &String> = new.iter().map(|(n, v)| (*n, v)).collect();
+        let added: Vec<String> = new
+            .iter()
+            .filter(|(n, _)| !old_map.contains_key(n))
+            .map(|(n, _)| format!("`{n}`"))
+            .collect();
+        let removed: Vec<String> = old
+            .iter()
+            .filter(|(n, _)| !new_map.contains_key(n))
+            .map(|(n, _)| format!("`{n}`"))
+            .collect();
+        let modified: Vec<String> = new
+            .iter()
+            .filter(|(n, v)| old_map.get(n).is_some_and(|o| *o != v))
+            .map(|(n, _)| format!("`{n}`"))
+            .collect();
+        let mut out = Vec::new();
+        if !added.is_empty() {
+            out.push(format!("added {what} {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            out.push(format!("removed {what} {}", removed.join(", ")));
+        }
+        if !modified.is_empty() {
+            out.push(format!("modified {what} {}", modified.join(", ")));
+        }
+        let old_names: Vec<&str> = old.iter().map(|(n, _)| *n).collect();
+        let new_names: Vec<&str> = new.iter().map(|(n, _)| *n).collect();
+        if out.is_empty() && old_names != new_names {
+            out.push(format!("reordered {what}"));
+        }
+        out
+    };
+    let step_key = |d: &RunbookDocument| -> Vec<(String, String)> {
+        d.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut s = s.clone();
+                s.order = Some(s.effective_order(i));
+                (
+                    s.name.clone(),
+                    serde_json::to_string(&s).unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let trigger_key = |d: &RunbookDocument| -> Vec<(String, String)> {
+        d.triggers
+            .iter()
+            .map(|t| (t.name.clone(), serde_json::to_string(t).unwrap_or_default()))
+            .collect()
+    };
+    let (os, ns) = (step_key(&old), step_key(&new));
+    parts.extend(list_changes(
+        "steps",
+        os.iter().map(|(n, v)| (n.as_str(), v.clone())).collect(),
+        ns.iter().map(|(n, v)| (n.as_str(), v.clone())).collect(),
+    ));
+    let (ot, nt) = (trigger_key(&old), trigger_key(&new));
+    parts.extend(list_changes(
+        "triggers",
+        ot.iter().map(|(n, v)| (n.as_str(), v.clone())).collect(),
+        nt.iter().map(|(n, v)| (n.as_str(), v.clone())).collect(),
+    ));
+    if parts.is_empty() {
+        "no changes".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "name: x\nsteps:\n  - name: a\n    command: echo hi\n";
+
+    fn doc(extra: &str) -> RunbookDocument {
+        parse_yaml(&format!("{MINIMAL}{extra}")).unwrap()
+    }
+
+    #[test]
+    fn schema_example_parses_and_validates() {
+        let text = r#"
+name: restart-service
+description: Restart a failing service
+category: service-management
+mode: semi_auto
+target_os: linux
+timeout_seconds: 300
+requires_approval: true
+approval_roles:
+  - admin
+  - engineer
+environment_vars:
+  SERVICE_NAME: "{{ alert.labels.service }}"
+
+steps:
+  - name: Check service status
+    command: systemctl status {{ SERVICE_NAME }}
+    expected_exit_codes: [0, 3]  # 3 = stopped
+    timeout_seconds: 30
+
+  - name: Restart service
+    command: sudo systemctl restart {{ SERVICE_NAME }}
+    timeout_seconds: 60
+    rollback_command: sudo systemctl stop {{ SERVICE_NAME }}
+
+triggers:
+  - name: Service down alert
+    alert_name_pattern: "ServiceDown*"
+    severity_pattern: "critical"
+    labels_match:
+      type: service
+    cooldown_seconds: 300
+"#;
+        let d = parse_yaml(text).unwrap();
+        assert_eq!(d.mode, ExecutionMode::SemiAuto);
+        assert_eq!(d.steps[0].expected_exit_codes, vec![0, 3]);
+        assert!(validate(&d).is_empty(), "{:?}", validate(&d));
+        let yaml = to_canonical_yaml(&d);
+        let again = parse_yaml(&yaml).unwrap();
+        assert_eq!(canonicalize(&d), again);
+        assert_eq!(to_canonical_yaml(&again), yaml);
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_column() {
+        let err = parse_yaml("name: x\nsteps:\n  - name: a\n   command: [\n").unwrap_err();
+        assert!(err.line.is_some(), "{err:?}");
+        let err = parse_yaml("name: x\nbogus: 1\nsteps: []\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err:?}");
+        assert!(err.message.contains("bogus"), "{err:?}");
+    }
+
+    #[test]
+    fn oversized_documents_are_refused() {
+        let big = format!(
+            "{MINIMAL}description: \"{}\"\n",
+            "a".repeat(MAX_DOCUMENT_BYTES)
+        );
+        assert!(parse_yaml(&big).unwrap_err().message.contains("exceeds"));
+    }
+
+    #[test]
+    fn locations_point_at_nested_fields() {
+        let text = "name: x\nsteps:\n  - name: a\n    command: echo\n  - name: b\n    timeout_seconds: 0\n";
+        let locs = yaml_locations(text);
+        assert_eq!(locate(&locs, "steps[1].timeout_seconds"), Some((6, 22)));
+        assert_eq!(locate(&locs, "steps[1].command"), Some((5, 5)));
+        assert_eq!(locate(&locs, "name"), Some((1, 7)));
+    }
+
+    #[test]
+    fn time_of_day_parsing() {
+        assert!(parse_time_of_day("22:00").is_some());
+        assert!(parse_time_of_day("06:30:15").is_some());
+        for bad in ["24:00", "9:00", "12:60", "noon", "12:00:00:00", ""] {
+            assert!(parse_time_of_day(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn canonical_order_is_written_only_when_needed() {
+        let d = parse_yaml(
+            "name: x\nsteps:\n  - {order: 20, name: b, command: b}\n  - {order: 10, name: a, command: a}\n",
+        )
+        .unwrap();
+        let c = canonicalize(&d);
+        assert_eq!(c.steps[0].name, "a");
+        assert_eq!(c.steps[0].order, Some(10));
+        let d = parse_yaml(
+            "name: x\nsteps:\n  - {order: 2, name: b, command: b}\n  - {order: 1, name: a, command: a}\n",
+        )
+        .unwrap();
+        let c = canonicalize(&d);
+        assert_eq!((c.steps[0].name.as_str(), c.steps[0].order), ("a", None));
+    }
+
+    #[test]
+    fn change_summary_names_what_changed() {
+        let a = doc("");
+        let mut b = a.clone();
+        b.description = Some("new".into());
+        b.steps.push(StepDocument {
+            name: "verify".into(),
+            ..a.steps[0].clone()
+        });
+        let s = change_summary(&a, &b);
+        assert!(s.contains("changed description"), "{s}");
+        assert!(s.contains("added steps `verify`"), "{s}");
+        assert_eq!(change_summary(&a, &a), "no changes");
+    }
+}

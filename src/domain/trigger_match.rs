@@ -1,0 +1,328 @@
+//! Trigger matching: does an alert start a runbook through this trigger, and if not, why not.
+//! Pure: the caller passes the alert facts, the trigger, the time of day and the last firing.
+//!
+//! Pattern syntax (alert name, severity, source and every `labels_match` value):
+//! - a glob by default: `*` any run of characters, `?` one character, `[abc]` / `[a-z]` / `[!a]`
+//!   a class; everything else literal; matched against the whole value, case-sensitively;
+//! - a regular expression when written `/.../` or `re:...` (Rust `regex` syntax), anchored at
+//!   both ends like Alertmanager's `=~`, so `re:Node.*` matches `NodeDown` but not `XNodeDown`.
+//!
+//! Time windows are in UTC; an end earlier than the start wraps midnight (`22:00`-`06:00` is
+//! active from 22:00 to 05:59:59), and the end itself is outside the window.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveTime, Utc};
+use regex::Regex;
+
+use super::runbook::{TriggerDocument, parse_time_of_day};
+
+/// A compiled trigger pattern.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    regex: Regex,
+}
+
+impl Pattern {
+    /// Compiles a glob, `/regex/` or `re:regex`; the error says what is wrong.
+    pub fn compile(source: &str) -> Result<Pattern, String> {
+        let regex_body = if let Some(body) = source.strip_prefix("re:") {
+            Some(body)
+        } else if source.len() >= 2 && source.starts_with('/') && source.ends_with('/') {
+            Some(&source[1..source.len() - 1])
+        } else {
+            None
+        };
+        let anchored = match regex_body {
+            Some(body) => format!("^(?:{body})$"),
+            None => glob_to_regex(source)?,
+        };
+        let regex = regex::RegexBuilder::new(&anchored)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| match regex_body {
+                Some(_) => format!(
+                    "is not a valid regular expression: {}",
+                    e.to_string().lines().last().unwrap_or("invalid")
+                ),
+                None => format!("is not a valid glob: {e}"),
+            })?;
+        Ok(Pattern {
+            source: source.to_owned(),
+            regex,
+        })
+    }
+
+    /// Whether the whole value matches.
+    pub fn matches(&self, value: &str) -> bool {
+        self.regex.is_match(value)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+fn glob_to_regex(glob: &str) -> Result<String, String> {
+    let mut out = String::from("^");
+    let mut chars = glob.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => out.push_str(".*"),
+            '?' => out.push('.'),
+            '[' => {
+                let mut class = String::from("[");
+                if chars.peek() == Some(&'!') {
+                    chars.next();
+                    class.push('^');
+                }
+                let mut closed = false;
+                let mut first = true;
+                for d in chars.by_ref() {
+                    if d == ']' && !first {
+                        closed = true;
+                        break;
+                    }
+                    first = false;
+                    if matches!(d, '\\' | '[' | '&' | '~' | '^') {
+                        class.push('\\');
+                    }
+                    class.push(d);
+                }
+                if !closed {
+                    return Err(format!("is not a valid glob: unclosed `[` in `{glob}`"));
+                }
+                class.push(']');
+                out.push_str(&class);
+            }
+            other => out.push_str(&regex::escape(&other.to_string())),
+        }
+    }
+    out.push('$');
+    Ok(out)
+}
+
+/// What the matcher knows about an alert.
+#[derive(Debug, Clone, Default)]
+pub struct AlertFacts {
+    /// `alertname`.
+    pub name: String,
+    /// `severity` label, when there is one.
+    pub severity: Option<String>,
+    /// Where it came from (`alertmanager`, the Prometheus job, ...).
+    pub source: Option<String>,
+    /// Every label.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The matcher's answer for one trigger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchVerdict {
+    /// Whether the trigger would fire.
+    pub matched: bool,
+    /// Why not (empty when it matched), one sentence per failed condition.
+    pub reasons: Vec<String>,
+}
+
+/// Checks a trigger against an alert at `now`, given when it last fired. Every condition is
+/// checked so the answer lists all the reasons, not only the first.
+pub fn trigger_matches(
+    trigger: &TriggerDocument,
+    alert: &AlertFacts,
+    now: DateTime<Utc>,
+    last_triggered_at: Option<DateTime<Utc>>,
+) -> MatchVerdict {
+    let mut reasons = Vec::new();
+    if !trigger.enabled {
+        reasons.push("the trigger is disabled".to_owned());
+    }
+    check_pattern(
+        &mut reasons,
+        "alert name",
+        &trigger.alert_name_pattern,
+        Some(&alert.name),
+    );
+    if let Some(p) = &trigger.severity_pattern {
+        check_pattern(&mut reasons, "severity", p, alert.severity.as_deref());
+    }
+    if let Some(p) = &trigger.source_pattern {
+        check_pattern(&mut reasons, "source", p, alert.source.as_deref());
+    }
+    for (label, pattern) in &trigger.labels_match {
+        check_pattern(
+            &mut reasons,
+            &format!("label `{label}`"),
+            pattern,
+            alert.labels.get(label).map(String::as_str),
+        );
+    }
+    if let (Some(start), Some(end)) = (&trigger.time_window_start, &trigger.time_window_end) {
+        match (parse_time_of_day(start), parse_time_of_day(end)) {
+            (Some(s), Some(e)) => {
+                if !in_window(now.time(), s, e) {
+                    reasons.push(format!(
+                        "{} UTC is outside the time window {start}-{end}",
+                        now.format("%H:%M:%S")
+                    ));
+                }
+            }
+            _ => reasons.push(format!("the time window {start}-{end} is malformed")),
+        }
+    }
+    if let Some(last) = last_triggered_at {
+        let cooldown = chrono::Duration::seconds(i64::from(trigger.cooldown_seconds));
+        if trigger.cooldown_seconds > 0 && now < last + cooldown {
+            let left = (last + cooldown - now).num_seconds();
+            reasons.push(format!(
+                "in cooldown: fired at {} and the cooldown of {}s has {left}s left",
+                last.format("%Y-%m-%dT%H:%M:%SZ"),
+                trigger.cooldown_seconds
+            ));
+        }
+    }
+    MatchVerdict {
+        matched: reasons.is_empty(),
+        reasons,
+    }
+}
+
+fn check_pattern(reasons: &mut Vec<String>, what: &str, pattern: &str, value: Option<&str>) {
+    match Pattern::compile(pattern) {
+        Err(e) => reasons.push(format!("the {what} pattern `{pattern}` {e}")),
+        Ok(p) => match value {
+            None => reasons.push(format!("the alert has no {what} (pattern `{pattern}`)")),
+            Some(v) if !p.matches(v) => {
+                reasons.push(format!("{what} `{v}` does not match `{pattern}`"))
+            }
+            Some(_) => {}
+        },
+    }
+}
+
+/// Whether `t` is in `[start, end)`, wrapping midnight when `end < start`.
+pub fn in_window(t: NaiveTime, start: NaiveTime, end: NaiveTime) -> bool {
+    if start <= end {
+        start <= t && t < end
+    } else {
+        t >= start || t < end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn trigger() -> TriggerDocument {
+        TriggerDocument {
+            name: "t".into(),
+            priority: 100,
+            alert_name_pattern: "KubePod*".into(),
+            severity_pattern: None,
+            source_pattern: None,
+            labels_match: BTreeMap::new(),
+            time_window_start: None,
+            time_window_end: None,
+            enabled: true,
+            cooldown_seconds: 0,
+        }
+    }
+
+    fn at(h: u32, m: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, h, m, 0).unwrap()
+    }
+
+    fn alert(name: &str) -> AlertFacts {
+        AlertFacts {
+            name: name.into(),
+            severity: Some("critical".into()),
+            source: Some("alertmanager".into()),
+            labels: [("job".to_owned(), "node".to_owned())].into(),
+        }
+    }
+
+    #[test]
+    fn globs_match_whole_values() {
+        let p = Pattern::compile("Node*Down").unwrap();
+        assert!(p.matches("NodeDown") && p.matches("NodeHostDown"));
+        assert!(!p.matches("XNodeDown") && !p.matches("NodeDownNow"));
+        assert!(Pattern::compile("crit?cal").unwrap().matches("critical"));
+        assert!(Pattern::compile("[wc]*").unwrap().matches("warning"));
+        assert!(!Pattern::compile("[!wc]*").unwrap().matches("warning"));
+        assert!(Pattern::compile("a.b").unwrap().matches("a.b"));
+        assert!(!Pattern::compile("a.b").unwrap().matches("axb"));
+        assert!(Pattern::compile("[oops").is_err());
+    }
+
+    #[test]
+    fn regexes_are_anchored() {
+        let p = Pattern::compile("re:Node(Filesystem|Disk).*").unwrap();
+        assert!(p.matches("NodeFilesystemAlmostOutOfSpace"));
+        assert!(!p.matches("XNodeDisk"));
+        assert!(Pattern::compile("/warn|crit/").unwrap().matches("crit"));
+        assert!(Pattern::compile("re:(unclosed").is_err());
+        assert!(Pattern::compile("/(/").is_err());
+    }
+
+    #[test]
+    fn reports_every_reason() {
+        let mut t = trigger();
+        t.severity_pattern = Some("warning".into());
+        t.labels_match.insert("job".into(), "postgres".into());
+        t.labels_match.insert("instance".into(), "*".into());
+        let v = trigger_matches(&t, &alert("NodeDown"), at(12, 0), None);
+        assert!(!v.matched);
+        assert_eq!(v.reasons.len(), 4, "{:?}", v.reasons);
+        assert!(v.reasons[0].contains("alert name `NodeDown` does not match `KubePod*`"));
+        assert!(v.reasons.iter().any(|r| r.contains("no label `instance`")));
+    }
+
+    #[test]
+    fn matches_when_everything_holds() {
+        let mut t = trigger();
+        t.alert_name_pattern = "Node*".into();
+        t.labels_match
+            .insert("job".into(), "re:node|windows".into());
+        let v = trigger_matches(&t, &alert("NodeDown"), at(12, 0), None);
+        assert!(v.matched, "{:?}", v.reasons);
+    }
+
+    #[test]
+    fn time_windows_cross_midnight() {
+        let mut t = trigger();
+        t.alert_name_pattern = "*".into();
+        t.time_window_start = Some("22:00".into());
+        t.time_window_end = Some("06:00".into());
+        for (h, m, expected) in [
+            (23, 0, true),
+            (0, 30, true),
+            (5, 59, true),
+            (6, 0, false),
+            (12, 0, false),
+            (21, 59, false),
+            (22, 0, true),
+        ] {
+            let v = trigger_matches(&t, &alert("X"), at(h, m), None);
+            assert_eq!(v.matched, expected, "{h}:{m} {:?}", v.reasons);
+        }
+        t.time_window_start = Some("09:00".into());
+        t.time_window_end = Some("17:00".into());
+        assert!(trigger_matches(&t, &alert("X"), at(9, 0), None).matched);
+        assert!(!trigger_matches(&t, &alert("X"), at(17, 0), None).matched);
+    }
+
+    #[test]
+    fn cooldown_and_disabled() {
+        let mut t = trigger();
+        t.alert_name_pattern = "*".into();
+        t.cooldown_seconds = 300;
+        let v = trigger_matches(&t, &alert("X"), at(12, 4), Some(at(12, 0)));
+        assert!(!v.matched && v.reasons[0].contains("cooldown"), "{v:?}");
+        assert!(trigger_matches(&t, &alert("X"), at(12, 5), Some(at(12, 0))).matched);
+        t.enabled = false;
+        let v = trigger_matches(&t, &alert("X"), at(12, 5), None);
+        assert_eq!(v.reasons, vec!["the trigger is disabled".to_owned()]);
+    }
+}

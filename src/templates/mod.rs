@@ -1,0 +1,700 @@
+//! Command templates: minijinja with strict undefined, a fuel limit, and every `{{ }}` value
+//! quoted for the target shell. Owns rendering (commands, rollbacks, conditions, environment
+//! variables) and the template half of runbook validation. Knows nothing about PostgreSQL, HTTP
+//! or how commands are executed.
+//!
+//! Context: `alert` (name, severity, status, source, labels, annotations, ...), `server` (id,
+//! name, hostname, port, username, os_type, environment, tags), `vars` (the runbook's
+//! `environment_vars`, rendered first from `alert`, `server` and `execution`; each also available
+//! under its own name, so `{{ SERVICE_NAME }}` and `{{ vars.SERVICE_NAME }}` are the same),
+//! `steps.<name>.stdout` / `.stderr` / `.exit_code` for earlier steps with `capture_output`, and
+//! `execution` (id, runbook, version, mode, ...).
+//!
+//! Quoting: the formatter of the command environment quotes every interpolated value
+//! (`quote::quote_posix` for Linux targets, `quote::quote_powershell` for Windows targets), so a
+//! value always arrives as exactly one literal argument; `{% autoescape false %}` does not turn
+//! it off. The only way to interpolate unquoted text is the `raw` filter, `{{ x | raw }}`, an
+//! opt-in meant for trusted fragments (a flag list the runbook itself defines), visible in
+//! review. The `safe`, `escape` and `e` filters are removed so that `raw` is the one spelling.
+//! Environment variables are rendered as plain text (they are data) and quoted when a command
+//! uses them. Conditions are minijinja expressions, evaluated for truth.
+
+pub mod placement;
+pub mod quote;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use minijinja::value::{Object, Serde, Value};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
+use serde::Serialize;
+
+use crate::domain::runbook::{Issue, RunbookDocument, TargetOs, validate};
+pub use placement::{Shell, check_placement};
+
+/// Fuel (instructions) one render or condition may use; stops runaway loops.
+pub const FUEL: u64 = 100_000;
+/// Largest rendered command, in bytes.
+pub const MAX_RENDERED_BYTES: usize = 64 * 1024;
+
+/// Names every template may use besides the context (minijinja's global functions).
+const GLOBAL_FUNCTIONS: [&str; 3] = ["range", "dict", "namespace"];
+
+/// A template that cannot be compiled or rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// The template does not parse.
+    #[error("template syntax error: {0}")]
+    Syntax(String),
+    /// Rendering failed: an undefined value, a NUL byte, out of fuel, ...
+    #[error("cannot render: {0}")]
+    Render(String),
+    /// The rendered command is too long.
+    #[error("the rendered command is {0} bytes, over the limit of {MAX_RENDERED_BYTES}")]
+    TooLong(usize),
+}
+
+fn describe(e: &Error) -> String {
+    let detail = e
+        .detail()
+        .map(str::to_owned)
+        .unwrap_or_else(|| e.kind().to_string());
+    match e.line() {
+        Some(line) => format!("{detail} (line {line})"),
+        None => detail,
+    }
+}
+
+/// The captured result of an earlier step.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepOutput {
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Exit code.
+    pub exit_code: i32,
+}
+
+/// What templates see, before the runbook's own variables are added.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateContext {
+    /// The alert (JSON object).
+    pub alert: serde_json::Value,
+    /// The target server (JSON object, no secrets).
+    pub server: serde_json::Value,
+    /// The execution (JSON object).
+    pub execution: serde_json::Value,
+    /// Outputs of earlier captured steps, by step name.
+    pub steps: BTreeMap<String, StepOutput>,
+}
+
+/// The marker the `raw` filter wraps its value in; the formatter writes it unquoted.
+#[derive(Debug)]
+struct RawText(String);
+
+impl Object for RawText {
+    fn repr(self: &Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Plain
+    }
+
+    fn render(self: &Arc<Self>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn raw_filter(value: Value) -> Value {
+    Value::from_object(RawText(value.to_string()))
+}
+
+fn plain_text(value: &Value) -> String {
+    if value.is_none() {
+        String::new()
+    } else if let Some(raw) = value.downcast_object_ref::<RawText>() {
+        raw.0.clone()
+    } else {
+        value.to_string()
+    }
+}
+
+fn base_environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(FUEL));
+    env.set_recursion_limit(50);
+    for unsafe_filter in ["safe", "escape", "e"] {
+        env.remove_filter(unsafe_filter);
+    }
+    env.add_filter("raw", raw_filter);
+    env
+}
+
+/// Renders and checks the templates of runbooks for one target shell.
+pub struct Renderer {
+    shell: Shell,
+    commands: Environment<'static>,
+    text: Environment<'static>,
+}
+
+impl Renderer {
+    /// A renderer quoting for `target`.
+    pub fn new(target: TargetOs) -> Renderer {
+        let shell = match target {
+            TargetOs::Linux => Shell::Posix,
+            TargetOs::Windows => Shell::PowerShell,
+        };
+        let mut commands = base_environment();
+        let name = match shell {
+            Shell::Posix => "posix-sh",
+            Shell::PowerShell => "powershell",
+        };
+        commands.set_auto_escape_callback(move |_| AutoEscape::Custom(name.into()));
+        commands.set_formatter(move |out, _state, value| {
+            // Deliberately ignores the auto-escape state: nothing in a template can turn
+            // quoting off except the `raw` filter.
+            let text = if let Some(raw) = value.downcast_object_ref::<RawText>() {
+                raw.0.clone()
+            } else {
+                let plain = plain_text(value);
+                let quoted = match shell {
+                    Shell::Posix => quote::quote_posix(&plain),
+                    Shell::PowerShell => quote::quote_powershell(&plain),
+                };
+                quoted.map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?
+            };
+            out.write_str(&text)
+                .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the output"))
+        });
+        let mut text = base_environment();
+        text.set_formatter(|out, _state, value| {
+            out.write_str(&plain_text(value))
+                .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the output"))
+        });
+        Renderer {
+            shell,
+            commands,
+            text,
+        }
+    }
+
+    /// The shell commands are quoted for.
+    pub fn shell(&self) -> Shell {
+        self.shell
+    }
+
+    fn base_value(ctx: &TemplateContext, vars: Option<&BTreeMap<String, String>>) -> Value {
+        let mut map: BTreeMap<String, Value> = BTreeMap::new();
+        if let Some(vars) = vars {
+            for (k, v) in vars {
+                map.insert(k.clone(), Value::from(v.clone()));
+            }
+            map.insert("vars".into(), Value::from(Serde(vars)));
+        }
+        map.insert("alert".into(), Value::from(Serde(&ctx.alert)));
+        map.insert("server".into(), Value::from(Serde(&ctx.server)));
+        map.insert("execution".into(), Value::from(Serde(&ctx.execution)));
+        map.insert("steps".into(), Value::from(Serde(&ctx.steps)));
+        Value::from(Serde(&map))
+    }
+
+    /// Renders the runbook's environment variables (plain text, no quoting). They may use
+    /// `alert`, `server` and `execution`. On failure, returns the variable's name and the error.
+    pub fn render_vars(
+        &self,
+        vars: &BTreeMap<String, String>,
+        ctx: &TemplateContext,
+    ) -> Result<BTreeMap<String, String>, (String, TemplateError)> {
+        let value = Self::base_value(ctx, None);
+        let mut out = BTreeMap::new();
+        for (name, source) in vars {
+            let tmpl = self
+                .text
+                .template_from_str(source)
+                .map_err(|e| (name.clone(), TemplateError::Syntax(describe(&e))))?;
+            let rendered = tmpl
+                .render(&value)
+                .map_err(|e| (name.clone(), TemplateError::Render(describe(&e))))?;
+            out.insert(name.clone(), rendered);
+        }
+        Ok(out)
+    }
+
+    /// Renders a command (or rollback) template with every value quoted.
+    pub fn render_command(
+        &self,
+        source: &str,
+        ctx: &TemplateContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<String, TemplateError> {
+        let tmpl = self
+            .commands
+            .template_from_str(source)
+            .map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        let rendered = tmpl
+            .render(Self::base_value(ctx, Some(vars)))
+            .map_err(|e| TemplateError::Render(describe(&e)))?;
+        if rendered.len() > MAX_RENDERED_BYTES {
+            return Err(TemplateError::TooLong(rendered.len()));
+        }
+        Ok(rendered)
+    }
+
+    /// Evaluates a condition expression for truth.
+    pub fn eval_condition(
+        &self,
+        source: &str,
+        ctx: &TemplateContext,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<bool, TemplateError> {
+        let expr = self
+            .text
+            .compile_expression(source)
+            .map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        let value = expr
+            .eval(Self::base_value(ctx, Some(vars)))
+            .map_err(|e| TemplateError::Render(describe(&e)))?;
+        Ok(value.is_true())
+    }
+}
+
+/// Every check of a runbook: the structural ones of `domain::runbook::validate`, then template
+/// syntax, `{{ }}` placement, variables referenced but never defined, `steps.<name>` references
+/// and conditions. Paths use the document's list positions (0-based).
+pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
+    let mut issues = validate(doc);
+    let renderer = Renderer::new(doc.target_os);
+    let var_names: HashSet<&str> = doc.environment_vars.keys().map(String::as_str).collect();
+
+    for (name, source) in &doc.environment_vars {
+        let path = format!("environment_vars.{name}");
+        match renderer.text.template_from_str(source) {
+            Err(e) => issues.push(Issue::new(
+                path,
+                format!("has a template syntax error: {}", describe(&e)),
+            )),
+            Ok(tmpl) => {
+                for root in sorted(tmpl.undeclared_variables(false)) {
+                    if !["alert", "server", "execution"].contains(&root.as_str())
+                        && !GLOBAL_FUNCTIONS.contains(&root.as_str())
+                    {
+                        issues.push(Issue::new(
+                            path.clone(),
+                            format!(
+                                "refers to `{root}`; environment variables may use alert, server and execution only"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    let mut captured_before: HashSet<&str> = HashSet::new();
+    let mut earlier: HashSet<&str> = HashSet::new();
+    for (i, step) in doc.steps.iter().enumerate() {
+        let scope = Scope {
+            vars: &var_names,
+            captured: &captured_before,
+            earlier: &earlier,
+        };
+        let commands = [
+            ("command", Some(step.command.as_str())),
+            ("rollback_command", step.rollback_command.as_deref()),
+        ];
+        for (field, source) in commands {
+            let Some(source) = source else { continue };
+            let path = format!("steps[{i}].{field}");
+            match renderer.commands.template_from_str(source) {
+                Err(e) => issues.push(Issue::new(
+                    path,
+                    format!(
+                        "has a template syntax error in step `{}`: {}",
+                        step.name,
+                        describe(&e)
+                    ),
+                )),
+                Ok(tmpl) => {
+                    if let Err(e) = check_placement(source, renderer.shell) {
+                        issues.push(Issue::new(
+                            path.clone(),
+                            format!("in step `{}`: {e}", step.name),
+                        ));
+                    }
+                    scope.check(
+                        &mut issues,
+                        &path,
+                        &step.name,
+                        tmpl.undeclared_variables(false),
+                        tmpl.undeclared_variables(true),
+                    );
+                }
+            }
+        }
+        if let Some(condition) = &step.condition {
+            let path = format!("steps[{i}].condition");
+            match renderer.text.compile_expression(condition) {
+                Err(e) => issues.push(Issue::new(
+                    path,
+                    format!("does not compile in step `{}`: {}", step.name, describe(&e)),
+                )),
+                Ok(expr) => scope.check(
+                    &mut issues,
+                    &path,
+                    &step.name,
+                    expr.undeclared_variables(false),
+                    expr.undeclared_variables(true),
+                ),
+            }
+        }
+        earlier.insert(step.name.as_str());
+        if step.capture_output {
+            captured_before.insert(step.name.as_str());
+        }
+    }
+    issues
+}
+
+fn sorted(set: HashSet<String>) -> Vec<String> {
+    let mut v: Vec<String> = set.into_iter().collect();
+    v.sort();
+    v
+}
+
+struct Scope<'a> {
+    vars: &'a HashSet<&'a str>,
+    captured: &'a HashSet<&'a str>,
+    earlier: &'a HashSet<&'a str>,
+}
+
+impl Scope<'_> {
+    fn check(
+        &self,
+        issues: &mut Vec<Issue>,
+        path: &str,
+        step: &str,
+        roots: HashSet<String>,
+        nested: HashSet<String>,
+    ) {
+        for root in sorted(roots) {
+            let known = ["alert", "server", "execution", "steps", "vars"].contains(&root.as_str())
+                || GLOBAL_FUNCTIONS.contains(&root.as_str())
+                || self.vars.contains(root.as_str());
+            if !known {
+                issues.push(Issue::new(
+                    path,
+                    format!(
+                        "in step `{step}` refers to `{root}`, which is never defined (define it in environment_vars)"
+                    ),
+                ));
+            }
+        }
+        for dotted in sorted(nested) {
+            let mut parts = dotted.split('.');
+            match (parts.next(), parts.next()) {
+                (Some("vars"), Some(name)) if !self.vars.contains(name) => issues.push(Issue::new(
+                    path,
+                    format!(
+                        "in step `{step}` refers to `vars.{name}`, which is never defined in environment_vars"
+                    ),
+                )),
+                (Some("steps"), Some(name)) if !self.captured.contains(name) => {
+                    let why = if self.earlier.contains(name) {
+                        "that step does not set capture_output: true"
+                    } else {
+                        "no earlier step has that name"
+                    };
+                    issues.push(Issue::new(
+                        path,
+                        format!("in step `{step}` refers to `steps.{name}`, but {why}"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A condition's outcome in a dry run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditionOutcome {
+    /// The expression.
+    pub expression: String,
+    /// Its value, or why it could not be evaluated.
+    pub result: Result<bool, String>,
+}
+
+/// One step as a dry run renders it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedStep {
+    /// Step order.
+    pub order: i32,
+    /// Step name.
+    pub name: String,
+    /// The condition, when the step has one.
+    pub condition: Option<ConditionOutcome>,
+    /// The command as it would run, or why it cannot be rendered.
+    pub command: Result<String, String>,
+    /// The rollback command, when the step has one.
+    pub rollback_command: Option<Result<String, String>>,
+}
+
+/// A whole runbook rendered without running anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedRunbook {
+    /// The environment variables, or the first that failed.
+    pub vars: Result<BTreeMap<String, String>, String>,
+    /// Every step in order.
+    pub steps: Vec<RenderedStep>,
+}
+
+/// Renders every step of a runbook for a dry run. Earlier captured steps have not run, so
+/// `steps.<name>.stdout` is the placeholder `<stdout of step NAME>` and `exit_code` is 0.
+pub fn render_dry_run(doc: &RunbookDocument, ctx: &TemplateContext) -> RenderedRunbook {
+    let renderer = Renderer::new(doc.target_os);
+    let canonical = crate::domain::runbook::canonicalize(doc);
+    let vars = renderer
+        .render_vars(&doc.environment_vars, ctx)
+        .map_err(|(name, e)| format!("environment_vars.{name}: {e}"));
+    let vars_or_empty = vars.clone().unwrap_or_default();
+    let mut ctx = ctx.clone();
+    let mut steps = Vec::new();
+    for (i, step) in canonical.steps.iter().enumerate() {
+        let render = |source: &str| {
+            renderer
+                .render_command(source, &ctx, &vars_or_empty)
+                .map_err(|e| e.to_string())
+        };
+        steps.push(RenderedStep {
+            order: step.effective_order(i),
+            name: step.name.clone(),
+            condition: step.condition.as_ref().map(|c| ConditionOutcome {
+                expression: c.clone(),
+                result: renderer
+                    .eval_condition(c, &ctx, &vars_or_empty)
+                    .map_err(|e| e.to_string()),
+            }),
+            command: render(&step.command),
+            rollback_command: step.rollback_command.as_deref().map(render),
+        });
+        if step.capture_output {
+            ctx.steps.insert(
+                step.name.clone(),
+                StepOutput {
+                    stdout: format!("<stdout of step {}>", step.name),
+                    stderr: String::new(),
+                    exit_code: 0,
+                },
+            );
+        }
+    }
+    RenderedRunbook { vars, steps }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::runbook::parse_yaml;
+
+    fn ctx() -> TemplateContext {
+        TemplateContext {
+            alert: serde_json::json!({
+                "name": "NodeDown",
+                "labels": {"service": "nginx", "evil": "$(id)", "n": 5},
+            }),
+            server: serde_json::json!({"hostname": "web-1"}),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn values_are_quoted_by_default() {
+        let r = Renderer::new(TargetOs::Linux);
+        let vars = BTreeMap::new();
+        let out = r
+            .render_command(
+                "echo {{ alert.labels.evil }} {{ alert.labels.service }} {{ alert.labels.n }}",
+                &ctx(),
+                &vars,
+            )
+            .unwrap();
+        assert_eq!(out, "echo '$(id)' nginx 5");
+        let out = r
+            .render_command(
+                "{% autoescape false %}echo {{ alert.labels.evil }}{% endautoescape %}",
+                &ctx(),
+                &vars,
+            )
+            .unwrap();
+        assert_eq!(
+            out, "echo '$(id)'",
+            "autoescape blocks cannot disable quoting"
+        );
+        let out = r
+            .render_command("{% set x %}$(id) {% endset %}echo {{ x }}", &ctx(), &vars)
+            .unwrap();
+        assert_eq!(
+            out, "echo '$(id) '",
+            "captured blocks (safe strings) are still quoted"
+        );
+    }
+
+    #[test]
+    fn raw_is_the_only_opt_out() {
+        let r = Renderer::new(TargetOs::Linux);
+        let out = r
+            .render_command(
+                "ls {{ '-la --color=never' | raw }}",
+                &ctx(),
+                &BTreeMap::new(),
+            )
+            .unwrap();
+        assert_eq!(out, "ls -la --color=never");
+        for removed in ["safe", "escape", "e"] {
+            let err = r
+                .render_command(
+                    &format!("echo {{{{ alert.name | {removed} }}}}"),
+                    &ctx(),
+                    &BTreeMap::new(),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(err, TemplateError::Syntax(_) | TemplateError::Render(_)),
+                "{removed}"
+            );
+        }
+    }
+
+    #[test]
+    fn powershell_targets_get_powershell_quoting() {
+        let r = Renderer::new(TargetOs::Windows);
+        let out = r
+            .render_command(
+                "Restart-Service -Name {{ alert.labels.evil }}",
+                &ctx(),
+                &BTreeMap::new(),
+            )
+            .unwrap();
+        assert_eq!(out, "Restart-Service -Name '$(id)'");
+    }
+
+    #[test]
+    fn strict_undefined_and_fuel() {
+        let r = Renderer::new(TargetOs::Linux);
+        let err = r
+            .render_command("echo {{ alert.labels.missing }}", &ctx(), &BTreeMap::new())
+            .unwrap_err();
+        assert!(matches!(err, TemplateError::Render(_)), "{err:?}");
+        let err = r
+            .render_command(
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                &ctx(),
+                &BTreeMap::new(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
+    }
+
+    #[test]
+    fn vars_render_as_text_and_are_quoted_in_commands() {
+        let r = Renderer::new(TargetOs::Linux);
+        let vars: BTreeMap<String, String> =
+            [("SVC".to_owned(), "{{ alert.labels.evil }}-x".to_owned())].into();
+        let rendered = r.render_vars(&vars, &ctx()).unwrap();
+        assert_eq!(rendered["SVC"], "$(id)-x");
+        let out = r
+            .render_command("echo {{ SVC }} {{ vars.SVC }}", &ctx(), &rendered)
+            .unwrap();
+        assert_eq!(out, "echo '$(id)-x' '$(id)-x'");
+    }
+
+    #[test]
+    fn conditions_evaluate() {
+        let r = Renderer::new(TargetOs::Linux);
+        let vars = BTreeMap::new();
+        assert!(
+            r.eval_condition("alert.labels.service == 'nginx'", &ctx(), &vars)
+                .unwrap()
+        );
+        assert!(
+            !r.eval_condition("alert.labels.n > 10", &ctx(), &vars)
+                .unwrap()
+        );
+        assert!(
+            r.eval_condition("alert.labels.nope is defined", &ctx(), &vars)
+                .is_ok()
+        );
+    }
+
+    fn issues(yaml: &str) -> Vec<String> {
+        validate_runbook(&parse_yaml(yaml).unwrap())
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn template_validation_names_the_step() {
+        let found = issues("name: x\nsteps:\n  - name: broken\n    command: echo {{ alert.name \n");
+        assert!(
+            found[0].starts_with("steps[0].command has a template syntax error in step `broken`"),
+            "{found:?}"
+        );
+        let found =
+            issues("name: x\nsteps:\n  - name: q\n    command: echo \"{{ alert.name }}\"\n");
+        assert!(found[0].contains("inside double quotes"), "{found:?}");
+        let found = issues(
+            "name: x\nsteps:\n  - name: u\n    command: echo {{ SERVICE }} {{ vars.OTHER }}\n",
+        );
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].contains("refers to `SERVICE`, which is never defined"),
+            "{found:?}"
+        );
+        assert!(found[1].contains("`vars.OTHER`"), "{found:?}");
+        let found = issues(
+            "name: x\nsteps:\n  - name: c\n    command: 'true'\n    condition: alert.name ==\n",
+        );
+        assert!(
+            found[0].starts_with("steps[0].condition does not compile in step `c`"),
+            "{found:?}"
+        );
+        let found = issues(
+            "name: x\nsteps:\n  - name: a\n    command: 'true'\n  - name: b\n    command: echo {{ steps.a.stdout }}\n",
+        );
+        assert!(
+            found[0].contains("does not set capture_output"),
+            "{found:?}"
+        );
+        let found = issues(
+            "name: x\nenvironment_vars:\n  A: '{{ vars.B }}'\nsteps:\n  - name: a\n    command: 'true'\n",
+        );
+        assert!(
+            found[0].starts_with("environment_vars.A refers to `vars`"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn dry_run_renders_with_placeholders() {
+        let doc = parse_yaml(
+            "name: x\nenvironment_vars:\n  SVC: '{{ alert.labels.service }}'\nsteps:\n  - name: check\n    command: systemctl is-active -- {{ SVC }}\n    capture_output: true\n  - name: restart\n    condition: steps.check.stdout != 'active'\n    command: systemctl restart -- {{ SVC }}\n    rollback_command: systemctl stop -- {{ SVC }}\n",
+        )
+        .unwrap();
+        assert!(
+            validate_runbook(&doc).is_empty(),
+            "{:?}",
+            validate_runbook(&doc)
+        );
+        let out = render_dry_run(&doc, &ctx());
+        assert_eq!(
+            out.steps[0].command,
+            Ok("systemctl is-active -- nginx".into())
+        );
+        assert_eq!(out.steps[1].condition.as_ref().unwrap().result, Ok(true));
+        assert_eq!(
+            out.steps[1].rollback_command,
+            Some(Ok("systemctl stop -- nginx".into()))
+        );
+    }
+}

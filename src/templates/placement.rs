@@ -1,0 +1,306 @@
+//! Where `{{ }}` may stand in a command: only where the shell reads plain words.
+//!
+//! Interpolated values arrive already quoted (`quote`). Inside shell quotes, a comment, a heredoc
+//! body, backticks or a PowerShell here-string that quoting no longer holds: `"{{ x }}"` with
+//! `x = $(id)` renders `"'$(id)'"` and the shell runs `id`; after `#`, a value with a newline ends
+//! the comment and its second line runs. So a template that puts `{{ }}` in any of those places
+//! is rejected at validation, whatever the value. The scanner reads the template's literal text
+//! with the target shell's quoting rules and skips `{% %}` and `{# #}` blocks.
+
+/// The shell a command template is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shell {
+    /// POSIX `sh` (Linux targets).
+    Posix,
+    /// PowerShell (Windows targets).
+    PowerShell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Word,
+    SingleQuoted,
+    DoubleQuoted,
+    AnsiCQuoted,
+    Backticks,
+    Comment,
+    BlockComment,
+    Heredoc,
+    HereString { double: bool },
+}
+
+impl State {
+    fn describe(self) -> &'static str {
+        match self {
+            State::Word => "a word",
+            State::SingleQuoted => "single quotes",
+            State::DoubleQuoted => "double quotes",
+            State::AnsiCQuoted => "$'...' quotes",
+            State::Backticks => "backticks",
+            State::Comment | State::BlockComment => "a comment",
+            State::Heredoc => "a heredoc body",
+            State::HereString { .. } => "a here-string",
+        }
+    }
+}
+
+/// `{{ }}` found where the shell does not read plain words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{{{{ }}}}` at line {line}, column {column} of the command is inside {context}; \
+     interpolated values are quoted already, so write them as plain words outside quotes"
+)]
+pub struct Misplaced {
+    /// 1-based line within the template.
+    pub line: usize,
+    /// 1-based column within the template.
+    pub column: usize,
+    /// Where it was found (`double quotes`, `a comment`, ...).
+    pub context: &'static str,
+}
+
+/// Checks every `{{` of a template against the shell's quoting state at that point.
+pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
+    let chars: Vec<char> = source.chars().collect();
+    let mut state = State::Word;
+    let mut at_word_start = true;
+    let mut pending_heredocs: Vec<(String, bool)> = Vec::new();
+    let mut heredoc: Option<(String, bool)> = None;
+    let mut line = 1;
+    let mut line_start = 0;
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        // Template syntax first: it is not shell text.
+        if c == '{' && matches!(next, Some('%') | Some('#')) {
+            let close = if next == Some('%') { '%' } else { '#' };
+            let mut j = i + 2;
+            while j + 1 < chars.len() && !(chars[j] == close && chars[j + 1] == '}') {
+                j += 1;
+            }
+            i = j + 2;
+            continue;
+        }
+        if c == '{' && next == Some('{') {
+            if state != State::Word {
+                return Err(Misplaced {
+                    line,
+                    column: i - line_start + 1,
+                    context: state.describe(),
+                });
+            }
+            let mut j = i + 2;
+            while j + 1 < chars.len() && !(chars[j] == '}' && chars[j + 1] == '}') {
+                j += 1;
+            }
+            i = j + 2;
+            at_word_start = false;
+            continue;
+        }
+        if c == '\n' {
+            line += 1;
+            line_start = i + 1;
+            match state {
+                State::Comment => state = State::Word,
+                State::Word if !pending_heredocs.is_empty() => {
+                    heredoc = Some(pending_heredocs.remove(0));
+                    state = State::Heredoc;
+                }
+                State::Heredoc => {}
+                _ => {}
+            }
+            if state == State::Heredoc {
+                // Does the line that starts here end the heredoc?
+                let end = chars[i + 1..]
+                    .iter()
+                    .position(|&c| c == '\n')
+                    .map_or(chars.len(), |p| i + 1 + p);
+                let text: String = chars[i + 1..end].iter().collect();
+                if let Some((delimiter, strip_tabs)) = &heredoc {
+                    let candidate = if *strip_tabs {
+                        text.trim_start_matches('\t')
+                    } else {
+                        text.as_str()
+                    };
+                    if candidate == delimiter {
+                        i = end;
+                        heredoc = None;
+                        state = if pending_heredocs.is_empty() {
+                            State::Word
+                        } else {
+                            heredoc = Some(pending_heredocs.remove(0));
+                            State::Heredoc
+                        };
+                        at_word_start = true;
+                        continue;
+                    }
+                }
+            }
+            at_word_start = true;
+            i += 1;
+            continue;
+        }
+        match shell {
+            Shell::Posix => match state {
+                State::Word => match c {
+                    '\\' => i += 1,
+                    '\'' => state = State::SingleQuoted,
+                    '"' => state = State::DoubleQuoted,
+                    '`' => state = State::Backticks,
+                    '$' if next == Some('\'') => {
+                        state = State::AnsiCQuoted;
+                        i += 1;
+                    }
+                    '#' if at_word_start => state = State::Comment,
+                    '<' if next == Some('<') && chars.get(i + 2) != Some(&'<') => {
+                        let (delimiter, strip_tabs, consumed) = heredoc_delimiter(&chars[i + 2..]);
+                        if !delimiter.is_empty() {
+                            pending_heredocs.push((delimiter, strip_tabs));
+                        }
+                        i += 1 + consumed;
+                    }
+                    _ => {}
+                },
+                State::SingleQuoted if c == '\'' => state = State::Word,
+                State::DoubleQuoted | State::Backticks | State::AnsiCQuoted if c == '\\' => i += 1,
+                State::DoubleQuoted if c == '"' => state = State::Word,
+                State::AnsiCQuoted if c == '\'' => state = State::Word,
+                State::Backticks if c == '`' => state = State::Word,
+                _ => {}
+            },
+            Shell::PowerShell => match state {
+                State::Word => match c {
+                    '`' => i += 1,
+                    '\'' => state = State::SingleQuoted,
+                    '"' => state = State::DoubleQuoted,
+                    '@' if next == Some('\'') || next == Some('"') => {
+                        state = State::HereString {
+                            double: next == Some('"'),
+                        };
+                        i += 1;
+                    }
+                    '<' if next == Some('#') => {
+                        state = State::BlockComment;
+                        i += 1;
+                    }
+                    '#' if at_word_start => state = State::Comment,
+                    _ => {}
+                },
+                State::SingleQuoted if is_powershell_single_quote(c) => state = State::Word,
+                State::DoubleQuoted if c == '`' => i += 1,
+                State::DoubleQuoted if c == '"' => state = State::Word,
+                State::BlockComment if c == '#' && next == Some('>') => {
+                    state = State::Word;
+                    i += 1;
+                }
+                State::HereString { double } => {
+                    let quote = if double { '"' } else { '\'' };
+                    let starts_line = i == line_start;
+                    if starts_line && c == quote && next == Some('@') {
+                        state = State::Word;
+                        i += 1;
+                    }
+                }
+                _ => {}
+            },
+        }
+        at_word_start = c.is_whitespace() || matches!(c, ';' | '|' | '&' | '(' | ')');
+        i += 1;
+    }
+    Ok(())
+}
+
+fn is_powershell_single_quote(c: char) -> bool {
+    matches!(c, '\'' | '\u{2018}' | '\u{2019}' | '\u{201A}' | '\u{201B}')
+}
+
+/// Reads the delimiter after `<<` (with `-`, blanks and quotes); returns it, whether leading tabs
+/// are stripped, and how many characters were read.
+fn heredoc_delimiter(rest: &[char]) -> (String, bool, usize) {
+    let mut i = 0;
+    let strip_tabs = rest.first() == Some(&'-');
+    if strip_tabs {
+        i += 1;
+    }
+    while rest.get(i).is_some_and(|c| *c == ' ' || *c == '\t') {
+        i += 1;
+    }
+    let mut delimiter = String::new();
+    while let Some(&c) = rest.get(i) {
+        if c.is_whitespace() || matches!(c, ';' | '|' | '&' | '<' | '>' | '(' | ')') {
+            break;
+        }
+        if !matches!(c, '\'' | '"' | '\\') {
+            delimiter.push(c);
+        }
+        i += 1;
+    }
+    (delimiter, strip_tabs, i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn posix(s: &str) -> Result<(), Misplaced> {
+        check_placement(s, Shell::Posix)
+    }
+
+    #[test]
+    fn plain_words_are_fine() {
+        assert!(posix("systemctl restart -- {{ vars.SERVICE }}").is_ok());
+        assert!(posix("echo 'fixed text' {{ x }} \"more\" {{ y }}").is_ok());
+        assert!(posix("echo \"it's\" {{ x }}").is_ok());
+        assert!(posix("echo $(cat {{ file }})").is_ok());
+        assert!(posix("{% if x %}echo 'a'{% endif %} {{ y }}").is_ok());
+        assert!(
+            posix("a#b {{ x }}").is_ok(),
+            "# inside a word is not a comment"
+        );
+        assert!(posix("cat <<'EOF'\nliteral\nEOF\necho {{ x }}").is_ok());
+        assert!(
+            posix("echo {{ \"it's\" }}").is_ok(),
+            "quotes inside the tag are template syntax"
+        );
+    }
+
+    #[test]
+    fn quoted_contexts_are_rejected() {
+        for (src, context) in [
+            ("echo '{{ x }}'", "single quotes"),
+            ("echo \"{{ x }}\"", "double quotes"),
+            ("echo \"a \\\" {{ x }}\"", "double quotes"),
+            ("echo $'{{ x }}'", "$'...' quotes"),
+            ("echo `cat {{ x }}`", "backticks"),
+            ("echo ok # note {{ x }}", "a comment"),
+            ("cat <<EOF\n{{ x }}\nEOF", "a heredoc body"),
+            ("cat <<-EOF\n\t{{ x }}\n\tEOF", "a heredoc body"),
+            ("sh -c 'systemctl restart {{ x }}'", "single quotes"),
+        ] {
+            let err = posix(src).unwrap_err();
+            assert_eq!(err.context, context, "{src}");
+        }
+        let err = posix("echo ok\necho \"{{ x }}\"").unwrap_err();
+        assert_eq!((err.line, err.column), (2, 7));
+    }
+
+    #[test]
+    fn powershell_contexts() {
+        let ps = |s| check_placement(s, Shell::PowerShell);
+        assert!(ps("Restart-Service -Name {{ vars.SERVICE }} -Force").is_ok());
+        assert!(ps("Write-Output 'it''s' {{ x }}").is_ok());
+        assert_eq!(
+            ps("Write-Output \"{{ x }}\"").unwrap_err().context,
+            "double quotes"
+        );
+        assert_eq!(
+            ps("Write-Output '{{ x }}'").unwrap_err().context,
+            "single quotes"
+        );
+        assert_eq!(ps("# {{ x }}").unwrap_err().context, "a comment");
+        assert_eq!(ps("<# {{ x }} #>").unwrap_err().context, "a comment");
+        assert_eq!(ps("@'\n{{ x }}\n'@").unwrap_err().context, "a here-string");
+        assert!(ps("@'\nfixed\n'@\n{{ x }}").is_ok());
+    }
+}
