@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod domain;
 pub mod exec;
 pub mod queue;
+pub mod servers;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -16,6 +16,11 @@ use serde_json::{Value, json};
 /// with it; allowed roles anything but 401/403 (201, 404, 409, 422 are all fine).
 const BODIES: &[(&str, &str)] = &[
     (
+        "server_create",
+        r#"{"name": "rbac-server", "hostname": "127.0.0.1", "username": "root", "auth_type": "password", "password": "pw"}"#,
+    ),
+    ("server_update", r#"{"environment": "staging"}"#),
+    (
         "auth_login",
         r#"{"username": "nobody", "password": "wrong-password"}"#,
     ),

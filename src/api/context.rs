@@ -22,9 +22,24 @@ pub struct AppState {
     pub pool: PgPool,
     /// The configuration the process started with.
     pub config: Arc<Config>,
+    /// Keys for stored secrets; `None` when none is configured (secrets cannot be written).
+    pub secrets: Option<Arc<crate::crypto::secrets::Keyring>>,
 }
 
 impl AppState {
+    /// State for a pool and a configuration; loads the secret keyring the configuration names.
+    pub fn new(
+        pool: PgPool,
+        config: Arc<Config>,
+    ) -> Result<AppState, crate::crypto::secrets::SecretError> {
+        let secrets = crate::crypto::secrets::Keyring::from_config(&config)?.map(Arc::new);
+        Ok(AppState {
+            pool,
+            config,
+            secrets,
+        })
+    }
+
     /// Identity settings derived from the configuration.
     pub fn auth_settings(&self) -> AuthSettings {
         AuthSettings {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod jobs;
 pub mod pagination;
 pub mod runbooks;
+pub mod servers;
 pub mod stats;
 pub mod system;
 pub mod system_config;
@@ -52,6 +53,8 @@ pub enum Tag {
     CircuitBreakers,
     /// Execution statistics.
     Stats,
+    /// Managed servers, their credentials and connection tests.
+    Servers,
 }
 
 /// The path prefix of the typed API.
@@ -87,6 +90,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
         stats::StatsApi {
             state: state.clone(),
         },
+        servers::ServersApi {
+            state: state.clone(),
+        },
     );
     OpenApiService::new(apis, "aiops", crate::VERSION)
         .description(
@@ -116,6 +122,7 @@ pub fn spec_json() -> String {
     let state = AppState {
         pool,
         config: Arc::new(Config::default()),
+        secrets: None,
     };
     let mut spec = service(&state).spec();
     spec.push('\n');

@@ -37,7 +37,7 @@ impl Application {
         Ok(Application {
             acceptor,
             addr,
-            state: AppState { pool, config },
+            state: AppState::new(pool, config).map_err(std::io::Error::other)?,
         })
     }
 

@@ -130,6 +130,10 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let pool = fresh_pool().await;
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        // A fixed test key so that endpoints storing secrets work; tests may replace it.
+        secret_key: Some(
+            "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f".to_owned(),
+        ),
         ..Config::default()
     };
     adjust(&mut config);
