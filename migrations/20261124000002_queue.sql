@@ -87,5 +87,5 @@ CREATE TABLE queue_cron (
     name        varchar(100) PRIMARY KEY,
     schedule    varchar(255) NOT NULL,
     last_tick   timestamptz NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now()
+    fired_at    timestamptz NOT NULL DEFAULT now()
 );

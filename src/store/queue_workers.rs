@@ -140,7 +140,7 @@ pub async fn cron_advance(
     tick: DateTime<Utc>,
 ) -> StoreResult<bool> {
     let done = sqlx::query(
-        "UPDATE queue_cron SET last_tick = $2, updated_at = now() \
+        "UPDATE queue_cron SET last_tick = $2, fired_at = now() \
          WHERE name = $1 AND last_tick < $2",
     )
     .bind(name)
