@@ -1,6 +1,7 @@
 //! Command-line entry points. Thin: each subcommand loads configuration, sets up logging and
 //! calls into `startup`, `store`, `api` or `worker`.
 
+pub mod secrets;
 mod user;
 
 use std::path::PathBuf;
@@ -47,6 +48,12 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document of this build (the one committed under openapi/).
     Openapi,
+    /// Generate secret keys and rotate stored secrets to the current key.
+    Secrets {
+        /// What to do.
+        #[command(subcommand)]
+        command: secrets::SecretsCommand,
+    },
     /// Manage user accounts directly in the database.
     User {
         /// What to do.
@@ -125,6 +132,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             print!("{}", crate::api::spec_json());
             Ok(())
         }
+        Command::Secrets { command } => match command {
+            secrets::SecretsCommand::GenerateKey { .. } => {
+                secrets::run(command, &config, None).await
+            }
+            secrets::SecretsCommand::Rotate => {
+                let pool = connect(&config).await?;
+                secrets::run(command, &config, Some(&pool)).await
+            }
+        },
         Command::User { command } => {
             let pool = connect(&config).await?;
             user::run(command, &pool).await

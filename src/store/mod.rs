@@ -8,6 +8,7 @@ pub mod breakers;
 pub mod executions;
 pub mod login_attempts;
 pub mod runbooks;
+pub mod secrets;
 pub mod servers;
 pub mod stats;
 pub mod system_config;
