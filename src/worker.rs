@@ -8,6 +8,18 @@ use sqlx::PgPool;
 /// misconfigured worker fails at start instead of idling silently.
 pub async fn run(pool: PgPool, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     sqlx::query("SELECT 1").execute(&pool).await?;
+    // Poll the shutdown future once before announcing the start, so that its signal handlers are
+    // installed by then: a SIGTERM right after "worker started" must stop us cleanly.
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("worker stopped before it started");
+            return Ok(());
+        }
+        () = std::future::ready(()) => {}
+    }
     tracing::info!("worker started");
     shutdown.await;
     tracing::info!("worker stopped");
