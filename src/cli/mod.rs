@@ -1,6 +1,7 @@
 //! Command-line entry points. Thin: each subcommand loads configuration, sets up logging and
 //! calls into `startup`, `store`, `api` or `worker`.
 
+pub mod runbook;
 pub mod secrets;
 mod user;
 
@@ -53,6 +54,12 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: secrets::SecretsCommand,
+    },
+    /// Runbooks as code: validate, apply, export, diff and dry-run YAML files.
+    Runbook {
+        /// What to do.
+        #[command(subcommand)]
+        command: runbook::RunbookCommand,
     },
     /// Manage user accounts directly in the database.
     User {
@@ -141,6 +148,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 secrets::run(command, &config, Some(&pool)).await
             }
         },
+        Command::Runbook { command } => runbook::run(command, &config).await,
         Command::User { command } => {
             let pool = connect(&config).await?;
             user::run(command, &pool).await
@@ -173,6 +181,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
 async fn up_with_database(config: Config) -> anyhow::Result<()> {
     let pool = connect(&config).await?;
     store::migrate(&pool).await.context("migration failed")?;
+    runbook::apply_workflows_at_start(&pool, &config.workflows_dir).await?;
     if let Some(admin) = startup::ensure_first_admin(&pool).await? {
         println!("First admin created. Save these credentials now; they are not shown again:");
         println!("  username: {}", admin.username);

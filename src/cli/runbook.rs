@@ -1,0 +1,480 @@
+//! `aiops runbook validate | apply | export | diff | dry-run`: runbooks as code.
+//!
+//! `validate`, `diff` (of two files) and `dry-run` work offline on files. `apply`, `export` and
+//! `diff` of one file (against what is stored) talk to the database named by DATABASE_URL
+//! directly, like `aiops user`, and audit every change with no user and `source: cli`. A path may
+//! be a file or a folder (its `*.yaml` / `*.yml` files, sorted by name, not recursive).
+//! Problems are printed as `file:line:column: message`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde::Deserialize;
+use sqlx::PgPool;
+
+use crate::api::runbooks::{SampleAlert, dry_run_report, unified_diff};
+use crate::config::Config;
+use crate::domain::runbook::{
+    RunbookDocument, locate, parse_yaml, to_canonical_yaml, yaml_locations,
+};
+use crate::store::{self, audit::NewAuditEntry};
+use crate::templates::validate_runbook;
+
+/// Runbook subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RunbookCommand {
+    /// Check files or folders offline; prints every problem as file:line:column: message.
+    Validate {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Create or update runbooks by name from files or folders (DATABASE_URL). Idempotent: an
+    /// unchanged document makes no new version.
+    Apply {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Also delete stored runbooks whose names are not in these files.
+        #[arg(long)]
+        prune: bool,
+        /// Change summary for the new versions (default: generated from what changed).
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Print stored runbooks as canonical YAML, or write them to a folder (DATABASE_URL).
+    Export {
+        /// Runbook names (default: all).
+        names: Vec<String>,
+        /// Write NAME.yaml files into this folder instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Unified diff of the canonical YAML of two files, or of one file against the stored
+    /// runbook of the same name (DATABASE_URL).
+    Diff {
+        /// The old side (or the only file).
+        old: PathBuf,
+        /// The new side.
+        new: Option<PathBuf>,
+    },
+    /// Render every step for a sample alert without running anything, and show which triggers
+    /// would match and why not.
+    DryRun {
+        /// The runbook file.
+        path: PathBuf,
+        /// YAML or JSON file with the alert: name, severity, source, labels, annotations.
+        #[arg(long, value_name = "FILE")]
+        alert: PathBuf,
+        /// Host name of the sample server.
+        #[arg(long, default_value = "localhost")]
+        host: String,
+        /// Time to evaluate trigger windows at (RFC 3339; default now).
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+/// A file that was read and checked.
+struct Loaded {
+    path: PathBuf,
+    doc: RunbookDocument,
+}
+
+/// Expands folders into their YAML files, sorted.
+fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot read folder {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(path.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and validates one file; returns the problems as `file:line:column: message` lines.
+fn load_file(path: &Path) -> Result<RunbookDocument, Vec<String>> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
+    let doc = parse_yaml(&text).map_err(|e| {
+        vec![match (e.line, e.column) {
+            (Some(l), Some(c)) => format!("{shown}:{l}:{c}: {}", e.message),
+            _ => format!("{shown}: {}", e.message),
+        }]
+    })?;
+    let issues = validate_runbook(&doc);
+    if issues.is_empty() {
+        return Ok(doc);
+    }
+    let locations = yaml_locations(&text);
+    Err(issues
+        .iter()
+        .map(|i| match locate(&locations, &i.path) {
+            Some((l, c)) => format!("{shown}:{l}:{c}: {i}"),
+            None => format!("{shown}: {i}"),
+        })
+        .collect())
+}
+
+/// Loads every file; prints every problem and fails when there is any, including two files
+/// with the same runbook name.
+fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Loaded>> {
+    let files = expand(paths)?;
+    if files.is_empty() {
+        bail!("no runbook files (*.yaml, *.yml) found");
+    }
+    let mut loaded = Vec::new();
+    let mut problems = Vec::new();
+    let mut names: HashMap<String, PathBuf> = HashMap::new();
+    for path in files {
+        match load_file(&path) {
+            Ok(doc) => {
+                if let Some(first) = names.insert(doc.name.clone(), path.clone()) {
+                    problems.push(format!(
+                        "{}: runbook name `{}` is also used by {}",
+                        path.display(),
+                        doc.name,
+                        first.display()
+                    ));
+                }
+                loaded.push(Loaded { path, doc });
+            }
+            Err(p) => problems.extend(p),
+        }
+    }
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    if !problems.is_empty() {
+        bail!("{} problem(s) found", problems.len());
+    }
+    Ok(loaded)
+}
+
+/// What applying a set of documents did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// One line per runbook: `created NAME v1`, `updated NAME v3: ...`, `unchanged NAME v2`,
+    /// `deleted NAME`.
+    pub lines: Vec<String>,
+}
+
+/// Applies documents in one transaction, auditing each change with `source`; with `prune`,
+/// deletes stored runbooks not among them.
+pub async fn apply_documents(
+    pool: &PgPool,
+    docs: &[RunbookDocument],
+    prune: bool,
+    message: Option<&str>,
+    source: &str,
+) -> anyhow::Result<ApplyReport> {
+    let mut tx = pool.begin().await?;
+    let mut report = ApplyReport::default();
+    for doc in docs {
+        let out = store::runbooks::runbook_apply(&mut tx, doc, message, None)
+            .await
+            .with_context(|| format!("cannot apply runbook `{}`", doc.name))?;
+        if out.changed {
+            store::audit::audit_insert(
+                &mut tx,
+                &NewAuditEntry {
+                    user_id: None,
+                    action: "runbook_apply",
+                    resource_type: "runbook",
+                    resource_id: Some(out.id),
+                    details: serde_json::json!({
+                        "name": doc.name,
+                        "created": out.created,
+                        "version": out.version,
+                        "change_summary": out.change_summary,
+                        "source": source,
+                    }),
+                    ip_address: None,
+                },
+            )
+            .await?;
+        }
+        report.lines.push(match (out.created, out.changed) {
+            (true, _) => format!("created {} v{}", doc.name, out.version),
+            (false, true) => format!(
+                "updated {} v{}: {}",
+                doc.name,
+                out.version,
+                out.change_summary.unwrap_or_default()
+            ),
+            (false, false) => format!("unchanged {} v{}", doc.name, out.version),
+        });
+    }
+    if prune {
+        let keep: HashSet<&str> = docs.iter().map(|d| d.name.as_str()).collect();
+        for (id, name) in store::runbooks::runbook_names(&mut tx).await? {
+            if keep.contains(name.as_str()) {
+                continue;
+            }
+            store::runbooks::runbook_delete(&mut tx, id).await?;
+            store::audit::audit_insert(
+                &mut tx,
+                &NewAuditEntry {
+                    user_id: None,
+                    action: "runbook_delete",
+                    resource_type: "runbook",
+                    resource_id: Some(id),
+                    details: serde_json::json!({ "name": name, "source": source, "pruned": true }),
+                    ip_address: None,
+                },
+            )
+            .await?;
+            report.lines.push(format!("deleted {name}"));
+        }
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// `aiops up`: applies the workflows folder when it exists (no prune). Invalid files stop the
+/// start with their `file:line:column` problems printed.
+pub async fn apply_workflows_at_start(pool: &PgPool, dir: &Path) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        tracing::info!(dir = %dir.display(), "no workflows folder; nothing to apply");
+        return Ok(());
+    }
+    let loaded = load_all(&[dir.to_path_buf()])
+        .with_context(|| format!("runbooks in {} are invalid", dir.display()))?;
+    let docs: Vec<RunbookDocument> = loaded.into_iter().map(|l| l.doc).collect();
+    let report = apply_documents(pool, &docs, false, None, "startup").await?;
+    for line in &report.lines {
+        tracing::info!(dir = %dir.display(), "{line}");
+    }
+    Ok(())
+}
+
+/// The alert file of `dry-run`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertFile {
+    name: String,
+    severity: Option<String>,
+    source: Option<String>,
+    status: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Runs a runbook subcommand.
+pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()> {
+    match command {
+        RunbookCommand::Validate { paths } => {
+            let loaded = load_all(&paths)?;
+            for l in &loaded {
+                println!("{}: ok ({})", l.path.display(), l.doc.name);
+            }
+            Ok(())
+        }
+        RunbookCommand::Apply {
+            paths,
+            prune,
+            message,
+        } => {
+            let loaded = load_all(&paths)?;
+            let docs: Vec<RunbookDocument> = loaded.into_iter().map(|l| l.doc).collect();
+            let pool = super::connect(config).await?;
+            let report = apply_documents(&pool, &docs, prune, message.as_deref(), "cli").await?;
+            for line in report.lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        RunbookCommand::Export { names, out } => {
+            let pool = super::connect(config).await?;
+            let mut conn = pool.acquire().await?;
+            let stored = store::runbooks::runbook_names(&mut conn).await?;
+            let wanted: Vec<(uuid::Uuid, String)> = if names.is_empty() {
+                stored
+            } else {
+                let by_name: HashMap<String, uuid::Uuid> =
+                    stored.into_iter().map(|(id, n)| (n, id)).collect();
+                let mut picked = Vec::new();
+                for name in names {
+                    let id = by_name
+                        .get(&name)
+                        .with_context(|| format!("no runbook named `{name}`"))?;
+                    picked.push((*id, name));
+                }
+                picked
+            };
+            if let Some(dir) = &out {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            for (i, (id, name)) in wanted.iter().enumerate() {
+                let Some(runbook) = store::runbooks::runbook_load(&mut conn, *id).await? else {
+                    continue;
+                };
+                let yaml = to_canonical_yaml(&runbook.document());
+                match &out {
+                    Some(dir) => {
+                        let file = dir.join(format!("{name}.yaml"));
+                        std::fs::write(&file, &yaml)
+                            .with_context(|| format!("cannot write {}", file.display()))?;
+                        println!("wrote {}", file.display());
+                    }
+                    None => {
+                        if i > 0 {
+                            println!("---");
+                        }
+                        print!("{yaml}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        RunbookCommand::Diff { old, new } => {
+            let old_loaded = load_all(std::slice::from_ref(&old))?;
+            let [old_doc] = <[Loaded; 1]>::try_from(old_loaded)
+                .map_err(|_| anyhow::anyhow!("diff takes files, not folders"))?;
+            let (old_text, old_name, new_text, new_name) = match new {
+                Some(new) => {
+                    let new_loaded = load_all(std::slice::from_ref(&new))?;
+                    let [new_doc] = <[Loaded; 1]>::try_from(new_loaded)
+                        .map_err(|_| anyhow::anyhow!("diff takes files, not folders"))?;
+                    (
+                        to_canonical_yaml(&old_doc.doc),
+                        old.display().to_string(),
+                        to_canonical_yaml(&new_doc.doc),
+                        new.display().to_string(),
+                    )
+                }
+                None => {
+                    let pool = super::connect(config).await?;
+                    let mut conn = pool.acquire().await?;
+                    let stored =
+                        match store::runbooks::runbook_get_by_name(&mut conn, &old_doc.doc.name)
+                            .await?
+                        {
+                            Some(row) => store::runbooks::runbook_load(&mut conn, row.id)
+                                .await?
+                                .map(|s| (s.row.version, to_canonical_yaml(&s.document()))),
+                            None => None,
+                        };
+                    let (label, text) = match stored {
+                        Some((v, text)) => (format!("{}@v{v} (stored)", old_doc.doc.name), text),
+                        None => (format!("{} (not stored)", old_doc.doc.name), String::new()),
+                    };
+                    (
+                        text,
+                        label,
+                        to_canonical_yaml(&old_doc.doc),
+                        old.display().to_string(),
+                    )
+                }
+            };
+            print!(
+                "{}",
+                unified_diff(&old_text, &new_text, &old_name, &new_name)
+            );
+            Ok(())
+        }
+        RunbookCommand::DryRun {
+            path,
+            alert,
+            host,
+            at,
+        } => {
+            let loaded = load_all(std::slice::from_ref(&path))?;
+            let [runbook] = <[Loaded; 1]>::try_from(loaded)
+                .map_err(|_| anyhow::anyhow!("dry-run takes one file"))?;
+            let text = std::fs::read_to_string(&alert)
+                .with_context(|| format!("cannot read {}", alert.display()))?;
+            let a: AlertFile = serde_saphyr::from_str(&text).map_err(|e| {
+                let pos = e
+                    .location()
+                    .map(|l| format!("{}:{}:", l.line(), l.column()))
+                    .unwrap_or_default();
+                anyhow::anyhow!("{}:{pos} {}", alert.display(), e.without_snippet())
+            })?;
+            let sample = SampleAlert {
+                name: a.name,
+                severity: a.severity,
+                source: a.source,
+                status: a.status,
+                labels: Some(a.labels),
+                annotations: Some(a.annotations),
+            };
+            let server = serde_json::json!({
+                "name": host, "hostname": host, "port": 22,
+                "os_type": runbook.doc.target_os.as_str(), "tags": [],
+            });
+            let report = dry_run_report(
+                &runbook.doc,
+                &sample,
+                server,
+                0,
+                at.unwrap_or_else(chrono::Utc::now),
+                &HashMap::new(),
+            );
+            print_dry_run(&report);
+            Ok(())
+        }
+    }
+}
+
+fn print_dry_run(report: &crate::api::runbooks::DryRunReport) {
+    println!("runbook {} (dry run, nothing executed)", report.runbook);
+    if let Some(e) = &report.vars_error {
+        println!("  variables: ERROR {e}");
+    }
+    for (k, v) in &report.vars {
+        println!("  var {k} = {v:?}");
+    }
+    for s in &report.steps {
+        println!("step {} {}", s.order, s.name);
+        if let Some(c) = &s.condition {
+            match (&s.condition_result, &s.condition_error) {
+                (Some(r), _) => println!("  when {c} -> {r}"),
+                (_, Some(e)) => println!("  when {c} -> ERROR {e}"),
+                _ => {}
+            }
+        }
+        match (&s.command, &s.command_error) {
+            (Some(c), _) => println!("  run: {c}"),
+            (_, Some(e)) => println!("  run: ERROR {e}"),
+            _ => {}
+        }
+        match (&s.rollback_command, &s.rollback_error) {
+            (Some(c), _) => println!("  rollback: {c}"),
+            (_, Some(e)) => println!("  rollback: ERROR {e}"),
+            _ => {}
+        }
+    }
+    for t in &report.triggers {
+        if t.matched {
+            println!("trigger {:?} (priority {}): matches", t.name, t.priority);
+        } else {
+            println!(
+                "trigger {:?} (priority {}): no match: {}",
+                t.name,
+                t.priority,
+                t.reasons.join("; ")
+            );
+        }
+    }
+    match &report.matched_trigger {
+        Some(t) => println!("would start through trigger {t:?}"),
+        None => println!("no trigger matches this alert"),
+    }
+    for n in &report.notes {
+        println!("note: {n}");
+    }
+}

@@ -1,0 +1,208 @@
+//! `aiops runbook ...` as a user runs it: the real binary, real files, real PostgreSQL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_aiops");
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aiops-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn aiops(dir: &Path, database_url: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AIOPS_DATA_DIR", dir)
+        .env("AIOPS_LOG", "warn")
+        .current_dir(dir)
+        .arg("runbook")
+        .args(args);
+    if let Some(url) = database_url {
+        cmd.env("DATABASE_URL", url);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const GOOD: &str = "name: cli-one\nsteps:\n  - name: a\n    command: echo {{ alert.name }}\ntriggers:\n  - name: t\n    alert_name_pattern: 'Node*'\n";
+
+#[test]
+fn validate_prints_file_line_column() {
+    let dir = temp_dir("rb-validate");
+    std::fs::write(dir.join("good.yaml"), GOOD).unwrap();
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "name: cli-bad\nsteps:\n  - name: a\n    command: 'true'\n    timeout_seconds: -5\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "name: cli-broken\nsteps:\n  - name: [a\n    command: x\n",
+    )
+    .unwrap();
+    let out = aiops(&dir, None, &["validate", "."]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("./bad.yaml:5:22: steps[0].timeout_seconds must be > 0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with("./broken.yaml:")
+            && l.split(':')
+                .nth(1)
+                .is_some_and(|n| n.parse::<u32>().is_ok())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("good.yaml"), "{stderr}");
+
+    let out = aiops(&dir, None, &["validate", "good.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("good.yaml: ok (cli-one)"));
+
+    // Shipped workflows validate offline.
+    let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    let out = aiops(&dir, None, &["validate", workflows.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn diff_and_dry_run_work_offline() {
+    let dir = temp_dir("rb-offline");
+    std::fs::write(dir.join("old.yaml"), GOOD).unwrap();
+    std::fs::write(
+        dir.join("new.yaml"),
+        GOOD.replace("echo {{", "printf '%s\\n' {{"),
+    )
+    .unwrap();
+    let out = aiops(&dir, None, &["diff", "old.yaml", "new.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let diff = text(&out.stdout);
+    assert!(
+        diff.contains("--- old.yaml") && diff.contains("+++ new.yaml"),
+        "{diff}"
+    );
+    assert!(diff.contains("-  command: echo {{ alert.name }}"), "{diff}");
+
+    std::fs::write(
+        dir.join("alert.yaml"),
+        "name: NodeDown\nlabels:\n  instance: 'a$(id)'\n",
+    )
+    .unwrap();
+    let out = aiops(
+        &dir,
+        None,
+        &["dry-run", "new.yaml", "--alert", "alert.yaml"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(report.contains("run: printf '%s\\n' NodeDown"), "{report}");
+    assert!(
+        report.contains("would start through trigger \"t\""),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn apply_folder_is_idempotent_prunes_on_request_and_exports() {
+    let url = common::fresh_database_url().await;
+    let pool = aiops::store::connect(&url, 2).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    let dir = temp_dir("rb-apply");
+    let flows = dir.join("flows");
+    std::fs::create_dir_all(&flows).unwrap();
+    std::fs::write(flows.join("one.yaml"), GOOD).unwrap();
+    std::fs::write(flows.join("two.yaml"), GOOD.replace("cli-one", "cli-two")).unwrap();
+
+    let out = aiops(&dir, Some(&url), &["apply", "flows"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "created cli-one v1\ncreated cli-two v1\n"
+    );
+
+    let out = aiops(&dir, Some(&url), &["apply", "flows"]);
+    assert_eq!(
+        text(&out.stdout),
+        "unchanged cli-one v1\nunchanged cli-two v1\n"
+    );
+
+    std::fs::remove_file(flows.join("two.yaml")).unwrap();
+    std::fs::write(flows.join("one.yaml"), GOOD.replace("'Node*'", "'Host*'")).unwrap();
+    let out = aiops(&dir, Some(&url), &["apply", "flows"]);
+    assert_eq!(
+        text(&out.stdout),
+        "updated cli-one v2: modified triggers `t`\n",
+        "without --prune nothing is deleted"
+    );
+    let out = aiops(&dir, Some(&url), &["apply", "--prune", "flows"]);
+    assert_eq!(text(&out.stdout), "unchanged cli-one v2\ndeleted cli-two\n");
+
+    let out = aiops(&dir, Some(&url), &["export", "cli-one"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let exported = text(&out.stdout);
+    let doc = aiops::domain::runbook::parse_yaml(
+        &std::fs::read_to_string(flows.join("one.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(exported, aiops::domain::runbook::to_canonical_yaml(&doc));
+
+    // Diff of a file against what is stored.
+    std::fs::write(dir.join("edited.yaml"), GOOD.replace("'Node*'", "'Disk*'")).unwrap();
+    let out = aiops(&dir, Some(&url), &["diff", "edited.yaml"]);
+    let diff = text(&out.stdout);
+    assert!(diff.contains("--- cli-one@v2 (stored)"), "{diff}");
+    assert!(diff.contains("+  alert_name_pattern: Disk*"), "{diff}");
+
+    // Every change was audited as coming from the CLI.
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action IN ('runbook_apply', 'runbook_delete') \
+         AND details_json->>'source' = 'cli'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 4);
+
+    // An invalid file stops the whole apply before anything is written.
+    std::fs::write(flows.join("zzz.yaml"), "name: cli-z\nsteps: []\n").unwrap();
+    let out = aiops(&dir, Some(&url), &["apply", "flows"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("flows/zzz.yaml:2:1: steps must contain at least one step"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn up_applies_the_workflows_folder() {
+    let pool = common::fresh_pool().await;
+    let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    aiops::cli::runbook::apply_workflows_at_start(&pool, &workflows)
+        .await
+        .unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM runbooks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let files = std::fs::read_dir(&workflows).unwrap().count() as i64;
+    assert_eq!(count, files);
+    // A second start writes no new versions.
+    aiops::cli::runbook::apply_workflows_at_start(&pool, &workflows)
+        .await
+        .unwrap();
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM runbook_versions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(versions, files);
+}
