@@ -251,48 +251,53 @@ pub struct RunbookSpec {
 impl RunbookSpec {
     /// The domain document, defaults applied.
     pub fn into_document(self) -> RunbookDocument {
-        let d = parse_defaults();
+        use crate::domain::runbook as d;
         RunbookDocument {
             name: self.name,
             description: self.description,
             category: self.category,
-            mode: self.mode.map(Into::into).unwrap_or(d.mode),
-            status: self.status.map(Into::into).unwrap_or(d.status),
-            target_os: self.target_os.map(Into::into).unwrap_or(d.target_os),
-            timeout_seconds: self.timeout_seconds.unwrap_or(d.timeout_seconds),
-            max_retries: self.max_retries.unwrap_or(d.max_retries),
-            retry_delay_seconds: self.retry_delay_seconds.unwrap_or(d.retry_delay_seconds),
+            mode: self.mode.map(Into::into).unwrap_or_default(),
+            status: self.status.map(Into::into).unwrap_or_default(),
+            target_os: self.target_os.map(Into::into).unwrap_or_default(),
+            timeout_seconds: self
+                .timeout_seconds
+                .unwrap_or_else(d::default_runbook_timeout),
+            max_retries: self.max_retries.unwrap_or(0),
+            retry_delay_seconds: self
+                .retry_delay_seconds
+                .unwrap_or_else(d::default_runbook_retry_delay),
             rate_limit_count: self.rate_limit_count,
             rate_limit_window_seconds: self.rate_limit_window_seconds,
-            requires_approval: self.requires_approval.unwrap_or(d.requires_approval),
-            approval_roles: self.approval_roles.unwrap_or(d.approval_roles),
-            allowed_servers: self.allowed_servers.unwrap_or(d.allowed_servers),
+            requires_approval: self.requires_approval.unwrap_or(false),
+            approval_roles: self
+                .approval_roles
+                .unwrap_or_else(d::default_approval_roles),
+            allowed_servers: self
+                .allowed_servers
+                .unwrap_or_else(d::default_allowed_servers),
             environment_vars: self.environment_vars.unwrap_or_default(),
-            config: self.config.unwrap_or(d.config),
+            config: self.config.unwrap_or_else(d::default_config),
             steps: self
                 .steps
                 .into_iter()
-                .map(|s| {
-                    let ds = &d.steps[0];
-                    StepDocument {
-                        order: s.order,
-                        name: s.name,
-                        description: s.description,
-                        command: s.command,
-                        expected_exit_codes: s
-                            .expected_exit_codes
-                            .unwrap_or_else(|| ds.expected_exit_codes.clone()),
-                        timeout_seconds: s.timeout_seconds.unwrap_or(ds.timeout_seconds),
-                        continue_on_failure: s.continue_on_failure.unwrap_or(false),
-                        condition: s.condition,
-                        rollback_command: s.rollback_command,
-                        retry_count: s.retry_count.unwrap_or(0),
-                        retry_delay_seconds: s
-                            .retry_delay_seconds
-                            .unwrap_or(ds.retry_delay_seconds),
-                        capture_output: s.capture_output.unwrap_or(false),
-                        sensitive: s.sensitive.unwrap_or(false),
-                    }
+                .map(|s| StepDocument {
+                    order: s.order,
+                    name: s.name,
+                    description: s.description,
+                    command: s.command,
+                    expected_exit_codes: s
+                        .expected_exit_codes
+                        .unwrap_or_else(d::default_exit_codes),
+                    timeout_seconds: s.timeout_seconds.unwrap_or_else(d::default_step_timeout),
+                    continue_on_failure: s.continue_on_failure.unwrap_or(false),
+                    condition: s.condition,
+                    rollback_command: s.rollback_command,
+                    retry_count: s.retry_count.unwrap_or(0),
+                    retry_delay_seconds: s
+                        .retry_delay_seconds
+                        .unwrap_or_else(d::default_step_retry_delay),
+                    capture_output: s.capture_output.unwrap_or(false),
+                    sensitive: s.sensitive.unwrap_or(false),
                 })
                 .collect(),
             triggers: self
@@ -301,7 +306,7 @@ impl RunbookSpec {
                 .into_iter()
                 .map(|t| TriggerDocument {
                     name: t.name,
-                    priority: t.priority.unwrap_or(d.triggers[0].priority),
+                    priority: t.priority.unwrap_or_else(d::default_priority),
                     alert_name_pattern: t.alert_name_pattern,
                     severity_pattern: t.severity_pattern,
                     source_pattern: t.source_pattern,
@@ -373,15 +378,6 @@ impl RunbookSpec {
             ),
         }
     }
-}
-
-/// The defaults of the YAML format, read from the format itself so there is one source.
-fn parse_defaults() -> RunbookDocument {
-    // A constant document that always parses; the defaults are serde's.
-    parse_yaml(
-        "name: d\nsteps:\n  - {name: s, command: c}\ntriggers:\n  - {name: t, alert_name_pattern: x}\n",
-    )
-    .unwrap_or_else(|_| unreachable!("the defaults document parses"))
 }
 
 /// A stored runbook.

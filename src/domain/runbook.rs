@@ -129,31 +129,40 @@ impl TargetOs {
     }
 }
 
-fn default_runbook_timeout() -> i32 {
+/// Default of the field of that name.
+pub fn default_runbook_timeout() -> i32 {
     300
 }
-fn default_runbook_retry_delay() -> i32 {
+/// Default of the field of that name.
+pub fn default_runbook_retry_delay() -> i32 {
     60
 }
-fn default_approval_roles() -> Vec<String> {
+/// Default of the field of that name.
+pub fn default_approval_roles() -> Vec<String> {
     vec!["admin".to_owned(), "engineer".to_owned()]
 }
-fn default_allowed_servers() -> serde_json::Value {
+/// Default of the field of that name.
+pub fn default_allowed_servers() -> serde_json::Value {
     serde_json::Value::Array(Vec::new())
 }
-fn default_config() -> serde_json::Value {
+/// Default of the field of that name.
+pub fn default_config() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
-fn default_exit_codes() -> Vec<i32> {
+/// Default of the field of that name.
+pub fn default_exit_codes() -> Vec<i32> {
     vec![0]
 }
-fn default_step_timeout() -> i32 {
+/// Default of the field of that name.
+pub fn default_step_timeout() -> i32 {
     60
 }
-fn default_step_retry_delay() -> i32 {
+/// Default of the field of that name.
+pub fn default_step_retry_delay() -> i32 {
     5
 }
-fn default_priority() -> i32 {
+/// Default of the field of that name.
+pub fn default_priority() -> i32 {
     100
 }
 fn default_true() -> bool {
