@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod exec;
+pub mod queue;
 pub mod servers;
 pub mod startup;
 pub mod store;

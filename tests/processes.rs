@@ -157,6 +157,18 @@ async fn up_without_postgres_binaries_names_the_package() {
 async fn worker_connects_and_stops_cleanly_on_sigterm() {
     let url = common::fresh_database_url().await;
     let dir = temp_dir("worker");
+    // A worker refuses a database whose migrations are not applied, naming the fix.
+    let out = aiops(&dir)
+        .env("DATABASE_URL", &url)
+        .arg("worker")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aiops migrate"));
+    let pool = aiops::store::connect(&url, 2).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    pool.close().await;
     let mut child = aiops(&dir)
         .env("DATABASE_URL", &url)
         .env("AIOPS_LOG", "info")

@@ -11,6 +11,7 @@ pub mod blackouts;
 pub mod breakers;
 pub mod context;
 pub mod error;
+pub mod jobs;
 pub mod pagination;
 pub mod runbooks;
 pub mod servers;
@@ -42,6 +43,8 @@ pub enum Tag {
     Audit,
     /// Global settings.
     SystemConfig,
+    /// The job queue: jobs, counts and workers.
+    Queue,
     /// Runbook definitions, versions, YAML import/export and dry runs.
     Runbooks,
     /// Maintenance windows during which runbooks do not run.
@@ -70,6 +73,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         system_config::SystemConfigApi {
+            state: state.clone(),
+        },
+        jobs::JobsApi {
             state: state.clone(),
         },
         runbooks::RunbooksApi {

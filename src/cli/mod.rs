@@ -44,7 +44,7 @@ pub enum Command {
         migrate: bool,
     },
     /// Run a worker that claims and runs jobs (stateless; run several on any hosts).
-    Worker,
+    Worker(WorkerArgs),
     /// Apply pending database migrations and exit.
     Migrate,
     /// Print the OpenAPI document of this build (the one committed under openapi/).
@@ -67,6 +67,70 @@ pub enum Command {
         #[command(subcommand)]
         command: user::UserCommand,
     },
+}
+
+/// Worker settings (each also readable from the environment variable named in its help).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Jobs run at once.
+    #[arg(long, env = "AIOPS_WORKER_CONCURRENCY", default_value_t = 10)]
+    pub concurrency: usize,
+    /// Lease length in seconds: a job whose worker dies is rescued this long after its last
+    /// heartbeat (heartbeats run every third of it).
+    #[arg(long, env = "AIOPS_WORKER_LEASE_SECONDS", default_value_t = 30.0)]
+    pub lease_seconds: f64,
+    /// Polling fallback in milliseconds when no wake-up notification arrives.
+    #[arg(long, env = "AIOPS_WORKER_POLL_MS", default_value_t = 2000)]
+    pub poll_ms: u64,
+    /// How often rescue, cron and the worker heartbeat run, in milliseconds.
+    #[arg(long, env = "AIOPS_WORKER_MAINTENANCE_MS", default_value_t = 5000)]
+    pub maintenance_ms: u64,
+    /// On SIGTERM, seconds running jobs may take before they are released to other workers.
+    #[arg(long, env = "AIOPS_WORKER_GRACE_SECONDS", default_value_t = 30.0)]
+    pub grace_seconds: f64,
+    /// Finished jobs are deleted this many hours after they finished.
+    #[arg(long, env = "AIOPS_JOB_RETENTION_HOURS", default_value_t = 168)]
+    pub retention_hours: u64,
+    /// Register the `test.*` job kinds (for the queue's process-level tests only).
+    #[arg(long, hide = true, env = "AIOPS_WORKER_TEST_KINDS")]
+    pub test_kinds: bool,
+}
+
+impl WorkerArgs {
+    /// The defaults, overridden by the environment (for `aiops up`, which has no worker flags).
+    pub fn from_env() -> anyhow::Result<WorkerArgs> {
+        use clap::{Args, FromArgMatches};
+        let matches = WorkerArgs::augment_args(clap::Command::new("worker"))
+            .try_get_matches_from(["worker"])?;
+        Ok(WorkerArgs::from_arg_matches(&matches)?)
+    }
+
+    /// The worker options these arguments describe.
+    pub fn options(&self) -> anyhow::Result<crate::worker::WorkerOptions> {
+        let secs = |name: &str, v: f64| {
+            std::time::Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--{name} must be a positive number of seconds"))
+        };
+        let lease = secs("lease-seconds", self.lease_seconds)?;
+        anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        let queue = crate::queue::WorkerConfig {
+            concurrency: self.concurrency,
+            lease,
+            heartbeat_interval: lease / 3,
+            poll_interval: std::time::Duration::from_millis(self.poll_ms.max(10)),
+            maintenance_interval: std::time::Duration::from_millis(self.maintenance_ms.max(10)),
+            grace_period: std::time::Duration::try_from_secs_f64(self.grace_seconds)
+                .context("--grace-seconds must be a non-negative number")?,
+            ..crate::queue::WorkerConfig::default()
+        };
+        Ok(crate::worker::WorkerOptions {
+            queue,
+            retention: std::time::Duration::from_secs(self.retention_hours * 3600),
+            test_kinds: self.test_kinds,
+        })
+    }
 }
 
 /// Parses the command line and runs it; the process exit code reflects success.
@@ -125,9 +189,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             app.run_until(startup::shutdown_signal()).await?;
             Ok(())
         }
-        Command::Worker => {
+        Command::Worker(args) => {
+            let options = args.options()?;
             let pool = connect(&config).await?;
-            crate::worker::run(pool, startup::shutdown_signal()).await
+            crate::worker::run(pool, options, startup::shutdown_signal()).await
         }
         Command::Migrate => {
             let pool = connect(&config).await?;
@@ -195,7 +260,11 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
     let server = tokio::spawn(app.run_until(wait_stop(stop_rx.clone())));
-    let worker = tokio::spawn(crate::worker::run(pool.clone(), wait_stop(stop_rx)));
+    let worker = tokio::spawn(crate::worker::run(
+        pool.clone(),
+        WorkerArgs::from_env()?.options()?,
+        wait_stop(stop_rx),
+    ));
     startup::shutdown_signal().await;
     let _ = stop_tx.send(true);
     server.await.context("API task panicked")??;

@@ -1,0 +1,81 @@
+// Peer benchmark: graphile-worker 0.17.3 on the same PostgreSQL as `cargo bench --bench queue`.
+// Burn-down of BENCH_JOBS no-op jobs (jobs/s) and idle pickup latency (add_job commit -> task
+// start, p50/p99), unbatched (defaults) or batched (BATCHED=1: local queue of 500, batched
+// completions). Usage: GW_DATABASE_URL=postgres://... node graphile.js
+const { run, makeWorkerUtils } = require("graphile-worker");
+const { Pool } = require("pg");
+
+const connectionString = process.env.GW_DATABASE_URL;
+const jobs = Number(process.env.BENCH_JOBS || 100000);
+const samples = Number(process.env.BENCH_LATENCY_SAMPLES || 500);
+const concurrency = Number(process.env.BENCH_CONCURRENCY || 24);
+const batched = process.env.BATCHED === "1";
+
+function pct(sorted, p) {
+  return sorted[Math.round((sorted.length - 1) * p)];
+}
+
+async function main() {
+  const pool = new Pool({ connectionString, max: 4 });
+  const utils = await makeWorkerUtils({ pgPool: pool });
+  await utils.migrate();
+  await pool.query("delete from graphile_worker._private_jobs");
+  const t0 = process.hrtime.bigint();
+  await pool.query(
+    "select graphile_worker.add_job('noop', json_build_object('i', i)) from generate_series(1, $1) i",
+    [jobs],
+  );
+  const enqueueSecs = Number(process.hrtime.bigint() - t0) / 1e9;
+
+  const preset = batched
+    ? { worker: { localQueue: { size: 500 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 } }
+    : {};
+  let done = 0;
+  let finish;
+  const allDone = new Promise((r) => (finish = r));
+  let pingStart = null;
+  const taskList = {
+    noop: async () => {
+      done += 1;
+      if (done === jobs) finish();
+    },
+    ping: async () => {
+      if (pingStart) pingStart(process.hrtime.bigint());
+    },
+  };
+  const start = process.hrtime.bigint();
+  const runner = await run({ pgPool: pool, concurrency, taskList, noHandleSignals: true, pollInterval: 2000, preset });
+  await allDone;
+  // Completions may still be in flight (batched); wait until the table is empty.
+  for (;;) {
+    const { rows } = await pool.query("select count(*)::int as n from graphile_worker._private_jobs");
+    if (rows[0].n === 0) break;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  const burnSecs = Number(process.hrtime.bigint() - start) / 1e9;
+
+  await new Promise((r) => setTimeout(r, 500));
+  const lat = [];
+  for (let i = 0; i < samples; i++) {
+    const started = new Promise((r) => (pingStart = r));
+    await utils.addJob("ping", {});
+    const committed = process.hrtime.bigint();
+    const began = await started;
+    lat.push(Number(began - committed) / 1e6);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  lat.sort((a, b) => a - b);
+  await runner.stop();
+  await utils.release();
+  await pool.end();
+  const label = batched ? "batched" : "unbatched";
+  console.log(`graphile-worker 0.17.3 (${label}, concurrency ${concurrency})`);
+  console.log(`  enqueue   ${jobs} jobs via add_job: ${(jobs / enqueueSecs).toFixed(0)} jobs/s`);
+  console.log(`  burn-down ${jobs} no-op jobs: ${burnSecs.toFixed(2)} s = ${(jobs / burnSecs).toFixed(0)} jobs/s`);
+  console.log(`  pickup latency (idle, ${samples} samples): p50 ${pct(lat, 0.5).toFixed(2)} ms, p99 ${pct(lat, 0.99).toFixed(2)} ms`);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -1,0 +1,195 @@
+//! What a running handler gets: the job ([`JobContext`]), its [`Lease`], and [`GuardedTx`], the
+//! lease-fenced transaction in which a handler writes its own rows (checkpoints), enqueues
+//! follow-up jobs and completes the job, all or nothing.
+//!
+//! Fencing: [`Lease::guarded_tx`] opens a transaction and locks the job row `FOR UPDATE` only if
+//! `lease_token` still matches and the job is still `running`. While that lock is held no rescuer
+//! or admin can take the job (they skip or wait for the row), so whatever commits in the guarded
+//! transaction was written by the lease holder. A worker whose lease was rescued gets
+//! [`JobError::LeaseLost`] and writes nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{JobError, NewJob};
+use crate::store;
+
+/// Shared between a running attempt and the worker that runs it.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseState {
+    lost: AtomicBool,
+    lost_notify: Notify,
+    /// The handler completed the job itself (in a guarded transaction).
+    pub(crate) settled: AtomicBool,
+    /// The handler enqueued jobs: wake workers after settling.
+    pub(crate) enqueued: AtomicBool,
+}
+
+impl LeaseState {
+    pub(crate) fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.lost_notify.notify_waiters();
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    pub(crate) async fn wait_lost(&self) {
+        loop {
+            let notified = self.lost_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_lost() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The claim a handler holds on its job: id and lease token.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pool: PgPool,
+    id: i64,
+    token: Uuid,
+    pub(crate) state: Arc<LeaseState>,
+}
+
+impl Lease {
+    pub(crate) fn new(pool: PgPool, id: i64, token: Uuid, state: Arc<LeaseState>) -> Lease {
+        Lease {
+            pool,
+            id,
+            token,
+            state,
+        }
+    }
+
+    /// The job id.
+    pub fn job_id(&self) -> i64 {
+        self.id
+    }
+
+    /// This attempt's lease token.
+    pub fn token(&self) -> Uuid {
+        self.token
+    }
+
+    /// Whether the worker has learnt (at a heartbeat or a guarded write) that the lease is lost.
+    pub fn is_lost(&self) -> bool {
+        self.state.is_lost()
+    }
+
+    /// Resolves once the lease is known to be lost; long handlers can `select!` on it to stop
+    /// early.
+    pub async fn lost(&self) {
+        self.state.wait_lost().await
+    }
+
+    /// Opens a transaction fenced by this lease: the job row is locked `FOR UPDATE` if the lease
+    /// is still held, else [`JobError::LeaseLost`]. Write checkpoint rows through
+    /// [`GuardedTx::conn`], then [`GuardedTx::complete`] or [`GuardedTx::commit`].
+    pub async fn guarded_tx(&self) -> Result<GuardedTx, JobError> {
+        let mut tx = self.pool.begin().await?;
+        if !store::jobs::job_lock_leased(&mut tx, self.id, self.token).await? {
+            tx.rollback().await?;
+            self.state.mark_lost();
+            return Err(JobError::LeaseLost);
+        }
+        Ok(GuardedTx {
+            tx,
+            lease: self.clone(),
+        })
+    }
+}
+
+/// A transaction that holds the job row locked under a live lease. Dropping it rolls back.
+pub struct GuardedTx {
+    tx: Transaction<'static, Postgres>,
+    lease: Lease,
+}
+
+impl GuardedTx {
+    /// The connection, for the handler's own statements (checkpoint rows).
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Enqueues a follow-up job in this transaction; `None` when de-duplicated.
+    pub async fn enqueue(&mut self, job: &NewJob) -> Result<Option<i64>, JobError> {
+        let id = store::jobs::job_enqueue(&mut self.tx, job).await?;
+        self.lease.state.enqueued.store(true, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    /// Enqueues follow-up jobs in one statement in this transaction.
+    pub async fn enqueue_many(&mut self, jobs: &[NewJob]) -> Result<Vec<i64>, JobError> {
+        let ids = store::jobs::job_enqueue_many(&mut self.tx, jobs).await?;
+        self.lease.state.enqueued.store(true, Ordering::SeqCst);
+        Ok(ids)
+    }
+
+    /// Commits the handler's writes; the job stays running under the same lease (a checkpoint).
+    pub async fn commit(self) -> Result<(), JobError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks the job completed and commits it together with everything written in this
+    /// transaction.
+    pub async fn complete(mut self) -> Result<(), JobError> {
+        if !store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token).await? {
+            self.lease.state.mark_lost();
+            return Err(JobError::LeaseLost);
+        }
+        self.tx.commit().await?;
+        self.lease.state.settled.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// One attempt of one job, as its handler sees it.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// Job id.
+    pub id: i64,
+    /// Job kind.
+    pub kind: String,
+    /// Handler arguments.
+    pub payload: Value,
+    /// This attempt's number, from 1.
+    pub attempt: i32,
+    /// Attempt budget.
+    pub max_attempts: i32,
+    /// De-duplication key the job was enqueued with.
+    pub unique_key: Option<String>,
+    pub(crate) lease: Lease,
+}
+
+impl JobContext {
+    /// The lease: fenced writes go through [`Lease::guarded_tx`].
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The pool, for reads and idempotent work that needs no fencing.
+    pub fn pool(&self) -> &PgPool {
+        &self.lease.pool
+    }
+
+    /// The payload as `T`; a payload that does not parse is a permanent error (retrying cannot
+    /// fix it).
+    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, JobError> {
+        serde_json::from_value(self.payload.clone()).map_err(|e| {
+            JobError::Permanent(format!("job {} ({}): bad payload: {e}", self.id, self.kind))
+        })
+    }
+}

@@ -1,0 +1,635 @@
+//! The worker: registers its identity, claims due jobs in batches sized to its free slots, runs
+//! each handler in its own task under the kind's timeout, heartbeats the leases of running jobs,
+//! and settles results (batched completion; failures with durable backoff; lease-lost results
+//! discarded). Two entry points share this machinery:
+//!
+//! - [`Worker::tick`]: claim once, run what was claimed to completion, settle, return a
+//!   [`TickOutcome`]; tests drive the queue with it instead of sleeping;
+//! - [`Worker::run`]: the long-running loop with `LISTEN` wake-ups, a polling fallback,
+//!   maintenance (rescue, cron, worker heartbeat) and graceful shutdown: stop claiming, let
+//!   running jobs finish within the grace period, release the rest back to `available`.
+//!
+//! Knows nothing about what jobs do: handlers come from the [`Registry`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use super::context::{Lease, LeaseState};
+use super::cron::cron_fire;
+use super::rescue::{RescueOutcome, rescue_expired};
+use super::{JobContext, JobError, Notifier, QueueError, Registry};
+use crate::store::jobs::{ClaimedJob, JobFailure};
+use crate::store::{self, StoreError};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs run at once (claim batches never exceed the free slots).
+    pub concurrency: usize,
+    /// Lease length; a job whose worker stops heartbeating is rescued this long after its last
+    /// heartbeat.
+    pub lease: Duration,
+    /// How often leases of running jobs are extended (well under `lease`).
+    pub heartbeat_interval: Duration,
+    /// Polling fallback when no notification arrives.
+    pub poll_interval: Duration,
+    /// How often rescue, cron and the worker heartbeat run.
+    pub maintenance_interval: Duration,
+    /// On shutdown, how long running jobs may take before they are released.
+    pub grace_period: Duration,
+    /// Minimum spacing of wake-up NOTIFYs sent by this worker.
+    pub notify_debounce: Duration,
+    /// Most results settled in one statement.
+    pub settle_batch: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 10,
+            lease: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(2),
+            maintenance_interval: Duration::from_secs(5),
+            grace_period: Duration::from_secs(30),
+            notify_debounce: Duration::from_millis(20),
+            settle_batch: 1000,
+        }
+    }
+}
+
+/// What one [`Worker::tick`] (or one settle batch) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TickOutcome {
+    /// Jobs claimed.
+    pub claimed: usize,
+    /// Jobs completed.
+    pub completed: usize,
+    /// Jobs sent back to `retryable` with backoff.
+    pub retried: usize,
+    /// Jobs moved to `dead` (permanent error, unknown kind, or attempts exhausted).
+    pub dead: usize,
+    /// Jobs snoozed.
+    pub snoozed: usize,
+    /// Results discarded because the lease was lost.
+    pub lease_lost: usize,
+    /// Jobs released back to `available` at shutdown.
+    pub released: usize,
+}
+
+impl TickOutcome {
+    fn add(&mut self, o: TickOutcome) {
+        self.claimed += o.claimed;
+        self.completed += o.completed;
+        self.retried += o.retried;
+        self.dead += o.dead;
+        self.snoozed += o.snoozed;
+        self.lease_lost += o.lease_lost;
+        self.released += o.released;
+    }
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaintenanceOutcome {
+    /// The rescue pass.
+    pub rescue: RescueOutcome,
+    /// Cron ticks this worker fired.
+    pub cron_fired: Vec<(String, DateTime<Utc>)>,
+}
+
+enum Ending {
+    Done(Result<(), JobError>),
+    Released,
+}
+
+struct Finished {
+    id: i64,
+    token: Uuid,
+    kind: String,
+    attempt: i32,
+    state: Arc<LeaseState>,
+    ending: Ending,
+}
+
+struct Inner {
+    pool: PgPool,
+    registry: Registry,
+    config: WorkerConfig,
+    id: Uuid,
+    running: Mutex<HashMap<i64, (Uuid, Arc<LeaseState>)>>,
+    wake: Notify,
+    slot_freed: Notify,
+    notifier: Notifier,
+    abort: watch::Sender<bool>,
+}
+
+/// A registered worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+impl Worker {
+    /// Records the worker's identity (host, pid, start time, concurrency, kinds) and returns it
+    /// ready to [`tick`](Worker::tick) or [`run`](Worker::run).
+    pub async fn start(
+        pool: PgPool,
+        registry: Registry,
+        config: WorkerConfig,
+    ) -> Result<Worker, QueueError> {
+        let id = Uuid::new_v4();
+        let kinds = registry.kinds();
+        let mut conn = pool.acquire().await?;
+        store::queue_workers::worker_register(
+            &mut conn,
+            &store::queue_workers::NewWorker {
+                id,
+                host: &host_name(),
+                pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+                version: crate::VERSION,
+                concurrency: i32::try_from(config.concurrency.max(1)).unwrap_or(i32::MAX),
+                kinds: &kinds,
+            },
+        )
+        .await?;
+        drop(conn);
+        let notifier = Notifier::spawn(pool.clone(), config.notify_debounce);
+        let (abort, _) = watch::channel(false);
+        tracing::info!(worker = %id, concurrency = config.concurrency, ?kinds, "worker registered");
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                pool,
+                registry,
+                config,
+                id,
+                running: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                slot_freed: Notify::new(),
+                notifier,
+                abort,
+            }),
+        })
+    }
+
+    /// This worker's id (`queue_workers.id`, `jobs.locked_by`).
+    pub fn id(&self) -> Uuid {
+        self.inner.id
+    }
+
+    /// The worker's debounced wake-up sender.
+    pub fn notifier(&self) -> Notifier {
+        self.inner.notifier.clone()
+    }
+
+    /// Claims up to `concurrency` due jobs, runs them all to the end (heartbeating their leases
+    /// meanwhile), settles the results and reports what happened.
+    pub async fn tick(&self) -> Result<TickOutcome, QueueError> {
+        let inner = &self.inner;
+        let jobs = inner.claim(inner.config.concurrency).await?;
+        let claimed = jobs.len();
+        let mut set = JoinSet::new();
+        for job in jobs {
+            set.spawn(execute(inner.clone(), job));
+        }
+        let mut finished = Vec::with_capacity(claimed);
+        let mut heartbeat = tokio::time::interval(inner.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                next = set.join_next() => match next {
+                    None => break,
+                    Some(Ok(f)) => finished.push(f),
+                    Some(Err(e)) => tracing::error!(error = %e, "job task failed"),
+                },
+                _ = heartbeat.tick() => {
+                    if let Err(e) = inner.heartbeat().await {
+                        tracing::warn!(error = %e, "lease heartbeat failed");
+                    }
+                }
+            }
+        }
+        let mut outcome = inner.settle(finished).await?;
+        outcome.claimed = claimed;
+        Ok(outcome)
+    }
+
+    /// Extends the leases of this worker's running jobs now; returns how many were found lost.
+    pub async fn heartbeat(&self) -> Result<usize, QueueError> {
+        self.inner.heartbeat().await
+    }
+
+    /// One maintenance pass at `now`: worker heartbeat, rescue of expired leases, due cron ticks.
+    pub async fn maintain_at(&self, now: DateTime<Utc>) -> Result<MaintenanceOutcome, QueueError> {
+        let inner = &self.inner;
+        let mut conn = inner.pool.acquire().await?;
+        store::queue_workers::worker_heartbeat(&mut conn, inner.id).await?;
+        drop(conn);
+        let rescue = rescue_expired(&inner.pool, &inner.registry).await?;
+        let cron_fired = cron_fire(&inner.pool, inner.registry.cron_entries(), now).await?;
+        if rescue.retried > 0 || !cron_fired.is_empty() {
+            inner.notifier.notify();
+            inner.wake.notify_one();
+        }
+        Ok(MaintenanceOutcome { rescue, cron_fired })
+    }
+
+    /// [`maintain_at`](Worker::maintain_at) with the current time.
+    pub async fn maintain(&self) -> Result<MaintenanceOutcome, QueueError> {
+        self.maintain_at(Utc::now()).await
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down gracefully: stops claiming, lets running
+    /// jobs finish within the grace period, releases the rest to `available`, and records the
+    /// worker as stopped. Returns the totals of everything settled.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<TickOutcome, QueueError> {
+        let inner = self.inner.clone();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Finished>();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let settler = tokio::spawn(settle_loop(inner.clone(), done_rx));
+        let background = [
+            tokio::spawn(listen_loop(inner.clone(), stop_rx.clone())),
+            tokio::spawn(maintenance_loop(self.clone(), stop_rx.clone())),
+        ];
+        let heartbeat = tokio::spawn(heartbeat_loop(inner.clone(), stop_rx.clone()));
+        let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        tracing::info!(worker = %inner.id, "worker running");
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            let mut drained = true;
+            if free > 0 {
+                match inner.claim(free).await {
+                    Ok(jobs) => {
+                        drained = jobs.len() < free;
+                        for job in jobs {
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let inner = inner.clone();
+                            let done = done_tx.clone();
+                            tasks.spawn(async move {
+                                let finished = execute(inner.clone(), job).await;
+                                drop(permit);
+                                inner.slot_freed.notify_one();
+                                let _ = done.send(finished);
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming jobs failed; retrying after the poll interval");
+                    }
+                }
+            } else {
+                drained = false;
+            }
+            if free > 0 && !drained {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    _ = std::future::ready(()) => continue,
+                }
+            }
+            if free == 0 {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = inner.slot_freed.notified() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = inner.wake.notified() => {}
+                    _ = tokio::time::sleep(inner.config.poll_interval) => {}
+                }
+            }
+        }
+        tracing::info!(worker = %inner.id, running = tasks.len(), "stopping: no more claims");
+        let graceful = tokio::time::timeout(inner.config.grace_period, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if graceful.is_err() {
+            tracing::warn!(
+                worker = %inner.id,
+                remaining = tasks.len(),
+                "grace period over; releasing unfinished jobs"
+            );
+            let _ = inner.abort.send(true);
+            while tasks.join_next().await.is_some() {}
+        }
+        let _ = stop_tx.send(true);
+        drop(done_tx);
+        let totals = settler.await.unwrap_or_default();
+        let _ = heartbeat.await;
+        for task in background {
+            let _ = task.await;
+        }
+        let mut conn = inner.pool.acquire().await?;
+        store::queue_workers::worker_stop(&mut conn, inner.id).await?;
+        tracing::info!(worker = %inner.id, ?totals, "worker stopped");
+        Ok(totals)
+    }
+}
+
+impl Inner {
+    async fn claim(&self, free: usize) -> Result<Vec<ClaimedJob>, QueueError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(store::jobs::job_claim(
+            &mut conn,
+            self.id,
+            i64::try_from(free).unwrap_or(i64::MAX),
+            self.config.lease,
+        )
+        .await?)
+    }
+
+    async fn heartbeat(&self) -> Result<usize, QueueError> {
+        let (ids, tokens): (Vec<i64>, Vec<Uuid>) = {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            running.iter().map(|(id, (token, _))| (*id, *token)).unzip()
+        };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.pool.acquire().await?;
+        let held = store::jobs::job_heartbeat(&mut conn, &ids, &tokens, self.config.lease).await?;
+        let held: std::collections::HashSet<i64> = held.into_iter().collect();
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lost = 0;
+        for id in ids.iter().filter(|id| !held.contains(id)) {
+            if let Some((_, state)) = running.get(id)
+                && !state.settled.load(Ordering::SeqCst)
+            {
+                tracing::warn!(
+                    job = id,
+                    "lease lost (rescued or cancelled); stopping the handler"
+                );
+                state.mark_lost();
+                lost += 1;
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Applies the results of finished attempts.
+    async fn settle(&self, batch: Vec<Finished>) -> Result<TickOutcome, QueueError> {
+        let mut out = TickOutcome::default();
+        let mut complete = (Vec::new(), Vec::new());
+        let mut release = (Vec::new(), Vec::new());
+        let mut wake = false;
+        let mut conn = self.pool.acquire().await?;
+        for f in batch {
+            wake |= f.state.enqueued.load(Ordering::SeqCst);
+            if f.state.settled.load(Ordering::SeqCst) {
+                if let Ending::Done(Err(e)) = &f.ending {
+                    tracing::warn!(job = f.id, error = %e, "handler failed after completing its job; the completion stands");
+                }
+                out.completed += 1;
+                continue;
+            }
+            let result = match f.ending {
+                Ending::Released => {
+                    release.0.push(f.id);
+                    release.1.push(f.token);
+                    continue;
+                }
+                Ending::Done(result) => result,
+            };
+            let (error, retry_in) = match result {
+                Ok(()) => {
+                    complete.0.push(f.id);
+                    complete.1.push(f.token);
+                    continue;
+                }
+                Err(JobError::LeaseLost) => {
+                    out.lease_lost += 1;
+                    continue;
+                }
+                Err(JobError::Snooze(delay)) => {
+                    if store::jobs::job_snooze(&mut conn, f.id, f.token, delay).await? {
+                        out.snoozed += 1;
+                    } else {
+                        out.lease_lost += 1;
+                    }
+                    continue;
+                }
+                Err(e @ JobError::Permanent(_)) => (e.to_string(), None),
+                Err(e @ (JobError::Retryable(_) | JobError::Store(_))) => {
+                    let delay = self.registry.options(&f.kind).backoff.delay(f.attempt);
+                    (e.to_string(), Some(delay))
+                }
+            };
+            let failure = JobFailure {
+                id: f.id,
+                token: f.token,
+                error: &error,
+                retry_in,
+            };
+            match store::jobs::job_fail(&mut conn, &failure).await?.as_deref() {
+                Some("retryable") => {
+                    tracing::info!(job = f.id, kind = %f.kind, attempt = f.attempt, %error, "job failed; will retry");
+                    out.retried += 1;
+                }
+                Some(_) => {
+                    tracing::warn!(job = f.id, kind = %f.kind, attempt = f.attempt, %error, "job is dead");
+                    out.dead += 1;
+                }
+                None => out.lease_lost += 1,
+            }
+        }
+        let done = store::jobs::job_complete_many(&mut conn, &complete.0, &complete.1).await?;
+        out.completed += done.len();
+        out.lease_lost += complete.0.len() - done.len();
+        let released = store::jobs::job_release_many(
+            &mut conn,
+            &release.0,
+            &release.1,
+            "released at worker shutdown (grace period over)",
+        )
+        .await?;
+        out.released += released.len();
+        out.lease_lost += release.0.len() - released.len();
+        if wake || out.retried > 0 || out.released > 0 {
+            self.notifier.notify();
+            self.wake.notify_one();
+        }
+        Ok(out)
+    }
+}
+
+/// Runs one claimed job: looks up its handler, runs it in its own task (a panic fails the
+/// attempt, not the worker) under the timeout, and stops early when the lease is lost or the
+/// worker aborts at the end of its grace period.
+async fn execute(inner: Arc<Inner>, job: ClaimedJob) -> Finished {
+    let state = Arc::new(LeaseState::default());
+    {
+        let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.insert(job.id, (job.lease_token, state.clone()));
+    }
+    let ending = match inner.registry.handler(&job.kind) {
+        None => Ending::Done(Err(JobError::Permanent(format!(
+            "no handler is registered for job kind `{}` on this worker (it runs: {})",
+            job.kind,
+            inner.registry.kinds().join(", ")
+        )))),
+        Some((handler, options)) => {
+            let timeout = job
+                .timeout_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map(Duration::from_secs)
+                .unwrap_or(options.timeout);
+            let ctx = JobContext {
+                id: job.id,
+                kind: job.kind.clone(),
+                payload: job.payload.clone(),
+                attempt: job.attempt,
+                max_attempts: job.max_attempts,
+                unique_key: job.unique_key.clone(),
+                lease: Lease::new(inner.pool.clone(), job.id, job.lease_token, state.clone()),
+            };
+            let mut task = tokio::spawn(handler(ctx));
+            let mut abort = inner.abort.subscribe();
+            let ending = tokio::select! {
+                joined = tokio::time::timeout(timeout, &mut task) => match joined {
+                    Ok(Ok(result)) => Ending::Done(result),
+                    Ok(Err(e)) if e.is_panic() => Ending::Done(Err(JobError::Retryable(
+                        format!("handler panicked: {}", panic_message(e))))),
+                    Ok(Err(e)) => Ending::Done(Err(JobError::Retryable(format!("handler task failed: {e}")))),
+                    Err(_) => Ending::Done(Err(JobError::Retryable(format!(
+                        "handler timed out after {} s", timeout.as_secs_f64())))),
+                },
+                _ = state.wait_lost() => Ending::Done(Err(JobError::LeaseLost)),
+                _ = flag_set(&mut abort) => Ending::Released,
+            };
+            task.abort();
+            ending
+        }
+    };
+    {
+        let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(&job.id);
+    }
+    Finished {
+        id: job.id,
+        token: job.lease_token,
+        kind: job.kind,
+        attempt: job.attempt,
+        state,
+        ending,
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+async fn settle_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Finished>) -> TickOutcome {
+    let mut totals = TickOutcome::default();
+    let max = inner.config.settle_batch.max(1);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        match inner.settle(batch).await {
+            Ok(o) => totals.add(o),
+            // The jobs stay running with their leases; the rescuer returns them after expiry.
+            Err(e) => tracing::error!(error = %e, jobs = n, "settling job results failed"),
+        }
+    }
+    totals
+}
+
+async fn heartbeat_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(inner.config.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = flag_set(&mut stop) => return,
+            _ = interval.tick() => {
+                if let Err(e) = inner.heartbeat().await {
+                    tracing::warn!(error = %e, "lease heartbeat failed");
+                }
+            }
+        }
+    }
+}
+
+async fn maintenance_loop(worker: Worker, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(worker.inner.config.maintenance_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = flag_set(&mut stop) => return,
+            _ = interval.tick() => {
+                if let Err(e) = worker.maintain().await {
+                    tracing::warn!(error = %e, "queue maintenance failed");
+                }
+            }
+        }
+    }
+}
+
+async fn listen_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let mut listener = match store::jobs::job_listener(&inner.pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for job wake-ups; polling only for now");
+                tokio::select! {
+                    _ = flag_set(&mut stop) => return,
+                    _ = tokio::time::sleep(inner.config.poll_interval) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = flag_set(&mut stop) => return,
+                received = listener.recv() => match received {
+                    Ok(_) => inner.wake.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %StoreError::from(e), "job wake-up listener failed; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Resolves once the watched flag is true (or its sender is gone).
+async fn flag_set(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|set| *set).await;
+}

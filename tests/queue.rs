@@ -1,0 +1,850 @@
+//! The durable job queue against real PostgreSQL: concurrent claimers, a worker process killed
+//! with SIGKILL, fencing of a stalled handler, durable backoff across restarts, attempts and
+//! permanent errors, unique keys, cron with three workers, graceful shutdown, and the claim's use
+//! of its partial index. Workers are driven with `tick()`/`maintain_at()`; where a real process
+//! or timer must act, tests poll a condition with a deadline.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aiops::queue::{
+    self, Backoff, JobContext, JobError, KindOptions, NewJob, Registry, Worker, WorkerConfig,
+};
+use aiops::store::jobs::{self, JobRow};
+use chrono::Utc;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+fn fast_backoff() -> KindOptions {
+    KindOptions {
+        timeout: Duration::from_secs(30),
+        backoff: Backoff {
+            base: Duration::from_millis(200),
+            max: Duration::from_millis(200),
+            jitter: 0.0,
+        },
+    }
+}
+
+fn config(concurrency: usize) -> WorkerConfig {
+    WorkerConfig {
+        concurrency,
+        ..WorkerConfig::default()
+    }
+}
+
+async fn enqueue(pool: &PgPool, job: NewJob) -> Option<i64> {
+    let mut conn = pool.acquire().await.unwrap();
+    queue::enqueue(&mut conn, &job).await.unwrap()
+}
+
+async fn job(pool: &PgPool, id: i64) -> JobRow {
+    let mut conn = pool.acquire().await.unwrap();
+    jobs::job_get(&mut conn, id).await.unwrap().unwrap()
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_claimers_on_several_pools_never_double_claim_or_lose_a_job() {
+    let url = common::fresh_database_url().await;
+    let first = aiops::store::connect(&url, 10).await.unwrap();
+    aiops::store::migrate(&first).await.unwrap();
+    const JOBS: usize = 5000;
+    let batch: Vec<NewJob> = (0..JOBS)
+        .map(|i| NewJob::new("noop", json!({ "i": i })).with_priority((i % 3) as i16))
+        .collect();
+    let mut conn = first.acquire().await.unwrap();
+    let ids = queue::enqueue_many(&mut conn, &batch).await.unwrap();
+    drop(conn);
+    assert_eq!(ids.len(), JOBS);
+
+    // Four pools (as four processes would have), eight claimers each.
+    let mut pools = vec![first.clone()];
+    for _ in 0..3 {
+        pools.push(aiops::store::connect(&url, 8).await.unwrap());
+    }
+    let claimed = Arc::new(Mutex::new(Vec::<(i64, uuid::Uuid)>::new()));
+    let mut tasks = Vec::new();
+    for (p, pool) in pools.iter().enumerate() {
+        for c in 0..8 {
+            let pool = pool.clone();
+            let claimed = claimed.clone();
+            tasks.push(tokio::spawn(async move {
+                let worker = uuid::Uuid::new_v4();
+                let limit = 1 + ((p * 8 + c) % 25) as i64;
+                loop {
+                    let mut conn = pool.acquire().await.unwrap();
+                    let got = jobs::job_claim(&mut conn, worker, limit, Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        break;
+                    }
+                    let ids: Vec<i64> = got.iter().map(|j| j.id).collect();
+                    let tokens: Vec<uuid::Uuid> = got.iter().map(|j| j.lease_token).collect();
+                    claimed
+                        .lock()
+                        .unwrap()
+                        .extend(ids.iter().copied().zip(tokens.iter().copied()));
+                    let done = jobs::job_complete_many(&mut conn, &ids, &tokens)
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        done.len(),
+                        ids.len(),
+                        "a claimed job could not be completed"
+                    );
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let claimed = claimed.lock().unwrap().clone();
+    let distinct: HashSet<i64> = claimed.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        claimed.len(),
+        JOBS,
+        "every job claimed exactly once in total"
+    );
+    assert_eq!(distinct.len(), JOBS, "no job claimed twice");
+    assert_eq!(
+        distinct,
+        ids.into_iter().collect::<HashSet<_>>(),
+        "none lost"
+    );
+    let (completed, max_attempt): (i64, i32) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'completed'), max(attempt) FROM jobs",
+    )
+    .fetch_one(&first)
+    .await
+    .unwrap();
+    assert_eq!(completed, JOBS as i64);
+    assert_eq!(max_attempt, 1);
+}
+
+#[tokio::test]
+async fn claim_uses_the_partial_index() {
+    let pool = common::fresh_pool().await;
+    sqlx::query(
+        "INSERT INTO jobs (kind, state, finished_at) \
+         SELECT 'noop', 'completed', now() FROM generate_series(1, 20000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO jobs (kind) SELECT 'noop' FROM generate_series(1, 200)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE jobs").execute(&pool).await.unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {}", jobs::CLAIM_SQL)))
+            .bind(uuid::Uuid::new_v4())
+            .bind(50_i64)
+            .bind(30_000_i64)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("jobs_claimable_idx"),
+        "claim does not use the partial index:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Seq Scan on jobs"),
+        "claim scans the table:\n{plan}"
+    );
+}
+
+#[tokio::test]
+async fn unique_keys_deduplicate_while_unfinished() {
+    let pool = common::fresh_pool().await;
+    let registry = {
+        let mut r = Registry::new();
+        r.register("noop", KindOptions::default(), |_| async { Ok(()) });
+        r
+    };
+    let first = enqueue(&pool, NewJob::new("noop", json!({})).with_unique_key("k1")).await;
+    assert!(first.is_some());
+    assert_eq!(
+        enqueue(&pool, NewJob::new("noop", json!({})).with_unique_key("k1")).await,
+        None
+    );
+    // Bulk: duplicates of an existing key and within the batch are skipped.
+    let mut conn = pool.acquire().await.unwrap();
+    let ids = queue::enqueue_many(
+        &mut conn,
+        &[
+            NewJob::new("noop", json!({})).with_unique_key("k1"),
+            NewJob::new("noop", json!({})).with_unique_key("k2"),
+            NewJob::new("noop", json!({})).with_unique_key("k2"),
+            NewJob::new("noop", json!({})),
+        ],
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    assert_eq!(ids.len(), 2, "k2 once and the keyless job");
+    // Once the job finished, the key is free again.
+    let worker = Worker::start(pool.clone(), registry, config(10))
+        .await
+        .unwrap();
+    let outcome = worker.tick().await.unwrap();
+    assert_eq!(outcome.completed, 3);
+    assert!(
+        enqueue(&pool, NewJob::new("noop", json!({})).with_unique_key("k1"))
+            .await
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn retryable_errors_back_off_durably_across_a_worker_restart() {
+    let url = common::fresh_database_url().await;
+    let pool = aiops::store::connect(&url, 4).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    let make_registry = || {
+        let mut r = Registry::new();
+        r.register("flaky", fast_backoff(), |ctx: JobContext| async move {
+            if ctx.attempt == 1 {
+                Err(JobError::retryable("first attempt fails"))
+            } else {
+                Ok(())
+            }
+        });
+        r
+    };
+    let id = enqueue(&pool, NewJob::new("flaky", json!({})))
+        .await
+        .unwrap();
+    let first = Worker::start(pool.clone(), make_registry(), config(4))
+        .await
+        .unwrap();
+    let outcome = first.tick().await.unwrap();
+    assert_eq!((outcome.claimed, outcome.retried), (1, 1));
+    let row = job(&pool, id).await;
+    assert_eq!(row.state, "retryable");
+    assert_eq!(row.last_error.as_deref(), Some("first attempt fails"));
+    let delay = row.run_at - row.attempted_at.unwrap();
+    assert!(
+        delay >= chrono::TimeDelta::milliseconds(190),
+        "backoff written to run_at: {delay}"
+    );
+    drop(first);
+    pool.close().await;
+
+    // A new worker on a new pool (a restarted process) does not run it before run_at ...
+    let pool = aiops::store::connect(&url, 4).await.unwrap();
+    let second = Worker::start(pool.clone(), make_registry(), config(4))
+        .await
+        .unwrap();
+    let early = second.tick().await.unwrap();
+    if Utc::now() < row.run_at {
+        assert_eq!(early.claimed, 0, "claimed before run_at");
+    }
+    // ... and runs it once run_at has passed.
+    let started = Utc::now();
+    eventually("the retry runs", Duration::from_secs(10), || async {
+        let o = second.tick().await.unwrap();
+        (o.completed == 1).then_some(())
+    })
+    .await;
+    let row = job(&pool, id).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("completed", 2));
+    assert!(row.attempted_at.unwrap() >= row.run_at);
+    assert!(started <= row.finished_at.unwrap());
+    assert_eq!(row.errors.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn max_attempts_leads_to_dead_and_permanent_errors_do_not_retry() {
+    let pool = common::fresh_pool().await;
+    let mut registry = Registry::new();
+    let no_backoff = KindOptions {
+        backoff: Backoff {
+            base: Duration::ZERO,
+            max: Duration::ZERO,
+            jitter: 0.0,
+        },
+        ..KindOptions::default()
+    };
+    registry.register("always_fails", no_backoff, |ctx: JobContext| async move {
+        Err(JobError::Retryable(format!("boom {}", ctx.attempt)))
+    });
+    registry.register("bad_input", no_backoff, |_| async {
+        Err(JobError::permanent("payload names no server"))
+    });
+    let worker = Worker::start(pool.clone(), registry, config(10))
+        .await
+        .unwrap();
+    let failing = enqueue(
+        &pool,
+        NewJob::new("always_fails", json!({})).with_max_attempts(3),
+    )
+    .await
+    .unwrap();
+    let permanent = enqueue(
+        &pool,
+        NewJob::new("bad_input", json!({})).with_max_attempts(5),
+    )
+    .await
+    .unwrap();
+    let unknown = enqueue(&pool, NewJob::new("no.such.kind", json!({})))
+        .await
+        .unwrap();
+
+    let first = worker.tick().await.unwrap();
+    assert_eq!((first.claimed, first.retried, first.dead), (3, 1, 2));
+    for _ in 0..2 {
+        let o = worker.tick().await.unwrap();
+        assert_eq!(o.claimed, 1);
+    }
+    assert_eq!(
+        worker.tick().await.unwrap().claimed,
+        0,
+        "nothing left to run"
+    );
+
+    let row = job(&pool, failing).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("dead", 3));
+    assert_eq!(row.last_error.as_deref(), Some("boom 3"));
+    assert_eq!(row.errors.as_array().unwrap().len(), 3);
+    assert!(row.finished_at.is_some());
+
+    let row = job(&pool, permanent).await;
+    assert_eq!(
+        (row.state.as_str(), row.attempt),
+        ("dead", 1),
+        "permanent: one attempt only"
+    );
+    assert!(row.last_error.unwrap().contains("payload names no server"));
+
+    let row = job(&pool, unknown).await;
+    assert_eq!(
+        (row.state.as_str(), row.attempt),
+        ("dead", 1),
+        "unknown kinds do not spin"
+    );
+    assert!(
+        row.last_error
+            .unwrap()
+            .contains("no handler is registered for job kind `no.such.kind`")
+    );
+}
+
+#[tokio::test]
+async fn handler_timeout_and_panic_fail_the_attempt_not_the_worker() {
+    let pool = common::fresh_pool().await;
+    let mut registry = Registry::new();
+    registry.register(
+        "slow",
+        KindOptions {
+            timeout: Duration::from_millis(100),
+            ..fast_backoff()
+        },
+        |_| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        },
+    );
+    registry.register("panics", fast_backoff(), |_| async {
+        panic!("handler bug")
+    });
+    let worker = Worker::start(pool.clone(), registry, config(10))
+        .await
+        .unwrap();
+    let slow = enqueue(&pool, NewJob::new("slow", json!({})))
+        .await
+        .unwrap();
+    let panics = enqueue(&pool, NewJob::new("panics", json!({})))
+        .await
+        .unwrap();
+    let o = worker.tick().await.unwrap();
+    assert_eq!((o.claimed, o.retried), (2, 2));
+    assert!(
+        job(&pool, slow)
+            .await
+            .last_error
+            .unwrap()
+            .contains("timed out")
+    );
+    assert!(
+        job(&pool, panics)
+            .await
+            .last_error
+            .unwrap()
+            .contains("handler bug")
+    );
+}
+
+/// The engine's pattern: checkpoint rows, the next job and the completion commit together.
+#[tokio::test]
+async fn handler_writes_checkpoint_and_enqueues_next_job_in_the_fenced_transaction() {
+    let pool = common::fresh_pool().await;
+    sqlx::query("CREATE TABLE checkpoints (job_id bigint PRIMARY KEY, note text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register(
+        "step",
+        KindOptions::default(),
+        |ctx: JobContext| async move {
+            let mut tx = ctx.lease().guarded_tx().await?;
+            sqlx::query("INSERT INTO checkpoints (job_id, note) VALUES ($1, 'step done')")
+                .bind(ctx.id)
+                .execute(tx.conn())
+                .await?;
+            let n = ctx.payload["n"].as_i64().unwrap_or(0);
+            if n < 2 {
+                tx.enqueue(&NewJob::new("step", json!({ "n": n + 1 })))
+                    .await?;
+            }
+            tx.complete().await
+        },
+    );
+    let worker = Worker::start(pool.clone(), registry, config(4))
+        .await
+        .unwrap();
+    enqueue(&pool, NewJob::new("step", json!({ "n": 0 })))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let o = worker.tick().await.unwrap();
+        assert_eq!((o.claimed, o.completed), (1, 1));
+    }
+    assert_eq!(worker.tick().await.unwrap().claimed, 0);
+    let checkpoints: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(checkpoints, 3);
+}
+
+#[tokio::test]
+async fn a_stalled_handler_whose_lease_was_rescued_cannot_complete_or_write() {
+    let pool = common::fresh_pool().await;
+    sqlx::query("CREATE TABLE checkpoints (job_id bigint, attempt int, note text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let release = Arc::new(Notify::new());
+    let stale_result = Arc::new(Mutex::new(None::<String>));
+    let mut registry = Registry::new();
+    {
+        let release = release.clone();
+        let stale_result = stale_result.clone();
+        registry.register("step", fast_backoff(), move |ctx: JobContext| {
+            let release = release.clone();
+            let stale_result = stale_result.clone();
+            async move {
+                if ctx.attempt == 1 {
+                    // Stall (a hung SSH command, a GC pause) until the test lets go.
+                    release.notified().await;
+                }
+                let result = async {
+                    let mut tx = ctx.lease().guarded_tx().await?;
+                    sqlx::query("INSERT INTO checkpoints VALUES ($1, $2, 'written')")
+                        .bind(ctx.id)
+                        .bind(ctx.attempt)
+                        .execute(tx.conn())
+                        .await?;
+                    tx.complete().await
+                }
+                .await;
+                if ctx.attempt == 1 {
+                    *stale_result.lock().unwrap() = Some(format!("{result:?}"));
+                }
+                result
+            }
+        });
+    }
+    // Heartbeats far apart: the stalled worker does not notice the rescue by itself.
+    let stale_config = WorkerConfig {
+        lease: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_secs(3600),
+        ..config(1)
+    };
+    let stale = Worker::start(pool.clone(), registry.clone(), stale_config)
+        .await
+        .unwrap();
+    let id = enqueue(&pool, NewJob::new("step", json!({})))
+        .await
+        .unwrap();
+    let stale_tick = tokio::spawn({
+        let stale = stale.clone();
+        async move { stale.tick().await.unwrap() }
+    });
+    // The lease expires; another worker rescues the job and runs it to completion.
+    let rescuer = Worker::start(pool.clone(), registry, config(1))
+        .await
+        .unwrap();
+    eventually("the lease is rescued", Duration::from_secs(10), || async {
+        let m = rescuer.maintain().await.unwrap();
+        (m.rescue.retried == 1).then_some(())
+    })
+    .await;
+    eventually(
+        "the second attempt completes",
+        Duration::from_secs(10),
+        || async { (rescuer.tick().await.unwrap().completed == 1).then_some(()) },
+    )
+    .await;
+    // Now the stalled handler wakes up and tries to write and complete.
+    release.notify_one();
+    let stale_outcome = stale_tick.await.unwrap();
+    assert_eq!(stale_outcome.lease_lost, 1);
+    assert_eq!(stale_outcome.completed, 0);
+    assert!(
+        stale_result
+            .lock()
+            .unwrap()
+            .as_deref()
+            .unwrap()
+            .contains("LeaseLost")
+    );
+    let rows: Vec<(i32,)> = sqlx::query_as("SELECT attempt FROM checkpoints WHERE job_id = $1")
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(2,)], "only the lease holder's write exists");
+    let row = job(&pool, id).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("completed", 2));
+    assert_eq!(row.locked_by, Some(rescuer.id()));
+
+    // The plain completion path is fenced too: a stale token completes nothing.
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(
+        !jobs::job_complete(&mut conn, id, uuid::Uuid::new_v4())
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_long_job_from_being_rescued() {
+    let pool = common::fresh_pool().await;
+    let mut registry = Registry::new();
+    registry.register("long", KindOptions::default(), |_| async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        Ok(())
+    });
+    let cfg = WorkerConfig {
+        lease: Duration::from_millis(400),
+        heartbeat_interval: Duration::from_millis(100),
+        ..config(1)
+    };
+    let worker = Worker::start(pool.clone(), registry.clone(), cfg)
+        .await
+        .unwrap();
+    let id = enqueue(&pool, NewJob::new("long", json!({})))
+        .await
+        .unwrap();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.tick().await.unwrap() }
+    });
+    let other = Worker::start(pool.clone(), registry, config(1))
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_millis(1000);
+    while Instant::now() < until {
+        let m = other.maintain().await.unwrap();
+        assert_eq!(
+            m.rescue.retried + m.rescue.dead,
+            0,
+            "a live lease was rescued"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(run.await.unwrap().completed, 1);
+    assert_eq!(job(&pool, id).await.attempt, 1);
+}
+
+#[tokio::test]
+async fn cron_fires_exactly_once_per_tick_with_three_workers() {
+    let url = common::fresh_database_url().await;
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let pool = aiops::store::connect(&url, 4).await.unwrap();
+        if i == 0 {
+            aiops::store::migrate(&pool).await.unwrap();
+        }
+        let mut registry = Registry::new();
+        registry.register("report", KindOptions::default(), |_| async { Ok(()) });
+        registry
+            .cron(
+                "every-second",
+                "* * * * * *",
+                NewJob::new("report", json!({})),
+            )
+            .unwrap();
+        workers.push(Worker::start(pool, registry, config(2)).await.unwrap());
+    }
+    let t0: chrono::DateTime<Utc> = "2030-01-01T00:00:00.500Z".parse().unwrap();
+    let mut fired_total = 0;
+    for step in 0..6 {
+        // All three workers race on the same instant; each instant has one due tick
+        // (the first instant only creates the schedule's row).
+        let now = t0 + chrono::TimeDelta::seconds(step);
+        let mut handles = Vec::new();
+        for w in &workers {
+            for _ in 0..2 {
+                let w = w.clone();
+                handles.push(tokio::spawn(
+                    async move { w.maintain_at(now).await.unwrap() },
+                ));
+            }
+        }
+        let mut fired = 0;
+        for h in handles {
+            fired += h.await.unwrap().cron_fired.len();
+        }
+        assert_eq!(fired, usize::from(step > 0), "step {step}");
+        fired_total += fired;
+    }
+    let pool = aiops::store::connect(&url, 2).await.unwrap();
+    let keys: Vec<String> = sqlx::query_scalar("SELECT unique_key FROM jobs ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), fired_total);
+    assert_eq!(keys.len(), 5);
+    assert_eq!(
+        keys.iter().collect::<HashSet<_>>().len(),
+        5,
+        "one job per tick: {keys:?}"
+    );
+
+    // Real time: the three run loops fire every passing tick once.
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let mut loops = Vec::new();
+    for w in workers {
+        let mut rx = stop.subscribe();
+        loops.push(tokio::spawn(w.run(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })));
+    }
+    let _ = loops;
+    let started = Utc::now();
+    eventually(
+        "three real ticks fired",
+        Duration::from_secs(15),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE kind = 'report' AND run_at >= $1",
+            )
+            .bind(started)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n >= 3).then_some(())
+        },
+    )
+    .await;
+    let dupes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT run_at FROM jobs GROUP BY run_at HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dupes, 0);
+    let _ = stop.send(true);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_quick_jobs_and_releases_the_rest() {
+    let pool = common::fresh_pool().await;
+    let started = Arc::new(Notify::new());
+    let mut registry = Registry::new();
+    registry.register("quick", KindOptions::default(), |_| async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
+    });
+    {
+        let started = started.clone();
+        registry.register("endless", KindOptions::default(), move |_| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    }
+    let cfg = WorkerConfig {
+        grace_period: Duration::from_millis(300),
+        poll_interval: Duration::from_millis(50),
+        ..config(4)
+    };
+    let endless = enqueue(&pool, NewJob::new("endless", json!({})))
+        .await
+        .unwrap();
+    let worker = Worker::start(pool.clone(), registry, cfg).await.unwrap();
+    let worker_id = worker.id();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(worker.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the endless job starts");
+    let quick = enqueue(&pool, NewJob::new("quick", json!({})))
+        .await
+        .unwrap();
+    eventually(
+        "the quick job is running or done",
+        Duration::from_secs(10),
+        || async {
+            let s = job(&pool, quick).await.state;
+            (s == "running" || s == "completed").then_some(())
+        },
+    )
+    .await;
+    stop.send(true).unwrap();
+    let totals = run.await.unwrap().unwrap();
+    assert_eq!(totals.released, 1);
+    assert_eq!(
+        job(&pool, quick).await.state,
+        "completed",
+        "finished within the grace period"
+    );
+    let row = job(&pool, endless).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("available", 0));
+    assert!(row.lease_token.is_none());
+    assert!(
+        row.errors
+            .to_string()
+            .contains("released at worker shutdown")
+    );
+    let stopped: Option<chrono::DateTime<Utc>> =
+        sqlx::query_scalar("SELECT stopped_at FROM queue_workers WHERE id = $1")
+            .bind(worker_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(stopped.is_some(), "the worker is recorded as stopped");
+}
+
+#[tokio::test]
+async fn a_worker_process_killed_mid_job_is_rescued_and_finished_by_another_process() {
+    let url = common::fresh_database_url().await;
+    let pool = aiops::store::connect(&url, 4).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    // Attempt 1 sleeps ten minutes (it will be killed); attempt 2 finishes at once.
+    let id = enqueue(
+        &pool,
+        NewJob::new("test.sleep", json!({ "sleep_ms": [600000, 0] })),
+    )
+    .await
+    .unwrap();
+    let spawn_worker = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
+            .args([
+                "worker",
+                "--test-kinds",
+                "--concurrency",
+                "2",
+                "--lease-seconds",
+                "1.5",
+                "--poll-ms",
+                "100",
+                "--maintenance-ms",
+                "200",
+            ])
+            .env("DATABASE_URL", &url)
+            .env("AIOPS_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a worker process")
+    };
+    let mut first = spawn_worker();
+    let first_pid = first.id().unwrap() as i32;
+    let first_worker: uuid::Uuid = eventually(
+        "the first process runs the job",
+        Duration::from_secs(30),
+        || async {
+            let row = job(&pool, id).await;
+            (row.state == "running").then(|| row.locked_by.unwrap())
+        },
+    )
+    .await;
+    let pid: i32 = sqlx::query_scalar("SELECT pid FROM queue_workers WHERE id = $1")
+        .bind(first_worker)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pid, first_pid, "worker identity records the process id");
+    // SIGKILL: no shutdown code runs, the lease is simply no longer renewed.
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &first_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    first.wait().await.unwrap();
+    assert_eq!(
+        job(&pool, id).await.state,
+        "running",
+        "still leased to the dead process"
+    );
+
+    let mut second = spawn_worker();
+    let second_pid = second.id().unwrap() as i32;
+    let row = eventually(
+        "another process completes the job",
+        Duration::from_secs(30),
+        || async {
+            let row = job(&pool, id).await;
+            (row.state == "completed").then_some(row)
+        },
+    )
+    .await;
+    assert_eq!(row.attempt, 2);
+    assert!(row.errors.to_string().contains("lease expired"));
+    let finisher_pid: i32 = sqlx::query_scalar("SELECT pid FROM queue_workers WHERE id = $1")
+        .bind(row.locked_by.unwrap())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(finisher_pid, second_pid);
+    // SIGTERM: the second process stops cleanly and records it.
+    std::process::Command::new("kill")
+        .args(["-TERM", &second_pid.to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), second.wait())
+        .await
+        .expect("the worker exits after SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let stopped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM queue_workers WHERE pid = $1 AND stopped_at IS NOT NULL",
+    )
+    .bind(second_pid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stopped, 1);
+}
