@@ -2,6 +2,7 @@
 //! calls into `startup`, `store`, `api` or `worker`.
 
 pub mod runbook;
+pub mod secrets;
 mod user;
 
 use std::path::PathBuf;
@@ -48,6 +49,12 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document of this build (the one committed under openapi/).
     Openapi,
+    /// Generate secret keys and rotate stored secrets to the current key.
+    Secrets {
+        /// What to do.
+        #[command(subcommand)]
+        command: secrets::SecretsCommand,
+    },
     /// Runbooks as code: validate, apply, export, diff and dry-run YAML files.
     Runbook {
         /// What to do.
@@ -198,6 +205,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             print!("{}", crate::api::spec_json());
             Ok(())
         }
+        Command::Secrets { command } => match command {
+            secrets::SecretsCommand::GenerateKey { .. } => {
+                secrets::run(command, &config, None).await
+            }
+            secrets::SecretsCommand::Rotate => {
+                let pool = connect(&config).await?;
+                secrets::run(command, &config, Some(&pool)).await
+            }
+        },
         Command::Runbook { command } => runbook::run(command, &config).await,
         Command::User { command } => {
             let pool = connect(&config).await?;
