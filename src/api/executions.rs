@@ -14,7 +14,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::domain::Role;
-use crate::domain::blackout::{ServerFacts, ServerSelector};
+use crate::domain::blackout::ServerSelector;
 use crate::engine::{self, EngineError, StartRequest};
 use crate::store::{
     self, executions::ExecutionFilter, executions::ExecutionRow, executions::StepRow,
@@ -410,21 +410,11 @@ impl ExecutionsApi {
                     tags: sel.tags.clone(),
                     environments: sel.environments.clone(),
                 };
-                let all: Vec<(Uuid, Option<Value>, Option<String>)> = sqlx::query_as(
-                    "SELECT id, tags, environment FROM server_credentials ORDER BY name",
-                )
-                .fetch_all(&mut *tx)
-                .await?;
+                let all = store::blackouts::blackout_all_server_facts(&mut tx).await?;
                 let matching: Vec<Option<Uuid>> = all
                     .into_iter()
-                    .filter(|(id, tags, env)| {
-                        selector.matches(&ServerFacts {
-                            id: *id,
-                            tags: tags.clone().unwrap_or(Value::Null),
-                            environment: env.clone(),
-                        })
-                    })
-                    .map(|(id, _, _)| Some(id))
+                    .filter(|facts| selector.matches(facts))
+                    .map(|facts| Some(facts.id))
                     .collect();
                 if matching.is_empty() {
                     return Err(ApiError::invalid(
