@@ -26,7 +26,7 @@ if [ -z "${DATABASE_URL:-}" ]; then
     as_pg "$bin/initdb" -D "$dir/data" -U postgres -A trust >/dev/null
     as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
         -o "-p $port -k $dir/sock -c listen_addresses=''" start >/dev/null
-    trap 'as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null' EXIT
+    trap 'as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null; rm -rf "$dir"' EXIT
     export DATABASE_URL="postgres://postgres@localhost:$port/postgres?host=$dir/sock"
 fi
 
