@@ -63,12 +63,12 @@ pub struct AlertmanagerAlert {
     /// Annotations.
     #[oai(default)]
     pub annotations: HashMap<String, String>,
-    /// Start of the firing episode.
+    /// Start of the firing episode (RFC 3339).
     #[oai(rename = "startsAt")]
-    pub starts_at: DateTime<Utc>,
-    /// End; `0001-01-01T00:00:00Z` when unknown.
+    pub starts_at: String,
+    /// End (RFC 3339); `0001-01-01T00:00:00Z` when unknown.
     #[oai(rename = "endsAt")]
-    pub ends_at: Option<DateTime<Utc>>,
+    pub ends_at: Option<String>,
     /// Link to the expression that fired.
     #[oai(rename = "generatorURL", default)]
     pub generator_url: String,
@@ -164,9 +164,24 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             .get("alertname")
             .filter(|n| !n.trim().is_empty())
             .ok_or_else(|| ApiError::invalid(&field("labels.alertname"), "is required"))?;
-        if alert::is_zero_time(&a.starts_at) {
+        let time = |name: &str, value: &str| {
+            DateTime::parse_from_rfc3339(value)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| {
+                    ApiError::invalid(
+                        &field(name),
+                        format!("`{value}` is not an RFC 3339 time: {e}"),
+                    )
+                })
+        };
+        let starts_at = time("startsAt", &a.starts_at)?;
+        if alert::is_zero_time(&starts_at) {
             return Err(ApiError::invalid(&field("startsAt"), "must be set"));
         }
+        let ends_at = match a.ends_at.as_deref() {
+            None | Some("") => None,
+            Some(v) => Some(time("endsAt", v)?).filter(|t| !alert::is_zero_time(t)),
+        };
         let labels: BTreeMap<String, String> =
             a.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let annotations: BTreeMap<String, String> = a
@@ -184,7 +199,6 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             Some(f) => f.clone(),
             None => alert::fingerprint_of(&labels),
         };
-        let ends_at = a.ends_at.filter(|t| !alert::is_zero_time(t));
         let mut raw = envelope.clone();
         raw["alert"] = json!({
             "status": a.status,
@@ -197,7 +211,7 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
         });
         let row = AlertUpsert {
             fingerprint: fingerprint.clone(),
-            starts_at: a.starts_at,
+            starts_at,
             ends_at,
             status: status.as_str(),
             alert_name: alert::truncate(name, 255),
@@ -211,7 +225,7 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             generator_url: a.generator_url.clone(),
         };
         // The same episode twice in one payload: the later entry wins.
-        rows.insert((fingerprint, a.starts_at), row);
+        rows.insert((fingerprint, starts_at), row);
     }
     Ok(rows.into_values().collect())
 }
@@ -347,8 +361,11 @@ impl WebhookApi {
             queued: queued.len(),
         };
         if !queued.is_empty() {
-            store::jobs::job_enqueue(&mut tx, &crate::engine::alerts::process_job(queued))
-                .await?;
+            let jobs: Vec<_> = queued
+                .iter()
+                .map(|id| crate::engine::alerts::process_job(*id))
+                .collect();
+            store::jobs::job_enqueue_many(&mut tx, &jobs).await?;
             store::jobs::job_notify(&mut tx).await?;
         }
         tx.commit().await?;

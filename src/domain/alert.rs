@@ -183,6 +183,14 @@ mod tests {
             fingerprint_of(&labels(&[("alertname", "NodeDown")]))
         );
         assert_eq!(fingerprint_of(&a).len(), 16);
+        // Captured from Alertmanager 0.25.0 (tests/fixtures/alertmanager/0.25.0-firing.json).
+        let captured = labels(&[
+            ("alertname", "NodeDown"),
+            ("instance", "web-1:9100"),
+            ("job", "node"),
+            ("severity", "critical"),
+        ]);
+        assert_eq!(fingerprint_of(&captured), "8b13b0fa2923a800");
     }
 
     #[test]

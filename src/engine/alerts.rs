@@ -41,7 +41,7 @@ use crate::store::{
 
 use super::{Engine, EngineError, StartRequest};
 
-/// Job kind: evaluate rules and triggers for alerts of one webhook request.
+/// Job kind: evaluate rules and triggers for one alert.
 pub const KIND_PROCESS: &str = "alert.process";
 /// Job kind: analyse one alert.
 pub const KIND_ANALYZE: &str = "alert.analyze";
@@ -49,8 +49,8 @@ pub const KIND_ANALYZE: &str = "alert.analyze";
 /// Payload of `alert.process`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessPayload {
-    /// Alerts that are new or resolved by the request.
-    pub alert_ids: Vec<Uuid>,
+    /// An alert that is new or was just resolved.
+    pub alert_id: Uuid,
 }
 
 /// Payload of `alert.analyze`.
@@ -60,9 +60,11 @@ pub struct AnalyzePayload {
     pub alert_id: Uuid,
 }
 
-/// The processing job for a webhook request's alerts.
-pub fn process_job(alert_ids: Vec<Uuid>) -> NewJob {
-    let mut job = NewJob::new(KIND_PROCESS, json!(ProcessPayload { alert_ids }));
+/// The processing job of one alert. One job per alert keeps each transaction short: cooldown
+/// and trigger rows are locked only while one alert is decided, so a storm of alerts sharing
+/// them queues on those rows briefly instead of deadlocking in long batches.
+pub fn process_job(alert_id: Uuid) -> NewJob {
+    let mut job = NewJob::new(KIND_PROCESS, json!(ProcessPayload { alert_id }));
     job.max_attempts = 10;
     job
 }
@@ -110,9 +112,7 @@ pub async fn handle_process(_engine: &Engine, ctx: JobContext) -> Result<(), Job
         tz,
         tz_note: tz_note.as_deref(),
     };
-    for id in p.alert_ids {
-        process_one(g.conn(), &env, id).await?;
-    }
+    process_one(g.conn(), &env, p.alert_id).await?;
     g.complete().await
 }
 

@@ -223,13 +223,8 @@ pub fn register(registry: &mut Registry, engine: Arc<Engine>) {
         let e = e.clone();
         async move { control::handle_approval_expiry(&e, ctx).await }
     });
-    // A processing job handles every alert of one webhook request (up to thousands).
-    let processing = KindOptions {
-        timeout: Duration::from_secs(300),
-        ..KindOptions::default()
-    };
     let e = engine.clone();
-    registry.register(alerts::KIND_PROCESS, processing, move |ctx| {
+    registry.register(alerts::KIND_PROCESS, quick, move |ctx| {
         let e = e.clone();
         async move { alerts::handle_process(&e, ctx).await }
     });

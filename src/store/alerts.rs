@@ -203,7 +203,7 @@ pub async fn alert_upsert_many(
            group_key = EXCLUDED.group_key, external_url = EXCLUDED.external_url, \
            last_received_at = now(), receive_count = a.receive_count + 1 \
          RETURNING id, (xmax = 0) AS inserted, status, \
-           (xmax = 0 OR resolved_at = now()) AS needs_processing",
+           (xmax = 0 OR COALESCE(resolved_at = now(), false)) AS needs_processing",
     )
     .bind(&fingerprint)
     .bind(&starts_at)

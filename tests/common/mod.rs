@@ -306,6 +306,21 @@ pub struct TestWorker {
 impl TestWorker {
     /// Starts a worker with the product's registry (engine kinds included).
     pub async fn start(pool: &PgPool) -> TestWorker {
+        Self::start_with(pool, |o| o).await
+    }
+
+    /// Starts a worker that also runs steps on managed servers over SSH, with the app's keyring.
+    pub async fn start_ssh(pool: &PgPool, config: &Config) -> TestWorker {
+        let pool2 = pool.clone();
+        let config = config.clone();
+        Self::start_with(pool, move |o| o.with_ssh(&pool2, &config).expect("ssh worker")).await
+    }
+
+    /// Starts a worker after letting the test adjust its options.
+    pub async fn start_with(
+        pool: &PgPool,
+        adjust: impl FnOnce(aiops::worker::WorkerOptions) -> aiops::worker::WorkerOptions,
+    ) -> TestWorker {
         let options = aiops::worker::WorkerOptions {
             queue: aiops::queue::WorkerConfig {
                 concurrency: 4,
@@ -318,6 +333,7 @@ impl TestWorker {
             },
             ..aiops::worker::WorkerOptions::default()
         };
+        let options = adjust(options);
         let registry = aiops::worker::registry(&options, pool).expect("registry");
         let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)
             .await
