@@ -79,7 +79,12 @@ async fn alert_id(app: &TestApp, name: &str, instance: &str) -> uuid::Uuid {
 }
 
 /// Polls an alert until `done(detail)` holds.
-async fn wait_alert(app: &TestApp, id: uuid::Uuid, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn wait_alert(
+    app: &TestApp,
+    id: uuid::Uuid,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = app.get(&format!("/alerts/{id}")).await;
@@ -87,13 +92,19 @@ async fn wait_alert(app: &TestApp, id: uuid::Uuid, what: &str, done: impl Fn(&Va
         if done(&body) {
             return body;
         }
-        assert!(Instant::now() < deadline, "alert {id}: {what} not reached: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "alert {id}: {what} not reached: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn processed(app: &TestApp, id: uuid::Uuid) -> Value {
-    wait_alert(app, id, "processed", |b| b["alert"]["processed_at"].is_string()).await
+    wait_alert(app, id, "processed", |b| {
+        b["alert"]["processed_at"].is_string()
+    })
+    .await
 }
 
 async fn server(app: &TestApp, name: &str, hostname: &str, tags: Value) -> uuid::Uuid {
@@ -116,7 +127,12 @@ async fn server(app: &TestApp, name: &str, hostname: &str, tags: Value) -> uuid:
 async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     let app = common::spawn_app().await;
     let token = webhook_token(&app).await;
-    let good = payload(vec![alert("NodeDown", "web-1:9100", "2030-01-01T00:00:00Z", "firing")]);
+    let good = payload(vec![alert(
+        "NodeDown",
+        "web-1:9100",
+        "2030-01-01T00:00:00Z",
+        "firing",
+    )]);
 
     // No credentials, a wrong token, and a user's own bearer token are all refused.
     let resp = app
@@ -145,7 +161,11 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     let mut v3 = good.clone();
     v3["version"] = json!("3");
     let (status, body) = post(&app, &token, &v3).await;
-    assert_eq!((status, body["details"]["field"].clone()), (422, json!("version")), "{body}");
+    assert_eq!(
+        (status, body["details"]["field"].clone()),
+        (422, json!("version")),
+        "{body}"
+    );
     let mut bad_status = good.clone();
     bad_status["alerts"][0]["status"] = json!("exploding");
     let (status, body) = post(&app, &token, &bad_status).await;
@@ -161,7 +181,10 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
         .remove("alertname");
     let (status, body) = post(&app, &token, &nameless).await;
     assert_eq!(status, 422);
-    assert_eq!(body["details"]["field"], "alerts[1].labels.alertname", "{body}");
+    assert_eq!(
+        body["details"]["field"], "alerts[1].labels.alertname",
+        "{body}"
+    );
     let mut no_start = good.clone();
     no_start["alerts"][0]["startsAt"] = json!("yesterday");
     let (status, body) = post(&app, &token, &no_start).await;
@@ -171,13 +194,23 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     wrong_type["alerts"] = json!("not a list");
     let (status, body) = post(&app, &token, &wrong_type).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("AlertmanagerPayload"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("AlertmanagerPayload"),
+        "{body}"
+    );
     // Oversized (the body limit is 1 MiB by default).
     let mut big = good.clone();
     big["alerts"][0]["annotations"]["description"] = json!("x".repeat(2 * 1024 * 1024));
     let (status, body) = post(&app, &token, &big).await;
     assert_eq!(status, 413, "{body}");
-    assert_eq!(alert_count(&app).await, 0, "a refused payload stored something");
+    assert_eq!(
+        alert_count(&app).await,
+        0,
+        "a refused payload stored something"
+    );
 
     // Bearer and basic auth (password = token) both work.
     let (status, body) = post(&app, &token, &good).await;
@@ -193,14 +226,22 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    assert_eq!((body["created"].clone(), body["updated"].clone()), (json!(0), json!(1)));
+    assert_eq!(
+        (body["created"].clone(), body["updated"].clone()),
+        (json!(0), json!(1))
+    );
 
     // A revoked token stops working.
     let (_, tokens) = app.get("/webhook-tokens").await;
     let id = tokens[0]["id"].as_str().unwrap();
     assert!(tokens[0].get("secret").is_none());
     let (status, _) = app
-        .call(Method::DELETE, &format!("/webhook-tokens/{id}"), Some(&app.admin_token), None)
+        .call(
+            Method::DELETE,
+            &format!("/webhook-tokens/{id}"),
+            Some(&app.admin_token),
+            None,
+        )
         .await;
     assert_eq!(status, 204);
     assert_eq!(post(&app, &token, &good).await.0, 401);
@@ -221,11 +262,17 @@ async fn captured_payloads_deduplicate_by_episode_and_resolve() {
 
     let (status, body) = post(&app, &token, &firing).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body, json!({"received": 2, "created": 2, "updated": 0, "resolved": 0, "queued": 2}));
+    assert_eq!(
+        body,
+        json!({"received": 2, "created": 2, "updated": 0, "resolved": 0, "queued": 2})
+    );
     // Alertmanager's retries and repeat notifications update the same rows.
     for _ in 0..2 {
         let (_, body) = post(&app, &token, &firing).await;
-        assert_eq!((body["created"].clone(), body["queued"].clone()), (json!(0), json!(0)));
+        assert_eq!(
+            (body["created"].clone(), body["queued"].clone()),
+            (json!(0), json!(0))
+        );
     }
     assert_eq!(alert_count(&app).await, 2);
     let (_, page) = app.get("/alerts?status=firing").await;
@@ -241,16 +288,25 @@ async fn captured_payloads_deduplicate_by_episode_and_resolve() {
     assert_eq!(web1["fingerprint"], "8b13b0fa2923a800");
     assert_eq!(web1["source"], "prometheus-0:9090");
     assert_eq!(web1["annotations"]["summary"], "web-1 is down");
-    assert!(web1.get("ends_at").is_none(), "the zero endsAt is no end: {web1}");
+    assert!(
+        web1.get("ends_at").is_none(),
+        "the zero endsAt is no end: {web1}"
+    );
 
     // The resolved notification marks web-1 resolved; web-2 still fires.
     let (_, body) = post(&app, &token, &resolved).await;
-    assert_eq!((body["resolved"].clone(), body["queued"].clone()), (json!(1), json!(1)));
+    assert_eq!(
+        (body["resolved"].clone(), body["queued"].clone()),
+        (json!(1), json!(1))
+    );
     let id: uuid::Uuid = web1["id"].as_str().unwrap().parse().unwrap();
     let (_, detail) = app.get(&format!("/alerts/{id}")).await;
     assert_eq!(detail["alert"]["status"], "resolved");
-    let ends: chrono::DateTime<chrono::Utc> =
-        detail["alert"]["ends_at"].as_str().unwrap().parse().unwrap();
+    let ends: chrono::DateTime<chrono::Utc> = detail["alert"]["ends_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert_eq!(ends.to_rfc3339(), "2026-11-24T22:05:24+00:00");
     assert_eq!(detail["raw"]["alert"]["endsAt"], "2026-11-24T22:05:24Z");
     assert_eq!(detail["raw"]["alert"]["fingerprint"], "8b13b0fa2923a800");
@@ -269,16 +325,31 @@ async fn captured_payloads_deduplicate_by_episode_and_resolve() {
     assert_eq!(alert_count(&app).await, 3);
 
     // Filters: name, severity, label, time range, pagination.
-    let (_, page) = app.get("/alerts?name=NodeDown&severity=critical&label=instance%3Dweb-1%3A9100").await;
+    let (_, page) = app
+        .get("/alerts?name=NodeDown&severity=critical&label=instance%3Dweb-1%3A9100")
+        .await;
     assert_eq!(page["total"], 2, "{page}");
-    let (_, page) = app.get("/alerts?label=instance%3Dweb-1%3A9100&status=resolved").await;
+    let (_, page) = app
+        .get("/alerts?label=instance%3Dweb-1%3A9100&status=resolved")
+        .await;
     assert_eq!(page["total"], 1);
     let (_, page) = app.get("/alerts?since=2026-11-24T22:30:00Z").await;
     assert_eq!(page["total"], 1);
-    let (_, page) = app.get("/alerts?until=2026-11-24T22:30:00Z&limit=1&offset=1").await;
-    assert_eq!((page["total"].clone(), page["items"].as_array().unwrap().len()), (json!(2), 1));
+    let (_, page) = app
+        .get("/alerts?until=2026-11-24T22:30:00Z&limit=1&offset=1")
+        .await;
+    assert_eq!(
+        (
+            page["total"].clone(),
+            page["items"].as_array().unwrap().len()
+        ),
+        (json!(2), 1)
+    );
     let (status, body) = app.get("/alerts?label=nonsense").await;
-    assert_eq!((status, body["details"]["field"].clone()), (422, json!("label[0]")));
+    assert_eq!(
+        (status, body["details"]["field"].clone()),
+        (422, json!("label[0]"))
+    );
 }
 
 #[tokio::test]
@@ -311,16 +382,29 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
             Some(rule("bad", 1, "[oops", "*", "manual")),
         )
         .await;
-    assert_eq!((status, body["details"]["field"].clone()), (422, json!("alert_name_pattern")));
+    assert_eq!(
+        (status, body["details"]["field"].clone()),
+        (422, json!("alert_name_pattern"))
+    );
     let (_, list) = app.get("/alert-rules").await;
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["watchdog", "db-critical", "broad"]);
 
     let (status, _) = post(
         &app,
         &token,
         &payload(vec![
-            alert("PostgresDown", "db-1:9187", "2030-01-01T00:00:00Z", "firing"),
+            alert(
+                "PostgresDown",
+                "db-1:9187",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
             alert("Watchdog", "am:9093", "2030-01-01T00:00:00Z", "firing"),
             alert("DiskFull", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
         ]),
@@ -335,7 +419,10 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
         b["alert"]["analysis"]["status"] == "unavailable"
     })
     .await;
-    assert_eq!(pg["alert"]["analysis"]["error"], "no LLM provider is configured");
+    assert_eq!(
+        pg["alert"]["analysis"]["error"],
+        "no LLM provider is configured"
+    );
     assert_eq!(pg["alert"]["analysis"]["analyzed"], false);
     let dog = processed(&app, alert_id(&app, "Watchdog", "am:9093").await).await;
     assert_eq!(dog["alert"]["action_taken"], "ignore");
@@ -349,9 +436,18 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
     let (_, operator) = app.user_with_role("operator").await;
     let disk_id = disk["alert"]["id"].as_str().unwrap();
     let (status, body) = app
-        .call(Method::POST, &format!("/alerts/{disk_id}/analysis"), Some(&operator), None)
+        .call(
+            Method::POST,
+            &format!("/alerts/{disk_id}/analysis"),
+            Some(&operator),
+            None,
+        )
         .await;
-    assert_eq!((status, body["status"].clone()), (202, json!("queued")), "{body}");
+    assert_eq!(
+        (status, body["status"].clone()),
+        (202, json!("queued")),
+        "{body}"
+    );
     wait_alert(&app, disk_id.parse().unwrap(), "analysis", |b| {
         b["alert"]["analysis"]["status"] == "unavailable"
     })
@@ -366,7 +462,12 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
         .await;
     assert_eq!((status, updated["action"].clone()), (200, json!("ignore")));
     let (status, _) = app
-        .call(Method::DELETE, &format!("/alert-rules/{}", ids[1]), Some(&engineer), None)
+        .call(
+            Method::DELETE,
+            &format!("/alert-rules/{}", ids[1]),
+            Some(&engineer),
+            None,
+        )
         .await;
     assert_eq!(status, 204);
     assert_eq!(app.audit_rows("alert_rule_create").await.len(), 3);
@@ -418,14 +519,29 @@ triggers:
         &payload(vec![
             alert("NodeDown", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
             alert("DiskFull", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
-            alert("NodeDown", "unknown-host:9100", "2030-01-01T00:00:00Z", "firing"),
+            alert(
+                "NodeDown",
+                "unknown-host:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
         ]),
     )
     .await;
     let node = processed(&app, alert_id(&app, "NodeDown", "web-1:9100").await).await;
-    assert_eq!(node["match_outcome"]["decision"], "execution_created", "{node}");
-    assert_eq!(node["match_outcome"]["matched_trigger"]["name"], "node-down");
-    let execution: uuid::Uuid = node["match_outcome"]["execution_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        node["match_outcome"]["decision"], "execution_created",
+        "{node}"
+    );
+    assert_eq!(
+        node["match_outcome"]["matched_trigger"]["name"],
+        "node-down"
+    );
+    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let waiting = app.wait_for_status(execution, &["pending"], 10).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -449,18 +565,31 @@ triggers:
 
     let disk = processed(&app, alert_id(&app, "DiskFull", "web-1:9100").await).await;
     assert_eq!(disk["match_outcome"]["decision"], "suggested");
-    assert_eq!(disk["suggested_runbooks"][0]["runbook"], "suggest-disk-cleanup");
+    assert_eq!(
+        disk["suggested_runbooks"][0]["runbook"],
+        "suggest-disk-cleanup"
+    );
     assert_eq!(disk["executions"], json!([]));
 
     let lost = processed(&app, alert_id(&app, "NodeDown", "unknown-host:9100").await).await;
     assert_eq!(lost["match_outcome"]["decision"], "no_server", "{lost}");
-    assert!(lost["match_outcome"]["reason"].as_str().unwrap().contains("`unknown-host`"));
+    assert!(
+        lost["match_outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("`unknown-host`")
+    );
 
     // A second episode inside the cooldown: recorded, not run.
     post(
         &app,
         &token,
-        &payload(vec![alert("NodeDown", "db-1:9100", "2030-01-01T00:05:00Z", "firing")]),
+        &payload(vec![alert(
+            "NodeDown",
+            "db-1:9100",
+            "2030-01-01T00:05:00Z",
+            "firing",
+        )]),
     )
     .await;
     let cool = processed(&app, alert_id(&app, "NodeDown", "db-1:9100").await).await;
@@ -471,7 +600,12 @@ triggers:
     post(
         &app,
         &token,
-        &payload(vec![alert("NodeDown", "web-1:9100", "2030-01-01T00:00:00Z", "resolved")]),
+        &payload(vec![alert(
+            "NodeDown",
+            "web-1:9100",
+            "2030-01-01T00:00:00Z",
+            "resolved",
+        )]),
     )
     .await;
     let done = app.wait_for_status(execution, &["cancelled"], 20).await;
@@ -514,20 +648,43 @@ triggers:
         &app,
         &token,
         &payload(vec![
-            alert("HighLoad", "10.0.0.1:9100", "2030-01-01T00:00:00Z", "firing"),
-            alert("HighLoad", "10.0.0.2:9100", "2030-01-01T00:00:00Z", "firing"),
-            alert("HighLoad", "10.0.0.3:9100", "2030-01-01T00:00:00Z", "firing"),
+            alert(
+                "HighLoad",
+                "10.0.0.1:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+            alert(
+                "HighLoad",
+                "10.0.0.2:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+            alert(
+                "HighLoad",
+                "10.0.0.3:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
         ]),
     )
     .await;
     let first = processed(&app, alert_id(&app, "HighLoad", "10.0.0.1:9100").await).await;
-    assert_eq!(first["match_outcome"]["decision"], "execution_created", "{first}");
+    assert_eq!(
+        first["match_outcome"]["decision"], "execution_created",
+        "{first}"
+    );
     assert_eq!(first["match_outcome"]["server_id"], json!(a));
     // The same instance fires again (a new episode): inside its own cooldown.
     post(
         &app,
         &token,
-        &payload(vec![alert("HighLoad", "10.0.0.1:9100", "2030-01-01T01:00:00Z", "firing")]),
+        &payload(vec![alert(
+            "HighLoad",
+            "10.0.0.1:9100",
+            "2030-01-01T01:00:00Z",
+            "firing",
+        )]),
     )
     .await;
     let one = processed(&app, alert_id(&app, "HighLoad", "10.0.0.1:9100").await).await;
@@ -538,7 +695,12 @@ triggers:
     assert_eq!(two["match_outcome"]["server_id"], json!(b));
     let three = processed(&app, alert_id(&app, "HighLoad", "10.0.0.3:9100").await).await;
     assert_eq!(three["match_outcome"]["decision"], "no_server");
-    assert!(three["match_outcome"]["reason"].as_str().unwrap().contains("allowed_servers"));
+    assert!(
+        three["match_outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_servers")
+    );
     let cooldowns: i64 = sqlx::query_scalar("SELECT count(*) FROM trigger_cooldowns")
         .fetch_one(&app.pool)
         .await
@@ -561,12 +723,16 @@ triggers:
     )
     .await;
     let mut cluster = alert("ClusterWide", "", "2030-01-01T00:00:00Z", "firing");
-    cluster["labels"].as_object_mut().unwrap().remove("instance");
+    cluster["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("instance");
     post(&app, &token, &payload(vec![cluster])).await;
-    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM alerts WHERE alert_name = 'ClusterWide'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM alerts WHERE alert_name = 'ClusterWide'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     let c = processed(&app, id).await;
     assert_eq!(c["match_outcome"]["decision"], "execution_created", "{c}");
     assert_eq!(c["match_outcome"]["server"], "other");
@@ -581,7 +747,12 @@ async fn database_unavailable_answers_5xx_so_alertmanager_retries() {
     let (status, body) = post(
         &app,
         &token,
-        &payload(vec![alert("NodeDown", "web-1:9100", "2030-01-01T00:00:00Z", "firing")]),
+        &payload(vec![alert(
+            "NodeDown",
+            "web-1:9100",
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]),
     )
     .await;
     assert!((500..600).contains(&status), "{status} {body}");
@@ -623,14 +794,30 @@ triggers:
     post(
         &app,
         &token,
-        &payload(vec![alert("NodeDown", "127.0.0.1:9100", "2030-01-01T00:00:00Z", "firing")]),
+        &payload(vec![alert(
+            "NodeDown",
+            "127.0.0.1:9100",
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]),
     )
     .await;
     let node = processed(&app, alert_id(&app, "NodeDown", "127.0.0.1:9100").await).await;
-    assert_eq!(node["match_outcome"]["decision"], "execution_created", "{node}");
-    let execution: uuid::Uuid = node["match_outcome"]["execution_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        node["match_outcome"]["decision"], "execution_created",
+        "{node}"
+    );
+    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let done = app
-        .wait_for_status(execution, &["completed", "failed", "cancelled", "timeout"], 60)
+        .wait_for_status(
+            execution,
+            &["completed", "failed", "cancelled", "timeout"],
+            60,
+        )
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     let steps = app.steps(execution).await;
@@ -668,7 +855,13 @@ triggers:
     // 20 servers: the 10,000 alerts come from 20 instances, so the per-instance cooldown allows
     // exactly 20 runs.
     for i in 0..20 {
-        server(&app, &format!("storm-{i}"), &format!("10.1.0.{i}"), json!([])).await;
+        server(
+            &app,
+            &format!("storm-{i}"),
+            &format!("10.1.0.{i}"),
+            json!([]),
+        )
+        .await;
     }
     let payloads: Vec<Value> = (0..100)
         .map(|p| {
@@ -695,16 +888,23 @@ triggers:
         let url = app.api("/webhooks/alertmanager");
         let token = token.clone();
         tokio::spawn(async move {
-            let results = futures_util::future::join_all(payloads.into_iter().map(|p| {
+            futures_util::future::join_all(payloads.into_iter().map(|p| {
                 let client = client.clone();
                 let url = url.clone();
                 let token = token.clone();
                 async move {
-                    client.post(url).bearer_auth(token).json(&p).send().await.unwrap().status().as_u16()
+                    client
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&p)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
                 }
             }))
-            .await;
-            results
+            .await
         })
     };
     let mut latencies = Vec::new();
@@ -720,6 +920,7 @@ triggers:
     assert_eq!(alert_count(&app).await, 10_000);
 
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut processing_latencies = Vec::new();
     loop {
         let unprocessed: i64 =
             sqlx::query_scalar("SELECT count(*) FROM alerts WHERE processed_at IS NULL")
@@ -729,7 +930,14 @@ triggers:
         if unprocessed == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{unprocessed} alerts still unprocessed");
+        assert!(
+            Instant::now() < deadline,
+            "{unprocessed} alerts still unprocessed"
+        );
+        let t = Instant::now();
+        let (status, _) = app.get("/alerts?status=firing&limit=10").await;
+        assert_eq!(status, 200);
+        processing_latencies.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let processed_in = started.elapsed();
@@ -737,7 +945,10 @@ triggers:
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(executions, 20, "per-instance cooldown lets exactly one run per instance");
+    assert_eq!(
+        executions, 20,
+        "per-instance cooldown lets exactly one run per instance"
+    );
     let decisions: Vec<(String, i64)> = sqlx::query_as(
         "SELECT match_outcome->>'decision', count(*) FROM alerts GROUP BY 1 ORDER BY 1",
     )
@@ -746,19 +957,30 @@ triggers:
     .unwrap();
     assert_eq!(
         decisions,
-        vec![("cooldown".to_owned(), 9_980), ("execution_created".to_owned(), 20)]
+        vec![
+            ("cooldown".to_owned(), 9_980),
+            ("execution_created".to_owned(), 20)
+        ]
     );
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
+    let summary = |mut l: Vec<Duration>| {
+        if l.is_empty() {
+            return "n=0".to_owned();
+        }
+        l.sort();
+        let pct = |p: f64| l[((l.len() - 1) as f64 * p) as usize];
+        format!(
+            "n={} p50={:?} p99={:?} max={:?}",
+            l.len(),
+            pct(0.5),
+            pct(0.99),
+            l[l.len() - 1]
+        )
+    };
     println!(
-        "storm: 10000 alerts in 100 payloads stored in {:?}, processed in {:?}; \
-         GET /alerts during the storm: n={} p50={:?} p99={:?} max={:?}",
-        ingest,
-        processed_in,
-        latencies.len(),
-        pct(0.5),
-        pct(0.99),
-        latencies.last().unwrap()
+        "storm: 10000 alerts in 100 concurrent payloads stored in {ingest:?}, all processed \
+         after {processed_in:?}; GET /alerts while posting: {}; while processing: {}",
+        summary(latencies),
+        summary(processing_latencies),
     );
     worker.stop().await;
 }

@@ -113,7 +113,12 @@ fn string_map(value: &Value) -> BTreeMap<String, String> {
         .as_object()
         .map(|o| {
             o.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -322,7 +327,10 @@ fn prepare_rule(input: &AlertRuleInput) -> Result<PreparedRule, ApiError> {
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::invalid("name", "must be 1 to 100 characters"));
     }
-    let name_pattern = input.alert_name_pattern.clone().unwrap_or_else(|| "*".into());
+    let name_pattern = input
+        .alert_name_pattern
+        .clone()
+        .unwrap_or_else(|| "*".into());
     let severity_pattern = input.severity_pattern.clone().unwrap_or_else(|| "*".into());
     for (field, p) in [
         ("alert_name_pattern", &name_pattern),
@@ -546,7 +554,11 @@ impl AlertsApi {
     /// List auto_analyze rules in evaluation order.
     ///
     /// Least role: viewer.
-    #[oai(path = "/alert-rules", method = "get", operation_id = "alert_rule_list")]
+    #[oai(
+        path = "/alert-rules",
+        method = "get",
+        operation_id = "alert_rule_list"
+    )]
     async fn alert_rule_list(
         &self,
         req: &Request,
@@ -561,7 +573,11 @@ impl AlertsApi {
     /// Create an auto_analyze rule.
     ///
     /// Least role: engineer.
-    #[oai(path = "/alert-rules", method = "post", operation_id = "alert_rule_create")]
+    #[oai(
+        path = "/alert-rules",
+        method = "post",
+        operation_id = "alert_rule_create"
+    )]
     async fn alert_rule_create(
         &self,
         req: &Request,
@@ -590,7 +606,11 @@ impl AlertsApi {
     /// Get an auto_analyze rule.
     ///
     /// Least role: viewer.
-    #[oai(path = "/alert-rules/:id", method = "get", operation_id = "alert_rule_get")]
+    #[oai(
+        path = "/alert-rules/:id",
+        method = "get",
+        operation_id = "alert_rule_get"
+    )]
     async fn alert_rule_get(
         &self,
         req: &Request,
@@ -609,7 +629,11 @@ impl AlertsApi {
     /// Replace an auto_analyze rule.
     ///
     /// Least role: engineer.
-    #[oai(path = "/alert-rules/:id", method = "put", operation_id = "alert_rule_update")]
+    #[oai(
+        path = "/alert-rules/:id",
+        method = "put",
+        operation_id = "alert_rule_update"
+    )]
     async fn alert_rule_update(
         &self,
         req: &Request,
@@ -662,7 +686,12 @@ impl AlertsApi {
         caller
             .record(
                 &mut tx,
-                caller.audit("alert_rule_delete", "auto_analyze_rule", Some(id.0), json!({})),
+                caller.audit(
+                    "alert_rule_delete",
+                    "auto_analyze_rule",
+                    Some(id.0),
+                    json!({}),
+                ),
             )
             .await?;
         tx.commit().await?;

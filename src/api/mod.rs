@@ -136,6 +136,7 @@ pub fn spec_json() -> String {
         .connect_lazy("postgres://localhost/unused")
         .expect("a constant URL parses");
     let state = AppState {
+        webhook_slots: context::webhook_slots_for(&pool),
         pool,
         config: Arc::new(Config::default()),
         secrets: None,

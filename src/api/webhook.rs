@@ -182,8 +182,11 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             None | Some("") => None,
             Some(v) => Some(time("endsAt", v)?).filter(|t| !alert::is_zero_time(t)),
         };
-        let labels: BTreeMap<String, String> =
-            a.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let labels: BTreeMap<String, String> = a
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let annotations: BTreeMap<String, String> = a
             .annotations
             .iter()
@@ -330,6 +333,12 @@ impl WebhookApi {
         body: Json<AlertmanagerPayload>,
     ) -> Result<Json<WebhookReceipt>, ApiError> {
         let hash = crate::crypto::token::hash(auth.secret());
+        let _slot = self
+            .state
+            .webhook_slots
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
         let mut tx = self.state.pool.begin().await?;
         if store::webhook_tokens::webhook_token_authenticate(&mut tx, &hash)
             .await?
@@ -460,7 +469,12 @@ impl WebhookApi {
         caller
             .record(
                 &mut tx,
-                caller.audit("webhook_token_revoke", "webhook_token", Some(id.0), json!({})),
+                caller.audit(
+                    "webhook_token_revoke",
+                    "webhook_token",
+                    Some(id.0),
+                    json!({}),
+                ),
             )
             .await?;
         tx.commit().await?;

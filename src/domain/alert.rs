@@ -106,7 +106,9 @@ pub fn instance_host(instance: &str) -> &str {
     }
     match instance.rsplit_once(':') {
         Some((host, port))
-            if !host.contains(':') && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+            if !host.contains(':')
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit()) =>
         {
             host
         }
@@ -211,7 +213,10 @@ mod tests {
             Some("loki".to_owned())
         );
         assert_eq!(
-            source_of(&BTreeMap::new(), "http://prometheus-0:9090/graph?g0.expr=up"),
+            source_of(
+                &BTreeMap::new(),
+                "http://prometheus-0:9090/graph?g0.expr=up"
+            ),
             Some("prometheus-0:9090".to_owned())
         );
         assert_eq!(source_of(&BTreeMap::new(), ""), None);

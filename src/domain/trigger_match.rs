@@ -340,7 +340,10 @@ mod tests {
         // 05:30 UTC is 06:30 in Berlin: outside there, inside in UTC.
         assert!(trigger_matches(&t, &alert("X"), at(5, 30), None).matched);
         let v = trigger_matches_in(&t, &alert("X"), at(5, 30), None, berlin);
-        assert!(!v.matched && v.reasons[0].contains("Europe/Berlin"), "{v:?}");
+        assert!(
+            !v.matched && v.reasons[0].contains("Europe/Berlin"),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub fn analyze_job(alert_id: Uuid) -> NewJob {
 }
 
 /// Marks an alert's analysis as queued and enqueues the job, in the caller's transaction.
-pub async fn request_analysis(conn: &mut PgConnection, alert_id: Uuid) -> Result<bool, EngineError> {
+pub async fn request_analysis(
+    conn: &mut PgConnection,
+    alert_id: Uuid,
+) -> Result<bool, EngineError> {
     if !store::alerts::alert_analysis_request(conn, alert_id).await? {
         return Ok(false);
     }
@@ -328,8 +331,7 @@ async fn match_triggers(
     // 5. Cooldown.
     let claimed = if t.cooldown_per_instance {
         let key = alert::instance_key(&labels, &a.fingerprint);
-        store::alerts::trigger_instance_cooldown_claim(conn, t.id, &key, t.cooldown_seconds)
-            .await?
+        store::alerts::trigger_instance_cooldown_claim(conn, t.id, &key, t.cooldown_seconds).await?
     } else {
         store::alerts::trigger_cooldown_claim(conn, t.id).await?
     };
@@ -418,8 +420,10 @@ async fn resolve_server(
                 )));
             }
             many => {
-                let allowed: Vec<&ServerCandidate> =
-                    many.iter().filter(|s| selector.matches(&facts(s))).collect();
+                let allowed: Vec<&ServerCandidate> = many
+                    .iter()
+                    .filter(|s| selector.matches(&facts(s)))
+                    .collect();
                 if let [one] = allowed.as_slice() {
                     return Ok(Ok((one.id, one.name.clone())));
                 }
@@ -463,9 +467,9 @@ pub async fn handle_analyze(_engine: &Engine, ctx: JobContext) -> Result<(), Job
     let mut g = ctx.lease().guarded_tx().await?;
     let reason = match store::alerts::llm_provider_name(g.conn()).await? {
         None => "no LLM provider is configured".to_owned(),
-        Some(name) => format!(
-            "LLM provider {name} is configured, but this build has no analysis integration"
-        ),
+        Some(name) => {
+            format!("LLM provider {name} is configured, but this build has no analysis integration")
+        }
     };
     store::alerts::alert_analysis_not_done(g.conn(), p.alert_id, "unavailable", &reason).await?;
     g.complete().await

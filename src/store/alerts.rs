@@ -288,16 +288,17 @@ pub async fn alert_list(
     .bind(offset)
     .fetch_all(&mut *conn)
     .await?;
-    let total: i64 =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM alerts {WHERE}")))
-            .bind(&f.status)
-            .bind(&f.severity)
-            .bind(&f.name)
-            .bind(&f.labels)
-            .bind(f.since)
-            .bind(f.until)
-            .fetch_one(conn)
-            .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM alerts {WHERE}"
+    )))
+    .bind(&f.status)
+    .bind(&f.severity)
+    .bind(&f.name)
+    .bind(&f.labels)
+    .bind(f.since)
+    .bind(f.until)
+    .fetch_one(conn)
+    .await?;
     Ok((rows, total))
 }
 
@@ -436,7 +437,10 @@ pub async fn trigger_candidates(conn: &mut PgConnection) -> StoreResult<Vec<Trig
 /// in one statement (zero rows: cooling down). Uses the statement's clock, not the
 /// transaction's, so a transaction that waited for the row lock compares against the time it
 /// actually got it.
-pub async fn trigger_cooldown_claim(conn: &mut PgConnection, trigger_id: Uuid) -> StoreResult<bool> {
+pub async fn trigger_cooldown_claim(
+    conn: &mut PgConnection,
+    trigger_id: Uuid,
+) -> StoreResult<bool> {
     let row: Option<Uuid> = sqlx::query_scalar(
         "UPDATE runbook_triggers SET last_triggered_at = clock_timestamp() \
          WHERE id = $1 AND (last_triggered_at IS NULL \

@@ -33,24 +33,28 @@ pub async fn webhook_token_create(
     hash: &[u8],
     created_by: Option<Uuid>,
 ) -> StoreResult<WebhookTokenRow> {
-    Ok(sqlx::query_as::<_, WebhookTokenRow>(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO webhook_tokens (name, token_hash, created_by) VALUES ($1, $2, $3) \
+    Ok(
+        sqlx::query_as::<_, WebhookTokenRow>(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO webhook_tokens (name, token_hash, created_by) VALUES ($1, $2, $3) \
          RETURNING {COLUMNS}"
-    )))
-    .bind(name)
-    .bind(hash)
-    .bind(created_by)
-    .fetch_one(conn)
-    .await?)
+        )))
+        .bind(name)
+        .bind(hash)
+        .bind(created_by)
+        .fetch_one(conn)
+        .await?,
+    )
 }
 
 /// Every token, newest first.
 pub async fn webhook_token_list(conn: &mut PgConnection) -> StoreResult<Vec<WebhookTokenRow>> {
-    Ok(sqlx::query_as::<_, WebhookTokenRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM webhook_tokens ORDER BY created_at DESC, id"
-    )))
-    .fetch_all(conn)
-    .await?)
+    Ok(
+        sqlx::query_as::<_, WebhookTokenRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM webhook_tokens ORDER BY created_at DESC, id"
+        )))
+        .fetch_all(conn)
+        .await?,
+    )
 }
 
 /// Revokes a token; false when it does not exist or is already revoked.

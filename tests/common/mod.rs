@@ -313,7 +313,10 @@ impl TestWorker {
     pub async fn start_ssh(pool: &PgPool, config: &Config) -> TestWorker {
         let pool2 = pool.clone();
         let config = config.clone();
-        Self::start_with(pool, move |o| o.with_ssh(&pool2, &config).expect("ssh worker")).await
+        Self::start_with(pool, move |o| {
+            o.with_ssh(&pool2, &config).expect("ssh worker")
+        })
+        .await
     }
 
     /// Starts a worker after letting the test adjust its options.
