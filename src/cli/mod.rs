@@ -2,6 +2,7 @@
 //! calls into `startup`, `store`, `api` or `worker`.
 
 pub mod runbook;
+pub mod secrets;
 mod user;
 
 use std::path::PathBuf;
@@ -48,6 +49,12 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document of this build (the one committed under openapi/).
     Openapi,
+    /// Generate secret keys and rotate stored secrets to the current key.
+    Secrets {
+        /// What to do.
+        #[command(subcommand)]
+        command: secrets::SecretsCommand,
+    },
     /// Runbooks as code: validate, apply, export, diff and dry-run YAML files.
     Runbook {
         /// What to do.
@@ -122,6 +129,7 @@ impl WorkerArgs {
             queue,
             retention: std::time::Duration::from_secs(self.retention_hours * 3600),
             test_kinds: self.test_kinds,
+            ..crate::worker::WorkerOptions::default()
         })
     }
 }
@@ -183,8 +191,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
-            let options = args.options()?;
             let pool = connect(&config).await?;
+            let options = args.options()?.with_ssh(&pool, &config)?;
             crate::worker::run(pool, options, startup::shutdown_signal()).await
         }
         Command::Migrate => {
@@ -197,6 +205,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             print!("{}", crate::api::spec_json());
             Ok(())
         }
+        Command::Secrets { command } => match command {
+            secrets::SecretsCommand::GenerateKey { .. } => {
+                secrets::run(command, &config, None).await
+            }
+            secrets::SecretsCommand::Rotate => {
+                let pool = connect(&config).await?;
+                secrets::run(command, &config, Some(&pool)).await
+            }
+        },
         Command::Runbook { command } => runbook::run(command, &config).await,
         Command::User { command } => {
             let pool = connect(&config).await?;
@@ -246,7 +263,9 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(app.run_until(wait_stop(stop_rx.clone())));
     let worker = tokio::spawn(crate::worker::run(
         pool.clone(),
-        WorkerArgs::from_env()?.options()?,
+        WorkerArgs::from_env()?
+            .options()?
+            .with_ssh(&pool, &config)?,
         wait_stop(stop_rx),
     ));
     startup::shutdown_signal().await;

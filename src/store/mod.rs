@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod login_attempts;
 pub mod queue_workers;
 pub mod runbooks;
+pub mod secrets;
 pub mod servers;
 pub mod stats;
 pub mod system_config;
