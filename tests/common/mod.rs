@@ -304,26 +304,19 @@ pub struct TestWorker {
 }
 
 impl TestWorker {
-    /// Starts a worker with the product's registry (engine kinds included).
+    /// Starts a worker with the product's registry (engine kinds included), running steps on
+    /// this host only.
     pub async fn start(pool: &PgPool) -> TestWorker {
-        Self::start_with(pool, |o| o).await
+        Self::start_with(pool, None).await
     }
 
-    /// Starts a worker that also runs steps on managed servers over SSH, with the app's keyring.
+    /// Starts a worker that also runs steps on managed servers over SSH, opening credentials
+    /// with the keyring of `config`.
     pub async fn start_ssh(pool: &PgPool, config: &Config) -> TestWorker {
-        let pool2 = pool.clone();
-        let config = config.clone();
-        Self::start_with(pool, move |o| {
-            o.with_ssh(&pool2, &config).expect("ssh worker")
-        })
-        .await
+        Self::start_with(pool, Some(config)).await
     }
 
-    /// Starts a worker after letting the test adjust its options.
-    pub async fn start_with(
-        pool: &PgPool,
-        adjust: impl FnOnce(aiops::worker::WorkerOptions) -> aiops::worker::WorkerOptions,
-    ) -> TestWorker {
+    async fn start_with(pool: &PgPool, config: Option<&Config>) -> TestWorker {
         let options = aiops::worker::WorkerOptions {
             queue: aiops::queue::WorkerConfig {
                 concurrency: 4,
@@ -336,7 +329,10 @@ impl TestWorker {
             },
             ..aiops::worker::WorkerOptions::default()
         };
-        let options = adjust(options);
+        let options = match config {
+            Some(c) => options.with_ssh(pool, c).expect("ssh options"),
+            None => options,
+        };
         let registry = aiops::worker::registry(&options, pool).expect("registry");
         let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)
             .await
