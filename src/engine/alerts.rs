@@ -386,6 +386,7 @@ fn facts(s: &ServerCandidate) -> ServerFacts {
         id: s.id,
         tags: s.tags.clone().unwrap_or(Value::Null),
         environment: s.environment.clone(),
+        name: Some(s.name.clone()),
     }
 }
 
