@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod engine;
 pub mod exec;
 pub mod queue;
 pub mod servers;

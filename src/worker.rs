@@ -3,15 +3,20 @@
 //! shutdown. Knows nothing about how jobs are claimed or fenced: that is `queue`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::PgPool;
 
+use crate::engine::targets::LocalOnly;
+use crate::engine::{self, Engine, EngineSettings, TargetResolver};
+use crate::exec::StepExecutor;
+use crate::exec::local::LocalExecutor;
 use crate::queue::{self, JobContext, JobError, KindOptions, Registry, Worker, WorkerConfig};
 
 /// How to run the worker.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerOptions {
     /// Queue settings (concurrency, lease, intervals, grace period).
     pub queue: WorkerConfig,
@@ -19,6 +24,21 @@ pub struct WorkerOptions {
     pub retention: Duration,
     /// Also register the `test.*` kinds used by the queue's process-level tests.
     pub test_kinds: bool,
+    /// Resolves execution targets (servers) to executors.
+    pub targets: Arc<dyn TargetResolver>,
+    /// The SSH executor, when this worker runs commands on managed servers.
+    pub ssh: Option<Arc<dyn StepExecutor>>,
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("queue", &self.queue)
+            .field("retention", &self.retention)
+            .field("test_kinds", &self.test_kinds)
+            .field("ssh", &self.ssh.is_some())
+            .finish()
+    }
 }
 
 impl Default for WorkerOptions {
@@ -27,14 +47,45 @@ impl Default for WorkerOptions {
             queue: WorkerConfig::default(),
             retention: Duration::from_secs(7 * 24 * 3600),
             test_kinds: false,
+            targets: Arc::new(LocalOnly),
+            ssh: None,
         }
     }
 }
 
-/// The registry every worker process runs.
-pub fn registry(options: &WorkerOptions) -> anyhow::Result<Registry> {
+impl WorkerOptions {
+    /// Lets this worker run steps on managed servers over SSH, opening their credentials with
+    /// the configured keyring.
+    pub fn with_ssh(
+        mut self,
+        pool: &PgPool,
+        config: &crate::config::Config,
+    ) -> anyhow::Result<Self> {
+        let keyring = crate::crypto::secrets::Keyring::from_config(config)
+            .context("cannot load the secret key")?;
+        self.targets = Arc::new(crate::engine::targets::DatabaseTargets {
+            keyring,
+            connect_timeout: Duration::from_secs(10),
+        });
+        self.ssh = Some(Arc::new(crate::exec::ssh::SshExecutor::new(Arc::new(
+            crate::servers::PgHostKeyPinner { pool: pool.clone() },
+        ))));
+        Ok(self)
+    }
+}
+
+/// The registry every worker process runs: internal queue kinds and the execution engine.
+pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Registry> {
     let mut registry = Registry::new();
     queue::prune::register(&mut registry, options.retention)?;
+    let engine = Arc::new(Engine {
+        pool: pool.clone(),
+        targets: options.targets.clone(),
+        local: Arc::new(LocalExecutor),
+        ssh: options.ssh.clone(),
+        settings: EngineSettings::default(),
+    });
+    engine::register(&mut registry, engine);
     if options.test_kinds {
         register_test_kinds(&mut registry);
     }
@@ -54,7 +105,7 @@ pub async fn run(
             anyhow::bail!("cannot read the applied migrations ({e}); run `aiops migrate` first")
         }
     }
-    let registry = registry(&options)?;
+    let registry = registry(&options, &pool)?;
     let worker = Worker::start(pool, registry, options.queue)
         .await
         .context("cannot register the worker")?;

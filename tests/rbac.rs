@@ -32,6 +32,12 @@ const BODIES: &[(&str, &str)] = &[
     ("user_update", r#"{"full_name": "Renamed"}"#),
     ("config_put", r#"{"value": {"enabled": true}}"#),
     (
+        "execution_create",
+        r#"{"runbook_id": "00000000-0000-0000-0000-000000000001"}"#,
+    ),
+    ("execution_cancel", r#"{"reason": "rbac"}"#),
+    ("execution_reject", r#"{"reason": "rbac"}"#),
+    (
         "runbook_create",
         r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
     ),

@@ -11,6 +11,7 @@ pub mod blackouts;
 pub mod breakers;
 pub mod context;
 pub mod error;
+pub mod executions;
 pub mod jobs;
 pub mod pagination;
 pub mod runbooks;
@@ -53,6 +54,8 @@ pub enum Tag {
     CircuitBreakers,
     /// Execution statistics.
     Stats,
+    /// Runs of runbooks: start, follow, cancel, approve.
+    Executions,
     /// Managed servers, their credentials and connection tests.
     Servers,
 }
@@ -88,6 +91,9 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
             state: state.clone(),
         },
         stats::StatsApi {
+            state: state.clone(),
+        },
+        executions::ExecutionsApi {
             state: state.clone(),
         },
         servers::ServersApi {

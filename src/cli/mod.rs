@@ -129,6 +129,7 @@ impl WorkerArgs {
             queue,
             retention: std::time::Duration::from_secs(self.retention_hours * 3600),
             test_kinds: self.test_kinds,
+            ..crate::worker::WorkerOptions::default()
         })
     }
 }
@@ -190,8 +191,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
-            let options = args.options()?;
             let pool = connect(&config).await?;
+            let options = args.options()?.with_ssh(&pool, &config)?;
             crate::worker::run(pool, options, startup::shutdown_signal()).await
         }
         Command::Migrate => {
@@ -262,7 +263,9 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(app.run_until(wait_stop(stop_rx.clone())));
     let worker = tokio::spawn(crate::worker::run(
         pool.clone(),
-        WorkerArgs::from_env()?.options()?,
+        WorkerArgs::from_env()?
+            .options()?
+            .with_ssh(&pool, &config)?,
         wait_stop(stop_rx),
     ));
     startup::shutdown_signal().await;

@@ -716,3 +716,36 @@ pub async fn event_list_after(
     .fetch_all(conn)
     .await?)
 }
+
+/// What templates see of the alert behind an execution.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AlertContextRow {
+    /// Alert name.
+    pub alert_name: String,
+    /// Severity.
+    pub severity: Option<String>,
+    /// Instance.
+    pub instance: Option<String>,
+    /// firing or resolved.
+    pub status: String,
+    /// Labels.
+    pub labels_json: Option<Value>,
+    /// Annotations.
+    pub annotations_json: Option<Value>,
+    /// Alertmanager fingerprint.
+    pub fingerprint: String,
+}
+
+/// The alert behind an execution, for its templates.
+pub async fn execution_alert(
+    conn: &mut PgConnection,
+    alert_id: Uuid,
+) -> StoreResult<Option<AlertContextRow>> {
+    Ok(sqlx::query_as::<_, AlertContextRow>(
+        "SELECT alert_name, severity, instance, status, labels_json, annotations_json, fingerprint \
+         FROM alerts WHERE id = $1",
+    )
+    .bind(alert_id)
+    .fetch_optional(conn)
+    .await?)
+}

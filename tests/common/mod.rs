@@ -114,6 +114,8 @@ pub struct TestApp {
     pub admin_id: uuid::Uuid,
     /// The configuration the server runs with.
     pub config: Arc<Config>,
+    /// URL of the test database (for worker processes).
+    pub database_url: String,
 }
 
 /// The password every harness-made user gets.
@@ -127,7 +129,13 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the real server on port 0 after letting the test adjust the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
-    let pool = fresh_pool().await;
+    let database_url = fresh_database_url().await;
+    let pool = aiops::store::connect(&database_url, 10)
+        .await
+        .expect("connect to the test database");
+    aiops::store::migrate(&pool)
+        .await
+        .expect("migrate the test database");
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         // A fixed test key so that endpoints storing secrets work; tests may replace it.
@@ -150,6 +158,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         admin_token: String::new(),
         admin_id: uuid::Uuid::nil(),
         config,
+        database_url,
     };
     let (id, token) = test_app.user_with_role("admin").await;
     test_app.admin_id = id;
@@ -284,5 +293,124 @@ impl TestApp {
         .await
         .unwrap();
         new.secret
+    }
+}
+
+/// A real worker runtime running in this process against the test database, with short poll
+/// and lease intervals. Stopped when dropped.
+pub struct TestWorker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestWorker {
+    /// Starts a worker with the product's registry (engine kinds included).
+    pub async fn start(pool: &PgPool) -> TestWorker {
+        let options = aiops::worker::WorkerOptions {
+            queue: aiops::queue::WorkerConfig {
+                concurrency: 4,
+                lease: std::time::Duration::from_secs(5),
+                heartbeat_interval: std::time::Duration::from_millis(500),
+                poll_interval: std::time::Duration::from_millis(50),
+                maintenance_interval: std::time::Duration::from_millis(200),
+                grace_period: std::time::Duration::from_secs(2),
+                ..aiops::queue::WorkerConfig::default()
+            },
+            ..aiops::worker::WorkerOptions::default()
+        };
+        let registry = aiops::worker::registry(&options, pool).expect("registry");
+        let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)
+            .await
+            .expect("start the worker");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let _ = worker
+                .run(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        TestWorker {
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the worker gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl TestApp {
+    /// Imports a runbook from YAML through the API; returns its id.
+    pub async fn runbook_from_yaml(&self, yaml: &str) -> uuid::Uuid {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/runbooks/import",
+                Some(&self.admin_token),
+                Some(json!({ "yaml": yaml })),
+            )
+            .await;
+        assert!(
+            status == 200 || status == 201,
+            "import failed: {status} {body}"
+        );
+        body["runbook"]["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Starts an execution through the API; returns its id.
+    pub async fn start_execution(&self, body: Value) -> uuid::Uuid {
+        let (status, created) = self
+            .call(
+                reqwest::Method::POST,
+                "/executions",
+                Some(&self.admin_token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "start failed: {created}");
+        created["execution_ids"][0]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls an execution until its status is one of `statuses` (or the deadline passes).
+    pub async fn wait_for_status(&self, id: uuid::Uuid, statuses: &[&str], seconds: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+        loop {
+            let (_, body) = self.get(&format!("/executions/{id}")).await;
+            if statuses.iter().any(|s| body["status"] == *s) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "execution {id} did not reach {statuses:?} in {seconds} s: {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The step attempts of an execution.
+    pub async fn steps(&self, id: uuid::Uuid) -> Vec<Value> {
+        let (status, body) = self.get(&format!("/executions/{id}/steps")).await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array().unwrap().clone()
     }
 }

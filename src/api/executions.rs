@@ -1,0 +1,806 @@
+//! Executions: start a runbook (on one server, the worker's host, or every server matching a tag
+//! selector), list and inspect runs and their steps, cancel, approve or reject, and follow a run
+//! live as Server-Sent Events.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::stream::{self, BoxStream, StreamExt};
+use poem::Request;
+use poem::web::sse::Event as SseEvent;
+use poem_openapi::payload::EventStream;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::domain::Role;
+use crate::domain::blackout::{ServerFacts, ServerSelector};
+use crate::engine::{self, EngineError, StartRequest};
+use crate::store::{
+    self, executions::ExecutionFilter, executions::ExecutionRow, executions::StepRow,
+};
+
+use super::Tag;
+use super::context::{AppState, BearerAuth};
+use super::error::ApiError;
+use super::pagination::Page;
+
+/// `execution_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum ExecutionStatus {
+    /// Waiting for its gates or an approval.
+    Pending,
+    /// Approved; about to start.
+    Approved,
+    /// Running.
+    Running,
+    /// Succeeded.
+    Completed,
+    /// Failed.
+    Failed,
+    /// Cancelled, refused by a gate, rejected or expired.
+    Cancelled,
+    /// The runbook timeout passed.
+    Timeout,
+}
+
+fn status_of(s: &str) -> ExecutionStatus {
+    match s {
+        "pending" => ExecutionStatus::Pending,
+        "approved" => ExecutionStatus::Approved,
+        "running" => ExecutionStatus::Running,
+        "completed" => ExecutionStatus::Completed,
+        "failed" => ExecutionStatus::Failed,
+        "timeout" => ExecutionStatus::Timeout,
+        _ => ExecutionStatus::Cancelled,
+    }
+}
+
+fn status_label(s: ExecutionStatus) -> &'static str {
+    match s {
+        ExecutionStatus::Pending => "pending",
+        ExecutionStatus::Approved => "approved",
+        ExecutionStatus::Running => "running",
+        ExecutionStatus::Completed => "completed",
+        ExecutionStatus::Failed => "failed",
+        ExecutionStatus::Cancelled => "cancelled",
+        ExecutionStatus::Timeout => "timeout",
+    }
+}
+
+/// Servers selected by tags and environments (union; at least one criterion).
+#[derive(Debug, Clone, Object)]
+pub struct ServerSelectorInput {
+    /// Server tags: `name` or `name=value`.
+    #[oai(default)]
+    pub tags: Vec<String>,
+    /// Server environments.
+    #[oai(default)]
+    pub environments: Vec<String>,
+}
+
+/// A request to run a runbook.
+#[derive(Debug, Clone, Object)]
+pub struct ExecutionCreate {
+    /// The runbook.
+    pub runbook_id: Uuid,
+    /// One server. Leave out both `server_id` and `servers` to run on a worker's own host.
+    pub server_id: Option<Uuid>,
+    /// Every matching server gets its own execution.
+    pub servers: Option<ServerSelectorInput>,
+    /// Executions of one fan-out that may run at once (default 5).
+    pub max_concurrency: Option<i32>,
+    /// Variables; override the runbook's environment_vars of the same name.
+    pub variables: Option<std::collections::BTreeMap<String, Value>>,
+}
+
+/// The executions a request created.
+#[derive(Debug, Object)]
+pub struct ExecutionCreated {
+    /// One per target.
+    pub execution_ids: Vec<Uuid>,
+    /// Shared by the executions of a fan-out.
+    #[oai(skip_serializing_if_is_none)]
+    pub batch_id: Option<Uuid>,
+}
+
+/// One run of a runbook.
+#[derive(Debug, Object)]
+pub struct Execution {
+    /// Id.
+    pub id: Uuid,
+    /// Runbook (absent once deleted).
+    #[oai(skip_serializing_if_is_none)]
+    pub runbook_id: Option<Uuid>,
+    /// Runbook name at creation.
+    pub runbook_name: String,
+    /// Runbook version at creation.
+    pub runbook_version: i32,
+    /// Target server (absent: a worker's own host).
+    #[oai(skip_serializing_if_is_none)]
+    pub server_id: Option<Uuid>,
+    /// Triggering alert.
+    #[oai(skip_serializing_if_is_none)]
+    pub alert_id: Option<Uuid>,
+    /// Triggering trigger.
+    #[oai(skip_serializing_if_is_none)]
+    pub trigger_id: Option<Uuid>,
+    /// Status.
+    pub status: ExecutionStatus,
+    /// Mode at creation.
+    pub mode: String,
+    /// Waiting for an approval.
+    pub awaiting_approval: bool,
+    /// Approval deadline.
+    #[oai(skip_serializing_if_is_none)]
+    pub approval_expires_at: Option<DateTime<Utc>>,
+    /// Runbook-level attempt.
+    pub attempt: i32,
+    /// Allowed attempts.
+    pub max_attempts: i32,
+    /// Request time.
+    pub created_at: DateTime<Utc>,
+    /// Start.
+    #[oai(skip_serializing_if_is_none)]
+    pub started_at: Option<DateTime<Utc>>,
+    /// End.
+    #[oai(skip_serializing_if_is_none)]
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Duration.
+    #[oai(skip_serializing_if_is_none)]
+    pub duration_ms: Option<i32>,
+    /// Who started it.
+    #[oai(skip_serializing_if_is_none)]
+    pub initiated_by: Option<Uuid>,
+    /// Who approved it.
+    #[oai(skip_serializing_if_is_none)]
+    pub approved_by: Option<Uuid>,
+    /// When.
+    #[oai(skip_serializing_if_is_none)]
+    pub approved_at: Option<DateTime<Utc>>,
+    /// The gate that refused the run.
+    #[oai(skip_serializing_if_is_none)]
+    pub refused_by: Option<String>,
+    /// Failure or refusal reason.
+    #[oai(skip_serializing_if_is_none)]
+    pub error_message: Option<String>,
+    /// Summary.
+    #[oai(skip_serializing_if_is_none)]
+    pub output_summary: Option<String>,
+    /// Variables given at start.
+    pub context_vars: Value,
+    /// Timeline.
+    pub execution_log: Value,
+    /// Fan-out batch.
+    #[oai(skip_serializing_if_is_none)]
+    pub batch_id: Option<Uuid>,
+}
+
+fn to_execution(r: ExecutionRow) -> Execution {
+    Execution {
+        runbook_name: r.runbook_snapshot["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        id: r.id,
+        runbook_id: r.runbook_id,
+        runbook_version: r.runbook_version,
+        server_id: r.server_id,
+        alert_id: r.alert_id,
+        trigger_id: r.trigger_id,
+        status: status_of(&r.status),
+        mode: r.mode,
+        awaiting_approval: r.awaiting_approval,
+        approval_expires_at: r.approval_expires_at,
+        attempt: r.attempt,
+        max_attempts: r.max_attempts,
+        created_at: r.created_at,
+        started_at: r.started_at,
+        completed_at: r.completed_at,
+        duration_ms: r.duration_ms,
+        initiated_by: r.initiated_by,
+        approved_by: r.approved_by,
+        approved_at: r.approved_at,
+        refused_by: r.refused_by,
+        error_message: r.error_message,
+        output_summary: r.output_summary,
+        context_vars: r.context_vars,
+        execution_log: r.execution_log,
+        batch_id: r.batch_id,
+    }
+}
+
+/// One attempt of one step (or of its rollback).
+#[derive(Debug, Object)]
+pub struct StepExecution {
+    /// Id.
+    pub id: Uuid,
+    /// Step definition.
+    #[oai(skip_serializing_if_is_none)]
+    pub step_id: Option<Uuid>,
+    /// Position.
+    pub step_order: i32,
+    /// Name.
+    pub step_name: String,
+    /// `run` or `rollback`.
+    pub phase: String,
+    /// Runbook-level attempt.
+    pub run_attempt: i32,
+    /// Step-level retry number, from 0.
+    pub retry_attempt: i32,
+    /// Status.
+    pub status: ExecutionStatus,
+    /// Skipped because its condition was false.
+    pub skipped: bool,
+    /// Its worker died during this attempt; the step ran again.
+    pub interrupted: bool,
+    /// Start.
+    #[oai(skip_serializing_if_is_none)]
+    pub started_at: Option<DateTime<Utc>>,
+    /// End.
+    #[oai(skip_serializing_if_is_none)]
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Duration.
+    #[oai(skip_serializing_if_is_none)]
+    pub duration_ms: Option<i32>,
+    /// The command as run (secrets masked).
+    #[oai(skip_serializing_if_is_none)]
+    pub command: Option<String>,
+    /// Exit code.
+    #[oai(skip_serializing_if_is_none)]
+    pub exit_code: Option<i32>,
+    /// Signal that ended the command.
+    #[oai(skip_serializing_if_is_none)]
+    pub exit_signal: Option<String>,
+    /// Standard output (masked, capped).
+    #[oai(skip_serializing_if_is_none)]
+    pub stdout: Option<String>,
+    /// Standard error (masked, capped).
+    #[oai(skip_serializing_if_is_none)]
+    pub stderr: Option<String>,
+    /// Output was cut at the limit.
+    pub truncated: bool,
+    /// Why it failed.
+    #[oai(skip_serializing_if_is_none)]
+    pub error_message: Option<String>,
+}
+
+fn to_step(r: StepRow) -> StepExecution {
+    StepExecution {
+        id: r.id,
+        step_id: r.step_id,
+        step_order: r.step_order,
+        step_name: r.step_name,
+        phase: r.phase,
+        run_attempt: r.run_attempt,
+        retry_attempt: r.retry_attempt,
+        status: status_of(&r.status),
+        skipped: r.skipped,
+        interrupted: r.interrupted,
+        started_at: r.started_at,
+        completed_at: r.completed_at,
+        duration_ms: r.duration_ms,
+        command: r.command,
+        exit_code: r.exit_code,
+        exit_signal: r.exit_signal,
+        stdout: r.stdout,
+        stderr: r.stderr,
+        truncated: r.truncated,
+        error_message: r.error_message,
+    }
+}
+
+/// A page of executions.
+#[derive(Debug, Object)]
+pub struct ExecutionPage {
+    /// Executions, newest first.
+    pub items: Vec<Execution>,
+    /// Matching executions.
+    pub total: i64,
+    /// Page size used.
+    pub limit: i64,
+    /// Offset used.
+    pub offset: i64,
+}
+
+/// An optional reason.
+#[derive(Debug, Object)]
+pub struct Reason {
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// A live event of an execution.
+#[derive(Debug, Object)]
+pub struct ExecutionEvent {
+    /// Position in the stream (use as Last-Event-ID).
+    pub id: i64,
+    /// `status` (JSON in `data`), `stdout` or `stderr`.
+    pub kind: String,
+    /// Step attempt.
+    #[oai(skip_serializing_if_is_none)]
+    pub step_execution_id: Option<Uuid>,
+    /// Payload.
+    pub data: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(ApiResponse)]
+enum Created {
+    /// Created; the executions start as workers pick them up.
+    #[oai(status = 201)]
+    Created(Json<ExecutionCreated>),
+}
+
+fn engine_error(e: EngineError) -> ApiError {
+    match e {
+        EngineError::Store(s) => s.into(),
+        EngineError::Invalid { field, reason } => ApiError::invalid(&field, reason),
+        EngineError::Conflict(m) => ApiError::conflict(m, None),
+        EngineError::NotFound(what) => ApiError::NotFound(Json(super::error::ErrorBody {
+            code: "not_found".into(),
+            message: format!("{what} not found"),
+            details: None,
+        })),
+        EngineError::Forbidden(m) => ApiError::Forbidden(Json(super::error::ErrorBody {
+            code: "forbidden".into(),
+            message: m,
+            details: None,
+        })),
+    }
+}
+
+/// Execution endpoints.
+pub struct ExecutionsApi {
+    /// Shared state.
+    pub state: AppState,
+}
+
+#[OpenApi(prefix_path = "/executions", tag = "Tag::Executions")]
+impl ExecutionsApi {
+    /// Start a runbook: on one server, on every server matching a selector (one execution per
+    /// server, `max_concurrency` at a time), or on a worker's own host.
+    ///
+    /// Least role: operator.
+    #[oai(path = "/", method = "post", operation_id = "execution_create")]
+    async fn execution_create(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        body: Json<ExecutionCreate>,
+    ) -> Result<Created, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Operator).await?;
+        let body = body.0;
+        if body.server_id.is_some() && body.servers.is_some() {
+            return Err(ApiError::invalid(
+                "servers",
+                "give either server_id or servers, not both",
+            ));
+        }
+        let concurrency = body.max_concurrency.unwrap_or(5);
+        if !(1..=1000).contains(&concurrency) {
+            return Err(ApiError::invalid(
+                "max_concurrency",
+                "must be between 1 and 1000",
+            ));
+        }
+        let variables: serde_json::Map<String, Value> = body
+            .variables
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        if variables.len() > 200 {
+            return Err(ApiError::invalid("variables", "at most 200 variables"));
+        }
+        let mut tx = self.state.pool.begin().await?;
+        let (targets, batch) = match &body.servers {
+            None => (vec![body.server_id], None),
+            Some(sel) => {
+                if sel.tags.is_empty() && sel.environments.is_empty() {
+                    return Err(ApiError::invalid(
+                        "servers",
+                        "give at least one tag or environment",
+                    ));
+                }
+                let selector = ServerSelector {
+                    server_ids: Vec::new(),
+                    tags: sel.tags.clone(),
+                    environments: sel.environments.clone(),
+                };
+                let all: Vec<(Uuid, Option<Value>, Option<String>)> = sqlx::query_as(
+                    "SELECT id, tags, environment FROM server_credentials ORDER BY name",
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                let matching: Vec<Option<Uuid>> = all
+                    .into_iter()
+                    .filter(|(id, tags, env)| {
+                        selector.matches(&ServerFacts {
+                            id: *id,
+                            tags: tags.clone().unwrap_or(Value::Null),
+                            environment: env.clone(),
+                        })
+                    })
+                    .map(|(id, _, _)| Some(id))
+                    .collect();
+                if matching.is_empty() {
+                    return Err(ApiError::invalid(
+                        "servers",
+                        "no server matches the selector",
+                    ));
+                }
+                (matching, Some((Uuid::new_v4(), concurrency)))
+            }
+        };
+        let mut ids = Vec::with_capacity(targets.len());
+        for server_id in targets {
+            let id = engine::create_execution(
+                &mut tx,
+                &StartRequest {
+                    runbook_id: body.runbook_id,
+                    server_id,
+                    variables: variables.clone(),
+                    initiated_by: Some(caller.identity.user_id),
+                    alert_id: None,
+                    trigger_id: None,
+                    batch,
+                },
+            )
+            .await
+            .map_err(engine_error)?;
+            ids.push(id);
+        }
+        // Variable values are not audited: they may hold secrets.
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "execution_create",
+                    "runbook",
+                    Some(body.runbook_id),
+                    serde_json::json!({
+                        "execution_ids": ids,
+                        "variables": variables.keys().collect::<Vec<_>>(),
+                        "batch_id": batch.map(|b| b.0),
+                    }),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Created::Created(Json(ExecutionCreated {
+            execution_ids: ids,
+            batch_id: batch.map(|b| b.0),
+        })))
+    }
+
+    /// List executions, newest first.
+    ///
+    /// Least role: viewer.
+    #[allow(clippy::too_many_arguments)]
+    #[oai(path = "/", method = "get", operation_id = "execution_list")]
+    async fn execution_list(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Only this runbook.
+        runbook_id: Query<Option<Uuid>>,
+        /// Only this server.
+        server_id: Query<Option<Uuid>>,
+        /// Only this alert.
+        alert_id: Query<Option<Uuid>>,
+        /// Only this status.
+        status: Query<Option<ExecutionStatus>>,
+        /// Created at or after.
+        since: Query<Option<DateTime<Utc>>>,
+        /// Created before.
+        until: Query<Option<DateTime<Utc>>>,
+        /// Only this fan-out batch.
+        batch_id: Query<Option<Uuid>>,
+        /// Page size, 1 to 500 (default 50).
+        limit: Query<Option<i64>>,
+        /// Rows to skip (default 0).
+        offset: Query<Option<i64>>,
+    ) -> Result<Json<ExecutionPage>, ApiError> {
+        self.state.authorize(req, &auth, Role::Viewer).await?;
+        let page = Page::parse(limit.0, offset.0)?;
+        let filter = ExecutionFilter {
+            runbook_id: runbook_id.0,
+            server_id: server_id.0,
+            alert_id: alert_id.0,
+            status: status.0.map(|s| status_label(s).to_owned()),
+            since: since.0,
+            until: until.0,
+            batch_id: batch_id.0,
+        };
+        let mut conn = self.state.pool.acquire().await?;
+        let (rows, total) =
+            store::executions::execution_list(&mut conn, &filter, page.limit, page.offset).await?;
+        Ok(Json(ExecutionPage {
+            items: rows.into_iter().map(to_execution).collect(),
+            total,
+            limit: page.limit,
+            offset: page.offset,
+        }))
+    }
+
+    /// Get an execution.
+    ///
+    /// Least role: viewer.
+    #[oai(path = "/:id", method = "get", operation_id = "execution_get")]
+    async fn execution_get(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Execution id.
+        id: Path<Uuid>,
+    ) -> Result<Json<Execution>, ApiError> {
+        self.state.authorize(req, &auth, Role::Viewer).await?;
+        let mut conn = self.state.pool.acquire().await?;
+        let row = store::executions::execution_get(&mut conn, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
+        Ok(Json(to_execution(row)))
+    }
+
+    /// List the step attempts (and rollbacks) of an execution, in the order they ran.
+    ///
+    /// Least role: viewer.
+    #[oai(
+        path = "/:id/steps",
+        method = "get",
+        operation_id = "execution_steps_list"
+    )]
+    async fn execution_steps_list(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Execution id.
+        id: Path<Uuid>,
+    ) -> Result<Json<Vec<StepExecution>>, ApiError> {
+        self.state.authorize(req, &auth, Role::Viewer).await?;
+        let mut conn = self.state.pool.acquire().await?;
+        store::executions::execution_get(&mut conn, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
+        let rows = store::executions::step_list(&mut conn, id.0).await?;
+        Ok(Json(rows.into_iter().map(to_step).collect()))
+    }
+
+    /// Cancel an execution; a running command is killed.
+    ///
+    /// Least role: operator.
+    #[oai(
+        path = "/:id/cancel",
+        method = "post",
+        operation_id = "execution_cancel"
+    )]
+    async fn execution_cancel(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Execution id.
+        id: Path<Uuid>,
+        body: Json<Reason>,
+    ) -> Result<Json<Execution>, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Operator).await?;
+        let reason = format!(
+            "cancelled by {}{}",
+            caller.identity.username,
+            body.0
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        let mut tx = self.state.pool.begin().await?;
+        engine::control::cancel(&mut tx, id.0, Some(caller.identity.user_id), &reason)
+            .await
+            .map_err(engine_error)?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "execution_cancel",
+                    "execution",
+                    Some(id.0),
+                    serde_json::json!({ "reason": body.0.reason }),
+                ),
+            )
+            .await?;
+        let row = store::executions::execution_get(&mut tx, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
+        tx.commit().await?;
+        Ok(Json(to_execution(row)))
+    }
+
+    /// Approve an execution waiting for approval. Only users holding one of the runbook's
+    /// approval_roles may approve; others get 403.
+    ///
+    /// Least role: operator.
+    #[oai(
+        path = "/:id/approve",
+        method = "post",
+        operation_id = "execution_approve"
+    )]
+    async fn execution_approve(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Execution id.
+        id: Path<Uuid>,
+    ) -> Result<Json<Execution>, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Operator).await?;
+        let mut tx = self.state.pool.begin().await?;
+        engine::control::approve(
+            &mut tx,
+            id.0,
+            caller.identity.user_id,
+            caller.identity.role.as_str(),
+        )
+        .await
+        .map_err(engine_error)?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "execution_approve",
+                    "execution",
+                    Some(id.0),
+                    serde_json::json!({}),
+                ),
+            )
+            .await?;
+        let row = store::executions::execution_get(&mut tx, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
+        tx.commit().await?;
+        Ok(Json(to_execution(row)))
+    }
+
+    /// Reject an execution waiting for approval (it is cancelled with the reason).
+    ///
+    /// Least role: operator.
+    #[oai(
+        path = "/:id/reject",
+        method = "post",
+        operation_id = "execution_reject"
+    )]
+    async fn execution_reject(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Execution id.
+        id: Path<Uuid>,
+        body: Json<Reason>,
+    ) -> Result<Json<Execution>, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Operator).await?;
+        let mut tx = self.state.pool.begin().await?;
+        engine::control::reject(
+            &mut tx,
+            id.0,
+            caller.identity.user_id,
+            caller.identity.role.as_str(),
+            body.0.reason.as_deref(),
+        )
+        .await
+        .map_err(engine_error)?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "execution_reject",
+                    "execution",
+                    Some(id.0),
+                    serde_json::json!({ "reason": body.0.reason }),
+                ),
+            )
+            .await?;
+        let row = store::executions::execution_get(&mut tx, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
+        tx.commit().await?;
+        Ok(Json(to_execution(row)))
+    }
+
+    /// Follow an execution live: Server-Sent Events of step status changes and output chunks
+    /// (masked), from the beginning or after `after` (an event id). The stream ends when the
+    /// execution has finished and every event was sent.
+    ///
+    /// Least role: viewer.
+    #[oai(
+        path = "/:id/events",
+        method = "get",
+        operation_id = "execution_events_stream"
+    )]
+    async fn execution_events_stream(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Execution id.
+        id: Path<Uuid>,
+        /// Only events after this id.
+        after: Query<Option<i64>>,
+    ) -> Result<EventStream<BoxStream<'static, ExecutionEvent>>, ApiError> {
+        self.state.authorize(req, &auth, Role::Viewer).await?;
+        let mut conn = self.state.pool.acquire().await?;
+        store::executions::execution_get(&mut conn, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
+        drop(conn);
+        let pool = self.state.pool.clone();
+        let execution_id = id.0;
+        let state = (
+            pool,
+            after.0.unwrap_or(0),
+            std::collections::VecDeque::new(),
+            false,
+        );
+        let events = stream::unfold(
+            state,
+            move |(pool, mut last, mut buffered, mut done)| async move {
+                loop {
+                    if let Some(event) = buffered.pop_front() {
+                        return Some((event, (pool, last, buffered, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    let Ok(mut conn) = pool.acquire().await else {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    };
+                    // Read the status first: events written before a terminal status are all seen.
+                    let finished = matches!(
+                        store::executions::execution_status(&mut conn, execution_id).await,
+                        Ok(Some((ref s, _))) if crate::domain::execution::Status::is_terminal(
+                            s.parse().unwrap_or(crate::domain::execution::Status::Running))
+                            && !matches!(s.as_str(), "running")
+                    );
+                    let rows =
+                        store::executions::event_list_after(&mut conn, execution_id, last, 200)
+                            .await
+                            .unwrap_or_default();
+                    drop(conn);
+                    let full_page = rows.len() == 200;
+                    for r in rows {
+                        last = r.id;
+                        buffered.push_back(ExecutionEvent {
+                            id: r.id,
+                            kind: r.kind,
+                            step_execution_id: r.step_execution_id,
+                            data: r.data,
+                            created_at: r.created_at,
+                        });
+                    }
+                    if finished && !full_page {
+                        // Rollbacks may still append after a terminal status; give them a moment.
+                        done = true;
+                        continue;
+                    }
+                    if buffered.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            },
+        )
+        .boxed();
+        Ok(EventStream::new(events)
+            .keep_alive(Duration::from_secs(15))
+            .to_event(|e: ExecutionEvent| {
+                let id = e.id.to_string();
+                let kind = e.kind.clone();
+                let data = serde_json::json!({
+                    "id": e.id,
+                    "kind": e.kind,
+                    "step_execution_id": e.step_execution_id,
+                    "data": e.data,
+                    "created_at": e.created_at,
+                });
+                SseEvent::message(data.to_string()).event_type(kind).id(id)
+            }))
+    }
+}

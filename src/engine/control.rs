@@ -1,0 +1,530 @@
+//! Creating executions and every status change that does not run a command: approve, reject,
+//! cancel, approval expiry, the runbook deadline, and the end of a run (success, failure with
+//! rollback and retry, timeout). Each change applies `domain::execution::transition` to the
+//! status it read under a row lock, then a compare-and-set update.
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::execution::{Effect, Event, State, Status, transition};
+use crate::queue::{JobContext, JobError, NewJob};
+use crate::store::{self, executions::ExecutionRow};
+
+use super::snapshot::{RunbookSnapshot, snapshot_load};
+use super::{
+    EVENTS_CHANNEL, Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE,
+    KIND_ROLLBACK, RollbackPayload, start_job, step_job,
+};
+
+/// A request to run a runbook.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// Runbook.
+    pub runbook_id: Uuid,
+    /// Target server (`None`: the worker's own host).
+    pub server_id: Option<Uuid>,
+    /// Variables (override the runbook's environment_vars of the same name).
+    pub variables: serde_json::Map<String, Value>,
+    /// Who asked (manual runs).
+    pub initiated_by: Option<Uuid>,
+    /// Triggering alert.
+    pub alert_id: Option<Uuid>,
+    /// Triggering trigger.
+    pub trigger_id: Option<Uuid>,
+    /// Fan-out batch and its concurrency.
+    pub batch: Option<(Uuid, i32)>,
+}
+
+/// Creates a pending execution and enqueues its start job, in the caller's transaction.
+pub async fn create_execution(
+    conn: &mut PgConnection,
+    req: &StartRequest,
+) -> Result<Uuid, EngineError> {
+    let (snapshot, _status) = snapshot_load(conn, req.runbook_id)
+        .await?
+        .ok_or_else(|| EngineError::NotFound(format!("runbook {}", req.runbook_id)))?;
+    if snapshot.steps.is_empty() {
+        return Err(EngineError::Invalid {
+            field: "runbook_id".into(),
+            reason: "the runbook has no steps".into(),
+        });
+    }
+    if let Some(server_id) = req.server_id {
+        let facts = store::blackouts::blackout_server_facts(conn, server_id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("server {server_id}")))?;
+        let allowed =
+            snapshot
+                .allows_server(Some(&facts))
+                .map_err(|reason| EngineError::Invalid {
+                    field: "runbook_id".into(),
+                    reason,
+                })?;
+        if !allowed {
+            return Err(EngineError::Invalid {
+                field: "server_id".into(),
+                reason: format!(
+                    "runbook {} may not run on this server (allowed_servers)",
+                    snapshot.name
+                ),
+            });
+        }
+    }
+    let snapshot_json = serde_json::to_value(&snapshot).map_err(|e| EngineError::Invalid {
+        field: "runbook_id".into(),
+        reason: e.to_string(),
+    })?;
+    let context = Value::Object(req.variables.clone());
+    let id = store::executions::execution_create(
+        conn,
+        &store::executions::NewExecution {
+            runbook_id: req.runbook_id,
+            runbook_version: snapshot.version,
+            server_id: req.server_id,
+            alert_id: req.alert_id,
+            trigger_id: req.trigger_id,
+            mode: &snapshot.mode,
+            initiated_by: req.initiated_by,
+            context_vars: &context,
+            runbook_snapshot: &snapshot_json,
+            max_attempts: snapshot.max_retries.max(0) + 1,
+            batch_id: req.batch.map(|b| b.0),
+            batch_concurrency: req.batch.map(|b| b.1),
+        },
+    )
+    .await?;
+    log(
+        conn,
+        id,
+        "created",
+        json!({ "runbook_version": snapshot.version }),
+    )
+    .await?;
+    store::jobs::job_enqueue(conn, &start_job(id)).await?;
+    notify_jobs(conn).await?;
+    Ok(id)
+}
+
+/// Wakes idle workers (the queue's channel) from inside a transaction; delivered on commit.
+pub(crate) async fn notify_jobs(conn: &mut PgConnection) -> Result<(), EngineError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(crate::queue::CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Appends to `execution_log` and the live stream.
+pub(crate) async fn log(
+    conn: &mut PgConnection,
+    id: Uuid,
+    event: &str,
+    details: Value,
+) -> Result<(), EngineError> {
+    let entry = json!({ "at": Utc::now(), "event": event, "details": details });
+    store::executions::execution_log_append(conn, id, &entry).await?;
+    store::executions::event_append(conn, id, None, "status", &entry.to_string()).await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub(crate) fn state_of(row: &ExecutionRow) -> State {
+    State {
+        status: row.status.parse().unwrap_or(Status::Failed),
+        attempt: u32::try_from(row.attempt).unwrap_or(0),
+        max_attempts: u32::try_from(row.max_attempts).unwrap_or(1),
+    }
+}
+
+pub(crate) fn snapshot_of(row: &ExecutionRow) -> Result<RunbookSnapshot, EngineError> {
+    serde_json::from_value(row.runbook_snapshot.clone()).map_err(|e| EngineError::Invalid {
+        field: "runbook_snapshot".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Ends an execution with a gate refusal (cancelled, with the gate and reason recorded).
+pub(crate) async fn refuse(
+    conn: &mut PgConnection,
+    row: &ExecutionRow,
+    gate: &str,
+    reason: &str,
+) -> Result<bool, EngineError> {
+    if transition(state_of(row), &Event::GateRefused(reason.to_owned())).is_err() {
+        return Ok(false);
+    }
+    let done = store::executions::execution_finish(
+        conn,
+        row.id,
+        &["pending", "approved"],
+        "cancelled",
+        Some(&format!("refused by {gate}: {reason}")),
+        None,
+        Some(gate),
+    )
+    .await?;
+    if done {
+        log(
+            conn,
+            row.id,
+            "refused",
+            json!({ "gate": gate, "reason": reason }),
+        )
+        .await?;
+    }
+    Ok(done)
+}
+
+/// Approves a pending execution on behalf of a user holding one of the runbook's approval
+/// roles, and enqueues its start job.
+pub async fn approve(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    user_id: Uuid,
+    user_role: &str,
+) -> Result<(), EngineError> {
+    let row = store::executions::execution_lock(conn, execution_id)
+        .await?
+        .ok_or_else(|| EngineError::NotFound(format!("execution {execution_id}")))?;
+    check_approver(&row, user_role)?;
+    if !row.awaiting_approval {
+        return Err(EngineError::Conflict(format!(
+            "execution {execution_id} is {} and not waiting for approval",
+            row.status
+        )));
+    }
+    transition(state_of(&row), &Event::Approved)
+        .map_err(|e| EngineError::Conflict(e.to_string()))?;
+    if !store::executions::execution_approve(conn, execution_id, user_id).await? {
+        return Err(EngineError::Conflict(
+            "the approval request expired or was already decided".into(),
+        ));
+    }
+    log(conn, execution_id, "approved", json!({ "by": user_id })).await?;
+    store::jobs::job_enqueue(conn, &start_job(execution_id)).await?;
+    notify_jobs(conn).await?;
+    Ok(())
+}
+
+fn check_approver(row: &ExecutionRow, user_role: &str) -> Result<(), EngineError> {
+    let snapshot = snapshot_of(row)?;
+    if snapshot.approval_roles.iter().any(|r| r == user_role) {
+        Ok(())
+    } else {
+        Err(EngineError::Forbidden(format!(
+            "only the roles {:?} may approve or reject runs of {}; you are {user_role}",
+            snapshot.approval_roles, snapshot.name
+        )))
+    }
+}
+
+/// Rejects a pending execution.
+pub async fn reject(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    user_id: Uuid,
+    user_role: &str,
+    reason: Option<&str>,
+) -> Result<(), EngineError> {
+    let row = store::executions::execution_lock(conn, execution_id)
+        .await?
+        .ok_or_else(|| EngineError::NotFound(format!("execution {execution_id}")))?;
+    check_approver(&row, user_role)?;
+    if !row.awaiting_approval {
+        return Err(EngineError::Conflict(format!(
+            "execution {execution_id} is {} and not waiting for approval",
+            row.status
+        )));
+    }
+    let message = format!("rejected: {}", reason.unwrap_or("no reason given"));
+    transition(state_of(&row), &Event::Rejected(message.clone()))
+        .map_err(|e| EngineError::Conflict(e.to_string()))?;
+    store::executions::execution_finish(
+        conn,
+        execution_id,
+        &["pending"],
+        "cancelled",
+        Some(&message),
+        None,
+        Some("approval_rejected"),
+    )
+    .await?;
+    store::executions::execution_request_cancel(conn, execution_id, Some(user_id)).await?;
+    log(
+        conn,
+        execution_id,
+        "rejected",
+        json!({ "by": user_id, "reason": reason }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Cancels an execution that has not finished; a running step notices within its poll interval
+/// and kills its command.
+pub async fn cancel(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    user_id: Option<Uuid>,
+    reason: &str,
+) -> Result<(), EngineError> {
+    let row = store::executions::execution_lock(conn, execution_id)
+        .await?
+        .ok_or_else(|| EngineError::NotFound(format!("execution {execution_id}")))?;
+    let t = transition(state_of(&row), &Event::CancelRequested(reason.to_owned()))
+        .map_err(|e| EngineError::Conflict(e.to_string()))?;
+    store::executions::execution_request_cancel(conn, execution_id, user_id).await?;
+    store::executions::execution_finish(
+        conn,
+        execution_id,
+        &["pending", "approved", "running"],
+        t.next.status.as_str(),
+        Some(reason),
+        None,
+        None,
+    )
+    .await?;
+    log(
+        conn,
+        execution_id,
+        "cancelled",
+        json!({ "by": user_id, "reason": reason }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// `execution.approval_expiry`: cancels the execution if it still waits for approval.
+pub async fn handle_approval_expiry(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+    let p: ExecutionPayload = ctx.payload_as()?;
+    let mut g = ctx.lease().guarded_tx().await?;
+    if let Some(row) = store::executions::execution_lock(g.conn(), p.execution_id).await?
+        && row.awaiting_approval
+        && row.approval_expires_at.is_some_and(|t| t <= Utc::now())
+        && transition(state_of(&row), &Event::ApprovalExpired).is_ok()
+    {
+        store::executions::execution_finish(
+            g.conn(),
+            row.id,
+            &["pending"],
+            "cancelled",
+            Some("approval expired"),
+            None,
+            Some("approval_expired"),
+        )
+        .await?;
+        log(g.conn(), row.id, "approval_expired", json!({})).await?;
+    }
+    let _ = engine;
+    g.complete().await
+}
+
+/// The job that expires an approval request.
+pub(crate) fn approval_expiry_job(execution_id: Uuid, at: chrono::DateTime<Utc>) -> NewJob {
+    let mut job = NewJob::new(
+        KIND_APPROVAL_EXPIRY,
+        json!(ExecutionPayload { execution_id }),
+    );
+    job.run_at = Some(at);
+    job.unique_key = Some(format!("execution:{execution_id}:approval_expiry"));
+    job
+}
+
+/// The job that enforces the runbook timeout.
+pub(crate) fn deadline_job(execution_id: Uuid, at: chrono::DateTime<Utc>) -> NewJob {
+    let mut job = NewJob::new(KIND_DEADLINE, json!(ExecutionPayload { execution_id }));
+    job.run_at = Some(at);
+    job.unique_key = Some(format!("execution:{execution_id}:deadline"));
+    job
+}
+
+/// `execution.deadline`: the runbook's timeout passed; a still-running execution times out,
+/// its running command is killed (the step notices the status) and completed steps roll back.
+pub async fn handle_deadline(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+    let p: ExecutionPayload = ctx.payload_as()?;
+    let mut g = ctx.lease().guarded_tx().await?;
+    if let Some(row) = store::executions::execution_lock(g.conn(), p.execution_id).await?
+        && row.status == "running"
+    {
+        let snapshot = snapshot_of(&row)?;
+        let deadline = row
+            .started_at
+            .map(|s| s + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds)));
+        if deadline.is_some_and(|d| d <= Utc::now()) {
+            finish_run(engine, g.conn(), &row, Event::TimedOut).await?;
+        }
+    }
+    g.complete().await
+}
+
+/// Applies the end of a run (success, failure, timeout) to a locked execution row: status,
+/// rollback, runbook-level retry, circuit breaker. Returns whether anything changed.
+pub(crate) async fn finish_run(
+    _engine: &Engine,
+    conn: &mut PgConnection,
+    row: &ExecutionRow,
+    event: Event,
+) -> Result<bool, EngineError> {
+    let Ok(t) = transition(state_of(row), &event) else {
+        return Ok(false);
+    };
+    let snapshot = snapshot_of(row)?;
+    let summary = run_summary(conn, row).await?;
+    let mut rollback_then: Option<Option<i32>> = None;
+    for effect in &t.effects {
+        match effect {
+            Effect::Finish(reason) => {
+                store::executions::execution_finish(
+                    conn,
+                    row.id,
+                    &["running"],
+                    t.next.status.as_str(),
+                    reason.as_deref(),
+                    Some(&summary),
+                    None,
+                )
+                .await?;
+            }
+            Effect::Rollback => rollback_then = Some(None),
+            Effect::ScheduleRetry { attempt } => rollback_then = Some(Some(*attempt as i32)),
+            Effect::RecordOutcome { success } => {
+                if let Some(mut b) = store::breakers::breaker_lock(conn, snapshot.id).await? {
+                    let mut breaker = b.breaker();
+                    if *success {
+                        breaker.record_success();
+                    } else {
+                        breaker.record_failure(Utc::now());
+                    }
+                    store::breakers::breaker_save(conn, snapshot.id, &breaker).await?;
+                    b.state = breaker.state.as_str().to_owned();
+                    log(
+                        conn,
+                        row.id,
+                        "circuit_breaker",
+                        json!({ "state": b.state, "failures": breaker.failure_count }),
+                    )
+                    .await?;
+                }
+            }
+            Effect::KillRunning
+            | Effect::EnqueueStart
+            | Effect::AwaitApproval
+            | Effect::StartRun { .. } => {}
+        }
+    }
+    log(
+        conn,
+        row.id,
+        match event {
+            Event::RunSucceeded => "completed",
+            Event::TimedOut => "timed_out",
+            Event::RunFailed(_) if t.next.status == Status::Running => "attempt_failed",
+            _ => "failed",
+        },
+        json!({ "attempt": row.attempt, "summary": summary }),
+    )
+    .await?;
+    if let Some(then_attempt) = rollback_then {
+        start_rollback(conn, row, &snapshot, then_attempt).await?;
+    }
+    Ok(true)
+}
+
+/// Enqueues the rollback of the attempt's completed steps, newest first; then the next attempt
+/// when `then_attempt` is set.
+async fn start_rollback(
+    conn: &mut PgConnection,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    then_attempt: Option<i32>,
+) -> Result<(), EngineError> {
+    let done = store::executions::step_completed_runs(conn, row.id, row.attempt).await?;
+    let mut remaining: Vec<usize> = done
+        .iter()
+        .filter(|r| r.status == "completed" && !r.skipped)
+        .filter_map(|r| {
+            snapshot
+                .steps
+                .iter()
+                .position(|s| s.step_order == r.step_order)
+        })
+        .filter(|i| snapshot.steps[*i].rollback_command.is_some())
+        .collect();
+    remaining.sort_unstable();
+    remaining.reverse();
+    if remaining.is_empty() {
+        if let Some(attempt) = then_attempt {
+            begin_attempt(conn, row, snapshot, attempt).await?;
+        }
+        return Ok(());
+    }
+    let mut job = NewJob::new(
+        KIND_ROLLBACK,
+        json!(RollbackPayload {
+            execution_id: row.id,
+            attempt: row.attempt,
+            remaining: remaining.clone(),
+            then_attempt,
+        }),
+    );
+    job.unique_key = Some(format!(
+        "execution:{}:rollback:{}:{}",
+        row.id,
+        row.attempt,
+        remaining.len()
+    ));
+    job.max_attempts = 10;
+    store::jobs::job_enqueue(conn, &job).await?;
+    notify_jobs(conn).await?;
+    Ok(())
+}
+
+/// Moves to the next runbook-level attempt and enqueues its first step after the retry delay.
+pub(crate) async fn begin_attempt(
+    conn: &mut PgConnection,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    attempt: i32,
+) -> Result<(), EngineError> {
+    if !store::executions::execution_next_attempt(conn, row.id, attempt).await? {
+        return Ok(());
+    }
+    let mut job = step_job(row.id, attempt, 0, 0);
+    job.run_at =
+        Some(Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds)));
+    store::jobs::job_enqueue(conn, &job).await?;
+    notify_jobs(conn).await?;
+    log(
+        conn,
+        row.id,
+        "retry_scheduled",
+        json!({ "attempt": attempt, "delay_seconds": snapshot.retry_delay_seconds }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A one-line summary of an attempt's steps.
+async fn run_summary(conn: &mut PgConnection, row: &ExecutionRow) -> Result<String, EngineError> {
+    let steps = store::executions::step_list(conn, row.id).await?;
+    let this: Vec<_> = steps
+        .iter()
+        .filter(|s| s.phase == "run" && s.run_attempt == row.attempt && !s.interrupted)
+        .collect();
+    let completed = this
+        .iter()
+        .filter(|s| s.status == "completed" && !s.skipped)
+        .count();
+    let skipped = this.iter().filter(|s| s.skipped).count();
+    let failed = this.iter().filter(|s| s.status == "failed").count();
+    Ok(format!(
+        "attempt {} of {}: {completed} step(s) completed, {skipped} skipped, {failed} failed attempt(s)",
+        row.attempt, row.max_attempts
+    ))
+}

@@ -1,0 +1,204 @@
+//! `execution.rollback`: runs the rollback command of one completed step (newest first), records
+//! it as its own `step_executions` row (phase `rollback`), and enqueues the rest. A failed
+//! rollback is recorded and the remaining ones still run: undoing as much as possible beats
+//! stopping half-way. After the last one, a runbook-level retry starts its next attempt.
+
+use chrono::Utc;
+use serde_json::json;
+
+use crate::exec::CommandRequest;
+use crate::queue::{JobContext, JobError, NewJob};
+use crate::store::{self, executions::StepResult, executions::StepSlot};
+use crate::templates::{Renderer, TemplateContext};
+
+use super::control::{begin_attempt, log, notify_jobs, snapshot_of};
+use super::masking::Masker;
+use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
+
+/// Handles `execution.rollback`.
+pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+    let p: RollbackPayload = ctx.payload_as()?;
+    let pool = ctx.pool().clone();
+    let row = {
+        let mut conn = pool.acquire().await.map_err(EngineError::from)?;
+        store::executions::execution_get(&mut conn, p.execution_id).await?
+    };
+    let Some(row) = row else {
+        return ctx.lease().guarded_tx().await?.complete().await;
+    };
+    let snapshot = snapshot_of(&row)?;
+    let Some((&index, rest)) = p.remaining.split_first() else {
+        return ctx.lease().guarded_tx().await?.complete().await;
+    };
+    let step = snapshot
+        .steps
+        .get(index)
+        .cloned()
+        .ok_or_else(|| JobError::Permanent(format!("step index {index} out of range")))?;
+    let slot = StepSlot {
+        execution_id: row.id,
+        phase: "rollback",
+        run_attempt: p.attempt,
+        step_order: step.step_order,
+    };
+    let resolved = engine.targets.resolve(&pool, row.server_id).await;
+
+    let mut g = ctx.lease().guarded_tx().await?;
+    let already = store::executions::step_slot_done(g.conn(), slot).await?;
+    if !already {
+        store::executions::step_mark_interrupted(g.conn(), slot).await?;
+        let retry =
+            i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(0);
+        let renderer = Renderer::new(if snapshot.target_os == "windows" {
+            crate::domain::runbook::TargetOs::Windows
+        } else {
+            crate::domain::runbook::TargetOs::Linux
+        });
+        let (target, secrets, server) = match resolved {
+            Ok(r) => (Some(r.target), r.secrets, r.server),
+            Err(e) => (None, Vec::new(), json!({ "error": e })),
+        };
+        let masker = Masker::new(secrets);
+        let tctx = TemplateContext {
+            server,
+            execution: json!({ "id": row.id, "attempt": p.attempt, "runbook": snapshot.name }),
+            ..TemplateContext::default()
+        };
+        let vars: std::collections::BTreeMap<String, String> = snapshot.environment_vars.clone();
+        let rendered = renderer
+            .render_vars(&vars, &tctx)
+            .map_err(|(n, e)| format!("variable {n}: {e}"))
+            .and_then(|v| {
+                renderer
+                    .render_command(
+                        step.rollback_command.as_deref().unwrap_or("true"),
+                        &tctx,
+                        &v,
+                    )
+                    .map_err(|e| format!("rollback_command: {e}"))
+            });
+        let masked = rendered.as_ref().ok().map(|c| masker.mask(c));
+        let step_row = store::executions::step_start(
+            g.conn(),
+            slot,
+            Some(step.id),
+            &step.name,
+            retry,
+            masked.as_deref(),
+        )
+        .await?;
+        g.commit().await?;
+
+        let result = match (rendered, target) {
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err("no target for the server".to_owned()),
+            (Ok(command), Some(target)) => {
+                let executor = match target {
+                    crate::exec::Target::Local => Some(engine.local.clone()),
+                    _ => engine.ssh.clone(),
+                };
+                match executor {
+                    None => Err(format!("no executor for {} targets", target.kind())),
+                    Some(ex) => {
+                        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+                        let req = CommandRequest {
+                            command,
+                            env: Vec::new(),
+                            timeout: std::time::Duration::from_secs(
+                                u64::try_from(step.timeout_seconds).unwrap_or(60),
+                            ),
+                            output_limit_bytes: engine.settings.output_limit_bytes,
+                        };
+                        ex.run(&target, &req, crate::exec::CancellationToken::new(), tx)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            }
+        };
+        g = ctx.lease().guarded_tx().await?;
+        let (status, exit_code, stdout, stderr, error) = match result {
+            Ok(o) if o.exit_code == Some(0) => (
+                "completed",
+                o.exit_code,
+                Some(masker.mask(&o.stdout)),
+                Some(masker.mask(&o.stderr)),
+                None,
+            ),
+            Ok(o) => (
+                if o.timed_out { "timeout" } else { "failed" },
+                o.exit_code,
+                Some(masker.mask(&o.stdout)),
+                Some(masker.mask(&o.stderr)),
+                Some(if o.timed_out {
+                    "rollback timed out".to_owned()
+                } else {
+                    format!("rollback exited with {:?}", o.exit_code)
+                }),
+            ),
+            Err(e) => ("failed", None, None, None, Some(masker.mask(&e))),
+        };
+        let (stdout, stderr) = if step.sensitive {
+            (
+                Some("[output of a sensitive step is masked]".to_owned()),
+                Some(String::new()),
+            )
+        } else {
+            (stdout, stderr)
+        };
+        store::executions::step_finish(
+            g.conn(),
+            step_row,
+            &StepResult {
+                status,
+                exit_code,
+                stdout: stdout.as_deref(),
+                stderr: stderr.as_deref(),
+                error_message: error.as_deref(),
+                ..StepResult::default()
+            },
+        )
+        .await?;
+        log(
+            g.conn(),
+            row.id,
+            "rollback_step",
+            json!({ "step": step.name, "status": status, "error": error }),
+        )
+        .await?;
+    }
+    if !rest.is_empty() {
+        let mut job = NewJob::new(
+            KIND_ROLLBACK,
+            json!(RollbackPayload {
+                execution_id: row.id,
+                attempt: p.attempt,
+                remaining: rest.to_vec(),
+                then_attempt: p.then_attempt,
+            }),
+        );
+        job.unique_key = Some(format!(
+            "execution:{}:rollback:{}:{}",
+            row.id,
+            p.attempt,
+            rest.len()
+        ));
+        job.max_attempts = 10;
+        g.enqueue(&job).await?;
+        notify_jobs(g.conn()).await?;
+    } else if let Some(next) = p.then_attempt
+        && let Some(current) = store::executions::execution_lock(g.conn(), row.id).await?
+        && current.status == "running"
+    {
+        begin_attempt(g.conn(), &current, &snapshot, next).await?;
+    } else {
+        log(
+            g.conn(),
+            row.id,
+            "rollback_finished",
+            json!({ "at": Utc::now() }),
+        )
+        .await?;
+    }
+    g.complete().await
+}

@@ -1,0 +1,649 @@
+//! `execution.step`: one attempt of one step.
+//!
+//! 1. In a lease-fenced transaction (a checkpoint): a slot that already completed is never run
+//!    again (the next step is enqueued instead); attempts of this slot left `running` by a dead
+//!    worker are marked interrupted; the new attempt row is inserted as running.
+//! 2. The command runs, rendered through `templates` (every value quoted), with the step timeout
+//!    capped by the runbook deadline, while a watcher polls for cancellation and output streams
+//!    to `execution_events` line by line, masked.
+//! 3. In one lease-fenced transaction: the attempt row is finished and what follows is enqueued
+//!    (the next step, a durable step retry, or the end of the run) together with the job's
+//!    completion. A worker that lost its lease writes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::domain::execution::Event;
+use crate::exec::{
+    CancellationToken, CommandOutcome, CommandRequest, OutputChunk, OutputStream, Target,
+};
+use crate::queue::{GuardedTx, JobContext, JobError};
+use crate::store::{self, executions::ExecutionRow, executions::StepResult, executions::StepSlot};
+use crate::templates::{Renderer, StepOutput, TemplateContext};
+
+use super::control::{finish_run, log, notify_jobs, snapshot_of};
+use super::masking::{Masker, is_secret_name};
+use super::snapshot::{RunbookSnapshot, StepSnapshot};
+use super::{EVENTS_CHANNEL, Engine, EngineError, StepPayload, step_job};
+
+/// Handles `execution.step`.
+pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+    let p: StepPayload = ctx.payload_as()?;
+    let pool = ctx.pool().clone();
+    let row = {
+        let mut conn = pool.acquire().await.map_err(EngineError::from)?;
+        store::executions::execution_get(&mut conn, p.execution_id).await?
+    };
+    let Some(row) = row else {
+        return ctx.lease().guarded_tx().await?.complete().await;
+    };
+    if row.status != "running" || row.attempt != p.attempt {
+        // Cancelled, timed out or superseded by a later attempt: nothing to do.
+        return ctx.lease().guarded_tx().await?.complete().await;
+    }
+    let snapshot = snapshot_of(&row)?;
+    let step = snapshot
+        .steps
+        .get(p.index)
+        .cloned()
+        .ok_or_else(|| JobError::Permanent(format!("step index {} out of range", p.index)))?;
+    let slot = StepSlot {
+        execution_id: row.id,
+        phase: "run",
+        run_attempt: p.attempt,
+        step_order: step.step_order,
+    };
+
+    let resolved = engine.targets.resolve(&pool, row.server_id).await;
+    let (target, mut secrets, server_json) = match resolved {
+        Ok(r) => (Some(r.target), r.secrets, r.server),
+        Err(e) => (None, Vec::new(), json!({ "error": e })),
+    };
+    let vars = variables(&snapshot, &row);
+    for (name, value) in &vars {
+        if is_secret_name(name) || snapshot.secret_var_names().contains(name) {
+            secrets.push(value.clone());
+        }
+    }
+
+    // Checkpoint: the attempt row.
+    let mut g = ctx.lease().guarded_tx().await?;
+    if store::executions::step_slot_done(g.conn(), slot).await? {
+        advance(engine, g, &row, &snapshot, p.index).await?;
+        return Ok(());
+    }
+    let interrupted = store::executions::step_mark_interrupted(g.conn(), slot).await?;
+    let retry_attempt =
+        i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(i32::MAX);
+    let tctx = template_context(g.conn(), &row, &snapshot, server_json).await?;
+    let renderer = Renderer::new(target_os(&snapshot));
+    let rendered_vars = renderer.render_vars(&vars, &tctx);
+    let masker = Masker::new(
+        secrets
+            .iter()
+            .cloned()
+            .chain(rendered_vars.iter().flat_map(|m| {
+                m.iter()
+                    .filter(|(k, _)| is_secret_name(k) || snapshot.secret_var_names().contains(k))
+                    .map(|(_, v)| v.clone())
+                    .collect::<Vec<_>>()
+            })),
+    );
+
+    // Render: condition, then command. A template error fails the attempt without running.
+    let prepared: Result<Option<String>, String> = match &rendered_vars {
+        Err((name, e)) => Err(format!("variable {name}: {e}")),
+        Ok(rvars) => match step.condition.as_deref() {
+            Some(cond) => match renderer.eval_condition(cond, &tctx, rvars) {
+                Ok(false) => Ok(None),
+                Ok(true) => renderer
+                    .render_command(&step.command, &tctx, rvars)
+                    .map(Some)
+                    .map_err(|e| format!("command: {e}")),
+                Err(e) => Err(format!("condition: {e}")),
+            },
+            None => renderer
+                .render_command(&step.command, &tctx, rvars)
+                .map(Some)
+                .map_err(|e| format!("command: {e}")),
+        },
+    };
+    let env: Vec<(String, String)> = match &rendered_vars {
+        Ok(v) => v
+            .iter()
+            .filter(|(k, _)| valid_env_name(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let masked_command = match &prepared {
+        Ok(Some(c)) => Some(masker.mask(c)),
+        _ => None,
+    };
+    let step_row = store::executions::step_start(
+        g.conn(),
+        slot,
+        Some(step.id),
+        &step.name,
+        retry_attempt,
+        masked_command.as_deref(),
+    )
+    .await?;
+    status_event(
+        g.conn(),
+        row.id,
+        step_row,
+        json!({ "step": step.name, "step_order": step.step_order, "status": "running",
+                "retry_attempt": retry_attempt, "attempt": p.attempt,
+                "interrupted_attempts": interrupted }),
+    )
+    .await?;
+    if interrupted > 0 {
+        log(
+            g.conn(),
+            row.id,
+            "step_interrupted",
+            json!({ "step": step.name, "attempts": interrupted }),
+        )
+        .await?;
+    }
+
+    let command = match (prepared, target) {
+        (Ok(None), _) => {
+            // Condition false: recorded as skipped, then the next step.
+            store::executions::step_finish(
+                g.conn(),
+                step_row,
+                &StepResult {
+                    status: "completed",
+                    skipped: true,
+                    error_message: Some("condition is false"),
+                    ..StepResult::default()
+                },
+            )
+            .await?;
+            status_event(
+                g.conn(),
+                row.id,
+                step_row,
+                json!({ "step": step.name, "status": "skipped" }),
+            )
+            .await?;
+            advance(engine, g, &row, &snapshot, p.index).await?;
+            return Ok(());
+        }
+        (Err(message), _) => Err(masker.mask(&message)),
+        (Ok(Some(_)), None) => Err(format!(
+            "no target for server {}",
+            row.server_id.map(|s| s.to_string()).unwrap_or_default()
+        )),
+        (Ok(Some(command)), Some(target)) => Ok((command, target)),
+    };
+    g.commit().await?;
+
+    // Run.
+    let deadline = row.started_at.unwrap_or_else(Utc::now)
+        + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
+    let remaining = (deadline - Utc::now()).to_std().unwrap_or_default();
+    let step_timeout =
+        std::time::Duration::from_secs(u64::try_from(step.timeout_seconds).unwrap_or(60));
+    let runbook_deadline_binds = remaining < step_timeout;
+    let run = match command {
+        Err(message) => RunResult::NotRun(message),
+        Ok(_) if remaining.is_zero() => RunResult::DeadlinePassed,
+        Ok((command, target)) => {
+            let request = CommandRequest {
+                command,
+                env,
+                timeout: remaining.min(step_timeout),
+                output_limit_bytes: engine.settings.output_limit_bytes,
+            };
+            RunResult::Ran(
+                run_command(
+                    engine, &ctx, &row, &step, step_row, &target, &request, &masker,
+                )
+                .await,
+            )
+        }
+    };
+
+    // Record and continue, fenced.
+    let mut g = ctx.lease().guarded_tx().await?;
+    let current = store::executions::execution_lock(g.conn(), row.id).await?;
+    let verdict = judge(&step, &run, &masker, step_timeout);
+    store::executions::step_finish(
+        g.conn(),
+        step_row,
+        &StepResult {
+            status: verdict.status,
+            exit_code: verdict.exit_code,
+            exit_signal: verdict.exit_signal.as_deref(),
+            stdout: verdict.stdout.as_deref(),
+            stderr: verdict.stderr.as_deref(),
+            truncated: verdict.truncated,
+            skipped: false,
+            error_message: verdict.error.as_deref(),
+            command: None,
+        },
+    )
+    .await?;
+    status_event(
+        g.conn(),
+        row.id,
+        step_row,
+        json!({ "step": step.name, "status": verdict.status, "exit_code": verdict.exit_code,
+                "error": verdict.error }),
+    )
+    .await?;
+    let Some(current) = current.filter(|c| c.status == "running" && c.attempt == p.attempt) else {
+        // Cancelled or timed out while the command ran; the attempt row says how it ended.
+        return g.complete().await;
+    };
+    if verdict.status == "completed" {
+        advance(engine, g, &current, &snapshot, p.index).await?;
+        return Ok(());
+    }
+    let deadline_hit = matches!(run, RunResult::DeadlinePassed)
+        || (verdict.status == "timeout" && runbook_deadline_binds);
+    if deadline_hit {
+        finish_run(engine, g.conn(), &current, Event::TimedOut).await?;
+        return g.complete().await;
+    }
+    if retry_attempt < step.retry_count {
+        let mut job = step_job(row.id, p.attempt, p.index, i64::from(retry_attempt) + 1);
+        job.run_at =
+            Some(Utc::now() + chrono::Duration::seconds(i64::from(step.retry_delay_seconds)));
+        g.enqueue(&job).await?;
+        log(
+            g.conn(),
+            row.id,
+            "step_retry_scheduled",
+            json!({ "step": step.name, "retry_attempt": retry_attempt + 1,
+                    "delay_seconds": step.retry_delay_seconds }),
+        )
+        .await?;
+        return g.complete().await;
+    }
+    if step.continue_on_failure {
+        log(
+            g.conn(),
+            row.id,
+            "step_failed_continuing",
+            json!({ "step": step.name }),
+        )
+        .await?;
+        advance(engine, g, &current, &snapshot, p.index).await?;
+        return Ok(());
+    }
+    let reason = format!(
+        "step {} ({}) failed: {}",
+        step.step_order,
+        step.name,
+        verdict.error.clone().unwrap_or_else(|| "failed".into())
+    );
+    finish_run(engine, g.conn(), &current, Event::RunFailed(reason)).await?;
+    g.complete().await
+}
+
+enum RunResult {
+    NotRun(String),
+    DeadlinePassed,
+    Ran(Result<CommandOutcome, String>),
+}
+
+struct Verdict {
+    status: &'static str,
+    exit_code: Option<i32>,
+    exit_signal: Option<String>,
+    stdout: Option<String>,
+    stderr: Option<String>,
+    truncated: bool,
+    error: Option<String>,
+}
+
+fn judge(
+    step: &StepSnapshot,
+    run: &RunResult,
+    masker: &Masker,
+    step_timeout: std::time::Duration,
+) -> Verdict {
+    let failed = |error: String| Verdict {
+        status: "failed",
+        exit_code: None,
+        exit_signal: None,
+        stdout: None,
+        stderr: None,
+        truncated: false,
+        error: Some(error),
+    };
+    match run {
+        RunResult::NotRun(message) => failed(message.clone()),
+        RunResult::DeadlinePassed => Verdict {
+            status: "timeout",
+            ..failed("the runbook timeout passed before this step started".into())
+        },
+        RunResult::Ran(Err(e)) => failed(masker.mask(e)),
+        RunResult::Ran(Ok(o)) => {
+            let (stdout, stderr) = if step.sensitive {
+                (
+                    format!(
+                        "[output of a sensitive step is masked: {} bytes]",
+                        o.stdout.len()
+                    ),
+                    format!(
+                        "[output of a sensitive step is masked: {} bytes]",
+                        o.stderr.len()
+                    ),
+                )
+            } else {
+                (masker.mask(&o.stdout), masker.mask(&o.stderr))
+            };
+            let (status, error) = if o.cancelled {
+                ("cancelled", Some("cancelled while running".to_owned()))
+            } else if o.timed_out {
+                (
+                    "timeout",
+                    Some(format!(
+                        "timed out after {} s; the command was killed",
+                        o.duration.as_secs().min(step_timeout.as_secs())
+                    )),
+                )
+            } else if o
+                .exit_code
+                .is_some_and(|c| step.expected_exit_codes.contains(&c))
+            {
+                ("completed", None)
+            } else {
+                (
+                    "failed",
+                    Some(match (o.exit_code, &o.exit_signal) {
+                        (Some(c), _) => format!(
+                            "exit code {c} is not one of the expected {:?}",
+                            step.expected_exit_codes
+                        ),
+                        (None, Some(sig)) => format!("killed by signal {sig}"),
+                        (None, None) => "no exit status".to_owned(),
+                    }),
+                )
+            };
+            Verdict {
+                status,
+                exit_code: o.exit_code,
+                exit_signal: o.exit_signal.clone(),
+                stdout: Some(stdout),
+                stderr: Some(stderr),
+                truncated: o.truncated,
+                error,
+            }
+        }
+    }
+}
+
+/// Runs the command while a watcher turns cancel requests, status changes and a lost lease into
+/// cancellation, and a streamer appends masked output lines to the live event log.
+#[allow(clippy::too_many_arguments)]
+async fn run_command(
+    engine: &Engine,
+    ctx: &JobContext,
+    row: &ExecutionRow,
+    step: &StepSnapshot,
+    step_row: uuid::Uuid,
+    target: &Target,
+    request: &CommandRequest,
+    masker: &Masker,
+) -> Result<CommandOutcome, String> {
+    let executor = match target {
+        Target::Local => engine.local.clone(),
+        _ => engine
+            .ssh
+            .clone()
+            .ok_or_else(|| format!("no executor for {} targets on this worker", target.kind()))?,
+    };
+    let cancel = CancellationToken::new();
+    let (tx, rx) = mpsc::channel::<OutputChunk>(64);
+    let pool = engine.pool.clone();
+    let watcher = {
+        let cancel = cancel.clone();
+        let pool = pool.clone();
+        let lease = ctx.lease().clone();
+        let id = row.id;
+        let poll = engine.settings.cancel_poll;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = lease.lost() => { cancel.cancel(); return; }
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                let Ok(mut conn) = pool.acquire().await else {
+                    continue;
+                };
+                match store::executions::execution_status(&mut conn, id).await {
+                    Ok(Some((status, cancel_requested)))
+                        if status == "running" && !cancel_requested => {}
+                    Ok(_) => {
+                        cancel.cancel();
+                        return;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let streamer = tokio::spawn(stream_output(
+        pool,
+        row.id,
+        step_row,
+        rx,
+        Arc::new(masker.clone()),
+        step.sensitive,
+        engine.settings.stream_limit_bytes,
+    ));
+    let outcome = executor.run(target, request, cancel.clone(), tx).await;
+    cancel.cancel();
+    let _ = watcher.await;
+    let _ = streamer.await;
+    outcome.map_err(|e| e.to_string())
+}
+
+async fn stream_output(
+    pool: sqlx::PgPool,
+    execution_id: uuid::Uuid,
+    step_row: uuid::Uuid,
+    mut rx: mpsc::Receiver<OutputChunk>,
+    masker: Arc<Masker>,
+    sensitive: bool,
+    limit: usize,
+) {
+    let mut pending: BTreeMap<&'static str, Vec<u8>> = BTreeMap::new();
+    let mut sent = 0usize;
+    let mut announced = false;
+    while let Some(chunk) = rx.recv().await {
+        let kind = match chunk.stream {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        };
+        if sensitive {
+            if !announced {
+                announced = true;
+                append(
+                    &pool,
+                    execution_id,
+                    step_row,
+                    kind,
+                    "[output of a sensitive step is not streamed]\n",
+                )
+                .await;
+            }
+            continue;
+        }
+        let buf = pending.entry(kind).or_default();
+        buf.extend_from_slice(&chunk.bytes);
+        // Stream whole lines only, so a secret split across chunks is still masked.
+        if let Some(pos) = buf.iter().rposition(|b| *b == b'\n') {
+            let lines: Vec<u8> = buf.drain(..=pos).collect();
+            if sent < limit {
+                let text = masker.mask(&String::from_utf8_lossy(&lines));
+                sent += text.len();
+                append(&pool, execution_id, step_row, kind, &text).await;
+            }
+        }
+    }
+    for (kind, rest) in pending {
+        if !rest.is_empty() && sent < limit {
+            let text = masker.mask(&String::from_utf8_lossy(&rest));
+            append(&pool, execution_id, step_row, kind, &text).await;
+        }
+    }
+}
+
+async fn append(
+    pool: &sqlx::PgPool,
+    execution_id: uuid::Uuid,
+    step_row: uuid::Uuid,
+    kind: &str,
+    text: &str,
+) {
+    let text: String = text.chars().take(60_000).collect();
+    let Ok(mut conn) = pool.acquire().await else {
+        return;
+    };
+    if store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text)
+        .await
+        .is_ok()
+    {
+        let _ = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(EVENTS_CHANNEL)
+            .bind(execution_id.to_string())
+            .execute(&mut *conn)
+            .await;
+    }
+}
+
+async fn status_event(
+    conn: &mut sqlx::PgConnection,
+    execution_id: uuid::Uuid,
+    step_row: uuid::Uuid,
+    data: Value,
+) -> Result<(), EngineError> {
+    store::executions::event_append(
+        conn,
+        execution_id,
+        Some(step_row),
+        "status",
+        &data.to_string(),
+    )
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(execution_id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Enqueues the next step, or ends the run successfully after the last one; completes the job
+/// in the same transaction.
+async fn advance(
+    engine: &Engine,
+    mut g: GuardedTx,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    index: usize,
+) -> Result<(), JobError> {
+    if index + 1 < snapshot.steps.len() {
+        g.enqueue(&step_job(row.id, row.attempt, index + 1, 0))
+            .await?;
+        notify_jobs(g.conn()).await?;
+    } else if let Some(current) = store::executions::execution_lock(g.conn(), row.id).await? {
+        finish_run(engine, g.conn(), &current, Event::RunSucceeded).await?;
+    }
+    g.complete().await
+}
+
+/// The runbook's variables, overridden by the execution's variables of the same name.
+fn variables(snapshot: &RunbookSnapshot, row: &ExecutionRow) -> BTreeMap<String, String> {
+    let mut vars = snapshot.environment_vars.clone();
+    if let Value::Object(map) = &row.context_vars {
+        for (k, v) in map {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            vars.insert(k.clone(), text);
+        }
+    }
+    vars
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn target_os(snapshot: &RunbookSnapshot) -> crate::domain::runbook::TargetOs {
+    if snapshot.target_os == "windows" {
+        crate::domain::runbook::TargetOs::Windows
+    } else {
+        crate::domain::runbook::TargetOs::Linux
+    }
+}
+
+/// What templates see: the alert, the server, the execution and the captured outputs of earlier
+/// steps of this attempt, read back from the database.
+async fn template_context(
+    conn: &mut sqlx::PgConnection,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    server: Value,
+) -> Result<TemplateContext, EngineError> {
+    let alert = match row.alert_id {
+        Some(id) => match store::executions::execution_alert(conn, id).await? {
+            Some(a) => json!({
+                "id": id, "name": a.alert_name, "alertname": a.alert_name, "severity": a.severity,
+                "instance": a.instance, "status": a.status, "fingerprint": a.fingerprint,
+                "labels": a.labels_json.unwrap_or(json!({})),
+                "annotations": a.annotations_json.unwrap_or(json!({})),
+            }),
+            None => json!({}),
+        },
+        None => json!({}),
+    };
+    let mut steps = BTreeMap::new();
+    for done in store::executions::step_completed_runs(conn, row.id, row.attempt).await? {
+        let captured = snapshot
+            .steps
+            .iter()
+            .any(|s| s.step_order == done.step_order && s.capture_output);
+        if captured && !done.skipped {
+            steps.insert(
+                done.step_name.clone(),
+                StepOutput {
+                    stdout: done.stdout.clone().unwrap_or_default(),
+                    stderr: done.stderr.clone().unwrap_or_default(),
+                    exit_code: done.exit_code.unwrap_or(-1),
+                },
+            );
+        }
+    }
+    Ok(TemplateContext {
+        alert,
+        server,
+        execution: json!({
+            "id": row.id,
+            "attempt": row.attempt,
+            "runbook": snapshot.name,
+            "runbook_version": snapshot.version,
+            "started_at": row.started_at,
+            "variables": row.context_vars,
+        }),
+        steps,
+    })
+}

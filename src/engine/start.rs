@@ -1,0 +1,178 @@
+//! `execution.start`: the gates, in order, each refusal recorded with its reason:
+//! 1. the runbook is active;
+//! 2. no blackout window covers the runbook on the server now;
+//! 3. the circuit breaker admits the run (open refuses; half-open admits limited probes);
+//! 4. the rate limit (`rate_limit_count` per `rate_limit_window_seconds`, counted over every
+//!    worker under a per-runbook advisory lock);
+//! 5. approval: semi_auto mode or requires_approval keeps the execution pending until a permitted
+//!    user approves (the approval enqueues this job again, and gates 1-4 are evaluated again).
+//!
+//! A fan-out batch additionally waits (the job snoozes) while its concurrency is used up.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+
+use crate::domain::circuit::Admission;
+use crate::domain::execution::{Event, transition};
+use crate::queue::{JobContext, JobError};
+use crate::store;
+
+use super::control::{
+    approval_expiry_job, deadline_job, log, notify_jobs, refuse, snapshot_of, state_of,
+};
+use super::snapshot::runbook_status;
+use super::{Engine, ExecutionPayload, step_job};
+
+/// Handles `execution.start`.
+pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+    let p: ExecutionPayload = ctx.payload_as()?;
+    let mut g = ctx.lease().guarded_tx().await?;
+    let Some(row) = store::executions::execution_lock(g.conn(), p.execution_id).await? else {
+        return g.complete().await;
+    };
+    if row.status != "pending" && row.status != "approved" {
+        return g.complete().await;
+    }
+    let snapshot = snapshot_of(&row)?;
+    let now = Utc::now();
+
+    // 1. Runbook active (its current status, not the snapshot's).
+    let status = runbook_status(g.conn(), snapshot.id).await?;
+    if status.as_deref() != Some("active") {
+        let reason = match status {
+            Some(s) => format!("runbook {} is {s}", snapshot.name),
+            None => format!("runbook {} was deleted", snapshot.name),
+        };
+        refuse(g.conn(), &row, "runbook_inactive", &reason).await?;
+        return g.complete().await;
+    }
+
+    // 2. Blackout windows.
+    let runbook_facts = crate::domain::blackout::RunbookFacts {
+        id: snapshot.id,
+        category: snapshot.category.clone(),
+    };
+    let server_facts = match row.server_id {
+        Some(id) => store::blackouts::blackout_server_facts(g.conn(), id).await?,
+        None => None,
+    };
+    if !snapshot
+        .allows_server(server_facts.as_ref())
+        .unwrap_or(false)
+    {
+        refuse(
+            g.conn(),
+            &row,
+            "target",
+            "the server is not among the runbook's allowed_servers",
+        )
+        .await?;
+        return g.complete().await;
+    }
+    let active =
+        store::blackouts::blackout_active_for(g.conn(), &runbook_facts, server_facts.as_ref(), now)
+            .await?;
+    if let Some((window, occurrence)) = active.first() {
+        refuse(g.conn(), &row, "blackout", &window.describe(occurrence)).await?;
+        return g.complete().await;
+    }
+
+    // 3. Circuit breaker, locked for the rest of this transaction.
+    let mut probe = false;
+    if let Some(b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
+        let mut breaker = b.breaker();
+        let probes =
+            store::executions::execution_count_probes_running(g.conn(), snapshot.id).await?;
+        let admission = breaker.admit(now, probes);
+        if breaker != b.breaker() {
+            store::breakers::breaker_save(g.conn(), snapshot.id, &breaker).await?;
+        }
+        match admission {
+            Admission::Allowed => {}
+            Admission::Probe => probe = true,
+            Admission::Refused(reason) => {
+                refuse(g.conn(), &row, "circuit_breaker", &reason).await?;
+                return g.complete().await;
+            }
+        }
+    }
+
+    // 4. Rate limit, counted under a per-runbook advisory lock so concurrent workers cannot all
+    //    squeeze under it.
+    if let (Some(count), Some(window)) = (
+        snapshot.rate_limit_count,
+        snapshot.rate_limit_window_seconds,
+    ) {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('aiops.rate_limit:' || $1::text, 0))",
+        )
+        .bind(snapshot.id)
+        .execute(g.conn())
+        .await?;
+        let since = now - chrono::Duration::seconds(i64::from(window));
+        let started =
+            store::executions::execution_count_started_since(g.conn(), snapshot.id, since).await?;
+        if started >= i64::from(count) {
+            let reason = format!(
+                "rate limit reached: {started} run(s) of {} started in the last {window} s (limit {count})",
+                snapshot.name
+            );
+            refuse(g.conn(), &row, "rate_limit", &reason).await?;
+            return g.complete().await;
+        }
+    }
+
+    // 5. Approval.
+    if row.status == "pending" && snapshot.needs_approval() {
+        if !row.awaiting_approval {
+            let expires = now + snapshot.approval_timeout();
+            transition(state_of(&row), &Event::ApprovalRequired)
+                .map_err(|e| JobError::Permanent(e.to_string()))?;
+            store::executions::execution_await_approval(g.conn(), row.id, expires).await?;
+            g.enqueue(&approval_expiry_job(row.id, expires)).await?;
+            log(
+                g.conn(),
+                row.id,
+                "awaiting_approval",
+                json!({ "roles": snapshot.approval_roles, "expires_at": expires }),
+            )
+            .await?;
+        }
+        return g.complete().await;
+    }
+
+    // Fan-out concurrency: wait for a slot without consuming an attempt.
+    if let (Some(batch), Some(limit)) = (row.batch_id, row.batch_concurrency) {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('aiops.batch:' || $1::text, 0))",
+        )
+        .bind(batch)
+        .execute(g.conn())
+        .await?;
+        let running = store::executions::execution_count_running_in_batch(g.conn(), batch).await?;
+        if running >= i64::from(limit) {
+            drop(g);
+            return Err(JobError::Snooze(Duration::from_secs(1)));
+        }
+    }
+
+    transition(state_of(&row), &Event::GatesPassed)
+        .map_err(|e| JobError::Permanent(e.to_string()))?;
+    if !store::executions::execution_start(g.conn(), row.id, probe).await? {
+        return g.complete().await;
+    }
+    g.enqueue(&step_job(row.id, 1, 0, 0)).await?;
+    let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
+    g.enqueue(&deadline_job(row.id, deadline)).await?;
+    notify_jobs(g.conn()).await?;
+    log(
+        g.conn(),
+        row.id,
+        "started",
+        json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline }),
+    )
+    .await?;
+    g.complete().await
+}

@@ -1,0 +1,628 @@
+//! Durable execution end to end: the real API, a real worker runtime, real commands on this host.
+
+mod common;
+
+use std::path::PathBuf;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aiops-engine-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read(path: &PathBuf) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn steps_run_in_order_capture_output_and_skip_on_false_condition() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let log = dir.join("log");
+    let yaml = format!(
+        r#"
+name: capture-and-skip
+mode: auto
+environment_vars:
+  LOG: "{log}"
+steps:
+  - name: measure
+    command: echo 42
+    capture_output: true
+  - name: use-it
+    command: echo got {{{{ steps.measure.stdout | trim }}}} >> {{{{ LOG }}}}
+  - name: never
+    command: echo never >> {{{{ LOG }}}}
+    condition: steps.measure.stdout | trim == "7"
+  - name: last
+    command: echo last >> {{{{ LOG }}}}
+"#,
+        log = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(read(&log), "got 42\nlast\n");
+    assert!(done["duration_ms"].as_i64().unwrap() >= 0);
+    assert!(
+        done["output_summary"]
+            .as_str()
+            .unwrap()
+            .contains("3 step(s) completed, 1 skipped")
+    );
+    let steps = app.steps(id).await;
+    assert_eq!(steps.len(), 4);
+    assert_eq!(steps[0]["stdout"], "42\n");
+    assert_eq!(steps[2]["skipped"], true);
+    assert!(steps.iter().all(|s| s["status"] == "completed"));
+    let events: Vec<&str> = done["execution_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(events.starts_with(&["created", "started"]), "{events:?}");
+    assert_eq!(*events.last().unwrap(), "completed");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn failure_rolls_back_completed_steps_newest_first() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let log = dir.join("log");
+    let yaml = format!(
+        r#"
+name: rollback-order
+mode: auto
+environment_vars:
+  LOG: "{log}"
+steps:
+  - name: one
+    command: echo do-1 >> {{{{ LOG }}}}
+    rollback_command: echo undo-1 >> {{{{ LOG }}}}
+  - name: two
+    command: echo do-2 >> {{{{ LOG }}}}
+    rollback_command: echo undo-2 >> {{{{ LOG }}}}
+  - name: three
+    command: echo do-3 >> {{{{ LOG }}}}; exit 3
+    rollback_command: echo undo-3 >> {{{{ LOG }}}}
+  - name: four
+    command: echo do-4 >> {{{{ LOG }}}}
+"#,
+        log = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 3"),
+        "{done}"
+    );
+    // Rollbacks run after the status is final; wait for the second one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while read(&log).lines().count() < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(read(&log), "do-1\ndo-2\ndo-3\nundo-2\nundo-1\n");
+    let steps = app.steps(id).await;
+    let rollbacks: Vec<&str> = steps
+        .iter()
+        .filter(|s| s["phase"] == "rollback")
+        .map(|s| s["step_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(rollbacks, ["two", "one"]);
+    let (_, breaker) = app.get(&format!("/circuit-breakers/{runbook}")).await;
+    assert_eq!(breaker["failure_count"], 1, "{breaker}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn step_retries_continue_on_failure_and_runbook_retries() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let counter = dir.join("counter");
+    let yaml = format!(
+        r#"
+name: flaky
+mode: auto
+max_retries: 1
+retry_delay_seconds: 0
+environment_vars:
+  C: "{counter}"
+steps:
+  - name: flaky-step
+    command: echo x >> {{{{ C }}}}; test $(wc -l < {{{{ C }}}}) -ge 2
+    retry_count: 1
+    retry_delay_seconds: 0
+  - name: allowed-to-fail
+    command: exit 9
+    continue_on_failure: true
+  - name: fails-first-attempt
+    command: test $(wc -l < {{{{ C }}}}) -ge 3 || (echo y >> {{{{ C }}}}; exit 1)
+"#,
+        counter = counter.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 40)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["attempt"], 2);
+    let steps = app.steps(id).await;
+    let flaky: Vec<(i64, i64, &str)> = steps
+        .iter()
+        .filter(|s| s["step_name"] == "flaky-step")
+        .map(|s| {
+            (
+                s["run_attempt"].as_i64().unwrap(),
+                s["retry_attempt"].as_i64().unwrap(),
+                s["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(flaky[0], (1, 0, "failed"));
+    assert_eq!(flaky[1], (1, 1, "completed"));
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["step_name"] == "allowed-to-fail" && s["status"] == "failed")
+    );
+    worker.stop().await;
+}
+
+async fn pid_alive(pid: &str) -> bool {
+    std::process::Command::new("kill")
+        .args(["-0", pid.trim()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+async fn wait_file(path: &PathBuf) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = read(path);
+        if !text.trim().is_empty() {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never written",
+            path.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn cancel_mid_step_kills_the_command() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let pidfile = dir.join("pid");
+    let yaml = format!(
+        r#"
+name: long-sleep
+mode: auto
+environment_vars:
+  P: "{pid}"
+steps:
+  - name: sleep
+    command: sh -c 'echo $$ > "$1"; exec sleep 60' sh {{{{ P }}}}
+    timeout_seconds: 120
+"#,
+        pid = pidfile.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let pid = wait_file(&pidfile).await;
+    assert!(pid_alive(&pid).await);
+    let (_, operator) = app.user_with_role("operator").await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/cancel"),
+            Some(&operator),
+            Some(json!({ "reason": "wrong host" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pid_alive(&pid).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command survived the cancel"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let steps = app.steps(id).await;
+        if steps[0]["status"] == "cancelled" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{steps:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.audit_rows("execution_cancel").await.len(), 1);
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/cancel"),
+            Some(&operator),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        status, 409,
+        "a finished execution cannot be cancelled again"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn runbook_timeout_kills_the_step_and_rolls_back() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let pidfile = dir.join("pid");
+    let log = dir.join("log");
+    let yaml = format!(
+        r#"
+name: too-slow
+mode: auto
+timeout_seconds: 2
+environment_vars:
+  P: "{pid}"
+  LOG: "{log}"
+steps:
+  - name: quick
+    command: echo did >> {{{{ LOG }}}}
+    rollback_command: echo undid >> {{{{ LOG }}}}
+    timeout_seconds: 2
+  - name: slow
+    command: sh -c 'echo $$ > "$1"; exec sleep 60' sh {{{{ P }}}}
+    timeout_seconds: 2
+"#,
+        pid = pidfile.display(),
+        log = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let pid = wait_file(&pidfile).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "timeout", "{done}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pid_alive(&pid).await || read(&log) != "did\nundid\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid alive or no rollback: {}",
+            read(&log)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn step_timeout_fails_the_step() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: step-timeout\nmode: auto\nsteps:\n  - name: slow\n    command: sleep 30\n    timeout_seconds: 1\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let steps = app.steps(id).await;
+    assert_eq!(steps[0]["status"], "timeout");
+    assert!(
+        steps[0]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn secrets_and_sensitive_output_are_masked_everywhere() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let secret = "s3cr3t-Pa55word-xyz";
+    let yaml = r#"
+name: masked
+mode: auto
+environment_vars:
+  DB_PASSWORD: "set-at-start"
+steps:
+  - name: leaky
+    command: echo "password is $DB_PASSWORD"; echo again {{ DB_PASSWORD }} >&2
+  - name: private
+    command: echo top-secret-output
+    sensitive: true
+"#;
+    let runbook = app.runbook_from_yaml(yaml).await;
+    let id = app
+        .start_execution(json!({ "runbook_id": runbook, "variables": { "DB_PASSWORD": secret } }))
+        .await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps = app.steps(id).await;
+    assert_eq!(steps[0]["stdout"], "password is ********\n");
+    assert!(steps[0]["stderr"].as_str().unwrap().contains("********"));
+    assert!(
+        !steps[1]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("top-secret-output")
+    );
+    // Nowhere in the database except the variables the caller gave (context_vars).
+    let hits: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM step_executions WHERE stdout LIKE '%' || $1 || '%' \
+           OR stderr LIKE '%' || $1 || '%' OR command LIKE '%' || $1 || '%') + \
+         (SELECT count(*) FROM execution_events WHERE data LIKE '%' || $1 || '%' OR data LIKE '%top-secret-output%') + \
+         (SELECT count(*) FROM audit_log WHERE details_json::text LIKE '%' || $1 || '%') + \
+         (SELECT count(*) FROM runbook_executions WHERE execution_log::text LIKE '%' || $1 || '%')",
+    )
+    .bind(secret)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(hits, 0);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn gates_refuse_with_their_reason() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let terminal = ["completed", "failed", "cancelled", "timeout"];
+
+    // Rate limit: one run per hour.
+    let limited = app
+        .runbook_from_yaml("name: limited\nmode: auto\nrate_limit_count: 1\nrate_limit_window_seconds: 3600\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    let first = app.start_execution(json!({ "runbook_id": limited })).await;
+    assert_eq!(
+        app.wait_for_status(first, &terminal, 30).await["status"],
+        "completed"
+    );
+    let second = app.start_execution(json!({ "runbook_id": limited })).await;
+    let refused = app.wait_for_status(second, &terminal, 30).await;
+    assert_eq!(refused["status"], "cancelled");
+    assert_eq!(refused["refused_by"], "rate_limit");
+    assert!(
+        refused["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit")
+    );
+
+    // Blackout covering the runbook's category.
+    let blacked = app
+        .runbook_from_yaml("name: blacked\ncategory: database\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    let now = chrono::Utc::now();
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(
+                json!({ "name": "freeze", "start_time": now - chrono::Duration::minutes(1),
+                          "end_time": now + chrono::Duration::hours(1),
+                          "affected_runbooks": { "categories": ["database"] } }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let id = app.start_execution(json!({ "runbook_id": blacked })).await;
+    let refused = app.wait_for_status(id, &terminal, 30).await;
+    assert_eq!(refused["refused_by"], "blackout", "{refused}");
+    assert!(
+        refused["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("freeze")
+    );
+
+    // Open circuit breaker.
+    let broken = app
+        .runbook_from_yaml("name: broken\nmode: auto\nsteps:\n  - {name: s, command: 'exit 1'}\n")
+        .await;
+    app.call(
+        Method::PATCH,
+        &format!("/circuit-breakers/{broken}"),
+        Some(&app.admin_token),
+        Some(json!({ "failure_threshold": 1 })),
+    )
+    .await;
+    let id = app.start_execution(json!({ "runbook_id": broken })).await;
+    assert_eq!(
+        app.wait_for_status(id, &terminal, 30).await["status"],
+        "failed"
+    );
+    let (_, breaker) = app.get(&format!("/circuit-breakers/{broken}")).await;
+    assert_eq!(breaker["state"], "open", "{breaker}");
+    let id = app.start_execution(json!({ "runbook_id": broken })).await;
+    let refused = app.wait_for_status(id, &terminal, 30).await;
+    assert_eq!(refused["refused_by"], "circuit_breaker", "{refused}");
+
+    // Disabled runbook.
+    let disabled = app
+        .runbook_from_yaml("name: disabled-one\nmode: auto\nstatus: disabled\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": disabled })).await;
+    let refused = app.wait_for_status(id, &terminal, 30).await;
+    assert_eq!(refused["refused_by"], "runbook_inactive", "{refused}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let runbook = app
+        .runbook_from_yaml("name: needs-ok\nmode: semi_auto\napproval_roles: [engineer]\nsteps:\n  - {name: s, command: 'echo ran'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, e) = app.get(&format!("/executions/{id}")).await;
+        if e["awaiting_approval"] == true {
+            assert_eq!(e["status"], "pending");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, operator) = app.user_with_role("operator").await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/approve"),
+            Some(&operator),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403, "operator is not in approval_roles: {body}");
+    // Admin is not listed either: approval_roles is the whole list.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/approve"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (engineer_id, engineer) = app.user_with_role("engineer").await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/approve"),
+            Some(&engineer),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/approve"),
+            Some(&engineer),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "a second approval is refused");
+    let done = app.wait_for_status(id, &terminal, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["approved_by"], json!(engineer_id));
+    assert_eq!(app.audit_rows("execution_approve").await.len(), 1);
+
+    // Reject.
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                &format!("/executions/{id}/reject"),
+                Some(&engineer),
+                Some(json!({ "reason": "not now" })),
+            )
+            .await;
+        if status == 200 {
+            assert_eq!(body["status"], "cancelled");
+            assert_eq!(body["refused_by"], "approval_rejected");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Expiry.
+    let quick = app
+        .runbook_from_yaml("name: expires\nmode: manual\nrequires_approval: true\nconfig:\n  approval_timeout_seconds: 1\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": quick })).await;
+    let expired = app.wait_for_status(id, &terminal, 30).await;
+    assert_eq!(expired["status"], "cancelled");
+    assert_eq!(expired["refused_by"], "approval_expired", "{expired}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn live_events_stream_status_and_output() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: chatty\nmode: auto\nsteps:\n  - {name: a, command: 'echo line-one; echo line-two'}\n  - {name: b, command: 'echo from-b >&2'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let resp = app
+        .client
+        .get(app.api(&format!("/executions/{id}/events")))
+        .bearer_auth(&app.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = tokio::time::timeout(std::time::Duration::from_secs(30), resp.text())
+        .await
+        .expect("the stream ends when the execution is done")
+        .unwrap();
+    let datas: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let stdout: String = datas
+        .iter()
+        .filter(|d| d["kind"] == "stdout")
+        .map(|d| d["data"].as_str().unwrap())
+        .collect();
+    assert!(stdout.contains("line-one\nline-two\n"), "{body}");
+    assert!(
+        datas
+            .iter()
+            .any(|d| d["kind"] == "stderr" && d["data"] == "from-b\n"),
+        "{body}"
+    );
+    assert!(body.contains("event: status"));
+    assert!(datas.iter().any(|d| d["kind"] == "status" && d["data"].as_str().unwrap().contains("\"completed\"")));
+    worker.stop().await;
+}

@@ -1,0 +1,94 @@
+//! Crash recovery with real processes: a worker process is killed with SIGKILL during step 2 of a
+//! 4-step runbook whose steps append to a file; another worker finishes the run. Step 1 does not
+//! run again (the file proves it), step 2 runs again and its interrupted attempt is recorded.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+#[tokio::test]
+async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
+    let app = common::spawn_app().await;
+    let dir = std::env::temp_dir().join(format!("aiops-crash-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("steps");
+    let yaml = format!(
+        r#"
+name: crash-me
+mode: auto
+environment_vars:
+  F: "{file}"
+steps:
+  - name: one
+    command: echo 1 >> {{{{ F }}}}
+  - name: two
+    command: echo 2 >> {{{{ F }}}}; sleep 4
+  - name: three
+    command: echo 3 >> {{{{ F }}}}
+  - name: four
+    command: echo 4 >> {{{{ F }}}}
+"#,
+        file = file.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+
+    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
+        .args([
+            "worker",
+            "--concurrency",
+            "2",
+            "--lease-seconds",
+            "2",
+            "--poll-ms",
+            "50",
+            "--maintenance-ms",
+            "200",
+        ])
+        .env("DATABASE_URL", &app.database_url)
+        .env("AIOPS_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&file).unwrap_or_default() != "1\n2\n" {
+        assert!(
+            Instant::now() < deadline,
+            "step 2 never started: {:?}",
+            std::fs::read_to_string(&file)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.start_kill().unwrap(); // SIGKILL
+    doomed.wait().await.unwrap();
+
+    let survivor = common::TestWorker::start(&app.pool).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "1\n2\n2\n3\n4\n",
+        "step 1 ran once; step 2 ran again after the crash"
+    );
+    let steps = app.steps(id).await;
+    let two: Vec<_> = steps.iter().filter(|s| s["step_name"] == "two").collect();
+    assert_eq!(two.len(), 2, "{steps:?}");
+    assert_eq!(two[0]["interrupted"], true);
+    assert!(
+        two[0]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted")
+    );
+    assert_eq!(two[1]["status"], "completed");
+    assert_eq!(steps.iter().filter(|s| s["step_name"] == "one").count(), 1);
+    survivor.stop().await;
+}
