@@ -14,7 +14,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::domain::Role;
-use crate::domain::blackout::{ServerFacts, ServerSelector};
+use crate::domain::blackout::ServerSelector;
 use crate::engine::{self, EngineError, StartRequest};
 use crate::store::{
     self, executions::ExecutionFilter, executions::ExecutionRow, executions::StepRow,
@@ -177,7 +177,37 @@ pub struct Execution {
     pub batch_id: Option<Uuid>,
 }
 
+/// Variables as responses show them: values of secret-looking names (and of the runbook's
+/// `config.secret_vars`) are masked.
+fn masked_vars(r: &ExecutionRow) -> Value {
+    let declared: Vec<String> = r.runbook_snapshot["config"]["secret_vars"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    match &r.context_vars {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let secret = engine::masking::is_secret_name(k) || declared.contains(k);
+                    let shown = if secret {
+                        Value::String(engine::masking::MASK.to_owned())
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), shown)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn to_execution(r: ExecutionRow) -> Execution {
+    let context_vars = masked_vars(&r);
     Execution {
         runbook_name: r.runbook_snapshot["name"]
             .as_str()
@@ -205,7 +235,7 @@ fn to_execution(r: ExecutionRow) -> Execution {
         refused_by: r.refused_by,
         error_message: r.error_message,
         output_summary: r.output_summary,
-        context_vars: r.context_vars,
+        context_vars,
         execution_log: r.execution_log,
         batch_id: r.batch_id,
     }
@@ -410,21 +440,11 @@ impl ExecutionsApi {
                     tags: sel.tags.clone(),
                     environments: sel.environments.clone(),
                 };
-                let all: Vec<(Uuid, Option<Value>, Option<String>)> = sqlx::query_as(
-                    "SELECT id, tags, environment FROM server_credentials ORDER BY name",
-                )
-                .fetch_all(&mut *tx)
-                .await?;
+                let all = store::blackouts::blackout_all_server_facts(&mut tx).await?;
                 let matching: Vec<Option<Uuid>> = all
                     .into_iter()
-                    .filter(|(id, tags, env)| {
-                        selector.matches(&ServerFacts {
-                            id: *id,
-                            tags: tags.clone().unwrap_or(Value::Null),
-                            environment: env.clone(),
-                        })
-                    })
-                    .map(|(id, _, _)| Some(id))
+                    .filter(|facts| selector.matches(facts))
+                    .map(|facts| Some(facts.id))
                     .collect();
                 if matching.is_empty() {
                     return Err(ApiError::invalid(

@@ -307,7 +307,10 @@ impl ServerSelector {
                 .environment
                 .as_ref()
                 .is_some_and(|e| self.environments.contains(e))
-            || self.tags.iter().any(|t| server_has_tag(&server.tags, t))
+            || self
+                .tags
+                .iter()
+                .any(|t| server_has_tag(&server.tags, t) || server.name.as_deref() == Some(t))
     }
 }
 
@@ -383,6 +386,8 @@ pub struct ServerFacts {
     pub tags: Value,
     /// `server_credentials.environment`.
     pub environment: Option<String>,
+    /// `server_credentials.name` (a bare selector entry may name a server).
+    pub name: Option<String>,
 }
 
 /// What a window needs to know of a runbook.
@@ -650,7 +655,13 @@ mod tests {
             id: Uuid::new_v4(),
             tags: json!({"role": "db", "env": "prod"}),
             environment: Some("production".into()),
+            name: Some("db-7".into()),
         };
+        assert!(
+            ServerSelector::parse(&json!(["db-7"]))
+                .unwrap()
+                .matches(&server)
+        );
         assert!(ServerSelector::default().matches(&server));
         assert!(
             ServerSelector::parse(&json!(["role=db"]))

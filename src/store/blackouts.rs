@@ -197,16 +197,34 @@ pub async fn blackout_server_facts(
     conn: &mut PgConnection,
     server_id: Uuid,
 ) -> StoreResult<Option<ServerFacts>> {
-    let row: Option<(Uuid, Option<Value>, Option<String>)> =
-        sqlx::query_as("SELECT id, tags, environment FROM server_credentials WHERE id = $1")
+    let row: Option<(Uuid, Option<Value>, Option<String>, String)> =
+        sqlx::query_as("SELECT id, tags, environment, name FROM server_credentials WHERE id = $1")
             .bind(server_id)
             .fetch_optional(conn)
             .await?;
-    Ok(row.map(|(id, tags, environment)| ServerFacts {
+    Ok(row.map(|(id, tags, environment, name)| ServerFacts {
         id,
         tags: tags.unwrap_or(Value::Null),
         environment,
+        name: Some(name),
     }))
+}
+
+/// The selector facts of every server, by name (fan-out by tags).
+pub async fn blackout_all_server_facts(conn: &mut PgConnection) -> StoreResult<Vec<ServerFacts>> {
+    let rows: Vec<(Uuid, Option<Value>, Option<String>, String)> =
+        sqlx::query_as("SELECT id, tags, environment, name FROM server_credentials ORDER BY name")
+            .fetch_all(conn)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, tags, environment, name)| ServerFacts {
+            id,
+            tags: tags.unwrap_or(Value::Null),
+            environment,
+            name: Some(name),
+        })
+        .collect())
 }
 
 /// Every enabled window covering the runbook (and server, when given) that is active at `now`,

@@ -304,8 +304,19 @@ pub struct TestWorker {
 }
 
 impl TestWorker {
-    /// Starts a worker with the product's registry (engine kinds included).
+    /// Starts a worker with the product's registry (engine kinds included), running steps on
+    /// this host only.
     pub async fn start(pool: &PgPool) -> TestWorker {
+        Self::start_with(pool, None).await
+    }
+
+    /// Starts a worker that also runs steps on managed servers over SSH, opening credentials
+    /// with the keyring of `config`.
+    pub async fn start_ssh(pool: &PgPool, config: &Config) -> TestWorker {
+        Self::start_with(pool, Some(config)).await
+    }
+
+    async fn start_with(pool: &PgPool, config: Option<&Config>) -> TestWorker {
         let options = aiops::worker::WorkerOptions {
             queue: aiops::queue::WorkerConfig {
                 concurrency: 4,
@@ -317,6 +328,10 @@ impl TestWorker {
                 ..aiops::queue::WorkerConfig::default()
             },
             ..aiops::worker::WorkerOptions::default()
+        };
+        let options = match config {
+            Some(c) => options.with_ssh(pool, c).expect("ssh options"),
+            None => options,
         };
         let registry = aiops::worker::registry(&options, pool).expect("registry");
         let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)

@@ -1,0 +1,128 @@
+//! Executions on managed servers over SSH (a real sshd on loopback): fan-out to every server
+//! matching a tag selector, one execution per server, at most `max_concurrency` at a time;
+//! `allowed_servers` enforced; the server's password never stored or streamed.
+
+mod common;
+mod sshd;
+
+use reqwest::Method;
+use serde_json::json;
+
+const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+#[tokio::test]
+async fn fan_out_by_tag_runs_one_execution_per_server_within_the_concurrency_limit() {
+    let app = common::spawn_app_with(|c| c.secret_key = Some(format!("main:{KEY}"))).await;
+    let worker = common::TestWorker::start_ssh(&app.pool, &app.config).await;
+    let sshd = sshd::sshd();
+    let mut servers = Vec::new();
+    for (name, tags) in [
+        ("web-1", json!(["role=web"])),
+        ("web-2", json!(["role=web"])),
+        ("web-3", json!(["role=web"])),
+        ("db-1", json!(["role=db"])),
+    ] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/servers",
+                Some(&app.admin_token),
+                Some(
+                    json!({ "name": name, "hostname": "127.0.0.1", "port": sshd.port,
+                              "username": sshd::USER, "auth_type": "password",
+                              "password": sshd.password, "tags": tags }),
+                ),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        servers.push((name, body["id"].as_str().unwrap().to_owned()));
+    }
+    let marker = format!("/tmp/aiops-fanout-{}", uuid::Uuid::new_v4().simple());
+    let yaml = format!(
+        r#"
+name: web-fanout
+mode: auto
+allowed_servers: ["role=web"]
+environment_vars:
+  MARK: "{marker}"
+steps:
+  - name: who
+    command: echo {{{{ server.name }}}} $(id -un) >> {{{{ MARK }}}}
+    capture_output: true
+  - name: hold
+    command: sleep 0.3
+"#
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook, "servers": { "tags": ["role=web"] }, "max_concurrency": 1 })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let ids: Vec<uuid::Uuid> = created["execution_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "one execution per web server");
+    let mut spans = Vec::new();
+    for id in &ids {
+        let done = app
+            .wait_for_status(*id, &["completed", "failed", "cancelled", "timeout"], 60)
+            .await;
+        assert_eq!(done["status"], "completed", "{done}");
+        let start =
+            chrono::DateTime::parse_from_rfc3339(done["started_at"].as_str().unwrap()).unwrap();
+        let end =
+            chrono::DateTime::parse_from_rfc3339(done["completed_at"].as_str().unwrap()).unwrap();
+        spans.push((start, end));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "executions overlapped with max_concurrency 1: {spans:?}"
+        );
+    }
+    let written = std::fs::read_to_string(&marker).unwrap();
+    let mut lines: Vec<&str> = written.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            format!("web-1 {}", sshd::USER),
+            format!("web-2 {}", sshd::USER),
+            format!("web-3 {}", sshd::USER)
+        ]
+    );
+
+    // allowed_servers: the db server is refused at creation.
+    let db = &servers[3].1;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook, "server_id": db })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "server_id");
+
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM step_executions WHERE stdout LIKE '%' || $1 || '%' OR command LIKE '%' || $1 || '%') \
+         + (SELECT count(*) FROM execution_events WHERE data LIKE '%' || $1 || '%')",
+    )
+    .bind(&sshd.password)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(leaked, 0);
+    let _ = std::fs::remove_file(&marker);
+    worker.stop().await;
+}
