@@ -29,8 +29,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::alert::{self, RuleFacts};
-use crate::domain::blackout::{ServerFacts, ServerSelector};
 use crate::domain::runbook::{TriggerDocument, format_time_of_day};
+use crate::domain::targeting::{AllowedServers, ServerTraits};
 use crate::domain::trigger_match::{AlertFacts, trigger_matches_in};
 use crate::queue::{JobContext, JobError, NewJob};
 use crate::store::{
@@ -381,13 +381,13 @@ async fn match_triggers(
     Ok(())
 }
 
-fn facts(s: &ServerCandidate) -> ServerFacts {
-    ServerFacts {
+fn allowed(rule: &AllowedServers, s: &ServerCandidate) -> bool {
+    let tags = s.tags.clone().unwrap_or(Value::Null);
+    rule.allows(&ServerTraits {
         id: s.id,
-        tags: s.tags.clone().unwrap_or(Value::Null),
-        environment: s.environment.clone(),
-        name: Some(s.name.clone()),
-    }
+        tags: &tags,
+        environment: s.environment.as_deref(),
+    })
 }
 
 /// The alert's target server: `(id, name)`, or why there is none.
@@ -396,13 +396,11 @@ async fn resolve_server(
     a: &AlertRow,
     allowed_servers: &Value,
 ) -> Result<Result<(Uuid, String), String>, JobError> {
-    let selector = match ServerSelector::parse(allowed_servers) {
+    let selector = match AllowedServers::parse(allowed_servers) {
         Ok(s) => s,
         Err(e) => {
             return Ok(Err(format!(
-                "the runbook's allowed_servers is invalid: {}",
-                e.to_string()
-                    .replacen("affected_servers", "allowed_servers", 1)
+                "the runbook's allowed_servers is invalid: {e}"
             )));
         }
     };
@@ -412,7 +410,7 @@ async fn resolve_server(
         match found.as_slice() {
             [] => {}
             [one] => {
-                if selector.matches(&facts(one)) {
+                if allowed(&selector, one) {
                     return Ok(Ok((one.id, one.name.clone())));
                 }
                 return Ok(Err(format!(
@@ -421,18 +419,16 @@ async fn resolve_server(
                 )));
             }
             many => {
-                let allowed: Vec<&ServerCandidate> = many
-                    .iter()
-                    .filter(|s| selector.matches(&facts(s)))
-                    .collect();
-                if let [one] = allowed.as_slice() {
+                let permitted: Vec<&ServerCandidate> =
+                    many.iter().filter(|s| allowed(&selector, s)).collect();
+                if let [one] = permitted.as_slice() {
                     return Ok(Ok((one.id, one.name.clone())));
                 }
                 return Ok(Err(format!(
                     "{} servers have hostname or name `{host}` and {} of them are allowed; \
                      refusing to guess",
                     many.len(),
-                    allowed.len()
+                    permitted.len()
                 )));
             }
         }
@@ -441,15 +437,14 @@ async fn resolve_server(
         Some(h) if !h.is_empty() => format!("no server has hostname or name `{h}`"),
         _ => "the alert has no `instance` label".to_owned(),
     };
-    if selector.is_all() {
+    if selector.allows_all() {
         return Ok(Err(format!(
             "{from_instance}, and the runbook's allowed_servers does not select a server"
         )));
     }
     let all = store::alerts::server_candidates_all(conn).await?;
-    let allowed: Vec<&ServerCandidate> =
-        all.iter().filter(|s| selector.matches(&facts(s))).collect();
-    match allowed.as_slice() {
+    let permitted: Vec<&ServerCandidate> = all.iter().filter(|s| allowed(&selector, s)).collect();
+    match permitted.as_slice() {
         [one] => Ok(Ok((one.id, one.name.clone()))),
         [] => Ok(Err(format!(
             "{from_instance}, and no server matches the runbook's allowed_servers"
