@@ -163,9 +163,9 @@ async fn wait_for_no_backends(admin: &mut PgConnection, db: &str) -> anyhow::Res
             "SELECT count(*) FROM pg_stat_activity \
              WHERE datname = $1 AND backend_type = 'client backend'",
         )
-            .bind(db)
-            .fetch_one(&mut *admin)
-            .await?;
+        .bind(db)
+        .fetch_one(&mut *admin)
+        .await?;
         if n == 0 {
             // Exiting backends flush their statistics just before they leave pg_stat_activity.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -258,9 +258,7 @@ async fn throughput(
         bail!("{other} executions did not complete");
     }
     let steps = watch
-        .scalar(
-            "SELECT count(*) FROM step_executions WHERE phase = 'run' AND status = 'completed'",
-        )
+        .scalar("SELECT count(*) FROM step_executions WHERE phase = 'run' AND status = 'completed'")
         .await?;
     let jobs = watch
         .scalar("SELECT count(*) FROM jobs WHERE kind LIKE 'execution.%'")
@@ -282,11 +280,7 @@ async fn throughput(
     })
 }
 
-async fn latency(
-    url: &str,
-    samples: usize,
-    concurrency: usize,
-) -> anyhow::Result<Latency> {
+async fn latency(url: &str, samples: usize, concurrency: usize) -> anyhow::Result<Latency> {
     let pool = aiops::store::connect(url, 10).await?;
     let config = Arc::new(aiops::config::Config {
         listen: "127.0.0.1:0".parse()?,

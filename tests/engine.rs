@@ -626,3 +626,55 @@ async fn live_events_stream_status_and_output() {
     assert!(datas.iter().any(|d| d["kind"] == "status" && d["data"].as_str().unwrap().contains("\"completed\"")));
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let dir = scratch();
+    let flag = dir.join("healthy");
+    let yaml = format!(
+        "name: probe-me\nmode: auto\nenvironment_vars:\n  FLAG: \"{}\"\nsteps:\n  - name: check\n    command: test -e {{{{ FLAG }}}}\n",
+        flag.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let (status, _) = app
+        .call(
+            Method::PATCH,
+            &format!("/circuit-breakers/{runbook}"),
+            Some(&app.admin_token),
+            Some(json!({ "failure_threshold": 1, "success_threshold": 1, "reset_timeout_seconds": 1 })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    assert_eq!(
+        app.wait_for_status(id, &terminal, 30).await["status"],
+        "failed"
+    );
+    let (_, b) = app.get(&format!("/circuit-breakers/{runbook}")).await;
+    assert_eq!(b["state"], "open");
+    let opened = chrono::DateTime::parse_from_rfc3339(b["opened_at"].as_str().unwrap()).unwrap();
+
+    // After the reset timeout the next run is admitted as a probe; it succeeds and closes it.
+    std::fs::write(&flag, "").unwrap();
+    while chrono::Utc::now() < opened + chrono::Duration::milliseconds(1100) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    assert_eq!(
+        app.wait_for_status(id, &terminal, 30).await["status"],
+        "completed"
+    );
+    let probe: bool =
+        sqlx::query_scalar("SELECT breaker_probe FROM runbook_executions WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(probe);
+    let (_, b) = app.get(&format!("/circuit-breakers/{runbook}")).await;
+    assert_eq!(b["state"], "closed", "{b}");
+    worker.stop().await;
+}

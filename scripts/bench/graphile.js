@@ -2,7 +2,7 @@
 // Burn-down of BENCH_JOBS no-op jobs (jobs/s) and idle pickup latency (add_job commit -> task
 // start, p50/p99), unbatched (defaults) or batched (BATCHED=1: local queue of 500, batched
 // completions). Usage: GW_DATABASE_URL=postgres://... node graphile.js
-const { run, makeWorkerUtils } = require("graphile-worker");
+const { run, makeWorkerUtils, Logger } = require("graphile-worker");
 const { Pool } = require("pg");
 
 const connectionString = process.env.GW_DATABASE_URL;
@@ -10,14 +10,17 @@ const jobs = Number(process.env.BENCH_JOBS || 100000);
 const samples = Number(process.env.BENCH_LATENCY_SAMPLES || 500);
 const concurrency = Number(process.env.BENCH_CONCURRENCY || 24);
 const batched = process.env.BATCHED === "1";
+// Per-job INFO lines would dominate the measurement.
+const logger = new Logger(() => () => {});
 
 function pct(sorted, p) {
   return sorted[Math.round((sorted.length - 1) * p)];
 }
 
 async function main() {
-  const pool = new Pool({ connectionString, max: 4 });
-  const utils = await makeWorkerUtils({ pgPool: pool });
+  const pool = new Pool({ connectionString, max: concurrency + 4 });
+  pool.on("error", (e) => console.error(e));
+  const utils = await makeWorkerUtils({ pgPool: pool, logger });
   await utils.migrate();
   await pool.query("delete from graphile_worker._private_jobs");
   const t0 = process.hrtime.bigint();
@@ -44,7 +47,7 @@ async function main() {
     },
   };
   const start = process.hrtime.bigint();
-  const runner = await run({ pgPool: pool, concurrency, taskList, noHandleSignals: true, pollInterval: 2000, preset });
+  const runner = await run({ pgPool: pool, logger, concurrency, taskList, noHandleSignals: true, pollInterval: 2000, preset });
   await allDone;
   // Completions may still be in flight (batched); wait until the table is empty.
   for (;;) {

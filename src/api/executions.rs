@@ -177,7 +177,37 @@ pub struct Execution {
     pub batch_id: Option<Uuid>,
 }
 
+/// Variables as responses show them: values of secret-looking names (and of the runbook's
+/// `config.secret_vars`) are masked.
+fn masked_vars(r: &ExecutionRow) -> Value {
+    let declared: Vec<String> = r.runbook_snapshot["config"]["secret_vars"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    match &r.context_vars {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let secret = engine::masking::is_secret_name(k) || declared.contains(k);
+                    let shown = if secret {
+                        Value::String(engine::masking::MASK.to_owned())
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), shown)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn to_execution(r: ExecutionRow) -> Execution {
+    let context_vars = masked_vars(&r);
     Execution {
         runbook_name: r.runbook_snapshot["name"]
             .as_str()
@@ -205,7 +235,7 @@ fn to_execution(r: ExecutionRow) -> Execution {
         refused_by: r.refused_by,
         error_message: r.error_message,
         output_summary: r.output_summary,
-        context_vars: r.context_vars,
+        context_vars,
         execution_log: r.execution_log,
         batch_id: r.batch_id,
     }
@@ -576,35 +606,8 @@ impl ExecutionsApi {
         body: Json<Reason>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
-        let reason = format!(
-            "cancelled by {}{}",
-            caller.identity.username,
-            body.0
-                .reason
-                .as_deref()
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        );
-        let mut tx = self.state.pool.begin().await?;
-        engine::control::cancel(&mut tx, id.0, Some(caller.identity.user_id), &reason)
+        self.decide(&caller, id.0, Decision::Cancel(body.0.reason))
             .await
-            .map_err(engine_error)?;
-        caller
-            .record(
-                &mut tx,
-                caller.audit(
-                    "execution_cancel",
-                    "execution",
-                    Some(id.0),
-                    serde_json::json!({ "reason": body.0.reason }),
-                ),
-            )
-            .await?;
-        let row = store::executions::execution_get(&mut tx, id.0)
-            .await?
-            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
-        tx.commit().await?;
-        Ok(Json(to_execution(row)))
     }
 
     /// Approve an execution waiting for approval. Only users holding one of the runbook's
@@ -624,34 +627,11 @@ impl ExecutionsApi {
         id: Path<Uuid>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
-        let mut tx = self.state.pool.begin().await?;
-        engine::control::approve(
-            &mut tx,
-            id.0,
-            caller.identity.user_id,
-            caller.identity.role.as_str(),
-        )
-        .await
-        .map_err(engine_error)?;
-        caller
-            .record(
-                &mut tx,
-                caller.audit(
-                    "execution_approve",
-                    "execution",
-                    Some(id.0),
-                    serde_json::json!({}),
-                ),
-            )
-            .await?;
-        let row = store::executions::execution_get(&mut tx, id.0)
-            .await?
-            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
-        tx.commit().await?;
-        Ok(Json(to_execution(row)))
+        self.decide(&caller, id.0, Decision::Approve).await
     }
 
-    /// Reject an execution waiting for approval (it is cancelled with the reason).
+    /// Reject an execution waiting for approval (it is cancelled with the reason). Only users
+    /// holding one of the runbook's approval_roles may reject.
     ///
     /// Least role: operator.
     #[oai(
@@ -668,32 +648,8 @@ impl ExecutionsApi {
         body: Json<Reason>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
-        let mut tx = self.state.pool.begin().await?;
-        engine::control::reject(
-            &mut tx,
-            id.0,
-            caller.identity.user_id,
-            caller.identity.role.as_str(),
-            body.0.reason.as_deref(),
-        )
-        .await
-        .map_err(engine_error)?;
-        caller
-            .record(
-                &mut tx,
-                caller.audit(
-                    "execution_reject",
-                    "execution",
-                    Some(id.0),
-                    serde_json::json!({ "reason": body.0.reason }),
-                ),
-            )
-            .await?;
-        let row = store::executions::execution_get(&mut tx, id.0)
-            .await?
-            .ok_or_else(|| ApiError::not_found("execution", id.0))?;
-        tx.commit().await?;
-        Ok(Json(to_execution(row)))
+        self.decide(&caller, id.0, Decision::Reject(body.0.reason))
+            .await
     }
 
     /// Follow an execution live: Server-Sent Events of step status changes and output chunks
@@ -792,5 +748,65 @@ impl ExecutionsApi {
                 });
                 SseEvent::message(data.to_string()).event_type(kind).id(id)
             }))
+    }
+}
+
+/// A human decision on an execution.
+enum Decision {
+    Cancel(Option<String>),
+    Approve,
+    Reject(Option<String>),
+}
+
+impl ExecutionsApi {
+    /// Applies a decision, audits it in the same transaction and returns the execution.
+    async fn decide(
+        &self,
+        caller: &super::context::Caller,
+        id: Uuid,
+        decision: Decision,
+    ) -> Result<Json<Execution>, ApiError> {
+        let user = caller.identity.user_id;
+        let role = caller.identity.role.as_str();
+        let mut tx = self.state.pool.begin().await?;
+        let (action, details) = match &decision {
+            Decision::Cancel(reason) => {
+                let text = format!(
+                    "cancelled by {}{}",
+                    caller.identity.username,
+                    reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+                engine::control::cancel(&mut tx, id, Some(user), &text)
+                    .await
+                    .map_err(engine_error)?;
+                ("execution_cancel", serde_json::json!({ "reason": reason }))
+            }
+            Decision::Approve => {
+                engine::control::approve(&mut tx, id, user, role)
+                    .await
+                    .map_err(engine_error)?;
+                ("execution_approve", serde_json::json!({}))
+            }
+            Decision::Reject(reason) => {
+                engine::control::reject(&mut tx, id, user, role, reason.as_deref())
+                    .await
+                    .map_err(engine_error)?;
+                ("execution_reject", serde_json::json!({ "reason": reason }))
+            }
+        };
+        caller
+            .record(
+                &mut tx,
+                caller.audit(action, "execution", Some(id), details),
+            )
+            .await?;
+        let row = store::executions::execution_get(&mut tx, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("execution", id))?;
+        tx.commit().await?;
+        Ok(Json(to_execution(row)))
     }
 }

@@ -189,16 +189,7 @@ pub async fn approve(
     user_id: Uuid,
     user_role: &str,
 ) -> Result<(), EngineError> {
-    let row = store::executions::execution_lock(conn, execution_id)
-        .await?
-        .ok_or_else(|| EngineError::NotFound(format!("execution {execution_id}")))?;
-    check_approver(&row, user_role)?;
-    if !row.awaiting_approval {
-        return Err(EngineError::Conflict(format!(
-            "execution {execution_id} is {} and not waiting for approval",
-            row.status
-        )));
-    }
+    let row = lock_awaiting_approval(conn, execution_id, user_role).await?;
     transition(state_of(&row), &Event::Approved)
         .map_err(|e| EngineError::Conflict(e.to_string()))?;
     if !store::executions::execution_approve(conn, execution_id, user_id).await? {
@@ -210,6 +201,25 @@ pub async fn approve(
     store::jobs::job_enqueue(conn, &start_job(execution_id)).await?;
     notify_jobs(conn).await?;
     Ok(())
+}
+
+/// Locks an execution that waits for approval, for a user whose role may decide on it.
+async fn lock_awaiting_approval(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    user_role: &str,
+) -> Result<ExecutionRow, EngineError> {
+    let row = store::executions::execution_lock(conn, execution_id)
+        .await?
+        .ok_or_else(|| EngineError::NotFound(format!("execution {execution_id}")))?;
+    check_approver(&row, user_role)?;
+    if !row.awaiting_approval {
+        return Err(EngineError::Conflict(format!(
+            "execution {execution_id} is {} and not waiting for approval",
+            row.status
+        )));
+    }
+    Ok(row)
 }
 
 fn check_approver(row: &ExecutionRow, user_role: &str) -> Result<(), EngineError> {
@@ -232,16 +242,7 @@ pub async fn reject(
     user_role: &str,
     reason: Option<&str>,
 ) -> Result<(), EngineError> {
-    let row = store::executions::execution_lock(conn, execution_id)
-        .await?
-        .ok_or_else(|| EngineError::NotFound(format!("execution {execution_id}")))?;
-    check_approver(&row, user_role)?;
-    if !row.awaiting_approval {
-        return Err(EngineError::Conflict(format!(
-            "execution {execution_id} is {} and not waiting for approval",
-            row.status
-        )));
-    }
+    let row = lock_awaiting_approval(conn, execution_id, user_role).await?;
     let message = format!("rejected: {}", reason.unwrap_or("no reason given"));
     transition(state_of(&row), &Event::Rejected(message.clone()))
         .map_err(|e| EngineError::Conflict(e.to_string()))?;

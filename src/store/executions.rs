@@ -9,6 +9,36 @@ use uuid::Uuid;
 
 use super::StoreResult;
 
+/// `SELECT <every ExecutionRow column> FROM runbook_executions <tail>`, as one static string.
+macro_rules! select_execution {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
+             status::text AS status, mode::text AS mode, created_at, started_at, completed_at, \
+             duration_ms, initiated_by, approved_by, approved_at, error_message, output_summary, \
+             context_vars, execution_log, runbook_snapshot, attempt, max_attempts, \
+             awaiting_approval, approval_expires_at, cancel_requested_at, cancelled_by, batch_id, \
+             batch_concurrency, breaker_probe, refused_by FROM runbook_executions ",
+            $tail
+        )
+    };
+}
+
+/// `SELECT <every StepRow column> FROM step_executions <tail>`, as one static string.
+macro_rules! select_step {
+    ($distinct:literal, $tail:literal) => {
+        concat!(
+            "SELECT ",
+            $distinct,
+            " id, execution_id, step_id, step_order, step_name, status::text AS status, \
+             started_at, completed_at, duration_ms, exit_code, stdout, stderr, retry_attempt, \
+             phase, run_attempt, skipped, interrupted, truncated, error_message, command, \
+             exit_signal FROM step_executions ",
+            $tail
+        )
+    };
+}
+
 /// A row of `runbook_executions` (status and mode as their enum labels).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ExecutionRow {
@@ -132,17 +162,12 @@ pub async fn execution_create(
 
 /// Fetches one execution.
 pub async fn execution_get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<ExecutionRow>> {
-    Ok(sqlx::query_as::<_, ExecutionRow>(
-        "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
-    status::text AS status, mode::text AS mode, created_at, started_at, completed_at, duration_ms, \
-    initiated_by, approved_by, approved_at, error_message, output_summary, context_vars, \
-    execution_log, runbook_snapshot, attempt, max_attempts, awaiting_approval, approval_expires_at, \
-    cancel_requested_at, cancelled_by, batch_id, batch_concurrency, breaker_probe, refused_by \
-    FROM runbook_executions WHERE id = $1",
+    Ok(
+        sqlx::query_as::<_, ExecutionRow>(select_execution!("WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
     )
-    .bind(id)
-    .fetch_optional(conn)
-    .await?)
 }
 
 /// Locks one execution for the rest of the transaction.
@@ -150,17 +175,12 @@ pub async fn execution_lock(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> StoreResult<Option<ExecutionRow>> {
-    Ok(sqlx::query_as::<_, ExecutionRow>(
-        "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
-    status::text AS status, mode::text AS mode, created_at, started_at, completed_at, duration_ms, \
-    initiated_by, approved_by, approved_at, error_message, output_summary, context_vars, \
-    execution_log, runbook_snapshot, attempt, max_attempts, awaiting_approval, approval_expires_at, \
-    cancel_requested_at, cancelled_by, batch_id, batch_concurrency, breaker_probe, refused_by \
-    FROM runbook_executions WHERE id = $1 FOR UPDATE",
+    Ok(
+        sqlx::query_as::<_, ExecutionRow>(select_execution!("WHERE id = $1 FOR UPDATE"))
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
     )
-    .bind(id)
-    .fetch_optional(conn)
-    .await?)
 }
 
 /// Filters for listing executions.
@@ -189,20 +209,14 @@ pub async fn execution_list(
     limit: i64,
     offset: i64,
 ) -> StoreResult<(Vec<ExecutionRow>, i64)> {
-    let rows = sqlx::query_as::<_, ExecutionRow>(
-        "SELECT id, runbook_id, runbook_version, server_id, alert_id, trigger_id, \
-    status::text AS status, mode::text AS mode, created_at, started_at, completed_at, duration_ms, \
-    initiated_by, approved_by, approved_at, error_message, output_summary, context_vars, \
-    execution_log, runbook_snapshot, attempt, max_attempts, awaiting_approval, approval_expires_at, \
-    cancel_requested_at, cancelled_by, batch_id, batch_concurrency, breaker_probe, refused_by \
-    FROM runbook_executions \
-         WHERE ($1::uuid IS NULL OR runbook_id = $1) AND ($2::uuid IS NULL OR server_id = $2) \
-           AND ($3::uuid IS NULL OR alert_id = $3) AND ($4::text IS NULL OR status::text = $4) \
-           AND ($5::timestamptz IS NULL OR created_at >= $5) \
-           AND ($6::timestamptz IS NULL OR created_at < $6) \
-           AND ($7::uuid IS NULL OR batch_id = $7) \
-         ORDER BY created_at DESC, id LIMIT $8 OFFSET $9",
-    )
+    let rows = sqlx::query_as::<_, ExecutionRow>(select_execution!(
+        "WHERE ($1::uuid IS NULL OR runbook_id = $1) AND ($2::uuid IS NULL OR server_id = $2) \
+             AND ($3::uuid IS NULL OR alert_id = $3) AND ($4::text IS NULL OR status::text = $4) \
+             AND ($5::timestamptz IS NULL OR created_at >= $5) \
+             AND ($6::timestamptz IS NULL OR created_at < $6) \
+             AND ($7::uuid IS NULL OR batch_id = $7) \
+             ORDER BY created_at DESC, id LIMIT $8 OFFSET $9"
+    ))
     .bind(f.runbook_id)
     .bind(f.server_id)
     .bind(f.alert_id)
@@ -628,14 +642,11 @@ pub async fn step_finish(
 
 /// Every step row of an execution, in execution order.
 pub async fn step_list(conn: &mut PgConnection, execution_id: Uuid) -> StoreResult<Vec<StepRow>> {
-    Ok(sqlx::query_as::<_, StepRow>(
-        "SELECT id, execution_id, step_id, step_order, step_name, status::text AS status, \
-           started_at, completed_at, duration_ms, exit_code, stdout, stderr, retry_attempt, phase, \
-           run_attempt, skipped, interrupted, truncated, error_message, command, exit_signal \
-         FROM step_executions WHERE execution_id = $1 \
-         ORDER BY started_at NULLS LAST, run_attempt, \
-           CASE phase WHEN 'run' THEN 0 ELSE 1 END, step_order, retry_attempt",
-    )
+    Ok(sqlx::query_as::<_, StepRow>(select_step!(
+        "",
+        "WHERE execution_id = $1 ORDER BY started_at NULLS LAST, run_attempt, \
+             CASE phase WHEN 'run' THEN 0 ELSE 1 END, step_order, retry_attempt"
+    ))
     .bind(execution_id)
     .fetch_all(conn)
     .await?)
@@ -648,16 +659,12 @@ pub async fn step_completed_runs(
     execution_id: Uuid,
     run_attempt: i32,
 ) -> StoreResult<Vec<StepRow>> {
-    Ok(sqlx::query_as::<_, StepRow>(
-        "SELECT DISTINCT ON (step_order) id, execution_id, step_id, step_order, step_name, \
-           status::text AS status, started_at, completed_at, duration_ms, exit_code, stdout, stderr, \
-           retry_attempt, phase, run_attempt, skipped, interrupted, truncated, error_message, \
-           command, exit_signal \
-         FROM step_executions \
-         WHERE execution_id = $1 AND run_attempt = $2 AND phase = 'run' \
-           AND status IN ('completed', 'failed') AND NOT interrupted \
-         ORDER BY step_order, retry_attempt DESC",
-    )
+    Ok(sqlx::query_as::<_, StepRow>(select_step!(
+        "DISTINCT ON (step_order)",
+        "WHERE execution_id = $1 AND run_attempt = $2 AND phase = 'run' \
+             AND status IN ('completed', 'failed') AND NOT interrupted \
+             ORDER BY step_order, retry_attempt DESC"
+    ))
     .bind(execution_id)
     .bind(run_attempt)
     .fetch_all(conn)
