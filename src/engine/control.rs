@@ -394,6 +394,20 @@ pub(crate) async fn finish_run(
             }
             Effect::Rollback => rollback_then = Some(None),
             Effect::ScheduleRetry { attempt } => rollback_then = Some(Some(*attempt as i32)),
+            Effect::RecordOutcome { success: true }
+                if store::breakers::breaker_peek(conn, snapshot.id)
+                    .await?
+                    .is_some_and(|(state, failures)| state == "closed" && failures == 0) =>
+            {
+                // A success leaves a closed breaker without failures as it is: no row lock.
+                log(
+                    conn,
+                    row.id,
+                    "circuit_breaker",
+                    json!({ "state": "closed", "failures": 0 }),
+                )
+                .await?;
+            }
             Effect::RecordOutcome { success } => {
                 if let Some(mut b) = store::breakers::breaker_lock(conn, snapshot.id).await? {
                     let mut breaker = b.breaker();

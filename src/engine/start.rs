@@ -79,9 +79,14 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         return g.complete().await;
     }
 
-    // 3. Circuit breaker, locked for the rest of this transaction.
+    // 3. Circuit breaker. A closed breaker admits without a row lock (a concurrent opening is
+    //    ordered after this admission); otherwise it is locked for the rest of this transaction.
     let mut probe = false;
-    if let Some(b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
+    let closed = matches!(
+        store::breakers::breaker_peek(g.conn(), snapshot.id).await?,
+        Some((state, _)) if state == "closed"
+    );
+    if !closed && let Some(b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
         let mut breaker = b.breaker();
         let probes =
             store::executions::execution_count_probes_running(g.conn(), snapshot.id).await?;

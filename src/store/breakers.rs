@@ -1,5 +1,7 @@
-//! `circuit_breakers`: one row per runbook, created on first use, always read `FOR UPDATE` by the
-//! transaction that admits an execution or records its outcome.
+//! `circuit_breakers`: one row per runbook, created on first use, read `FOR UPDATE` by the
+//! transaction that admits an execution or records its outcome unless [`breaker_peek`] shows a
+//! closed breaker with nothing to change (the common case, which then takes no row lock, so runs
+//! of one runbook do not queue behind each other).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -75,6 +77,20 @@ pub async fn breaker_lock(
            b.failure_threshold, b.success_threshold, b.reset_timeout_seconds, b.updated_at \
          FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id \
          WHERE b.runbook_id = $1 FOR UPDATE OF b",
+    )
+    .bind(runbook_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// The breaker's committed state and consecutive failures, without locking; `None` when the
+/// breaker does not exist yet.
+pub async fn breaker_peek(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+) -> StoreResult<Option<(String, i32)>> {
+    Ok(sqlx::query_as(
+        "SELECT state::text, failure_count FROM circuit_breakers WHERE runbook_id = $1",
     )
     .bind(runbook_id)
     .fetch_optional(conn)
