@@ -9,6 +9,8 @@
 //! Runs against `DATABASE_URL` when set (a fresh database is created on that server), else a
 //! private cluster under `target/bench-pg`. `cargo bench --bench queue`; see
 //! `scripts/bench-queue.sh` for the peer queues on the same server.
+//! Without `--bench` (as under `cargo test --all-targets`) it does a smoke run of 200 jobs and 5
+//! latency samples.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,9 +56,11 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let jobs = env_usize("BENCH_JOBS", 100_000);
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not: a smoke run then.
+    let full = std::env::args().any(|a| a == "--bench");
+    let jobs = env_usize("BENCH_JOBS", if full { 100_000 } else { 200 });
     let concurrency = env_usize("BENCH_CONCURRENCY", 200);
-    let samples = env_usize("BENCH_LATENCY_SAMPLES", 500);
+    let samples = env_usize("BENCH_LATENCY_SAMPLES", if full { 500 } else { 5 });
 
     let mut embedded = None;
     let server = match std::env::var("DATABASE_URL") {
