@@ -6,6 +6,7 @@ pub mod circuit;
 pub mod execution;
 pub mod role;
 pub mod runbook;
+pub mod targeting;
 pub mod trigger_match;
 
 pub use role::Role;
