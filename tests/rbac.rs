@@ -66,6 +66,19 @@ const BODIES: &[(&str, &str)] = &[
         "blackout_update",
         r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
     ),
+    (
+        "alertmanager_webhook_receive",
+        r#"{"version": "4", "status": "firing", "receiver": "aiops", "alerts": []}"#,
+    ),
+    ("webhook_token_create", r#"{"name": "rbac-alertmanager"}"#),
+    (
+        "alert_rule_create",
+        r#"{"name": "rbac-rule", "alert_name_pattern": "Node*", "action": "manual"}"#,
+    ),
+    (
+        "alert_rule_update",
+        r#"{"name": "rbac-rule", "action": "ignore"}"#,
+    ),
 ];
 
 struct Operation {

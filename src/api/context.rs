@@ -24,6 +24,15 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Keys for stored secrets; `None` when none is configured (secrets cannot be written).
     pub secrets: Option<Arc<crate::crypto::secrets::Keyring>>,
+    /// Webhook requests in flight at once: at most half the pool's connections, so a storm of
+    /// notifications queues here instead of starving the rest of the API of connections.
+    pub webhook_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Permits for concurrent webhook requests on a pool of `max_connections`.
+pub fn webhook_slots_for(pool: &PgPool) -> Arc<tokio::sync::Semaphore> {
+    let max = pool.options().get_max_connections() as usize;
+    Arc::new(tokio::sync::Semaphore::new((max / 2).max(1)))
 }
 
 impl AppState {
@@ -34,6 +43,7 @@ impl AppState {
     ) -> Result<AppState, crate::crypto::secrets::SecretError> {
         let secrets = crate::crypto::secrets::Keyring::from_config(&config)?.map(Arc::new);
         Ok(AppState {
+            webhook_slots: webhook_slots_for(&pool),
             pool,
             config,
             secrets,

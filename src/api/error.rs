@@ -214,6 +214,7 @@ impl From<StoreError> for ApiError {
             StoreError::ForeignKey(c) => ApiError::invalid(c, "refers to a missing resource"),
             StoreError::Check(c) => ApiError::invalid(c, "violates a constraint"),
             StoreError::Database(sqlx::Error::PoolTimedOut)
+            | StoreError::Database(sqlx::Error::PoolClosed)
             | StoreError::Database(sqlx::Error::Io(_)) => {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::Unavailable(body("unavailable", "database unavailable", None))

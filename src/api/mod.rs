@@ -5,6 +5,7 @@
 //! Routes: `/api/v1/...` (the typed API), `/api/v1/openapi.json` (the spec), `/docs` (Swagger UI),
 //! `/healthz` (process alive) and `/readyz` (database reachable, migrations current).
 
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod blackouts;
@@ -20,6 +21,7 @@ pub mod stats;
 pub mod system;
 pub mod system_config;
 pub mod users;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -58,6 +60,8 @@ pub enum Tag {
     Executions,
     /// Managed servers, their credentials and connection tests.
     Servers,
+    /// Alerts from Alertmanager: the webhook, its tokens, stored alerts and auto_analyze rules.
+    Alerts,
 }
 
 /// The path prefix of the typed API.
@@ -99,6 +103,12 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
         servers::ServersApi {
             state: state.clone(),
         },
+        alerts::AlertsApi {
+            state: state.clone(),
+        },
+        webhook::WebhookApi {
+            state: state.clone(),
+        },
     );
     OpenApiService::new(apis, "aiops", crate::VERSION)
         .description(
@@ -126,6 +136,7 @@ pub fn spec_json() -> String {
         .connect_lazy("postgres://localhost/unused")
         .expect("a constant URL parses");
     let state = AppState {
+        webhook_slots: context::webhook_slots_for(&pool),
         pool,
         config: Arc::new(Config::default()),
         secrets: None,

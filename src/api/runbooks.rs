@@ -175,10 +175,10 @@ pub struct TriggerSpec {
     /// Label name -> pattern; all must match.
     #[oai(skip_serializing_if_is_none)]
     pub labels_match: Option<BTreeMap<String, String>>,
-    /// `HH:MM` UTC; with `time_window_end`.
+    /// `HH:MM` in the `alerts.timezone` setting (default UTC); with `time_window_end`.
     #[oai(skip_serializing_if_is_none)]
     pub time_window_start: Option<String>,
-    /// `HH:MM` UTC; earlier than the start wraps midnight.
+    /// `HH:MM` in the same timezone; earlier than the start wraps midnight.
     #[oai(skip_serializing_if_is_none)]
     pub time_window_end: Option<String>,
     /// Considered at all (default true).
@@ -187,6 +187,10 @@ pub struct TriggerSpec {
     /// Seconds between firings (default 0).
     #[oai(skip_serializing_if_is_none)]
     pub cooldown_seconds: Option<i32>,
+    /// Count the cooldown per alerting instance (`instance` label) instead of per trigger
+    /// (default false).
+    #[oai(skip_serializing_if_is_none)]
+    pub cooldown_per_instance: Option<bool>,
 }
 
 /// A whole runbook document: the YAML format as JSON. In requests, omitted fields take their
@@ -315,6 +319,7 @@ impl RunbookSpec {
                     time_window_end: t.time_window_end,
                     enabled: t.enabled.unwrap_or(true),
                     cooldown_seconds: t.cooldown_seconds.unwrap_or(0),
+                    cooldown_per_instance: t.cooldown_per_instance.unwrap_or(false),
                 })
                 .collect(),
         }
@@ -373,6 +378,7 @@ impl RunbookSpec {
                         time_window_end: t.time_window_end.clone(),
                         enabled: Some(t.enabled),
                         cooldown_seconds: Some(t.cooldown_seconds),
+                        cooldown_per_instance: Some(t.cooldown_per_instance),
                     })
                     .collect(),
             ),

@@ -354,10 +354,10 @@ pub struct TriggerDocument {
     /// Label name -> pattern; every one must match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels_match: BTreeMap<String, String>,
-    /// `HH:MM` (UTC) from which the trigger is active; set with `time_window_end`.
+    /// `HH:MM` (in the `alerts.timezone` setting, default UTC) from which the trigger is active; set with `time_window_end`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_window_start: Option<String>,
-    /// `HH:MM` (UTC) at which it stops being active; earlier than the start wraps midnight.
+    /// `HH:MM` (same timezone) at which it stops being active; earlier than the start wraps midnight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_window_end: Option<String>,
     /// Whether the trigger is considered at all (default true).
@@ -366,6 +366,10 @@ pub struct TriggerDocument {
     /// Minimum seconds between two firings (default 0).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cooldown_seconds: i32,
+    /// Count the cooldown per alerting instance (the alert's `instance` label) instead of per
+    /// trigger (default false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cooldown_per_instance: bool,
 }
 
 /// A YAML document that could not be read, with its position (1-based line and column).

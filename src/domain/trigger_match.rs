@@ -7,7 +7,8 @@
 //! - a regular expression when written `/.../` or `re:...` (Rust `regex` syntax), anchored at
 //!   both ends like Alertmanager's `=~`, so `re:Node.*` matches `NodeDown` but not `XNodeDown`.
 //!
-//! Time windows are in UTC; an end earlier than the start wraps midnight (`22:00`-`06:00` is
+//! Time windows are wall-clock times in a timezone (UTC unless the caller passes one, see
+//! [`trigger_matches_in`]); an end earlier than the start wraps midnight (`22:00`-`06:00` is
 //! active from 22:00 to 05:59:59), and the end itself is outside the window.
 
 use std::collections::BTreeMap;
@@ -134,6 +135,17 @@ pub fn trigger_matches(
     now: DateTime<Utc>,
     last_triggered_at: Option<DateTime<Utc>>,
 ) -> MatchVerdict {
+    trigger_matches_in(trigger, alert, now, last_triggered_at, chrono_tz::Tz::UTC)
+}
+
+/// [`trigger_matches`] with the time window read as wall-clock times in `tz`.
+pub fn trigger_matches_in(
+    trigger: &TriggerDocument,
+    alert: &AlertFacts,
+    now: DateTime<Utc>,
+    last_triggered_at: Option<DateTime<Utc>>,
+    tz: chrono_tz::Tz,
+) -> MatchVerdict {
     let mut reasons = Vec::new();
     if !trigger.enabled {
         reasons.push("the trigger is disabled".to_owned());
@@ -161,10 +173,11 @@ pub fn trigger_matches(
     if let (Some(start), Some(end)) = (&trigger.time_window_start, &trigger.time_window_end) {
         match (parse_time_of_day(start), parse_time_of_day(end)) {
             (Some(s), Some(e)) => {
-                if !in_window(now.time(), s, e) {
+                let local = now.with_timezone(&tz);
+                if !in_window(local.time(), s, e) {
                     reasons.push(format!(
-                        "{} UTC is outside the time window {start}-{end}",
-                        now.format("%H:%M:%S")
+                        "{} {tz} is outside the time window {start}-{end}",
+                        local.format("%H:%M:%S")
                     ));
                 }
             }
@@ -227,6 +240,7 @@ mod tests {
             time_window_end: None,
             enabled: true,
             cooldown_seconds: 0,
+            cooldown_per_instance: false,
         }
     }
 
@@ -311,6 +325,25 @@ mod tests {
         t.time_window_end = Some("17:00".into());
         assert!(trigger_matches(&t, &alert("X"), at(9, 0), None).matched);
         assert!(!trigger_matches(&t, &alert("X"), at(17, 0), None).matched);
+    }
+
+    #[test]
+    fn time_windows_follow_the_timezone() {
+        let mut t = trigger();
+        t.alert_name_pattern = "*".into();
+        t.time_window_start = Some("22:00".into());
+        t.time_window_end = Some("06:00".into());
+        let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+        // 21:30 UTC on 24 November is 22:30 in Berlin (UTC+1): inside the window there only.
+        assert!(!trigger_matches(&t, &alert("X"), at(21, 30), None).matched);
+        assert!(trigger_matches_in(&t, &alert("X"), at(21, 30), None, berlin).matched);
+        // 05:30 UTC is 06:30 in Berlin: outside there, inside in UTC.
+        assert!(trigger_matches(&t, &alert("X"), at(5, 30), None).matched);
+        let v = trigger_matches_in(&t, &alert("X"), at(5, 30), None, berlin);
+        assert!(
+            !v.matched && v.reasons[0].contains("Europe/Berlin"),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   transaction that completes the job, records the `step_executions` row and enqueues what
 //!   comes next.
 //! - [`rollback`]: the `execution.rollback` job runs rollback commands newest first.
+//! - [`alerts`]: `alert.process` (auto_analyze rules, trigger matching, cooldowns, target server,
+//!   an execution per the runbook's mode) and `alert.analyze`.
 //! - [`control`]: creation, approval, rejection, cancellation, approval expiry and the runbook
 //!   deadline; every status change goes through `domain::execution::transition` and a
 //!   compare-and-set update.
@@ -15,6 +17,7 @@
 //! The engine knows nothing about HTTP. It depends on `queue`, `store`, `exec`, `templates` and
 //! `domain`.
 
+pub mod alerts;
 pub mod control;
 pub mod masking;
 pub mod rollback;
@@ -215,9 +218,19 @@ pub fn register(registry: &mut Registry, engine: Arc<Engine>) {
         let e = e.clone();
         async move { control::handle_deadline(&e, ctx).await }
     });
-    let e = engine;
+    let e = engine.clone();
     registry.register(KIND_APPROVAL_EXPIRY, quick, move |ctx| {
         let e = e.clone();
         async move { control::handle_approval_expiry(&e, ctx).await }
+    });
+    let e = engine.clone();
+    registry.register(alerts::KIND_PROCESS, quick, move |ctx| {
+        let e = e.clone();
+        async move { alerts::handle_process(&e, ctx).await }
+    });
+    let e = engine;
+    registry.register(alerts::KIND_ANALYZE, quick, move |ctx| {
+        let e = e.clone();
+        async move { alerts::handle_analyze(&e, ctx).await }
     });
 }

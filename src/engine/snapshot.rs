@@ -75,8 +75,7 @@ pub struct RunbookSnapshot {
     pub environment_vars: BTreeMap<String, String>,
     /// Free-form configuration (`approval_timeout_seconds`, `secret_vars`).
     pub config: Value,
-    /// Which servers it may run on (same shape as a blackout window's `affected_servers`;
-    /// empty: any server).
+    /// Which servers it may run on (`domain::targeting`; empty: any server).
     #[serde(default)]
     pub allowed_servers: Value,
     /// Steps in order.
@@ -99,20 +98,21 @@ impl RunbookSnapshot {
         chrono::Duration::seconds(seconds)
     }
 
-    /// Whether the runbook may run on a server (`allowed_servers` selects by server id, tag or
-    /// environment; empty allows every server). Runs on the worker's own host are always allowed.
+    /// Whether the runbook may run on a server, by `domain::targeting` (the one rule for
+    /// `allowed_servers`). Runs on the worker's own host are always allowed.
     pub fn allows_server(
         &self,
         server: Option<&crate::domain::blackout::ServerFacts>,
     ) -> Result<bool, String> {
-        let selector = crate::domain::blackout::ServerSelector::parse(&self.allowed_servers)
-            .map_err(|e| {
-                e.to_string()
-                    .replacen("affected_servers", "allowed_servers", 1)
-            })?;
+        let allowed = crate::domain::targeting::AllowedServers::parse(&self.allowed_servers)
+            .map_err(|e| format!("allowed_servers: {e}"))?;
         Ok(match server {
             None => true,
-            Some(s) => selector.matches(s),
+            Some(s) => allowed.allows(&crate::domain::targeting::ServerTraits {
+                id: s.id,
+                tags: &s.tags,
+                environment: s.environment.as_deref(),
+            }),
         })
     }
 

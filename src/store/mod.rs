@@ -2,6 +2,8 @@
 //! `token_lookup`). Functions take `&mut PgConnection` (a transaction or a pooled connection) so
 //! callers decide the transaction boundary; nothing here knows about HTTP.
 
+pub mod alert_rules;
+pub mod alerts;
 pub mod audit;
 pub mod blackouts;
 pub mod breakers;
@@ -16,6 +18,7 @@ pub mod stats;
 pub mod system_config;
 pub mod tokens;
 pub mod users;
+pub mod webhook_tokens;
 
 use std::time::Duration;
 

@@ -129,6 +129,8 @@ pub struct TriggerRow {
     pub enabled: bool,
     /// Seconds between firings.
     pub cooldown_seconds: i32,
+    /// Cooldown counted per alerting instance.
+    pub cooldown_per_instance: bool,
     /// Last firing.
     pub last_triggered_at: Option<DateTime<Utc>>,
 }
@@ -217,6 +219,7 @@ impl StoredRunbook {
                     time_window_end: t.time_window_end.map(format_time_of_day),
                     enabled: t.enabled,
                     cooldown_seconds: t.cooldown_seconds,
+                    cooldown_per_instance: t.cooldown_per_instance,
                 })
                 .collect(),
         };
@@ -307,7 +310,7 @@ pub async fn runbook_triggers_list(
 ) -> StoreResult<Vec<TriggerRow>> {
     Ok(sqlx::query_as::<_, TriggerRow>(
         "SELECT id, name, priority, alert_name_pattern, severity_pattern, source_pattern, \
-         labels_match, time_window_start, time_window_end, enabled, cooldown_seconds, \
+         labels_match, time_window_start, time_window_end, enabled, cooldown_seconds, cooldown_per_instance, \
          last_triggered_at FROM runbook_triggers WHERE runbook_id = $1 ORDER BY priority, name",
     )
     .bind(runbook_id)
@@ -643,8 +646,8 @@ async fn triggers_replace(
         let updated = sqlx::query(
             "UPDATE runbook_triggers SET priority = $3, alert_name_pattern = $4, \
              severity_pattern = $5, source_pattern = $6, labels_match = $7, \
-             time_window_start = $8, time_window_end = $9, enabled = $10, cooldown_seconds = $11 \
-             WHERE runbook_id = $1 AND name = $2",
+             time_window_start = $8, time_window_end = $9, enabled = $10, cooldown_seconds = $11, \
+             cooldown_per_instance = $12 WHERE runbook_id = $1 AND name = $2",
         )
         .bind(runbook_id)
         .bind(&t.name)
@@ -657,14 +660,15 @@ async fn triggers_replace(
         .bind(end)
         .bind(t.enabled)
         .bind(t.cooldown_seconds)
+        .bind(t.cooldown_per_instance)
         .execute(&mut *conn)
         .await?;
         if updated.rows_affected() == 0 {
             sqlx::query(
                 "INSERT INTO runbook_triggers (runbook_id, name, priority, alert_name_pattern, \
                  severity_pattern, source_pattern, labels_match, time_window_start, \
-                 time_window_end, enabled, cooldown_seconds) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                 time_window_end, enabled, cooldown_seconds, cooldown_per_instance) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(runbook_id)
             .bind(&t.name)
@@ -677,6 +681,7 @@ async fn triggers_replace(
             .bind(end)
             .bind(t.enabled)
             .bind(t.cooldown_seconds)
+            .bind(t.cooldown_per_instance)
             .execute(&mut *conn)
             .await?;
         }

@@ -1,0 +1,483 @@
+//! The Alertmanager webhook (payload version 4, as `notify/webhook` in prometheus/alertmanager
+//! sends it) and the admin API of the tokens it authenticates with.
+//!
+//! A request is authenticated with a webhook token (bearer, or the password of basic auth, as
+//! Alertmanager's `http_config` sends them), validated whole (any problem: 4xx naming the field,
+//! nothing stored), then one transaction upserts one `alerts` row per firing episode and enqueues
+//! `alert.process` for the new and newly resolved ones; only after the commit does it answer 200.
+//! Database trouble answers 5xx, so Alertmanager retries.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use poem::Request;
+use poem_openapi::auth::{Basic, Bearer};
+use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, param::Path, payload::Json};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::domain::Role;
+use crate::domain::alert::{self, AlertStatus};
+use crate::store::{self, alerts::AlertUpsert, webhook_tokens::WebhookTokenRow};
+
+use super::Tag;
+use super::context::{AppState, BearerAuth};
+use super::error::{ApiError, ErrorBody};
+
+/// A webhook token as a bearer token (`http_config.authorization.credentials`).
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", rename = "webhookBearer")]
+pub struct WebhookBearer(pub Bearer);
+
+/// A webhook token as the password of basic auth (`http_config.basic_auth.password`; the
+/// username is not checked).
+#[derive(SecurityScheme)]
+#[oai(ty = "basic", rename = "webhookBasic")]
+pub struct WebhookBasic(pub Basic);
+
+/// Either way of presenting a webhook token.
+#[derive(SecurityScheme)]
+pub enum WebhookAuth {
+    /// Bearer.
+    Bearer(WebhookBearer),
+    /// Basic.
+    Basic(WebhookBasic),
+}
+
+impl WebhookAuth {
+    fn secret(&self) -> &str {
+        match self {
+            WebhookAuth::Bearer(b) => &b.0.token,
+            WebhookAuth::Basic(b) => &b.0.password,
+        }
+    }
+}
+
+/// One alert of an Alertmanager webhook notification.
+#[derive(Debug, Clone, Object)]
+pub struct AlertmanagerAlert {
+    /// `firing` or `resolved`.
+    pub status: String,
+    /// Labels; `alertname` is required.
+    pub labels: HashMap<String, String>,
+    /// Annotations.
+    #[oai(default)]
+    pub annotations: HashMap<String, String>,
+    /// Start of the firing episode (RFC 3339).
+    #[oai(rename = "startsAt")]
+    pub starts_at: String,
+    /// End (RFC 3339); `0001-01-01T00:00:00Z` when unknown.
+    #[oai(rename = "endsAt")]
+    pub ends_at: Option<String>,
+    /// Link to the expression that fired.
+    #[oai(rename = "generatorURL", default)]
+    pub generator_url: String,
+    /// Alertmanager's fingerprint of the label set (computed the same way when absent).
+    pub fingerprint: Option<String>,
+}
+
+/// An Alertmanager webhook notification, payload version 4.
+#[derive(Debug, Clone, Object)]
+pub struct AlertmanagerPayload {
+    /// Must be `4`.
+    pub version: String,
+    /// The notification group's key.
+    #[oai(rename = "groupKey", default)]
+    pub group_key: String,
+    /// Alerts Alertmanager left out because of the receiver's `max_alerts`.
+    #[oai(rename = "truncatedAlerts", default)]
+    pub truncated_alerts: u64,
+    /// `firing` when any alert of the group fires, else `resolved`.
+    pub status: String,
+    /// The receiver's name.
+    pub receiver: String,
+    /// Labels the group is keyed by.
+    #[oai(rename = "groupLabels", default)]
+    pub group_labels: HashMap<String, String>,
+    /// Labels every alert shares.
+    #[oai(rename = "commonLabels", default)]
+    pub common_labels: HashMap<String, String>,
+    /// Annotations every alert shares.
+    #[oai(rename = "commonAnnotations", default)]
+    pub common_annotations: HashMap<String, String>,
+    /// Alertmanager's URL.
+    #[oai(rename = "externalURL", default)]
+    pub external_url: String,
+    /// The alerts.
+    pub alerts: Vec<AlertmanagerAlert>,
+}
+
+/// What one notification did.
+#[derive(Debug, Object)]
+pub struct WebhookReceipt {
+    /// Alerts in the payload.
+    pub received: usize,
+    /// New firing episodes stored.
+    pub created: usize,
+    /// Existing episodes updated (repeats and retries).
+    pub updated: usize,
+    /// Alerts resolved in the payload.
+    pub resolved: usize,
+    /// Alerts queued for rules and trigger matching.
+    pub queued: usize,
+}
+
+/// Longest fingerprint stored.
+const FINGERPRINT_MAX: usize = 100;
+
+/// Validates a payload into rows to store, or names the first problem.
+pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
+    if p.version != "4" {
+        return Err(ApiError::invalid(
+            "version",
+            format!("`{}` is not supported; expected \"4\"", p.version),
+        ));
+    }
+    if AlertStatus::parse(&p.status).is_none() {
+        return Err(ApiError::invalid(
+            "status",
+            format!("`{}` is neither firing nor resolved", p.status),
+        ));
+    }
+    let envelope = json!({
+        "version": p.version,
+        "receiver": p.receiver,
+        "status": p.status,
+        "groupKey": p.group_key,
+        "groupLabels": p.group_labels,
+        "commonLabels": p.common_labels,
+        "commonAnnotations": p.common_annotations,
+        "externalURL": p.external_url,
+        "truncatedAlerts": p.truncated_alerts,
+    });
+    let mut rows: BTreeMap<(String, DateTime<Utc>), AlertUpsert> = BTreeMap::new();
+    for (i, a) in p.alerts.iter().enumerate() {
+        let field = |f: &str| format!("alerts[{i}].{f}");
+        let status = AlertStatus::parse(&a.status).ok_or_else(|| {
+            ApiError::invalid(
+                &field("status"),
+                format!("`{}` is neither firing nor resolved", a.status),
+            )
+        })?;
+        let name = a
+            .labels
+            .get("alertname")
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| ApiError::invalid(&field("labels.alertname"), "is required"))?;
+        let time = |name: &str, value: &str| {
+            DateTime::parse_from_rfc3339(value)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| {
+                    ApiError::invalid(
+                        &field(name),
+                        format!("`{value}` is not an RFC 3339 time: {e}"),
+                    )
+                })
+        };
+        let starts_at = time("startsAt", &a.starts_at)?;
+        if alert::is_zero_time(&starts_at) {
+            return Err(ApiError::invalid(&field("startsAt"), "must be set"));
+        }
+        let ends_at = match a.ends_at.as_deref() {
+            None | Some("") => None,
+            Some(v) => Some(time("endsAt", v)?).filter(|t| !alert::is_zero_time(t)),
+        };
+        let labels: BTreeMap<String, String> = a
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let annotations: BTreeMap<String, String> = a
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let fingerprint = match &a.fingerprint {
+            Some(f) if f.is_empty() || f.len() > FINGERPRINT_MAX => {
+                return Err(ApiError::invalid(
+                    &field("fingerprint"),
+                    format!("must be 1 to {FINGERPRINT_MAX} characters"),
+                ));
+            }
+            Some(f) => f.clone(),
+            None => alert::fingerprint_of(&labels),
+        };
+        let mut raw = envelope.clone();
+        raw["alert"] = json!({
+            "status": a.status,
+            "labels": labels,
+            "annotations": annotations,
+            "startsAt": a.starts_at,
+            "endsAt": a.ends_at,
+            "generatorURL": a.generator_url,
+            "fingerprint": fingerprint,
+        });
+        let row = AlertUpsert {
+            fingerprint: fingerprint.clone(),
+            starts_at,
+            ends_at,
+            status: status.as_str(),
+            alert_name: alert::truncate(name, 255),
+            severity: labels.get("severity").map(|s| alert::truncate(s, 50)),
+            instance: labels.get("instance").map(|s| alert::truncate(s, 255)),
+            job: labels.get("job").map(|s| alert::truncate(s, 100)),
+            source: alert::source_of(&labels, &a.generator_url).map(|s| alert::truncate(&s, 255)),
+            labels: json!(labels),
+            annotations: json!(annotations),
+            raw,
+            generator_url: a.generator_url.clone(),
+        };
+        // The same episode twice in one payload: the later entry wins.
+        rows.insert((fingerprint, starts_at), row);
+    }
+    Ok(rows.into_values().collect())
+}
+
+#[derive(ApiResponse)]
+enum TokenCreated {
+    /// Created; the secret is shown only here.
+    #[oai(status = 201)]
+    Created(Json<WebhookTokenSecret>),
+}
+
+#[derive(ApiResponse)]
+enum Revoked {
+    /// Revoked.
+    #[oai(status = 204)]
+    NoContent,
+}
+
+/// A webhook token (never its secret).
+#[derive(Debug, Object)]
+pub struct WebhookToken {
+    /// Id.
+    pub id: Uuid,
+    /// Name (use it as the basic-auth username, for the logs).
+    pub name: String,
+    /// Creator.
+    #[oai(skip_serializing_if_is_none)]
+    pub created_by: Option<Uuid>,
+    /// Creation.
+    pub created_at: DateTime<Utc>,
+    /// Last accepted request (to the minute).
+    #[oai(skip_serializing_if_is_none)]
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Revocation.
+    #[oai(skip_serializing_if_is_none)]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<WebhookTokenRow> for WebhookToken {
+    fn from(r: WebhookTokenRow) -> Self {
+        WebhookToken {
+            id: r.id,
+            name: r.name,
+            created_by: r.created_by,
+            created_at: r.created_at,
+            last_used_at: r.last_used_at,
+            revoked_at: r.revoked_at,
+        }
+    }
+}
+
+/// A new webhook token with its secret.
+#[derive(Debug, Object)]
+pub struct WebhookTokenSecret {
+    /// The token.
+    pub token: WebhookToken,
+    /// The secret for Alertmanager's `http_config`; shown once.
+    pub secret: String,
+}
+
+/// A request for a webhook token.
+#[derive(Debug, Object)]
+pub struct WebhookTokenInput {
+    /// Name (1 to 100 characters), e.g. the Alertmanager cluster.
+    pub name: String,
+}
+
+/// Webhook and webhook-token endpoints.
+pub struct WebhookApi {
+    /// Shared state.
+    pub state: AppState,
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::Unauthorized(Json(ErrorBody {
+        code: "unauthorized".to_owned(),
+        message: "a valid webhook token is required (bearer, or basic auth password)".to_owned(),
+        details: None,
+    }))
+}
+
+#[OpenApi(tag = "Tag::Alerts")]
+impl WebhookApi {
+    /// Receive an Alertmanager webhook notification (payload version 4).
+    ///
+    /// Authenticates with a webhook token from `webhook_token_create`, not a user token: as a
+    /// bearer token (`http_config.authorization.credentials`) or as the basic-auth password
+    /// (`http_config.basic_auth`). Every alert is stored (one row per firing episode,
+    /// `fingerprint` + `startsAt`; repeats update it) and queued for rules and trigger matching
+    /// in one transaction before the answer. 4xx: the payload is refused and nothing is stored;
+    /// 5xx: retry.
+    ///
+    /// Least role: none (public).
+    #[oai(
+        path = "/webhooks/alertmanager",
+        method = "post",
+        operation_id = "alertmanager_webhook_receive"
+    )]
+    async fn alertmanager_webhook_receive(
+        &self,
+        auth: WebhookAuth,
+        body: Json<AlertmanagerPayload>,
+    ) -> Result<Json<WebhookReceipt>, ApiError> {
+        let hash = crate::crypto::token::hash(auth.secret());
+        let _slot = self
+            .state
+            .webhook_slots
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        let mut tx = self.state.pool.begin().await?;
+        if store::webhook_tokens::webhook_token_authenticate(&mut tx, &hash)
+            .await?
+            .is_none()
+        {
+            return Err(unauthorized());
+        }
+        let rows = prepare(&body.0)?;
+        let envelope = store::alerts::Envelope {
+            receiver: &body.0.receiver,
+            group_key: &body.0.group_key,
+            external_url: &body.0.external_url,
+        };
+        let outcomes = if rows.is_empty() {
+            Vec::new()
+        } else {
+            store::alerts::alert_upsert_many(&mut tx, &envelope, &rows).await?
+        };
+        let queued: Vec<Uuid> = outcomes
+            .iter()
+            .filter(|o| o.needs_processing)
+            .map(|o| o.id)
+            .collect();
+        let receipt = WebhookReceipt {
+            received: body.0.alerts.len(),
+            created: outcomes.iter().filter(|o| o.inserted).count(),
+            updated: outcomes.iter().filter(|o| !o.inserted).count(),
+            resolved: rows.iter().filter(|r| r.status == "resolved").count(),
+            queued: queued.len(),
+        };
+        if !queued.is_empty() {
+            let jobs: Vec<_> = queued
+                .iter()
+                .map(|id| crate::engine::alerts::process_job(*id))
+                .collect();
+            store::jobs::job_enqueue_many(&mut tx, &jobs).await?;
+            store::jobs::job_notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Json(receipt))
+    }
+
+    /// List webhook tokens (never their secrets).
+    ///
+    /// Least role: admin.
+    #[oai(
+        path = "/webhook-tokens",
+        method = "get",
+        operation_id = "webhook_token_list"
+    )]
+    async fn webhook_token_list(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+    ) -> Result<Json<Vec<WebhookToken>>, ApiError> {
+        self.state.authorize(req, &auth, Role::Admin).await?;
+        let mut conn = self.state.pool.acquire().await?;
+        let rows = store::webhook_tokens::webhook_token_list(&mut conn).await?;
+        Ok(Json(rows.into_iter().map(Into::into).collect()))
+    }
+
+    /// Create a webhook token for Alertmanager; the secret is returned once.
+    ///
+    /// Least role: admin.
+    #[oai(
+        path = "/webhook-tokens",
+        method = "post",
+        operation_id = "webhook_token_create"
+    )]
+    async fn webhook_token_create(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        body: Json<WebhookTokenInput>,
+    ) -> Result<TokenCreated, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Admin).await?;
+        let name = body.0.name.trim();
+        if name.is_empty() || name.chars().count() > 100 {
+            return Err(ApiError::invalid("name", "must be 1 to 100 characters"));
+        }
+        let new = crate::crypto::token::generate();
+        let mut tx = self.state.pool.begin().await?;
+        let row = store::webhook_tokens::webhook_token_create(
+            &mut tx,
+            name,
+            &new.hash,
+            Some(caller.identity.user_id),
+        )
+        .await?;
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "webhook_token_create",
+                    "webhook_token",
+                    Some(row.id),
+                    json!({ "name": row.name }),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(TokenCreated::Created(Json(WebhookTokenSecret {
+            token: row.into(),
+            secret: new.secret,
+        })))
+    }
+
+    /// Revoke a webhook token; Alertmanager using it gets 401 from then on.
+    ///
+    /// Least role: admin.
+    #[oai(
+        path = "/webhook-tokens/:id",
+        method = "delete",
+        operation_id = "webhook_token_revoke"
+    )]
+    async fn webhook_token_revoke(
+        &self,
+        req: &Request,
+        auth: BearerAuth,
+        /// Token id.
+        id: Path<Uuid>,
+    ) -> Result<Revoked, ApiError> {
+        let caller = self.state.authorize(req, &auth, Role::Admin).await?;
+        let mut tx = self.state.pool.begin().await?;
+        if !store::webhook_tokens::webhook_token_revoke(&mut tx, id.0).await? {
+            return Err(ApiError::not_found("webhook token", id.0));
+        }
+        caller
+            .record(
+                &mut tx,
+                caller.audit(
+                    "webhook_token_revoke",
+                    "webhook_token",
+                    Some(id.0),
+                    json!({}),
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(Revoked::NoContent)
+    }
+}

@@ -1,0 +1,986 @@
+//! Alert intake end to end against the real API and a real worker runtime: the Alertmanager
+//! webhook (authentication, validation, payloads captured from Alertmanager 0.25.0), episode
+//! de-duplication, auto_analyze rules, trigger matching into executions (modes, cooldowns, server
+//! resolution), resolution cancelling approvals, the alert API, a run on a real sshd, and a storm.
+
+mod common;
+mod sshd;
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use common::TestApp;
+
+async fn webhook_token(app: &TestApp) -> String {
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/webhook-tokens",
+            Some(&app.admin_token),
+            Some(json!({ "name": format!("am-{}", uuid::Uuid::new_v4().simple()) })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["secret"].as_str().unwrap().to_owned()
+}
+
+async fn post(app: &TestApp, token: &str, payload: &Value) -> (u16, Value) {
+    app.call(
+        Method::POST,
+        "/webhooks/alertmanager",
+        Some(token),
+        Some(payload.clone()),
+    )
+    .await
+}
+
+fn alert(name: &str, instance: &str, starts_at: &str, status: &str) -> Value {
+    json!({
+        "status": status,
+        "labels": { "alertname": name, "instance": instance, "severity": "critical", "job": "node" },
+        "annotations": { "summary": format!("{instance} is in trouble") },
+        "startsAt": starts_at,
+        "endsAt": if status == "resolved" { "2030-01-01T00:10:00Z" } else { "0001-01-01T00:00:00Z" },
+        "generatorURL": "http://prometheus-0:9090/graph?g0.expr=up",
+    })
+}
+
+fn payload(alerts: Vec<Value>) -> Value {
+    let status = if alerts.iter().any(|a| a["status"] == "firing") {
+        "firing"
+    } else {
+        "resolved"
+    };
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"X\"}", "truncatedAlerts": 0,
+        "status": status, "receiver": "aiops", "groupLabels": {}, "commonLabels": {},
+        "commonAnnotations": {}, "externalURL": "http://alertmanager:9093", "alerts": alerts,
+    })
+}
+
+async fn alert_count(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM alerts")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn alert_id(app: &TestApp, name: &str, instance: &str) -> uuid::Uuid {
+    sqlx::query_scalar(
+        "SELECT id FROM alerts WHERE alert_name = $1 AND instance = $2 ORDER BY starts_at DESC LIMIT 1",
+    )
+    .bind(name)
+    .bind(instance)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Polls an alert until `done(detail)` holds.
+async fn wait_alert(
+    app: &TestApp,
+    id: uuid::Uuid,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = app.get(&format!("/alerts/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        if done(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alert {id}: {what} not reached: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn processed(app: &TestApp, id: uuid::Uuid) -> Value {
+    wait_alert(app, id, "processed", |b| {
+        b["alert"]["processed_at"].is_string()
+    })
+    .await
+}
+
+async fn server(app: &TestApp, name: &str, hostname: &str, tags: Value) -> uuid::Uuid {
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/servers",
+            Some(&app.admin_token),
+            Some(json!({
+                "name": name, "hostname": hostname, "username": "root",
+                "auth_type": "password", "password": "pw", "tags": tags,
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let good = payload(vec![alert(
+        "NodeDown",
+        "web-1:9100",
+        "2030-01-01T00:00:00Z",
+        "firing",
+    )]);
+
+    // No credentials, a wrong token, and a user's own bearer token are all refused.
+    let resp = app
+        .client
+        .post(app.api("/webhooks/alertmanager"))
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(post(&app, "aiops_not-a-token", &good).await.0, 401);
+    assert_eq!(post(&app, &app.admin_token, &good).await.0, 401);
+    assert_eq!(alert_count(&app).await, 0);
+
+    // Malformed: not JSON, wrong version, bad status, no alertname, bad fingerprint.
+    let resp = app
+        .client
+        .post(app.api("/webhooks/alertmanager"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{\"version\": \"4\", \"alerts\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let mut v3 = good.clone();
+    v3["version"] = json!("3");
+    let (status, body) = post(&app, &token, &v3).await;
+    assert_eq!(
+        (status, body["details"]["field"].clone()),
+        (422, json!("version")),
+        "{body}"
+    );
+    let mut bad_status = good.clone();
+    bad_status["alerts"][0]["status"] = json!("exploding");
+    let (status, body) = post(&app, &token, &bad_status).await;
+    assert_eq!(status, 422);
+    assert_eq!(body["details"]["field"], "alerts[0].status", "{body}");
+    let mut nameless = payload(vec![
+        alert("Fine", "a:1", "2030-01-01T00:00:00Z", "firing"),
+        alert("X", "b:1", "2030-01-01T00:00:00Z", "firing"),
+    ]);
+    nameless["alerts"][1]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("alertname");
+    let (status, body) = post(&app, &token, &nameless).await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        body["details"]["field"], "alerts[1].labels.alertname",
+        "{body}"
+    );
+    let mut no_start = good.clone();
+    no_start["alerts"][0]["startsAt"] = json!("yesterday");
+    let (status, body) = post(&app, &token, &no_start).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "alerts[0].startsAt", "{body}");
+    let mut wrong_type = good.clone();
+    wrong_type["alerts"] = json!("not a list");
+    let (status, body) = post(&app, &token, &wrong_type).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("AlertmanagerPayload"),
+        "{body}"
+    );
+    // Oversized (the body limit is 1 MiB by default).
+    let mut big = good.clone();
+    big["alerts"][0]["annotations"]["description"] = json!("x".repeat(2 * 1024 * 1024));
+    let (status, body) = post(&app, &token, &big).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        alert_count(&app).await,
+        0,
+        "a refused payload stored something"
+    );
+
+    // Bearer and basic auth (password = token) both work.
+    let (status, body) = post(&app, &token, &good).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["created"], 1);
+    let resp = app
+        .client
+        .post(app.api("/webhooks/alertmanager"))
+        .basic_auth("alertmanager", Some(&token))
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["created"].clone(), body["updated"].clone()),
+        (json!(0), json!(1))
+    );
+
+    // A revoked token stops working.
+    let (_, tokens) = app.get("/webhook-tokens").await;
+    let id = tokens[0]["id"].as_str().unwrap();
+    assert!(tokens[0].get("secret").is_none());
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/webhook-tokens/{id}"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(post(&app, &token, &good).await.0, 401);
+    assert_eq!(app.audit_rows("webhook_token_revoke").await.len(), 1);
+}
+
+#[tokio::test]
+async fn captured_payloads_deduplicate_by_episode_and_resolve() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alertmanager");
+    let firing: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("0.25.0-firing.json")).unwrap())
+            .unwrap();
+    let resolved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("0.25.0-resolved.json")).unwrap())
+            .unwrap();
+
+    let (status, body) = post(&app, &token, &firing).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"received": 2, "created": 2, "updated": 0, "resolved": 0, "queued": 2})
+    );
+    // Alertmanager's retries and repeat notifications update the same rows.
+    for _ in 0..2 {
+        let (_, body) = post(&app, &token, &firing).await;
+        assert_eq!(
+            (body["created"].clone(), body["queued"].clone()),
+            (json!(0), json!(0))
+        );
+    }
+    assert_eq!(alert_count(&app).await, 2);
+    let (_, page) = app.get("/alerts?status=firing").await;
+    assert_eq!(page["total"], 2);
+    let web1 = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["instance"] == "web-1:9100")
+        .unwrap()
+        .clone();
+    assert_eq!(web1["receive_count"], 3);
+    assert_eq!(web1["fingerprint"], "8b13b0fa2923a800");
+    assert_eq!(web1["source"], "prometheus-0:9090");
+    assert_eq!(web1["annotations"]["summary"], "web-1 is down");
+    assert!(
+        web1.get("ends_at").is_none(),
+        "the zero endsAt is no end: {web1}"
+    );
+
+    // The resolved notification marks web-1 resolved; web-2 still fires.
+    let (_, body) = post(&app, &token, &resolved).await;
+    assert_eq!(
+        (body["resolved"].clone(), body["queued"].clone()),
+        (json!(1), json!(1))
+    );
+    let id: uuid::Uuid = web1["id"].as_str().unwrap().parse().unwrap();
+    let (_, detail) = app.get(&format!("/alerts/{id}")).await;
+    assert_eq!(detail["alert"]["status"], "resolved");
+    let ends: chrono::DateTime<chrono::Utc> = detail["alert"]["ends_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ends.to_rfc3339(), "2026-11-24T22:05:24+00:00");
+    assert_eq!(detail["raw"]["alert"]["endsAt"], "2026-11-24T22:05:24Z");
+    assert_eq!(detail["raw"]["alert"]["fingerprint"], "8b13b0fa2923a800");
+    assert_eq!(detail["raw"]["receiver"], "aiops");
+    // A late firing retry of the same episode does not un-resolve it.
+    post(&app, &token, &firing).await;
+    let (_, detail) = app.get(&format!("/alerts/{id}")).await;
+    assert_eq!(detail["alert"]["status"], "resolved");
+    assert_eq!(alert_count(&app).await, 2);
+
+    // The same labels firing again later is a new episode.
+    let mut again = firing.clone();
+    again["alerts"][0]["startsAt"] = json!("2026-11-24T23:00:00.5Z");
+    let (_, body) = post(&app, &token, &again).await;
+    assert_eq!(body["created"], 1);
+    assert_eq!(alert_count(&app).await, 3);
+
+    // Filters: name, severity, label, time range, pagination.
+    let (_, page) = app
+        .get("/alerts?name=NodeDown&severity=critical&label=instance%3Dweb-1%3A9100")
+        .await;
+    assert_eq!(page["total"], 2, "{page}");
+    let (_, page) = app
+        .get("/alerts?label=instance%3Dweb-1%3A9100&status=resolved")
+        .await;
+    assert_eq!(page["total"], 1);
+    let (_, page) = app.get("/alerts?since=2026-11-24T22:30:00Z").await;
+    assert_eq!(page["total"], 1);
+    let (_, page) = app
+        .get("/alerts?until=2026-11-24T22:30:00Z&limit=1&offset=1")
+        .await;
+    assert_eq!(
+        (
+            page["total"].clone(),
+            page["items"].as_array().unwrap().len()
+        ),
+        (json!(2), 1)
+    );
+    let (status, body) = app.get("/alerts?label=nonsense").await;
+    assert_eq!(
+        (status, body["details"]["field"].clone()),
+        (422, json!("label[0]"))
+    );
+}
+
+#[tokio::test]
+async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    let (_, engineer) = app.user_with_role("engineer").await;
+    let rule = |name: &str, priority: i32, pattern: &str, severity: &str, action: &str| {
+        json!({ "name": name, "priority": priority, "alert_name_pattern": pattern,
+                "severity_pattern": severity, "action": action })
+    };
+    let mut ids = Vec::new();
+    for body in [
+        rule("broad", 50, "*", "*", "manual"),
+        rule("db-critical", 10, "Postgres*", "crit*", "auto_analyze"),
+        rule("watchdog", 5, "Watchdog", "*", "ignore"),
+    ] {
+        let (status, created) = app
+            .call(Method::POST, "/alert-rules", Some(&engineer), Some(body))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/alert-rules",
+            Some(&engineer),
+            Some(rule("bad", 1, "[oops", "*", "manual")),
+        )
+        .await;
+    assert_eq!(
+        (status, body["details"]["field"].clone()),
+        (422, json!("alert_name_pattern"))
+    );
+    let (_, list) = app.get("/alert-rules").await;
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["watchdog", "db-critical", "broad"]);
+
+    let (status, _) = post(
+        &app,
+        &token,
+        &payload(vec![
+            alert(
+                "PostgresDown",
+                "db-1:9187",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+            alert("Watchdog", "am:9093", "2030-01-01T00:00:00Z", "firing"),
+            alert("DiskFull", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let pg = processed(&app, alert_id(&app, "PostgresDown", "db-1:9187").await).await;
+    assert_eq!(pg["alert"]["action_taken"], "auto_analyze");
+    assert_eq!(pg["matched_rule"]["name"], "db-critical");
+    let pg_id: uuid::Uuid = pg["alert"]["id"].as_str().unwrap().parse().unwrap();
+    let pg = wait_alert(&app, pg_id, "analysis recorded", |b| {
+        b["alert"]["analysis"]["status"] == "unavailable"
+    })
+    .await;
+    assert_eq!(
+        pg["alert"]["analysis"]["error"],
+        "no LLM provider is configured"
+    );
+    assert_eq!(pg["alert"]["analysis"]["analyzed"], false);
+    let dog = processed(&app, alert_id(&app, "Watchdog", "am:9093").await).await;
+    assert_eq!(dog["alert"]["action_taken"], "ignore");
+    assert_eq!(dog["match_outcome"]["decision"], "ignored");
+    assert!(dog["alert"]["analysis"].get("status").is_none());
+    let disk = processed(&app, alert_id(&app, "DiskFull", "web-1:9100").await).await;
+    assert_eq!(disk["alert"]["action_taken"], "manual");
+    assert_eq!(disk["match_outcome"]["decision"], "no_trigger_matched");
+
+    // An analysis on request (operator), and rule update / delete.
+    let (_, operator) = app.user_with_role("operator").await;
+    let disk_id = disk["alert"]["id"].as_str().unwrap();
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/alerts/{disk_id}/analysis"),
+            Some(&operator),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (202, json!("queued")),
+        "{body}"
+    );
+    wait_alert(&app, disk_id.parse().unwrap(), "analysis", |b| {
+        b["alert"]["analysis"]["status"] == "unavailable"
+    })
+    .await;
+    let (status, updated) = app
+        .call(
+            Method::PUT,
+            &format!("/alert-rules/{}", ids[0]),
+            Some(&engineer),
+            Some(rule("broad", 50, "*", "*", "ignore")),
+        )
+        .await;
+    assert_eq!((status, updated["action"].clone()), (200, json!("ignore")));
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/alert-rules/{}", ids[1]),
+            Some(&engineer),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(app.audit_rows("alert_rule_create").await.len(), 3);
+    assert_eq!(app.audit_rows("alert_analyze").await.len(), 1);
+    worker.stop().await;
+}
+
+const APPROVAL_RUNBOOK: &str = r#"
+name: restart-node
+mode: semi_auto
+steps:
+  - name: restart
+    command: echo restarting {{ alert.labels.instance }}
+triggers:
+  - name: node-down
+    alert_name_pattern: "re:Node(Down|Unreachable)"
+    severity_pattern: "crit*"
+    labels_match:
+      job: node
+    cooldown_seconds: 3600
+"#;
+
+#[tokio::test]
+async fn triggers_create_executions_by_mode_and_resolution_cancels_the_approval() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    let runbook = app.runbook_from_yaml(APPROVAL_RUNBOOK).await;
+    app.runbook_from_yaml(
+        r#"
+name: suggest-disk-cleanup
+mode: manual
+steps:
+  - name: clean
+    command: "true"
+triggers:
+  - name: disk
+    alert_name_pattern: "Disk*"
+"#,
+    )
+    .await;
+    let web1 = server(&app, "web-1", "web-1.example.test", json!(["web"])).await;
+    server(&app, "db-1", "db-1.example.test", json!(["db"])).await;
+
+    // web-1 resolves by name ("web-1" is the server's name, not its hostname).
+    post(
+        &app,
+        &token,
+        &payload(vec![
+            alert("NodeDown", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
+            alert("DiskFull", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
+            alert(
+                "NodeDown",
+                "unknown-host:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+        ]),
+    )
+    .await;
+    let node = processed(&app, alert_id(&app, "NodeDown", "web-1:9100").await).await;
+    assert_eq!(
+        node["match_outcome"]["decision"], "execution_created",
+        "{node}"
+    );
+    assert_eq!(
+        node["match_outcome"]["matched_trigger"]["name"],
+        "node-down"
+    );
+    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let waiting = app.wait_for_status(execution, &["pending"], 10).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, e) = app.get(&format!("/executions/{execution}")).await;
+        if e["awaiting_approval"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never awaited approval: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(waiting["server_id"], json!(web1));
+    assert_eq!(waiting["alert_id"], node["alert"]["id"]);
+    assert_eq!(waiting["runbook_id"], json!(runbook));
+    let last: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_triggered_at FROM runbook_triggers WHERE runbook_id = $1")
+            .bind(runbook)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(last.is_some(), "last_triggered_at not written");
+
+    let disk = processed(&app, alert_id(&app, "DiskFull", "web-1:9100").await).await;
+    assert_eq!(disk["match_outcome"]["decision"], "suggested");
+    assert_eq!(
+        disk["suggested_runbooks"][0]["runbook"],
+        "suggest-disk-cleanup"
+    );
+    assert_eq!(disk["executions"], json!([]));
+
+    let lost = processed(&app, alert_id(&app, "NodeDown", "unknown-host:9100").await).await;
+    assert_eq!(lost["match_outcome"]["decision"], "no_server", "{lost}");
+    assert!(
+        lost["match_outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("`unknown-host`")
+    );
+
+    // A second episode inside the cooldown: recorded, not run.
+    post(
+        &app,
+        &token,
+        &payload(vec![alert(
+            "NodeDown",
+            "db-1:9100",
+            "2030-01-01T00:05:00Z",
+            "firing",
+        )]),
+    )
+    .await;
+    let cool = processed(&app, alert_id(&app, "NodeDown", "db-1:9100").await).await;
+    assert_eq!(cool["match_outcome"]["decision"], "cooldown", "{cool}");
+    assert_eq!(cool["executions"], json!([]));
+
+    // web-1 resolves while its run waits for approval: the run is cancelled with the reason.
+    post(
+        &app,
+        &token,
+        &payload(vec![alert(
+            "NodeDown",
+            "web-1:9100",
+            "2030-01-01T00:00:00Z",
+            "resolved",
+        )]),
+    )
+    .await;
+    let done = app.wait_for_status(execution, &["cancelled"], 20).await;
+    assert!(
+        done["error_message"].as_str().unwrap().contains("resolved"),
+        "{done}"
+    );
+    let node_id: uuid::Uuid = node["alert"]["id"].as_str().unwrap().parse().unwrap();
+    let (_, detail) = app.get(&format!("/alerts/{node_id}")).await;
+    assert_eq!(detail["alert"]["status"], "resolved");
+    assert_eq!(detail["executions"][0]["status"], "cancelled");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn per_instance_cooldown_and_allowed_servers_resolution() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    app.runbook_from_yaml(
+        r#"
+name: per-instance
+mode: semi_auto
+allowed_servers: ["pool"]
+steps:
+  - name: s
+    command: "true"
+triggers:
+  - name: t
+    alert_name_pattern: "HighLoad"
+    cooldown_seconds: 3600
+    cooldown_per_instance: true
+"#,
+    )
+    .await;
+    let a = server(&app, "pool-a", "10.0.0.1", json!(["pool"])).await;
+    let b = server(&app, "pool-b", "10.0.0.2", json!(["pool"])).await;
+    server(&app, "other", "10.0.0.3", json!(["other"])).await;
+    post(
+        &app,
+        &token,
+        &payload(vec![
+            alert(
+                "HighLoad",
+                "10.0.0.1:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+            alert(
+                "HighLoad",
+                "10.0.0.2:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+            alert(
+                "HighLoad",
+                "10.0.0.3:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
+        ]),
+    )
+    .await;
+    let first = processed(&app, alert_id(&app, "HighLoad", "10.0.0.1:9100").await).await;
+    assert_eq!(
+        first["match_outcome"]["decision"], "execution_created",
+        "{first}"
+    );
+    assert_eq!(first["match_outcome"]["server_id"], json!(a));
+    // The same instance fires again (a new episode): inside its own cooldown.
+    post(
+        &app,
+        &token,
+        &payload(vec![alert(
+            "HighLoad",
+            "10.0.0.1:9100",
+            "2030-01-01T01:00:00Z",
+            "firing",
+        )]),
+    )
+    .await;
+    let one = processed(&app, alert_id(&app, "HighLoad", "10.0.0.1:9100").await).await;
+    assert_ne!(one["alert"]["id"], first["alert"]["id"]);
+    assert_eq!(one["match_outcome"]["decision"], "cooldown", "{one}");
+    let two = processed(&app, alert_id(&app, "HighLoad", "10.0.0.2:9100").await).await;
+    assert_eq!(two["match_outcome"]["decision"], "execution_created");
+    assert_eq!(two["match_outcome"]["server_id"], json!(b));
+    let three = processed(&app, alert_id(&app, "HighLoad", "10.0.0.3:9100").await).await;
+    assert_eq!(three["match_outcome"]["decision"], "no_server");
+    assert!(
+        three["match_outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_servers")
+    );
+    let cooldowns: i64 = sqlx::query_scalar("SELECT count(*) FROM trigger_cooldowns")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(cooldowns, 2);
+
+    // No instance label: allowed_servers selecting exactly one server is used.
+    app.runbook_from_yaml(
+        r#"
+name: only-other
+mode: semi_auto
+allowed_servers: ["other"]
+steps:
+  - name: s
+    command: "true"
+triggers:
+  - name: t
+    alert_name_pattern: "ClusterWide"
+"#,
+    )
+    .await;
+    let mut cluster = alert("ClusterWide", "", "2030-01-01T00:00:00Z", "firing");
+    cluster["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("instance");
+    post(&app, &token, &payload(vec![cluster])).await;
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM alerts WHERE alert_name = 'ClusterWide'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let c = processed(&app, id).await;
+    assert_eq!(c["match_outcome"]["decision"], "execution_created", "{c}");
+    assert_eq!(c["match_outcome"]["server"], "other");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn database_unavailable_answers_5xx_so_alertmanager_retries() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    app.pool.close().await;
+    let (status, body) = post(
+        &app,
+        &token,
+        &payload(vec![alert(
+            "NodeDown",
+            "web-1:9100",
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]),
+    )
+    .await;
+    assert!((500..600).contains(&status), "{status} {body}");
+    assert_eq!(status, 503, "{body}");
+}
+
+#[tokio::test]
+async fn alert_run_executes_on_a_real_server_over_ssh_with_alert_context() {
+    let sshd = sshd::sshd();
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start_ssh(&app.pool, &app.config).await;
+    let token = webhook_token(&app).await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/servers",
+            Some(&app.admin_token),
+            Some(json!({
+                "name": "loopback", "hostname": "127.0.0.1", "port": sshd.port,
+                "username": sshd::USER, "auth_type": "password", "password": sshd.password,
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    app.runbook_from_yaml(
+        r#"
+name: report-over-ssh
+mode: auto
+steps:
+  - name: report
+    command: echo {{ alert.name }} {{ alert.severity }} {{ alert.labels.instance }} {{ alert.annotations.summary }}
+    capture_output: true
+triggers:
+  - name: any-node
+    alert_name_pattern: "Node*"
+"#,
+    )
+    .await;
+    post(
+        &app,
+        &token,
+        &payload(vec![alert(
+            "NodeDown",
+            "127.0.0.1:9100",
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]),
+    )
+    .await;
+    let node = processed(&app, alert_id(&app, "NodeDown", "127.0.0.1:9100").await).await;
+    assert_eq!(
+        node["match_outcome"]["decision"], "execution_created",
+        "{node}"
+    );
+    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let done = app
+        .wait_for_status(
+            execution,
+            &["completed", "failed", "cancelled", "timeout"],
+            60,
+        )
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps = app.steps(execution).await;
+    assert_eq!(
+        steps[0]["stdout"],
+        "NodeDown critical 127.0.0.1:9100 127.0.0.1:9100 is in trouble\n"
+    );
+    worker.stop().await;
+}
+
+/// 10,000 firing alerts in a burst: every one stored, only what the cooldown allows starts, and
+/// the API answers meanwhile (latency printed, not asserted).
+#[tokio::test]
+async fn storm_of_ten_thousand_alerts() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    app.runbook_from_yaml(
+        r#"
+name: storm-guard
+mode: semi_auto
+rate_limit_count: 5
+rate_limit_window_seconds: 3600
+steps:
+  - name: s
+    command: "true"
+triggers:
+  - name: per-instance
+    alert_name_pattern: "Storm*"
+    cooldown_seconds: 3600
+    cooldown_per_instance: true
+"#,
+    )
+    .await;
+    // 20 servers: the 10,000 alerts come from 20 instances, so the per-instance cooldown allows
+    // exactly 20 runs.
+    for i in 0..20 {
+        server(
+            &app,
+            &format!("storm-{i}"),
+            &format!("10.1.0.{i}"),
+            json!([]),
+        )
+        .await;
+    }
+    let payloads: Vec<Value> = (0..100)
+        .map(|p| {
+            payload(
+                (0..100)
+                    .map(|i| {
+                        let n = p * 100 + i;
+                        let mut a = alert(
+                            &format!("Storm{}", n % 7),
+                            &format!("10.1.0.{}:9100", n % 20),
+                            "2030-01-01T00:00:00Z",
+                            "firing",
+                        );
+                        a["labels"]["shard"] = json!(n.to_string());
+                        a
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let sender = {
+        let client = app.client.clone();
+        let url = app.api("/webhooks/alertmanager");
+        let token = token.clone();
+        tokio::spawn(async move {
+            futures_util::future::join_all(payloads.into_iter().map(|p| {
+                let client = client.clone();
+                let url = url.clone();
+                let token = token.clone();
+                async move {
+                    client
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&p)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status()
+                        .as_u16()
+                }
+            }))
+            .await
+        })
+    };
+    let mut latencies = Vec::new();
+    while !sender.is_finished() {
+        let t = Instant::now();
+        let (status, _) = app.get("/alerts?limit=10").await;
+        assert_eq!(status, 200);
+        latencies.push(t.elapsed());
+    }
+    let statuses = sender.await.unwrap();
+    let ingest = started.elapsed();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(alert_count(&app).await, 10_000);
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut processing_latencies = Vec::new();
+    loop {
+        let unprocessed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM alerts WHERE processed_at IS NULL")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if unprocessed == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unprocessed} alerts still unprocessed"
+        );
+        let t = Instant::now();
+        let (status, _) = app.get("/alerts?status=firing&limit=10").await;
+        assert_eq!(status, 200);
+        processing_latencies.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let processed_in = started.elapsed();
+    let executions: i64 = sqlx::query_scalar("SELECT count(*) FROM runbook_executions")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        executions, 20,
+        "per-instance cooldown lets exactly one run per instance"
+    );
+    let decisions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT match_outcome->>'decision', count(*) FROM alerts GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        decisions,
+        vec![
+            ("cooldown".to_owned(), 9_980),
+            ("execution_created".to_owned(), 20)
+        ]
+    );
+    let summary = |mut l: Vec<Duration>| {
+        if l.is_empty() {
+            return "n=0".to_owned();
+        }
+        l.sort();
+        let pct = |p: f64| l[((l.len() - 1) as f64 * p) as usize];
+        format!(
+            "n={} p50={:?} p99={:?} max={:?}",
+            l.len(),
+            pct(0.5),
+            pct(0.99),
+            l[l.len() - 1]
+        )
+    };
+    println!(
+        "storm: 10000 alerts in 100 concurrent payloads stored in {ingest:?}, all processed \
+         after {processed_in:?}; GET /alerts while posting: {}; while processing: {}",
+        summary(latencies),
+        summary(processing_latencies),
+    );
+    worker.stop().await;
+}
