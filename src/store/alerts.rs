@@ -367,14 +367,19 @@ pub async fn alert_analysis_not_done(
     Ok(done.rows_affected() == 1)
 }
 
-/// Executions of an alert still waiting for approval.
+/// Executions of an alert waiting for approval, or about to (pending, needing an approval,
+/// not approved yet: their start job has not run), so a resolution racing the start job still
+/// cancels them.
 pub async fn alert_executions_awaiting_approval(
     conn: &mut PgConnection,
     alert_id: Uuid,
 ) -> StoreResult<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
         "SELECT id FROM runbook_executions \
-         WHERE alert_id = $1 AND status = 'pending' AND awaiting_approval ORDER BY created_at",
+         WHERE alert_id = $1 AND status = 'pending' AND (awaiting_approval \
+           OR (approved_at IS NULL AND (mode::text = 'semi_auto' \
+               OR runbook_snapshot->>'requires_approval' = 'true'))) \
+         ORDER BY created_at",
     )
     .bind(alert_id)
     .fetch_all(conn)

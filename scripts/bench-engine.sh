@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Engine benchmark side by side with graphile-worker 0.17.3 on the same PostgreSQL:
+#   1. `cargo bench --bench engine`: 1,000 executions x 5 no-op steps on 2 `aiops worker`
+#      processes (executions/s, steps/s, transactions per step) and the API-to-completed latency
+#      of a 3-step runbook (p50, p99);
+#   2. graphile-worker: 1,000 chains of 5 no-op jobs (each job adds the next) on 2 worker
+#      processes (chains/s, jobs/s, transactions per job).
+# Both use concurrency BENCH_CONCURRENCY (default 10) per worker process. Uses DATABASE_URL when
+# set; otherwise creates a throw-away cluster with initdb defaults under target/bench-engine-pg.
+# graphile-worker is installed with npm under target/bench-node (never committed).
+#   scripts/bench-engine.sh
+#   BENCH_EXECUTIONS=200 BENCH_CHAINS=200 scripts/bench-engine.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+if [ -z "${DATABASE_URL:-}" ]; then
+    pg_ctl="$(command -v pg_ctl || ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -1)"
+    bin="$(dirname "$pg_ctl")"
+    dir="$(pwd)/target/bench-engine-pg"
+    port=5496
+    rm -rf "$dir"
+    mkdir -p "$dir/sock"
+    [ "$(id -u)" = 0 ] && chown -R postgres "$dir"
+    as_pg "$bin/initdb" -D "$dir/data" -U postgres -A trust >/dev/null
+    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+        -o "-p $port -k $dir/sock -c listen_addresses=''" start >/dev/null
+    trap 'as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null; rm -rf "$dir"' EXIT
+    export DATABASE_URL="postgres://postgres@localhost:$port/postgres?host=$dir/sock"
+fi
+
+echo "== aiops execution engine"
+cargo bench --bench engine
+
+echo "== graphile-worker chained jobs"
+node_dir="$(pwd)/target/bench-node"
+mkdir -p "$node_dir"
+cp scripts/bench/package.json scripts/bench/graphile-chain.js "$node_dir/"
+[ -f scripts/bench/package-lock.json ] && cp scripts/bench/package-lock.json "$node_dir/"
+(cd "$node_dir" && npm install --no-audit --no-fund --silent)
+base="${DATABASE_URL%%\?*}"
+query="${DATABASE_URL#"$base"}"
+db=gw_chain_bench
+psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+GW_DATABASE_URL="${base%/*}/$db$query" GW_ADMIN_URL="$DATABASE_URL" node "$node_dir/graphile-chain.js"
+psql "$DATABASE_URL" -qc "DROP DATABASE $db"
