@@ -493,54 +493,18 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
         .runbook_from_yaml("name: needs-ok\nmode: semi_auto\napproval_roles: [engineer]\nsteps:\n  - {name: s, command: 'echo ran'}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (_, e) = app.get(&format!("/executions/{id}")).await;
-        if e["awaiting_approval"] == true {
-            assert_eq!(e["status"], "pending");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{e}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let e = app.wait_awaiting_approval(id).await;
+    assert_eq!(e["status"], "pending");
     let (_, operator) = app.user_with_role("operator").await;
-    let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/executions/{id}/approve"),
-            Some(&operator),
-            None,
-        )
-        .await;
+    let (status, body) = app.approve(id, &operator).await;
     assert_eq!(status, 403, "operator is not in approval_roles: {body}");
     // Admin is not listed either: approval_roles is the whole list.
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/executions/{id}/approve"),
-            Some(&app.admin_token),
-            None,
-        )
-        .await;
+    let (status, _) = app.approve(id, &app.admin_token).await;
     assert_eq!(status, 403);
     let (engineer_id, engineer) = app.user_with_role("engineer").await;
-    let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/executions/{id}/approve"),
-            Some(&engineer),
-            None,
-        )
-        .await;
+    let (status, body) = app.approve(id, &engineer).await;
     assert_eq!(status, 200, "{body}");
-    let (status, _) = app
-        .call(
-            Method::POST,
-            &format!("/executions/{id}/approve"),
-            Some(&engineer),
-            None,
-        )
-        .await;
+    let (status, _) = app.approve(id, &engineer).await;
     assert_eq!(status, 409, "a second approval is refused");
     let done = app.wait_for_status(id, &terminal, 30).await;
     assert_eq!(done["status"], "completed", "{done}");

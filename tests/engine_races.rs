@@ -3,7 +3,6 @@
 
 mod common;
 
-use reqwest::Method;
 use serde_json::json;
 
 #[tokio::test]
@@ -53,31 +52,14 @@ async fn racing_approvers_start_the_run_once() {
         )
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (_, e) = app.get(&format!("/executions/{id}")).await;
-        if e["awaiting_approval"] == true {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{e}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    app.wait_awaiting_approval(id).await;
     let mut approvers = Vec::new();
     for _ in 0..6 {
         approvers.push(app.user_with_role("engineer").await.1);
     }
     let calls = approvers.iter().map(|token| {
         let app = &app;
-        async move {
-            app.call(
-                Method::POST,
-                &format!("/executions/{id}/approve"),
-                Some(token),
-                None,
-            )
-            .await
-            .0
-        }
+        async move { app.approve(id, token).await.0 }
     });
     let statuses = futures_util::future::join_all(calls).await;
     assert_eq!(

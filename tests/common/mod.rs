@@ -422,6 +422,30 @@ impl TestApp {
         }
     }
 
+    /// Polls an execution until it waits for approval; returns it.
+    pub async fn wait_awaiting_approval(&self, id: uuid::Uuid) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let (_, e) = self.get(&format!("/executions/{id}")).await;
+            if e["awaiting_approval"] == true {
+                return e;
+            }
+            assert!(std::time::Instant::now() < deadline, "{e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Approves an execution with a token; returns (status, body).
+    pub async fn approve(&self, id: uuid::Uuid, token: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/executions/{id}/approve"),
+            Some(token),
+            None,
+        )
+        .await
+    }
+
     /// The step attempts of an execution.
     pub async fn steps(&self, id: uuid::Uuid) -> Vec<Value> {
         let (status, body) = self.get(&format!("/executions/{id}/steps")).await;
