@@ -156,10 +156,33 @@ pub struct RuleFacts<'a> {
 /// or regex as `/.../` / `re:...`); a pattern that does not compile never matches. An alert
 /// without a severity is matched as the empty string.
 pub fn rule_matches(rule: &RuleFacts<'_>, name: &str, severity: Option<&str>) -> bool {
-    let name_ok = Pattern::compile(rule.alert_name_pattern).is_ok_and(|p| p.matches(name));
-    let severity_ok =
-        Pattern::compile(rule.severity_pattern).is_ok_and(|p| p.matches(severity.unwrap_or("")));
-    name_ok && severity_ok
+    CompiledRule::new(rule).matches(name, severity)
+}
+
+/// A rule's patterns compiled once, to match many alerts exactly as [`rule_matches`] does.
+#[derive(Debug, Clone)]
+pub struct CompiledRule {
+    alert_name: Option<Pattern>,
+    severity: Option<Pattern>,
+}
+
+impl CompiledRule {
+    /// Compiles the rule's patterns (one that does not compile never matches).
+    pub fn new(rule: &RuleFacts<'_>) -> CompiledRule {
+        CompiledRule {
+            alert_name: Pattern::compile(rule.alert_name_pattern).ok(),
+            severity: Pattern::compile(rule.severity_pattern).ok(),
+        }
+    }
+
+    /// Whether the rule matches an alert name and severity.
+    pub fn matches(&self, name: &str, severity: Option<&str>) -> bool {
+        self.alert_name.as_ref().is_some_and(|p| p.matches(name))
+            && self
+                .severity
+                .as_ref()
+                .is_some_and(|p| p.matches(severity.unwrap_or("")))
+    }
 }
 
 #[cfg(test)]

@@ -146,71 +146,140 @@ pub fn trigger_matches_in(
     last_triggered_at: Option<DateTime<Utc>>,
     tz: chrono_tz::Tz,
 ) -> MatchVerdict {
-    let mut reasons = Vec::new();
-    if !trigger.enabled {
-        reasons.push("the trigger is disabled".to_owned());
+    CompiledTrigger::new(trigger.clone()).matches_in(alert, now, last_triggered_at, tz)
+}
+
+/// A pattern compiled once: the source as written and the compiled form, or why it does not
+/// compile.
+#[derive(Debug, Clone)]
+struct CompiledPattern {
+    source: String,
+    compiled: Result<Pattern, String>,
+}
+
+impl CompiledPattern {
+    fn new(source: &str) -> CompiledPattern {
+        CompiledPattern {
+            source: source.to_owned(),
+            compiled: Pattern::compile(source),
+        }
     }
-    check_pattern(
-        &mut reasons,
-        "alert name",
-        &trigger.alert_name_pattern,
-        Some(&alert.name),
-    );
-    if let Some(p) = &trigger.severity_pattern {
-        check_pattern(&mut reasons, "severity", p, alert.severity.as_deref());
-    }
-    if let Some(p) = &trigger.source_pattern {
-        check_pattern(&mut reasons, "source", p, alert.source.as_deref());
-    }
-    for (label, pattern) in &trigger.labels_match {
-        check_pattern(
-            &mut reasons,
-            &format!("label `{label}`"),
-            pattern,
-            alert.labels.get(label).map(String::as_str),
-        );
-    }
-    if let (Some(start), Some(end)) = (&trigger.time_window_start, &trigger.time_window_end) {
-        match (parse_time_of_day(start), parse_time_of_day(end)) {
-            (Some(s), Some(e)) => {
-                let local = now.with_timezone(&tz);
-                if !in_window(local.time(), s, e) {
-                    reasons.push(format!(
-                        "{} {tz} is outside the time window {start}-{end}",
-                        local.format("%H:%M:%S")
-                    ));
+
+    fn check(&self, reasons: &mut Vec<String>, what: &str, value: Option<&str>) {
+        let pattern = &self.source;
+        match &self.compiled {
+            Err(e) => reasons.push(format!("the {what} pattern `{pattern}` {e}")),
+            Ok(p) => match value {
+                None => reasons.push(format!("the alert has no {what} (pattern `{pattern}`)")),
+                Some(v) if !p.matches(v) => {
+                    reasons.push(format!("{what} `{v}` does not match `{pattern}`"))
                 }
-            }
-            _ => reasons.push(format!("the time window {start}-{end} is malformed")),
+                Some(_) => {}
+            },
         }
-    }
-    if let Some(last) = last_triggered_at {
-        let cooldown = chrono::Duration::seconds(i64::from(trigger.cooldown_seconds));
-        if trigger.cooldown_seconds > 0 && now < last + cooldown {
-            let left = (last + cooldown - now).num_seconds();
-            reasons.push(format!(
-                "in cooldown: fired at {} and the cooldown of {}s has {left}s left",
-                last.format("%Y-%m-%dT%H:%M:%SZ"),
-                trigger.cooldown_seconds
-            ));
-        }
-    }
-    MatchVerdict {
-        matched: reasons.is_empty(),
-        reasons,
     }
 }
 
-fn check_pattern(reasons: &mut Vec<String>, what: &str, pattern: &str, value: Option<&str>) {
-    match Pattern::compile(pattern) {
-        Err(e) => reasons.push(format!("the {what} pattern `{pattern}` {e}")),
-        Ok(p) => match value {
-            None => reasons.push(format!("the alert has no {what} (pattern `{pattern}`)")),
-            Some(v) if !p.matches(v) => {
-                reasons.push(format!("{what} `{v}` does not match `{pattern}`"))
+/// A trigger with its patterns and time window compiled once, to match many alerts; the
+/// verdicts are exactly those of [`trigger_matches_in`].
+#[derive(Debug, Clone)]
+pub struct CompiledTrigger {
+    doc: TriggerDocument,
+    alert_name: CompiledPattern,
+    severity: Option<CompiledPattern>,
+    source: Option<CompiledPattern>,
+    labels: Vec<(String, CompiledPattern)>,
+    window: Option<Option<(NaiveTime, NaiveTime)>>,
+}
+
+impl CompiledTrigger {
+    /// Compiles the trigger's patterns and window.
+    pub fn new(doc: TriggerDocument) -> CompiledTrigger {
+        let window = match (&doc.time_window_start, &doc.time_window_end) {
+            (Some(start), Some(end)) => Some(parse_time_of_day(start).zip(parse_time_of_day(end))),
+            _ => None,
+        };
+        CompiledTrigger {
+            alert_name: CompiledPattern::new(&doc.alert_name_pattern),
+            severity: doc.severity_pattern.as_deref().map(CompiledPattern::new),
+            source: doc.source_pattern.as_deref().map(CompiledPattern::new),
+            labels: doc
+                .labels_match
+                .iter()
+                .map(|(label, pattern)| (label.clone(), CompiledPattern::new(pattern)))
+                .collect(),
+            window,
+            doc,
+        }
+    }
+
+    /// The trigger as written.
+    pub fn document(&self) -> &TriggerDocument {
+        &self.doc
+    }
+
+    /// Checks the trigger against an alert at `now` (time window in `tz`), given when it last
+    /// fired; lists every reason it does not match.
+    pub fn matches_in(
+        &self,
+        alert: &AlertFacts,
+        now: DateTime<Utc>,
+        last_triggered_at: Option<DateTime<Utc>>,
+        tz: chrono_tz::Tz,
+    ) -> MatchVerdict {
+        let trigger = &self.doc;
+        let mut reasons = Vec::new();
+        if !trigger.enabled {
+            reasons.push("the trigger is disabled".to_owned());
+        }
+        self.alert_name
+            .check(&mut reasons, "alert name", Some(&alert.name));
+        if let Some(p) = &self.severity {
+            p.check(&mut reasons, "severity", alert.severity.as_deref());
+        }
+        if let Some(p) = &self.source {
+            p.check(&mut reasons, "source", alert.source.as_deref());
+        }
+        for (label, pattern) in &self.labels {
+            pattern.check(
+                &mut reasons,
+                &format!("label `{label}`"),
+                alert.labels.get(label).map(String::as_str),
+            );
+        }
+        if let (Some(window), Some(start), Some(end)) = (
+            &self.window,
+            &trigger.time_window_start,
+            &trigger.time_window_end,
+        ) {
+            match window {
+                Some((s, e)) => {
+                    let local = now.with_timezone(&tz);
+                    if !in_window(local.time(), *s, *e) {
+                        reasons.push(format!(
+                            "{} {tz} is outside the time window {start}-{end}",
+                            local.format("%H:%M:%S")
+                        ));
+                    }
+                }
+                None => reasons.push(format!("the time window {start}-{end} is malformed")),
             }
-            Some(_) => {}
-        },
+        }
+        if let Some(last) = last_triggered_at {
+            let cooldown = chrono::Duration::seconds(i64::from(trigger.cooldown_seconds));
+            if trigger.cooldown_seconds > 0 && now < last + cooldown {
+                let left = (last + cooldown - now).num_seconds();
+                reasons.push(format!(
+                    "in cooldown: fired at {} and the cooldown of {}s has {left}s left",
+                    last.format("%Y-%m-%dT%H:%M:%SZ"),
+                    trigger.cooldown_seconds
+                ));
+            }
+        }
+        MatchVerdict {
+            matched: reasons.is_empty(),
+            reasons,
+        }
     }
 }
 
