@@ -84,6 +84,7 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
         local: Arc::new(LocalExecutor),
         ssh: options.ssh.clone(),
         settings: EngineSettings::default(),
+        alert_matching: Default::default(),
     });
     engine::register(&mut registry, engine);
     if options.test_kinds {

@@ -984,3 +984,164 @@ triggers:
     );
     worker.stop().await;
 }
+
+/// Matching configuration is cached by workers: every change made through the API (trigger
+/// patterns and runbook mode on re-import, auto_analyze rules, servers) applies to the alerts
+/// that arrive after it commits, with the same worker that cached the earlier configuration.
+#[tokio::test]
+async fn changes_to_rules_triggers_and_servers_apply_to_the_next_alert() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    let runbook = |mode: &str, pattern: &str| {
+        format!(
+            "name: follow-changes\nmode: {mode}\nsteps:\n  - name: s\n    command: \"true\"\n\
+             triggers:\n  - name: t\n    alert_name_pattern: \"{pattern}\"\n"
+        )
+    };
+    let mut n = 0;
+    let mut next = async |app: &TestApp, name: &str| {
+        n += 1;
+        let starts = format!("2030-01-01T00:{n:02}:00Z");
+        let (status, body) = post(
+            app,
+            &token,
+            &payload(vec![alert(name, "late-1:9100", &starts, "firing")]),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        processed(app, alert_id(app, name, "late-1:9100").await).await
+    };
+
+    let id = app.runbook_from_yaml(&runbook("manual", "Flap*")).await;
+    let a = next(&app, "FlapA").await;
+    assert_eq!(a["match_outcome"]["decision"], "suggested", "{a}");
+
+    // The trigger's pattern changes: the next alert no longer matches.
+    assert_eq!(
+        app.runbook_from_yaml(&runbook("manual", "Other*")).await,
+        id
+    );
+    let b = next(&app, "FlapB").await;
+    assert_eq!(b["match_outcome"]["decision"], "no_trigger_matched", "{b}");
+
+    // A new ignore rule stops the next alert; deleting it lets the one after through.
+    let (status, rule) = app
+        .call(
+            Method::POST,
+            "/alert-rules",
+            Some(&app.admin_token),
+            Some(
+                json!({ "name": "quiet", "priority": 1, "alert_name_pattern": "Flap*",
+                         "severity_pattern": "*", "action": "ignore" }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{rule}");
+    let c = next(&app, "FlapC").await;
+    assert_eq!(c["match_outcome"]["decision"], "ignored", "{c}");
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/alert-rules/{}", rule["id"].as_str().unwrap()),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let d = next(&app, "FlapD").await;
+    assert_eq!(d["match_outcome"]["decision"], "no_trigger_matched", "{d}");
+    assert_eq!(d["match_outcome"]["rule"], Value::Null, "{d}");
+
+    // Back to matching, now semi_auto: no server called late-1 yet, then one is added.
+    app.runbook_from_yaml(&runbook("semi_auto", "Flap*")).await;
+    let e = next(&app, "FlapE").await;
+    assert_eq!(e["match_outcome"]["decision"], "no_server", "{e}");
+    let late = server(&app, "late-1", "late-1.example.test", json!([])).await;
+    let f = next(&app, "FlapF").await;
+    assert_eq!(f["match_outcome"]["decision"], "execution_created", "{f}");
+    assert_eq!(f["match_outcome"]["server_id"], json!(late));
+    worker.stop().await;
+}
+
+/// Trigger time windows are read in the `alerts.timezone` setting (UTC when unset).
+#[tokio::test]
+async fn trigger_time_windows_follow_the_configured_timezone() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    // A two-hour window around the wall-clock time in Kiritimati (UTC+14): 14 hours away from
+    // the time of day in UTC, so it is open there and closed in UTC.
+    let tz: chrono_tz::Tz = "Pacific/Kiritimati".parse().unwrap();
+    let local = chrono::Utc::now().with_timezone(&tz);
+    let start = (local - chrono::Duration::hours(1)).format("%H:%M");
+    let end = (local + chrono::Duration::hours(1)).format("%H:%M");
+    app.runbook_from_yaml(&format!(
+        "name: kiritimati-hours\nmode: manual\nsteps:\n  - name: s\n    command: \"true\"\n\
+         triggers:\n  - name: t\n    alert_name_pattern: \"Window*\"\n    \
+         time_window_start: \"{start}\"\n    time_window_end: \"{end}\"\n"
+    ))
+    .await;
+    let fire = async |name: &str| {
+        let (status, body) = post(
+            &app,
+            &token,
+            &payload(vec![alert(
+                name,
+                "w:9100",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            )]),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        processed(&app, alert_id(&app, name, "w:9100").await).await
+    };
+
+    let utc = fire("WindowUtc").await;
+    assert_eq!(
+        utc["match_outcome"]["decision"], "no_trigger_matched",
+        "{utc}"
+    );
+    let reasons = utc["match_outcome"]["triggers"][0]["reasons"].to_string();
+    assert!(
+        reasons.contains("UTC is outside the time window"),
+        "{reasons}"
+    );
+
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/system-config/alerts.timezone",
+            Some(&app.admin_token),
+            Some(json!({ "value": "Pacific/Kiritimati" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let there = fire("WindowKiritimati").await;
+    assert_eq!(there["match_outcome"]["decision"], "suggested", "{there}");
+
+    // A name that is not an IANA timezone: UTC, with a note saying so.
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/system-config/alerts.timezone",
+            Some(&app.admin_token),
+            Some(json!({ "value": "Mars/Olympus_Mons" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let bad = fire("WindowBadZone").await;
+    assert_eq!(
+        bad["match_outcome"]["decision"], "no_trigger_matched",
+        "{bad}"
+    );
+    assert!(
+        bad["match_outcome"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("`Mars/Olympus_Mons` is not an IANA timezone"),
+        "{bad}"
+    );
+    worker.stop().await;
+}

@@ -27,7 +27,13 @@ pub struct AppState {
     /// Webhook requests in flight at once: at most half the pool's connections, so a storm of
     /// notifications queues here instead of starving the rest of the API of connections.
     pub webhook_slots: Arc<tokio::sync::Semaphore>,
+    /// Wakes workers after a request committed jobs (one debounced `NOTIFY` for a burst, sent
+    /// outside the request's transaction).
+    pub job_notifier: crate::queue::Notifier,
 }
+
+/// Minimum spacing of the wake-up `NOTIFY`s an API process sends.
+pub const JOB_NOTIFY_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Permits for concurrent webhook requests on a pool of `max_connections`.
 pub fn webhook_slots_for(pool: &PgPool) -> Arc<tokio::sync::Semaphore> {
@@ -44,6 +50,7 @@ impl AppState {
         let secrets = crate::crypto::secrets::Keyring::from_config(&config)?.map(Arc::new);
         Ok(AppState {
             webhook_slots: webhook_slots_for(&pool),
+            job_notifier: crate::queue::Notifier::spawn(pool.clone(), JOB_NOTIFY_DEBOUNCE),
             pool,
             config,
             secrets,

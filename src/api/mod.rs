@@ -137,6 +137,7 @@ pub fn spec_json() -> String {
         .expect("a constant URL parses");
     let state = AppState {
         webhook_slots: context::webhook_slots_for(&pool),
+        job_notifier: crate::queue::Notifier::spawn(pool.clone(), context::JOB_NOTIFY_DEBOUNCE),
         pool,
         config: Arc::new(Config::default()),
         secrets: None,

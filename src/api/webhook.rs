@@ -3,8 +3,9 @@
 //!
 //! A request is authenticated with a webhook token (bearer, or the password of basic auth, as
 //! Alertmanager's `http_config` sends them), validated whole (any problem: 4xx naming the field,
-//! nothing stored), then one transaction upserts one `alerts` row per firing episode and enqueues
-//! `alert.process` for the new and newly resolved ones; only after the commit does it answer 200.
+//! nothing stored), then one statement (its own transaction) upserts one `alerts` row per firing
+//! episode and enqueues `alert.process` for the new and newly resolved ones (one job per 100
+//! alerts); only after it committed does it answer 200, and wake the workers.
 //! Database trouble answers 5xx, so Alertmanager retries.
 
 use std::collections::{BTreeMap, HashMap};
@@ -339,8 +340,8 @@ impl WebhookApi {
             .acquire()
             .await
             .map_err(|e| ApiError::internal(&e))?;
-        let mut tx = self.state.pool.begin().await?;
-        if store::webhook_tokens::webhook_token_authenticate(&mut tx, &hash)
+        let mut conn = self.state.pool.acquire().await?;
+        if store::webhook_tokens::webhook_token_authenticate(&mut conn, &hash)
             .await?
             .is_none()
         {
@@ -352,32 +353,30 @@ impl WebhookApi {
             group_key: &body.0.group_key,
             external_url: &body.0.external_url,
         };
+        // One statement, committed on its own: the alerts and their processing jobs.
         let outcomes = if rows.is_empty() {
             Vec::new()
         } else {
-            store::alerts::alert_upsert_many(&mut tx, &envelope, &rows).await?
+            store::alerts::alert_intake(
+                &mut conn,
+                &envelope,
+                &rows,
+                &crate::engine::alerts::INTAKE_JOBS,
+            )
+            .await?
         };
-        let queued: Vec<Uuid> = outcomes
-            .iter()
-            .filter(|o| o.needs_processing)
-            .map(|o| o.id)
-            .collect();
         let receipt = WebhookReceipt {
             received: body.0.alerts.len(),
             created: outcomes.iter().filter(|o| o.inserted).count(),
             updated: outcomes.iter().filter(|o| !o.inserted).count(),
             resolved: rows.iter().filter(|r| r.status == "resolved").count(),
-            queued: queued.len(),
+            queued: outcomes.iter().filter(|o| o.needs_processing).count(),
         };
-        if !queued.is_empty() {
-            let jobs: Vec<_> = queued
-                .iter()
-                .map(|id| crate::engine::alerts::process_job(*id))
-                .collect();
-            store::jobs::job_enqueue_many(&mut tx, &jobs).await?;
-            store::jobs::job_notify(&mut tx).await?;
+        if receipt.queued > 0 {
+            // After the commit: a NOTIFY inside the transaction would hold PostgreSQL's global
+            // notification lock across the commit's WAL flush and serialise every webhook.
+            self.state.job_notifier.notify();
         }
-        tx.commit().await?;
         Ok(Json(receipt))
     }
 

@@ -1,6 +1,6 @@
-//! Alert processing jobs: `alert.process` (rules, triggers, cooldowns, target server, execution
-//! per the runbook's mode; cancellation of approvals when an alert resolves) and `alert.analyze`
-//! (records that no LLM provider is available until the AI module handles it).
+//! Alert processing jobs: `alert.process` (rules, triggers, cooldowns, target server,
+//! execution per the runbook's mode; cancellation of approvals when an alert resolves) and
+//! `alert.analyze` (records that no LLM provider is available until the AI module handles it).
 //!
 //! Matching order for a firing alert that has not been processed:
 //! 1. `auto_analyze_rules`, enabled, by priority: the first whose name and severity globs match
@@ -18,39 +18,58 @@
 //!    limit, approval for semi_auto / requires_approval).
 //!
 //! Everything decided, and why, lands in `alerts.match_outcome`. Processing is idempotent: the
-//! alert row is locked and `processed_at` set in the job's lease-fenced transaction.
+//! alert rows are locked and `processed_at` set in the job's lease-fenced transaction.
+//!
+//! One job carries the alerts of one notification (at most [`PROCESS_BATCH`]). Its first
+//! transaction locks them all and records every alert decided without touching shared rows
+//! (steps 1 to 4, and resolutions) in one statement. An alert that reaches step 5 in a batch
+//! of several is then processed alone, in its own lease-fenced transaction, so cooldown and
+//! trigger rows stay locked only while one alert is decided (a storm of alerts sharing them
+//! queues on those rows briefly instead of deadlocking in long batches).
+//!
+//! What matching reads (rules, triggers with their runbooks, servers, `alerts.timezone`) is
+//! cached per worker, compiled, and keyed by `alert_matching_version`, which every change to
+//! those rows bumps in its own transaction; the version is read in the statement that locks
+//! the alerts, so an alert processed after a change commits is matched against the change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::alert::{self, RuleFacts};
+use crate::domain::alert::{self, CompiledRule, RuleFacts};
 use crate::domain::runbook::{TriggerDocument, format_time_of_day};
 use crate::domain::targeting::{AllowedServers, ServerTraits};
-use crate::domain::trigger_match::{AlertFacts, trigger_matches_in};
-use crate::queue::{JobContext, JobError, NewJob};
+use crate::domain::trigger_match::{AlertFacts, CompiledTrigger};
+use crate::queue::{GuardedTx, JobContext, JobError, NewJob};
 use crate::store::{
-    self,
+    self, StoreError,
     alert_rules::RuleRow,
-    alerts::{AlertRow, ServerCandidate, TriggerCandidate},
+    alerts::{AlertRow, ProcessingRecord, ServerCandidate, TriggerCandidate},
 };
 
 use super::{Engine, EngineError, StartRequest};
 
-/// Job kind: evaluate rules and triggers for one alert.
+/// Job kind: evaluate rules and triggers for the alerts of one notification.
 pub const KIND_PROCESS: &str = "alert.process";
 /// Job kind: analyse one alert.
 pub const KIND_ANALYZE: &str = "alert.analyze";
+/// Most alerts in one `alert.process` job.
+pub const PROCESS_BATCH: usize = 100;
 
 /// Payload of `alert.process`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProcessPayload {
-    /// An alert that is new or was just resolved.
-    pub alert_id: Uuid,
+    /// Alerts that are new or were just resolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alert_ids: Vec<Uuid>,
+    /// One alert (the payload of jobs that carry a single alert by this name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_id: Option<Uuid>,
 }
 
 /// Payload of `alert.analyze`.
@@ -60,14 +79,13 @@ pub struct AnalyzePayload {
     pub alert_id: Uuid,
 }
 
-/// The processing job of one alert. One job per alert keeps each transaction short: cooldown
-/// and trigger rows are locked only while one alert is decided, so a storm of alerts sharing
-/// them queues on those rows briefly instead of deadlocking in long batches.
-pub fn process_job(alert_id: Uuid) -> NewJob {
-    let mut job = NewJob::new(KIND_PROCESS, json!(ProcessPayload { alert_id }));
-    job.max_attempts = 10;
-    job
-}
+/// The processing jobs intake enqueues with the alerts ([`store::alerts::alert_intake`]): one
+/// per [`PROCESS_BATCH`] alerts, payload [`ProcessPayload::alert_ids`].
+pub const INTAKE_JOBS: store::alerts::IntakeJobs<'static> = store::alerts::IntakeJobs {
+    kind: KIND_PROCESS,
+    max_attempts: 10,
+    per_job: PROCESS_BATCH as i64,
+};
 
 /// The analysis job of an alert (one at a time per alert).
 pub fn analyze_job(alert_id: Uuid) -> NewJob {
@@ -90,40 +108,177 @@ pub async fn request_analysis(
     Ok(true)
 }
 
-/// Handles `alert.process`.
-pub async fn handle_process(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
-    let p: ProcessPayload = ctx.payload_as()?;
-    let mut g = ctx.lease().guarded_tx().await?;
-    let conn = g.conn();
-    let (tz, tz_note) = match store::alerts::alert_timezone_setting(conn).await? {
-        None => (chrono_tz::Tz::UTC, None),
-        Some(name) => match name.parse::<chrono_tz::Tz>() {
-            Ok(tz) => (tz, None),
-            Err(_) => (
-                chrono_tz::Tz::UTC,
-                Some(format!(
-                    "setting alerts.timezone `{name}` is not an IANA timezone; used UTC"
-                )),
-            ),
-        },
-    };
-    let rules = store::alert_rules::rule_list(conn, true).await?;
-    let triggers = store::alerts::trigger_candidates(conn).await?;
-    let env = Env {
-        rules: &rules,
-        triggers: &triggers,
-        tz,
-        tz_note: tz_note.as_deref(),
-    };
-    process_one(g.conn(), &env, p.alert_id).await?;
-    g.complete().await
+/// A rule as matching uses it.
+struct CachedRule {
+    row: RuleRow,
+    matcher: CompiledRule,
 }
 
-struct Env<'a> {
-    rules: &'a [RuleRow],
-    triggers: &'a [TriggerCandidate],
+/// A trigger as matching uses it.
+struct CachedTrigger {
+    row: TriggerCandidate,
+    matcher: CompiledTrigger,
+    allowed: Result<AllowedServers, String>,
+}
+
+/// Everything matching reads, compiled, as of one `alert_matching_version`.
+pub struct MatchingConfig {
+    version: i64,
     tz: chrono_tz::Tz,
-    tz_note: Option<&'a str>,
+    tz_note: Option<String>,
+    rules: Vec<CachedRule>,
+    triggers: Vec<CachedTrigger>,
+    /// Every server, by name.
+    servers: Vec<ServerCandidate>,
+    /// Indices into `servers` by lowercased hostname, then by lowercased name.
+    by_hostname: HashMap<String, Vec<usize>>,
+    by_name: HashMap<String, Vec<usize>>,
+}
+
+impl MatchingConfig {
+    /// Reads the configuration. The version is read first, so what follows is at least as new
+    /// as the version it is labelled with.
+    async fn load(conn: &mut PgConnection) -> Result<MatchingConfig, StoreError> {
+        let version = store::alerts::alert_matching_version(conn).await?;
+        let (tz, tz_note) = match store::alerts::alert_timezone_setting(conn).await? {
+            None => (chrono_tz::Tz::UTC, None),
+            Some(name) => match name.parse::<chrono_tz::Tz>() {
+                Ok(tz) => (tz, None),
+                Err(_) => (
+                    chrono_tz::Tz::UTC,
+                    Some(format!(
+                        "setting alerts.timezone `{name}` is not an IANA timezone; used UTC"
+                    )),
+                ),
+            },
+        };
+        let rules = store::alert_rules::rule_list(conn, true)
+            .await?
+            .into_iter()
+            .map(|row| CachedRule {
+                matcher: CompiledRule::new(&RuleFacts {
+                    alert_name_pattern: &row.alert_name_pattern,
+                    severity_pattern: &row.severity_pattern,
+                }),
+                row,
+            })
+            .collect();
+        let triggers = store::alerts::trigger_candidates(conn)
+            .await?
+            .into_iter()
+            .map(|t| CachedTrigger {
+                matcher: CompiledTrigger::new(TriggerDocument {
+                    name: t.name.clone(),
+                    priority: t.priority,
+                    alert_name_pattern: t.alert_name_pattern.clone(),
+                    severity_pattern: t.severity_pattern.clone(),
+                    source_pattern: t.source_pattern.clone(),
+                    labels_match: string_map(&t.labels_match),
+                    time_window_start: t.time_window_start.map(format_time_of_day),
+                    time_window_end: t.time_window_end.map(format_time_of_day),
+                    enabled: true,
+                    cooldown_seconds: t.cooldown_seconds,
+                    cooldown_per_instance: t.cooldown_per_instance,
+                }),
+                allowed: AllowedServers::parse(&t.allowed_servers),
+                row: t,
+            })
+            .collect();
+        let servers = store::alerts::server_candidates_all(conn).await?;
+        let mut by_hostname: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, s) in servers.iter().enumerate() {
+            by_hostname
+                .entry(s.hostname.to_lowercase())
+                .or_default()
+                .push(i);
+            by_name.entry(s.name.to_lowercase()).or_default().push(i);
+        }
+        Ok(MatchingConfig {
+            version,
+            tz,
+            tz_note,
+            rules,
+            triggers,
+            servers,
+            by_hostname,
+            by_name,
+        })
+    }
+
+    /// Servers whose hostname equals `host` (case-insensitive); when none, those whose name
+    /// does; by name.
+    fn servers_for_host(&self, host: &str) -> Vec<&ServerCandidate> {
+        let key = host.to_lowercase();
+        self.by_hostname
+            .get(&key)
+            .or_else(|| self.by_name.get(&key))
+            .map(|ix| ix.iter().map(|i| &self.servers[*i]).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A worker's cached [`MatchingConfig`]: reloaded when a processing transaction sees a newer
+/// `alert_matching_version` than the one it was loaded under.
+#[derive(Default)]
+pub struct MatchingCache {
+    current: Mutex<Option<Arc<MatchingConfig>>>,
+}
+
+impl MatchingCache {
+    /// The configuration for a transaction that saw `version`: the cached one when it is at
+    /// least that new, else freshly loaded (and cached).
+    async fn get(
+        &self,
+        conn: &mut PgConnection,
+        version: i64,
+    ) -> Result<Arc<MatchingConfig>, StoreError> {
+        if let Some(c) = self.snapshot()
+            && c.version >= version
+        {
+            return Ok(c);
+        }
+        let loaded = Arc::new(MatchingConfig::load(conn).await?);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_none_or(|c| c.version < loaded.version) {
+            *current = Some(loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    fn snapshot(&self) -> Option<Arc<MatchingConfig>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Handles `alert.process`.
+pub async fn handle_process(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+    let p: ProcessPayload = ctx.payload_as()?;
+    let mut ids = p.alert_ids;
+    ids.extend(p.alert_id);
+    ids.sort_unstable();
+    ids.dedup();
+    let mut g = ctx.lease().guarded_tx().await?;
+    let alone = ids.len() == 1;
+    let deferred = process_alerts(engine, &mut g, &ids, alone).await?;
+    if deferred.is_empty() {
+        return g.complete().await;
+    }
+    g.commit().await?;
+    let last = deferred.len() - 1;
+    for (i, id) in deferred.into_iter().enumerate() {
+        let mut g = ctx.lease().guarded_tx().await?;
+        process_alerts(engine, &mut g, &[id], true).await?;
+        if i == last {
+            g.complete().await?;
+        } else {
+            g.commit().await?;
+        }
+    }
+    Ok(())
 }
 
 fn string_map(value: &Value) -> BTreeMap<String, String> {
@@ -140,11 +295,89 @@ fn string_map(value: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-async fn process_one(conn: &mut PgConnection, env: &Env<'_>, id: Uuid) -> Result<(), JobError> {
-    let Some(a) = store::alerts::alert_lock(conn, id).await? else {
-        return Ok(());
+/// Processes the alerts `ids` in the guarded transaction: resolutions, and every firing alert
+/// not processed yet. With `claims`, an alert that reaches its cooldown is decided to the end;
+/// without, it is left unrecorded and returned, to be processed alone.
+async fn process_alerts(
+    engine: &Engine,
+    g: &mut GuardedTx,
+    ids: &[Uuid],
+    claims: bool,
+) -> Result<Vec<Uuid>, JobError> {
+    let locked = store::alerts::alert_lock_many(g.conn(), ids).await?;
+    let Some(version) = locked.matching_version else {
+        return Ok(Vec::new());
     };
-    if a.status == "resolved" {
+    let cfg = engine.alert_matching.get(g.conn(), version).await?;
+    let mut records = Vec::new();
+    let mut deferred = Vec::new();
+
+    let resolved: Vec<&AlertRow> = locked
+        .alerts
+        .iter()
+        .filter(|a| a.status == "resolved")
+        .collect();
+    if !resolved.is_empty() {
+        cancel_approvals(g.conn(), &resolved).await?;
+        for a in resolved.iter().filter(|a| a.processed_at.is_none()) {
+            records.push(ProcessingRecord {
+                id: a.id,
+                matched_rule_id: None,
+                action_taken: None,
+                match_outcome: json!({
+                    "decision": "not_evaluated",
+                    "reason": "the alert was resolved before it was processed",
+                }),
+                suggested_runbooks: json!([]),
+                request_analysis: false,
+            });
+        }
+    }
+
+    let now = Utc::now();
+    for a in locked
+        .alerts
+        .iter()
+        .filter(|a| a.status != "resolved" && a.processed_at.is_none())
+    {
+        let mut d = decide(&cfg, a, now);
+        if let Some((t, server)) = d.claim.take() {
+            if !claims {
+                deferred.push(a.id);
+                continue;
+            }
+            claim_and_start(g.conn(), a, t, server, &mut d.outcome).await?;
+        }
+        records.push(ProcessingRecord {
+            id: a.id,
+            matched_rule_id: d.rule.map(|r| r.row.id),
+            action_taken: d.rule.map(|r| r.row.action.clone()),
+            match_outcome: Value::Object(d.outcome),
+            suggested_runbooks: Value::Array(d.suggested),
+            request_analysis: d.rule.is_some_and(|r| r.row.action == "auto_analyze"),
+        });
+    }
+
+    let written = store::alerts::alert_record_processing_many(g.conn(), &records).await?;
+    let analyze: Vec<NewJob> = records
+        .iter()
+        .filter(|r| r.request_analysis && written.contains(&r.id))
+        .map(|r| analyze_job(r.id))
+        .collect();
+    if !analyze.is_empty() {
+        g.enqueue_many(&analyze).await?;
+    }
+    Ok(deferred)
+}
+
+/// Cancels the executions of resolved alerts that still wait for approval, with the reason.
+async fn cancel_approvals(conn: &mut PgConnection, resolved: &[&AlertRow]) -> Result<(), JobError> {
+    let ids: Vec<Uuid> = resolved.iter().map(|a| a.id).collect();
+    let waiting = store::alerts::alert_executions_awaiting_approval(conn, &ids).await?;
+    for (alert_id, execution_id) in waiting {
+        let Some(a) = resolved.iter().find(|a| a.id == alert_id) else {
+            continue;
+        };
         let reason = format!(
             "alert {} ({}) resolved{} while the run waited for approval",
             a.alert_name,
@@ -153,104 +386,90 @@ async fn process_one(conn: &mut PgConnection, env: &Env<'_>, id: Uuid) -> Result
                 .map(|t| format!(" at {}", t.format("%Y-%m-%dT%H:%M:%SZ")))
                 .unwrap_or_default()
         );
-        for execution_id in store::alerts::alert_executions_awaiting_approval(conn, id).await? {
-            match super::control::cancel(conn, execution_id, None, &reason).await {
-                Ok(()) | Err(EngineError::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+        match super::control::cancel(conn, execution_id, None, &reason).await {
+            Ok(()) | Err(EngineError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
         }
-        if a.processed_at.is_none() {
-            let outcome = json!({
-                "decision": "not_evaluated",
-                "reason": "the alert was resolved before it was processed",
-            });
-            store::alerts::alert_record_processing(
-                conn,
-                id,
-                &store::alerts::ProcessingResult {
-                    matched_rule_id: None,
-                    action_taken: None,
-                    match_outcome: &outcome,
-                    suggested_runbooks: &json!([]),
-                },
-            )
-            .await?;
-        }
-        return Ok(());
     }
-    if a.processed_at.is_some() {
-        return Ok(());
-    }
-    let mut outcome = serde_json::Map::new();
-    if let Some(note) = env.tz_note {
-        outcome.insert("note".into(), json!(note));
-    }
-
-    // 1. auto_analyze_rules, first match wins.
-    let rule = env.rules.iter().find(|r| {
-        alert::rule_matches(
-            &RuleFacts {
-                alert_name_pattern: &r.alert_name_pattern,
-                severity_pattern: &r.severity_pattern,
-            },
-            &a.alert_name,
-            a.severity.as_deref(),
-        )
-    });
-    outcome.insert(
-        "rule".into(),
-        match rule {
-            Some(r) => json!({ "id": r.id, "name": r.name, "action": r.action }),
-            None => Value::Null,
-        },
-    );
-    if let Some(r) = rule
-        && r.action == "auto_analyze"
-    {
-        request_analysis(conn, id).await?;
-    }
-    let mut suggested = Vec::new();
-    if rule.is_some_and(|r| r.action == "ignore") {
-        outcome.insert("decision".into(), json!("ignored"));
-        outcome.insert(
-            "reason".into(),
-            json!("an auto_analyze rule with action `ignore` matched; triggers not evaluated"),
-        );
-    } else {
-        match_triggers(conn, env, &a, &mut outcome, &mut suggested).await?;
-    }
-    store::alerts::alert_record_processing(
-        conn,
-        id,
-        &store::alerts::ProcessingResult {
-            matched_rule_id: rule.map(|r| r.id),
-            action_taken: rule.map(|r| r.action.as_str()),
-            match_outcome: &Value::Object(outcome),
-            suggested_runbooks: &Value::Array(suggested),
-        },
-    )
-    .await?;
     Ok(())
 }
 
-async fn match_triggers(
-    conn: &mut PgConnection,
-    env: &Env<'_>,
-    a: &AlertRow,
-    outcome: &mut serde_json::Map<String, Value>,
-    suggested: &mut Vec<Value>,
-) -> Result<(), JobError> {
-    let labels = string_map(&a.labels_json);
+/// What matching decided for one firing alert without touching shared rows.
+struct Decision<'c> {
+    rule: Option<&'c CachedRule>,
+    outcome: Map<String, Value>,
+    suggested: Vec<Value>,
+    /// A runnable trigger matched and the target server is known: the cooldown decides.
+    claim: Option<(&'c CachedTrigger, (Uuid, String))>,
+}
+
+/// Records the decision on a matched trigger in the outcome.
+fn set_decision(
+    outcome: &mut Map<String, Value>,
+    t: &TriggerCandidate,
+    decision: &str,
+    reason: Option<String>,
+    extra: Value,
+) {
+    outcome.insert("decision".into(), json!(decision));
+    outcome.insert(
+        "matched_trigger".into(),
+        json!({ "id": t.id, "name": t.name, "runbook_id": t.runbook_id,
+                "runbook": t.runbook_name, "mode": t.runbook_mode }),
+    );
+    if let Some(r) = reason {
+        outcome.insert("reason".into(), json!(r));
+    }
+    if let Value::Object(m) = extra {
+        outcome.extend(m);
+    }
+}
+
+/// Steps 1 to 4 for a firing alert: rules, triggers, manual mode, target server.
+fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Decision<'c> {
+    let mut outcome = Map::new();
+    if let Some(note) = &cfg.tz_note {
+        outcome.insert("note".into(), json!(note));
+    }
+    let mut d = Decision {
+        rule: None,
+        outcome,
+        suggested: Vec::new(),
+        claim: None,
+    };
+
+    // 1. auto_analyze_rules, first match wins.
+    d.rule = cfg
+        .rules
+        .iter()
+        .find(|r| r.matcher.matches(&a.alert_name, a.severity.as_deref()));
+    d.outcome.insert(
+        "rule".into(),
+        match d.rule {
+            Some(r) => json!({ "id": r.row.id, "name": r.row.name, "action": r.row.action }),
+            None => Value::Null,
+        },
+    );
+    if d.rule.is_some_and(|r| r.row.action == "ignore") {
+        d.outcome.insert("decision".into(), json!("ignored"));
+        d.outcome.insert(
+            "reason".into(),
+            json!("an auto_analyze rule with action `ignore` matched; triggers not evaluated"),
+        );
+        return d;
+    }
+
+    // 2. Triggers, first match wins.
     let facts = AlertFacts {
         name: a.alert_name.clone(),
         severity: a.severity.clone(),
         source: a.source.clone(),
-        labels: labels.clone(),
+        labels: string_map(&a.labels_json),
     };
-    let now = Utc::now();
     let mut evaluated = Vec::new();
     let mut chosen = None;
-    for t in env.triggers {
+    for ct in &cfg.triggers {
+        let t = &ct.row;
         if t.runbook_status != "active" {
             evaluated.push(json!({
                 "trigger_id": t.id, "trigger": t.name, "runbook": t.runbook_name,
@@ -259,56 +478,33 @@ async fn match_triggers(
             }));
             continue;
         }
-        let doc = TriggerDocument {
-            name: t.name.clone(),
-            priority: t.priority,
-            alert_name_pattern: t.alert_name_pattern.clone(),
-            severity_pattern: t.severity_pattern.clone(),
-            source_pattern: t.source_pattern.clone(),
-            labels_match: string_map(&t.labels_match),
-            time_window_start: t.time_window_start.map(format_time_of_day),
-            time_window_end: t.time_window_end.map(format_time_of_day),
-            enabled: true,
-            cooldown_seconds: t.cooldown_seconds,
-            cooldown_per_instance: t.cooldown_per_instance,
-        };
-        let verdict = trigger_matches_in(&doc, &facts, now, None, env.tz);
+        let verdict = ct.matcher.matches_in(&facts, now, None, cfg.tz);
         evaluated.push(json!({
             "trigger_id": t.id, "trigger": t.name, "runbook": t.runbook_name,
             "matched": verdict.matched, "reasons": verdict.reasons,
         }));
         if verdict.matched {
-            chosen = Some(t);
+            chosen = Some(ct);
             break;
         }
     }
-    outcome.insert("triggers".into(), Value::Array(evaluated));
-    let Some(t) = chosen else {
-        outcome.insert("decision".into(), json!("no_trigger_matched"));
-        return Ok(());
+    d.outcome.insert("triggers".into(), Value::Array(evaluated));
+    let Some(ct) = chosen else {
+        d.outcome
+            .insert("decision".into(), json!("no_trigger_matched"));
+        return d;
     };
-    let mut decide = |decision: &str, reason: Option<String>, extra: Value| {
-        outcome.insert("decision".into(), json!(decision));
-        outcome.insert(
-            "matched_trigger".into(),
-            json!({ "id": t.id, "name": t.name, "runbook_id": t.runbook_id,
-                    "runbook": t.runbook_name, "mode": t.runbook_mode }),
-        );
-        if let Some(r) = reason {
-            outcome.insert("reason".into(), json!(r));
-        }
-        if let Value::Object(m) = extra {
-            outcome.extend(m);
-        }
-    };
+    let t = &ct.row;
 
     // 3. Manual runbooks are suggested, not run.
     if t.runbook_mode == "manual" {
-        suggested.push(json!({
+        d.suggested.push(json!({
             "runbook_id": t.runbook_id, "runbook": t.runbook_name,
             "trigger_id": t.id, "trigger": t.name,
         }));
-        decide(
+        set_decision(
+            &mut d.outcome,
+            t,
             "suggested",
             Some(format!(
                 "runbook {} is in manual mode: suggested, not run",
@@ -316,35 +512,45 @@ async fn match_triggers(
             )),
             json!({}),
         );
-        return Ok(());
+        return d;
     }
 
     // 4. Target server.
-    let server = match resolve_server(conn, a, &t.allowed_servers).await? {
-        Ok(s) => s,
-        Err(reason) => {
-            decide("no_server", Some(reason), json!({}));
-            return Ok(());
-        }
-    };
+    match resolve_server(cfg, a, &ct.allowed) {
+        Ok(server) => d.claim = Some((ct, server)),
+        Err(reason) => set_decision(&mut d.outcome, t, "no_server", Some(reason), json!({})),
+    }
+    d
+}
 
+/// Steps 5 and 6: the cooldown, then the execution.
+async fn claim_and_start(
+    conn: &mut PgConnection,
+    a: &AlertRow,
+    ct: &CachedTrigger,
+    server: (Uuid, String),
+    outcome: &mut Map<String, Value>,
+) -> Result<(), JobError> {
+    let t = &ct.row;
     // 5. Cooldown.
-    let claimed = if t.cooldown_per_instance {
-        let key = alert::instance_key(&labels, &a.fingerprint);
-        store::alerts::trigger_instance_cooldown_claim(conn, t.id, &key, t.cooldown_seconds).await?
-    } else {
-        store::alerts::trigger_cooldown_claim(conn, t.id).await?
+    let instance = t
+        .cooldown_per_instance
+        .then(|| alert::instance_key(&string_map(&a.labels_json), &a.fingerprint));
+    let claimed = match &instance {
+        Some(key) => {
+            store::alerts::trigger_instance_cooldown_claim(conn, t.id, key, t.cooldown_seconds)
+                .await?
+        }
+        None => store::alerts::trigger_cooldown_claim(conn, t.id).await?,
     };
     if !claimed {
-        let scope = if t.cooldown_per_instance {
-            format!(
-                "for instance {}",
-                alert::instance_key(&labels, &a.fingerprint)
-            )
-        } else {
-            "for the trigger".to_owned()
+        let scope = match &instance {
+            Some(key) => format!("for instance {key}"),
+            None => "for the trigger".to_owned(),
         };
-        decide(
+        set_decision(
+            outcome,
+            t,
             "cooldown",
             Some(format!(
                 "trigger {} fired within its cooldown of {} s {scope}",
@@ -366,13 +572,17 @@ async fn match_triggers(
         batch: None,
     };
     match super::create_execution(conn, &request).await {
-        Ok(execution_id) => decide(
+        Ok(execution_id) => set_decision(
+            outcome,
+            t,
             "execution_created",
             None,
             json!({ "execution_id": execution_id, "server_id": server.0, "server": server.1 }),
         ),
         Err(EngineError::Store(e)) => return Err(JobError::Store(e)),
-        Err(e) => decide(
+        Err(e) => set_decision(
+            outcome,
+            t,
             "not_run",
             Some(e.to_string()),
             json!({ "server_id": server.0, "server": server.1 }),
@@ -391,45 +601,40 @@ fn allowed(rule: &AllowedServers, s: &ServerCandidate) -> bool {
 }
 
 /// The alert's target server: `(id, name)`, or why there is none.
-async fn resolve_server(
-    conn: &mut PgConnection,
+fn resolve_server(
+    cfg: &MatchingConfig,
     a: &AlertRow,
-    allowed_servers: &Value,
-) -> Result<Result<(Uuid, String), String>, JobError> {
-    let selector = match AllowedServers::parse(allowed_servers) {
+    allowed_servers: &Result<AllowedServers, String>,
+) -> Result<(Uuid, String), String> {
+    let selector = match allowed_servers {
         Ok(s) => s,
-        Err(e) => {
-            return Ok(Err(format!(
-                "the runbook's allowed_servers is invalid: {e}"
-            )));
-        }
+        Err(e) => return Err(format!("the runbook's allowed_servers is invalid: {e}")),
     };
     let host = a.instance.as_deref().map(alert::instance_host);
     if let Some(host) = host.filter(|h| !h.is_empty()) {
-        let found = store::alerts::server_find_by_host(conn, host).await?;
-        match found.as_slice() {
+        match cfg.servers_for_host(host).as_slice() {
             [] => {}
             [one] => {
-                if allowed(&selector, one) {
-                    return Ok(Ok((one.id, one.name.clone())));
+                if allowed(selector, one) {
+                    return Ok((one.id, one.name.clone()));
                 }
-                return Ok(Err(format!(
+                return Err(format!(
                     "server {} (from instance `{host}`) is not among the runbook's allowed_servers",
                     one.name
-                )));
+                ));
             }
             many => {
-                let permitted: Vec<&ServerCandidate> =
-                    many.iter().filter(|s| allowed(&selector, s)).collect();
+                let permitted: Vec<&&ServerCandidate> =
+                    many.iter().filter(|s| allowed(selector, s)).collect();
                 if let [one] = permitted.as_slice() {
-                    return Ok(Ok((one.id, one.name.clone())));
+                    return Ok((one.id, one.name.clone()));
                 }
-                return Ok(Err(format!(
+                return Err(format!(
                     "{} servers have hostname or name `{host}` and {} of them are allowed; \
                      refusing to guess",
                     many.len(),
                     permitted.len()
-                )));
+                ));
             }
         }
     }
@@ -438,21 +643,24 @@ async fn resolve_server(
         _ => "the alert has no `instance` label".to_owned(),
     };
     if selector.allows_all() {
-        return Ok(Err(format!(
+        return Err(format!(
             "{from_instance}, and the runbook's allowed_servers does not select a server"
-        )));
+        ));
     }
-    let all = store::alerts::server_candidates_all(conn).await?;
-    let permitted: Vec<&ServerCandidate> = all.iter().filter(|s| allowed(&selector, s)).collect();
+    let permitted: Vec<&ServerCandidate> = cfg
+        .servers
+        .iter()
+        .filter(|s| allowed(selector, s))
+        .collect();
     match permitted.as_slice() {
-        [one] => Ok(Ok((one.id, one.name.clone()))),
-        [] => Ok(Err(format!(
+        [one] => Ok((one.id, one.name.clone())),
+        [] => Err(format!(
             "{from_instance}, and no server matches the runbook's allowed_servers"
-        ))),
-        many => Ok(Err(format!(
+        )),
+        many => Err(format!(
             "{from_instance}, and {} servers match the runbook's allowed_servers; refusing to guess",
             many.len()
-        ))),
+        )),
     }
 }
 

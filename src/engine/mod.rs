@@ -126,6 +126,8 @@ pub struct Engine {
     pub ssh: Option<Arc<dyn StepExecutor>>,
     /// Tunables.
     pub settings: EngineSettings,
+    /// What alert matching reads, compiled and cached per worker.
+    pub alert_matching: alerts::MatchingCache,
 }
 
 /// Payload of `execution.start`, `execution.deadline` and `execution.approval_expiry`.

@@ -1,6 +1,7 @@
 //! `alerts` and what alert processing reads and claims: the episode upsert of the webhook, the
-//! processing outcome, candidate triggers, server lookup for an alert, and the two cooldown
-//! compare-and-sets (`runbook_triggers.last_triggered_at` and `trigger_cooldowns`).
+//! processing outcome, candidate triggers, servers, the matching-configuration version
+//! (`alert_matching_version`), and the two cooldown compare-and-sets
+//! (`runbook_triggers.last_triggered_at` and `trigger_cooldowns`).
 //!
 //! Knows nothing about Alertmanager's JSON or HTTP: callers pass validated rows.
 
@@ -145,13 +146,31 @@ pub struct UpsertOutcome {
     pub needs_processing: bool,
 }
 
-/// Inserts or updates one row per episode `(fingerprint, starts_at)`, in the order given
-/// (callers sort, so concurrent payloads lock rows in the same order). A resolved episode stays
-/// resolved when a late firing notification arrives.
-pub async fn alert_upsert_many(
+/// The processing jobs [`alert_intake`] enqueues, as the engine defines them.
+#[derive(Debug, Clone, Copy)]
+pub struct IntakeJobs<'a> {
+    /// Job kind.
+    pub kind: &'a str,
+    /// Attempts before a job is dead.
+    pub max_attempts: i32,
+    /// Most alerts per job; a job's payload is `{"alert_ids": [...]}`.
+    pub per_job: i64,
+}
+
+/// One statement for a whole notification: inserts or updates one row per episode
+/// `(fingerprint, starts_at)`, in the order given (callers sort, so concurrent payloads lock
+/// rows in the same order), and enqueues the processing jobs of the new and newly resolved
+/// episodes (`jobs` rows of `jobs.kind`, up to `jobs.per_job` alert ids each, in id order).
+/// Run outside an explicit transaction it commits as one: the alerts and their jobs, or
+/// nothing. A resolved episode stays resolved when a late firing notification arrives.
+///
+/// This is the one statement outside `store::jobs` that writes `jobs`: enqueueing in the
+/// upsert saves the webhook a transaction's worth of round trips per notification.
+pub async fn alert_intake(
     conn: &mut PgConnection,
     envelope: &Envelope<'_>,
     alerts: &[AlertUpsert],
+    jobs: &IntakeJobs<'_>,
 ) -> StoreResult<Vec<UpsertOutcome>> {
     let mut fingerprint = Vec::with_capacity(alerts.len());
     let mut starts_at = Vec::with_capacity(alerts.len());
@@ -182,7 +201,7 @@ pub async fn alert_upsert_many(
         source.push(a.source.as_deref());
     }
     Ok(sqlx::query_as::<_, UpsertOutcome>(
-        "INSERT INTO alerts AS a (fingerprint, starts_at, ends_at, status, alert_name, severity, \
+        "WITH up AS (INSERT INTO alerts AS a (fingerprint, starts_at, ends_at, status, alert_name, severity, \
            instance, job, labels_json, annotations_json, raw_alert_json, generator_url, source, \
            receiver, group_key, external_url, resolved_at) \
          SELECT u.fingerprint, u.starts_at, u.ends_at, u.status, u.alert_name, u.severity, \
@@ -203,7 +222,13 @@ pub async fn alert_upsert_many(
            group_key = EXCLUDED.group_key, external_url = EXCLUDED.external_url, \
            last_received_at = now(), receive_count = a.receive_count + 1 \
          RETURNING id, (xmax = 0) AS inserted, status, \
-           (xmax = 0 OR COALESCE(resolved_at = now(), false)) AS needs_processing",
+           (xmax = 0 OR COALESCE(resolved_at = now(), false)) AS needs_processing), \
+         queued AS (SELECT id, (row_number() OVER (ORDER BY id) - 1) / $19 AS chunk \
+           FROM up WHERE needs_processing), \
+         enqueued AS (INSERT INTO jobs (kind, payload, max_attempts) \
+           SELECT $17, jsonb_build_object('alert_ids', jsonb_agg(id ORDER BY id)), $18 \
+           FROM queued GROUP BY chunk RETURNING id) \
+         SELECT id, inserted, status, needs_processing FROM up",
     )
     .bind(&fingerprint)
     .bind(&starts_at)
@@ -221,6 +246,9 @@ pub async fn alert_upsert_many(
     .bind(envelope.receiver)
     .bind(envelope.group_key)
     .bind(envelope.external_url)
+    .bind(jobs.kind)
+    .bind(jobs.max_attempts)
+    .bind(jobs.per_job.max(1))
     .fetch_all(conn)
     .await?)
 }
@@ -235,14 +263,49 @@ pub async fn alert_get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<
     .await?)
 }
 
-/// Locks one alert for the rest of the transaction.
-pub async fn alert_lock(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<AlertRow>> {
-    Ok(sqlx::query_as::<_, AlertRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {ALERT_COLUMNS} FROM alerts WHERE id = $1 FOR UPDATE"
+/// Alerts locked for processing, with the matching-configuration version read in the same
+/// statement.
+#[derive(Debug, Clone, Default)]
+pub struct LockedAlerts {
+    /// `alert_matching_version.version` as this statement saw it; `None` when no alert was
+    /// found.
+    pub matching_version: Option<i64>,
+    /// The alerts found, by id.
+    pub alerts: Vec<AlertRow>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LockedAlertRow {
+    matching_version: i64,
+    #[sqlx(flatten)]
+    alert: AlertRow,
+}
+
+/// Locks alerts for the rest of the transaction, in id order (so concurrent callers lock them
+/// in the same order), and reads the matching-configuration version in the same statement.
+pub async fn alert_lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> StoreResult<LockedAlerts> {
+    let rows = sqlx::query_as::<_, LockedAlertRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT version FROM alert_matching_version) AS matching_version, \
+           {ALERT_COLUMNS} FROM alerts WHERE id = ANY($1) ORDER BY id FOR UPDATE"
     )))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?)
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(LockedAlerts {
+        matching_version: rows.first().map(|r| r.matching_version),
+        alerts: rows.into_iter().map(|r| r.alert).collect(),
+    })
+}
+
+/// The version of what alert matching reads (`alert_matching_version`): every committed change
+/// to auto_analyze rules, triggers, the matching fields of runbooks and servers, or
+/// `system_config` has bumped it.
+pub async fn alert_matching_version(conn: &mut PgConnection) -> StoreResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT version FROM alert_matching_version")
+            .fetch_one(conn)
+            .await?,
+    )
 }
 
 /// Filters for listing alerts (all optional; combined with AND).
@@ -302,38 +365,66 @@ pub async fn alert_list(
     Ok((rows, total))
 }
 
-/// What processing decided for an alert.
+/// What processing decided for one alert.
 #[derive(Debug, Clone)]
-pub struct ProcessingResult<'a> {
+pub struct ProcessingRecord {
+    /// The alert.
+    pub id: Uuid,
     /// The rule that matched.
     pub matched_rule_id: Option<Uuid>,
     /// Its action.
-    pub action_taken: Option<&'a str>,
+    pub action_taken: Option<String>,
     /// The decision and every reason (JSON).
-    pub match_outcome: &'a Value,
+    pub match_outcome: Value,
     /// Runbooks suggested instead of run.
-    pub suggested_runbooks: &'a Value,
+    pub suggested_runbooks: Value,
+    /// Mark an analysis as requested too (status queued).
+    pub request_analysis: bool,
 }
 
-/// Records the processing outcome; false when the alert was already processed.
-pub async fn alert_record_processing(
+/// Records processing outcomes in one statement, for the alerts not processed yet; returns the
+/// ids written (the others were already processed).
+pub async fn alert_record_processing_many(
     conn: &mut PgConnection,
-    id: Uuid,
-    r: &ProcessingResult<'_>,
-) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE alerts SET processed_at = now(), matched_rule_id = $2, action_taken = $3, \
-           match_outcome = $4, suggested_runbooks = $5 \
-         WHERE id = $1 AND processed_at IS NULL",
+    records: &[ProcessingRecord],
+) -> StoreResult<Vec<Uuid>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::with_capacity(records.len());
+    let mut rules = Vec::with_capacity(records.len());
+    let mut actions = Vec::with_capacity(records.len());
+    let mut outcomes = Vec::with_capacity(records.len());
+    let mut suggested = Vec::with_capacity(records.len());
+    let mut analyze = Vec::with_capacity(records.len());
+    for r in records {
+        ids.push(r.id);
+        rules.push(r.matched_rule_id);
+        actions.push(r.action_taken.as_deref());
+        outcomes.push(&r.match_outcome);
+        suggested.push(&r.suggested_runbooks);
+        analyze.push(r.request_analysis);
+    }
+    Ok(sqlx::query_scalar(
+        "UPDATE alerts AS a SET processed_at = now(), matched_rule_id = u.rule_id, \
+           action_taken = u.action, match_outcome = u.outcome, suggested_runbooks = u.suggested, \
+           analysis_status = CASE WHEN u.wants_analysis THEN 'queued' ELSE a.analysis_status END, \
+           analysis_error = CASE WHEN u.wants_analysis THEN NULL ELSE a.analysis_error END, \
+           analysis_requested_at = CASE WHEN u.wants_analysis THEN now() \
+             ELSE a.analysis_requested_at END \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[], \
+           $6::bool[]) AS u(id, rule_id, action, outcome, suggested, wants_analysis) \
+         WHERE a.id = u.id AND a.processed_at IS NULL \
+         RETURNING a.id",
     )
-    .bind(id)
-    .bind(r.matched_rule_id)
-    .bind(r.action_taken)
-    .bind(r.match_outcome)
-    .bind(r.suggested_runbooks)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    .bind(&ids)
+    .bind(&rules)
+    .bind(&actions)
+    .bind(&outcomes)
+    .bind(&suggested)
+    .bind(&analyze)
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Marks an analysis as requested (status queued).
@@ -367,21 +458,21 @@ pub async fn alert_analysis_not_done(
     Ok(done.rows_affected() == 1)
 }
 
-/// Executions of an alert waiting for approval, or about to (pending, needing an approval,
+/// Executions of these alerts waiting for approval, or about to (pending, needing an approval,
 /// not approved yet: their start job has not run), so a resolution racing the start job still
-/// cancels them.
+/// cancels them: `(alert id, execution id)` in creation order.
 pub async fn alert_executions_awaiting_approval(
     conn: &mut PgConnection,
-    alert_id: Uuid,
-) -> StoreResult<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM runbook_executions \
-         WHERE alert_id = $1 AND status = 'pending' AND (awaiting_approval \
+    alert_ids: &[Uuid],
+) -> StoreResult<Vec<(Uuid, Uuid)>> {
+    Ok(sqlx::query_as(
+        "SELECT alert_id, id FROM runbook_executions \
+         WHERE alert_id = ANY($1) AND status = 'pending' AND (awaiting_approval \
            OR (approved_at IS NULL AND (mode::text = 'semi_auto' \
                OR runbook_snapshot->>'requires_approval' = 'true'))) \
-         ORDER BY created_at",
+         ORDER BY created_at, id",
     )
-    .bind(alert_id)
+    .bind(alert_ids)
     .fetch_all(conn)
     .await?)
 }
@@ -504,31 +595,7 @@ pub struct ServerCandidate {
     pub environment: Option<String>,
 }
 
-/// Servers whose hostname equals `host` (case-insensitive); when none, those whose name does.
-pub async fn server_find_by_host(
-    conn: &mut PgConnection,
-    host: &str,
-) -> StoreResult<Vec<ServerCandidate>> {
-    let by_host = sqlx::query_as::<_, ServerCandidate>(
-        "SELECT id, name, hostname, tags, environment FROM server_credentials \
-         WHERE lower(hostname) = lower($1) ORDER BY name",
-    )
-    .bind(host)
-    .fetch_all(&mut *conn)
-    .await?;
-    if !by_host.is_empty() {
-        return Ok(by_host);
-    }
-    Ok(sqlx::query_as::<_, ServerCandidate>(
-        "SELECT id, name, hostname, tags, environment FROM server_credentials \
-         WHERE lower(name) = lower($1) ORDER BY name",
-    )
-    .bind(host)
-    .fetch_all(conn)
-    .await?)
-}
-
-/// Every server (for selection by `allowed_servers`).
+/// Every server, by name (what target resolution chooses from).
 pub async fn server_candidates_all(conn: &mut PgConnection) -> StoreResult<Vec<ServerCandidate>> {
     Ok(sqlx::query_as::<_, ServerCandidate>(
         "SELECT id, name, hostname, tags, environment FROM server_credentials ORDER BY name",
