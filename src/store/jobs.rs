@@ -604,11 +604,16 @@ pub async fn job_cancel(conn: &mut PgConnection, id: i64) -> StoreResult<Option<
     .await?)
 }
 
-/// Wakes idle workers (`NOTIFY aiops_jobs`). Sent after the enqueueing transaction commits.
+/// Wakes idle workers (`NOTIFY aiops_jobs`). Sent after the enqueueing transaction commits, on
+/// its own (never inside a transaction: it turns off `synchronous_commit` for the transaction it
+/// runs in). A wake-up needs no durability, so its commit does not wait for the WAL flush: a
+/// NOTIFY holds PostgreSQL's global notification lock until its commit ends.
 pub async fn job_notify(conn: &mut PgConnection) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify('aiops_jobs', '')")
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "SELECT pg_notify('aiops_jobs', ''), set_config('synchronous_commit', 'off', true)",
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
