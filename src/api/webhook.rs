@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use poem::Request;
 use poem_openapi::auth::{Basic, Bearer};
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, param::Path, payload::Json};
+use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -126,6 +127,47 @@ pub struct WebhookReceipt {
 /// Longest fingerprint stored.
 const FINGERPRINT_MAX: usize = 100;
 
+/// One alert with its notification's envelope, as `alerts.raw_alert_json` keeps it.
+#[derive(Serialize)]
+struct RawNotification<'a> {
+    version: &'a str,
+    receiver: &'a str,
+    status: &'a str,
+    #[serde(rename = "groupKey")]
+    group_key: &'a str,
+    #[serde(rename = "groupLabels")]
+    group_labels: &'a HashMap<String, String>,
+    #[serde(rename = "commonLabels")]
+    common_labels: &'a HashMap<String, String>,
+    #[serde(rename = "commonAnnotations")]
+    common_annotations: &'a HashMap<String, String>,
+    #[serde(rename = "externalURL")]
+    external_url: &'a str,
+    #[serde(rename = "truncatedAlerts")]
+    truncated_alerts: u64,
+    alert: RawAlert<'a>,
+}
+
+/// The alert part of [`RawNotification`].
+#[derive(Serialize)]
+struct RawAlert<'a> {
+    status: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    annotations: &'a BTreeMap<String, String>,
+    #[serde(rename = "startsAt")]
+    starts_at: &'a str,
+    #[serde(rename = "endsAt")]
+    ends_at: Option<&'a str>,
+    #[serde(rename = "generatorURL")]
+    generator_url: &'a str,
+    fingerprint: &'a str,
+}
+
+/// JSON text of a value made of strings, maps of strings and numbers (which always serialises).
+fn json_text<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
 /// Validates a payload into rows to store, or names the first problem.
 pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
     if p.version != "4" {
@@ -140,17 +182,6 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             format!("`{}` is neither firing nor resolved", p.status),
         ));
     }
-    let envelope = json!({
-        "version": p.version,
-        "receiver": p.receiver,
-        "status": p.status,
-        "groupKey": p.group_key,
-        "groupLabels": p.group_labels,
-        "commonLabels": p.common_labels,
-        "commonAnnotations": p.common_annotations,
-        "externalURL": p.external_url,
-        "truncatedAlerts": p.truncated_alerts,
-    });
     let mut rows: BTreeMap<(String, DateTime<Utc>), AlertUpsert> = BTreeMap::new();
     for (i, a) in p.alerts.iter().enumerate() {
         let field = |f: &str| format!("alerts[{i}].{f}");
@@ -203,15 +234,25 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             Some(f) => f.clone(),
             None => alert::fingerprint_of(&labels),
         };
-        let mut raw = envelope.clone();
-        raw["alert"] = json!({
-            "status": a.status,
-            "labels": labels,
-            "annotations": annotations,
-            "startsAt": a.starts_at,
-            "endsAt": a.ends_at,
-            "generatorURL": a.generator_url,
-            "fingerprint": fingerprint,
+        let raw = json_text(&RawNotification {
+            version: &p.version,
+            receiver: &p.receiver,
+            status: &p.status,
+            group_key: &p.group_key,
+            group_labels: &p.group_labels,
+            common_labels: &p.common_labels,
+            common_annotations: &p.common_annotations,
+            external_url: &p.external_url,
+            truncated_alerts: p.truncated_alerts,
+            alert: RawAlert {
+                status: &a.status,
+                labels: &labels,
+                annotations: &annotations,
+                starts_at: &a.starts_at,
+                ends_at: a.ends_at.as_deref(),
+                generator_url: &a.generator_url,
+                fingerprint: &fingerprint,
+            },
         });
         let row = AlertUpsert {
             fingerprint: fingerprint.clone(),
@@ -223,8 +264,8 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             instance: labels.get("instance").map(|s| alert::truncate(s, 255)),
             job: labels.get("job").map(|s| alert::truncate(s, 100)),
             source: alert::source_of(&labels, &a.generator_url).map(|s| alert::truncate(&s, 255)),
-            labels: json!(labels),
-            annotations: json!(annotations),
+            labels: json_text(&labels),
+            annotations: json_text(&annotations),
             raw,
             generator_url: a.generator_url.clone(),
         };

@@ -110,12 +110,12 @@ pub struct AlertUpsert {
     pub instance: Option<String>,
     /// Job.
     pub job: Option<String>,
-    /// Labels.
-    pub labels: Value,
-    /// Annotations.
-    pub annotations: Value,
-    /// Raw alert with envelope.
-    pub raw: Value,
+    /// Labels (JSON text of an object).
+    pub labels: String,
+    /// Annotations (JSON text of an object).
+    pub annotations: String,
+    /// Raw alert with envelope (JSON text).
+    pub raw: String,
     /// Generator URL.
     pub generator_url: String,
     /// Source.
@@ -194,9 +194,9 @@ pub async fn alert_intake(
         severity.push(a.severity.as_deref());
         instance.push(a.instance.as_deref());
         job.push(a.job.as_deref());
-        labels.push(&a.labels);
-        annotations.push(&a.annotations);
-        raw.push(&a.raw);
+        labels.push(a.labels.as_str());
+        annotations.push(a.annotations.as_str());
+        raw.push(a.raw.as_str());
         generator.push(a.generator_url.as_str());
         source.push(a.source.as_deref());
     }
@@ -205,10 +205,11 @@ pub async fn alert_intake(
            instance, job, labels_json, annotations_json, raw_alert_json, generator_url, source, \
            receiver, group_key, external_url, resolved_at) \
          SELECT u.fingerprint, u.starts_at, u.ends_at, u.status, u.alert_name, u.severity, \
-           u.instance, u.job, u.labels, u.annotations, u.raw, u.generator_url, u.source, \
+           u.instance, u.job, u.labels::jsonb, u.annotations::jsonb, u.raw::jsonb, \
+           u.generator_url, u.source, \
            $14, $15, $16, CASE WHEN u.status = 'resolved' THEN now() END \
          FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[], \
-           $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::jsonb[], \
+           $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
            $12::text[], $13::text[]) WITH ORDINALITY AS u(fingerprint, starts_at, ends_at, status, \
            alert_name, severity, instance, job, labels, annotations, raw, generator_url, source, n) \
          ORDER BY u.n \
@@ -270,7 +271,7 @@ pub struct LockedAlerts {
     /// `alert_matching_version.version` as this statement saw it; `None` when no alert was
     /// found.
     pub matching_version: Option<i64>,
-    /// The alerts found, by id.
+    /// The alerts found, in locking order.
     pub alerts: Vec<AlertRow>,
 }
 
@@ -281,12 +282,15 @@ struct LockedAlertRow {
     alert: AlertRow,
 }
 
-/// Locks alerts for the rest of the transaction, in id order (so concurrent callers lock them
-/// in the same order), and reads the matching-configuration version in the same statement.
+/// Locks alerts for the rest of the transaction and reads the matching-configuration version in
+/// the same statement. Rows are locked in episode-key order, byte-wise: the order in which
+/// [`alert_intake`] locks them (its callers sort by fingerprint and start), so processing and a
+/// repeated notification of the same alerts cannot deadlock.
 pub async fn alert_lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> StoreResult<LockedAlerts> {
     let rows = sqlx::query_as::<_, LockedAlertRow>(sqlx::AssertSqlSafe(format!(
         "SELECT (SELECT version FROM alert_matching_version) AS matching_version, \
-           {ALERT_COLUMNS} FROM alerts WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+           {ALERT_COLUMNS} FROM alerts WHERE id = ANY($1) \
+         ORDER BY fingerprint COLLATE \"C\", starts_at FOR UPDATE"
     )))
     .bind(ids)
     .fetch_all(conn)
