@@ -93,14 +93,13 @@ drop_db apalis_bench
 
 # One row per queue: concurrency, burn-down jobs/s, pickup p50 and p99 (ms), parsed from the
 # figures each benchmark printed above.
-row() {
-    local label="$1" file="$2" conc rate lat
-    conc="$(grep -o 'concurrency [0-9]*' "$file" | head -1 | cut -d' ' -f2)"
-    rate="$(sed -n 's/.*burn-down.*= \([0-9]*\) jobs\/s.*/\1/p' "$file")"
-    lat="$(sed -n 's/.*p50 \([0-9.]*\) ms, p99 \([0-9.]*\) ms.*/\1 \2/p' "$file")"
-    printf '%-36s %11s %10s %10s %10s\n' "$label" "$conc" "$rate" ${lat}
-}
 rate_of() { sed -n 's/.*burn-down.*= \([0-9]*\) jobs\/s.*/\1/p' "$1"; }
+row() {
+    local label="$1" file="$2" conc lat
+    conc="$(grep -o 'concurrency [0-9]*' "$file" | head -1 | cut -d' ' -f2)"
+    lat="$(sed -n 's/.*p50 \([0-9.]*\) ms, p99 \([0-9.]*\) ms.*/\1 \2/p' "$file")"
+    printf '%-36s %11s %10s %10s %10s\n' "$label" "$conc" "$(rate_of "$file")" ${lat}
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 
 echo
