@@ -134,6 +134,11 @@ impl WorkerArgs {
     }
 }
 
+/// Connections a worker of `concurrency` needs at least.
+fn worker_connections(concurrency: usize) -> u32 {
+    u32::try_from(concurrency).unwrap_or(u32::MAX).saturating_add(6)
+}
+
 /// Parses the command line and runs it; the process exit code reflects success.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -169,10 +174,17 @@ pub fn main() -> ExitCode {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<sqlx::PgPool> {
+    connect_at_least(config, 0).await
+}
+
+/// A pool of `db_max_connections`, raised to `at_least` (a worker needs one connection per
+/// running job, which holds a transaction at its checkpoints, plus its claims, settling,
+/// heartbeats and its LISTEN connection).
+async fn connect_at_least(config: &Config, at_least: u32) -> anyhow::Result<sqlx::PgPool> {
     let url = config.database_url.as_deref().context(
         "DATABASE_URL is not set (only `aiops up` starts an embedded database by itself)",
     )?;
-    store::connect(url, config.db_max_connections)
+    store::connect(url, config.db_max_connections.max(at_least))
         .await
         .context("cannot connect to the database")
 }
@@ -191,7 +203,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
-            let pool = connect(&config).await?;
+            let pool = connect_at_least(&config, worker_connections(args.concurrency)).await?;
             let options = args.options()?.with_ssh(&pool, &config)?;
             crate::worker::run(pool, options, startup::shutdown_signal()).await
         }
@@ -245,7 +257,15 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
 }
 
 async fn up_with_database(config: Config) -> anyhow::Result<()> {
-    let pool = connect(&config).await?;
+    let worker_args = WorkerArgs::from_env()?;
+    // The API and the worker share the pool: the API's share plus what the worker needs.
+    let pool = connect_at_least(
+        &config,
+        config
+            .db_max_connections
+            .saturating_add(worker_connections(worker_args.concurrency)),
+    )
+    .await?;
     store::migrate(&pool).await.context("migration failed")?;
     runbook::apply_workflows_at_start(&pool, &config.workflows_dir).await?;
     if let Some(admin) = startup::ensure_first_admin(&pool).await? {
@@ -263,9 +283,7 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(app.run_until(wait_stop(stop_rx.clone())));
     let worker = tokio::spawn(crate::worker::run(
         pool.clone(),
-        WorkerArgs::from_env()?
-            .options()?
-            .with_ssh(&pool, &config)?,
+        worker_args.options()?.with_ssh(&pool, &config)?,
         wait_stop(stop_rx),
     ));
     startup::shutdown_signal().await;

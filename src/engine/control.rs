@@ -14,7 +14,7 @@ use crate::store::{self, executions::ExecutionRow};
 
 use super::snapshot::{RunbookSnapshot, snapshot_load};
 use super::{
-    EVENTS_CHANNEL, Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE,
+    Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE,
     KIND_ROLLBACK, RollbackPayload, start_job, step_job,
 };
 
@@ -125,12 +125,6 @@ pub(crate) async fn log(
 ) -> Result<(), EngineError> {
     let entry = json!({ "at": Utc::now(), "event": event, "details": details });
     store::executions::execution_log_append(conn, id, &entry).await?;
-    store::executions::event_append(conn, id, None, "status", &entry.to_string()).await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(EVENTS_CHANNEL)
-        .bind(id.to_string())
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -337,11 +331,15 @@ pub(crate) fn approval_expiry_job(execution_id: Uuid, at: chrono::DateTime<Utc>)
     job
 }
 
+fn deadline_key(execution_id: Uuid) -> String {
+    format!("execution:{execution_id}:deadline")
+}
+
 /// The job that enforces the runbook timeout.
 pub(crate) fn deadline_job(execution_id: Uuid, at: chrono::DateTime<Utc>) -> NewJob {
     let mut job = NewJob::new(KIND_DEADLINE, json!(ExecutionPayload { execution_id }));
     job.run_at = Some(at);
-    job.unique_key = Some(format!("execution:{execution_id}:deadline"));
+    job.unique_key = Some(deadline_key(execution_id));
     job
 }
 
@@ -391,6 +389,8 @@ pub(crate) async fn finish_run(
                     None,
                 )
                 .await?;
+                // The runbook deadline's timer is no longer needed.
+                store::jobs::job_cancel_pending(conn, &deadline_key(row.id)).await?;
             }
             Effect::Rollback => rollback_then = Some(None),
             Effect::ScheduleRetry { attempt } => rollback_then = Some(Some(*attempt as i32)),

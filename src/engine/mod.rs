@@ -51,7 +51,7 @@ pub const KIND_DEADLINE: &str = "execution.deadline";
 /// Job kind: an approval request's deadline passed.
 pub const KIND_APPROVAL_EXPIRY: &str = "execution.approval_expiry";
 /// The channel workers notify when an execution gets new events (payload: execution id).
-pub const EVENTS_CHANNEL: &str = "aiops_execution_events";
+pub use crate::store::executions::EVENTS_CHANNEL;
 
 /// Something the engine cannot do.
 #[derive(Debug, thiserror::Error)]

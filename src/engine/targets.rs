@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use sqlx::PgPool;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::exec::Target;
@@ -28,14 +28,22 @@ pub type ResolveFuture<'a> =
 /// Resolves an execution's server.
 pub trait TargetResolver: Send + Sync {
     /// The target for `server_id` (`None`: the worker's own host).
-    fn resolve<'a>(&'a self, pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a>;
+    fn resolve<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        server_id: Option<Uuid>,
+    ) -> ResolveFuture<'a>;
 }
 
 /// Runs everything on the worker's host; refuses server targets.
 pub struct LocalOnly;
 
 impl TargetResolver for LocalOnly {
-    fn resolve<'a>(&'a self, _pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a> {
+    fn resolve<'a>(
+        &'a self,
+        _conn: &'a mut PgConnection,
+        server_id: Option<Uuid>,
+    ) -> ResolveFuture<'a> {
         Box::pin(async move {
             match server_id {
                 None => Ok(ResolvedTarget {
@@ -61,13 +69,16 @@ pub struct DatabaseTargets {
 }
 
 impl TargetResolver for DatabaseTargets {
-    fn resolve<'a>(&'a self, pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a> {
+    fn resolve<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        server_id: Option<Uuid>,
+    ) -> ResolveFuture<'a> {
         Box::pin(async move {
             let Some(id) = server_id else {
-                return LocalOnly.resolve(pool, None).await;
+                return LocalOnly.resolve(conn, None).await;
             };
-            let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
-            let row = crate::store::servers::server_get(&mut conn, id)
+            let row = crate::store::servers::server_get(conn, id)
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("server {id} no longer exists"))?;
