@@ -136,7 +136,9 @@ impl WorkerArgs {
 
 /// Connections a worker of `concurrency` needs at least.
 fn worker_connections(concurrency: usize) -> u32 {
-    u32::try_from(concurrency).unwrap_or(u32::MAX).saturating_add(6)
+    u32::try_from(concurrency)
+        .unwrap_or(u32::MAX)
+        .saturating_add(6)
 }
 
 /// Parses the command line and runs it; the process exit code reflects success.

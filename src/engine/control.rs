@@ -14,8 +14,8 @@ use crate::store::{self, executions::ExecutionRow};
 
 use super::snapshot::{RunbookSnapshot, snapshot_load};
 use super::{
-    Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE,
-    KIND_ROLLBACK, RollbackPayload, start_job, step_job,
+    Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE, KIND_ROLLBACK,
+    RollbackPayload, start_job, step_job,
 };
 
 /// A request to run a runbook.

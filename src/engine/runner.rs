@@ -495,8 +495,8 @@ async fn append(
     let Ok(mut conn) = pool.acquire().await else {
         return;
     };
-    let _ = store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text)
-        .await;
+    let _ =
+        store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text).await;
 }
 
 /// Enqueues the next step, or ends the run successfully after the last one; completes the job

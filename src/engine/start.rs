@@ -19,9 +19,7 @@ use crate::domain::execution::{Event, transition};
 use crate::queue::{JobContext, JobError};
 use crate::store;
 
-use super::control::{
-    approval_expiry_job, deadline_job, log, refuse, snapshot_of, state_of,
-};
+use super::control::{approval_expiry_job, deadline_job, log, refuse, snapshot_of, state_of};
 use super::snapshot::runbook_status;
 use super::{Engine, ExecutionPayload, step_job};
 

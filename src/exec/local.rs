@@ -6,9 +6,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
-use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::sync::mpsc;
 
 use super::{

@@ -587,9 +587,9 @@ async fn run_chain(inner: &Arc<Inner>, job: ClaimedJob, done: &mpsc::UnboundedSe
         let finished = execute(inner.clone(), job).await;
         next = finished.state.take_continuation();
         let _ = done.send(finished);
-        if let Some(job) = next.take_if(|_| {
-            inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow()
-        }) {
+        if let Some(job) =
+            next.take_if(|_| inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow())
+        {
             let _ = done.send(Finished {
                 id: job.id,
                 token: job.lease_token,
