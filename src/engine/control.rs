@@ -37,10 +37,12 @@ pub struct StartRequest {
     pub batch: Option<(Uuid, i32)>,
 }
 
-/// Creates a pending execution and enqueues its start job, in the caller's transaction.
+/// Creates a pending execution and enqueues its start job, in the caller's transaction. Secret
+/// variables are sealed with `keyring` (see [`super::secret_vars`]).
 pub async fn create_execution(
     conn: &mut PgConnection,
     req: &StartRequest,
+    keyring: Option<&crate::crypto::secrets::Keyring>,
 ) -> Result<Uuid, EngineError> {
     let (snapshot, _status) = snapshot_load(conn, req.runbook_id)
         .await?
@@ -76,10 +78,14 @@ pub async fn create_execution(
         field: "runbook_id".into(),
         reason: e.to_string(),
     })?;
-    let context = Value::Object(req.variables.clone());
+    let id = Uuid::new_v4();
+    let (stored_vars, sealed) = super::secret_vars::seal(id, &snapshot, &req.variables, keyring)?;
+    let context = Value::Object(stored_vars);
     let id = store::executions::execution_create(
         conn,
         &store::executions::NewExecution {
+            id,
+            secret_vars_encrypted: sealed.as_deref(),
             runbook_id: req.runbook_id,
             runbook_version: snapshot.version,
             server_id: req.server_id,

@@ -22,6 +22,7 @@ pub mod control;
 pub mod masking;
 pub mod rollback;
 pub mod runner;
+pub mod secret_vars;
 pub mod snapshot;
 pub mod start;
 pub mod targets;
@@ -124,6 +125,8 @@ pub struct Engine {
     pub local: Arc<dyn StepExecutor>,
     /// Runs commands over SSH, when configured.
     pub ssh: Option<Arc<dyn StepExecutor>>,
+    /// Seals and opens secret variables; `None` when no secret key is configured.
+    pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
     /// Tunables.
     pub settings: EngineSettings,
 }

@@ -26,7 +26,8 @@ use crate::store::{self, executions::ExecutionRow, executions::StepResult, execu
 use crate::templates::{Renderer, StepOutput, TemplateContext};
 
 use super::control::{finish_run, log, snapshot_of};
-use super::masking::{Masker, is_secret_name};
+use super::masking::Masker;
+use super::secret_vars::{self, is_secret_var};
 use super::snapshot::{RunbookSnapshot, StepSnapshot};
 use super::{Engine, EngineError, StepPayload, step_job};
 
@@ -34,7 +35,12 @@ use super::{Engine, EngineError, StepPayload, step_job};
 pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: StepPayload = ctx.payload_as()?;
     // Checkpoint: the attempt row, in one lease-fenced transaction with the reads it needs.
+    // Its commit does not wait for the WAL flush: only a crash of the PostgreSQL server itself
+    // within the WAL writer's delay could lose it, and then the job is still running under its
+    // lease and the step simply runs again; the step's result is committed durably below, and
+    // that commit flushes this one too.
     let mut g = ctx.lease().guarded_tx().await?;
+    store::relax_commit_durability(g.conn()).await?;
     let Some(row) = store::executions::execution_get(g.conn(), p.execution_id).await? else {
         return g.complete().await;
     };
@@ -60,9 +66,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         Ok(r) => (Some(r.target), r.secrets, r.server),
         Err(e) => (None, Vec::new(), json!({ "error": e })),
     };
-    let vars = variables(&snapshot, &row);
+    let (vars, vars_error) = match variables(engine, &snapshot, &row) {
+        Ok(vars) => (vars, None),
+        Err(e) => (BTreeMap::new(), Some(e)),
+    };
     for (name, value) in &vars {
-        if is_secret_name(name) || snapshot.secret_var_names().contains(name) {
+        if is_secret_var(&snapshot, name) {
             secrets.push(value.clone());
         }
     }
@@ -83,7 +92,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             .cloned()
             .chain(rendered_vars.iter().flat_map(|m| {
                 m.iter()
-                    .filter(|(k, _)| is_secret_name(k) || snapshot.secret_var_names().contains(k))
+                    .filter(|(k, _)| is_secret_var(&snapshot, k))
                     .map(|(_, v)| v.clone())
                     .collect::<Vec<_>>()
             })),
@@ -91,6 +100,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     // Render: condition, then command. A template error fails the attempt without running.
     let prepared: Result<Option<String>, String> = match &rendered_vars {
+        _ if vars_error.is_some() => Err(vars_error.clone().unwrap_or_default()),
         Err((name, e)) => Err(format!("variable {name}: {e}")),
         Ok(rvars) => match step.condition.as_deref() {
             Some(cond) => match renderer.eval_condition(cond, &tctx, rvars) {
@@ -517,19 +527,25 @@ async fn advance(
     g.complete().await
 }
 
-/// The runbook's variables, overridden by the execution's variables of the same name.
-fn variables(snapshot: &RunbookSnapshot, row: &ExecutionRow) -> BTreeMap<String, String> {
+/// The runbook's variables, overridden by the execution's variables of the same name, with the
+/// execution's secret variables opened.
+fn variables(
+    engine: &Engine,
+    snapshot: &RunbookSnapshot,
+    row: &ExecutionRow,
+) -> Result<BTreeMap<String, String>, String> {
     let mut vars = snapshot.environment_vars.clone();
     if let Value::Object(map) = &row.context_vars {
         for (k, v) in map {
-            let text = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            vars.insert(k.clone(), text);
+            vars.insert(k.clone(), secret_vars::value_text(v));
         }
     }
-    vars
+    vars.extend(secret_vars::open(
+        row.id,
+        row.secret_vars_encrypted.as_deref(),
+        engine.keyring.as_deref(),
+    )?);
+    Ok(vars)
 }
 
 fn valid_env_name(name: &str) -> bool {

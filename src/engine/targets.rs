@@ -63,7 +63,7 @@ impl TargetResolver for LocalOnly {
 /// the keyring (in memory only) and their secrets masked; the worker's own host needs no row.
 pub struct DatabaseTargets {
     /// Opens the stored credentials; `None` when no secret key is configured.
-    pub keyring: Option<crate::crypto::secrets::Keyring>,
+    pub keyring: Option<std::sync::Arc<crate::crypto::secrets::Keyring>>,
     /// SSH connect timeout.
     pub connect_timeout: std::time::Duration,
 }
@@ -88,7 +88,7 @@ impl TargetResolver for DatabaseTargets {
                 "environment": row.environment, "tags": row.tags,
             });
             let target =
-                crate::servers::ssh_target(&row, self.keyring.as_ref(), self.connect_timeout)
+                crate::servers::ssh_target(&row, self.keyring.as_deref(), self.connect_timeout)
                     .map_err(|e| e.to_string())?;
             let secrets = match &target.auth {
                 crate::exec::SshAuth::Password(p) => vec![p.clone()],

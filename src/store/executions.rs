@@ -18,7 +18,8 @@ macro_rules! select_execution {
              duration_ms, initiated_by, approved_by, approved_at, error_message, output_summary, \
              context_vars, execution_log, runbook_snapshot, attempt, max_attempts, \
              awaiting_approval, approval_expires_at, cancel_requested_at, cancelled_by, batch_id, \
-             batch_concurrency, breaker_probe, refused_by FROM runbook_executions ",
+             batch_concurrency, breaker_probe, refused_by, secret_vars_encrypted \
+             FROM runbook_executions ",
             $tail
         )
     };
@@ -102,11 +103,15 @@ pub struct ExecutionRow {
     pub breaker_probe: bool,
     /// The gate that refused the run.
     pub refused_by: Option<String>,
+    /// Envelope of the secret variables (opened only by the worker running the steps).
+    pub secret_vars_encrypted: Option<String>,
 }
 
 /// Fields of a new execution.
 #[derive(Debug, Clone)]
 pub struct NewExecution<'a> {
+    /// Primary key, chosen by the caller (secret variables are sealed to it).
+    pub id: Uuid,
     /// Runbook.
     pub runbook_id: Uuid,
     /// Its version.
@@ -131,6 +136,8 @@ pub struct NewExecution<'a> {
     pub batch_id: Option<Uuid>,
     /// Fan-out concurrency.
     pub batch_concurrency: Option<i32>,
+    /// Envelope of the secret variables.
+    pub secret_vars_encrypted: Option<&'a str>,
 }
 
 /// Inserts a pending execution.
@@ -141,8 +148,9 @@ pub async fn execution_create(
     Ok(sqlx::query_scalar(
         "INSERT INTO runbook_executions (runbook_id, runbook_version, server_id, alert_id, \
            trigger_id, mode, initiated_by, context_vars, runbook_snapshot, max_attempts, batch_id, \
-           batch_concurrency) \
-         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12) RETURNING id",
+           batch_concurrency, id, secret_vars_encrypted) \
+         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12, $13, $14) \
+         RETURNING id",
     )
     .bind(new.runbook_id)
     .bind(new.runbook_version)
@@ -156,6 +164,8 @@ pub async fn execution_create(
     .bind(new.max_attempts)
     .bind(new.batch_id)
     .bind(new.batch_concurrency)
+    .bind(new.id)
+    .bind(new.secret_vars_encrypted)
     .fetch_one(conn)
     .await?)
 }
