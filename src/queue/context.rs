@@ -30,6 +30,9 @@ pub(crate) struct LeaseState {
     lost_notify: Notify,
     /// The handler completed the job itself (in a guarded transaction).
     pub(crate) settled: AtomicBool,
+    /// The handler's guarded completion is committing: a heartbeat that no longer finds the
+    /// job running is seeing that completion, not a lost lease.
+    pub(crate) completing: AtomicBool,
     /// The handler enqueued jobs: wake workers after settling.
     pub(crate) enqueued: AtomicBool,
     /// A job this attempt enqueued already claimed by the same worker, committed: the worker
@@ -205,6 +208,7 @@ impl GuardedTx {
     /// Marks the job completed and commits it together with everything written in this
     /// transaction.
     pub async fn complete(mut self) -> Result<(), JobError> {
+        self.lease.state.completing.store(true, Ordering::SeqCst);
         if !store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token).await? {
             self.lease.state.mark_lost();
             return Err(JobError::LeaseLost);

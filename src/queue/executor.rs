@@ -290,6 +290,7 @@ impl Worker {
         let heartbeat = tokio::spawn(heartbeat_loop(inner.clone(), stop_rx.clone()));
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
+        let mut claimed_total = 0usize;
         tokio::pin!(shutdown);
         tracing::info!(worker = %inner.id, "worker running");
         loop {
@@ -300,6 +301,7 @@ impl Worker {
                 match inner.claim(free).await {
                     Ok(jobs) => {
                         drained = jobs.len() < free;
+                        claimed_total += jobs.len();
                         for job in jobs {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
@@ -357,7 +359,8 @@ impl Worker {
         }
         let _ = stop_tx.send(true);
         drop(done_tx);
-        let totals = settler.await.unwrap_or_default();
+        let mut totals = settler.await.unwrap_or_default();
+        totals.claimed = claimed_total;
         let _ = heartbeat.await;
         for task in background {
             let _ = task.await;
@@ -397,6 +400,7 @@ impl Inner {
         for id in ids.iter().filter(|id| !held.contains(id)) {
             if let Some((_, state)) = running.get(id)
                 && !state.settled.load(Ordering::SeqCst)
+                && !state.completing.load(Ordering::SeqCst)
             {
                 tracing::warn!(
                     job = id,
