@@ -20,6 +20,7 @@ async fn a_debug_level_worker_never_logs_a_secret() {
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
         .args(["worker", "--poll-ms", "50", "--maintenance-ms", "200"])
         .env("DATABASE_URL", &app.database_url)
+        .env("AIOPS_SECRET_KEY", common::TEST_SECRET_KEY)
         .env("AIOPS_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -65,17 +66,36 @@ async fn a_debug_level_worker_never_logs_a_secret() {
         !stderr.contains(&secret) && !stdout.contains(&secret),
         "secret in the worker log"
     );
-    let in_db: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM step_executions WHERE concat(stdout, stderr, command, error_message) LIKE '%' || $1 || '%') \
-         + (SELECT count(*) FROM execution_events WHERE data LIKE '%' || $1 || '%') \
-         + (SELECT count(*) FROM runbook_executions WHERE concat(error_message, output_summary, execution_log::text) LIKE '%' || $1 || '%') \
-         + (SELECT count(*) FROM jobs WHERE concat(payload::text, last_error) LIKE '%' || $1 || '%')",
+    // Every column of every row of every table, as text.
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(table_name) FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
     )
-    .bind(&secret)
-    .fetch_one(&app.pool)
+    .fetch_all(&app.pool)
     .await
     .unwrap();
-    assert_eq!(in_db, 0);
+    assert!(tables.len() > 20, "{tables:?}");
+    for table in tables {
+        // The names come from the catalog and are quoted with quote_ident.
+        let hits: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} t WHERE t::text LIKE '%' || $1 || '%'"
+        )))
+        .bind(&secret)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(hits, 0, "the secret is stored in plaintext in {table}");
+    }
+    let sealed: Option<String> =
+        sqlx::query_scalar("SELECT secret_vars_encrypted FROM runbook_executions WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(
+        sealed.is_some_and(|e| e.starts_with("v1:test:")),
+        "the secret variable is sealed under the configured key"
+    );
 
     // Filters on the list.
     let (_, failed) = app
@@ -90,4 +110,37 @@ async fn a_debug_level_worker_never_logs_a_secret() {
     assert_eq!(none["total"], 0);
     let (status, body) = app.get("/executions?status=exploded").await;
     assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn secret_variables_are_refused_without_a_secret_key() {
+    let app = common::spawn_app_with(|c| c.secret_key = None).await;
+    let runbook = app
+        .runbook_from_yaml("name: no-key\nmode: auto\nsteps:\n  - name: s\n    command: \"true\"\n")
+        .await;
+    let (status, body) = app
+        .call(
+            reqwest::Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook, "variables": { "SERVICE": "web", "api_token": "t0p" } })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "variables.api_token", "{body}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM runbook_executions")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing was stored");
+    // Without secret variables the same runbook starts.
+    let (status, body) = app
+        .call(
+            reqwest::Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook, "variables": { "SERVICE": "web" } })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
 }

@@ -365,7 +365,8 @@ async fn match_triggers(
         trigger_id: Some(t.id),
         batch: None,
     };
-    match super::create_execution(conn, &request).await {
+    // Alert-started runs carry no variables, so nothing needs sealing.
+    match super::create_execution(conn, &request, None).await {
         Ok(execution_id) => decide(
             "execution_created",
             None,

@@ -22,6 +22,7 @@ pub mod control;
 pub mod masking;
 pub mod rollback;
 pub mod runner;
+pub mod secret_vars;
 pub mod snapshot;
 pub mod start;
 pub mod targets;
@@ -51,7 +52,7 @@ pub const KIND_DEADLINE: &str = "execution.deadline";
 /// Job kind: an approval request's deadline passed.
 pub const KIND_APPROVAL_EXPIRY: &str = "execution.approval_expiry";
 /// The channel workers notify when an execution gets new events (payload: execution id).
-pub const EVENTS_CHANNEL: &str = "aiops_execution_events";
+pub use crate::store::executions::EVENTS_CHANNEL;
 
 /// Something the engine cannot do.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +125,8 @@ pub struct Engine {
     pub local: Arc<dyn StepExecutor>,
     /// Runs commands over SSH, when configured.
     pub ssh: Option<Arc<dyn StepExecutor>>,
+    /// Seals and opens secret variables; `None` when no secret key is configured.
+    pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
     /// Tunables.
     pub settings: EngineSettings,
 }

@@ -15,14 +15,17 @@ pub enum SecretColumn {
     ServerPassword,
     /// `llm_providers.api_key_encrypted`.
     LlmApiKey,
+    /// `runbook_executions.secret_vars_encrypted`.
+    ExecutionSecretVars,
 }
 
 impl SecretColumn {
     /// Every encrypted column in the schema.
-    pub const ALL: [SecretColumn; 3] = [
+    pub const ALL: [SecretColumn; 4] = [
         SecretColumn::ServerSshKey,
         SecretColumn::ServerPassword,
         SecretColumn::LlmApiKey,
+        SecretColumn::ExecutionSecretVars,
     ];
 
     /// (table, column), which is also the associated data the envelope is bound to.
@@ -31,6 +34,7 @@ impl SecretColumn {
             SecretColumn::ServerSshKey => ("server_credentials", "ssh_key_encrypted"),
             SecretColumn::ServerPassword => ("server_credentials", "password_encrypted"),
             SecretColumn::LlmApiKey => ("llm_providers", "api_key_encrypted"),
+            SecretColumn::ExecutionSecretVars => ("runbook_executions", "secret_vars_encrypted"),
         }
     }
 }
@@ -57,6 +61,10 @@ pub async fn secret_stale_ids(
             "SELECT id FROM llm_providers WHERE api_key_encrypted IS NOT NULL \
              AND left(api_key_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
         }
+        SecretColumn::ExecutionSecretVars => {
+            "SELECT id FROM runbook_executions WHERE secret_vars_encrypted IS NOT NULL \
+             AND left(secret_vars_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
+        }
     };
     Ok(sqlx::query_scalar(sql)
         .bind(current_prefix)
@@ -82,6 +90,9 @@ pub async fn secret_get_for_update(
         SecretColumn::LlmApiKey => {
             "SELECT api_key_encrypted FROM llm_providers WHERE id = $1 FOR UPDATE"
         }
+        SecretColumn::ExecutionSecretVars => {
+            "SELECT secret_vars_encrypted FROM runbook_executions WHERE id = $1 FOR UPDATE"
+        }
     };
     let value: Option<Option<String>> = sqlx::query_scalar(sql)
         .bind(id)
@@ -105,6 +116,9 @@ pub async fn secret_set(
             "UPDATE server_credentials SET password_encrypted = $2 WHERE id = $1"
         }
         SecretColumn::LlmApiKey => "UPDATE llm_providers SET api_key_encrypted = $2 WHERE id = $1",
+        SecretColumn::ExecutionSecretVars => {
+            "UPDATE runbook_executions SET secret_vars_encrypted = $2 WHERE id = $1"
+        }
     };
     sqlx::query(sql)
         .bind(id)

@@ -126,6 +126,10 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// The fixed secret key of test apps and test workers (`id:hex`, as AIOPS_SECRET_KEY takes it).
+pub const TEST_SECRET_KEY: &str =
+    "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
 /// Starts the real server on port 0 after letting the test adjust the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
@@ -139,9 +143,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         // A fixed test key so that endpoints storing secrets work; tests may replace it.
-        secret_key: Some(
-            "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f".to_owned(),
-        ),
+        secret_key: Some(TEST_SECRET_KEY.to_owned()),
         ..Config::default()
     };
     adjust(&mut config);
@@ -331,7 +333,12 @@ impl TestWorker {
         };
         let options = match config {
             Some(c) => options.with_ssh(pool, c).expect("ssh options"),
-            None => options,
+            None => options
+                .with_keyring(&Config {
+                    secret_key: Some(TEST_SECRET_KEY.to_owned()),
+                    ..Config::default()
+                })
+                .expect("the test keyring"),
         };
         let registry = aiops::worker::registry(&options, pool).expect("registry");
         let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)
