@@ -50,6 +50,10 @@ pub struct WorkerConfig {
     pub notify_debounce: Duration,
     /// Most results settled in one statement.
     pub settle_batch: usize,
+    /// While some of its slots are busy, the worker claims at most once per this interval, so
+    /// slots that free up one by one are refilled by one claim instead of one claim each. An
+    /// idle worker claims at once.
+    pub claim_cooldown: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +67,7 @@ impl Default for WorkerConfig {
             grace_period: Duration::from_secs(30),
             notify_debounce: Duration::from_millis(20),
             settle_batch: 1000,
+            claim_cooldown: Duration::from_millis(2),
         }
     }
 }
@@ -291,13 +296,24 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut claimed_total = 0usize;
+        let mut last_claim = tokio::time::Instant::now() - inner.config.claim_cooldown;
+        let concurrency = inner.config.concurrency.max(1);
         tokio::pin!(shutdown);
         tracing::info!(worker = %inner.id, "worker running");
         loop {
             while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits();
+            let mut free = slots.available_permits();
+            if free > 0 && free < concurrency {
+                let next = last_claim + inner.config.claim_cooldown;
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep_until(next) => {}
+                }
+                free = slots.available_permits();
+            }
             let mut drained = true;
             if free > 0 {
+                last_claim = tokio::time::Instant::now();
                 match inner.claim(free).await {
                     Ok(jobs) => {
                         drained = jobs.len() < free;
