@@ -30,6 +30,8 @@ pub struct WorkerOptions {
     pub ssh: Option<Arc<dyn StepExecutor>>,
     /// Opens server credentials and executions' secret variables.
     pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
+    /// Execution engine tunables (output caps, cancel fallback poll).
+    pub engine: EngineSettings,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -53,6 +55,7 @@ impl Default for WorkerOptions {
             targets: Arc::new(LocalOnly),
             ssh: None,
             keyring: None,
+            engine: EngineSettings::default(),
         }
     }
 }
@@ -98,7 +101,8 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
         local: Arc::new(LocalExecutor),
         ssh: options.ssh.clone(),
         keyring: options.keyring.clone(),
-        settings: EngineSettings::default(),
+        ended: engine::control_feed(pool),
+        settings: options.engine.clone(),
     });
     engine::register(&mut registry, engine);
     if options.test_kinds {

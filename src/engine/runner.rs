@@ -376,8 +376,8 @@ fn judge(
     }
 }
 
-/// Runs the command while a watcher turns cancel requests, status changes and a lost lease into
-/// cancellation, and a streamer appends masked output lines to the live event log.
+/// Runs the command while a watcher turns the end of the execution (notified, or found by a
+/// fallback poll) and a lost lease into cancellation, and a streamer appends masked output lines to the live event log.
 #[allow(clippy::too_many_arguments)]
 async fn run_command(
     engine: &Engine,
@@ -405,12 +405,23 @@ async fn run_command(
         let lease = ctx.lease().clone();
         let id = row.id;
         let poll = engine.settings.cancel_poll;
+        let mut ended = engine.ended.subscribe();
         tokio::spawn(async move {
+            let mut fallback = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+            fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // The end of the execution is notified; the poll is the fallback.
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = lease.lost() => { cancel.cancel(); return; }
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = fallback.tick() => {}
+                    msg = ended.recv() => match msg {
+                        Ok(ended_id) if ended_id != id => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            fallback.tick().await;
+                        }
+                    },
                 }
                 let Ok(mut conn) = pool.acquire().await else {
                     continue;

@@ -344,7 +344,8 @@ pub async fn execution_finish(
            error_message = COALESCE($4, error_message), \
            output_summary = COALESCE($5, output_summary), refused_by = COALESCE($6, refused_by), \
            awaiting_approval = false \
-         WHERE id = $1 AND status::text = ANY($2)",
+         WHERE id = $1 AND status::text = ANY($2) \
+         RETURNING pg_notify($7, $1::text)",
     )
     .bind(id)
     .bind(&from)
@@ -352,9 +353,22 @@ pub async fn execution_finish(
     .bind(error_message)
     .bind(output_summary)
     .bind(refused_by)
+    .bind(CONTROL_CHANNEL)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The channel that carries "execution X ended" (payload: the execution id), sent on commit of
+/// every end of an execution (completed, failed, timeout, cancelled): a worker running one of
+/// its steps stops the command at once instead of at its next status poll.
+pub const CONTROL_CHANNEL: &str = "aiops_execution_control";
+
+/// A listener on [`CONTROL_CHANNEL`] using one connection of `pool`.
+pub async fn control_listener(pool: &sqlx::PgPool) -> StoreResult<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(CONTROL_CHANNEL).await?;
+    Ok(listener)
 }
 
 /// Records a cancel request (idempotent); returns the row's status after the request.

@@ -318,7 +318,23 @@ impl TestWorker {
         Self::start_with(pool, Some(config)).await
     }
 
+    /// Starts a worker (as [`TestWorker::start`]) after letting the test adjust its options.
+    pub async fn start_adjusted(
+        pool: &PgPool,
+        adjust: impl FnOnce(&mut aiops::worker::WorkerOptions),
+    ) -> TestWorker {
+        Self::start_inner(pool, None, adjust).await
+    }
+
     async fn start_with(pool: &PgPool, config: Option<&Config>) -> TestWorker {
+        Self::start_inner(pool, config, |_| {}).await
+    }
+
+    async fn start_inner(
+        pool: &PgPool,
+        config: Option<&Config>,
+        adjust: impl FnOnce(&mut aiops::worker::WorkerOptions),
+    ) -> TestWorker {
         let options = aiops::worker::WorkerOptions {
             queue: aiops::queue::WorkerConfig {
                 concurrency: 4,
@@ -340,6 +356,8 @@ impl TestWorker {
                 })
                 .expect("the test keyring"),
         };
+        let mut options = options;
+        adjust(&mut options);
         let registry = aiops::worker::registry(&options, pool).expect("registry");
         let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)
             .await
