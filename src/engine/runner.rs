@@ -83,7 +83,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         return Ok(());
     }
     let retry_attempt = i32::try_from(attempts).unwrap_or(i32::MAX);
-    let tctx = template_context(g.conn(), &row, &snapshot, p.index, server_json).await?;
+    let (tctx, captured_secrets, captured_error) =
+        template_context(engine, g.conn(), &row, &snapshot, p.index, server_json).await?;
+    secrets.extend(captured_secrets);
+    let vars_error = vars_error.or(captured_error);
     let renderer = Renderer::new(target_os(&snapshot));
     let rendered_vars = renderer.render_vars(&vars, &tctx);
     let masker = Masker::new(
@@ -211,6 +214,27 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let mut g = ctx.lease().guarded_tx().await?;
     let current = store::executions::execution_lock(g.conn(), row.id).await?;
     let verdict = judge(&step, &run, &masker, step_timeout);
+    // A sensitive step's captured output is kept only sealed, for later steps to read.
+    let sealed_output = match (&run, step.sensitive && step.capture_output) {
+        (RunResult::Ran(Ok(o)), true) => match engine.keyring.as_deref() {
+            Some(keyring) => Some(
+                secret_vars::seal_step_output(keyring, step_row, &o.stdout, &o.stderr)
+                    .map_err(JobError::Permanent)?,
+            ),
+            None => {
+                log(
+                    g.conn(),
+                    row.id,
+                    "sensitive_output_not_captured",
+                    json!({ "step": step.name,
+                            "reason": "no secret key is configured to seal it" }),
+                )
+                .await?;
+                None
+            }
+        },
+        _ => None,
+    };
     store::executions::step_finish(
         g.conn(),
         step_row,
@@ -224,6 +248,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             skipped: false,
             error_message: verdict.error.as_deref(),
             command: None,
+            output_encrypted: sealed_output.as_deref(),
         },
         Some(
             &json!({ "step": step.name, "status": verdict.status,
@@ -576,14 +601,18 @@ fn target_os(snapshot: &RunbookSnapshot) -> crate::domain::runbook::TargetOs {
 }
 
 /// What templates see: the alert, the server, the execution and the captured outputs of earlier
-/// steps of this attempt, read back from the database.
+/// steps of this attempt, read back from the database (sealed outputs of sensitive steps opened;
+/// they are returned too, to be masked).
 async fn template_context(
+    engine: &Engine,
     conn: &mut sqlx::PgConnection,
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
     index: usize,
     server: Value,
-) -> Result<TemplateContext, EngineError> {
+) -> Result<(TemplateContext, Vec<String>, Option<String>), EngineError> {
+    let mut sensitive = Vec::new();
+    let mut open_error = None;
     let alert = match row.alert_id {
         Some(id) => match store::executions::execution_alert(conn, id).await? {
             Some(a) => json!({
@@ -611,17 +640,44 @@ async fn template_context(
             .iter()
             .any(|s| s.step_order == done.step_order && s.capture_output);
         if captured && !done.skipped {
+            let (stdout, stderr) = match &done.output_encrypted {
+                Some(envelope) => {
+                    match secret_vars::open_step_output(
+                        engine.keyring.as_deref(),
+                        done.id,
+                        envelope,
+                    ) {
+                        Ok((out, err)) => {
+                            sensitive.extend(
+                                [out.trim(), err.trim()]
+                                    .into_iter()
+                                    .filter(|v| !v.is_empty())
+                                    .map(str::to_owned),
+                            );
+                            (out, err)
+                        }
+                        Err(e) => {
+                            open_error = Some(format!("steps.{}: {e}", done.step_name));
+                            (String::new(), String::new())
+                        }
+                    }
+                }
+                None => (
+                    done.stdout.clone().unwrap_or_default(),
+                    done.stderr.clone().unwrap_or_default(),
+                ),
+            };
             steps.insert(
                 done.step_name.clone(),
                 StepOutput {
-                    stdout: done.stdout.clone().unwrap_or_default(),
-                    stderr: done.stderr.clone().unwrap_or_default(),
+                    stdout,
+                    stderr,
                     exit_code: done.exit_code.unwrap_or(-1),
                 },
             );
         }
     }
-    Ok(TemplateContext {
+    let tctx = TemplateContext {
         alert,
         server,
         execution: json!({
@@ -633,5 +689,6 @@ async fn template_context(
             "variables": row.context_vars,
         }),
         steps,
-    })
+    };
+    Ok((tctx, sensitive, open_error))
 }

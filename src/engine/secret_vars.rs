@@ -102,3 +102,47 @@ pub fn open(
         .map(|(k, v)| (k.clone(), value_text(v)))
         .collect())
 }
+
+/// Seals the captured output of a `sensitive` step (stored in `step_executions.output_encrypted`
+/// of its attempt row `step_row`; stdout and stderr keep only a mask).
+pub fn seal_step_output(
+    keyring: &Keyring,
+    step_row: Uuid,
+    stdout: &str,
+    stderr: &str,
+) -> Result<String, String> {
+    keyring
+        .seal_str(
+            SecretSlot {
+                table: "step_executions",
+                row_id: step_row,
+                column: "output_encrypted",
+            },
+            &serde_json::json!({ "stdout": stdout, "stderr": stderr }).to_string(),
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// Opens what [`seal_step_output`] sealed: (stdout, stderr).
+pub fn open_step_output(
+    keyring: Option<&Keyring>,
+    step_row: Uuid,
+    envelope: &str,
+) -> Result<(String, String), String> {
+    let keyring = keyring.ok_or_else(|| {
+        "a sensitive step's captured output is sealed and this worker has no secret key".to_owned()
+    })?;
+    let text = keyring
+        .open_str(
+            SecretSlot {
+                table: "step_executions",
+                row_id: step_row,
+                column: "output_encrypted",
+            },
+            envelope,
+        )
+        .map_err(|e| format!("captured output: {e}"))?;
+    let value: Value = serde_json::from_str(&text).map_err(|e| format!("captured output: {e}"))?;
+    let field = |name: &str| value[name].as_str().unwrap_or_default().to_owned();
+    Ok((field("stdout"), field("stderr")))
+}

@@ -34,7 +34,7 @@ macro_rules! select_step {
             " id, execution_id, step_id, step_order, step_name, status::text AS status, \
              started_at, completed_at, duration_ms, exit_code, stdout, stderr, retry_attempt, \
              phase, run_attempt, skipped, interrupted, truncated, error_message, command, \
-             exit_signal FROM step_executions ",
+             exit_signal, output_encrypted FROM step_executions ",
             $tail
         )
     };
@@ -527,6 +527,8 @@ pub struct StepRow {
     pub command: Option<String>,
     /// Signal that ended the command.
     pub exit_signal: Option<String>,
+    /// Sealed captured output of a sensitive step (never returned by the API).
+    pub output_encrypted: Option<String>,
 }
 
 /// Identifies one step slot of one attempt.
@@ -684,6 +686,8 @@ pub struct StepResult<'a> {
     pub error_message: Option<&'a str>,
     /// The command as run (masked).
     pub command: Option<&'a str>,
+    /// Sealed captured output (sensitive steps with capture_output).
+    pub output_encrypted: Option<&'a str>,
 }
 
 /// Records the end of a running attempt and, when `event` is given, appends that `status`
@@ -701,7 +705,8 @@ pub async fn step_finish(
                duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
                                    2147483647)::integer, \
                exit_code = $3, exit_signal = $4, stdout = $5, stderr = $6, truncated = $7, \
-               skipped = $8, error_message = $9, command = COALESCE($10, command) \
+               skipped = $8, error_message = $9, command = COALESCE($10, command), \
+               output_encrypted = $13 \
              WHERE id = $1 AND status = 'running' \
              RETURNING execution_id), \
          e AS ( \
@@ -723,6 +728,7 @@ pub async fn step_finish(
     .bind(r.command)
     .bind(event)
     .bind(EVENTS_CHANNEL)
+    .bind(r.output_encrypted)
     .fetch_one(conn)
     .await?;
     Ok(updated == 1)

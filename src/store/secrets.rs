@@ -17,15 +17,18 @@ pub enum SecretColumn {
     LlmApiKey,
     /// `runbook_executions.secret_vars_encrypted`.
     ExecutionSecretVars,
+    /// `step_executions.output_encrypted`.
+    StepOutput,
 }
 
 impl SecretColumn {
     /// Every encrypted column in the schema.
-    pub const ALL: [SecretColumn; 4] = [
+    pub const ALL: [SecretColumn; 5] = [
         SecretColumn::ServerSshKey,
         SecretColumn::ServerPassword,
         SecretColumn::LlmApiKey,
         SecretColumn::ExecutionSecretVars,
+        SecretColumn::StepOutput,
     ];
 
     /// (table, column), which is also the associated data the envelope is bound to.
@@ -35,6 +38,7 @@ impl SecretColumn {
             SecretColumn::ServerPassword => ("server_credentials", "password_encrypted"),
             SecretColumn::LlmApiKey => ("llm_providers", "api_key_encrypted"),
             SecretColumn::ExecutionSecretVars => ("runbook_executions", "secret_vars_encrypted"),
+            SecretColumn::StepOutput => ("step_executions", "output_encrypted"),
         }
     }
 }
@@ -65,6 +69,10 @@ pub async fn secret_stale_ids(
             "SELECT id FROM runbook_executions WHERE secret_vars_encrypted IS NOT NULL \
              AND left(secret_vars_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
         }
+        SecretColumn::StepOutput => {
+            "SELECT id FROM step_executions WHERE output_encrypted IS NOT NULL \
+             AND left(output_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
+        }
     };
     Ok(sqlx::query_scalar(sql)
         .bind(current_prefix)
@@ -93,6 +101,9 @@ pub async fn secret_get_for_update(
         SecretColumn::ExecutionSecretVars => {
             "SELECT secret_vars_encrypted FROM runbook_executions WHERE id = $1 FOR UPDATE"
         }
+        SecretColumn::StepOutput => {
+            "SELECT output_encrypted FROM step_executions WHERE id = $1 FOR UPDATE"
+        }
     };
     let value: Option<Option<String>> = sqlx::query_scalar(sql)
         .bind(id)
@@ -118,6 +129,9 @@ pub async fn secret_set(
         SecretColumn::LlmApiKey => "UPDATE llm_providers SET api_key_encrypted = $2 WHERE id = $1",
         SecretColumn::ExecutionSecretVars => {
             "UPDATE runbook_executions SET secret_vars_encrypted = $2 WHERE id = $1"
+        }
+        SecretColumn::StepOutput => {
+            "UPDATE step_executions SET output_encrypted = $2 WHERE id = $1"
         }
     };
     sqlx::query(sql)
