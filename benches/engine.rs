@@ -229,7 +229,7 @@ async fn throughput(
     };
     let mut tx = watch.conn.begin().await?;
     for _ in 0..executions {
-        aiops::engine::create_execution(&mut tx, &request).await?;
+        aiops::engine::create_execution(&mut tx, &request, None).await?;
     }
     tx.commit().await?;
     watch.queries += 1;

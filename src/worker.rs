@@ -28,6 +28,10 @@ pub struct WorkerOptions {
     pub targets: Arc<dyn TargetResolver>,
     /// The SSH executor, when this worker runs commands on managed servers.
     pub ssh: Option<Arc<dyn StepExecutor>>,
+    /// Opens server credentials and executions' secret variables.
+    pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
+    /// Execution engine tunables (output caps, cancel fallback poll).
+    pub engine: EngineSettings,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -37,6 +41,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("retention", &self.retention)
             .field("test_kinds", &self.test_kinds)
             .field("ssh", &self.ssh.is_some())
+            .field("keyring", &self.keyring)
             .finish()
     }
 }
@@ -49,27 +54,39 @@ impl Default for WorkerOptions {
             test_kinds: false,
             targets: Arc::new(LocalOnly),
             ssh: None,
+            keyring: None,
+            engine: EngineSettings::default(),
         }
     }
 }
 
 impl WorkerOptions {
-    /// Lets this worker run steps on managed servers over SSH, opening their credentials with
-    /// the configured keyring.
+    /// Lets this worker run steps on managed servers over SSH, opening their credentials (and
+    /// executions' secret variables) with the configured keyring.
     pub fn with_ssh(
         mut self,
         pool: &PgPool,
         config: &crate::config::Config,
     ) -> anyhow::Result<Self> {
-        let keyring = crate::crypto::secrets::Keyring::from_config(config)
-            .context("cannot load the secret key")?;
+        self = self.with_keyring(config)?;
         self.targets = Arc::new(crate::engine::targets::DatabaseTargets {
-            keyring,
+            keyring: self.keyring.clone(),
             connect_timeout: Duration::from_secs(10),
         });
         self.ssh = Some(Arc::new(crate::exec::ssh::SshExecutor::new(Arc::new(
             crate::servers::PgHostKeyPinner { pool: pool.clone() },
         ))));
+        Ok(self)
+    }
+}
+
+impl WorkerOptions {
+    /// Loads the configured keyring (secret variables; server credentials with
+    /// [`with_ssh`](WorkerOptions::with_ssh)).
+    pub fn with_keyring(mut self, config: &crate::config::Config) -> anyhow::Result<Self> {
+        self.keyring = crate::crypto::secrets::Keyring::from_config(config)
+            .context("cannot load the secret key")?
+            .map(Arc::new);
         Ok(self)
     }
 }
@@ -83,7 +100,9 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
         targets: options.targets.clone(),
         local: Arc::new(LocalExecutor),
         ssh: options.ssh.clone(),
-        settings: EngineSettings::default(),
+        keyring: options.keyring.clone(),
+        ended: engine::control_feed(pool),
+        settings: options.engine.clone(),
         alert_matching: Default::default(),
     });
     engine::register(&mut registry, engine);

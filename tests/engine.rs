@@ -215,7 +215,12 @@ async fn wait_file(path: &PathBuf) -> String {
 #[tokio::test]
 async fn cancel_mid_step_kills_the_command() {
     let app = common::spawn_app().await;
-    let worker = common::TestWorker::start(&app.pool).await;
+    // The fallback poll never fires within this test: the notified end of the execution is
+    // what stops the command.
+    let worker = common::TestWorker::start_adjusted(&app.pool, |o| {
+        o.engine.cancel_poll = std::time::Duration::from_secs(3600);
+    })
+    .await;
     let dir = scratch();
     let pidfile = dir.join("pid");
     let yaml = format!(

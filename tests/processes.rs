@@ -106,6 +106,25 @@ async fn up_twice_keeps_its_data_and_stops_its_cluster() {
     assert_eq!(resp.status(), 200);
     let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    // Without a configured key, `up` generates its own: credentials can be stored at once.
+    let key_file = dir.join("secret.key");
+    let key = std::fs::read_to_string(&key_file).expect("up generated its secret key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let resp = client
+        .post(format!("{base}/api/v1/servers"))
+        .bearer_auth(&token)
+        .json(
+            &json!({ "name": "db1", "hostname": "10.0.0.5", "username": "ops",
+                       "auth_type": "password", "password": "s3cret-pw" }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
     terminate(&mut first).await;
     assert!(
         !dir.join("postgres/postmaster.pid").exists(),
@@ -128,6 +147,11 @@ async fn up_twice_keeps_its_data_and_stops_its_cluster() {
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["value"]["survives"], "restart");
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap(),
+        key,
+        "the generated key is reused"
+    );
     terminate(&mut second).await;
     assert!(!dir.join("postgres/postmaster.pid").exists());
     let _ = std::fs::remove_dir_all(&dir);

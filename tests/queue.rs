@@ -848,3 +848,173 @@ async fn a_worker_process_killed_mid_job_is_rescued_and_finished_by_another_proc
     .unwrap();
     assert_eq!(stopped, 1);
 }
+
+#[tokio::test]
+async fn continuations_run_in_the_same_slot_without_a_claim() {
+    let pool = common::fresh_pool().await;
+    sqlx::query("CREATE TABLE chain_log (job_id bigint PRIMARY KEY, n int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register(
+        "chain",
+        KindOptions::default(),
+        |ctx: JobContext| async move {
+            let mut tx = ctx.lease().guarded_tx().await?;
+            let n = ctx.payload["n"].as_i64().unwrap_or(0);
+            sqlx::query("INSERT INTO chain_log (job_id, n) VALUES ($1, $2)")
+                .bind(ctx.id)
+                .bind(n as i32)
+                .execute(tx.conn())
+                .await?;
+            if n < 4 {
+                tx.enqueue_next(&NewJob::new("chain", json!({ "n": n + 1 })))
+                    .await?;
+            }
+            tx.complete().await
+        },
+    );
+    let worker = Worker::start(pool.clone(), registry, config(2))
+        .await
+        .unwrap();
+    enqueue(&pool, NewJob::new("chain", json!({ "n": 0 })))
+        .await
+        .unwrap();
+    let o = worker.tick().await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed),
+        (1, 5),
+        "one claim ran the whole chain"
+    );
+    let rows: Vec<(String, i32, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT state, attempt, locked_by FROM jobs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 5);
+    for (state, attempt, locked_by) in &rows {
+        assert_eq!(
+            (state.as_str(), *attempt, *locked_by),
+            ("completed", 1, Some(worker.id()))
+        );
+    }
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM chain_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(logged, 5);
+    assert_eq!(worker.tick().await.unwrap().claimed, 0, "nothing was left");
+}
+
+#[tokio::test]
+async fn a_continuation_left_by_a_dead_worker_is_rescued_like_any_lease() {
+    let pool = common::fresh_pool().await;
+    let mut registry = Registry::new();
+    registry.register("next", fast_backoff(), |_| async { Ok(()) });
+    // A worker handed over a continuation and died before starting it.
+    let dead_worker = uuid::Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    let cont = jobs::job_enqueue_claimed(
+        &mut tx,
+        &NewJob::new("next", json!({})),
+        dead_worker,
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tx.commit().await.unwrap();
+    let row = job(&pool, cont.id).await;
+    assert_eq!(
+        (row.state.as_str(), row.attempt, row.locked_by),
+        ("running", 1, Some(dead_worker))
+    );
+    let worker = Worker::start(pool.clone(), registry, config(1))
+        .await
+        .unwrap();
+    assert_eq!(worker.tick().await.unwrap().claimed, 0, "its lease is live");
+    eventually(
+        "the expired continuation is rescued",
+        Duration::from_secs(10),
+        || async { (worker.maintain().await.unwrap().rescue.retried == 1).then_some(()) },
+    )
+    .await;
+    eventually(
+        "another worker completes it",
+        Duration::from_secs(10),
+        || async { (worker.tick().await.unwrap().completed == 1).then_some(()) },
+    )
+    .await;
+    let row = job(&pool, cont.id).await;
+    assert_eq!(
+        (row.state.as_str(), row.attempt, row.locked_by),
+        ("completed", 2, Some(worker.id()))
+    );
+}
+
+#[tokio::test]
+async fn shutdown_releases_a_continuation_instead_of_starting_it() {
+    let pool = common::fresh_pool().await;
+    let started = Arc::new(Notify::new());
+    let proceed = Arc::new(Notify::new());
+    let second_ran = Arc::new(Mutex::new(false));
+    let mut registry = Registry::new();
+    {
+        let (started, proceed) = (started.clone(), proceed.clone());
+        registry.register("first", KindOptions::default(), move |ctx: JobContext| {
+            let (started, proceed) = (started.clone(), proceed.clone());
+            async move {
+                started.notify_one();
+                proceed.notified().await;
+                let mut tx = ctx.lease().guarded_tx().await?;
+                tx.enqueue_next(&NewJob::new("second", json!({}))).await?;
+                tx.complete().await
+            }
+        });
+    }
+    {
+        let second_ran = second_ran.clone();
+        registry.register("second", KindOptions::default(), move |_| {
+            let second_ran = second_ran.clone();
+            async move {
+                *second_ran.lock().unwrap() = true;
+                Ok(())
+            }
+        });
+    }
+    let cfg = WorkerConfig {
+        grace_period: Duration::from_secs(10),
+        poll_interval: Duration::from_millis(50),
+        ..config(2)
+    };
+    let first = enqueue(&pool, NewJob::new("first", json!({})))
+        .await
+        .unwrap();
+    let worker = Worker::start(pool.clone(), registry, cfg).await.unwrap();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(worker.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("the first job starts");
+    stop.send(true).unwrap();
+    // Let the worker stop claiming before the running job hands over its continuation.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proceed.notify_one();
+    let totals = run.await.unwrap().unwrap();
+    assert_eq!((totals.completed, totals.released), (1, 1));
+    assert!(
+        !*second_ran.lock().unwrap(),
+        "the continuation never started"
+    );
+    assert_eq!(job(&pool, first).await.state, "completed");
+    let (state, attempt, errors): (String, i32, serde_json::Value) =
+        sqlx::query_as("SELECT state, attempt, errors FROM jobs WHERE kind = 'second'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), attempt), ("available", 0));
+    assert!(errors.to_string().contains("before it started"), "{errors}");
+}

@@ -40,6 +40,31 @@ async fn rotation_reseals_everything_under_the_new_key() {
             .await;
         assert_eq!(status, 201, "{body}");
     }
+    // An execution's secret variables are sealed too (no worker runs it here).
+    let runbook = app
+        .runbook_from_yaml(
+            "name: rotate-vars\nmode: manual\nsteps:\n  - name: s\n    command: echo $DB_PASSWORD\n",
+        )
+        .await;
+    let execution = app
+        .start_execution(
+            json!({ "runbook_id": runbook, "variables": { "DB_PASSWORD": "hunter2-x" } }),
+        )
+        .await;
+    let sealed = |app: &common::TestApp| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT secret_vars_encrypted FROM runbook_executions WHERE id = $1",
+            )
+            .bind(execution)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .unwrap()
+        }
+    };
+    assert!(sealed(&app).await.starts_with("v1:old:"));
     let before = rows(&app).await;
     assert!(before.iter().all(|r| {
         r.password_encrypted
@@ -55,7 +80,16 @@ async fn rotation_reseals_everything_under_the_new_key() {
         assert!(aiops::servers::ssh_target(row, Some(&both), timeout).is_ok());
     }
     let report = aiops::cli::secrets::rotate(&app.pool, &both).await.unwrap();
-    assert_eq!(report.rotated, 5);
+    assert_eq!(report.rotated, 6, "5 passwords and 1 execution's variables");
+    let envelope = sealed(&app).await;
+    assert!(envelope.starts_with("v1:new:"));
+    let opened = aiops::engine::secret_vars::open(
+        execution,
+        Some(&envelope),
+        Some(&ring(&[format!("new:{NEW}")])),
+    )
+    .unwrap();
+    assert_eq!(opened["DB_PASSWORD"], "hunter2-x");
 
     let after = rows(&app).await;
     let new_only = ring(&[format!("new:{NEW}")]);

@@ -468,6 +468,7 @@ impl ExecutionsApi {
                     trigger_id: None,
                     batch,
                 },
+                self.state.secrets.as_deref(),
             )
             .await
             .map_err(engine_error)?;

@@ -571,7 +571,8 @@ async fn claim_and_start(
         trigger_id: Some(t.id),
         batch: None,
     };
-    match super::create_execution(conn, &request).await {
+    // Alert-started runs carry no variables, so nothing needs sealing.
+    match super::create_execution(conn, &request, None).await {
         Ok(execution_id) => set_decision(
             outcome,
             t,

@@ -14,8 +14,8 @@ use crate::store::{self, executions::ExecutionRow};
 
 use super::snapshot::{RunbookSnapshot, snapshot_load};
 use super::{
-    EVENTS_CHANNEL, Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE,
-    KIND_ROLLBACK, RollbackPayload, start_job, step_job,
+    Engine, EngineError, ExecutionPayload, KIND_APPROVAL_EXPIRY, KIND_DEADLINE, KIND_ROLLBACK,
+    RollbackPayload, start_job, step_job,
 };
 
 /// A request to run a runbook.
@@ -37,10 +37,12 @@ pub struct StartRequest {
     pub batch: Option<(Uuid, i32)>,
 }
 
-/// Creates a pending execution and enqueues its start job, in the caller's transaction.
+/// Creates a pending execution and enqueues its start job, in the caller's transaction. Secret
+/// variables are sealed with `keyring` (see [`super::secret_vars`]).
 pub async fn create_execution(
     conn: &mut PgConnection,
     req: &StartRequest,
+    keyring: Option<&crate::crypto::secrets::Keyring>,
 ) -> Result<Uuid, EngineError> {
     let (snapshot, _status) = snapshot_load(conn, req.runbook_id)
         .await?
@@ -76,10 +78,14 @@ pub async fn create_execution(
         field: "runbook_id".into(),
         reason: e.to_string(),
     })?;
-    let context = Value::Object(req.variables.clone());
+    let id = Uuid::new_v4();
+    let (stored_vars, sealed) = super::secret_vars::seal(id, &snapshot, &req.variables, keyring)?;
+    let context = Value::Object(stored_vars);
     let id = store::executions::execution_create(
         conn,
         &store::executions::NewExecution {
+            id,
+            secret_vars_encrypted: sealed.as_deref(),
             runbook_id: req.runbook_id,
             runbook_version: snapshot.version,
             server_id: req.server_id,
@@ -125,12 +131,6 @@ pub(crate) async fn log(
 ) -> Result<(), EngineError> {
     let entry = json!({ "at": Utc::now(), "event": event, "details": details });
     store::executions::execution_log_append(conn, id, &entry).await?;
-    store::executions::event_append(conn, id, None, "status", &entry.to_string()).await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(EVENTS_CHANNEL)
-        .bind(id.to_string())
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -337,11 +337,15 @@ pub(crate) fn approval_expiry_job(execution_id: Uuid, at: chrono::DateTime<Utc>)
     job
 }
 
+fn deadline_key(execution_id: Uuid) -> String {
+    format!("execution:{execution_id}:deadline")
+}
+
 /// The job that enforces the runbook timeout.
 pub(crate) fn deadline_job(execution_id: Uuid, at: chrono::DateTime<Utc>) -> NewJob {
     let mut job = NewJob::new(KIND_DEADLINE, json!(ExecutionPayload { execution_id }));
     job.run_at = Some(at);
-    job.unique_key = Some(format!("execution:{execution_id}:deadline"));
+    job.unique_key = Some(deadline_key(execution_id));
     job
 }
 
@@ -391,6 +395,8 @@ pub(crate) async fn finish_run(
                     None,
                 )
                 .await?;
+                // The runbook deadline's timer is no longer needed.
+                store::jobs::job_cancel_pending(conn, &deadline_key(row.id)).await?;
             }
             Effect::Rollback => rollback_then = Some(None),
             Effect::ScheduleRetry { attempt } => rollback_then = Some(Some(*attempt as i32)),

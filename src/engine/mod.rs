@@ -22,6 +22,7 @@ pub mod control;
 pub mod masking;
 pub mod rollback;
 pub mod runner;
+pub mod secret_vars;
 pub mod snapshot;
 pub mod start;
 pub mod targets;
@@ -35,7 +36,7 @@ use uuid::Uuid;
 
 use crate::exec::StepExecutor;
 use crate::queue::{JobError, KindOptions, NewJob, Registry};
-use crate::store::StoreError;
+use crate::store::{self, StoreError};
 
 pub use control::{StartRequest, create_execution};
 pub use targets::TargetResolver;
@@ -51,7 +52,7 @@ pub const KIND_DEADLINE: &str = "execution.deadline";
 /// Job kind: an approval request's deadline passed.
 pub const KIND_APPROVAL_EXPIRY: &str = "execution.approval_expiry";
 /// The channel workers notify when an execution gets new events (payload: execution id).
-pub const EVENTS_CHANNEL: &str = "aiops_execution_events";
+pub use crate::store::executions::EVENTS_CHANNEL;
 
 /// Something the engine cannot do.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +99,8 @@ impl From<EngineError> for JobError {
 pub struct EngineSettings {
     /// Cap on stored stdout/stderr per step attempt.
     pub output_limit_bytes: usize,
-    /// How often a running step checks for a cancel request.
+    /// How often a running step checks for a cancel request when no notification arrives (the
+    /// end of an execution is also notified on `aiops_execution_control`).
     pub cancel_poll: Duration,
     /// Cap on live output streamed per step attempt.
     pub stream_limit_bytes: usize,
@@ -108,7 +110,7 @@ impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
             output_limit_bytes: 64 * 1024,
-            cancel_poll: Duration::from_millis(250),
+            cancel_poll: Duration::from_secs(1),
             stream_limit_bytes: 256 * 1024,
         }
     }
@@ -124,6 +126,10 @@ pub struct Engine {
     pub local: Arc<dyn StepExecutor>,
     /// Runs commands over SSH, when configured.
     pub ssh: Option<Arc<dyn StepExecutor>>,
+    /// Seals and opens secret variables; `None` when no secret key is configured.
+    pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
+    /// Ids of executions that just ended (from [`control_feed`]); running steps subscribe.
+    pub ended: tokio::sync::broadcast::Sender<Uuid>,
     /// Tunables.
     pub settings: EngineSettings,
     /// What alert matching reads, compiled and cached per worker.
@@ -187,6 +193,47 @@ pub fn step_job(execution_id: Uuid, attempt: i32, index: usize, retry: i64) -> N
     ));
     job.max_attempts = 10;
     job
+}
+
+/// Starts the worker's listener on `aiops_execution_control` and returns the feed of execution
+/// ids that ended, for [`Engine::ended`]. The listener reconnects after errors; while it is
+/// down, running steps fall back to polling.
+pub fn control_feed(pool: &PgPool) -> tokio::sync::broadcast::Sender<Uuid> {
+    let (tx, _) = tokio::sync::broadcast::channel(256);
+    // The task ends (and returns its connection) once the engine holding the sender is gone.
+    let feed = tx.downgrade();
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let alive = || feed.upgrade().is_some() && !pool.is_closed();
+        while alive() {
+            let mut listener = match store::executions::control_listener(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for execution ends; steps poll");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+            };
+            while alive() {
+                tokio::select! {
+                    received = listener.recv() => match received {
+                        Ok(n) => {
+                            if let (Ok(id), Some(feed)) = (n.payload().parse::<Uuid>(), feed.upgrade()) {
+                                // No subscriber (no step running) is fine.
+                                let _ = feed.send(id);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "execution-end listener failed; reconnecting");
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    });
+    tx
 }
 
 /// Registers every engine job kind with a worker's registry.

@@ -11,7 +11,7 @@ use crate::queue::{JobContext, JobError, NewJob};
 use crate::store::{self, executions::StepResult, executions::StepSlot};
 use crate::templates::{Renderer, TemplateContext};
 
-use super::control::{begin_attempt, log, notify_jobs, snapshot_of};
+use super::control::{begin_attempt, log, snapshot_of};
 use super::masking::Masker;
 use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
 
@@ -41,14 +41,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         run_attempt: p.attempt,
         step_order: step.step_order,
     };
-    let resolved = engine.targets.resolve(&pool, row.server_id).await;
-
     let mut g = ctx.lease().guarded_tx().await?;
-    let already = store::executions::step_slot_done(g.conn(), slot).await?;
+    let resolved = engine.targets.resolve(g.conn(), row.server_id).await;
+    let (already, _, attempts) = store::executions::step_slot_prepare(g.conn(), slot).await?;
     if !already {
-        store::executions::step_mark_interrupted(g.conn(), slot).await?;
-        let retry =
-            i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(0);
+        let retry = i32::try_from(attempts).unwrap_or(0);
         let renderer = Renderer::new(if snapshot.target_os == "windows" {
             crate::domain::runbook::TargetOs::Windows
         } else {
@@ -85,6 +82,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             &step.name,
             retry,
             masked.as_deref(),
+            None,
         )
         .await?;
         g.commit().await?;
@@ -157,6 +155,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 error_message: error.as_deref(),
                 ..StepResult::default()
             },
+            None,
         )
         .await?;
         log(
@@ -184,8 +183,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             rest.len()
         ));
         job.max_attempts = 10;
-        g.enqueue(&job).await?;
-        notify_jobs(g.conn()).await?;
+        g.enqueue_next(&job).await?;
     } else if let Some(next) = p.then_attempt
         && let Some(current) = store::executions::execution_lock(g.conn(), row.id).await?
         && current.status == "running"

@@ -25,25 +25,28 @@ use crate::queue::{GuardedTx, JobContext, JobError};
 use crate::store::{self, executions::ExecutionRow, executions::StepResult, executions::StepSlot};
 use crate::templates::{Renderer, StepOutput, TemplateContext};
 
-use super::control::{finish_run, log, notify_jobs, snapshot_of};
-use super::masking::{Masker, is_secret_name};
+use super::control::{finish_run, log, snapshot_of};
+use super::masking::Masker;
+use super::secret_vars::{self, is_secret_var};
 use super::snapshot::{RunbookSnapshot, StepSnapshot};
-use super::{EVENTS_CHANNEL, Engine, EngineError, StepPayload, step_job};
+use super::{Engine, EngineError, StepPayload, step_job};
 
 /// Handles `execution.step`.
 pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: StepPayload = ctx.payload_as()?;
-    let pool = ctx.pool().clone();
-    let row = {
-        let mut conn = pool.acquire().await.map_err(EngineError::from)?;
-        store::executions::execution_get(&mut conn, p.execution_id).await?
-    };
-    let Some(row) = row else {
-        return ctx.lease().guarded_tx().await?.complete().await;
+    // Checkpoint: the attempt row, in one lease-fenced transaction with the reads it needs.
+    // Its commit does not wait for the WAL flush: only a crash of the PostgreSQL server itself
+    // within the WAL writer's delay could lose it, and then the job is still running under its
+    // lease and the step simply runs again; the step's result is committed durably below, and
+    // that commit flushes this one too.
+    let mut g = ctx.lease().guarded_tx().await?;
+    store::relax_commit_durability(g.conn()).await?;
+    let Some(row) = store::executions::execution_get(g.conn(), p.execution_id).await? else {
+        return g.complete().await;
     };
     if row.status != "running" || row.attempt != p.attempt {
         // Cancelled, timed out or superseded by a later attempt: nothing to do.
-        return ctx.lease().guarded_tx().await?.complete().await;
+        return g.complete().await;
     }
     let snapshot = snapshot_of(&row)?;
     let step = snapshot
@@ -58,28 +61,32 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         step_order: step.step_order,
     };
 
-    let resolved = engine.targets.resolve(&pool, row.server_id).await;
+    let resolved = engine.targets.resolve(g.conn(), row.server_id).await;
     let (target, mut secrets, server_json) = match resolved {
         Ok(r) => (Some(r.target), r.secrets, r.server),
         Err(e) => (None, Vec::new(), json!({ "error": e })),
     };
-    let vars = variables(&snapshot, &row);
+    let (vars, vars_error) = match variables(engine, &snapshot, &row) {
+        Ok(vars) => (vars, None),
+        Err(e) => (BTreeMap::new(), Some(e)),
+    };
     for (name, value) in &vars {
-        if is_secret_name(name) || snapshot.secret_var_names().contains(name) {
+        if is_secret_var(&snapshot, name) {
             secrets.push(value.clone());
         }
     }
 
-    // Checkpoint: the attempt row.
-    let mut g = ctx.lease().guarded_tx().await?;
-    if store::executions::step_slot_done(g.conn(), slot).await? {
+    let (done, interrupted, attempts) =
+        store::executions::step_slot_prepare(g.conn(), slot).await?;
+    if done {
         advance(engine, g, &row, &snapshot, p.index).await?;
         return Ok(());
     }
-    let interrupted = store::executions::step_mark_interrupted(g.conn(), slot).await?;
-    let retry_attempt =
-        i32::try_from(store::executions::step_attempts(g.conn(), slot).await?).unwrap_or(i32::MAX);
-    let tctx = template_context(g.conn(), &row, &snapshot, server_json).await?;
+    let retry_attempt = i32::try_from(attempts).unwrap_or(i32::MAX);
+    let (tctx, captured_secrets, captured_error) =
+        template_context(engine, g.conn(), &row, &snapshot, p.index, server_json).await?;
+    secrets.extend(captured_secrets);
+    let vars_error = vars_error.or(captured_error);
     let renderer = Renderer::new(target_os(&snapshot));
     let rendered_vars = renderer.render_vars(&vars, &tctx);
     let masker = Masker::new(
@@ -88,7 +95,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             .cloned()
             .chain(rendered_vars.iter().flat_map(|m| {
                 m.iter()
-                    .filter(|(k, _)| is_secret_name(k) || snapshot.secret_var_names().contains(k))
+                    .filter(|(k, _)| is_secret_var(&snapshot, k))
                     .map(|(_, v)| v.clone())
                     .collect::<Vec<_>>()
             })),
@@ -96,6 +103,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     // Render: condition, then command. A template error fails the attempt without running.
     let prepared: Result<Option<String>, String> = match &rendered_vars {
+        _ if vars_error.is_some() => Err(vars_error.clone().unwrap_or_default()),
         Err((name, e)) => Err(format!("variable {name}: {e}")),
         Ok(rvars) => match step.condition.as_deref() {
             Some(cond) => match renderer.eval_condition(cond, &tctx, rvars) {
@@ -131,15 +139,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         &step.name,
         retry_attempt,
         masked_command.as_deref(),
-    )
-    .await?;
-    status_event(
-        g.conn(),
-        row.id,
-        step_row,
-        json!({ "step": step.name, "step_order": step.step_order, "status": "running",
-                "retry_attempt": retry_attempt, "attempt": p.attempt,
-                "interrupted_attempts": interrupted }),
+        Some(
+            &json!({ "step": step.name, "step_order": step.step_order, "status": "running",
+                     "retry_attempt": retry_attempt, "attempt": p.attempt,
+                     "interrupted_attempts": interrupted })
+            .to_string(),
+        ),
     )
     .await?;
     if interrupted > 0 {
@@ -164,13 +169,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                     error_message: Some("condition is false"),
                     ..StepResult::default()
                 },
-            )
-            .await?;
-            status_event(
-                g.conn(),
-                row.id,
-                step_row,
-                json!({ "step": step.name, "status": "skipped" }),
+                Some(&json!({ "step": step.name, "status": "skipped" }).to_string()),
             )
             .await?;
             advance(engine, g, &row, &snapshot, p.index).await?;
@@ -215,6 +214,27 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let mut g = ctx.lease().guarded_tx().await?;
     let current = store::executions::execution_lock(g.conn(), row.id).await?;
     let verdict = judge(&step, &run, &masker, step_timeout);
+    // A sensitive step's captured output is kept only sealed, for later steps to read.
+    let sealed_output = match (&run, step.sensitive && step.capture_output) {
+        (RunResult::Ran(Ok(o)), true) => match engine.keyring.as_deref() {
+            Some(keyring) => Some(
+                secret_vars::seal_step_output(keyring, step_row, &o.stdout, &o.stderr)
+                    .map_err(JobError::Permanent)?,
+            ),
+            None => {
+                log(
+                    g.conn(),
+                    row.id,
+                    "sensitive_output_not_captured",
+                    json!({ "step": step.name,
+                            "reason": "no secret key is configured to seal it" }),
+                )
+                .await?;
+                None
+            }
+        },
+        _ => None,
+    };
     store::executions::step_finish(
         g.conn(),
         step_row,
@@ -228,15 +248,13 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             skipped: false,
             error_message: verdict.error.as_deref(),
             command: None,
+            output_encrypted: sealed_output.as_deref(),
         },
-    )
-    .await?;
-    status_event(
-        g.conn(),
-        row.id,
-        step_row,
-        json!({ "step": step.name, "status": verdict.status, "exit_code": verdict.exit_code,
-                "error": verdict.error }),
+        Some(
+            &json!({ "step": step.name, "status": verdict.status,
+                     "exit_code": verdict.exit_code, "error": verdict.error })
+            .to_string(),
+        ),
     )
     .await?;
     let Some(current) = current.filter(|c| c.status == "running" && c.attempt == p.attempt) else {
@@ -383,8 +401,8 @@ fn judge(
     }
 }
 
-/// Runs the command while a watcher turns cancel requests, status changes and a lost lease into
-/// cancellation, and a streamer appends masked output lines to the live event log.
+/// Runs the command while a watcher turns the end of the execution (notified, or found by a
+/// fallback poll) and a lost lease into cancellation, and a streamer appends masked output lines to the live event log.
 #[allow(clippy::too_many_arguments)]
 async fn run_command(
     engine: &Engine,
@@ -412,12 +430,23 @@ async fn run_command(
         let lease = ctx.lease().clone();
         let id = row.id;
         let poll = engine.settings.cancel_poll;
+        let mut ended = engine.ended.subscribe();
         tokio::spawn(async move {
+            let mut fallback = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+            fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // The end of the execution is notified; the poll is the fallback.
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = lease.lost() => { cancel.cancel(); return; }
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = fallback.tick() => {}
+                    msg = ended.recv() => match msg {
+                        Ok(ended_id) if ended_id != id => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            fallback.tick().await;
+                        }
+                    },
                 }
                 let Ok(mut conn) = pool.acquire().await else {
                     continue;
@@ -512,38 +541,8 @@ async fn append(
     let Ok(mut conn) = pool.acquire().await else {
         return;
     };
-    if store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text)
-        .await
-        .is_ok()
-    {
-        let _ = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(EVENTS_CHANNEL)
-            .bind(execution_id.to_string())
-            .execute(&mut *conn)
-            .await;
-    }
-}
-
-async fn status_event(
-    conn: &mut sqlx::PgConnection,
-    execution_id: uuid::Uuid,
-    step_row: uuid::Uuid,
-    data: Value,
-) -> Result<(), EngineError> {
-    store::executions::event_append(
-        conn,
-        execution_id,
-        Some(step_row),
-        "status",
-        &data.to_string(),
-    )
-    .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(EVENTS_CHANNEL)
-        .bind(execution_id.to_string())
-        .execute(conn)
-        .await?;
-    Ok(())
+    let _ =
+        store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text).await;
 }
 
 /// Enqueues the next step, or ends the run successfully after the last one; completes the job
@@ -556,28 +555,33 @@ async fn advance(
     index: usize,
 ) -> Result<(), JobError> {
     if index + 1 < snapshot.steps.len() {
-        g.enqueue(&step_job(row.id, row.attempt, index + 1, 0))
+        g.enqueue_next(&step_job(row.id, row.attempt, index + 1, 0))
             .await?;
-        notify_jobs(g.conn()).await?;
     } else if let Some(current) = store::executions::execution_lock(g.conn(), row.id).await? {
         finish_run(engine, g.conn(), &current, Event::RunSucceeded).await?;
     }
     g.complete().await
 }
 
-/// The runbook's variables, overridden by the execution's variables of the same name.
-fn variables(snapshot: &RunbookSnapshot, row: &ExecutionRow) -> BTreeMap<String, String> {
+/// The runbook's variables, overridden by the execution's variables of the same name, with the
+/// execution's secret variables opened.
+fn variables(
+    engine: &Engine,
+    snapshot: &RunbookSnapshot,
+    row: &ExecutionRow,
+) -> Result<BTreeMap<String, String>, String> {
     let mut vars = snapshot.environment_vars.clone();
     if let Value::Object(map) = &row.context_vars {
         for (k, v) in map {
-            let text = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            vars.insert(k.clone(), text);
+            vars.insert(k.clone(), secret_vars::value_text(v));
         }
     }
-    vars
+    vars.extend(secret_vars::open(
+        row.id,
+        row.secret_vars_encrypted.as_deref(),
+        engine.keyring.as_deref(),
+    )?);
+    Ok(vars)
 }
 
 fn valid_env_name(name: &str) -> bool {
@@ -597,13 +601,18 @@ fn target_os(snapshot: &RunbookSnapshot) -> crate::domain::runbook::TargetOs {
 }
 
 /// What templates see: the alert, the server, the execution and the captured outputs of earlier
-/// steps of this attempt, read back from the database.
+/// steps of this attempt, read back from the database (sealed outputs of sensitive steps opened;
+/// they are returned too, to be masked).
 async fn template_context(
+    engine: &Engine,
     conn: &mut sqlx::PgConnection,
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
+    index: usize,
     server: Value,
-) -> Result<TemplateContext, EngineError> {
+) -> Result<(TemplateContext, Vec<String>, Option<String>), EngineError> {
+    let mut sensitive = Vec::new();
+    let mut open_error = None;
     let alert = match row.alert_id {
         Some(id) => match store::executions::execution_alert(conn, id).await? {
             Some(a) => json!({
@@ -617,23 +626,58 @@ async fn template_context(
         None => json!({}),
     };
     let mut steps = BTreeMap::new();
-    for done in store::executions::step_completed_runs(conn, row.id, row.attempt).await? {
+    let captured_before = snapshot.steps[..index.min(snapshot.steps.len())]
+        .iter()
+        .any(|s| s.capture_output);
+    let completed = if captured_before {
+        store::executions::step_completed_runs(conn, row.id, row.attempt).await?
+    } else {
+        Vec::new()
+    };
+    for done in completed {
         let captured = snapshot
             .steps
             .iter()
             .any(|s| s.step_order == done.step_order && s.capture_output);
         if captured && !done.skipped {
+            let (stdout, stderr) = match &done.output_encrypted {
+                Some(envelope) => {
+                    match secret_vars::open_step_output(
+                        engine.keyring.as_deref(),
+                        done.id,
+                        envelope,
+                    ) {
+                        Ok((out, err)) => {
+                            sensitive.extend(
+                                [out.trim(), err.trim()]
+                                    .into_iter()
+                                    .filter(|v| !v.is_empty())
+                                    .map(str::to_owned),
+                            );
+                            (out, err)
+                        }
+                        Err(e) => {
+                            open_error = Some(format!("steps.{}: {e}", done.step_name));
+                            (String::new(), String::new())
+                        }
+                    }
+                }
+                None => (
+                    done.stdout.clone().unwrap_or_default(),
+                    done.stderr.clone().unwrap_or_default(),
+                ),
+            };
             steps.insert(
                 done.step_name.clone(),
                 StepOutput {
-                    stdout: done.stdout.clone().unwrap_or_default(),
-                    stderr: done.stderr.clone().unwrap_or_default(),
+                    stdout,
+                    stderr,
                     exit_code: done.exit_code.unwrap_or(-1),
                 },
             );
         }
     }
-    Ok(TemplateContext {
+    let tctx = TemplateContext {
         alert,
         server,
         execution: json!({
@@ -645,5 +689,6 @@ async fn template_context(
             "variables": row.context_vars,
         }),
         steps,
-    })
+    };
+    Ok((tctx, sensitive, open_error))
 }

@@ -19,9 +19,7 @@ use crate::domain::execution::{Event, transition};
 use crate::queue::{JobContext, JobError};
 use crate::store;
 
-use super::control::{
-    approval_expiry_job, deadline_job, log, notify_jobs, refuse, snapshot_of, state_of,
-};
+use super::control::{approval_expiry_job, deadline_job, log, refuse, snapshot_of, state_of};
 use super::snapshot::runbook_status;
 use super::{Engine, ExecutionPayload, step_job};
 
@@ -168,10 +166,9 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     if !store::executions::execution_start(g.conn(), row.id, probe).await? {
         return g.complete().await;
     }
-    g.enqueue(&step_job(row.id, 1, 0, 0)).await?;
     let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
     g.enqueue(&deadline_job(row.id, deadline)).await?;
-    notify_jobs(g.conn()).await?;
+    g.enqueue_next(&step_job(row.id, 1, 0, 0)).await?;
     log(
         g.conn(),
         row.id,

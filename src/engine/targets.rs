@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use sqlx::PgPool;
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::exec::Target;
@@ -28,14 +28,22 @@ pub type ResolveFuture<'a> =
 /// Resolves an execution's server.
 pub trait TargetResolver: Send + Sync {
     /// The target for `server_id` (`None`: the worker's own host).
-    fn resolve<'a>(&'a self, pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a>;
+    fn resolve<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        server_id: Option<Uuid>,
+    ) -> ResolveFuture<'a>;
 }
 
 /// Runs everything on the worker's host; refuses server targets.
 pub struct LocalOnly;
 
 impl TargetResolver for LocalOnly {
-    fn resolve<'a>(&'a self, _pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a> {
+    fn resolve<'a>(
+        &'a self,
+        _conn: &'a mut PgConnection,
+        server_id: Option<Uuid>,
+    ) -> ResolveFuture<'a> {
         Box::pin(async move {
             match server_id {
                 None => Ok(ResolvedTarget {
@@ -55,19 +63,22 @@ impl TargetResolver for LocalOnly {
 /// the keyring (in memory only) and their secrets masked; the worker's own host needs no row.
 pub struct DatabaseTargets {
     /// Opens the stored credentials; `None` when no secret key is configured.
-    pub keyring: Option<crate::crypto::secrets::Keyring>,
+    pub keyring: Option<std::sync::Arc<crate::crypto::secrets::Keyring>>,
     /// SSH connect timeout.
     pub connect_timeout: std::time::Duration,
 }
 
 impl TargetResolver for DatabaseTargets {
-    fn resolve<'a>(&'a self, pool: &'a PgPool, server_id: Option<Uuid>) -> ResolveFuture<'a> {
+    fn resolve<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        server_id: Option<Uuid>,
+    ) -> ResolveFuture<'a> {
         Box::pin(async move {
             let Some(id) = server_id else {
-                return LocalOnly.resolve(pool, None).await;
+                return LocalOnly.resolve(conn, None).await;
             };
-            let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
-            let row = crate::store::servers::server_get(&mut conn, id)
+            let row = crate::store::servers::server_get(conn, id)
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("server {id} no longer exists"))?;
@@ -77,7 +88,7 @@ impl TargetResolver for DatabaseTargets {
                 "environment": row.environment, "tags": row.tags,
             });
             let target =
-                crate::servers::ssh_target(&row, self.keyring.as_ref(), self.connect_timeout)
+                crate::servers::ssh_target(&row, self.keyring.as_deref(), self.connect_timeout)
                     .map_err(|e| e.to_string())?;
             let secrets = match &target.auth {
                 crate::exec::SshAuth::Password(p) => vec![p.clone()],

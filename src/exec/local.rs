@@ -6,6 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -39,23 +40,18 @@ impl StepExecutor for LocalExecutor {
     }
 }
 
-/// Sends `signal` to the whole process group `pgid` with the system `kill` utility, which keeps
-/// this crate free of unsafe FFI.
-async fn kill_group(pgid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
+/// Sends `signal` to the whole process group `pgid` (a syscall; no helper process). A group
+/// that is already gone is not an error.
+fn kill_group(pgid: u32, signal: Signal) {
+    if let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process_group(pid, signal);
+    }
 }
 
 /// TERM the group, give it a grace period, then KILL whatever is left.
 async fn terminate(child: &mut Child, pgid: Option<u32>) {
     if let Some(pgid) = pgid {
-        kill_group(pgid, "TERM").await;
+        kill_group(pgid, Signal::TERM);
         if tokio::time::timeout(KILL_GRACE, child.wait())
             .await
             .is_err()
@@ -63,7 +59,7 @@ async fn terminate(child: &mut Child, pgid: Option<u32>) {
             tracing::debug!(pgid, "command ignored SIGTERM; sending SIGKILL");
         }
         // Always KILL the group: the shell may be gone while its children still run.
-        kill_group(pgid, "KILL").await;
+        kill_group(pgid, Signal::KILL);
     }
     let _ = child.start_kill();
 }
@@ -134,7 +130,7 @@ async fn run_local(
         status = child.wait().await.ok();
     } else if let Some(pgid) = pgid {
         // Background processes the command left behind are part of the step; do not leak them.
-        kill_group(pgid, "KILL").await;
+        kill_group(pgid, Signal::KILL);
     }
     let (exit_code, exit_signal) = match status {
         Some(s) => (s.code(), s.signal().map(signal_name)),

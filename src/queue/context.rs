@@ -8,8 +8,10 @@
 //! transaction was written by the lease holder. A worker whose lease was rescued gets
 //! [`JobError::LeaseLost`] and writes nothing.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -19,6 +21,7 @@ use uuid::Uuid;
 
 use super::{JobError, NewJob};
 use crate::store;
+use crate::store::jobs::ClaimedJob;
 
 /// Shared between a running attempt and the worker that runs it.
 #[derive(Debug, Default)]
@@ -27,8 +30,14 @@ pub(crate) struct LeaseState {
     lost_notify: Notify,
     /// The handler completed the job itself (in a guarded transaction).
     pub(crate) settled: AtomicBool,
+    /// The handler's guarded completion is committing: a heartbeat that no longer finds the
+    /// job running is seeing that completion, not a lost lease.
+    pub(crate) completing: AtomicBool,
     /// The handler enqueued jobs: wake workers after settling.
     pub(crate) enqueued: AtomicBool,
+    /// A job this attempt enqueued already claimed by the same worker, committed: the worker
+    /// runs it next in the same slot.
+    pub(crate) continuation: Mutex<Option<ClaimedJob>>,
 }
 
 impl LeaseState {
@@ -39,6 +48,13 @@ impl LeaseState {
 
     pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn take_continuation(&self) -> Option<ClaimedJob> {
+        self.continuation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub(crate) async fn wait_lost(&self) {
@@ -54,6 +70,18 @@ impl LeaseState {
     }
 }
 
+/// What a worker allows its handlers to hand over as a continuation (see
+/// [`GuardedTx::enqueue_next`]).
+#[derive(Debug)]
+pub(crate) struct ChainPolicy {
+    /// The worker that will run the continuation.
+    pub(crate) worker: Uuid,
+    /// Lease length of the continuation.
+    pub(crate) lease: Duration,
+    /// Kinds this worker has handlers for.
+    pub(crate) kinds: HashSet<String>,
+}
+
 /// The claim a handler holds on its job: id and lease token.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -61,15 +89,23 @@ pub struct Lease {
     id: i64,
     token: Uuid,
     pub(crate) state: Arc<LeaseState>,
+    chain: Option<Arc<ChainPolicy>>,
 }
 
 impl Lease {
-    pub(crate) fn new(pool: PgPool, id: i64, token: Uuid, state: Arc<LeaseState>) -> Lease {
+    pub(crate) fn new(
+        pool: PgPool,
+        id: i64,
+        token: Uuid,
+        state: Arc<LeaseState>,
+        chain: Option<Arc<ChainPolicy>>,
+    ) -> Lease {
         Lease {
             pool,
             id,
             token,
             state,
+            chain,
         }
     }
 
@@ -107,6 +143,7 @@ impl Lease {
         Ok(GuardedTx {
             tx,
             lease: self.clone(),
+            continuation: None,
         })
     }
 }
@@ -115,6 +152,7 @@ impl Lease {
 pub struct GuardedTx {
     tx: Transaction<'static, Postgres>,
     lease: Lease,
+    continuation: Option<ClaimedJob>,
 }
 
 impl GuardedTx {
@@ -137,22 +175,60 @@ impl GuardedTx {
         Ok(ids)
     }
 
+    /// Enqueues the job that continues this one. When the worker runs its kind, the job is
+    /// inserted already claimed by this worker and runs in the same slot as soon as this
+    /// transaction commits and the handler returns: no claim, no wake-up, no wait. Otherwise
+    /// (unknown kind, scheduled for later, a continuation already chosen) it is an ordinary
+    /// enqueue. `None` when de-duplicated by its unique key.
+    pub async fn enqueue_next(&mut self, job: &NewJob) -> Result<Option<i64>, JobError> {
+        let chain = match &self.lease.chain {
+            Some(c)
+                if self.continuation.is_none()
+                    && job.run_at.is_none_or(|at| at <= chrono::Utc::now())
+                    && c.kinds.contains(&job.kind) =>
+            {
+                c.clone()
+            }
+            _ => return self.enqueue(job).await,
+        };
+        let claimed =
+            store::jobs::job_enqueue_claimed(&mut self.tx, job, chain.worker, chain.lease).await?;
+        let id = claimed.as_ref().map(|c| c.id);
+        self.continuation = claimed;
+        Ok(id)
+    }
+
     /// Commits the handler's writes; the job stays running under the same lease (a checkpoint).
     pub async fn commit(self) -> Result<(), JobError> {
         self.tx.commit().await?;
+        self.lease.hand_over(self.continuation);
         Ok(())
     }
 
     /// Marks the job completed and commits it together with everything written in this
     /// transaction.
     pub async fn complete(mut self) -> Result<(), JobError> {
+        self.lease.state.completing.store(true, Ordering::SeqCst);
         if !store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token).await? {
             self.lease.state.mark_lost();
             return Err(JobError::LeaseLost);
         }
         self.tx.commit().await?;
         self.lease.state.settled.store(true, Ordering::SeqCst);
+        self.lease.hand_over(self.continuation);
         Ok(())
+    }
+}
+
+impl Lease {
+    fn hand_over(&self, continuation: Option<ClaimedJob>) {
+        if let Some(job) = continuation {
+            *self
+                .state
+                .continuation
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(job);
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::context::{Lease, LeaseState};
+use super::context::{ChainPolicy, Lease, LeaseState};
 use super::cron::cron_fire;
 use super::rescue::{RescueOutcome, rescue_expired};
 use super::{JobContext, JobError, Notifier, QueueError, Registry};
@@ -50,6 +50,10 @@ pub struct WorkerConfig {
     pub notify_debounce: Duration,
     /// Most results settled in one statement.
     pub settle_batch: usize,
+    /// While some of its slots are busy, the worker claims at most once per this interval, so
+    /// slots that free up one by one are refilled by one claim instead of one claim each. An
+    /// idle worker claims at once.
+    pub claim_cooldown: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +67,7 @@ impl Default for WorkerConfig {
             grace_period: Duration::from_secs(30),
             notify_debounce: Duration::from_millis(20),
             settle_batch: 1000,
+            claim_cooldown: Duration::from_millis(2),
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct MaintenanceOutcome {
 enum Ending {
     Done(Result<(), JobError>),
     Released,
+    /// A continuation the worker did not start because it is shutting down.
+    NotStarted,
 }
 
 struct Finished {
@@ -131,6 +138,9 @@ struct Inner {
     slot_freed: Notify,
     notifier: Notifier,
     abort: watch::Sender<bool>,
+    /// Set once the worker stops claiming (graceful shutdown).
+    stopping: AtomicBool,
+    chain: Arc<ChainPolicy>,
 }
 
 /// A registered worker. Cheap to clone.
@@ -174,6 +184,11 @@ impl Worker {
         drop(conn);
         let notifier = Notifier::spawn(pool.clone(), config.notify_debounce);
         let (abort, _) = watch::channel(false);
+        let chain = Arc::new(ChainPolicy {
+            worker: id,
+            lease: config.lease,
+            kinds: kinds.iter().cloned().collect(),
+        });
         tracing::info!(worker = %id, concurrency = config.concurrency, ?kinds, "worker registered");
         Ok(Worker {
             inner: Arc::new(Inner {
@@ -186,6 +201,8 @@ impl Worker {
                 slot_freed: Notify::new(),
                 notifier,
                 abort,
+                stopping: AtomicBool::new(false),
+                chain,
             }),
         })
     }
@@ -218,7 +235,12 @@ impl Worker {
             tokio::select! {
                 next = set.join_next() => match next {
                     None => break,
-                    Some(Ok(f)) => finished.push(f),
+                    Some(Ok(f)) => {
+                        if let Some(next) = f.state.take_continuation() {
+                            set.spawn(execute(inner.clone(), next));
+                        }
+                        finished.push(f);
+                    }
                     Some(Err(e)) => tracing::error!(error = %e, "job task failed"),
                 },
                 _ = heartbeat.tick() => {
@@ -273,16 +295,29 @@ impl Worker {
         let heartbeat = tokio::spawn(heartbeat_loop(inner.clone(), stop_rx.clone()));
         let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
         let mut tasks = JoinSet::new();
+        let mut claimed_total = 0usize;
+        let mut last_claim = tokio::time::Instant::now() - inner.config.claim_cooldown;
+        let concurrency = inner.config.concurrency.max(1);
         tokio::pin!(shutdown);
         tracing::info!(worker = %inner.id, "worker running");
         loop {
             while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits();
+            let mut free = slots.available_permits();
+            if free > 0 && free < concurrency {
+                let next = last_claim + inner.config.claim_cooldown;
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep_until(next) => {}
+                }
+                free = slots.available_permits();
+            }
             let mut drained = true;
             if free > 0 {
+                last_claim = tokio::time::Instant::now();
                 match inner.claim(free).await {
                     Ok(jobs) => {
                         drained = jobs.len() < free;
+                        claimed_total += jobs.len();
                         for job in jobs {
                             let Ok(permit) = slots.clone().try_acquire_owned() else {
                                 break;
@@ -290,10 +325,9 @@ impl Worker {
                             let inner = inner.clone();
                             let done = done_tx.clone();
                             tasks.spawn(async move {
-                                let finished = execute(inner.clone(), job).await;
+                                run_chain(&inner, job, &done).await;
                                 drop(permit);
                                 inner.slot_freed.notify_one();
-                                let _ = done.send(finished);
                             });
                         }
                     }
@@ -324,6 +358,7 @@ impl Worker {
                 }
             }
         }
+        inner.stopping.store(true, Ordering::SeqCst);
         tracing::info!(worker = %inner.id, running = tasks.len(), "stopping: no more claims");
         let graceful = tokio::time::timeout(inner.config.grace_period, async {
             while tasks.join_next().await.is_some() {}
@@ -340,7 +375,8 @@ impl Worker {
         }
         let _ = stop_tx.send(true);
         drop(done_tx);
-        let totals = settler.await.unwrap_or_default();
+        let mut totals = settler.await.unwrap_or_default();
+        totals.claimed = claimed_total;
         let _ = heartbeat.await;
         for task in background {
             let _ = task.await;
@@ -380,6 +416,7 @@ impl Inner {
         for id in ids.iter().filter(|id| !held.contains(id)) {
             if let Some((_, state)) = running.get(id)
                 && !state.settled.load(Ordering::SeqCst)
+                && !state.completing.load(Ordering::SeqCst)
             {
                 tracing::warn!(
                     job = id,
@@ -397,6 +434,7 @@ impl Inner {
         let mut out = TickOutcome::default();
         let mut complete = (Vec::new(), Vec::new());
         let mut release = (Vec::new(), Vec::new());
+        let mut unstarted = (Vec::new(), Vec::new());
         let mut wake = false;
         let mut conn = self.pool.acquire().await?;
         for f in batch {
@@ -412,6 +450,11 @@ impl Inner {
                 Ending::Released => {
                     release.0.push(f.id);
                     release.1.push(f.token);
+                    continue;
+                }
+                Ending::NotStarted => {
+                    unstarted.0.push(f.id);
+                    unstarted.1.push(f.token);
                     continue;
                 }
                 Ending::Done(result) => result,
@@ -470,6 +513,15 @@ impl Inner {
         .await?;
         out.released += released.len();
         out.lease_lost += release.0.len() - released.len();
+        let returned = store::jobs::job_release_many(
+            &mut conn,
+            &unstarted.0,
+            &unstarted.1,
+            "released at worker shutdown before it started",
+        )
+        .await?;
+        out.released += returned.len();
+        out.lease_lost += unstarted.0.len() - returned.len();
         if wake || out.retried > 0 || out.released > 0 {
             self.notifier.notify();
             self.wake.notify_one();
@@ -506,7 +558,13 @@ async fn execute(inner: Arc<Inner>, job: ClaimedJob) -> Finished {
                 attempt: job.attempt,
                 max_attempts: job.max_attempts,
                 unique_key: job.unique_key.clone(),
-                lease: Lease::new(inner.pool.clone(), job.id, job.lease_token, state.clone()),
+                lease: Lease::new(
+                    inner.pool.clone(),
+                    job.id,
+                    job.lease_token,
+                    state.clone(),
+                    Some(inner.chain.clone()),
+                ),
             };
             let mut task = tokio::spawn(handler(ctx));
             let mut abort = inner.abort.subscribe();
@@ -537,6 +595,30 @@ async fn execute(inner: Arc<Inner>, job: ClaimedJob) -> Finished {
         attempt: job.attempt,
         state,
         ending,
+    }
+}
+
+/// Runs a claimed job and then, in the same slot, every continuation it hands over (see
+/// `GuardedTx::enqueue_next`). Once the worker stops claiming, a continuation is released to
+/// `available` instead of started, so another worker takes it at once.
+async fn run_chain(inner: &Arc<Inner>, job: ClaimedJob, done: &mpsc::UnboundedSender<Finished>) {
+    let mut next = Some(job);
+    while let Some(job) = next.take() {
+        let finished = execute(inner.clone(), job).await;
+        next = finished.state.take_continuation();
+        let _ = done.send(finished);
+        if let Some(job) =
+            next.take_if(|_| inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow())
+        {
+            let _ = done.send(Finished {
+                id: job.id,
+                token: job.lease_token,
+                kind: job.kind,
+                attempt: job.attempt,
+                state: Arc::new(LeaseState::default()),
+                ending: Ending::NotStarted,
+            });
+        }
     }
 }
 

@@ -18,7 +18,8 @@ macro_rules! select_execution {
              duration_ms, initiated_by, approved_by, approved_at, error_message, output_summary, \
              context_vars, execution_log, runbook_snapshot, attempt, max_attempts, \
              awaiting_approval, approval_expires_at, cancel_requested_at, cancelled_by, batch_id, \
-             batch_concurrency, breaker_probe, refused_by FROM runbook_executions ",
+             batch_concurrency, breaker_probe, refused_by, secret_vars_encrypted \
+             FROM runbook_executions ",
             $tail
         )
     };
@@ -33,7 +34,7 @@ macro_rules! select_step {
             " id, execution_id, step_id, step_order, step_name, status::text AS status, \
              started_at, completed_at, duration_ms, exit_code, stdout, stderr, retry_attempt, \
              phase, run_attempt, skipped, interrupted, truncated, error_message, command, \
-             exit_signal FROM step_executions ",
+             exit_signal, output_encrypted FROM step_executions ",
             $tail
         )
     };
@@ -102,11 +103,15 @@ pub struct ExecutionRow {
     pub breaker_probe: bool,
     /// The gate that refused the run.
     pub refused_by: Option<String>,
+    /// Envelope of the secret variables (opened only by the worker running the steps).
+    pub secret_vars_encrypted: Option<String>,
 }
 
 /// Fields of a new execution.
 #[derive(Debug, Clone)]
 pub struct NewExecution<'a> {
+    /// Primary key, chosen by the caller (secret variables are sealed to it).
+    pub id: Uuid,
     /// Runbook.
     pub runbook_id: Uuid,
     /// Its version.
@@ -131,6 +136,8 @@ pub struct NewExecution<'a> {
     pub batch_id: Option<Uuid>,
     /// Fan-out concurrency.
     pub batch_concurrency: Option<i32>,
+    /// Envelope of the secret variables.
+    pub secret_vars_encrypted: Option<&'a str>,
 }
 
 /// Inserts a pending execution.
@@ -141,8 +148,9 @@ pub async fn execution_create(
     Ok(sqlx::query_scalar(
         "INSERT INTO runbook_executions (runbook_id, runbook_version, server_id, alert_id, \
            trigger_id, mode, initiated_by, context_vars, runbook_snapshot, max_attempts, batch_id, \
-           batch_concurrency) \
-         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12) RETURNING id",
+           batch_concurrency, id, secret_vars_encrypted) \
+         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12, $13, $14) \
+         RETURNING id",
     )
     .bind(new.runbook_id)
     .bind(new.runbook_version)
@@ -156,6 +164,8 @@ pub async fn execution_create(
     .bind(new.max_attempts)
     .bind(new.batch_id)
     .bind(new.batch_concurrency)
+    .bind(new.id)
+    .bind(new.secret_vars_encrypted)
     .fetch_one(conn)
     .await?)
 }
@@ -334,7 +344,8 @@ pub async fn execution_finish(
            error_message = COALESCE($4, error_message), \
            output_summary = COALESCE($5, output_summary), refused_by = COALESCE($6, refused_by), \
            awaiting_approval = false \
-         WHERE id = $1 AND status::text = ANY($2)",
+         WHERE id = $1 AND status::text = ANY($2) \
+         RETURNING pg_notify($7, $1::text)",
     )
     .bind(id)
     .bind(&from)
@@ -342,9 +353,22 @@ pub async fn execution_finish(
     .bind(error_message)
     .bind(output_summary)
     .bind(refused_by)
+    .bind(CONTROL_CHANNEL)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The channel that carries "execution X ended" (payload: the execution id), sent on commit of
+/// every end of an execution (completed, failed, timeout, cancelled): a worker running one of
+/// its steps stops the command at once instead of at its next status poll.
+pub const CONTROL_CHANNEL: &str = "aiops_execution_control";
+
+/// A listener on [`CONTROL_CHANNEL`] using one connection of `pool`.
+pub async fn control_listener(pool: &sqlx::PgPool) -> StoreResult<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(CONTROL_CHANNEL).await?;
+    Ok(listener)
 }
 
 /// Records a cancel request (idempotent); returns the row's status after the request.
@@ -364,18 +388,25 @@ pub async fn execution_request_cancel(
     Ok(())
 }
 
-/// Appends an entry to `execution_log`.
+/// Appends an entry to `execution_log` and the same entry as a `status` event to the live
+/// stream (notified on commit), in one statement.
 pub async fn execution_log_append(
     conn: &mut PgConnection,
     id: Uuid,
     entry: &Value,
 ) -> StoreResult<()> {
     sqlx::query(
-        "UPDATE runbook_executions SET execution_log = execution_log || jsonb_build_array($2::jsonb) \
-         WHERE id = $1",
+        "WITH l AS (UPDATE runbook_executions \
+                    SET execution_log = execution_log || jsonb_build_array($2::jsonb) \
+                    WHERE id = $1), \
+              e AS (INSERT INTO execution_events (execution_id, kind, data) \
+                    VALUES ($1, 'status', $4) RETURNING pg_notify($3, $1::text)) \
+         SELECT 1",
     )
     .bind(id)
     .bind(entry)
+    .bind(EVENTS_CHANNEL)
+    .bind(entry.to_string())
     .execute(conn)
     .await?;
     Ok(())
@@ -496,6 +527,8 @@ pub struct StepRow {
     pub command: Option<String>,
     /// Signal that ended the command.
     pub exit_signal: Option<String>,
+    /// Sealed captured output of a sensitive step (never returned by the API).
+    pub output_encrypted: Option<String>,
 }
 
 /// Identifies one step slot of one attempt.
@@ -547,6 +580,37 @@ pub async fn step_attempts(conn: &mut PgConnection, slot: StepSlot<'_>) -> Store
     .await?)
 }
 
+/// A slot's state before a new attempt, in one statement: whether it already completed (a
+/// completed step never runs again), how many attempts left `running` by a dead worker were just
+/// marked interrupted, and how many attempt rows it has (the next `retry_attempt`).
+pub async fn step_slot_prepare(
+    conn: &mut PgConnection,
+    slot: StepSlot<'_>,
+) -> StoreResult<(bool, i64, i64)> {
+    Ok(sqlx::query_as(
+        "WITH interrupted AS ( \
+             UPDATE step_executions SET status = 'failed', interrupted = true, \
+               completed_at = now(), \
+               duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                                   2147483647)::integer, \
+               error_message = 'interrupted: the worker running this attempt stopped before it finished' \
+             WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
+               AND status = 'running' \
+             RETURNING id), \
+         slot AS ( \
+             SELECT status FROM step_executions \
+             WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4) \
+         SELECT EXISTS (SELECT 1 FROM slot WHERE status = 'completed'), \
+                (SELECT count(*) FROM interrupted), (SELECT count(*) FROM slot)",
+    )
+    .bind(slot.execution_id)
+    .bind(slot.phase)
+    .bind(slot.run_attempt)
+    .bind(slot.step_order)
+    .fetch_one(conn)
+    .await?)
+}
+
 /// Whether a slot already finished (completed or skipped) — a completed step never runs again.
 pub async fn step_slot_done(conn: &mut PgConnection, slot: StepSlot<'_>) -> StoreResult<bool> {
     Ok(sqlx::query_scalar(
@@ -562,7 +626,9 @@ pub async fn step_slot_done(conn: &mut PgConnection, slot: StepSlot<'_>) -> Stor
     .await?)
 }
 
-/// Inserts a running attempt row.
+/// Inserts a running attempt row and, when `event` is given, that `status` event for the live
+/// stream (notified on commit), in one statement.
+#[allow(clippy::too_many_arguments)]
 pub async fn step_start(
     conn: &mut PgConnection,
     slot: StepSlot<'_>,
@@ -570,12 +636,20 @@ pub async fn step_start(
     step_name: &str,
     retry_attempt: i32,
     command: Option<&str>,
+    event: Option<&str>,
 ) -> StoreResult<Uuid> {
     Ok(sqlx::query_scalar(
-        "INSERT INTO step_executions (execution_id, step_id, step_order, step_name, status, \
-           started_at, retry_attempt, phase, run_attempt, command) \
-         VALUES ($1, (SELECT id FROM runbook_steps WHERE id = $2), $3, $4, 'running', now(), $5, $6, $7, $8) \
-         RETURNING id",
+        "WITH s AS ( \
+             INSERT INTO step_executions (execution_id, step_id, step_order, step_name, status, \
+               started_at, retry_attempt, phase, run_attempt, command) \
+             VALUES ($1, (SELECT id FROM runbook_steps WHERE id = $2), $3, $4, 'running', now(), \
+                     $5, $6, $7, $8) \
+             RETURNING id), \
+         e AS ( \
+             INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+             SELECT $1, s.id, 'status', $9 FROM s WHERE $9::text IS NOT NULL \
+             RETURNING pg_notify($10, $1::text)) \
+         SELECT id FROM s",
     )
     .bind(slot.execution_id)
     .bind(step_id)
@@ -585,6 +659,8 @@ pub async fn step_start(
     .bind(slot.phase)
     .bind(slot.run_attempt)
     .bind(command)
+    .bind(event)
+    .bind(EVENTS_CHANNEL)
     .fetch_one(conn)
     .await?)
 }
@@ -610,20 +686,35 @@ pub struct StepResult<'a> {
     pub error_message: Option<&'a str>,
     /// The command as run (masked).
     pub command: Option<&'a str>,
+    /// Sealed captured output (sensitive steps with capture_output).
+    pub output_encrypted: Option<&'a str>,
 }
 
-/// Records the end of a running attempt.
+/// Records the end of a running attempt and, when `event` is given, appends that `status`
+/// event for the live stream (notified on commit), in one statement. `false` when the attempt
+/// was no longer running.
 pub async fn step_finish(
     conn: &mut PgConnection,
     id: Uuid,
     r: &StepResult<'_>,
+    event: Option<&str>,
 ) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE step_executions SET status = $2::execution_status, completed_at = now(), \
-           duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, \
-           exit_code = $3, exit_signal = $4, stdout = $5, stderr = $6, truncated = $7, \
-           skipped = $8, error_message = $9, command = COALESCE($10, command) \
-         WHERE id = $1 AND status = 'running'",
+    let updated: i64 = sqlx::query_scalar(
+        "WITH u AS ( \
+             UPDATE step_executions SET status = $2::execution_status, completed_at = now(), \
+               duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                                   2147483647)::integer, \
+               exit_code = $3, exit_signal = $4, stdout = $5, stderr = $6, truncated = $7, \
+               skipped = $8, error_message = $9, command = COALESCE($10, command), \
+               output_encrypted = $13 \
+             WHERE id = $1 AND status = 'running' \
+             RETURNING execution_id), \
+         e AS ( \
+             INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+             SELECT execution_id, $1, 'status', $11 FROM step_executions \
+             WHERE id = $1 AND $11::text IS NOT NULL \
+             RETURNING pg_notify($12, execution_id::text)) \
+         SELECT count(*) FROM u",
     )
     .bind(id)
     .bind(r.status)
@@ -635,9 +726,12 @@ pub async fn step_finish(
     .bind(r.skipped)
     .bind(r.error_message)
     .bind(r.command)
-    .execute(conn)
+    .bind(event)
+    .bind(EVENTS_CHANNEL)
+    .bind(r.output_encrypted)
+    .fetch_one(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(updated == 1)
 }
 
 /// Every step row of an execution, in execution order.
@@ -671,7 +765,12 @@ pub async fn step_completed_runs(
     .await?)
 }
 
-/// Appends a live event (status change or output chunk).
+/// The channel that carries "execution X has new events" (payload: the execution id); sent on
+/// commit of every event append.
+pub const EVENTS_CHANNEL: &str = "aiops_execution_events";
+
+/// Appends a live event (status change or output chunk) and notifies [`EVENTS_CHANNEL`] on
+/// commit, in one statement.
 pub async fn event_append(
     conn: &mut PgConnection,
     execution_id: Uuid,
@@ -681,12 +780,13 @@ pub async fn event_append(
 ) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
         "INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
-         VALUES ($1, $2, $3, $4) RETURNING id",
+         VALUES ($1, $2, $3, $4) RETURNING id, pg_notify($5, $1::text)",
     )
     .bind(execution_id)
     .bind(step_execution_id)
     .bind(kind)
     .bind(data)
+    .bind(EVENTS_CHANNEL)
     .fetch_one(conn)
     .await?)
 }

@@ -227,6 +227,54 @@ pub async fn job_enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Store
     .await?)
 }
 
+/// Inserts one job already claimed by `worker` (state `running`, attempt 1, a fresh lease valid
+/// for `lease`) in the caller's transaction: the continuation of the job that transaction
+/// completes, run next by the same worker without a claim round trip. If the worker dies, the
+/// rescuer returns it like any other expired lease. `None` when an unfinished job with the same
+/// unique key exists.
+pub async fn job_enqueue_claimed(
+    conn: &mut PgConnection,
+    job: &NewJob,
+    worker: Uuid,
+    lease: Duration,
+) -> StoreResult<Option<ClaimedJob>> {
+    Ok(sqlx::query_as::<_, ClaimedJob>(
+        "INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, unique_key, \
+                           timeout_seconds, state, attempt, lease_token, lease_expires_at, \
+                           locked_by, attempted_at) \
+         VALUES ($1, $2, $3, now(), $4, $5, $6, 'running', 1, gen_random_uuid(), \
+                 now() + $8::bigint * interval '1 millisecond', $7, now()) \
+         ON CONFLICT (unique_key) \
+             WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
+             DO NOTHING \
+         RETURNING id, kind, payload, attempt, max_attempts, lease_token, lease_expires_at, \
+             timeout_seconds, run_at, unique_key",
+    )
+    .bind(&job.kind)
+    .bind(&job.payload)
+    .bind(job.priority)
+    .bind(job.max_attempts)
+    .bind(&job.unique_key)
+    .bind(job.timeout_seconds)
+    .bind(worker)
+    .bind(millis(lease))
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Cancels the job with `unique_key` if it has not started (`available` or `retryable`), in the
+/// caller's transaction: a timer that is no longer needed. Returns whether one was cancelled.
+pub async fn job_cancel_pending(conn: &mut PgConnection, unique_key: &str) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET state = 'cancelled', finished_at = now() \
+         WHERE unique_key = $1 AND state IN ('available', 'retryable')",
+    )
+    .bind(unique_key)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 /// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs.
 pub const CLAIM_SQL: &str = "WITH picked AS ( \
          SELECT id FROM jobs \

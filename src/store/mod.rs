@@ -96,3 +96,14 @@ pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
         .filter(|m| m.migration_type.is_up_migration())
         .all(|m| applied.contains(&m.version)))
 }
+
+/// Lets the current transaction commit without waiting for its WAL flush
+/// (`synchronous_commit = off` for this transaction only). Only for writes whose loss in a
+/// database server crash is harmless because the work is redone; a later durable commit
+/// flushes them too.
+pub async fn relax_commit_durability(conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -15,14 +15,20 @@ pub enum SecretColumn {
     ServerPassword,
     /// `llm_providers.api_key_encrypted`.
     LlmApiKey,
+    /// `runbook_executions.secret_vars_encrypted`.
+    ExecutionSecretVars,
+    /// `step_executions.output_encrypted`.
+    StepOutput,
 }
 
 impl SecretColumn {
     /// Every encrypted column in the schema.
-    pub const ALL: [SecretColumn; 3] = [
+    pub const ALL: [SecretColumn; 5] = [
         SecretColumn::ServerSshKey,
         SecretColumn::ServerPassword,
         SecretColumn::LlmApiKey,
+        SecretColumn::ExecutionSecretVars,
+        SecretColumn::StepOutput,
     ];
 
     /// (table, column), which is also the associated data the envelope is bound to.
@@ -31,6 +37,8 @@ impl SecretColumn {
             SecretColumn::ServerSshKey => ("server_credentials", "ssh_key_encrypted"),
             SecretColumn::ServerPassword => ("server_credentials", "password_encrypted"),
             SecretColumn::LlmApiKey => ("llm_providers", "api_key_encrypted"),
+            SecretColumn::ExecutionSecretVars => ("runbook_executions", "secret_vars_encrypted"),
+            SecretColumn::StepOutput => ("step_executions", "output_encrypted"),
         }
     }
 }
@@ -57,6 +65,14 @@ pub async fn secret_stale_ids(
             "SELECT id FROM llm_providers WHERE api_key_encrypted IS NOT NULL \
              AND left(api_key_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
         }
+        SecretColumn::ExecutionSecretVars => {
+            "SELECT id FROM runbook_executions WHERE secret_vars_encrypted IS NOT NULL \
+             AND left(secret_vars_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
+        }
+        SecretColumn::StepOutput => {
+            "SELECT id FROM step_executions WHERE output_encrypted IS NOT NULL \
+             AND left(output_encrypted, length($1)) <> $1 AND id > $2 ORDER BY id LIMIT $3"
+        }
     };
     Ok(sqlx::query_scalar(sql)
         .bind(current_prefix)
@@ -82,6 +98,12 @@ pub async fn secret_get_for_update(
         SecretColumn::LlmApiKey => {
             "SELECT api_key_encrypted FROM llm_providers WHERE id = $1 FOR UPDATE"
         }
+        SecretColumn::ExecutionSecretVars => {
+            "SELECT secret_vars_encrypted FROM runbook_executions WHERE id = $1 FOR UPDATE"
+        }
+        SecretColumn::StepOutput => {
+            "SELECT output_encrypted FROM step_executions WHERE id = $1 FOR UPDATE"
+        }
     };
     let value: Option<Option<String>> = sqlx::query_scalar(sql)
         .bind(id)
@@ -105,6 +127,12 @@ pub async fn secret_set(
             "UPDATE server_credentials SET password_encrypted = $2 WHERE id = $1"
         }
         SecretColumn::LlmApiKey => "UPDATE llm_providers SET api_key_encrypted = $2 WHERE id = $1",
+        SecretColumn::ExecutionSecretVars => {
+            "UPDATE runbook_executions SET secret_vars_encrypted = $2 WHERE id = $1"
+        }
+        SecretColumn::StepOutput => {
+            "UPDATE step_executions SET output_encrypted = $2 WHERE id = $1"
+        }
     };
     sqlx::query(sql)
         .bind(id)

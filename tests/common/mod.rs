@@ -126,6 +126,10 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// The fixed secret key of test apps and test workers (`id:hex`, as AIOPS_SECRET_KEY takes it).
+pub const TEST_SECRET_KEY: &str =
+    "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
 /// Starts the real server on port 0 after letting the test adjust the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
@@ -139,9 +143,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         // A fixed test key so that endpoints storing secrets work; tests may replace it.
-        secret_key: Some(
-            "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f".to_owned(),
-        ),
+        secret_key: Some(TEST_SECRET_KEY.to_owned()),
         ..Config::default()
     };
     adjust(&mut config);
@@ -316,7 +318,23 @@ impl TestWorker {
         Self::start_with(pool, Some(config)).await
     }
 
+    /// Starts a worker (as [`TestWorker::start`]) after letting the test adjust its options.
+    pub async fn start_adjusted(
+        pool: &PgPool,
+        adjust: impl FnOnce(&mut aiops::worker::WorkerOptions),
+    ) -> TestWorker {
+        Self::start_inner(pool, None, adjust).await
+    }
+
     async fn start_with(pool: &PgPool, config: Option<&Config>) -> TestWorker {
+        Self::start_inner(pool, config, |_| {}).await
+    }
+
+    async fn start_inner(
+        pool: &PgPool,
+        config: Option<&Config>,
+        adjust: impl FnOnce(&mut aiops::worker::WorkerOptions),
+    ) -> TestWorker {
         let options = aiops::worker::WorkerOptions {
             queue: aiops::queue::WorkerConfig {
                 concurrency: 4,
@@ -331,8 +349,15 @@ impl TestWorker {
         };
         let options = match config {
             Some(c) => options.with_ssh(pool, c).expect("ssh options"),
-            None => options,
+            None => options
+                .with_keyring(&Config {
+                    secret_key: Some(TEST_SECRET_KEY.to_owned()),
+                    ..Config::default()
+                })
+                .expect("the test keyring"),
         };
+        let mut options = options;
+        adjust(&mut options);
         let registry = aiops::worker::registry(&options, pool).expect("registry");
         let worker = aiops::queue::Worker::start(pool.clone(), registry, options.queue)
             .await
