@@ -101,7 +101,7 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
         local: Arc::new(LocalExecutor),
         ssh: options.ssh.clone(),
         keyring: options.keyring.clone(),
-        ended: engine::control_feed(pool),
+        ended: tokio::sync::broadcast::channel(256).0,
         settings: options.engine.clone(),
         alert_matching: Default::default(),
     });

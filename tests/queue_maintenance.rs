@@ -93,7 +93,7 @@ fn run_in_background(worker: Worker) -> (watch::Sender<bool>, JoinHandle<TickOut
 async fn listeners(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query = 'LISTEN \"aiops_jobs\"'",
+         WHERE datname = current_database() AND query LIKE 'LISTEN %'",
     )
     .fetch_one(pool)
     .await

@@ -128,8 +128,9 @@ pub struct Engine {
     pub ssh: Option<Arc<dyn StepExecutor>>,
     /// Seals and opens secret variables; `None` when no secret key is configured.
     pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
-    /// Ids of executions that just ended (from [`control_feed`]); running steps subscribe.
-    pub ended: tokio::sync::broadcast::Sender<Uuid>,
+    /// Ids of executions that just ended (`aiops_execution_control`, forwarded by the worker's
+    /// listener, see [`register`]); running steps subscribe.
+    pub ended: tokio::sync::broadcast::Sender<String>,
     /// Tunables.
     pub settings: EngineSettings,
     /// What alert matching reads, compiled and cached per worker.
@@ -195,49 +196,9 @@ pub fn step_job(execution_id: Uuid, attempt: i32, index: usize, retry: i64) -> N
     job
 }
 
-/// Starts the worker's listener on `aiops_execution_control` and returns the feed of execution
-/// ids that ended, for [`Engine::ended`]. The listener reconnects after errors; while it is
-/// down, running steps fall back to polling.
-pub fn control_feed(pool: &PgPool) -> tokio::sync::broadcast::Sender<Uuid> {
-    let (tx, _) = tokio::sync::broadcast::channel(256);
-    // The task ends (and returns its connection) once the engine holding the sender is gone.
-    let feed = tx.downgrade();
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let alive = || feed.upgrade().is_some() && !pool.is_closed();
-        while alive() {
-            let mut listener = match store::executions::control_listener(&pool).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot LISTEN for execution ends; steps poll");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    continue;
-                }
-            };
-            while alive() {
-                tokio::select! {
-                    received = listener.recv() => match received {
-                        Ok(n) => {
-                            if let (Ok(id), Some(feed)) = (n.payload().parse::<Uuid>(), feed.upgrade()) {
-                                // No subscriber (no step running) is fine.
-                                let _ = feed.send(id);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "execution-end listener failed; reconnecting");
-                            break;
-                        }
-                    },
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    });
-    tx
-}
-
 /// Registers every engine job kind with a worker's registry.
 pub fn register(registry: &mut Registry, engine: Arc<Engine>) {
+    registry.forward_notifications(store::executions::CONTROL_CHANNEL, engine.ended.clone());
     let quick = KindOptions {
         timeout: Duration::from_secs(60),
         ..KindOptions::default()

@@ -431,6 +431,7 @@ async fn run_command(
         let id = row.id;
         let poll = engine.settings.cancel_poll;
         let mut ended = engine.ended.subscribe();
+        let id_text = row.id.to_string();
         tokio::spawn(async move {
             let mut fallback = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
             fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -441,7 +442,7 @@ async fn run_command(
                     _ = lease.lost() => { cancel.cancel(); return; }
                     _ = fallback.tick() => {}
                     msg = ended.recv() => match msg {
-                        Ok(ended_id) if ended_id != id => continue,
+                        Ok(ended_id) if ended_id != id_text => continue,
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                             fallback.tick().await;

@@ -686,7 +686,9 @@ async fn maintenance_loop(worker: Worker, mut stop: watch::Receiver<bool>) {
 
 async fn listen_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     loop {
-        let mut listener = match store::jobs::job_listener(&inner.pool).await {
+        let forwards = inner.registry.forwards();
+        let extra: Vec<&str> = forwards.keys().map(String::as_str).collect();
+        let mut listener = match store::jobs::job_listener(&inner.pool, &extra).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot LISTEN for job wake-ups; polling only for now");
@@ -700,7 +702,11 @@ async fn listen_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             tokio::select! {
                 _ = flag_set(&mut stop) => return,
                 received = listener.recv() => match received {
-                    Ok(_) => inner.wake.notify_one(),
+                    Ok(n) => match forwards.get(n.channel()) {
+                        // No subscriber at the moment is fine.
+                        Some(to) => { let _ = to.send(n.payload().to_owned()); }
+                        None => inner.wake.notify_one(),
+                    },
                     Err(e) => {
                         tracing::warn!(error = %StoreError::from(e), "job wake-up listener failed; reconnecting");
                         break;

@@ -41,6 +41,7 @@ impl Default for KindOptions {
 pub struct Registry {
     handlers: BTreeMap<String, (Handler, KindOptions)>,
     cron: Vec<CronEntry>,
+    forwards: BTreeMap<String, tokio::sync::broadcast::Sender<String>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -97,5 +98,21 @@ impl Registry {
     /// The cron schedules.
     pub fn cron_entries(&self) -> &[CronEntry] {
         &self.cron
+    }
+
+    /// Asks the running worker to also `LISTEN` on `channel`, on the connection it listens on
+    /// for wake-ups (one listening connection per worker, whatever the number of channels), and
+    /// to forward each payload to `to`.
+    pub fn forward_notifications(
+        &mut self,
+        channel: &str,
+        to: tokio::sync::broadcast::Sender<String>,
+    ) {
+        self.forwards.insert(channel.to_owned(), to);
+    }
+
+    /// The forwarded channels.
+    pub(crate) fn forwards(&self) -> &BTreeMap<String, tokio::sync::broadcast::Sender<String>> {
+        &self.forwards
     }
 }

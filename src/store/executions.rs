@@ -364,13 +364,6 @@ pub async fn execution_finish(
 /// its steps stops the command at once instead of at its next status poll.
 pub const CONTROL_CHANNEL: &str = "aiops_execution_control";
 
-/// A listener on [`CONTROL_CHANNEL`] using one connection of `pool`.
-pub async fn control_listener(pool: &sqlx::PgPool) -> StoreResult<sqlx::postgres::PgListener> {
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-    listener.listen(CONTROL_CHANNEL).await?;
-    Ok(listener)
-}
-
 /// Records a cancel request (idempotent); returns the row's status after the request.
 pub async fn execution_request_cancel(
     conn: &mut PgConnection,

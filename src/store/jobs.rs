@@ -666,8 +666,14 @@ pub async fn job_notify(conn: &mut PgConnection) -> StoreResult<()> {
 }
 
 /// A dedicated connection listening on the `aiops_jobs` channel.
-pub async fn job_listener(pool: &sqlx::PgPool) -> StoreResult<sqlx::postgres::PgListener> {
+pub async fn job_listener(
+    pool: &sqlx::PgPool,
+    extra_channels: &[&str],
+) -> StoreResult<sqlx::postgres::PgListener> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
     listener.listen("aiops_jobs").await?;
+    if !extra_channels.is_empty() {
+        listener.listen_all(extra_channels.iter().copied()).await?;
+    }
     Ok(listener)
 }

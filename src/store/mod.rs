@@ -70,9 +70,14 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     let options = options
         .log_statements(tracing::log::LevelFilter::Debug)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2))
-        .application_name("aiops");
+        .application_name("aiops")
+        .statement_cache_capacity(500);
+    // No ping before every checkout: it is a round trip (and a transaction) per use. A
+    // connection broken by a database restart fails the one operation that finds it (the queue
+    // retries, the API answers 5xx) and is then dropped from the pool.
     PgPoolOptions::new()
         .max_connections(max_connections)
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
