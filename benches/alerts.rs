@@ -18,6 +18,9 @@
 //! Without `--bench` (as under `cargo test --all-targets`) it does a smoke run (30 payloads, 1 s
 //! of 100 alerts/s).
 
+mod common;
+
+use common::{env_usize, percentile, with_database};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,33 +29,6 @@ use aiops::startup::embedded_pg::EmbeddedPostgres;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
 use sqlx::postgres::PgConnectOptions;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn with_database(url: &str, name: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h.to_owned(), format!("?{q}")),
-        None => (url.to_owned(), String::new()),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = head[scheme_end..]
-        .find('/')
-        .map(|i| i + scheme_end)
-        .unwrap_or(head.len());
-    format!("{}/{}{}", &head[..path_start], name, query)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn payload(tag: &str, first: usize, size: usize) -> Value {
     let alerts: Vec<Value> = (first..first + size)

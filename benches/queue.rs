@@ -12,6 +12,9 @@
 //! Without `--bench` (as under `cargo test --all-targets`) it does a smoke run of 200 jobs and 5
 //! latency samples.
 
+mod common;
+
+use common::{env_usize, percentile, with_database};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,34 +25,6 @@ use serde_json::json;
 use sqlx::ConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn with_database(url: &str, name: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h.to_owned(), format!("?{q}")),
-        None => (url.to_owned(), String::new()),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = head[scheme_end..]
-        .find('/')
-        .map(|i| i + scheme_end)
-        .unwrap_or(head.len());
-    format!("{}/{}{}", &head[..path_start], name, query)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
