@@ -12,7 +12,8 @@
 //!    processes; `BENCH_LATENCY_SAMPLES` (default 200) times, one at a time, a 3-step no-op
 //!    runbook is started with `POST /api/v1/executions` and the clock runs from sending the
 //!    request until the execution's status reads `completed` (woken by LISTEN on
-//!    `aiops_execution_events`, confirmed by reading the row): p50, p99.
+//!    `aiops_execution_control`, which every end of an execution notifies, confirmed by reading
+//!    the row): p50, p99.
 //!
 //! Runs against `DATABASE_URL` when set (a fresh database is created on that server), else a
 //! private cluster under `target/bench-pg`. `cargo bench --bench engine`; see
@@ -322,7 +323,7 @@ async fn latency(url: &str, samples: usize, concurrency: usize) -> anyhow::Resul
     };
     wait_for_workers(&mut watch, 2).await?;
     let mut listener = PgListener::connect_with(&pool).await?;
-    listener.listen(aiops::engine::EVENTS_CHANNEL).await?;
+    listener.listen(aiops::engine::CONTROL_CHANNEL).await?;
     // Let both workers settle into their idle wait.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -363,7 +364,7 @@ async fn latency(url: &str, samples: usize, concurrency: usize) -> anyhow::Resul
             if Instant::now() > deadline {
                 bail!("execution {id} did not complete within 30 s");
             }
-            // Wake on this execution's next event (or re-check after 100 ms).
+            // Wake when this execution ends (or re-check after 100 ms).
             let wait_until = tokio::time::Instant::now() + Duration::from_millis(100);
             while let Ok(n) = tokio::time::timeout_at(wait_until, listener.recv()).await {
                 if n?.payload() == id.to_string() {

@@ -30,6 +30,8 @@ pub struct AppState {
     /// Wakes workers after a request committed jobs (one debounced `NOTIFY` for a burst, sent
     /// outside the request's transaction).
     pub job_notifier: crate::queue::Notifier,
+    /// Wake-ups of live execution streams (one lazily opened listening connection).
+    pub live: Arc<super::live::LiveEvents>,
 }
 
 /// Minimum spacing of the wake-up `NOTIFY`s an API process sends.
@@ -51,6 +53,7 @@ impl AppState {
         Ok(AppState {
             webhook_slots: webhook_slots_for(&pool),
             job_notifier: crate::queue::Notifier::spawn(pool.clone(), JOB_NOTIFY_DEBOUNCE),
+            live: super::live::LiveEvents::new(pool.clone()),
             pool,
             config,
             secrets,

@@ -23,6 +23,7 @@ use crate::store::{
 use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
+use super::live;
 use super::pagination::Page;
 
 /// `execution_status`.
@@ -678,65 +679,71 @@ impl ExecutionsApi {
             .await?
             .ok_or_else(|| ApiError::not_found("execution", id.0))?;
         drop(conn);
-        let pool = self.state.pool.clone();
-        let execution_id = id.0;
-        let state = (
-            pool,
-            after.0.unwrap_or(0),
-            std::collections::VecDeque::new(),
-            false,
-        );
-        let events = stream::unfold(
-            state,
-            move |(pool, mut last, mut buffered, mut done)| async move {
-                loop {
-                    if let Some(event) = buffered.pop_front() {
-                        return Some((event, (pool, last, buffered, done)));
-                    }
-                    if done {
-                        return None;
-                    }
-                    let Ok(mut conn) = pool.acquire().await else {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    };
-                    // Read the status first: events written before a terminal status are all seen.
-                    let finished = matches!(
-                        store::executions::execution_status(&mut conn, execution_id).await,
-                        Ok(Some((ref s, _))) if crate::domain::execution::Status::is_terminal(
-                            s.parse().unwrap_or(crate::domain::execution::Status::Running))
-                            && !matches!(s.as_str(), "running")
-                    );
-                    let rows =
-                        store::executions::event_list_after(&mut conn, execution_id, last, 200)
-                            .await
-                            .unwrap_or_default();
-                    drop(conn);
-                    let full_page = rows.len() == 200;
-                    for r in rows {
-                        last = r.id;
-                        buffered.push_back(ExecutionEvent {
-                            id: r.id,
-                            kind: r.kind,
-                            step_execution_id: r.step_execution_id,
-                            data: r.data,
-                            created_at: r.created_at,
-                        });
-                    }
-                    if finished && !full_page {
-                        // Rollbacks may still append after a terminal status; give them a moment.
-                        done = true;
-                        continue;
-                    }
-                    if buffered.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+        // Subscribe before registering and before the first read, so nothing appended after the
+        // first read goes unnoticed; the fallback poll covers a listener still connecting.
+        let wake = self.state.live.subscribe();
+        let watch = live::Watch::register(&self.state.pool, id.0).await?;
+        let state = Follow {
+            pool: self.state.pool.clone(),
+            execution_id: id.0,
+            last: after.0.unwrap_or(0),
+            buffered: std::collections::VecDeque::new(),
+            done: false,
+            wake,
+            watch,
+            refreshed: tokio::time::Instant::now(),
+        };
+        let events = stream::unfold(state, |mut f| async move {
+            loop {
+                if let Some(event) = f.buffered.pop_front() {
+                    return Some((event, f));
                 }
-            },
-        )
+                if f.done {
+                    return None;
+                }
+                if f.refreshed.elapsed() >= live::Watch::refresh_interval() {
+                    f.refreshed = tokio::time::Instant::now();
+                    let _ = f.watch.refresh().await;
+                }
+                let Ok(mut conn) = f.pool.acquire().await else {
+                    tokio::time::sleep(STREAM_FALLBACK_POLL).await;
+                    continue;
+                };
+                // Read the status first: events written before a terminal status are all seen.
+                let finished = matches!(
+                    store::executions::execution_status(&mut conn, f.execution_id).await,
+                    Ok(Some((ref s, _))) if crate::domain::execution::Status::is_terminal(
+                        s.parse().unwrap_or(crate::domain::execution::Status::Running))
+                        && !matches!(s.as_str(), "running")
+                );
+                let rows =
+                    store::executions::event_list_after(&mut conn, f.execution_id, f.last, 200)
+                        .await
+                        .unwrap_or_default();
+                drop(conn);
+                let full_page = rows.len() == 200;
+                for r in rows {
+                    f.last = r.id;
+                    f.buffered.push_back(ExecutionEvent {
+                        id: r.id,
+                        kind: r.kind,
+                        step_execution_id: r.step_execution_id,
+                        data: r.data,
+                        created_at: r.created_at,
+                    });
+                }
+                if finished && !full_page {
+                    f.done = true;
+                    continue;
+                }
+                if f.buffered.is_empty() {
+                    f.wait().await;
+                }
+            }
+        })
         .boxed();
         Ok(EventStream::new(events)
-            .keep_alive(Duration::from_secs(15))
+            .keep_alive(STREAM_KEEP_ALIVE)
             .to_event(|e: ExecutionEvent| {
                 let id = e.id.to_string();
                 let kind = e.kind.clone();
@@ -809,5 +816,43 @@ impl ExecutionsApi {
             .ok_or_else(|| ApiError::not_found("execution", id))?;
         tx.commit().await?;
         Ok(Json(to_execution(row)))
+    }
+}
+
+/// A comment line sent on an idle stream: keeps proxies from closing it, and is how a client
+/// that went away is noticed (and its watcher registration removed).
+const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// How often a live stream reads even when no notification arrived.
+const STREAM_FALLBACK_POLL: Duration = Duration::from_secs(1);
+
+/// State of one live stream.
+struct Follow {
+    pool: sqlx::PgPool,
+    execution_id: Uuid,
+    last: i64,
+    buffered: std::collections::VecDeque<ExecutionEvent>,
+    done: bool,
+    wake: tokio::sync::broadcast::Receiver<Uuid>,
+    watch: live::Watch,
+    refreshed: tokio::time::Instant,
+}
+
+impl Follow {
+    /// Until this execution is notified, or the fallback poll interval passes.
+    async fn wait(&mut self) {
+        let id = self.execution_id;
+        let _ = tokio::time::timeout(STREAM_FALLBACK_POLL, async {
+            loop {
+                match self.wake.recv().await {
+                    Ok(notified) if notified != id => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await
+                    }
+                }
+            }
+        })
+        .await;
     }
 }

@@ -14,6 +14,7 @@ pub mod context;
 pub mod error;
 pub mod executions;
 pub mod jobs;
+pub mod live;
 pub mod pagination;
 pub mod runbooks;
 pub mod servers;
@@ -138,6 +139,7 @@ pub fn spec_json() -> String {
     let state = AppState {
         webhook_slots: context::webhook_slots_for(&pool),
         job_notifier: crate::queue::Notifier::spawn(pool.clone(), context::JOB_NOTIFY_DEBOUNCE),
+        live: live::LiveEvents::new(pool.clone()),
         pool,
         config: Arc::new(Config::default()),
         secrets: None,

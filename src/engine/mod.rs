@@ -51,7 +51,9 @@ pub const KIND_ROLLBACK: &str = "execution.rollback";
 pub const KIND_DEADLINE: &str = "execution.deadline";
 /// Job kind: an approval request's deadline passed.
 pub const KIND_APPROVAL_EXPIRY: &str = "execution.approval_expiry";
-/// The channel workers notify when an execution gets new events (payload: execution id).
+/// The channel notified when an execution ends (payload: execution id).
+pub use crate::store::executions::CONTROL_CHANNEL;
+/// The channel workers notify when a watched execution gets new events (payload: execution id).
 pub use crate::store::executions::EVENTS_CHANNEL;
 
 /// Something the engine cannot do.
@@ -153,6 +155,10 @@ pub struct StepPayload {
     pub attempt: i32,
     /// Index into the snapshot's steps.
     pub index: usize,
+    /// The attempt row inserted `running` in the transaction that enqueued this job (the step
+    /// follows at once); the job's first attempt runs under it without a checkpoint of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<Uuid>,
 }
 
 /// Payload of `execution.rollback`.
@@ -186,7 +192,8 @@ pub fn step_job(execution_id: Uuid, attempt: i32, index: usize, retry: i64) -> N
         serde_json::json!(StepPayload {
             execution_id,
             attempt,
-            index
+            index,
+            prepared: None,
         }),
     );
     job.unique_key = Some(format!(

@@ -77,6 +77,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         let masked = rendered.as_ref().ok().map(|c| masker.mask(c));
         let step_row = store::executions::step_start(
             g.conn(),
+            None,
             slot,
             Some(step.id),
             &step.name,

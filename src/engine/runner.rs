@@ -1,8 +1,11 @@
 //! `execution.step`: one attempt of one step.
 //!
-//! 1. In a lease-fenced transaction (a checkpoint): a slot that already completed is never run
-//!    again (the next step is enqueued instead); attempts of this slot left `running` by a dead
-//!    worker are marked interrupted; the new attempt row is inserted as running.
+//! 1. The attempt row. When the job that enqueued this one inserted it already (`prepared`, a
+//!    step that follows at once) and this is the job's first attempt, it is adopted: the
+//!    execution is read without a transaction and the command runs. Otherwise, in a lease-fenced
+//!    transaction (a checkpoint): a slot that already completed is never run again (the next
+//!    step is enqueued instead); attempts of this slot left `running` by a dead worker are
+//!    marked interrupted; the new attempt row is inserted as running.
 //! 2. The command runs, rendered through `templates` (every value quoted), with the step timeout
 //!    capped by the runbook deadline, while a watcher polls for cancellation and output streams
 //!    to `execution_events` line by line, masked.
@@ -31,21 +34,78 @@ use super::secret_vars::{self, is_secret_var};
 use super::snapshot::{RunbookSnapshot, StepSnapshot};
 use super::{Engine, EngineError, StepPayload, step_job};
 
+/// Where the first part of an attempt reads (and, for a checkpoint, writes).
+enum Prep {
+    /// A lease-fenced checkpoint transaction: the attempt row is written here.
+    Checkpoint(GuardedTx),
+    /// The attempt row was prepared by the job that enqueued this one: reads only.
+    Prepared(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+impl Prep {
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        match self {
+            Prep::Checkpoint(g) => g.conn(),
+            Prep::Prepared(c) => c,
+        }
+    }
+
+    /// The fenced transaction to finish in: the checkpoint's own, or a new one.
+    async fn into_guarded(self, ctx: &JobContext) -> Result<GuardedTx, JobError> {
+        match self {
+            Prep::Checkpoint(g) => Ok(g),
+            Prep::Prepared(c) => {
+                drop(c);
+                ctx.lease().guarded_tx().await
+            }
+        }
+    }
+}
+
 /// Handles `execution.step`.
 pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: StepPayload = ctx.payload_as()?;
+    // The attempt row the enqueuing transaction inserted is this job's only on its first
+    // attempt: a later attempt may follow a worker that died while the command ran, so it
+    // takes the checkpoint path, which marks that row interrupted.
+    let prepared = p.prepared.filter(|_| ctx.attempt == 1);
     // Checkpoint: the attempt row, in one lease-fenced transaction with the reads it needs.
     // Its commit does not wait for the WAL flush: only a crash of the PostgreSQL server itself
     // within the WAL writer's delay could lose it, and then the job is still running under its
     // lease and the step simply runs again; the step's result is committed durably below, and
     // that commit flushes this one too.
-    let mut g = ctx.lease().guarded_tx().await?;
-    store::relax_commit_durability(g.conn()).await?;
-    let Some(row) = store::executions::execution_get(g.conn(), p.execution_id).await? else {
-        return g.complete().await;
+    let mut prep = match prepared {
+        Some(_) => Prep::Prepared(ctx.pool().acquire().await?),
+        None => {
+            let mut g = ctx.lease().guarded_tx().await?;
+            store::relax_commit_durability(g.conn()).await?;
+            Prep::Checkpoint(g)
+        }
+    };
+    let Some(row) = store::executions::execution_get(prep.conn(), p.execution_id).await? else {
+        return prep.into_guarded(&ctx).await?.complete().await;
     };
     if row.status != "running" || row.attempt != p.attempt {
-        // Cancelled, timed out or superseded by a later attempt: nothing to do.
+        // Cancelled, timed out or superseded by a later attempt: nothing to run.
+        let mut g = prep.into_guarded(&ctx).await?;
+        if let Some(step_row) = prepared {
+            store::executions::step_finish(
+                g.conn(),
+                step_row,
+                &StepResult {
+                    status: "cancelled",
+                    error_message: Some("the execution ended before this step started"),
+                    ..StepResult::default()
+                },
+                Some(
+                    &json!({ "step": snapshot_of(&row).ok()
+                                 .and_then(|s| s.steps.get(p.index).map(|s| s.name.clone())),
+                             "status": "cancelled" })
+                    .to_string(),
+                ),
+            )
+            .await?;
+        }
         return g.complete().await;
     }
     let snapshot = snapshot_of(&row)?;
@@ -61,7 +121,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         step_order: step.step_order,
     };
 
-    let resolved = engine.targets.resolve(g.conn(), row.server_id).await;
+    let resolved = engine.targets.resolve(prep.conn(), row.server_id).await;
     let (target, mut secrets, server_json) = match resolved {
         Ok(r) => (Some(r.target), r.secrets, r.server),
         Err(e) => (None, Vec::new(), json!({ "error": e })),
@@ -76,15 +136,18 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         }
     }
 
-    let (done, interrupted, attempts) =
-        store::executions::step_slot_prepare(g.conn(), slot).await?;
+    let (done, interrupted, attempts) = match &mut prep {
+        Prep::Prepared(_) => (false, 0, 0),
+        Prep::Checkpoint(g) => store::executions::step_slot_prepare(g.conn(), slot).await?,
+    };
     if done {
+        let g = prep.into_guarded(&ctx).await?;
         advance(engine, g, &row, &snapshot, p.index).await?;
         return Ok(());
     }
     let retry_attempt = i32::try_from(attempts).unwrap_or(i32::MAX);
     let (tctx, captured_secrets, captured_error) =
-        template_context(engine, g.conn(), &row, &snapshot, p.index, server_json).await?;
+        template_context(engine, prep.conn(), &row, &snapshot, p.index, server_json).await?;
     secrets.extend(captured_secrets);
     let vars_error = vars_error.or(captured_error);
     let renderer = Renderer::new(target_os(&snapshot));
@@ -102,7 +165,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     );
 
     // Render: condition, then command. A template error fails the attempt without running.
-    let prepared: Result<Option<String>, String> = match &rendered_vars {
+    let rendered: Result<Option<String>, String> = match &rendered_vars {
         _ if vars_error.is_some() => Err(vars_error.clone().unwrap_or_default()),
         Err((name, e)) => Err(format!("variable {name}: {e}")),
         Ok(rvars) => match step.condition.as_deref() {
@@ -128,38 +191,42 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             .collect(),
         Err(_) => Vec::new(),
     };
-    let masked_command = match &prepared {
+    let masked_command = match &rendered {
         Ok(Some(c)) => Some(masker.mask(c)),
         _ => None,
     };
-    let step_row = store::executions::step_start(
-        g.conn(),
-        slot,
-        Some(step.id),
-        &step.name,
-        retry_attempt,
-        masked_command.as_deref(),
-        Some(
-            &json!({ "step": step.name, "step_order": step.step_order, "status": "running",
-                     "retry_attempt": retry_attempt, "attempt": p.attempt,
-                     "interrupted_attempts": interrupted })
-            .to_string(),
-        ),
-    )
-    .await?;
-    if interrupted > 0 {
-        log(
-            g.conn(),
-            row.id,
-            "step_interrupted",
-            json!({ "step": step.name, "attempts": interrupted }),
-        )
-        .await?;
-    }
+    let step_row = match (&mut prep, prepared) {
+        (Prep::Prepared(_), Some(step_row)) => step_row,
+        (prep, _) => {
+            let conn = prep.conn();
+            let step_row = store::executions::step_start(
+                conn,
+                None,
+                slot,
+                Some(step.id),
+                &step.name,
+                retry_attempt,
+                masked_command.as_deref(),
+                Some(&running_event(&step, retry_attempt, p.attempt, interrupted)),
+            )
+            .await?;
+            if interrupted > 0 {
+                log(
+                    conn,
+                    row.id,
+                    "step_interrupted",
+                    json!({ "step": step.name, "attempts": interrupted }),
+                )
+                .await?;
+            }
+            step_row
+        }
+    };
 
-    let command = match (prepared, target) {
+    let command = match (rendered, target) {
         (Ok(None), _) => {
             // Condition false: recorded as skipped, then the next step.
+            let mut g = prep.into_guarded(&ctx).await?;
             store::executions::step_finish(
                 g.conn(),
                 step_row,
@@ -182,7 +249,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         )),
         (Ok(Some(command)), Some(target)) => Ok((command, target)),
     };
-    g.commit().await?;
+    match prep {
+        Prep::Checkpoint(g) => g.commit().await?,
+        // Back to the pool while the command runs.
+        Prep::Prepared(conn) => drop(conn),
+    }
 
     // Run.
     let deadline = row.started_at.unwrap_or_else(Utc::now)
@@ -247,7 +318,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             truncated: verdict.truncated,
             skipped: false,
             error_message: verdict.error.as_deref(),
-            command: None,
+            // A prepared attempt row gets its command here.
+            command: masked_command.as_deref(),
             output_encrypted: sealed_output.as_deref(),
         },
         Some(
@@ -556,12 +628,69 @@ async fn advance(
     index: usize,
 ) -> Result<(), JobError> {
     if index + 1 < snapshot.steps.len() {
-        g.enqueue_next(&step_job(row.id, row.attempt, index + 1, 0))
-            .await?;
+        enqueue_step(&mut g, row.id, row.attempt, snapshot, index + 1).await?;
     } else if let Some(current) = store::executions::execution_lock(g.conn(), row.id).await? {
         finish_run(engine, g.conn(), &current, Event::RunSucceeded).await?;
     }
     g.complete().await
+}
+
+/// Enqueues step `index` of run attempt `attempt` to follow at once (the continuation of the
+/// current job), with its attempt row inserted `running` in the same transaction, so the step's
+/// job needs no checkpoint transaction of its own before it runs the command. Nothing is
+/// inserted when the job was de-duplicated by its unique key.
+pub(crate) async fn enqueue_step(
+    g: &mut GuardedTx,
+    execution_id: uuid::Uuid,
+    attempt: i32,
+    snapshot: &RunbookSnapshot,
+    index: usize,
+) -> Result<(), JobError> {
+    let mut job = step_job(execution_id, attempt, index, 0);
+    let Some(step) = snapshot.steps.get(index) else {
+        g.enqueue_next(&job).await?;
+        return Ok(());
+    };
+    let step_row = uuid::Uuid::new_v4();
+    job.payload = json!(StepPayload {
+        execution_id,
+        attempt,
+        index,
+        prepared: Some(step_row),
+    });
+    if g.enqueue_next(&job).await?.is_some() {
+        let slot = StepSlot {
+            execution_id,
+            phase: "run",
+            run_attempt: attempt,
+            step_order: step.step_order,
+        };
+        store::executions::step_start(
+            g.conn(),
+            Some(step_row),
+            slot,
+            Some(step.id),
+            &step.name,
+            0,
+            None,
+            Some(&running_event(step, 0, attempt, 0)),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The live `status` event of an attempt that starts.
+fn running_event(
+    step: &StepSnapshot,
+    retry_attempt: i32,
+    attempt: i32,
+    interrupted: i64,
+) -> String {
+    json!({ "step": step.name, "step_order": step.step_order, "status": "running",
+            "retry_attempt": retry_attempt, "attempt": attempt,
+            "interrupted_attempts": interrupted })
+    .to_string()
 }
 
 /// The runbook's variables, overridden by the execution's variables of the same name, with the

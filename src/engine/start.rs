@@ -21,7 +21,7 @@ use crate::store;
 
 use super::control::{approval_expiry_job, deadline_job, log, refuse, snapshot_of, state_of};
 use super::snapshot::runbook_status;
-use super::{Engine, ExecutionPayload, step_job};
+use super::{Engine, ExecutionPayload};
 
 /// Handles `execution.start`.
 pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
@@ -168,7 +168,7 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     }
     let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
     g.enqueue(&deadline_job(row.id, deadline)).await?;
-    g.enqueue_next(&step_job(row.id, 1, 0, 0)).await?;
+    super::runner::enqueue_step(&mut g, row.id, 1, &snapshot, 0).await?;
     log(
         g.conn(),
         row.id,

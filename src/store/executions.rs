@@ -382,7 +382,7 @@ pub async fn execution_request_cancel(
 }
 
 /// Appends an entry to `execution_log` and the same entry as a `status` event to the live
-/// stream (notified on commit), in one statement.
+/// stream, in one statement.
 pub async fn execution_log_append(
     conn: &mut PgConnection,
     id: Uuid,
@@ -393,12 +393,11 @@ pub async fn execution_log_append(
                     SET execution_log = execution_log || jsonb_build_array($2::jsonb) \
                     WHERE id = $1), \
               e AS (INSERT INTO execution_events (execution_id, kind, data) \
-                    VALUES ($1, 'status', $4) RETURNING pg_notify($3, $1::text)) \
+                    VALUES ($1, 'status', $3)) \
          SELECT 1",
     )
     .bind(id)
     .bind(entry)
-    .bind(EVENTS_CHANNEL)
     .bind(entry.to_string())
     .execute(conn)
     .await?;
@@ -619,11 +618,12 @@ pub async fn step_slot_done(conn: &mut PgConnection, slot: StepSlot<'_>) -> Stor
     .await?)
 }
 
-/// Inserts a running attempt row and, when `event` is given, that `status` event for the live
-/// stream (notified on commit), in one statement.
+/// Inserts a running attempt row (with the given id, or a new one) and, when `event` is given,
+/// that `status` event for the live stream, in one statement.
 #[allow(clippy::too_many_arguments)]
 pub async fn step_start(
     conn: &mut PgConnection,
+    id: Option<Uuid>,
     slot: StepSlot<'_>,
     step_id: Option<Uuid>,
     step_name: &str,
@@ -633,15 +633,15 @@ pub async fn step_start(
 ) -> StoreResult<Uuid> {
     Ok(sqlx::query_scalar(
         "WITH s AS ( \
-             INSERT INTO step_executions (execution_id, step_id, step_order, step_name, status, \
-               started_at, retry_attempt, phase, run_attempt, command) \
-             VALUES ($1, (SELECT id FROM runbook_steps WHERE id = $2), $3, $4, 'running', now(), \
+             INSERT INTO step_executions (id, execution_id, step_id, step_order, step_name, \
+               status, started_at, retry_attempt, phase, run_attempt, command) \
+             VALUES (COALESCE($10, gen_random_uuid()), $1, \
+                     (SELECT id FROM runbook_steps WHERE id = $2), $3, $4, 'running', now(), \
                      $5, $6, $7, $8) \
              RETURNING id), \
          e AS ( \
              INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
-             SELECT $1, s.id, 'status', $9 FROM s WHERE $9::text IS NOT NULL \
-             RETURNING pg_notify($10, $1::text)) \
+             SELECT $1, s.id, 'status', $9 FROM s WHERE $9::text IS NOT NULL) \
          SELECT id FROM s",
     )
     .bind(slot.execution_id)
@@ -653,7 +653,7 @@ pub async fn step_start(
     .bind(slot.run_attempt)
     .bind(command)
     .bind(event)
-    .bind(EVENTS_CHANNEL)
+    .bind(id)
     .fetch_one(conn)
     .await?)
 }
@@ -684,7 +684,7 @@ pub struct StepResult<'a> {
 }
 
 /// Records the end of a running attempt and, when `event` is given, appends that `status`
-/// event for the live stream (notified on commit), in one statement. `false` when the attempt
+/// event for the live stream, in one statement. `false` when the attempt
 /// was no longer running.
 pub async fn step_finish(
     conn: &mut PgConnection,
@@ -699,14 +699,13 @@ pub async fn step_finish(
                                    2147483647)::integer, \
                exit_code = $3, exit_signal = $4, stdout = $5, stderr = $6, truncated = $7, \
                skipped = $8, error_message = $9, command = COALESCE($10, command), \
-               output_encrypted = $13 \
+               output_encrypted = $12 \
              WHERE id = $1 AND status = 'running' \
              RETURNING execution_id), \
          e AS ( \
              INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
              SELECT execution_id, $1, 'status', $11 FROM step_executions \
-             WHERE id = $1 AND $11::text IS NOT NULL \
-             RETURNING pg_notify($12, execution_id::text)) \
+             WHERE id = $1 AND $11::text IS NOT NULL) \
          SELECT count(*) FROM u",
     )
     .bind(id)
@@ -720,7 +719,6 @@ pub async fn step_finish(
     .bind(r.error_message)
     .bind(r.command)
     .bind(event)
-    .bind(EVENTS_CHANNEL)
     .bind(r.output_encrypted)
     .fetch_one(conn)
     .await?;
@@ -758,12 +756,53 @@ pub async fn step_completed_runs(
     .await?)
 }
 
-/// The channel that carries "execution X has new events" (payload: the execution id); sent on
-/// commit of every event append.
+/// The channel that carries "execution X has new events" (payload: the execution id). The
+/// `execution_events_notify` trigger sends it on commit of an event append, but only while a
+/// live stream watches that execution ([`watcher_register`]): a notification costs every
+/// listening backend a transaction, so runs nobody follows send none.
 pub const EVENTS_CHANNEL: &str = "aiops_execution_events";
 
-/// Appends a live event (status change or output chunk) and notifies [`EVENTS_CHANNEL`] on
-/// commit, in one statement.
+/// How long a watcher registration lasts unless refreshed; streams refresh at a third of it.
+pub const WATCHER_TTL_SECONDS: i32 = 90;
+
+/// Registers (or refreshes) a live-stream watcher of an execution, and drops registrations that
+/// expired long ago (left by an API process that died), in one statement.
+pub async fn watcher_register(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    watcher_id: Uuid,
+) -> StoreResult<()> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM execution_watchers \
+                       WHERE expires_at < now() - interval '10 minutes') \
+         INSERT INTO execution_watchers (execution_id, watcher_id, expires_at) \
+         VALUES ($1, $2, now() + make_interval(secs => $3)) \
+         ON CONFLICT (execution_id, watcher_id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+    )
+    .bind(execution_id)
+    .bind(watcher_id)
+    .bind(f64::from(WATCHER_TTL_SECONDS))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Ends a live-stream watcher registration.
+pub async fn watcher_remove(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    watcher_id: Uuid,
+) -> StoreResult<()> {
+    sqlx::query("DELETE FROM execution_watchers WHERE execution_id = $1 AND watcher_id = $2")
+        .bind(execution_id)
+        .bind(watcher_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Appends a live event (status change or output chunk); watchers are notified on commit
+/// (see [`EVENTS_CHANNEL`]).
 pub async fn event_append(
     conn: &mut PgConnection,
     execution_id: Uuid,
@@ -773,13 +812,12 @@ pub async fn event_append(
 ) -> StoreResult<i64> {
     Ok(sqlx::query_scalar(
         "INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
-         VALUES ($1, $2, $3, $4) RETURNING id, pg_notify($5, $1::text)",
+         VALUES ($1, $2, $3, $4) RETURNING id",
     )
     .bind(execution_id)
     .bind(step_execution_id)
     .bind(kind)
     .bind(data)
-    .bind(EVENTS_CHANNEL)
     .fetch_one(conn)
     .await?)
 }

@@ -1,0 +1,127 @@
+//! Live execution events: appends notify only executions some stream watches, and a stream
+//! registers itself as a watcher while it is open.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aiops::store::executions::{event_append, watcher_register, watcher_remove};
+use serde_json::json;
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
+
+/// Two executions that stay pending (approval required, no worker).
+async fn two_pending(app: &common::TestApp) -> (Uuid, Uuid) {
+    let runbook = app
+        .runbook_from_yaml(
+            "name: waits\nmode: manual\nrequires_approval: true\nsteps:\n  - {name: s, command: 'true'}\n",
+        )
+        .await;
+    let a = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let b = app.start_execution(json!({ "runbook_id": runbook })).await;
+    (a, b)
+}
+
+async fn next_notified(listener: &mut PgListener) -> Uuid {
+    let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification arrives")
+        .unwrap();
+    n.payload().parse().unwrap()
+}
+
+#[tokio::test]
+async fn appends_notify_only_watched_executions() {
+    let app = common::spawn_app().await;
+    let (a, b) = two_pending(&app).await;
+    let mut listener = PgListener::connect_with(&app.pool).await.unwrap();
+    listener
+        .listen(aiops::engine::EVENTS_CHANNEL)
+        .await
+        .unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    let watcher = Uuid::new_v4();
+
+    // Nobody watches `a`; `b` is watched. Notifications arrive in commit order, so the first
+    // one being `b`'s proves `a`'s append sent none.
+    event_append(&mut conn, a, None, "stdout", "unwatched\n")
+        .await
+        .unwrap();
+    watcher_register(&mut conn, b, watcher).await.unwrap();
+    event_append(&mut conn, b, None, "stdout", "watched\n")
+        .await
+        .unwrap();
+    assert_eq!(next_notified(&mut listener).await, b);
+
+    // Roles swapped: the watcher of `b` leaves, one of `a` arrives.
+    watcher_remove(&mut conn, b, watcher).await.unwrap();
+    event_append(&mut conn, b, None, "stdout", "no longer watched\n")
+        .await
+        .unwrap();
+    watcher_register(&mut conn, a, watcher).await.unwrap();
+    event_append(&mut conn, a, None, "stdout", "watched now\n")
+        .await
+        .unwrap();
+    assert_eq!(next_notified(&mut listener).await, a);
+
+    // An expired registration notifies nothing.
+    sqlx::query("UPDATE execution_watchers SET expires_at = now() - interval '1 second'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    event_append(&mut conn, a, None, "stdout", "expired\n")
+        .await
+        .unwrap();
+    watcher_register(&mut conn, b, watcher).await.unwrap();
+    event_append(&mut conn, b, None, "stdout", "fresh\n")
+        .await
+        .unwrap();
+    assert_eq!(next_notified(&mut listener).await, b);
+}
+
+async fn watchers_of(app: &common::TestApp, id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM execution_watchers WHERE execution_id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_open_stream_watches_its_execution_and_gets_new_events() {
+    let app = common::spawn_app().await;
+    let (a, _) = two_pending(&app).await;
+    let mut resp = app
+        .client
+        .get(app.api(&format!("/executions/{a}/events")))
+        .bearer_auth(&app.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(watchers_of(&app, a).await, 1);
+
+    // An event appended while the stream is open reaches it.
+    let mut conn = app.pool.acquire().await.unwrap();
+    let appended = event_append(&mut conn, a, None, "stdout", "hello-live\n")
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while !seen.contains("hello-live") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("the stream sends the appended event")
+            .unwrap()
+            .expect("the stream stays open while the execution is pending");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(&format!("id: {appended}")), "{seen}");
+
+    // Closing the stream ends its registration.
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watchers_of(&app, a).await != 0 {
+        assert!(Instant::now() < deadline, "the watcher outlived its stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
