@@ -81,6 +81,7 @@ pub async fn create_execution(
     let id = Uuid::new_v4();
     let (stored_vars, sealed) = super::secret_vars::seal(id, &snapshot, &req.variables, keyring)?;
     let context = Value::Object(stored_vars);
+    let created = log_entry("created", json!({ "runbook_version": snapshot.version }));
     let id = store::executions::execution_create(
         conn,
         &store::executions::NewExecution {
@@ -98,14 +99,8 @@ pub async fn create_execution(
             max_attempts: snapshot.max_retries.max(0) + 1,
             batch_id: req.batch.map(|b| b.0),
             batch_concurrency: req.batch.map(|b| b.1),
+            log_entry: &created,
         },
-    )
-    .await?;
-    log(
-        conn,
-        id,
-        "created",
-        json!({ "runbook_version": snapshot.version }),
     )
     .await?;
     store::jobs::job_enqueue(conn, &start_job(id)).await?;
@@ -129,9 +124,13 @@ pub(crate) async fn log(
     event: &str,
     details: Value,
 ) -> Result<(), EngineError> {
-    let entry = json!({ "at": Utc::now(), "event": event, "details": details });
-    store::executions::execution_log_append(conn, id, &entry).await?;
+    store::executions::execution_log_append(conn, id, &[log_entry(event, details)]).await?;
     Ok(())
+}
+
+/// One `execution_log` entry.
+pub(crate) fn log_entry(event: &str, details: Value) -> Value {
+    json!({ "at": Utc::now(), "event": event, "details": details })
 }
 
 pub(crate) fn state_of(row: &ExecutionRow) -> State {
@@ -382,6 +381,8 @@ pub(crate) async fn finish_run(
     let snapshot = snapshot_of(row)?;
     let summary = run_summary(conn, row).await?;
     let mut rollback_then: Option<Option<i32>> = None;
+    // Log entries of this end, appended in one statement.
+    let mut entries = Vec::new();
     for effect in &t.effects {
         match effect {
             Effect::Finish(reason) => {
@@ -406,13 +407,10 @@ pub(crate) async fn finish_run(
                     .is_some_and(|(state, failures)| state == "closed" && failures == 0) =>
             {
                 // A success leaves a closed breaker without failures as it is: no row lock.
-                log(
-                    conn,
-                    row.id,
+                entries.push(log_entry(
                     "circuit_breaker",
                     json!({ "state": "closed", "failures": 0 }),
-                )
-                .await?;
+                ));
             }
             Effect::RecordOutcome { success } => {
                 if let Some(mut b) = store::breakers::breaker_lock(conn, snapshot.id).await? {
@@ -424,13 +422,10 @@ pub(crate) async fn finish_run(
                     }
                     store::breakers::breaker_save(conn, snapshot.id, &breaker).await?;
                     b.state = breaker.state.as_str().to_owned();
-                    log(
-                        conn,
-                        row.id,
+                    entries.push(log_entry(
                         "circuit_breaker",
                         json!({ "state": b.state, "failures": breaker.failure_count }),
-                    )
-                    .await?;
+                    ));
                 }
             }
             Effect::KillRunning
@@ -439,9 +434,7 @@ pub(crate) async fn finish_run(
             | Effect::StartRun { .. } => {}
         }
     }
-    log(
-        conn,
-        row.id,
+    entries.push(log_entry(
         match event {
             Event::RunSucceeded => "completed",
             Event::TimedOut => "timed_out",
@@ -449,8 +442,8 @@ pub(crate) async fn finish_run(
             _ => "failed",
         },
         json!({ "attempt": row.attempt, "summary": summary }),
-    )
-    .await?;
+    ));
+    store::executions::execution_log_append(conn, row.id, &entries).await?;
     if let Some(then_attempt) = rollback_then {
         start_rollback(conn, row, &snapshot, then_attempt).await?;
     }

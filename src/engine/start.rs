@@ -19,7 +19,9 @@ use crate::domain::execution::{Event, transition};
 use crate::queue::{JobContext, JobError};
 use crate::store;
 
-use super::control::{approval_expiry_job, deadline_job, log, refuse, snapshot_of, state_of};
+use super::control::{
+    approval_expiry_job, deadline_job, log, log_entry, refuse, snapshot_of, state_of,
+};
 use super::snapshot::runbook_status;
 use super::{Engine, ExecutionPayload};
 
@@ -163,18 +165,15 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     transition(state_of(&row), &Event::GatesPassed)
         .map_err(|e| JobError::Permanent(e.to_string()))?;
-    if !store::executions::execution_start(g.conn(), row.id, probe).await? {
-        return g.complete().await;
-    }
     let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
-    g.enqueue(&deadline_job(row.id, deadline)).await?;
-    super::runner::enqueue_step(&mut g, row.id, 1, &snapshot, 0).await?;
-    log(
-        g.conn(),
-        row.id,
+    let started = log_entry(
         "started",
         json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline }),
-    )
-    .await?;
+    );
+    if !store::executions::execution_start(g.conn(), row.id, probe, &started).await? {
+        return g.complete().await;
+    }
+    g.enqueue(&deadline_job(row.id, deadline)).await?;
+    super::runner::enqueue_step(&mut g, row.id, 1, &snapshot, 0).await?;
     g.complete().await
 }

@@ -138,6 +138,8 @@ pub struct NewExecution<'a> {
     pub batch_concurrency: Option<i32>,
     /// Envelope of the secret variables.
     pub secret_vars_encrypted: Option<&'a str>,
+    /// The first `execution_log` entry (also the first live event).
+    pub log_entry: &'a Value,
 }
 
 /// Inserts a pending execution.
@@ -146,11 +148,15 @@ pub async fn execution_create(
     new: &NewExecution<'_>,
 ) -> StoreResult<Uuid> {
     Ok(sqlx::query_scalar(
-        "INSERT INTO runbook_executions (runbook_id, runbook_version, server_id, alert_id, \
-           trigger_id, mode, initiated_by, context_vars, runbook_snapshot, max_attempts, batch_id, \
-           batch_concurrency, id, secret_vars_encrypted) \
-         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12, $13, $14) \
-         RETURNING id",
+        "WITH x AS (INSERT INTO runbook_executions (runbook_id, runbook_version, server_id, \
+           alert_id, trigger_id, mode, initiated_by, context_vars, runbook_snapshot, max_attempts, \
+           batch_id, batch_concurrency, id, secret_vars_encrypted, execution_log) \
+         VALUES ($1, $2, $3, $4, $5, $6::execution_mode, $7, $8, $9, $10, $11, $12, $13, $14, \
+                 jsonb_build_array($15::jsonb)) \
+         RETURNING id), \
+         e AS (INSERT INTO execution_events (execution_id, kind, data) \
+               SELECT id, 'status', $15::text FROM x) \
+         SELECT id FROM x",
     )
     .bind(new.runbook_id)
     .bind(new.runbook_version)
@@ -166,6 +172,7 @@ pub async fn execution_create(
     .bind(new.batch_concurrency)
     .bind(new.id)
     .bind(new.secret_vars_encrypted)
+    .bind(new.log_entry)
     .fetch_one(conn)
     .await?)
 }
@@ -263,17 +270,23 @@ pub async fn execution_start(
     conn: &mut PgConnection,
     id: Uuid,
     breaker_probe: bool,
+    log_entry: &Value,
 ) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE runbook_executions SET status = 'running', attempt = 1, \
-           started_at = COALESCE(started_at, now()), awaiting_approval = false, breaker_probe = $2 \
-         WHERE id = $1 AND status IN ('pending', 'approved')",
+    let started: i64 = sqlx::query_scalar(
+        "WITH u AS (UPDATE runbook_executions SET status = 'running', attempt = 1, \
+           started_at = COALESCE(started_at, now()), awaiting_approval = false, \
+           breaker_probe = $2, execution_log = execution_log || jsonb_build_array($3::jsonb) \
+         WHERE id = $1 AND status IN ('pending', 'approved') RETURNING id), \
+         e AS (INSERT INTO execution_events (execution_id, kind, data) \
+               SELECT id, 'status', $3::text FROM u) \
+         SELECT count(*) FROM u",
     )
     .bind(id)
     .bind(breaker_probe)
-    .execute(conn)
+    .bind(log_entry)
+    .fetch_one(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(started == 1)
 }
 
 /// Moves a running execution to its next attempt.
@@ -381,24 +394,24 @@ pub async fn execution_request_cancel(
     Ok(())
 }
 
-/// Appends an entry to `execution_log` and the same entry as a `status` event to the live
-/// stream, in one statement.
+/// Appends entries to `execution_log` and the same entries, in order, as `status` events to the
+/// live stream, in one statement.
 pub async fn execution_log_append(
     conn: &mut PgConnection,
     id: Uuid,
-    entry: &Value,
+    entries: &[Value],
 ) -> StoreResult<()> {
     sqlx::query(
-        "WITH l AS (UPDATE runbook_executions \
-                    SET execution_log = execution_log || jsonb_build_array($2::jsonb) \
+        "WITH l AS (UPDATE runbook_executions SET execution_log = execution_log || $2::jsonb \
                     WHERE id = $1), \
               e AS (INSERT INTO execution_events (execution_id, kind, data) \
-                    VALUES ($1, 'status', $3)) \
+                    SELECT $1, 'status', entry::text \
+                    FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS t(entry, n) \
+                    ORDER BY n) \
          SELECT 1",
     )
     .bind(id)
-    .bind(entry)
-    .bind(entry.to_string())
+    .bind(Value::Array(entries.to_vec()))
     .execute(conn)
     .await?;
     Ok(())
