@@ -145,7 +145,19 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     assert_eq!(resp.status(), 401);
     assert_eq!(post(&app, "aiops_not-a-token", &good).await.0, 401);
     assert_eq!(post(&app, &app.admin_token, &good).await.0, 401);
+    // Without a valid token a malformed payload is refused as unauthenticated, not described.
+    let mut wrong_version = good.clone();
+    wrong_version["version"] = json!("3");
+    let (status, body) = post(&app, "aiops_not-a-token", &wrong_version).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.to_string().contains("version"), "{body}");
     assert_eq!(alert_count(&app).await, 0);
+    let last_used: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT max(last_used_at) FROM webhook_tokens")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(last_used.is_none(), "refused requests used no token");
 
     // Malformed: not JSON, wrong version, bad status, no alertname, bad fingerprint.
     let resp = app
@@ -230,6 +242,14 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
         (body["created"].clone(), body["updated"].clone()),
         (json!(0), json!(1))
     );
+
+    // Accepted notifications record the token's use (in the intake statement itself).
+    let used: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_tokens WHERE last_used_at IS NOT NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(used, 1);
 
     // A revoked token stops working.
     let (_, tokens) = app.get("/webhook-tokens").await;

@@ -382,29 +382,39 @@ impl WebhookApi {
             .await
             .map_err(|e| ApiError::internal(&e))?;
         let mut conn = self.state.pool.acquire().await?;
-        if store::webhook_tokens::webhook_token_authenticate(&mut conn, &hash)
-            .await?
-            .is_none()
-        {
-            return Err(unauthorized());
-        }
-        let rows = prepare(&body.0)?;
+        let rows = match prepare(&body.0) {
+            Ok(rows) if !rows.is_empty() => rows,
+            // A refusal or an empty notification: the token is checked on its own first, so a
+            // caller without one learns nothing about the payload.
+            refused_or_empty => {
+                if store::webhook_tokens::webhook_token_authenticate(&mut conn, &hash)
+                    .await?
+                    .is_none()
+                {
+                    return Err(unauthorized());
+                }
+                refused_or_empty?
+            }
+        };
         let envelope = store::alerts::Envelope {
             receiver: &body.0.receiver,
             group_key: &body.0.group_key,
             external_url: &body.0.external_url,
         };
-        // One statement, committed on its own: the alerts and their processing jobs.
+        // One statement, committed on its own: the token check, the alerts and their
+        // processing jobs.
         let outcomes = if rows.is_empty() {
             Vec::new()
         } else {
             store::alerts::alert_intake(
                 &mut conn,
+                &hash,
                 &envelope,
                 &rows,
                 &crate::engine::alerts::INTAKE_JOBS,
             )
             .await?
+            .ok_or_else(unauthorized)?
         };
         let receipt = WebhookReceipt {
             received: body.0.alerts.len(),

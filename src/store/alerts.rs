@@ -166,12 +166,18 @@ pub struct IntakeJobs<'a> {
 ///
 /// This is the one statement outside `store::jobs` that writes `jobs`: enqueueing in the
 /// upsert saves the webhook a transaction's worth of round trips per notification.
+///
+/// The same statement authenticates: nothing is written unless `token_hash` is the hash of a
+/// live webhook token (whose use it records at most once a minute, as
+/// [`super::webhook_tokens::webhook_token_authenticate`] does). `None` means the token was not
+/// accepted; `alerts` must not be empty (a valid token returns one outcome per alert).
 pub async fn alert_intake(
     conn: &mut PgConnection,
+    token_hash: &[u8],
     envelope: &Envelope<'_>,
     alerts: &[AlertUpsert],
     jobs: &IntakeJobs<'_>,
-) -> StoreResult<Vec<UpsertOutcome>> {
+) -> StoreResult<Option<Vec<UpsertOutcome>>> {
     let mut fingerprint = Vec::with_capacity(alerts.len());
     let mut starts_at = Vec::with_capacity(alerts.len());
     let mut ends_at = Vec::with_capacity(alerts.len());
@@ -200,8 +206,14 @@ pub async fn alert_intake(
         generator.push(a.generator_url.as_str());
         source.push(a.source.as_deref());
     }
-    Ok(sqlx::query_as::<_, UpsertOutcome>(
-        "WITH up AS (INSERT INTO alerts AS a (fingerprint, starts_at, ends_at, status, alert_name, severity, \
+    let outcomes = sqlx::query_as::<_, UpsertOutcome>(
+        "WITH tok AS (SELECT id, last_used_at IS NULL \
+                        OR last_used_at < now() - interval '1 minute' AS stale \
+                      FROM webhook_tokens WHERE token_hash = $20 AND revoked_at IS NULL), \
+         used AS (UPDATE webhook_tokens SET last_used_at = now() WHERE id = \
+                    (SELECT w.id FROM webhook_tokens w JOIN tok ON tok.id = w.id AND tok.stale \
+                     FOR UPDATE OF w SKIP LOCKED)), \
+         up AS (INSERT INTO alerts AS a (fingerprint, starts_at, ends_at, status, alert_name, severity, \
            instance, job, labels_json, annotations_json, raw_alert_json, generator_url, source, \
            receiver, group_key, external_url, resolved_at) \
          SELECT u.fingerprint, u.starts_at, u.ends_at, u.status, u.alert_name, u.severity, \
@@ -212,6 +224,7 @@ pub async fn alert_intake(
            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
            $12::text[], $13::text[]) WITH ORDINALITY AS u(fingerprint, starts_at, ends_at, status, \
            alert_name, severity, instance, job, labels, annotations, raw, generator_url, source, n) \
+         WHERE EXISTS (SELECT 1 FROM tok) \
          ORDER BY u.n \
          ON CONFLICT (fingerprint, starts_at) DO UPDATE SET \
            status = CASE WHEN a.status = 'resolved' THEN 'resolved' ELSE EXCLUDED.status END, \
@@ -250,8 +263,10 @@ pub async fn alert_intake(
     .bind(jobs.kind)
     .bind(jobs.max_attempts)
     .bind(jobs.per_job.max(1))
+    .bind(token_hash)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    Ok((!outcomes.is_empty()).then_some(outcomes))
 }
 
 /// Fetches one alert.
