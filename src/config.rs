@@ -57,6 +57,9 @@ pub struct Config {
     pub login_max_failures_per_ip: i64,
     /// The window over which failed logins are counted.
     pub login_window: Duration,
+    /// Limit for reaching a managed server over SSH: TCP connect, key exchange and
+    /// authentication together (steps and the connection test).
+    pub ssh_connect_timeout: Duration,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             login_max_failures_per_user: 5,
             login_max_failures_per_ip: 20,
             login_window: Duration::from_secs(15 * 60),
+            ssh_connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -105,6 +109,7 @@ struct FileConfig {
     login_max_failures_per_user: Option<i64>,
     login_max_failures_per_ip: Option<i64>,
     login_window_seconds: Option<u64>,
+    ssh_connect_timeout_seconds: Option<u64>,
 }
 
 /// A configuration value that could not be used.
@@ -151,6 +156,13 @@ fn parse_num<T: std::str::FromStr>(key: &'static str, value: &str) -> Result<T, 
         .trim()
         .parse()
         .map_err(|_| invalid(key, value, "expected a non-negative integer"))
+}
+
+fn positive_seconds(key: &'static str, seconds: u64) -> Result<Duration, ConfigError> {
+    if seconds == 0 {
+        return Err(invalid(key, "0", "expected a positive number of seconds"));
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
@@ -262,6 +274,9 @@ impl Config {
         if let Some(v) = f.login_window_seconds {
             self.login_window = Duration::from_secs(v);
         }
+        if let Some(v) = f.ssh_connect_timeout_seconds {
+            self.ssh_connect_timeout = positive_seconds("ssh_connect_timeout_seconds", v)?;
+        }
         Ok(())
     }
 
@@ -318,6 +333,10 @@ impl Config {
         if let Some(v) = get("AIOPS_LOGIN_WINDOW_SECONDS") {
             self.login_window = Duration::from_secs(parse_num("AIOPS_LOGIN_WINDOW_SECONDS", &v)?);
         }
+        if let Some(v) = get("AIOPS_SSH_CONNECT_TIMEOUT_SECONDS") {
+            const KEY: &str = "AIOPS_SSH_CONNECT_TIMEOUT_SECONDS";
+            self.ssh_connect_timeout = positive_seconds(KEY, parse_num(KEY, &v)?)?;
+        }
         Ok(())
     }
 }
@@ -371,5 +390,25 @@ mod tests {
         std::fs::write(&path, "lisen: 1\n").unwrap();
         let err = Config::from_sources(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn ssh_connect_timeout_is_positive_seconds() {
+        assert_eq!(
+            Config::from_sources(None, env(&[]))
+                .unwrap()
+                .ssh_connect_timeout,
+            Duration::from_secs(10)
+        );
+        let c =
+            Config::from_sources(None, env(&[("AIOPS_SSH_CONNECT_TIMEOUT_SECONDS", "3")])).unwrap();
+        assert_eq!(c.ssh_connect_timeout, Duration::from_secs(3));
+        let err = Config::from_sources(None, env(&[("AIOPS_SSH_CONNECT_TIMEOUT_SECONDS", "0")]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("AIOPS_SSH_CONNECT_TIMEOUT_SECONDS"),
+            "{err}"
+        );
     }
 }

@@ -71,7 +71,7 @@ impl WorkerOptions {
         self = self.with_keyring(config)?;
         self.targets = Arc::new(crate::engine::targets::DatabaseTargets {
             keyring: self.keyring.clone(),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: config.ssh_connect_timeout,
         });
         self.ssh = Some(Arc::new(crate::exec::ssh::SshExecutor::new(Arc::new(
             crate::servers::PgHostKeyPinner { pool: pool.clone() },

@@ -343,3 +343,70 @@ async fn connection_test_pins_classifies_and_admin_resets() {
     assert_eq!(result["failure"], "dns", "{result}");
     assert_eq!(app.audit_rows("server_connection_test").await.len(), 6);
 }
+
+#[tokio::test]
+async fn connection_test_of_a_server_that_never_answers_fails_as_timeout() {
+    // A short configured limit keeps the test fast; the default is 10 s.
+    let app = common::spawn_app_with(|c| {
+        c.secret_key = Some(format!("main:{KEY}"));
+        c.ssh_connect_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    // Accepts TCP connections and holds them open without ever sending an SSH banner.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let mut body = password_server("silent", "pw");
+    body["port"] = json!(port);
+    let (status, created) = create(&app, body).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let started = std::time::Instant::now();
+    let (status, result) = app
+        .call(
+            Method::POST,
+            &format!("/servers/{id}/connection-test"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["status"], "failed", "{result}");
+    assert_eq!(result["failure"], "timeout", "{result}");
+    let message = result["message"].as_str().unwrap();
+    assert!(
+        message.contains("connection timed out")
+            && message.contains(&format!("127.0.0.1:{port}"))
+            && message.contains("handshake took too long"),
+        "{message}"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "the configured 300 ms limit was not applied: {elapsed:?}"
+    );
+    assert!(
+        accepted.try_recv().is_ok(),
+        "the test never reached the listener"
+    );
+
+    let (_, server) = app.get(&format!("/servers/{id}")).await;
+    assert_eq!(server["last_connection_status"], "failed", "{server}");
+    assert!(server["last_connection_test"].is_string(), "{server}");
+    let error = server["last_connection_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("timeout: ") && error.contains("connection timed out"),
+        "{error}"
+    );
+    let audit = app.audit_rows("server_connection_test").await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].3.as_ref().unwrap()["failure"], "timeout");
+}

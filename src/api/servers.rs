@@ -3,8 +3,6 @@
 //! responses say only `has_password` / `has_ssh_key`, and audit entries name changed fields,
 //! never values.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use poem::Request;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
@@ -19,9 +17,6 @@ use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
 use super::pagination::Page;
-
-/// How long the connection test may take to connect and authenticate.
-const CONNECTION_TEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Operating system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -769,7 +764,7 @@ impl ServersApi {
         let outcome: Result<(), (String, String)> = match crate::servers::ssh_target(
             &row,
             self.state.secrets.as_deref(),
-            CONNECTION_TEST_TIMEOUT,
+            self.state.config.ssh_connect_timeout,
         ) {
             Err(crate::servers::TargetError::NotSsh(..)) => Err((
                 "unsupported".to_owned(),
