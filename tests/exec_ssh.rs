@@ -1,6 +1,7 @@
 //! The SSH executor against a real OpenSSH server on loopback (`tests/sshd`): key and password
 //! authentication, host key pinning, timeouts and cancellation that kill the remote process,
-//! output caps, literal environment values, and replacement of a broken pooled connection.
+//! output caps, literal environment values, replacement of a broken pooled connection, and a
+//! command whose connection breaks while it runs killed over a new one.
 
 mod sshd;
 
@@ -381,6 +382,97 @@ async fn connections_are_reused_and_a_broken_one_is_replaced() {
         "the broken connection is replaced once"
     );
     assert_eq!(exec.pooled_connections().await, 1);
+}
+
+/// `comm` and parent pid of a process, from `/proc/<pid>/stat`.
+fn comm_and_parent(pid: i32) -> Option<(String, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+    Some((comm, ppid))
+}
+
+/// The per-connection sshd process serving the session `pid` runs in: its nearest sshd
+/// ancestor (the listening sshd is further up).
+fn serving_sshd(pid: i32) -> i32 {
+    let mut current = pid;
+    loop {
+        let (comm, parent) = comm_and_parent(current)
+            .unwrap_or_else(|| panic!("process {current} (an ancestor of {pid}) is gone"));
+        if comm.starts_with("sshd") {
+            return current;
+        }
+        assert!(parent > 1, "process {pid} does not run under sshd");
+        current = parent;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_lost_mid_command_is_replaced_and_the_command_killed_over_it() {
+    let sshd = sshd::sshd();
+    let proxy = Proxy::start(sshd.port).await;
+    let exec = Arc::new(executor().0);
+    let mut target = sshd.key_target("id_ed25519");
+    target.port = proxy.port;
+    let pidfile = format!("/tmp/aiops-ssh-test-{}.pid", Uuid::new_v4().simple());
+    let mut req = request(&format!("sleep 300 & echo $! > {pidfile}; wait"));
+    // Long enough that only the lost connection (never the timeout) can end the command here.
+    req.timeout = Duration::from_secs(120);
+    let task = {
+        let (exec, target) = (exec.clone(), Target::Ssh(target.clone()));
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::channel(16);
+            exec.run(&target, &req, CancellationToken::new(), tx).await
+        })
+    };
+    let sleep_pid = wait_for_pid(&pidfile).await;
+    let shell_pid = comm_and_parent(sleep_pid).unwrap().1;
+    let server = serving_sshd(sleep_pid);
+    let listener: i32 = sshd.read("sshd.pid").trim().parse().unwrap();
+    assert_ne!(server, listener, "must cut one connection, not the server");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 1);
+
+    // Break the connection from the host side: its sshd process dies, the command does not.
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &server.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let err = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("run did not return after the connection broke")
+        .unwrap()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "the connection to 127.0.0.1:{} was lost while the command ran",
+            proxy.port
+        )) && text.contains("the remote command was killed over a new connection"),
+        "{text}"
+    );
+    assert!(
+        wait_gone(sleep_pid).await,
+        "remote sleep {sleep_pid} survived the lost connection"
+    );
+    assert!(
+        wait_gone(shell_pid).await,
+        "remote shell {shell_pid} survived the lost connection"
+    );
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        2,
+        "the kill goes over one new connection"
+    );
+
+    // The new connection replaced the broken one: the next command runs on it.
+    let out = run(&exec, &target, &request("echo again")).await.unwrap();
+    assert_eq!(out.stdout, "again\n");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(exec.pooled_connections().await, 1);
+    let _ = std::fs::remove_file(&pidfile);
 }
 
 #[tokio::test]

@@ -6,7 +6,10 @@
 //! single-quoted literals, starts the command under `setsid` (its own session and process
 //! group), records that group's id in a private file under `/tmp`, waits for it, and removes
 //! the file. To kill it, the executor opens a second channel on the same connection and signals
-//! the recorded group (TERM, then KILL). stdout and stderr travel on separate SSH streams.
+//! the recorded group (TERM, then KILL). The command does not depend on the connection: when the
+//! connection breaks while it runs (its channel ends without an exit status), the executor drops
+//! that connection, opens a new one to the same target and kills the group over it, and `run`
+//! fails saying so. stdout and stderr travel on separate SSH streams.
 //!
 //! Host keys: a target with no pinned key accepts the presented key only after authentication
 //! succeeds and the [`HostKeyPinner`] records it; a target with a pinned key refuses any other
@@ -33,8 +36,17 @@ use super::{
     shell_quote, validate_env,
 };
 
-/// How long the kill channel may take before we give up on it.
+/// How long the kill channel may take before we give up on it (plus the connect timeout when
+/// the kill needs a new connection).
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long opening a channel on a pooled connection may take before the kill falls back to a
+/// new connection (a connection that died without a TCP reset answers nothing).
+const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Exit code of [`kill_script`] when there is no process group to kill: the command had already
+/// ended (its wrapper removed the pgid file) or never started.
+const KILL_NOTHING_TO_KILL: u32 = 3;
 
 /// Persists the first host key a server presents. Implemented by the store layer.
 pub trait HostKeyPinner: Send + Sync {
@@ -374,18 +386,30 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
     script
 }
 
-/// The script the second channel runs to kill a command's process group.
+/// The script the second channel runs to kill a command's process group: TERM, then KILL after
+/// two seconds. Exits 0 once the group was signalled, [`KILL_NOTHING_TO_KILL`] when there was no
+/// group to signal.
 fn kill_script(pgid_file: &str) -> String {
     format!(
         "f={}\n\
          i=0; while [ ! -s \"$f\" ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
-         p=$(cat \"$f\" 2>/dev/null) || exit 0\n\
-         kill -TERM \"-$p\" 2>/dev/null\n\
+         p=$(cat \"$f\" 2>/dev/null) && [ -n \"$p\" ] || exit {KILL_NOTHING_TO_KILL}\n\
+         kill -TERM \"-$p\" 2>/dev/null || {{ rm -f \"$f\"; exit {KILL_NOTHING_TO_KILL}; }}\n\
          i=0; while kill -0 \"-$p\" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
          kill -KILL \"-$p\" 2>/dev/null\n\
-         rm -f \"$f\"\n",
+         rm -f \"$f\"\n\
+         exit 0\n",
         shell_quote(pgid_file)
     )
+}
+
+/// What a kill over the second channel found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// The command's process group was signalled (TERM, then KILL).
+    Delivered,
+    /// There was no process group left to signal.
+    NothingRunning,
 }
 
 fn sig_name(sig: &Sig) -> String {
@@ -518,15 +542,37 @@ impl SshExecutor {
             }
         }
         if timed_out || cancelled {
-            self.kill_remote(target, &conn, &pgid_file).await;
+            match self.kill_remote(target, Some(&conn), &pgid_file).await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command")
+                }
+            }
             let _ = channel.close().await;
         } else if !closed_cleanly {
-            // The connection died under the command: it is unusable for the next one.
+            // The channel ended without an exit status: the connection broke under the command.
+            // The command runs in its own session, so nothing on the host stops it: kill it over
+            // a new connection (which also replaces the broken one in the pool).
             self.drop_connection(target.server_id, &conn).await;
-            return Err(ExecError::Session(format!(
+            drop(channel);
+            let lost = format!(
                 "the connection to {}:{} was lost while the command ran",
                 target.hostname, target.port
-            )));
+            );
+            let message = match self.kill_remote(target, None, &pgid_file).await {
+                Ok(Kill::Delivered) => {
+                    format!("{lost}; the remote command was killed over a new connection")
+                }
+                Ok(Kill::NothingRunning) => format!(
+                    "{lost}; the command had already ended on the host, with an unknown exit status"
+                ),
+                Err(e) => format!(
+                    "{lost}, and killing the remote command failed ({e}); it may still be running \
+                     (its process group id is in {pgid_file} on the host)"
+                ),
+            };
+            tracing::warn!(server_id = %target.server_id, "{message}");
+            return Err(ExecError::Session(message));
         }
         let truncated = out.truncated() || err.truncated();
         Ok(CommandOutcome {
@@ -541,45 +587,72 @@ impl SshExecutor {
         })
     }
 
-    /// Kills the command's process group over a second channel (a new connection if the pooled
-    /// one is gone). Failures are logged: the caller still reports the timeout or cancellation.
-    async fn kill_remote(&self, target: &SshTarget, conn: &Arc<Connection>, pgid_file: &str) {
+    /// Kills the command's process group over a second channel: on `conn` when given and still
+    /// answering, otherwise on a new connection to the same target (same host key rules), which
+    /// then replaces the pooled one.
+    async fn kill_remote(
+        &self,
+        target: &SshTarget,
+        conn: Option<&Arc<Connection>>,
+        pgid_file: &str,
+    ) -> Result<Kill, String> {
         let attempt = async {
-            let channel = match conn.handle.channel_open_session().await {
-                Ok(c) => c,
-                Err(_) => {
-                    self.drop_connection(target.server_id, conn).await;
+            let pooled = match conn {
+                Some(conn) => {
+                    match tokio::time::timeout(
+                        CHANNEL_OPEN_TIMEOUT,
+                        conn.handle.channel_open_session(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(channel)) => Some(channel),
+                        _ => {
+                            self.drop_connection(target.server_id, conn).await;
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            let mut channel = match pooled {
+                Some(channel) => channel,
+                None => {
                     let fresh = self
                         .connection(target, true)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| format!("cannot reconnect: {e}"))?;
                     fresh
                         .handle
                         .channel_open_session()
                         .await
-                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("cannot open a channel: {e}"))?
                 }
             };
-            let mut channel = channel;
             channel
                 .exec(true, kill_script(pgid_file))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("cannot start the kill: {e}"))?;
+            let mut status = None;
             while let Some(msg) = channel.wait().await {
-                if matches!(msg, ChannelMsg::Close) {
-                    break;
+                match msg {
+                    ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    ChannelMsg::Close => break,
+                    _ => {}
                 }
             }
-            Ok::<(), String>(())
+            match status {
+                Some(0) => Ok(Kill::Delivered),
+                Some(KILL_NOTHING_TO_KILL) => Ok(Kill::NothingRunning),
+                Some(code) => Err(format!("the kill script exited with {code}")),
+                None => Err("the kill channel ended without an exit status".to_owned()),
+            }
         };
-        match tokio::time::timeout(KILL_TIMEOUT, attempt).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command")
-            }
-            Err(_) => {
-                tracing::warn!(server_id = %target.server_id, "killing the remote command timed out")
-            }
+        match tokio::time::timeout(KILL_TIMEOUT + target.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "no answer within {:?}",
+                KILL_TIMEOUT + target.connect_timeout
+            )),
         }
     }
 }
