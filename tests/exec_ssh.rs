@@ -299,15 +299,113 @@ async fn hostile_environment_values_stay_one_literal_argument() {
 }
 
 #[tokio::test]
-async fn a_command_killed_by_a_signal_exits_128_plus_n() {
+async fn a_command_killed_by_a_signal_reports_the_signal_and_an_exit_code_stays_one() {
     let sshd = sshd::sshd();
     let (exec, _) = executor();
     let target = sshd.key_target("id_ed25519");
-    // The command's own shell kills itself; the wrapper reports 128 + 15.
-    let out = run(&exec, &target, &request("kill -TERM $$"))
-        .await
+    // The command's shell kills itself: sshd reports the signal, not an exit code.
+    let out = run(
+        &exec,
+        &target,
+        &request("echo before; kill -TERM $$; echo after"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (out.exit_code, out.exit_signal.as_deref()),
+        (None, Some("TERM"))
+    );
+    assert_eq!(out.stdout, "before\n");
+    // Exiting with 128 + N is an exit code, never taken for a signal.
+    for code in [137, 143] {
+        let out = run(&exec, &target, &request(&format!("exit {code}")))
+            .await
+            .unwrap();
+        assert_eq!((out.exit_code, out.exit_signal), (Some(code), None));
+    }
+    // A child killed by a signal is the shell's business: the shell exits with 128 + N.
+    let out = run(
+        &exec,
+        &target,
+        &request("/bin/sh -c 'kill -KILL $$'; exit $?"),
+    )
+    .await
+    .unwrap();
+    assert_eq!((out.exit_code, out.exit_signal), (Some(137), None));
+
+    // Killed from outside (as the OOM killer would): the command itself reports KILL.
+    let pidfile = format!("/tmp/aiops-ssh-test-{}.pid", Uuid::new_v4().simple());
+    let exec = Arc::new(exec);
+    let task = {
+        let (exec, target) = (exec.clone(), Target::Ssh(target.clone()));
+        let req = request(&format!("echo $$ > {pidfile}; exec sleep 300"));
+        tokio::spawn(async move {
+            let (tx, _rx) = mpsc::channel(16);
+            exec.run(&target, &req, CancellationToken::new(), tx).await
+        })
+    };
+    let pid = wait_for_pid(&pidfile).await;
+    // Wait until the shell has become `sleep`, so the signal hits the command itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while comm_and_parent(pid).is_none_or(|(comm, _)| comm != "sleep") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pid} never became sleep"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
         .unwrap();
-    assert_eq!(out.exit_code, Some(143));
+    assert!(status.success());
+    let out = task.await.unwrap().unwrap();
+    assert_eq!(
+        (out.exit_code, out.exit_signal.as_deref(), out.timed_out),
+        (None, Some("KILL"), false)
+    );
+    let _ = std::fs::remove_file(&pidfile);
+}
+
+#[tokio::test]
+async fn what_a_command_leaves_running_is_killed_after_it_exits() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let target = sshd.key_target("id_ed25519");
+    let pidfile = format!("/tmp/aiops-ssh-test-{}.pid", Uuid::new_v4().simple());
+    // One leftover holds stdout open (the channel cannot close while it lives), one does not;
+    // the command prints the pgid file that names its group.
+    let out = run(
+        &exec,
+        &target,
+        &request(&format!(
+            "sleep 300 & echo $! > {pidfile}; sleep 300 >/dev/null 2>&1 & echo $! >> {pidfile}; \
+             grep -lx \"$$\" /tmp/.aiops-step-*.pgid"
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    let pgid_file = out.stdout.trim().to_owned();
+    assert!(pgid_file.starts_with("/tmp/.aiops-step-"), "{out:?}");
+    let pids: Vec<i32> = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    for pid in pids {
+        assert!(wait_gone(pid).await, "leftover {pid} survived the step");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::path::Path::new(&pgid_file).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pgid_file} was left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&pidfile);
 }
 
 /// A TCP forwarder in front of sshd whose connections the test can cut.

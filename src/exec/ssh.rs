@@ -2,14 +2,22 @@
 //! server, one reused connection per server within a worker, and commands that are really
 //! killed on the remote host when they time out or are cancelled.
 //!
-//! How a command runs: the remote shell gets a small wrapper that exports the environment as
-//! single-quoted literals, starts the command under `setsid` (its own session and process
-//! group), records that group's id in a private file under `/tmp`, waits for it, and removes
-//! the file. To kill it, the executor opens a second channel on the same connection and signals
-//! the recorded group (TERM, then KILL). The command does not depend on the connection: when the
-//! connection breaks while it runs (its channel ends without an exit status), the executor drops
-//! that connection, opens a new one to the same target and kills the group over it, and `run`
-//! fails saying so. stdout and stderr travel on separate SSH streams.
+//! How a command runs: sshd starts the session's shell as the leader of its own session and
+//! process group. The remote shell gets a small wrapper that exports the environment as
+//! single-quoted literals, records that group's id in a private file under `/tmp`, forks a
+//! watcher into the group and execs the command in its own place, so sshd waits for the command
+//! itself and reports how it really ended: an exit status, or the signal that killed it (a
+//! command that runs `exit 137` reports 137, one killed by SIGKILL reports `KILL`). Once the
+//! command has exited, the watcher removes the file and kills whatever the command left running
+//! in the group. (On a server that does not give the session its own group, the wrapper runs the
+//! command under `setsid` and waits for it instead; a command killed by a signal then reports
+//! the shell's `128 + N`.) stdout and stderr travel on separate SSH streams.
+//!
+//! Killing: the executor opens a second channel on the same connection and signals the recorded
+//! group (TERM, then KILL). The command does not depend on the connection: when the connection
+//! breaks while it runs (its channel ends without an exit status), the executor drops that
+//! connection, opens a new one to the same target and kills the group over it, and `run` fails
+//! saying so.
 //!
 //! Host keys: a target with no pinned key accepts the presented key only after authentication
 //! succeeds and the [`HostKeyPinner`] records it; a target with a pinned key refuses any other
@@ -374,15 +382,34 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
         script.push_str(&format!("export {name}={}\n", shell_quote(value)));
     }
     script.push_str(&format!("f={}\n", shell_quote(pgid_file)));
-    script.push_str(&format!(
-        "setsid -w /bin/sh -c 'echo $$ > \"$1\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" {} </dev/null &\n",
-        shell_quote(&request.command)
+    script.push_str(&format!("c={}\n", shell_quote(&request.command)));
+    // sshd starts the session's shell as the leader of its own session and process group. The
+    // wrapper records that group, forks a watcher into it and execs the command in its place,
+    // so sshd itself waits for the command and reports its real end: `exit-status`, or
+    // `exit-signal` when a signal killed it. The watcher (detached, its streams on /dev/null)
+    // polls until the command has exited (gone, or a zombie not yet reaped), then removes the
+    // pgid file and kills what the command left running in the group, itself last, so a step
+    // never leaks processes or holds the output streams open. While the watcher lives the group
+    // exists, so its id cannot be reused by an unrelated process.
+    script.push_str(concat!(
+        "if kill -0 \"-$$\" 2>/dev/null; then\n",
+        "echo $$ >\"$f\"\n",
+        "( (p=$$ d=0.1 i=0\n",
+        "while kill -0 \"$p\"; do\n",
+        "s=; read -r s <\"/proc/$p/stat\"; s=${s##*) }; [ \"${s%% *}\" != Z ] || break\n",
+        "sleep \"$d\" || sleep 1; i=$((i+1)); [ \"$i\" -ne 100 ] || d=1\n",
+        "done\n",
+        "rm -f \"$f\"; kill -KILL \"-$p\") </dev/null >/dev/null 2>&1 &)\n",
+        "exec /bin/sh -c \"$c\" </dev/null\n",
+        "fi\n",
     ));
-    // Wait for the command, then remove the pid file and anything the command left running in
-    // its group, so a step never leaks processes (or holds the output streams open).
-    script.push_str(
+    // Otherwise (a server that does not give the session its own group): run the command under
+    // `setsid` in the background and wait for it. This shell survives a signal that kills the
+    // command, so the exit code is then the shell's `128 + N`.
+    script.push_str(concat!(
+        "setsid -w /bin/sh -c 'echo $$ >\"$1\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" \"$c\" </dev/null &\n",
         "w=$!\nwait \"$w\"\nrc=$?\nrm -f \"$f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
-    );
+    ));
     script
 }
 
@@ -691,9 +718,60 @@ mod tests {
             script.contains("export X='a'\\''b; rm -rf /'\n"),
             "{script}"
         );
-        assert!(
-            script.contains("aiops-step \"$f\" 'echo '\\''hi'\\''' </dev/null &"),
-            "{script}"
+        assert!(script.contains("\nc='echo '\\''hi'\\'''\n"), "{script}");
+    }
+
+    /// Runs the wrapper with this host's `/bin/sh`, as the leader of its own process group (as
+    /// sshd starts it) or not; returns the raw exit status and whether the pgid file is gone.
+    fn run_wrapper_locally(command: &str, leader: bool) -> (std::process::ExitStatus, bool) {
+        use std::os::unix::process::CommandExt;
+        let pgid_file = format!("/tmp/.aiops-step-test-{}.pgid", Uuid::new_v4().simple());
+        let request = CommandRequest {
+            command: command.to_owned(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(10),
+            output_limit_bytes: 1024,
+        };
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(wrapper_script(&request, &pgid_file));
+        if leader {
+            cmd.process_group(0);
+        }
+        let status = cmd.status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&pgid_file).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (status, !std::path::Path::new(&pgid_file).exists())
+    }
+
+    #[test]
+    fn as_group_leader_the_wrapper_ends_as_the_command_did() {
+        use std::os::unix::process::ExitStatusExt;
+        let (status, cleaned) = run_wrapper_locally("exit 137", true);
+        assert_eq!(
+            (status.code(), status.signal(), cleaned),
+            (Some(137), None, true)
+        );
+        let (status, cleaned) = run_wrapper_locally("kill -TERM $$", true);
+        assert_eq!(
+            (status.code(), status.signal(), cleaned),
+            (None, Some(15), true)
+        );
+    }
+
+    #[test]
+    fn outside_its_own_group_the_wrapper_reports_the_shell_exit_code() {
+        use std::os::unix::process::ExitStatusExt;
+        let (status, cleaned) = run_wrapper_locally("exit 137", false);
+        assert_eq!(
+            (status.code(), status.signal(), cleaned),
+            (Some(137), None, true)
+        );
+        let (status, cleaned) = run_wrapper_locally("kill -TERM $$", false);
+        assert_eq!(
+            (status.code(), status.signal(), cleaned),
+            (Some(143), None, true)
         );
     }
 }
