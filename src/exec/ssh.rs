@@ -52,8 +52,8 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// new connection (a connection that died without a TCP reset answers nothing).
 const CHANNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Exit code of [`kill_script`] when there is no process group to kill: the command had already
-/// ended (its wrapper removed the pgid file) or never started.
+/// Exit code of [`kill_script`] when the command itself was no longer running: it had already
+/// ended (anything it left in its group is killed all the same) or never started.
 const KILL_NOTHING_TO_KILL: u32 = 3;
 
 /// Persists the first host key a server presents. Implemented by the store layer.
@@ -414,18 +414,19 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
 }
 
 /// The script the second channel runs to kill a command's process group: TERM, then KILL after
-/// two seconds. Exits 0 once the group was signalled, [`KILL_NOTHING_TO_KILL`] when there was no
-/// group to signal.
+/// two seconds. The recorded group id is also the command's own pid. Exits 0 once the group was
+/// signalled while the command ran, [`KILL_NOTHING_TO_KILL`] when the command was not running.
 fn kill_script(pgid_file: &str) -> String {
     format!(
         "f={}\n\
          i=0; while [ ! -s \"$f\" ] && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
          p=$(cat \"$f\" 2>/dev/null) && [ -n \"$p\" ] || exit {KILL_NOTHING_TO_KILL}\n\
+         r=0; kill -0 \"$p\" 2>/dev/null || r={KILL_NOTHING_TO_KILL}\n\
          kill -TERM \"-$p\" 2>/dev/null || {{ rm -f \"$f\"; exit {KILL_NOTHING_TO_KILL}; }}\n\
          i=0; while kill -0 \"-$p\" 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
          kill -KILL \"-$p\" 2>/dev/null\n\
          rm -f \"$f\"\n\
-         exit 0\n",
+         exit $r\n",
         shell_quote(pgid_file)
     )
 }
@@ -435,7 +436,7 @@ fn kill_script(pgid_file: &str) -> String {
 enum Kill {
     /// The command's process group was signalled (TERM, then KILL).
     Delivered,
-    /// There was no process group left to signal.
+    /// The command itself was not running any more (what it left in its group was killed).
     NothingRunning,
 }
 
@@ -569,11 +570,8 @@ impl SshExecutor {
             }
         }
         if timed_out || cancelled {
-            match self.kill_remote(target, Some(&conn), &pgid_file).await {
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command")
-                }
+            if let Err(e) = self.kill_remote(target, Some(&conn), &pgid_file).await {
+                tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command");
             }
             let _ = channel.close().await;
         } else if !closed_cleanly {
@@ -773,5 +771,42 @@ mod tests {
             (status.code(), status.signal(), cleaned),
             (Some(143), None, true)
         );
+    }
+
+    #[test]
+    fn the_kill_script_says_whether_the_command_was_still_running() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let run_kill = |pgid_file: &str| {
+            std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(kill_script(pgid_file))
+                .status()
+                .unwrap()
+                .code()
+        };
+        let pgid_file = format!("/tmp/.aiops-step-test-{}.pgid", Uuid::new_v4().simple());
+        let running = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::fs::write(&pgid_file, format!("{}\n", running.id())).unwrap();
+        // Reaped as soon as it dies, as sshd does, so the script sees the group go.
+        let reaper = std::thread::spawn(move || {
+            let mut running = running;
+            running.wait().unwrap().signal()
+        });
+        assert_eq!(run_kill(&pgid_file), Some(0));
+        assert_eq!(reaper.join().unwrap(), Some(15));
+        assert!(!std::path::Path::new(&pgid_file).exists());
+
+        let mut ended = std::process::Command::new("true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        ended.wait().unwrap();
+        std::fs::write(&pgid_file, format!("{}\n", ended.id())).unwrap();
+        assert_eq!(run_kill(&pgid_file), Some(KILL_NOTHING_TO_KILL as i32));
+        assert!(!std::path::Path::new(&pgid_file).exists());
     }
 }
