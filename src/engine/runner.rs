@@ -283,7 +283,6 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     // Record and continue, fenced.
     let mut g = ctx.lease().guarded_tx().await?;
-    let current = store::executions::execution_lock(g.conn(), row.id).await?;
     let verdict = judge(&step, &run, &masker, step_timeout);
     // A sensitive step's captured output is kept only sealed, for later steps to read.
     let sealed_output = match (&run, step.sensitive && step.capture_output) {
@@ -306,7 +305,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         },
         _ => None,
     };
-    store::executions::step_finish(
+    let finished = store::executions::step_finish(
         g.conn(),
         step_row,
         &StepResult {
@@ -329,8 +328,27 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         ),
     )
     .await?;
-    let Some(current) = current.filter(|c| c.status == "running" && c.attempt == p.attempt) else {
+    let still_running = |status: &str, attempt: i32| status == "running" && attempt == p.attempt;
+    if !finished
+        .execution_status
+        .as_deref()
+        .zip(finished.execution_attempt)
+        .is_some_and(|(s, a)| still_running(s, a))
+    {
         // Cancelled or timed out while the command ran; the attempt row says how it ended.
+        return g.complete().await;
+    }
+    if verdict.status == "completed" && p.index + 1 < snapshot.steps.len() {
+        // The next step follows without locking the execution row: its job reads the status
+        // before it runs, so an end that commits meanwhile stops it there.
+        enqueue_step(&mut g, row.id, p.attempt, &snapshot, p.index + 1).await?;
+        return g.complete().await;
+    }
+    // Ending the run (or deciding a failure) changes the execution: under its row lock.
+    let Some(current) = store::executions::execution_lock(g.conn(), row.id)
+        .await?
+        .filter(|c| still_running(&c.status, c.attempt))
+    else {
         return g.complete().await;
     };
     if verdict.status == "completed" {

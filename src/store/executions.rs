@@ -696,16 +696,28 @@ pub struct StepResult<'a> {
     pub output_encrypted: Option<&'a str>,
 }
 
+/// What [`step_finish`] found.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StepFinished {
+    /// The attempt was still running and is now finished.
+    pub updated: bool,
+    /// The execution's status as the statement read it (not locked).
+    pub execution_status: Option<String>,
+    /// The execution's run attempt as the statement read it.
+    pub execution_attempt: Option<i32>,
+}
+
 /// Records the end of a running attempt and, when `event` is given, appends that `status`
-/// event for the live stream, in one statement. `false` when the attempt
-/// was no longer running.
+/// event for the live stream, in one statement, which also reads the execution's status and
+/// attempt (without locking the row). `updated` is false when the attempt was no longer
+/// running.
 pub async fn step_finish(
     conn: &mut PgConnection,
     id: Uuid,
     r: &StepResult<'_>,
     event: Option<&str>,
-) -> StoreResult<bool> {
-    let updated: i64 = sqlx::query_scalar(
+) -> StoreResult<StepFinished> {
+    Ok(sqlx::query_as::<_, StepFinished>(
         "WITH u AS ( \
              UPDATE step_executions SET status = $2::execution_status, completed_at = now(), \
                duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
@@ -719,7 +731,11 @@ pub async fn step_finish(
              INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
              SELECT execution_id, $1, 'status', $11 FROM step_executions \
              WHERE id = $1 AND $11::text IS NOT NULL) \
-         SELECT count(*) FROM u",
+         SELECT EXISTS (SELECT 1 FROM u) AS updated, x.status::text AS execution_status, \
+                x.attempt AS execution_attempt \
+         FROM (SELECT 1) one \
+         LEFT JOIN runbook_executions x \
+           ON x.id = (SELECT execution_id FROM step_executions WHERE id = $1)",
     )
     .bind(id)
     .bind(r.status)
@@ -734,8 +750,7 @@ pub async fn step_finish(
     .bind(event)
     .bind(r.output_encrypted)
     .fetch_one(conn)
-    .await?;
-    Ok(updated == 1)
+    .await?)
 }
 
 /// Every step row of an execution, in execution order.
