@@ -7,7 +7,10 @@
 //!    execution is `completed`: wall time, executions/s, steps/s, and transactions per step
 //!    (`pg_stat_database.xact_commit` delta of the benchmark database, read from a connection to
 //!    another database after the workers have exited so their statistics are flushed, minus the
-//!    benchmark's own transactions, divided by the steps completed).
+//!    benchmark's own transactions, divided by the steps completed), and CPU time per step
+//!    over the same interval from `/proc/<pid>/stat` (the database on this host): the two
+//!    worker processes, the commands they ran (their reaped children), and the database
+//!    backends serving the benchmark database (the benchmark's own connection excluded).
 //! 2. Latency: the real HTTP API (`startup::Application` on port 0) and 2 fresh idle worker
 //!    processes; `BENCH_LATENCY_SAMPLES` (default 200) times, one at a time, a 3-step no-op
 //!    runbook is started with `POST /api/v1/executions` and the clock runs from sending the
@@ -161,7 +164,53 @@ async fn apply_runbook(conn: &mut PgConnection, yaml: &str) -> anyhow::Result<uu
     Ok(out.id)
 }
 
+/// CPU seconds (user + system) of a process and of its reaped children, from `/proc`.
+fn cpu_of(pid: u32) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    // Fields after the command name (which may contain spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14..=17; `rest` starts at field 3.
+    let tick = 100.0; // USER_HZ on Linux
+    let at = |i: usize| f.get(i - 3).copied().unwrap_or(0.0) / tick;
+    (at(14) + at(15), at(16) + at(17))
+}
+
+/// CPU seconds so far: workers, their commands, database backends of `db` except `skip`.
+async fn cpu_now(
+    admin: &mut PgConnection,
+    db: &str,
+    skip: i32,
+    workers: &[u32],
+) -> anyhow::Result<(f64, f64, f64)> {
+    let (mut own, mut children) = (0.0, 0.0);
+    for pid in workers {
+        let (o, c) = cpu_of(*pid);
+        own += o;
+        children += c;
+    }
+    let backends: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> $2 \
+           AND backend_type = 'client backend'",
+    )
+    .bind(db)
+    .bind(skip)
+    .fetch_all(admin)
+    .await?;
+    let database = backends
+        .iter()
+        .map(|pid| cpu_of(u32::try_from(*pid).unwrap_or(0)).0)
+        .sum();
+    Ok((own, children, database))
+}
+
 struct Throughput {
+    cpu: (f64, f64, f64),
     executions: usize,
     steps: i64,
     wall: Duration,
@@ -193,6 +242,12 @@ async fn throughput(
         queries: 0,
     };
     wait_for_workers(&mut watch, 2).await?;
+    let worker_pids: Vec<u32> = workers.iter().filter_map(Child::id).collect();
+    let watch_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut watch.conn)
+        .await?;
+    watch.queries += 1;
+    let cpu_before = cpu_now(admin, db, watch_pid, &worker_pids).await?;
 
     let request = aiops::engine::StartRequest {
         runbook_id: runbook,
@@ -224,6 +279,7 @@ async fn throughput(
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let wall = started.elapsed();
+    let cpu_after = cpu_now(admin, db, watch_pid, &worker_pids).await?;
     let other = watch
         .scalar(
             "SELECT count(*) FROM runbook_executions \
@@ -247,6 +303,11 @@ async fn throughput(
     wait_for_no_backends(admin, db).await?;
     let after = xact_commit(admin, db).await?;
     Ok(Throughput {
+        cpu: (
+            cpu_after.0 - cpu_before.0,
+            cpu_after.1 - cpu_before.1,
+            cpu_after.2 - cpu_before.2,
+        ),
         executions,
         steps,
         wall,
@@ -476,6 +537,14 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "    transactions per step: {per_step:.2} ({} commits in the database, minus {} of the benchmark's own)",
         t.transactions, t.own
+    );
+    let per = |cpu: f64| cpu * 1000.0 / t.steps.max(1) as f64;
+    println!(
+        "    CPU per step: workers {:.2} ms, their commands {:.2} ms, database backends {:.2} ms (total {:.2} ms)",
+        per(t.cpu.0),
+        per(t.cpu.1),
+        per(t.cpu.2),
+        per(t.cpu.0 + t.cpu.1 + t.cpu.2)
     );
     println!(
         "  latency: 3-step no-op runbook, POST /api/v1/executions -> status completed, 2 idle `aiops worker` processes, {samples} samples"
