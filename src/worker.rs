@@ -20,7 +20,7 @@ use crate::queue::{self, JobContext, JobError, KindOptions, Registry, Worker, Wo
 pub struct WorkerOptions {
     /// Queue settings (concurrency, lease, intervals, grace period).
     pub queue: WorkerConfig,
-    /// Finished jobs and stale worker rows older than this are pruned.
+    /// Finished jobs, stale worker rows and live execution events older than this are pruned.
     pub retention: Duration,
     /// Also register the `test.*` kinds used by the queue's process-level tests.
     pub test_kinds: bool,
@@ -105,7 +105,7 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
         settings: options.engine.clone(),
         alert_matching: Default::default(),
     });
-    engine::register(&mut registry, engine);
+    engine::register(&mut registry, engine, options.retention)?;
     if options.test_kinds {
         register_test_kinds(&mut registry);
     }

@@ -125,3 +125,101 @@ async fn an_open_stream_watches_its_execution_and_gets_new_events() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn live_events_older_than_the_retention_are_pruned_by_their_scheduled_job() {
+    let app = common::spawn_app().await;
+    let (a, _) = two_pending(&app).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let mut old = Vec::new();
+    for n in 0..3 {
+        old.push(
+            event_append(&mut conn, a, None, "stdout", &format!("old {n}\n"))
+                .await
+                .unwrap(),
+        );
+    }
+    let recent = event_append(&mut conn, a, None, "stdout", "recent\n")
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE execution_events SET created_at = now() - interval '8 days' WHERE id = ANY($1)",
+    )
+    .bind(&old)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let kept_before: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM execution_events WHERE NOT id = ANY($1) ORDER BY id")
+            .bind(&old)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert!(kept_before.contains(&recent));
+
+    // The product's registry schedules the prune; a worker with a 7-day retention runs it.
+    let options = aiops::worker::WorkerOptions {
+        retention: Duration::from_secs(7 * 24 * 3600),
+        ..aiops::worker::WorkerOptions::default()
+    };
+    let registry = aiops::worker::registry(&options, &app.pool).unwrap();
+    assert!(
+        registry
+            .cron_entries()
+            .iter()
+            .any(|c| c.name == aiops::engine::prune::KIND),
+        "the prune is scheduled"
+    );
+    let worker = aiops::queue::Worker::start(
+        app.pool.clone(),
+        registry,
+        aiops::queue::WorkerConfig::default(),
+    )
+    .await
+    .unwrap();
+    let mut tx = app.pool.begin().await.unwrap();
+    aiops::store::jobs::job_enqueue(
+        &mut tx,
+        &aiops::queue::NewJob::new(aiops::engine::prune::KIND, json!({})),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        worker.tick().await.unwrap();
+        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE kind = $1")
+            .bind(aiops::engine::prune::KIND)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        if state == "completed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the prune job did not complete: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM execution_events WHERE id = ANY($1) OR id = $2")
+            .bind(&old)
+            .bind(recent)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(left, vec![recent]);
+    // Every other event is still there (the worker may have added some: the executions' start
+    // jobs ran too).
+    let still: i64 = sqlx::query_scalar("SELECT count(*) FROM execution_events WHERE id = ANY($1)")
+        .bind(&kept_before)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        still as usize,
+        kept_before.len(),
+        "only the old events went"
+    );
+}

@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod control;
 pub mod masking;
+pub mod prune;
 pub mod rollback;
 pub mod runner;
 pub mod secret_vars;
@@ -203,8 +204,14 @@ pub fn step_job(execution_id: Uuid, attempt: i32, index: usize, retry: i64) -> N
     job
 }
 
-/// Registers every engine job kind with a worker's registry.
-pub fn register(registry: &mut Registry, engine: Arc<Engine>) {
+/// Registers every engine job kind with a worker's registry; live events older than
+/// `retention` are pruned ([`prune`]).
+pub fn register(
+    registry: &mut Registry,
+    engine: Arc<Engine>,
+    retention: Duration,
+) -> Result<(), crate::queue::QueueError> {
+    prune::register(registry, retention)?;
     registry.forward_notifications(store::executions::CONTROL_CHANNEL, engine.ended.clone());
     let quick = KindOptions {
         timeout: Duration::from_secs(60),
@@ -250,4 +257,5 @@ pub fn register(registry: &mut Registry, engine: Arc<Engine>) {
         let e = e.clone();
         async move { alerts::handle_analyze(&e, ctx).await }
     });
+    Ok(())
 }

@@ -850,6 +850,24 @@ pub async fn event_append(
     .await?)
 }
 
+/// Deletes up to `batch` of the oldest live events created before `cutoff`; returns how many.
+/// Event ids grow with time, so the oldest are found through the primary key.
+pub async fn event_prune(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+    batch: i64,
+) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "DELETE FROM execution_events WHERE id IN ( \
+             SELECT id FROM execution_events WHERE created_at < $1 ORDER BY id LIMIT $2)",
+    )
+    .bind(cutoff)
+    .bind(batch)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// A live event.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct EventRow {
