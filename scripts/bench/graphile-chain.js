@@ -5,7 +5,9 @@
 // running; the clock runs from that commit until every job is done and the jobs table is empty:
 // chains/s, jobs/s, and transactions per job (pg_stat_database.xact_commit delta of the
 // benchmark database, read from GW_ADMIN_URL after the workers have exited, minus this script's
-// own statements).
+// own statements), and CPU time per job over the same interval from /proc/<pid>/stat (the
+// database on this host): the two worker processes and the database backends serving the
+// benchmark database (this script's own connection excluded), as the aiops benchmark prints it.
 // Usage: GW_DATABASE_URL=postgres://.../gw_db GW_ADMIN_URL=postgres://.../postgres node graphile-chain.js
 const { fork } = require("child_process");
 const { run, makeWorkerUtils, Logger } = require("graphile-worker");
@@ -43,6 +45,28 @@ async function worker() {
       process.exit(0);
     }
   });
+}
+
+// CPU seconds (user + system) of a process, from /proc.
+function cpuOf(pid) {
+  try {
+    const stat = require("fs").readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ").map(Number);
+    // utime and stime are fields 14 and 15; f starts at field 3. USER_HZ is 100.
+    return (f[14 - 3] + f[15 - 3]) / 100;
+  } catch {
+    return 0;
+  }
+}
+
+async function cpuNow(admin, db, skip, pids) {
+  const workers = pids.reduce((a, p) => a + cpuOf(p), 0);
+  const { rows } = await admin.query(
+    "select pid from pg_stat_activity where datname = $1 and pid <> $2 and backend_type = 'client backend'",
+    [db, skip],
+  );
+  const database = rows.reduce((a, r) => a + cpuOf(r.pid), 0);
+  return { workers, database };
 }
 
 async function xactCommit(admin, db) {
@@ -100,6 +124,10 @@ async function main() {
     }),
   );
 
+  const connPid = (await conn.query("select pg_backend_pid() as p")).rows[0].p;
+  own += 1;
+  const pids = children.map((c) => c.pid);
+  const cpuBefore = await cpuNow(admin, db, connPid, pids);
   const start = process.hrtime.bigint();
   await conn.query(
     "select graphile_worker.add_job('chain', json_build_object('chain', i, 'step', 1)) from generate_series(1, $1) i",
@@ -115,6 +143,7 @@ async function main() {
     await new Promise((r) => setTimeout(r, 5));
   }
   const secs = Number(process.hrtime.bigint() - start) / 1e9;
+  const cpuAfter = await cpuNow(admin, db, connPid, pids);
   await Promise.all(
     children.map(
       (child) =>
@@ -139,6 +168,10 @@ async function main() {
   console.log(
     `    transactions per job: ${((after - before - own) / jobs).toFixed(2)} (${after - before} commits in the database, minus ${own} of the benchmark's own)`,
   );
+  const per = (cpu) => ((cpu * 1000) / jobs).toFixed(2);
+  const w = cpuAfter.workers - cpuBefore.workers;
+  const d = cpuAfter.database - cpuBefore.database;
+  console.log(`    CPU per job: workers ${per(w)} ms, database backends ${per(d)} ms (total ${per(w + d)} ms)`);
 }
 
 const entry = process.env.GW_ROLE === "worker" ? worker : main;
