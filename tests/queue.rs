@@ -1,7 +1,8 @@
 //! The durable job queue against real PostgreSQL: concurrent claimers, a worker process killed
 //! with SIGKILL, fencing of a stalled handler, durable backoff across restarts, attempts and
-//! permanent errors, unique keys, cron with three workers, graceful shutdown, and the claim's use
-//! of its partial index. Workers are driven with `tick()`/`maintain_at()`; where a real process
+//! permanent errors, unique keys, cron with three workers, graceful shutdown, prefetch (jobs
+//! claimed ahead of free slots: leases, shutdown, cancels), and the claim's use of its partial
+//! index. Workers are driven with `tick()`/`maintain_at()`; where a real process
 //! or timer must act, tests poll a condition with a deadline.
 
 mod common;
@@ -17,7 +18,7 @@ use aiops::store::jobs::{self, JobRow};
 use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 fn fast_backoff() -> KindOptions {
     KindOptions {
@@ -1017,4 +1018,543 @@ async fn shutdown_releases_a_continuation_instead_of_starting_it() {
             .unwrap();
     assert_eq!((state.as_str(), attempt), ("available", 0));
     assert!(errors.to_string().contains("before it started"), "{errors}");
+}
+
+/// Kind `gated`: reports each start (job id) on `started` as the worker calls the handler; a job
+/// with `"block": true` then waits for `gate`.
+fn gated_registry(gate: Arc<Notify>, started: mpsc::UnboundedSender<i64>) -> Registry {
+    let mut registry = Registry::new();
+    registry.register("gated", fast_backoff(), move |ctx: JobContext| {
+        let _ = started.send(ctx.id);
+        let gate = gate.clone();
+        async move {
+            if ctx.payload["block"] == json!(true) {
+                gate.notified().await;
+            }
+            Ok(())
+        }
+    });
+    registry
+}
+
+/// A job that holds its slot until the test opens the gate; runs before priority-0 jobs.
+fn blocker() -> NewJob {
+    NewJob::new("gated", json!({ "block": true })).with_priority(-1)
+}
+
+async fn next_start(started: &mut mpsc::UnboundedReceiver<i64>) -> i64 {
+    tokio::time::timeout(Duration::from_secs(10), started.recv())
+        .await
+        .expect("a job starts")
+        .unwrap()
+}
+
+fn drain(started: &mut mpsc::UnboundedReceiver<i64>) -> Vec<i64> {
+    let mut ids = Vec::new();
+    while let Ok(id) = started.try_recv() {
+        ids.push(id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn prefetch_claims_ahead_in_one_claim_and_runs_each_job_once_within_the_concurrency() {
+    let pool = common::fresh_pool().await;
+    let runs = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    {
+        let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
+        registry.register("count", KindOptions::default(), move |ctx: JobContext| {
+            let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = active.fetch_add(1, SeqCst) + 1;
+                peak.fetch_max(now, SeqCst);
+                runs.lock().unwrap().push(ctx.id);
+                // Long enough for the slots to overlap.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                active.fetch_sub(1, SeqCst);
+                Ok(())
+            }
+        });
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let batch: Vec<NewJob> = (0..15)
+        .map(|i| NewJob::new("count", json!({ "i": i })).with_priority(i % 3))
+        .collect();
+    let ids = queue::enqueue_many(&mut conn, &batch).await.unwrap();
+    drop(conn);
+    let cfg = WorkerConfig {
+        prefetch: Some(10),
+        ..config(2)
+    };
+    let worker = Worker::start(pool.clone(), registry, cfg).await.unwrap();
+
+    let o = worker.tick().await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed, o.lease_lost, o.released),
+        (12, 12, 0, 0),
+        "one claim took concurrency + prefetch jobs and ran them all"
+    );
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&peak),
+        "at most `concurrency` jobs at once: {peak}"
+    );
+    let ran = runs.lock().unwrap().clone();
+    assert_eq!(ran.len(), 12);
+    assert_eq!(
+        ran.iter().collect::<HashSet<_>>().len(),
+        12,
+        "each job ran once"
+    );
+    // Priority order: the claim took the twelve most urgent jobs.
+    let left: Vec<(i64, i16)> =
+        sqlx::query_as("SELECT id, priority FROM jobs WHERE state = 'available' ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(left.len(), 3);
+    assert!(left.iter().all(|(_, p)| *p == 2), "{left:?}");
+    let rows: Vec<(String, i32, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT state, attempt, locked_by FROM jobs WHERE id = ANY($1) AND state <> 'available'",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 12);
+    for row in &rows {
+        assert_eq!(
+            (row.0.as_str(), row.1, row.2),
+            ("completed", 1, Some(worker.id()))
+        );
+    }
+    let o = worker.tick().await.unwrap();
+    assert_eq!((o.claimed, o.completed), (3, 3));
+    assert_eq!(runs.lock().unwrap().len(), 15, "none lost, none twice");
+    assert_eq!(worker.tick().await.unwrap().claimed, 0);
+}
+
+#[tokio::test]
+async fn prefetched_jobs_start_in_priority_order_as_the_slot_frees() {
+    let pool = common::fresh_pool().await;
+    let gate = Arc::new(Notify::new());
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let cfg = WorkerConfig {
+        prefetch: Some(4),
+        ..config(1)
+    };
+    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    let first = enqueue(&pool, blocker()).await.unwrap();
+    for priority in [3, 1, 2, 1] {
+        let id = enqueue(
+            &pool,
+            NewJob::new("gated", json!({})).with_priority(priority),
+        )
+        .await
+        .unwrap();
+        expected.push((priority, id));
+    }
+    expected.sort();
+    let tick = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.tick().await.unwrap() }
+    });
+    assert_eq!(next_start(&mut started).await, first);
+    gate.notify_one();
+    let o = tick.await.unwrap();
+    assert_eq!((o.claimed, o.completed), (5, 5));
+    let order = drain(&mut started);
+    assert_eq!(
+        order,
+        expected.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+        "buffered jobs start in (priority, run_at, id) order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_loop_with_prefetch_runs_every_job_once_within_the_concurrency() {
+    let pool = common::fresh_pool().await;
+    const JOBS: usize = 300;
+    let runs = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    {
+        let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
+        registry.register("count", KindOptions::default(), move |ctx: JobContext| {
+            let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = active.fetch_add(1, SeqCst) + 1;
+                peak.fetch_max(now, SeqCst);
+                runs.lock().unwrap().push(ctx.id);
+                tokio::task::yield_now().await;
+                active.fetch_sub(1, SeqCst);
+                Ok(())
+            }
+        });
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let batch: Vec<NewJob> = (0..JOBS)
+        .map(|i| NewJob::new("count", json!({ "i": i })))
+        .collect();
+    let ids = queue::enqueue_many(&mut conn, &batch).await.unwrap();
+    drop(conn);
+    let cfg = WorkerConfig {
+        prefetch: Some(10),
+        poll_interval: Duration::from_millis(50),
+        ..config(2)
+    };
+    let worker = Worker::start(pool.clone(), registry, cfg).await.unwrap();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(worker.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    eventually("every job completed", Duration::from_secs(60), || async {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'completed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (done as usize == JOBS).then_some(())
+    })
+    .await;
+    stop.send(true).unwrap();
+    let totals = run.await.unwrap().unwrap();
+    assert_eq!(
+        (
+            totals.claimed,
+            totals.completed,
+            totals.released,
+            totals.lease_lost
+        ),
+        (JOBS, JOBS, 0, 0),
+        "{totals:?}"
+    );
+    let ran = runs.lock().unwrap().clone();
+    assert_eq!(ran.len(), JOBS, "each job ran once");
+    assert_eq!(
+        ran.into_iter().collect::<HashSet<_>>(),
+        ids.into_iter().collect::<HashSet<_>>(),
+        "none lost"
+    );
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak <= 2, "at most `concurrency` jobs at once: {peak}");
+    let max_attempt: i32 = sqlx::query_scalar("SELECT max(attempt) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(max_attempt, 1);
+}
+
+#[tokio::test]
+async fn prefetched_jobs_keep_their_leases_while_the_slots_are_busy() {
+    let pool = common::fresh_pool().await;
+    let gate = Arc::new(Notify::new());
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let lease = Duration::from_millis(300);
+    let cfg = WorkerConfig {
+        prefetch: Some(3),
+        lease,
+        heartbeat_interval: Duration::from_millis(100),
+        ..config(1)
+    };
+    let registry = gated_registry(gate.clone(), tx);
+    let worker = Worker::start(pool.clone(), registry.clone(), cfg)
+        .await
+        .unwrap();
+    let first = enqueue(&pool, blocker()).await.unwrap();
+    let mut buffered = Vec::new();
+    for _ in 0..3 {
+        buffered.push(
+            enqueue(&pool, NewJob::new("gated", json!({})))
+                .await
+                .unwrap(),
+        );
+    }
+    let tick = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.tick().await.unwrap() }
+    });
+    assert_eq!(next_start(&mut started).await, first);
+    // Another worker tries to rescue all along; the prefetched jobs wait through four lease
+    // periods, renewed by the heartbeat, and nobody takes them.
+    let rescuer = Worker::start(pool.clone(), registry, config(1))
+        .await
+        .unwrap();
+    eventually(
+        "the prefetched leases were renewed past four lease periods",
+        Duration::from_secs(20),
+        || async {
+            let m = rescuer.maintain().await.unwrap();
+            assert_eq!(
+                m.rescue.retried + m.rescue.dead,
+                0,
+                "a prefetched lease was rescued"
+            );
+            let renewed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'running' \
+                 AND attempt = 1 AND locked_by = $2 \
+                 AND lease_expires_at > attempted_at + 4 * $3::bigint * interval '1 ms'",
+            )
+            .bind(&buffered)
+            .bind(worker.id())
+            .bind(lease.as_millis() as i64)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (renewed == 3).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        drain(&mut started).is_empty(),
+        "none started while the slot was busy"
+    );
+    gate.notify_one();
+    let o = tick.await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed, o.lease_lost, o.released),
+        (4, 4, 0, 0)
+    );
+    assert_eq!(drain(&mut started), buffered);
+    for id in buffered {
+        let row = job(&pool, id).await;
+        assert_eq!((row.state.as_str(), row.attempt), ("completed", 1));
+        assert_eq!(row.errors.as_array().unwrap().len(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_prefetched_jobs_unstarted_and_another_worker_runs_them() {
+    let pool = common::fresh_pool().await;
+    let gate = Arc::new(Notify::new());
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let cfg = WorkerConfig {
+        prefetch: Some(5),
+        poll_interval: Duration::from_millis(50),
+        grace_period: Duration::from_secs(30),
+        ..config(1)
+    };
+    let first = enqueue(&pool, blocker()).await.unwrap();
+    let mut buffered = Vec::new();
+    for _ in 0..5 {
+        buffered.push(
+            enqueue(&pool, NewJob::new("gated", json!({})))
+                .await
+                .unwrap(),
+        );
+    }
+    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
+        .await
+        .unwrap();
+    let worker_id = worker.id();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(worker.run(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    assert_eq!(next_start(&mut started).await, first);
+    eventually(
+        "the worker prefetched the other five",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'running' \
+                 AND locked_by = $2",
+            )
+            .bind(&buffered)
+            .bind(worker_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n == 5).then_some(())
+        },
+    )
+    .await;
+    stop.send(true).unwrap();
+    // Released at once, while the running job still holds its slot.
+    eventually(
+        "the prefetched jobs are back in available",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND state = 'available'",
+            )
+            .bind(&buffered)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n == 5).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(job(&pool, first).await.state, "running");
+    gate.notify_one();
+    let totals = run.await.unwrap().unwrap();
+    assert_eq!(
+        (
+            totals.claimed,
+            totals.completed,
+            totals.released,
+            totals.lease_lost
+        ),
+        (6, 1, 5, 0),
+        "{totals:?}"
+    );
+    assert!(drain(&mut started).is_empty(), "no prefetched job started");
+    for id in &buffered {
+        let row = job(&pool, *id).await;
+        assert_eq!(
+            (row.state.as_str(), row.attempt),
+            ("available", 0),
+            "attempt not counted"
+        );
+        assert!(row.lease_token.is_none());
+        assert!(
+            row.errors.to_string().contains("before it started"),
+            "{}",
+            row.errors
+        );
+    }
+    assert_eq!(job(&pool, first).await.state, "completed");
+
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let cfg = WorkerConfig {
+        prefetch: Some(3),
+        ..config(2)
+    };
+    let other = Worker::start(pool.clone(), gated_registry(gate, tx), cfg)
+        .await
+        .unwrap();
+    let o = other.tick().await.unwrap();
+    assert_eq!((o.claimed, o.completed), (5, 5));
+    let mut ran = drain(&mut started);
+    ran.sort();
+    assert_eq!(ran, buffered);
+    for id in buffered {
+        let row = job(&pool, id).await;
+        assert_eq!(
+            (row.state.as_str(), row.attempt, row.locked_by),
+            ("completed", 1, Some(other.id()))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_prefetched_job_is_never_started() {
+    let pool = common::fresh_pool().await;
+    let gate = Arc::new(Notify::new());
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let cfg = WorkerConfig {
+        prefetch: Some(2),
+        // Only the test's own heartbeat call runs.
+        heartbeat_interval: Duration::from_secs(3600),
+        ..config(1)
+    };
+    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
+        .await
+        .unwrap();
+    let first = enqueue(&pool, blocker()).await.unwrap();
+    let cancelled = enqueue(&pool, NewJob::new("gated", json!({})))
+        .await
+        .unwrap();
+    let kept = enqueue(&pool, NewJob::new("gated", json!({})))
+        .await
+        .unwrap();
+    let tick = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.tick().await.unwrap() }
+    });
+    assert_eq!(next_start(&mut started).await, first);
+    assert_eq!(job(&pool, cancelled).await.state, "running", "prefetched");
+    let mut conn = pool.acquire().await.unwrap();
+    let row = jobs::job_cancel(&mut conn, cancelled)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(conn);
+    assert_eq!(row.state, "cancelled");
+    assert_eq!(
+        worker.heartbeat().await.unwrap(),
+        1,
+        "the heartbeat finds it"
+    );
+    gate.notify_one();
+    let o = tick.await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed, o.lease_lost, o.released),
+        (3, 2, 1, 0)
+    );
+    assert_eq!(
+        drain(&mut started),
+        vec![kept],
+        "the cancelled job never ran"
+    );
+    let row = job(&pool, cancelled).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("cancelled", 1));
+    assert_eq!(job(&pool, kept).await.state, "completed");
+}
+
+#[tokio::test]
+async fn a_prefetched_job_whose_lease_ran_out_is_released_instead_of_started() {
+    let pool = common::fresh_pool().await;
+    let gate = Arc::new(Notify::new());
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let cfg = WorkerConfig {
+        prefetch: Some(1),
+        lease: Duration::from_millis(300),
+        // Heartbeats stop (as when the database is unreachable for a while).
+        heartbeat_interval: Duration::from_secs(3600),
+        ..config(1)
+    };
+    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
+        .await
+        .unwrap();
+    let first = enqueue(&pool, blocker()).await.unwrap();
+    let waiting = enqueue(&pool, NewJob::new("gated", json!({})))
+        .await
+        .unwrap();
+    let tick = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.tick().await.unwrap() }
+    });
+    assert_eq!(next_start(&mut started).await, first);
+    eventually(
+        "the prefetched lease expired",
+        Duration::from_secs(10),
+        || async {
+            let expired: bool = sqlx::query_scalar(
+                "SELECT state = 'running' AND lease_expires_at < now() FROM jobs WHERE id = $1",
+            )
+            .bind(waiting)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            expired.then_some(())
+        },
+    )
+    .await;
+    gate.notify_one();
+    let o = tick.await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed, o.released, o.lease_lost),
+        (2, 1, 1, 0)
+    );
+    assert!(drain(&mut started).is_empty(), "it was not started");
+    let row = job(&pool, waiting).await;
+    assert_eq!((row.state.as_str(), row.attempt), ("available", 0));
+    assert!(
+        row.errors.to_string().contains("lease ran out"),
+        "{}",
+        row.errors
+    );
+    let o = worker.tick().await.unwrap();
+    assert_eq!((o.claimed, o.completed), (1, 1));
+    assert_eq!(drain(&mut started), vec![waiting]);
 }

@@ -75,6 +75,11 @@ pub struct WorkerArgs {
     /// Jobs run at once.
     #[arg(long, env = "AIOPS_WORKER_CONCURRENCY", default_value_t = 10)]
     pub concurrency: usize,
+    /// Jobs claimed ahead of the free slots: they wait in the worker, leased and heartbeated,
+    /// and start as slots free without another claim round trip. Default: the concurrency;
+    /// 0 disables prefetching.
+    #[arg(long, env = "AIOPS_WORKER_PREFETCH")]
+    pub prefetch: Option<usize>,
     /// Lease length in seconds: a job whose worker dies is rescued this long after its last
     /// heartbeat (heartbeats run every third of it).
     #[arg(long, env = "AIOPS_WORKER_LEASE_SECONDS", default_value_t = 30.0)]
@@ -117,6 +122,7 @@ impl WorkerArgs {
         anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
         let queue = crate::queue::WorkerConfig {
             concurrency: self.concurrency,
+            prefetch: self.prefetch,
             lease,
             heartbeat_interval: lease / 3,
             poll_interval: std::time::Duration::from_millis(self.poll_ms.max(10)),

@@ -38,6 +38,10 @@ pub(crate) struct LeaseState {
     /// A job this attempt enqueued already claimed by the same worker, committed: the worker
     /// runs it next in the same slot.
     pub(crate) continuation: Mutex<Option<ClaimedJob>>,
+    /// For a claimed job: when its lease runs out as far as the worker knows (the claim or the
+    /// last successful heartbeat was sent, plus the lease). A prefetched job is not started
+    /// after it.
+    pub(crate) expires: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl LeaseState {
@@ -48,6 +52,18 @@ impl LeaseState {
 
     pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_expires(&self, at: tokio::time::Instant) {
+        *self.expires.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// Whether the lease ran out by the worker's own clock (heartbeats failed meanwhile).
+    pub(crate) fn expired(&self, now: tokio::time::Instant) -> bool {
+        self.expires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at <= now)
     }
 
     pub(crate) fn take_continuation(&self) -> Option<ClaimedJob> {

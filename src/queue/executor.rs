@@ -1,17 +1,24 @@
-//! The worker: registers its identity, claims due jobs in batches sized to its free slots, runs
-//! each handler in its own task under the kind's timeout, heartbeats the leases of running jobs,
-//! and settles results (batched completion; failures with durable backoff; lease-lost results
-//! discarded). Two entry points share this machinery:
+//! The worker: registers its identity, claims due jobs in batches sized to its free slots plus a
+//! bounded prefetch, runs each handler in its own task under the kind's timeout, heartbeats the
+//! leases of running and prefetched jobs, and settles results (batched completion; failures with
+//! durable backoff; lease-lost results discarded). Two entry points share this machinery:
 //!
 //! - [`Worker::tick`]: claim once, run what was claimed to completion, settle, return a
 //!   [`TickOutcome`]; tests drive the queue with it instead of sleeping;
 //! - [`Worker::run`]: the long-running loop with `LISTEN` wake-ups, a polling fallback,
-//!   maintenance (rescue, cron, worker heartbeat) and graceful shutdown: stop claiming, let
-//!   running jobs finish within the grace period, release the rest back to `available`.
+//!   maintenance (rescue, cron, worker heartbeat) and graceful shutdown: stop claiming, release
+//!   prefetched jobs, let running jobs finish within the grace period, release the rest back to
+//!   `available`.
+//!
+//! Prefetch: a claim takes up to `free slots + (prefetch - buffered)` jobs. The ones no slot
+//! takes at once wait, leased to this worker and heartbeated like running jobs, in an in-memory
+//! FIFO (claim order, so priority and `run_at` order hold) and start as slots free, without
+//! another claim round trip. A buffered job whose lease the heartbeat found lost is never
+//! started; one whose lease ran out while it waited (heartbeats failing) is released unstarted.
 //!
 //! Knows nothing about what jobs do: handlers come from the [`Registry`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +27,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::context::{ChainPolicy, Lease, LeaseState};
@@ -33,8 +41,12 @@ use crate::store::{self, StoreError};
 /// Worker settings.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Jobs run at once (claim batches never exceed the free slots).
+    /// Jobs run at once.
     pub concurrency: usize,
+    /// Jobs claimed ahead of the free slots: they wait in memory, leased to this worker and
+    /// heartbeated, and start as slots free without another claim. `None` means as many as
+    /// `concurrency`; `Some(0)` disables prefetching (a claim never exceeds the free slots).
+    pub prefetch: Option<usize>,
     /// Lease length; a job whose worker stops heartbeating is rescued this long after its last
     /// heartbeat.
     pub lease: Duration,
@@ -56,10 +68,23 @@ pub struct WorkerConfig {
     pub claim_cooldown: Duration,
 }
 
+impl WorkerConfig {
+    /// Slots: jobs run at once (at least one).
+    pub fn slots(&self) -> usize {
+        self.concurrency.max(1)
+    }
+
+    /// Jobs claimed ahead of the free slots (`prefetch`, else `concurrency`).
+    pub fn prefetch_limit(&self) -> usize {
+        self.prefetch.unwrap_or(self.concurrency)
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             concurrency: 10,
+            prefetch: None,
             lease: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
             poll_interval: Duration::from_secs(2),
@@ -75,7 +100,7 @@ impl Default for WorkerConfig {
 /// What one [`Worker::tick`] (or one settle batch) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TickOutcome {
-    /// Jobs claimed.
+    /// Jobs claimed (started at once or prefetched).
     pub claimed: usize,
     /// Jobs completed.
     pub completed: usize,
@@ -85,9 +110,10 @@ pub struct TickOutcome {
     pub dead: usize,
     /// Jobs snoozed.
     pub snoozed: usize,
-    /// Results discarded because the lease was lost.
+    /// Jobs whose lease was lost: results discarded, or prefetched jobs dropped unstarted.
     pub lease_lost: usize,
-    /// Jobs released back to `available` at shutdown.
+    /// Jobs released back to `available` unfinished: at shutdown, or prefetched jobs whose
+    /// lease ran out before a slot freed.
     pub released: usize,
 }
 
@@ -115,8 +141,22 @@ pub struct MaintenanceOutcome {
 enum Ending {
     Done(Result<(), JobError>),
     Released,
-    /// A continuation the worker did not start because it is shutting down.
-    NotStarted,
+    /// A job the worker did not start, released to `available` for this reason: a continuation
+    /// or a prefetched job at shutdown, or a prefetched job whose lease ran out while it waited.
+    NotStarted(&'static str),
+}
+
+const RELEASED_AT_SHUTDOWN: &str = "released at worker shutdown before it started";
+const RELEASED_EXPIRED: &str =
+    "released before it started: its lease ran out while it waited for a free slot";
+
+/// A claim running in the background of [`Worker::run`].
+type ClaimTask = JoinHandle<Result<Vec<Claimed>, QueueError>>;
+
+/// A claimed job and the lease state the heartbeat keeps for it from the claim on.
+struct Claimed {
+    job: ClaimedJob,
+    state: Arc<LeaseState>,
 }
 
 struct Finished {
@@ -133,6 +173,8 @@ struct Inner {
     registry: Registry,
     config: WorkerConfig,
     id: Uuid,
+    /// Jobs leased to this worker, running or prefetched (waiting for a slot): what the
+    /// heartbeat renews.
     running: Mutex<HashMap<i64, (Uuid, Arc<LeaseState>)>>,
     wake: Notify,
     slot_freed: Notify,
@@ -217,15 +259,26 @@ impl Worker {
         self.inner.notifier.clone()
     }
 
-    /// Claims up to `concurrency` due jobs, runs them all to the end (heartbeating their leases
-    /// meanwhile), settles the results and reports what happened.
+    /// Claims up to `concurrency + prefetch` due jobs in one statement and runs them all to the
+    /// end, at most `concurrency` at once: the others wait in claim order, their leases
+    /// heartbeated with the running ones, and each starts when a slot frees (a continuation keeps
+    /// its parent's slot). Then settles the results and reports what happened. Nothing stays
+    /// buffered between ticks: when `tick` returns, every job it claimed has run, or was dropped
+    /// unstarted because a heartbeat found its lease lost (`lease_lost`), or was released
+    /// unstarted because its lease ran out before a slot freed (`released`).
     pub async fn tick(&self) -> Result<TickOutcome, QueueError> {
         let inner = &self.inner;
-        let jobs = inner.claim(inner.config.concurrency).await?;
-        let claimed = jobs.len();
+        let slots = inner.config.slots();
+        let mut buffer: VecDeque<Claimed> = inner
+            .claim(slots + inner.config.prefetch_limit())
+            .await?
+            .into();
+        let claimed = buffer.len();
         let mut set = JoinSet::new();
-        for job in jobs {
-            set.spawn(execute(inner.clone(), job));
+        while set.len() < slots
+            && let Some(c) = buffer.pop_front()
+        {
+            set.spawn(execute(inner.clone(), c.job, c.state));
         }
         let mut finished = Vec::with_capacity(claimed);
         let mut heartbeat = tokio::time::interval(inner.config.heartbeat_interval);
@@ -233,16 +286,26 @@ impl Worker {
         heartbeat.tick().await;
         loop {
             tokio::select! {
-                next = set.join_next() => match next {
-                    None => break,
-                    Some(Ok(f)) => {
-                        if let Some(next) = f.state.take_continuation() {
-                            set.spawn(execute(inner.clone(), next));
+                next = set.join_next() => {
+                    match next {
+                        None if buffer.is_empty() => break,
+                        None => {}
+                        Some(Ok(f)) => {
+                            let continuation = f.state.take_continuation();
+                            finished.push(f);
+                            if let Some(next) = continuation {
+                                let state = inner.track(&next, None);
+                                set.spawn(execute(inner.clone(), next, state));
+                                continue;
+                            }
                         }
-                        finished.push(f);
+                        Some(Err(e)) => tracing::error!(error = %e, "job task failed"),
                     }
-                    Some(Err(e)) => tracing::error!(error = %e, "job task failed"),
-                },
+                    // A slot is free: the next buffered job takes it.
+                    if let Some(c) = buffer.pop_front() {
+                        set.spawn(execute(inner.clone(), c.job, c.state));
+                    }
+                }
                 _ = heartbeat.tick() => {
                     if let Err(e) = inner.heartbeat().await {
                         tracing::warn!(error = %e, "lease heartbeat failed");
@@ -280,9 +343,16 @@ impl Worker {
         self.maintain_at(Utc::now()).await
     }
 
-    /// Runs until `shutdown` resolves, then shuts down gracefully: stops claiming, lets running
-    /// jobs finish within the grace period, releases the rest to `available`, and records the
-    /// worker as stopped. Returns the totals of everything settled.
+    /// Runs until `shutdown` resolves, then shuts down gracefully: stops claiming, releases
+    /// prefetched jobs that have not started to `available`, lets running jobs finish within the
+    /// grace period, releases the rest to `available`, and records the worker as stopped.
+    /// Returns the totals of everything claimed and settled.
+    ///
+    /// Free slots take buffered (prefetched) jobs first, in claim order. A claim asks for
+    /// `free slots + (prefetch - buffered)` jobs and runs in the background, so buffered jobs
+    /// keep starting while it is in flight; the worker claims while a slot is free or the buffer
+    /// is down to half of `prefetch`, at most once per `claim_cooldown` unless it is idle, and
+    /// after a claim that came back short it waits for a wake-up or the poll interval.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<TickOutcome, QueueError> {
         let inner = self.inner.clone();
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Finished>();
@@ -293,73 +363,99 @@ impl Worker {
             tokio::spawn(maintenance_loop(self.clone(), stop_rx.clone())),
         ];
         let heartbeat = tokio::spawn(heartbeat_loop(inner.clone(), stop_rx.clone()));
-        let slots = Arc::new(Semaphore::new(inner.config.concurrency.max(1)));
+        let concurrency = inner.config.slots();
+        let prefetch = inner.config.prefetch_limit();
+        let slots = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
+        let mut buffer: VecDeque<Claimed> = VecDeque::new();
+        // The claim in flight and how many jobs it asked for.
+        let mut claiming: Option<(usize, ClaimTask)> = None;
         let mut claimed_total = 0usize;
-        let mut last_claim = tokio::time::Instant::now() - inner.config.claim_cooldown;
-        let concurrency = inner.config.concurrency.max(1);
+        // The last claim came back short (or failed): wait for a wake-up or the poll interval.
+        let mut drained = false;
+        let mut last_claim = Instant::now() - inner.config.claim_cooldown;
         tokio::pin!(shutdown);
-        tracing::info!(worker = %inner.id, "worker running");
+        tracing::info!(worker = %inner.id, concurrency, prefetch, "worker running");
         loop {
             while tasks.try_join_next().is_some() {}
-            let mut free = slots.available_permits();
-            if free > 0 && free < concurrency {
-                let next = last_claim + inner.config.claim_cooldown;
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = tokio::time::sleep_until(next) => {}
+            while !buffer.is_empty() {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                if let Some(c) = buffer.pop_front() {
+                    start_chain(&mut tasks, &inner, &done_tx, c, permit);
                 }
-                free = slots.available_permits();
             }
-            let mut drained = true;
-            if free > 0 {
-                last_claim = tokio::time::Instant::now();
-                match inner.claim(free).await {
-                    Ok(jobs) => {
-                        drained = jobs.len() < free;
-                        claimed_total += jobs.len();
-                        for job in jobs {
-                            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            let inner = inner.clone();
-                            let done = done_tx.clone();
-                            tasks.spawn(async move {
-                                run_chain(&inner, job, &done).await;
-                                drop(permit);
-                                inner.slot_freed.notify_one();
-                            });
+            let free = slots.available_permits();
+            let want = free + prefetch.saturating_sub(buffer.len());
+            let refill = want > 0 && (free > 0 || buffer.len() * 2 <= prefetch);
+            let may_claim = claiming.is_none() && !drained && refill;
+            let claim_at = if free == concurrency {
+                Instant::now()
+            } else {
+                last_claim + inner.config.claim_cooldown
+            };
+            if may_claim && claim_at <= Instant::now() {
+                last_claim = Instant::now();
+                let claimer = inner.clone();
+                claiming = Some((want, tokio::spawn(async move { claimer.claim(want).await })));
+            }
+            let cooling = may_claim && claiming.is_none();
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                joined = async {
+                    match claiming.as_mut() {
+                        Some((_, handle)) => handle.await,
+                        None => std::future::pending().await,
+                    }
+                }, if claiming.is_some() => {
+                    let asked = claiming.take().map_or(0, |(asked, _)| asked);
+                    match joined {
+                        Ok(Ok(jobs)) => {
+                            drained = jobs.len() < asked;
+                            claimed_total += jobs.len();
+                            buffer.extend(jobs);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "claiming jobs failed; retrying after the poll interval");
+                            drained = true;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "claim task failed; retrying after the poll interval");
+                            drained = true;
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming jobs failed; retrying after the poll interval");
-                    }
                 }
-            } else {
-                drained = false;
-            }
-            if free > 0 && !drained {
-                tokio::select! {
-                    biased;
-                    _ = &mut shutdown => break,
-                    _ = std::future::ready(()) => continue,
-                }
-            }
-            if free == 0 {
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = inner.slot_freed.notified() => {}
-                }
-            } else {
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = inner.wake.notified() => {}
-                    _ = tokio::time::sleep(inner.config.poll_interval) => {}
-                }
+                _ = inner.slot_freed.notified() => {}
+                _ = tokio::time::sleep_until(claim_at), if cooling => {}
+                _ = inner.wake.notified(), if drained => drained = false,
+                _ = tokio::time::sleep(inner.config.poll_interval), if drained => drained = false,
             }
         }
         inner.stopping.store(true, Ordering::SeqCst);
-        tracing::info!(worker = %inner.id, running = tasks.len(), "stopping: no more claims");
+        // A claim in flight is seen through: its jobs are leased to this worker.
+        if let Some((_, handle)) = claiming.take() {
+            match handle.await {
+                Ok(Ok(jobs)) => {
+                    claimed_total += jobs.len();
+                    buffer.extend(jobs);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "claiming jobs failed"),
+                Err(e) => tracing::error!(error = %e, "claim task failed"),
+            }
+        }
+        let unstarted = buffer.len();
+        for c in buffer.drain(..) {
+            inner.untrack(c.job.id);
+            let _ = done_tx.send(not_started(c.job, c.state, RELEASED_AT_SHUTDOWN));
+        }
+        tracing::info!(
+            worker = %inner.id,
+            running = tasks.len(),
+            released = unstarted,
+            "stopping: no more claims; prefetched jobs released"
+        );
         let graceful = tokio::time::timeout(inner.config.grace_period, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -388,16 +484,71 @@ impl Worker {
     }
 }
 
+/// Starts a claimed job (and the continuations it hands over) in the slot `permit` holds.
+fn start_chain(
+    tasks: &mut JoinSet<()>,
+    inner: &Arc<Inner>,
+    done: &mpsc::UnboundedSender<Finished>,
+    claimed: Claimed,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let inner = inner.clone();
+    let done = done.clone();
+    tasks.spawn(async move {
+        run_chain(&inner, claimed, &done).await;
+        drop(permit);
+        inner.slot_freed.notify_one();
+    });
+}
+
+fn not_started(job: ClaimedJob, state: Arc<LeaseState>, reason: &'static str) -> Finished {
+    Finished {
+        id: job.id,
+        token: job.lease_token,
+        kind: job.kind,
+        attempt: job.attempt,
+        state,
+        ending: Ending::NotStarted(reason),
+    }
+}
+
 impl Inner {
-    async fn claim(&self, free: usize) -> Result<Vec<ClaimedJob>, QueueError> {
+    /// Claims up to `limit` due jobs; the heartbeat covers each from here on.
+    async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, QueueError> {
         let mut conn = self.pool.acquire().await?;
-        Ok(store::jobs::job_claim(
+        let sent = Instant::now();
+        let jobs = store::jobs::job_claim(
             &mut conn,
             self.id,
-            i64::try_from(free).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX),
             self.config.lease,
         )
-        .await?)
+        .await?;
+        drop(conn);
+        let expires = sent + self.config.lease;
+        Ok(jobs
+            .into_iter()
+            .map(|job| {
+                let state = self.track(&job, Some(expires));
+                Claimed { job, state }
+            })
+            .collect())
+    }
+
+    /// Registers a job leased to this worker with the heartbeat.
+    fn track(&self, job: &ClaimedJob, expires: Option<Instant>) -> Arc<LeaseState> {
+        let state = Arc::new(LeaseState::default());
+        if let Some(at) = expires {
+            state.set_expires(at);
+        }
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.insert(job.id, (job.lease_token, state.clone()));
+        state
+    }
+
+    fn untrack(&self, id: i64) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(&id);
     }
 
     async fn heartbeat(&self) -> Result<usize, QueueError> {
@@ -409,18 +560,26 @@ impl Inner {
             return Ok(0);
         }
         let mut conn = self.pool.acquire().await?;
+        let sent = Instant::now();
         let held = store::jobs::job_heartbeat(&mut conn, &ids, &tokens, self.config.lease).await?;
-        let held: std::collections::HashSet<i64> = held.into_iter().collect();
+        drop(conn);
+        let held: HashSet<i64> = held.into_iter().collect();
+        let expires = sent + self.config.lease;
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut lost = 0;
-        for id in ids.iter().filter(|id| !held.contains(id)) {
-            if let Some((_, state)) = running.get(id)
-                && !state.settled.load(Ordering::SeqCst)
+        for (id, token) in ids.iter().zip(&tokens) {
+            // The same attempt only: the job may have finished and been claimed again meanwhile.
+            let Some((_, state)) = running.get(id).filter(|(t, _)| t == token) else {
+                continue;
+            };
+            if held.contains(id) {
+                state.set_expires(expires);
+            } else if !state.settled.load(Ordering::SeqCst)
                 && !state.completing.load(Ordering::SeqCst)
             {
                 tracing::warn!(
                     job = id,
-                    "lease lost (rescued or cancelled); stopping the handler"
+                    "lease lost (rescued or cancelled); stopping the handler, or not starting it"
                 );
                 state.mark_lost();
                 lost += 1;
@@ -434,7 +593,7 @@ impl Inner {
         let mut out = TickOutcome::default();
         let mut complete = (Vec::new(), Vec::new());
         let mut release = (Vec::new(), Vec::new());
-        let mut unstarted = (Vec::new(), Vec::new());
+        let mut unstarted: Vec<(&'static str, Vec<i64>, Vec<Uuid>)> = Vec::new();
         let mut wake = false;
         let mut conn = self.pool.acquire().await?;
         for f in batch {
@@ -452,9 +611,14 @@ impl Inner {
                     release.1.push(f.token);
                     continue;
                 }
-                Ending::NotStarted => {
-                    unstarted.0.push(f.id);
-                    unstarted.1.push(f.token);
+                Ending::NotStarted(reason) => {
+                    match unstarted.iter_mut().find(|u| u.0 == reason) {
+                        Some(u) => {
+                            u.1.push(f.id);
+                            u.2.push(f.token);
+                        }
+                        None => unstarted.push((reason, vec![f.id], vec![f.token])),
+                    }
                     continue;
                 }
                 Ending::Done(result) => result,
@@ -513,15 +677,11 @@ impl Inner {
         .await?;
         out.released += released.len();
         out.lease_lost += release.0.len() - released.len();
-        let returned = store::jobs::job_release_many(
-            &mut conn,
-            &unstarted.0,
-            &unstarted.1,
-            "released at worker shutdown before it started",
-        )
-        .await?;
-        out.released += returned.len();
-        out.lease_lost += unstarted.0.len() - returned.len();
+        for (reason, ids, tokens) in unstarted {
+            let returned = store::jobs::job_release_many(&mut conn, &ids, &tokens, reason).await?;
+            out.released += returned.len();
+            out.lease_lost += ids.len() - returned.len();
+        }
         if wake || out.retried > 0 || out.released > 0 {
             self.notifier.notify();
             self.wake.notify_one();
@@ -530,16 +690,41 @@ impl Inner {
     }
 }
 
-/// Runs one claimed job: looks up its handler, runs it in its own task (a panic fails the
-/// attempt, not the worker) under the timeout, and stops early when the lease is lost or the
-/// worker aborts at the end of its grace period.
-async fn execute(inner: Arc<Inner>, job: ClaimedJob) -> Finished {
-    let state = Arc::new(LeaseState::default());
-    {
-        let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.insert(job.id, (job.lease_token, state.clone()));
+/// Runs one claimed job unless its lease is already known to be lost (`LeaseLost`, not started)
+/// or ran out by the worker's clock while it waited for a slot (released unstarted); then stops
+/// tracking it.
+async fn execute(inner: Arc<Inner>, job: ClaimedJob, state: Arc<LeaseState>) -> Finished {
+    let ending = if state.is_lost() {
+        tracing::info!(
+            job = job.id,
+            "a prefetched job's lease was lost; not starting it"
+        );
+        Ending::Done(Err(JobError::LeaseLost))
+    } else if state.expired(Instant::now()) {
+        tracing::warn!(
+            job = job.id,
+            "a prefetched job's lease ran out before a slot freed; releasing it unstarted"
+        );
+        Ending::NotStarted(RELEASED_EXPIRED)
+    } else {
+        run_handler(&inner, &job, &state).await
+    };
+    inner.untrack(job.id);
+    Finished {
+        id: job.id,
+        token: job.lease_token,
+        kind: job.kind,
+        attempt: job.attempt,
+        state,
+        ending,
     }
-    let ending = match inner.registry.handler(&job.kind) {
+}
+
+/// Looks up the job's handler, runs it in its own task (a panic fails the attempt, not the
+/// worker) under the timeout, and stops early when the lease is lost or the worker aborts at the
+/// end of its grace period.
+async fn run_handler(inner: &Arc<Inner>, job: &ClaimedJob, state: &Arc<LeaseState>) -> Ending {
+    match inner.registry.handler(&job.kind) {
         None => Ending::Done(Err(JobError::Permanent(format!(
             "no handler is registered for job kind `{}` on this worker (it runs: {})",
             job.kind,
@@ -583,41 +768,26 @@ async fn execute(inner: Arc<Inner>, job: ClaimedJob) -> Finished {
             task.abort();
             ending
         }
-    };
-    {
-        let mut running = inner.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.remove(&job.id);
-    }
-    Finished {
-        id: job.id,
-        token: job.lease_token,
-        kind: job.kind,
-        attempt: job.attempt,
-        state,
-        ending,
     }
 }
 
 /// Runs a claimed job and then, in the same slot, every continuation it hands over (see
 /// `GuardedTx::enqueue_next`). Once the worker stops claiming, a continuation is released to
 /// `available` instead of started, so another worker takes it at once.
-async fn run_chain(inner: &Arc<Inner>, job: ClaimedJob, done: &mpsc::UnboundedSender<Finished>) {
-    let mut next = Some(job);
-    while let Some(job) = next.take() {
-        let finished = execute(inner.clone(), job).await;
-        next = finished.state.take_continuation();
+async fn run_chain(inner: &Arc<Inner>, first: Claimed, done: &mpsc::UnboundedSender<Finished>) {
+    let mut next = Some((first.job, first.state));
+    while let Some((job, state)) = next.take() {
+        let finished = execute(inner.clone(), job, state).await;
+        let continuation = finished.state.take_continuation();
         let _ = done.send(finished);
-        if let Some(job) =
-            next.take_if(|_| inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow())
-        {
-            let _ = done.send(Finished {
-                id: job.id,
-                token: job.lease_token,
-                kind: job.kind,
-                attempt: job.attempt,
-                state: Arc::new(LeaseState::default()),
-                ending: Ending::NotStarted,
-            });
+        if let Some(job) = continuation {
+            if inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow() {
+                let state = Arc::new(LeaseState::default());
+                let _ = done.send(not_started(job, state, RELEASED_AT_SHUTDOWN));
+            } else {
+                let state = inner.track(&job, None);
+                next = Some((job, state));
+            }
         }
     }
 }

@@ -275,24 +275,30 @@ pub async fn job_cancel_pending(conn: &mut PgConnection, unique_key: &str) -> St
     Ok(done.rows_affected() > 0)
 }
 
-/// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs.
+/// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs. The
+/// rows come back in claim order (`priority, run_at, id`): a worker that claims more jobs than
+/// it has free slots starts them in that order.
 pub const CLAIM_SQL: &str = "WITH picked AS ( \
          SELECT id FROM jobs \
          WHERE state IN ('available', 'retryable') AND run_at <= now() \
          ORDER BY priority, run_at, id \
          LIMIT $2 \
          FOR UPDATE SKIP LOCKED \
+     ), claimed AS ( \
+         UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
+             lease_token = gen_random_uuid(), \
+             lease_expires_at = now() + $3::bigint * interval '1 millisecond', \
+             locked_by = $1, attempted_at = now() \
+         FROM picked WHERE j.id = picked.id \
+         RETURNING j.id, j.kind, j.payload, j.attempt, j.max_attempts, j.lease_token, \
+             j.lease_expires_at, j.timeout_seconds, j.run_at, j.unique_key, j.priority \
      ) \
-     UPDATE jobs j SET state = 'running', attempt = j.attempt + 1, \
-         lease_token = gen_random_uuid(), \
-         lease_expires_at = now() + $3::bigint * interval '1 millisecond', \
-         locked_by = $1, attempted_at = now() \
-     FROM picked WHERE j.id = picked.id \
-     RETURNING j.id, j.kind, j.payload, j.attempt, j.max_attempts, j.lease_token, \
-         j.lease_expires_at, j.timeout_seconds, j.run_at, j.unique_key";
+     SELECT id, kind, payload, attempt, max_attempts, lease_token, lease_expires_at, \
+         timeout_seconds, run_at, unique_key \
+     FROM claimed ORDER BY priority, run_at, id";
 
 /// Claims up to `limit` due jobs for `worker` in one statement (`FOR UPDATE SKIP LOCKED`), giving
-/// each a fresh lease token valid for `lease`.
+/// each a fresh lease token valid for `lease`; returned in `(priority, run_at, id)` order.
 pub async fn job_claim(
     conn: &mut PgConnection,
     worker: Uuid,
