@@ -1,8 +1,9 @@
 //! Queue benchmark: prints figures, asserts nothing.
 //!
 //! 1. Burn-down: enqueue `BENCH_JOBS` (default 100,000) no-op jobs, then time one worker process's
-//!    runtime (`Worker::run`, concurrency `BENCH_CONCURRENCY`, default 200) until every job is
-//!    completed in the database: jobs/s.
+//!    runtime (`Worker::run`, concurrency `BENCH_CONCURRENCY`, default 200; prefetch
+//!    `BENCH_PREFETCH`, default the concurrency, 0 disables it) until every job is completed in
+//!    the database: jobs/s.
 //! 2. Pickup latency: an idle worker; `BENCH_LATENCY_SAMPLES` (default 500) times, enqueue one
 //!    job, commit, `Notifier::notify()`, and measure commit -> handler start: p50/p99.
 //!
@@ -35,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let jobs = env_usize("BENCH_JOBS", if full { 100_000 } else { 200 });
     let concurrency = env_usize("BENCH_CONCURRENCY", 200);
+    let prefetch = env_usize("BENCH_PREFETCH", concurrency);
     let samples = env_usize("BENCH_LATENCY_SAMPLES", if full { 500 } else { 5 });
 
     let mut embedded = None;
@@ -80,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = WorkerConfig {
         concurrency,
+        prefetch: Some(prefetch),
         ..WorkerConfig::default()
     };
     let worker = Worker::start(pool.clone(), registry, config.clone()).await?;
@@ -145,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         jobs as f64 / enqueue_secs
     );
     println!(
-        "  burn-down {jobs} no-op jobs, 1 worker, concurrency {concurrency}: {burn_secs:.2} s = {:.0} jobs/s",
+        "  burn-down {jobs} no-op jobs, 1 worker, concurrency {concurrency}, prefetch {prefetch}: {burn_secs:.2} s = {:.0} jobs/s",
         jobs as f64 / burn_secs
     );
     println!(

@@ -3,7 +3,8 @@
 # 1.0 burn down the same number of no-op jobs (default 100,000) on the same PostgreSQL with the
 # same (default) server settings, one after the other, each in a database of its own; each prints
 # jobs/s and idle pickup latency (commit -> handler start, p50/p99), then one table compares them.
-#   - aiops queue: `cargo bench --bench queue` (1 worker, concurrency 200);
+#   - aiops queue: `cargo bench --bench queue` (1 worker, concurrency 200, prefetch equal to the
+#     concurrency: BENCH_PREFETCH overrides it, 0 disables it);
 #   - graphile-worker 0.17.3: scripts/bench/graphile.js, concurrency 24, unbatched (defaults) and
 #     batched (local queue of 500, batched completions); installed with npm under
 #     target/bench-node (never committed);
@@ -11,7 +12,8 @@
 #     fetch batch 100, concurrency 24, NOTIFY wake-ups with a 2 s polling fallback; built in
 #     release under target/bench-apalis.
 # Everything is built before the first measurement. BENCH_JOBS, BENCH_LATENCY_SAMPLES (default 500)
-# and BENCH_CONCURRENCY (overrides every queue's concurrency) apply to all of them. Uses
+# and BENCH_CONCURRENCY (overrides every queue's concurrency) apply to all of them. The table
+# shows each queue's concurrency and how many jobs it fetches ahead of its free slots. Uses
 # DATABASE_URL when set; otherwise installs the PostgreSQL binaries if missing
 # (scripts/ensure-postgres.sh) and runs a throw-away cluster with initdb defaults under
 # target/bench-peers, removed at exit. Needs node/npm and cargo.
@@ -91,24 +93,26 @@ fresh_db apalis_bench
 APALIS_DATABASE_URL="${base%/*}/apalis_bench$query" "$apalis_bin" | tee "$out/apalis"
 drop_db apalis_bench
 
-# One row per queue: concurrency, burn-down jobs/s, pickup p50 and p99 (ms), parsed from the
-# figures each benchmark printed above.
+# One row per queue: concurrency, what it fetches ahead of its free slots, burn-down jobs/s,
+# pickup p50 and p99 (ms), parsed from the figures each benchmark printed above.
 rate_of() { sed -n 's/.*burn-down.*= \([0-9]*\) jobs\/s.*/\1/p' "$1"; }
+first_match() { grep -o "$1" "$2" | head -1 || true; }
 row() {
-    local label="$1" file="$2" conc lat
-    conc="$(grep -o 'concurrency [0-9]*' "$file" | head -1 | cut -d' ' -f2)"
+    local label="$1" file="$2" ahead="$3" conc lat
+    conc="$(first_match 'concurrency [0-9]*' "$file" | cut -d' ' -f2)"
     lat="$(sed -n 's/.*p50 \([0-9.]*\) ms, p99 \([0-9.]*\) ms.*/\1 \2/p' "$file")"
-    printf '%-36s %11s %10s %10s %10s\n' "$label" "$conc" "$(rate_of "$file")" ${lat}
+    printf '%-36s %11s %-18s %10s %10s %10s\n' "$label" "$conc" "$ahead" "$(rate_of "$file")" ${lat}
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 
 echo
 echo "== queue burn-down, $(grep -o 'burn-down [0-9]*' "$out/aiops" | cut -d' ' -f2) no-op jobs each"
-printf '%-36s %11s %10s %10s %10s\n' queue concurrency jobs/s 'p50 ms' 'p99 ms'
-row "aiops queue" "$out/aiops"
-row "graphile-worker 0.17.3 (unbatched)" "$out/graphile-0"
-row "graphile-worker 0.17.3 (batched)" "$out/graphile-1"
-row "apalis-postgres 1.0 (batch $(grep -o 'batch [0-9]*' "$out/apalis" | head -1 | cut -d' ' -f2))" "$out/apalis"
+printf '%-36s %11s %-18s %10s %10s %10s\n' queue concurrency 'fetched ahead' jobs/s 'p50 ms' 'p99 ms'
+row "aiops queue" "$out/aiops" "$(first_match 'prefetch [0-9]*' "$out/aiops")"
+row "graphile-worker 0.17.3 (unbatched)" "$out/graphile-0" "none"
+row "graphile-worker 0.17.3 (batched)" "$out/graphile-1" \
+    "$(first_match 'local queue [0-9]*' "$out/graphile-1")"
+row "apalis-postgres 1.0" "$out/apalis" "fetch $(first_match 'batch [0-9]*' "$out/apalis")"
 ours="$(rate_of "$out/aiops")"
 echo "aiops / graphile-worker batched: $(ratio "$ours" "$(rate_of "$out/graphile-1")") (goal >= 1x)"
 echo "aiops / apalis-postgres:         $(ratio "$ours" "$(rate_of "$out/apalis")") (goal >= 2x)"

@@ -78,7 +78,7 @@ async function main() {
   await runner.stop();
   await utils.release();
   await pool.end();
-  const label = batched ? "batched" : "unbatched";
+  const label = batched ? `batched, local queue ${preset.worker.localQueue.size}` : "unbatched";
   console.log(`graphile-worker 0.17.3 (${label}, concurrency ${concurrency})`);
   console.log(`  enqueue   ${jobs} jobs via add_jobs batches of 10,000: ${(jobs / enqueueSecs).toFixed(0)} jobs/s`);
   console.log(`  burn-down ${jobs} no-op jobs: ${burnSecs.toFixed(2)} s = ${(jobs / burnSecs).toFixed(0)} jobs/s`);
