@@ -76,8 +76,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "AIOPS_WORKER_CONCURRENCY", default_value_t = 10)]
     pub concurrency: usize,
     /// Jobs claimed ahead of the free slots: they wait in the worker, leased and heartbeated,
-    /// and start as slots free without another claim round trip. Default: the concurrency;
-    /// 0 disables prefetching.
+    /// and start as slots free without another claim round trip. Default 0 (off): jobs a busy
+    /// worker holds ahead wait for its slots even when another worker is idle, so use it for
+    /// floods of short jobs.
     #[arg(long, env = "AIOPS_WORKER_PREFETCH")]
     pub prefetch: Option<usize>,
     /// Lease length in seconds: a job whose worker dies is rescued this long after its last

@@ -44,8 +44,10 @@ pub struct WorkerConfig {
     /// Jobs run at once.
     pub concurrency: usize,
     /// Jobs claimed ahead of the free slots: they wait in memory, leased to this worker and
-    /// heartbeated, and start as slots free without another claim. `None` means as many as
-    /// `concurrency`; `Some(0)` disables prefetching (a claim never exceeds the free slots).
+    /// heartbeated, and start as slots free without another claim. `None` (the default) and
+    /// `Some(0)` disable prefetching: a claim never exceeds the free slots. Off by default
+    /// because jobs a busy worker holds ahead wait for its slots even when another worker is
+    /// idle; it pays off for floods of short jobs.
     pub prefetch: Option<usize>,
     /// Lease length; a job whose worker stops heartbeating is rescued this long after its last
     /// heartbeat.
@@ -74,9 +76,9 @@ impl WorkerConfig {
         self.concurrency.max(1)
     }
 
-    /// Jobs claimed ahead of the free slots (`prefetch`, else `concurrency`).
+    /// Jobs claimed ahead of the free slots (`prefetch`, else none).
     pub fn prefetch_limit(&self) -> usize {
-        self.prefetch.unwrap_or(self.concurrency)
+        self.prefetch.unwrap_or(0)
     }
 }
 
