@@ -1,7 +1,8 @@
 //! Alert intake end to end against the real API and a real worker runtime: the Alertmanager
-//! webhook (authentication, validation, payloads captured from Alertmanager 0.25.0), episode
-//! de-duplication, auto_analyze rules, trigger matching into executions (modes, cooldowns, server
-//! resolution), resolution cancelling approvals, the alert API, a run on a real sshd, and a storm.
+//! webhook (authentication, validation, payloads captured from every Alertmanager version in
+//! tests/fixtures/alertmanager), episode de-duplication, auto_analyze rules, trigger matching into
+//! executions (modes, cooldowns, server resolution), resolution cancelling approvals, the alert
+//! API, a run on a real sshd, and a storm.
 
 mod common;
 mod sshd;
@@ -268,35 +269,143 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     assert_eq!(app.audit_rows("webhook_token_revoke").await.len(), 1);
 }
 
+/// One Alertmanager version's captured notifications of the same scenario
+/// (`scripts/capture-alertmanager-fixtures.sh`): web-1 and web-2 fire, then web-1 is resolved.
+struct Captured {
+    version: String,
+    firing: Value,
+    resolved: Value,
+}
+
+/// Every `<version>-firing.json` / `<version>-resolved.json` pair in tests/fixtures/alertmanager;
+/// a file without its pair fails.
+fn captured_versions() -> Vec<Captured> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alertmanager");
+    let read = |name: &str| -> Value {
+        let text = std::fs::read_to_string(dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e} (each capture is a firing and resolved pair)"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let mut versions: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter_map(|name| {
+            name.strip_suffix("-firing.json")
+                .or_else(|| name.strip_suffix("-resolved.json"))
+                .map(str::to_owned)
+        })
+        .collect();
+    versions.sort_by_key(|v| {
+        v.split('.')
+            .map(|n| n.parse::<u32>().unwrap_or(u32::MAX))
+            .collect::<Vec<_>>()
+    });
+    versions.dedup();
+    assert!(!versions.is_empty(), "no captured payloads in {dir:?}");
+    versions
+        .into_iter()
+        .map(|version| Captured {
+            firing: read(&format!("{version}-firing.json")),
+            resolved: read(&format!("{version}-resolved.json")),
+            version,
+        })
+        .collect()
+}
+
+/// The alert of a captured notification with this `instance` label.
+fn captured_alert<'a>(payload: &'a Value, instance: &str) -> &'a Value {
+    payload["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["labels"]["instance"] == instance)
+        .unwrap_or_else(|| panic!("no {instance} in {payload}"))
+}
+
+fn time_of(value: &Value) -> chrono::DateTime<chrono::Utc> {
+    value.as_str().unwrap().parse().unwrap()
+}
+
 #[tokio::test]
 async fn captured_payloads_deduplicate_by_episode_and_resolve() {
+    let captured = captured_versions();
+    eprintln!(
+        "captured Alertmanager versions: {:?}",
+        captured.iter().map(|c| &c.version).collect::<Vec<_>>()
+    );
+    for c in &captured {
+        captured_version_deduplicates_and_resolves(c).await;
+    }
+}
+
+/// The same assertions for every captured version, each against a fresh database.
+async fn captured_version_deduplicates_and_resolves(c: &Captured) {
+    let v = &c.version;
+    let (firing, resolved) = (&c.firing, &c.resolved);
+    // What was captured is the scenario: both fire, then web-1 of the same episode is resolved
+    // while web-2 still fires. The fingerprints depend on the labels only, so every version
+    // sends the same ones.
+    let web1_firing = captured_alert(firing, "web-1:9100");
+    let web1_resolved = captured_alert(resolved, "web-1:9100");
+    assert_eq!(firing["alerts"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(
+        (firing["status"].clone(), web1_firing["status"].clone()),
+        (json!("firing"), json!("firing")),
+        "{v}"
+    );
+    assert_eq!(
+        (resolved["status"].clone(), web1_resolved["status"].clone()),
+        (json!("firing"), json!("resolved")),
+        "{v}"
+    );
+    assert_eq!(
+        captured_alert(resolved, "web-2:9100")["status"],
+        "firing",
+        "{v}"
+    );
+    assert_eq!(web1_resolved["startsAt"], web1_firing["startsAt"], "{v}");
+    assert_eq!(web1_firing["fingerprint"], "8b13b0fa2923a800", "{v}");
+    assert_eq!(
+        captured_alert(firing, "web-2:9100")["fingerprint"],
+        "4f7dd0905e7b681f",
+        "{v}"
+    );
+    let starts = time_of(&web1_firing["startsAt"]);
+    let ends = time_of(&web1_resolved["endsAt"]);
+    assert!(starts < ends, "{v}: {starts} .. {ends}");
+
     let app = common::spawn_app().await;
     let token = webhook_token(&app).await;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/alertmanager");
-    let firing: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("0.25.0-firing.json")).unwrap())
-            .unwrap();
-    let resolved: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("0.25.0-resolved.json")).unwrap())
-            .unwrap();
-
-    let (status, body) = post(&app, &token, &firing).await;
-    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(&app, &token, firing).await;
+    assert_eq!(status, 200, "{v}: {body}");
     assert_eq!(
         body,
-        json!({"received": 2, "created": 2, "updated": 0, "resolved": 0, "queued": 2})
+        json!({"received": 2, "created": 2, "updated": 0, "resolved": 0, "queued": 2}),
+        "{v}"
     );
     // Alertmanager's retries and repeat notifications update the same rows.
     for _ in 0..2 {
-        let (_, body) = post(&app, &token, &firing).await;
+        let (_, body) = post(&app, &token, firing).await;
         assert_eq!(
             (body["created"].clone(), body["queued"].clone()),
-            (json!(0), json!(0))
+            (json!(0), json!(0)),
+            "{v}"
         );
     }
-    assert_eq!(alert_count(&app).await, 2);
+    // Without Alertmanager's fingerprints the computed ones are the same: same episodes.
+    let mut unfingerprinted = firing.clone();
+    for a in unfingerprinted["alerts"].as_array_mut().unwrap() {
+        a.as_object_mut().unwrap().remove("fingerprint");
+    }
+    let (status, body) = post(&app, &token, &unfingerprinted).await;
+    assert_eq!(
+        (status, body["created"].clone(), body["updated"].clone()),
+        (200, json!(0), json!(2)),
+        "{v}: {body}"
+    );
+    assert_eq!(alert_count(&app).await, 2, "{v}");
     let (_, page) = app.get("/alerts?status=firing").await;
-    assert_eq!(page["total"], 2);
+    assert_eq!(page["total"], 2, "{v}");
     let web1 = page["items"]
         .as_array()
         .unwrap()
@@ -304,74 +413,98 @@ async fn captured_payloads_deduplicate_by_episode_and_resolve() {
         .find(|a| a["instance"] == "web-1:9100")
         .unwrap()
         .clone();
-    assert_eq!(web1["receive_count"], 3);
-    assert_eq!(web1["fingerprint"], "8b13b0fa2923a800");
-    assert_eq!(web1["source"], "prometheus-0:9090");
-    assert_eq!(web1["annotations"]["summary"], "web-1 is down");
+    assert_eq!(web1["receive_count"], 4, "{v}");
+    assert_eq!(web1["fingerprint"], "8b13b0fa2923a800", "{v}");
+    assert_eq!(web1["source"], "prometheus-0:9090", "{v}");
+    assert_eq!(web1["annotations"]["summary"], "web-1 is down", "{v}");
+    // Stored to the microsecond (PostgreSQL's precision); Alertmanager stamps nanoseconds.
+    let stored = time_of(&web1["starts_at"]);
+    assert!(
+        (stored - starts).num_nanoseconds().unwrap().abs() < 1_000,
+        "{v}: {stored} for {starts}"
+    );
     assert!(
         web1.get("ends_at").is_none(),
-        "the zero endsAt is no end: {web1}"
+        "{v}: the zero endsAt is no end: {web1}"
     );
 
     // The resolved notification marks web-1 resolved; web-2 still fires.
-    let (_, body) = post(&app, &token, &resolved).await;
+    let (_, body) = post(&app, &token, resolved).await;
     assert_eq!(
         (body["resolved"].clone(), body["queued"].clone()),
-        (json!(1), json!(1))
+        (json!(1), json!(1)),
+        "{v}"
     );
     let id: uuid::Uuid = web1["id"].as_str().unwrap().parse().unwrap();
     let (_, detail) = app.get(&format!("/alerts/{id}")).await;
-    assert_eq!(detail["alert"]["status"], "resolved");
-    let ends: chrono::DateTime<chrono::Utc> = detail["alert"]["ends_at"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(ends.to_rfc3339(), "2026-11-24T22:05:24+00:00");
-    assert_eq!(detail["raw"]["alert"]["endsAt"], "2026-11-24T22:05:24Z");
-    assert_eq!(detail["raw"]["alert"]["fingerprint"], "8b13b0fa2923a800");
-    assert_eq!(detail["raw"]["receiver"], "aiops");
+    assert_eq!(detail["alert"]["status"], "resolved", "{v}");
+    assert_eq!(time_of(&detail["alert"]["ends_at"]), ends, "{v}");
+    assert_eq!(
+        detail["raw"]["alert"]["endsAt"], web1_resolved["endsAt"],
+        "{v}"
+    );
+    assert_eq!(
+        detail["raw"]["alert"]["fingerprint"], "8b13b0fa2923a800",
+        "{v}"
+    );
+    assert_eq!(detail["raw"]["receiver"], "aiops", "{v}");
+    let (_, page) = app.get("/alerts?status=firing").await;
+    assert_eq!(
+        (page["total"].clone(), page["items"][0]["instance"].clone()),
+        (json!(1), json!("web-2:9100")),
+        "{v}"
+    );
     // A late firing retry of the same episode does not un-resolve it.
-    post(&app, &token, &firing).await;
+    post(&app, &token, firing).await;
     let (_, detail) = app.get(&format!("/alerts/{id}")).await;
-    assert_eq!(detail["alert"]["status"], "resolved");
-    assert_eq!(alert_count(&app).await, 2);
+    assert_eq!(detail["alert"]["status"], "resolved", "{v}");
+    assert_eq!(alert_count(&app).await, 2, "{v}");
 
-    // The same labels firing again later is a new episode.
+    // The same labels firing again an hour later is a new episode.
+    let rfc3339 =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     let mut again = firing.clone();
-    again["alerts"][0]["startsAt"] = json!("2026-11-24T23:00:00.5Z");
+    let web1_index = again["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|a| a["labels"]["instance"] == "web-1:9100")
+        .unwrap();
+    again["alerts"][web1_index]["startsAt"] = json!(rfc3339(starts + chrono::Duration::hours(1)));
     let (_, body) = post(&app, &token, &again).await;
-    assert_eq!(body["created"], 1);
-    assert_eq!(alert_count(&app).await, 3);
+    assert_eq!(body["created"], 1, "{v}");
+    assert_eq!(alert_count(&app).await, 3, "{v}");
 
     // Filters: name, severity, label, time range, pagination.
     let (_, page) = app
         .get("/alerts?name=NodeDown&severity=critical&label=instance%3Dweb-1%3A9100")
         .await;
-    assert_eq!(page["total"], 2, "{page}");
+    assert_eq!(page["total"], 2, "{v}: {page}");
     let (_, page) = app
         .get("/alerts?label=instance%3Dweb-1%3A9100&status=resolved")
         .await;
-    assert_eq!(page["total"], 1);
-    let (_, page) = app.get("/alerts?since=2026-11-24T22:30:00Z").await;
-    assert_eq!(page["total"], 1);
+    assert_eq!(page["total"], 1, "{v}");
+    let between = rfc3339(starts + chrono::Duration::minutes(30));
+    let (_, page) = app.get(&format!("/alerts?since={between}")).await;
+    assert_eq!(page["total"], 1, "{v}");
     let (_, page) = app
-        .get("/alerts?until=2026-11-24T22:30:00Z&limit=1&offset=1")
+        .get(&format!("/alerts?until={between}&limit=1&offset=1"))
         .await;
     assert_eq!(
         (
             page["total"].clone(),
             page["items"].as_array().unwrap().len()
         ),
-        (json!(2), 1)
+        (json!(2), 1),
+        "{v}"
     );
     let (status, body) = app.get("/alerts?label=nonsense").await;
     assert_eq!(
         (status, body["details"]["field"].clone()),
-        (422, json!("label[0]"))
+        (422, json!("label[0]")),
+        "{v}"
     );
 }
-
 #[tokio::test]
 async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
     let app = common::spawn_app().await;
