@@ -370,6 +370,15 @@ async fn captured_version_deduplicates_and_resolves(c: &Captured) {
         "4f7dd0905e7b681f",
         "{v}"
     );
+    // Alertmanager 0.32 and later say why they notified.
+    for (payload, reason) in [
+        (firing, "first notification"),
+        (resolved, "some alerts resolved"),
+    ] {
+        if let Some(r) = payload.get("notification_reason") {
+            assert_eq!(r, reason, "{v}");
+        }
+    }
     let starts = time_of(&web1_firing["startsAt"]);
     let ends = time_of(&web1_resolved["endsAt"]);
     assert!(starts < ends, "{v}: {starts} .. {ends}");
@@ -448,6 +457,11 @@ async fn captured_version_deduplicates_and_resolves(c: &Captured) {
         "{v}"
     );
     assert_eq!(detail["raw"]["receiver"], "aiops", "{v}");
+    assert_eq!(
+        detail["raw"].get("notification_reason"),
+        resolved.get("notification_reason"),
+        "{v}: the stored notification keeps the reason when there is one"
+    );
     let (_, page) = app.get("/alerts?status=firing").await;
     assert_eq!(
         (page["total"].clone(), page["items"][0]["instance"].clone()),

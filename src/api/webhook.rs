@@ -107,6 +107,12 @@ pub struct AlertmanagerPayload {
     pub external_url: String,
     /// The alerts.
     pub alerts: Vec<AlertmanagerAlert>,
+    /// Why Alertmanager sent this notification (0.32 and later: `first notification`,
+    /// `new alerts added`, `some alerts resolved`, `all alerts resolved`,
+    /// `repeat interval elapsed`, ...; absent from older versions). Kept in the stored raw
+    /// notification; nothing is decided by it.
+    #[oai(rename = "notification_reason")]
+    pub notification_reason: Option<String>,
 }
 
 /// What one notification did.
@@ -145,6 +151,8 @@ struct RawNotification<'a> {
     external_url: &'a str,
     #[serde(rename = "truncatedAlerts")]
     truncated_alerts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notification_reason: Option<&'a str>,
     alert: RawAlert<'a>,
 }
 
@@ -244,6 +252,7 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             common_annotations: &p.common_annotations,
             external_url: &p.external_url,
             truncated_alerts: p.truncated_alerts,
+            notification_reason: p.notification_reason.as_deref(),
             alert: RawAlert {
                 status: &a.status,
                 labels: &labels,
