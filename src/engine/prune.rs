@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::queue::prune::delete_in_batches;
 use crate::queue::{JobContext, JobError, KindOptions, NewJob, QueueError, Registry};
 use crate::store;
 
@@ -33,15 +34,10 @@ async fn prune(ctx: JobContext, retention: Duration) -> Result<(), JobError> {
     let cutoff = chrono::Utc::now()
         - chrono::TimeDelta::from_std(retention).unwrap_or(chrono::TimeDelta::days(7));
     let mut conn = ctx.pool().acquire().await?;
-    let mut events = 0;
-    // Bounded so that one run cannot hold a slot for ever; the next tick continues.
-    for _ in 0..200 {
-        let deleted = store::executions::event_prune(&mut conn, cutoff, BATCH).await?;
-        events += deleted;
-        if deleted < BATCH as u64 || ctx.lease().is_lost() {
-            break;
-        }
-    }
+    let events = delete_in_batches(&ctx, &mut conn, BATCH, |conn, batch| {
+        Box::pin(store::executions::event_prune(conn, cutoff, batch))
+    })
+    .await?;
     tracing::info!(events, "pruned live execution events");
     Ok(())
 }

@@ -504,13 +504,17 @@ fn start_chain(
 }
 
 fn not_started(job: ClaimedJob, state: Arc<LeaseState>, reason: &'static str) -> Finished {
+    finished(job, state, Ending::NotStarted(reason))
+}
+
+fn finished(job: ClaimedJob, state: Arc<LeaseState>, ending: Ending) -> Finished {
     Finished {
         id: job.id,
         token: job.lease_token,
         kind: job.kind,
         attempt: job.attempt,
         state,
-        ending: Ending::NotStarted(reason),
+        ending,
     }
 }
 
@@ -712,14 +716,7 @@ async fn execute(inner: Arc<Inner>, job: ClaimedJob, state: Arc<LeaseState>) -> 
         run_handler(&inner, &job, &state).await
     };
     inner.untrack(job.id);
-    Finished {
-        id: job.id,
-        token: job.lease_token,
-        kind: job.kind,
-        attempt: job.attempt,
-        state,
-        ending,
-    }
+    finished(job, state, ending)
 }
 
 /// Looks up the job's handler, runs it in its own task (a panic fails the attempt, not the

@@ -26,17 +26,36 @@ pub fn register(registry: &mut Registry, retention: Duration) -> Result<(), Queu
     )
 }
 
-async fn prune(ctx: JobContext, retention: Duration) -> Result<(), JobError> {
-    let mut conn = ctx.pool().acquire().await?;
-    let mut jobs = 0;
-    // Bounded so that one run cannot hold a slot for ever; the next tick continues.
+/// Calls `delete_batch` (which deletes at most `batch` rows and says how many) until a batch
+/// comes back short, the job's lease is lost, or 200 batches ran (so one run cannot hold a slot
+/// for ever; the next tick continues). Returns the rows deleted.
+pub async fn delete_in_batches(
+    ctx: &JobContext,
+    conn: &mut sqlx::PgConnection,
+    batch: i64,
+    mut delete_batch: impl for<'c> FnMut(
+        &'c mut sqlx::PgConnection,
+        i64,
+    )
+        -> futures_util::future::BoxFuture<'c, store::StoreResult<u64>>,
+) -> Result<u64, JobError> {
+    let mut total = 0;
     for _ in 0..200 {
-        let deleted = store::jobs::job_prune(&mut conn, retention, BATCH).await?;
-        jobs += deleted;
-        if deleted < BATCH as u64 || ctx.lease().is_lost() {
+        let deleted = delete_batch(conn, batch).await?;
+        total += deleted;
+        if deleted < u64::try_from(batch).unwrap_or(0) || ctx.lease().is_lost() {
             break;
         }
     }
+    Ok(total)
+}
+
+async fn prune(ctx: JobContext, retention: Duration) -> Result<(), JobError> {
+    let mut conn = ctx.pool().acquire().await?;
+    let jobs = delete_in_batches(&ctx, &mut conn, BATCH, |conn, batch| {
+        Box::pin(store::jobs::job_prune(conn, retention, batch))
+    })
+    .await?;
     let cutoff = chrono::Utc::now()
         - chrono::TimeDelta::from_std(retention).unwrap_or(chrono::TimeDelta::days(7));
     let workers = store::queue_workers::worker_prune(&mut conn, cutoff).await?;
