@@ -1049,6 +1049,26 @@ async fn next_start(started: &mut mpsc::UnboundedReceiver<i64>) -> i64 {
         .unwrap()
 }
 
+/// A worker of `cfg` running only the `gated` kind: the gate that releases blocking jobs, and the
+/// stream of job ids as they start.
+async fn gated_worker(
+    pool: &PgPool,
+    cfg: WorkerConfig,
+) -> (Worker, Arc<Notify>, mpsc::UnboundedReceiver<i64>) {
+    let gate = Arc::new(Notify::new());
+    let (tx, started) = mpsc::unbounded_channel();
+    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
+        .await
+        .unwrap();
+    (worker, gate, started)
+}
+
+/// One `tick()` of `worker`, running in the background.
+fn spawn_tick(worker: &Worker) -> tokio::task::JoinHandle<aiops::queue::TickOutcome> {
+    let worker = worker.clone();
+    tokio::spawn(async move { worker.tick().await.unwrap() })
+}
+
 fn drain(started: &mut mpsc::UnboundedReceiver<i64>) -> Vec<i64> {
     let mut ids = Vec::new();
     while let Ok(id) = started.try_recv() {
@@ -1141,15 +1161,11 @@ async fn prefetch_claims_ahead_in_one_claim_and_runs_each_job_once_within_the_co
 #[tokio::test]
 async fn prefetched_jobs_start_in_priority_order_as_the_slot_frees() {
     let pool = common::fresh_pool().await;
-    let gate = Arc::new(Notify::new());
-    let (tx, mut started) = mpsc::unbounded_channel();
     let cfg = WorkerConfig {
         prefetch: Some(4),
         ..config(1)
     };
-    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
-        .await
-        .unwrap();
+    let (worker, gate, mut started) = gated_worker(&pool, cfg).await;
     let mut expected = Vec::new();
     let first = enqueue(&pool, blocker()).await.unwrap();
     for priority in [3, 1, 2, 1] {
@@ -1162,10 +1178,7 @@ async fn prefetched_jobs_start_in_priority_order_as_the_slot_frees() {
         expected.push((priority, id));
     }
     expected.sort();
-    let tick = tokio::spawn({
-        let worker = worker.clone();
-        async move { worker.tick().await.unwrap() }
-    });
+    let tick = spawn_tick(&worker);
     assert_eq!(next_start(&mut started).await, first);
     gate.notify_one();
     let o = tick.await.unwrap();
@@ -1278,10 +1291,7 @@ async fn prefetched_jobs_keep_their_leases_while_the_slots_are_busy() {
                 .unwrap(),
         );
     }
-    let tick = tokio::spawn({
-        let worker = worker.clone();
-        async move { worker.tick().await.unwrap() }
-    });
+    let tick = spawn_tick(&worker);
     assert_eq!(next_start(&mut started).await, first);
     // Another worker tries to rescue all along; the prefetched jobs wait through four lease
     // periods, renewed by the heartbeat, and nobody takes them.
@@ -1334,8 +1344,6 @@ async fn prefetched_jobs_keep_their_leases_while_the_slots_are_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_releases_prefetched_jobs_unstarted_and_another_worker_runs_them() {
     let pool = common::fresh_pool().await;
-    let gate = Arc::new(Notify::new());
-    let (tx, mut started) = mpsc::unbounded_channel();
     let cfg = WorkerConfig {
         prefetch: Some(5),
         poll_interval: Duration::from_millis(50),
@@ -1351,9 +1359,7 @@ async fn shutdown_releases_prefetched_jobs_unstarted_and_another_worker_runs_the
                 .unwrap(),
         );
     }
-    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
-        .await
-        .unwrap();
+    let (worker, gate, mut started) = gated_worker(&pool, cfg).await;
     let worker_id = worker.id();
     let (stop, mut rx) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(worker.run(async move {
@@ -1449,17 +1455,13 @@ async fn shutdown_releases_prefetched_jobs_unstarted_and_another_worker_runs_the
 #[tokio::test]
 async fn a_cancelled_prefetched_job_is_never_started() {
     let pool = common::fresh_pool().await;
-    let gate = Arc::new(Notify::new());
-    let (tx, mut started) = mpsc::unbounded_channel();
     let cfg = WorkerConfig {
         prefetch: Some(2),
         // Only the test's own heartbeat call runs.
         heartbeat_interval: Duration::from_secs(3600),
         ..config(1)
     };
-    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
-        .await
-        .unwrap();
+    let (worker, gate, mut started) = gated_worker(&pool, cfg).await;
     let first = enqueue(&pool, blocker()).await.unwrap();
     let cancelled = enqueue(&pool, NewJob::new("gated", json!({})))
         .await
@@ -1467,10 +1469,7 @@ async fn a_cancelled_prefetched_job_is_never_started() {
     let kept = enqueue(&pool, NewJob::new("gated", json!({})))
         .await
         .unwrap();
-    let tick = tokio::spawn({
-        let worker = worker.clone();
-        async move { worker.tick().await.unwrap() }
-    });
+    let tick = spawn_tick(&worker);
     assert_eq!(next_start(&mut started).await, first);
     assert_eq!(job(&pool, cancelled).await.state, "running", "prefetched");
     let mut conn = pool.acquire().await.unwrap();
@@ -1504,8 +1503,6 @@ async fn a_cancelled_prefetched_job_is_never_started() {
 #[tokio::test]
 async fn a_prefetched_job_whose_lease_ran_out_is_released_instead_of_started() {
     let pool = common::fresh_pool().await;
-    let gate = Arc::new(Notify::new());
-    let (tx, mut started) = mpsc::unbounded_channel();
     let cfg = WorkerConfig {
         prefetch: Some(1),
         lease: Duration::from_millis(300),
@@ -1513,17 +1510,12 @@ async fn a_prefetched_job_whose_lease_ran_out_is_released_instead_of_started() {
         heartbeat_interval: Duration::from_secs(3600),
         ..config(1)
     };
-    let worker = Worker::start(pool.clone(), gated_registry(gate.clone(), tx), cfg)
-        .await
-        .unwrap();
+    let (worker, gate, mut started) = gated_worker(&pool, cfg).await;
     let first = enqueue(&pool, blocker()).await.unwrap();
     let waiting = enqueue(&pool, NewJob::new("gated", json!({})))
         .await
         .unwrap();
-    let tick = tokio::spawn({
-        let worker = worker.clone();
-        async move { worker.tick().await.unwrap() }
-    });
+    let tick = spawn_tick(&worker);
     assert_eq!(next_start(&mut started).await, first);
     eventually(
         "the prefetched lease expired",
