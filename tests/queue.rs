@@ -1049,6 +1049,41 @@ async fn next_start(started: &mut mpsc::UnboundedReceiver<i64>) -> i64 {
         .unwrap()
 }
 
+/// Kind `count`: records each run's job id and the highest number of runs at once; each run
+/// holds its slot for `hold` (or just yields).
+fn counting_registry(
+    hold: Duration,
+) -> (
+    Registry,
+    Arc<Mutex<Vec<i64>>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let runs = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut registry = Registry::new();
+    {
+        let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
+        registry.register("count", KindOptions::default(), move |ctx: JobContext| {
+            let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = active.fetch_add(1, SeqCst) + 1;
+                peak.fetch_max(now, SeqCst);
+                runs.lock().unwrap().push(ctx.id);
+                if hold.is_zero() {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(hold).await;
+                }
+                active.fetch_sub(1, SeqCst);
+                Ok(())
+            }
+        });
+    }
+    (registry, runs, peak)
+}
+
 /// A worker of `cfg` running only the `gated` kind: the gate that releases blocking jobs, and the
 /// stream of job ids as they start.
 async fn gated_worker(
@@ -1080,26 +1115,8 @@ fn drain(started: &mut mpsc::UnboundedReceiver<i64>) -> Vec<i64> {
 #[tokio::test]
 async fn prefetch_claims_ahead_in_one_claim_and_runs_each_job_once_within_the_concurrency() {
     let pool = common::fresh_pool().await;
-    let runs = Arc::new(Mutex::new(Vec::<i64>::new()));
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    {
-        let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
-        registry.register("count", KindOptions::default(), move |ctx: JobContext| {
-            let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
-            async move {
-                use std::sync::atomic::Ordering::SeqCst;
-                let now = active.fetch_add(1, SeqCst) + 1;
-                peak.fetch_max(now, SeqCst);
-                runs.lock().unwrap().push(ctx.id);
-                // Long enough for the slots to overlap.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                active.fetch_sub(1, SeqCst);
-                Ok(())
-            }
-        });
-    }
+    // Long enough for the slots to overlap.
+    let (registry, runs, peak) = counting_registry(Duration::from_millis(20));
     let mut conn = pool.acquire().await.unwrap();
     let batch: Vec<NewJob> = (0..15)
         .map(|i| NewJob::new("count", json!({ "i": i })).with_priority(i % 3))
@@ -1195,25 +1212,7 @@ async fn prefetched_jobs_start_in_priority_order_as_the_slot_frees() {
 async fn the_run_loop_with_prefetch_runs_every_job_once_within_the_concurrency() {
     let pool = common::fresh_pool().await;
     const JOBS: usize = 300;
-    let runs = Arc::new(Mutex::new(Vec::<i64>::new()));
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    {
-        let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
-        registry.register("count", KindOptions::default(), move |ctx: JobContext| {
-            let (runs, active, peak) = (runs.clone(), active.clone(), peak.clone());
-            async move {
-                use std::sync::atomic::Ordering::SeqCst;
-                let now = active.fetch_add(1, SeqCst) + 1;
-                peak.fetch_max(now, SeqCst);
-                runs.lock().unwrap().push(ctx.id);
-                tokio::task::yield_now().await;
-                active.fetch_sub(1, SeqCst);
-                Ok(())
-            }
-        });
-    }
+    let (registry, runs, peak) = counting_registry(Duration::ZERO);
     let mut conn = pool.acquire().await.unwrap();
     let batch: Vec<NewJob> = (0..JOBS)
         .map(|i| NewJob::new("count", json!({ "i": i })))
