@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::domain::Role;
+use crate::domain::runbook::string_map;
 use crate::domain::trigger_match::Pattern;
 use crate::store::{
     self,
@@ -106,22 +107,6 @@ pub struct Alert {
     pub action_taken: Option<String>,
     /// Analysis.
     pub analysis: AlertAnalysis,
-}
-
-fn string_map(value: &Value) -> BTreeMap<String, String> {
-    value
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn to_dto(r: &AlertRow) -> Alert {

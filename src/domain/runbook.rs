@@ -573,6 +573,23 @@ pub fn parse_time_of_day(s: &str) -> Option<NaiveTime> {
     NaiveTime::parse_from_str(s, format).ok()
 }
 
+/// A JSON object as a map of strings (labels, annotations, `labels_match`,
+/// `environment_vars` as stored): string values as they are, any other value as its JSON text;
+/// anything but an object is empty.
+pub fn string_map(value: &serde_json::Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| {
+                    let s = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    (k.clone(), s)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Writes a time of day the canonical way: `HH:MM`, or `HH:MM:SS` when seconds are set.
 pub fn format_time_of_day(t: NaiveTime) -> String {
     use chrono::Timelike;

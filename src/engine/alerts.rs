@@ -32,7 +32,7 @@
 //! those rows bumps in its own transaction; the version is read in the statement that locks
 //! the alerts, so an alert processed after a change commits is matched against the change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -42,7 +42,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::alert::{self, CompiledRule, RuleFacts};
-use crate::domain::runbook::{TriggerDocument, format_time_of_day};
+use crate::domain::runbook::string_map;
 use crate::domain::targeting::{AllowedServers, ServerTraits};
 use crate::domain::trigger_match::{AlertFacts, CompiledTrigger};
 use crate::queue::{GuardedTx, JobContext, JobError, NewJob};
@@ -167,19 +167,7 @@ impl MatchingConfig {
             .await?
             .into_iter()
             .map(|t| CachedTrigger {
-                matcher: CompiledTrigger::new(TriggerDocument {
-                    name: t.name.clone(),
-                    priority: t.priority,
-                    alert_name_pattern: t.alert_name_pattern.clone(),
-                    severity_pattern: t.severity_pattern.clone(),
-                    source_pattern: t.source_pattern.clone(),
-                    labels_match: string_map(&t.labels_match),
-                    time_window_start: t.time_window_start.map(format_time_of_day),
-                    time_window_end: t.time_window_end.map(format_time_of_day),
-                    enabled: true,
-                    cooldown_seconds: t.cooldown_seconds,
-                    cooldown_per_instance: t.cooldown_per_instance,
-                }),
+                matcher: CompiledTrigger::new(t.trigger.document()),
                 allowed: AllowedServers::parse(&t.allowed_servers),
                 row: t,
             })
@@ -279,20 +267,6 @@ pub async fn handle_process(engine: &Engine, ctx: JobContext) -> Result<(), JobE
         }
     }
     Ok(())
-}
-
-fn string_map(value: &Value) -> BTreeMap<String, String> {
-    value
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| {
-                    let s = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-                    (k.clone(), s)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Processes the alerts `ids` in the guarded transaction: resolutions, and every firing alert
@@ -414,7 +388,7 @@ fn set_decision(
     outcome.insert("decision".into(), json!(decision));
     outcome.insert(
         "matched_trigger".into(),
-        json!({ "id": t.id, "name": t.name, "runbook_id": t.runbook_id,
+        json!({ "id": t.trigger.id, "name": t.trigger.name, "runbook_id": t.runbook_id,
                 "runbook": t.runbook_name, "mode": t.runbook_mode }),
     );
     if let Some(r) = reason {
@@ -472,7 +446,7 @@ fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Deci
         let t = &ct.row;
         if t.runbook_status != "active" {
             evaluated.push(json!({
-                "trigger_id": t.id, "trigger": t.name, "runbook": t.runbook_name,
+                "trigger_id": t.trigger.id, "trigger": t.trigger.name, "runbook": t.runbook_name,
                 "matched": false,
                 "reasons": [format!("runbook {} is {}", t.runbook_name, t.runbook_status)],
             }));
@@ -480,7 +454,7 @@ fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Deci
         }
         let verdict = ct.matcher.matches_in(&facts, now, None, cfg.tz);
         evaluated.push(json!({
-            "trigger_id": t.id, "trigger": t.name, "runbook": t.runbook_name,
+            "trigger_id": t.trigger.id, "trigger": t.trigger.name, "runbook": t.runbook_name,
             "matched": verdict.matched, "reasons": verdict.reasons,
         }));
         if verdict.matched {
@@ -500,7 +474,7 @@ fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Deci
     if t.runbook_mode == "manual" {
         d.suggested.push(json!({
             "runbook_id": t.runbook_id, "runbook": t.runbook_name,
-            "trigger_id": t.id, "trigger": t.name,
+            "trigger_id": t.trigger.id, "trigger": t.trigger.name,
         }));
         set_decision(
             &mut d.outcome,
@@ -534,14 +508,20 @@ async fn claim_and_start(
     let t = &ct.row;
     // 5. Cooldown.
     let instance = t
+        .trigger
         .cooldown_per_instance
         .then(|| alert::instance_key(&string_map(&a.labels_json), &a.fingerprint));
     let claimed = match &instance {
         Some(key) => {
-            store::alerts::trigger_instance_cooldown_claim(conn, t.id, key, t.cooldown_seconds)
-                .await?
+            store::alerts::trigger_instance_cooldown_claim(
+                conn,
+                t.trigger.id,
+                key,
+                t.trigger.cooldown_seconds,
+            )
+            .await?
         }
-        None => store::alerts::trigger_cooldown_claim(conn, t.id).await?,
+        None => store::alerts::trigger_cooldown_claim(conn, t.trigger.id).await?,
     };
     if !claimed {
         let scope = match &instance {
@@ -554,7 +534,7 @@ async fn claim_and_start(
             "cooldown",
             Some(format!(
                 "trigger {} fired within its cooldown of {} s {scope}",
-                t.name, t.cooldown_seconds
+                t.trigger.name, t.trigger.cooldown_seconds
             )),
             json!({ "server_id": server.0, "server": server.1 }),
         );
@@ -568,7 +548,7 @@ async fn claim_and_start(
         variables: serde_json::Map::new(),
         initiated_by: None,
         alert_id: Some(a.id),
-        trigger_id: Some(t.id),
+        trigger_id: Some(t.trigger.id),
         batch: None,
     };
     // Alert-started runs carry no variables, so nothing needs sealing.

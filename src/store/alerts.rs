@@ -5,7 +5,7 @@
 //!
 //! Knows nothing about Alertmanager's JSON or HTTP: callers pass validated rows.
 
-use chrono::{DateTime, NaiveTime, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -499,28 +499,9 @@ pub async fn alert_executions_awaiting_approval(
 /// A trigger with what matching needs of its runbook.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TriggerCandidate {
-    /// Trigger id.
-    pub id: Uuid,
-    /// Trigger name.
-    pub name: String,
-    /// Lower wins.
-    pub priority: i32,
-    /// Alert name pattern.
-    pub alert_name_pattern: String,
-    /// Severity pattern.
-    pub severity_pattern: Option<String>,
-    /// Source pattern.
-    pub source_pattern: Option<String>,
-    /// Label patterns.
-    pub labels_match: Value,
-    /// Window start.
-    pub time_window_start: Option<NaiveTime>,
-    /// Window end.
-    pub time_window_end: Option<NaiveTime>,
-    /// Cooldown.
-    pub cooldown_seconds: i32,
-    /// Per instance.
-    pub cooldown_per_instance: bool,
+    /// The trigger.
+    #[sqlx(flatten)]
+    pub trigger: super::runbooks::TriggerRow,
     /// The runbook.
     pub runbook_id: Uuid,
     /// Its name.
@@ -537,8 +518,8 @@ pub struct TriggerCandidate {
 pub async fn trigger_candidates(conn: &mut PgConnection) -> StoreResult<Vec<TriggerCandidate>> {
     Ok(sqlx::query_as::<_, TriggerCandidate>(
         "SELECT t.id, t.name, t.priority, t.alert_name_pattern, t.severity_pattern, \
-           t.source_pattern, t.labels_match, t.time_window_start, t.time_window_end, \
-           t.cooldown_seconds, t.cooldown_per_instance, r.id AS runbook_id, \
+           t.source_pattern, t.labels_match, t.time_window_start, t.time_window_end, t.enabled, \
+           t.cooldown_seconds, t.cooldown_per_instance, t.last_triggered_at, r.id AS runbook_id, \
            r.name AS runbook_name, r.status::text AS runbook_status, r.mode::text AS runbook_mode, \
            r.allowed_servers \
          FROM runbook_triggers t JOIN runbooks r ON r.id = t.runbook_id \

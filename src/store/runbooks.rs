@@ -7,7 +7,7 @@
 //! are matched by name so their ids (referenced by executions) survive edits. Callers own the
 //! transaction and must lock the runbook first ([`runbook_lock`], [`runbook_lock_by_name`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveTime, Utc};
 use sqlx::PgConnection;
@@ -16,7 +16,8 @@ use uuid::Uuid;
 use super::StoreResult;
 use crate::domain::runbook::{
     ExecutionMode, RunbookDocument, RunbookStatus, StepDocument, TargetOs, TriggerDocument,
-    canonicalize, change_summary, format_time_of_day, parse_time_of_day, to_canonical_yaml,
+    canonicalize, change_summary, format_time_of_day, parse_time_of_day, string_map,
+    to_canonical_yaml,
 };
 
 const RUNBOOK_COLUMNS: &str = "id, name, description, category, mode::text AS mode, \
@@ -135,6 +136,25 @@ pub struct TriggerRow {
     pub last_triggered_at: Option<DateTime<Utc>>,
 }
 
+impl TriggerRow {
+    /// The trigger as the runbook document writes it.
+    pub fn document(&self) -> TriggerDocument {
+        TriggerDocument {
+            name: self.name.clone(),
+            priority: self.priority,
+            alert_name_pattern: self.alert_name_pattern.clone(),
+            severity_pattern: self.severity_pattern.clone(),
+            source_pattern: self.source_pattern.clone(),
+            labels_match: string_map(&self.labels_match),
+            time_window_start: self.time_window_start.map(format_time_of_day),
+            time_window_end: self.time_window_end.map(format_time_of_day),
+            enabled: self.enabled,
+            cooldown_seconds: self.cooldown_seconds,
+            cooldown_per_instance: self.cooldown_per_instance,
+        }
+    }
+}
+
 /// A row of `runbook_versions`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct VersionRow {
@@ -205,40 +225,10 @@ impl StoredRunbook {
                     sensitive: s.sensitive,
                 })
                 .collect(),
-            triggers: self
-                .triggers
-                .iter()
-                .map(|t| TriggerDocument {
-                    name: t.name.clone(),
-                    priority: t.priority,
-                    alert_name_pattern: t.alert_name_pattern.clone(),
-                    severity_pattern: t.severity_pattern.clone(),
-                    source_pattern: t.source_pattern.clone(),
-                    labels_match: string_map(&t.labels_match),
-                    time_window_start: t.time_window_start.map(format_time_of_day),
-                    time_window_end: t.time_window_end.map(format_time_of_day),
-                    enabled: t.enabled,
-                    cooldown_seconds: t.cooldown_seconds,
-                    cooldown_per_instance: t.cooldown_per_instance,
-                })
-                .collect(),
+            triggers: self.triggers.iter().map(TriggerRow::document).collect(),
         };
         canonicalize(&doc)
     }
-}
-
-fn string_map(value: &serde_json::Value) -> BTreeMap<String, String> {
-    value
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| {
-                    let s = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-                    (k.clone(), s)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Fetches a runbook row.
