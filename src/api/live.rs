@@ -63,20 +63,17 @@ impl LiveEvents {
 
 async fn listen(live: Arc<LiveEvents>, sender: broadcast::Sender<Uuid>) {
     loop {
-        let mut listener = match PgListener::connect_with(&live.pool).await {
-            Ok(mut l) => match l.listen(EVENTS_CHANNEL).await {
-                Ok(()) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "live stream listener cannot LISTEN; streams poll");
-                    if wait_or_close(&live, &sender).await {
-                        return;
-                    }
-                    continue;
-                }
-            },
+        let connected = async {
+            let mut listener = PgListener::connect_with(&live.pool).await?;
+            listener.listen(EVENTS_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match connected.await {
+            Ok(listener) => listener,
             Err(e) => {
-                tracing::warn!(error = %e, "live stream listener cannot connect; streams poll");
-                if wait_or_close(&live, &sender).await {
+                tracing::warn!(error = %e, "live stream listener cannot listen; streams poll");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if live.close_if_idle(&sender) {
                     return;
                 }
                 continue;
@@ -99,11 +96,6 @@ async fn listen(live: Arc<LiveEvents>, sender: broadcast::Sender<Uuid>) {
             }
         }
     }
-}
-
-async fn wait_or_close(live: &LiveEvents, sender: &broadcast::Sender<Uuid>) -> bool {
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    live.close_if_idle(sender)
 }
 
 /// A stream's registration as a watcher of one execution; removed when dropped.

@@ -549,42 +549,6 @@ pub struct StepSlot<'a> {
     pub step_order: i32,
 }
 
-/// Marks earlier attempts of a slot that never finished as interrupted (their worker died);
-/// returns how many.
-pub async fn step_mark_interrupted(
-    conn: &mut PgConnection,
-    slot: StepSlot<'_>,
-) -> StoreResult<u64> {
-    let done = sqlx::query(
-        "UPDATE step_executions SET status = 'failed', interrupted = true, completed_at = now(), \
-           duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, \
-           error_message = 'interrupted: the worker running this attempt stopped before it finished' \
-         WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
-           AND status = 'running'",
-    )
-    .bind(slot.execution_id)
-    .bind(slot.phase)
-    .bind(slot.run_attempt)
-    .bind(slot.step_order)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected())
-}
-
-/// Number of attempt rows a slot already has (the next retry_attempt).
-pub async fn step_attempts(conn: &mut PgConnection, slot: StepSlot<'_>) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM step_executions \
-         WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4",
-    )
-    .bind(slot.execution_id)
-    .bind(slot.phase)
-    .bind(slot.run_attempt)
-    .bind(slot.step_order)
-    .fetch_one(conn)
-    .await?)
-}
-
 /// A slot's state before a new attempt, in one statement: whether it already completed (a
 /// completed step never runs again), how many attempts left `running` by a dead worker were just
 /// marked interrupted, and how many attempt rows it has (the next `retry_attempt`).
@@ -607,21 +571,6 @@ pub async fn step_slot_prepare(
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4) \
          SELECT EXISTS (SELECT 1 FROM slot WHERE status = 'completed'), \
                 (SELECT count(*) FROM interrupted), (SELECT count(*) FROM slot)",
-    )
-    .bind(slot.execution_id)
-    .bind(slot.phase)
-    .bind(slot.run_attempt)
-    .bind(slot.step_order)
-    .fetch_one(conn)
-    .await?)
-}
-
-/// Whether a slot already finished (completed or skipped) — a completed step never runs again.
-pub async fn step_slot_done(conn: &mut PgConnection, slot: StepSlot<'_>) -> StoreResult<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM step_executions \
-         WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
-           AND status = 'completed')",
     )
     .bind(slot.execution_id)
     .bind(slot.phase)
