@@ -95,6 +95,7 @@ impl WorkerOptions {
 pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Registry> {
     let mut registry = Registry::new();
     queue::prune::register(&mut registry, options.retention)?;
+    register_login_attempts_prune(&mut registry, options.retention)?;
     let engine = Arc::new(Engine {
         pool: pool.clone(),
         targets: options.targets.clone(),
@@ -110,6 +111,32 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
         register_test_kinds(&mut registry);
     }
     Ok(registry)
+}
+
+/// Job kind: deletes login attempts older than the retention period (throttling reads only the
+/// last login window; the rest is kept that long for investigations), every ten minutes.
+pub const KIND_LOGIN_ATTEMPTS_PRUNE: &str = "auth.login_attempts_prune";
+
+fn register_login_attempts_prune(
+    registry: &mut Registry,
+    retention: Duration,
+) -> Result<(), queue::QueueError> {
+    registry.register(
+        KIND_LOGIN_ATTEMPTS_PRUNE,
+        KindOptions::default(),
+        move |ctx: JobContext| async move {
+            let mut conn = ctx.pool().acquire().await?;
+            let attempts =
+                crate::store::login_attempts::login_attempt_prune(&mut conn, retention).await?;
+            tracing::info!(attempts, "pruned old login attempts");
+            Ok(())
+        },
+    );
+    registry.cron(
+        KIND_LOGIN_ATTEMPTS_PRUNE,
+        "0 7-57/10 * * * *",
+        queue::NewJob::new(KIND_LOGIN_ATTEMPTS_PRUNE, serde_json::json!({})).with_max_attempts(3),
+    )
 }
 
 /// Runs until `shutdown` resolves, then stops gracefully (see [`Worker::run`]).

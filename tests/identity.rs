@@ -623,3 +623,30 @@ async fn readyz_fails_when_migrations_are_not_current() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "unavailable");
 }
+
+#[tokio::test]
+async fn login_attempts_older_than_the_retention_are_pruned_by_their_scheduled_job() {
+    let pool = common::fresh_pool().await;
+    let ids: Vec<(i64, bool)> = sqlx::query_as(
+        "INSERT INTO login_attempts (username, ip_address, succeeded, created_at) \
+         SELECT 'someone', '192.0.2.1', false, now() - age \
+         FROM unnest(ARRAY[interval '8 days', interval '30 days', interval '1 day', \
+                           interval '1 minute']) AS age \
+         RETURNING id, created_at < now() - interval '7 days'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    common::run_scheduled_job(&pool, aiops::worker::KIND_LOGIN_ATTEMPTS_PRUNE).await;
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM login_attempts ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let expected: Vec<i64> = ids
+        .iter()
+        .filter(|(_, old)| !old)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(expected.len(), 2);
+    assert_eq!(left, expected, "only attempts older than 7 days went");
+}

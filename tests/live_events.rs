@@ -158,50 +158,7 @@ async fn live_events_older_than_the_retention_are_pruned_by_their_scheduled_job(
     assert!(kept_before.contains(&recent));
 
     // The product's registry schedules the prune; a worker with a 7-day retention runs it.
-    let options = aiops::worker::WorkerOptions {
-        retention: Duration::from_secs(7 * 24 * 3600),
-        ..aiops::worker::WorkerOptions::default()
-    };
-    let registry = aiops::worker::registry(&options, &app.pool).unwrap();
-    assert!(
-        registry
-            .cron_entries()
-            .iter()
-            .any(|c| c.name == aiops::engine::prune::KIND),
-        "the prune is scheduled"
-    );
-    let worker = aiops::queue::Worker::start(
-        app.pool.clone(),
-        registry,
-        aiops::queue::WorkerConfig::default(),
-    )
-    .await
-    .unwrap();
-    let mut tx = app.pool.begin().await.unwrap();
-    aiops::store::jobs::job_enqueue(
-        &mut tx,
-        &aiops::queue::NewJob::new(aiops::engine::prune::KIND, json!({})),
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        worker.tick().await.unwrap();
-        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE kind = $1")
-            .bind(aiops::engine::prune::KIND)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        if state == "completed" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the prune job did not complete: {state}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::run_scheduled_job(&app.pool, aiops::engine::prune::KIND).await;
     let left: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM execution_events WHERE id = ANY($1) OR id = $2")
             .bind(&old)

@@ -478,3 +478,50 @@ impl TestApp {
         body.as_array().unwrap().clone()
     }
 }
+
+/// Checks that the product's worker registry schedules `kind`, then enqueues one job of it and
+/// runs it on a worker with that registry (retention 7 days) until it completes.
+pub async fn run_scheduled_job(pool: &PgPool, kind: &str) {
+    let options = aiops::worker::WorkerOptions {
+        retention: std::time::Duration::from_secs(7 * 24 * 3600),
+        ..aiops::worker::WorkerOptions::default()
+    };
+    let registry = aiops::worker::registry(&options, pool).unwrap();
+    assert!(
+        registry.cron_entries().iter().any(|c| c.name == kind),
+        "{kind} is scheduled"
+    );
+    let worker = aiops::queue::Worker::start(
+        pool.clone(),
+        registry,
+        aiops::queue::WorkerConfig::default(),
+    )
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let id = aiops::store::jobs::job_enqueue(
+        &mut tx,
+        &aiops::queue::NewJob::new(kind, serde_json::json!({})),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tx.commit().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        worker.tick().await.unwrap();
+        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if state == "completed" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {kind} job did not complete: {state}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
