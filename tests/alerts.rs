@@ -203,6 +203,12 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     let (status, body) = post(&app, &token, &no_start).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["details"]["field"], "alerts[0].startsAt", "{body}");
+    // PostgreSQL cannot keep a NUL character: refused by name, not failed in the database.
+    let mut nul = good.clone();
+    nul["alerts"][0]["labels"]["team"] = json!("ops\u{0}");
+    let (status, body) = post(&app, &token, &nul).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "alerts[0].labels.team", "{body}");
     let mut wrong_type = good.clone();
     wrong_type["alerts"] = json!("not a list");
     let (status, body) = post(&app, &token, &wrong_type).await;
@@ -924,6 +930,174 @@ async fn database_unavailable_answers_5xx_so_alertmanager_retries() {
     .await;
     assert!((500..600).contains(&status), "{status} {body}");
     assert_eq!(status, 503, "{body}");
+}
+
+/// Sends `notifications` (token, payload) at once while a transaction holds the alerts table,
+/// so that the webhook's writers wait on the lock and every notification after the first ones
+/// gathers behind them; then releases the table and returns each answer, in order.
+async fn post_while_alerts_are_held(
+    app: &TestApp,
+    notifications: Vec<(String, Value)>,
+) -> Vec<(u16, Value)> {
+    let mut hold = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE alerts IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = notifications
+        .into_iter()
+        .map(|(token, body)| {
+            let client = app.client.clone();
+            let url = app.api("/webhooks/alertmanager");
+            tokio::spawn(async move {
+                let resp = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect();
+    // Every request is in by then: the first writers wait on the lock, the rest queue.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    hold.commit().await.unwrap();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test]
+async fn notifications_arriving_together_are_committed_together_and_each_answered() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let one = |i: usize| {
+        let mut p = payload(vec![alert(
+            &format!("Group{i}"),
+            &format!("web-{i}:9100"),
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]);
+        p["receiver"] = json!(format!("am-{i}"));
+        p
+    };
+    let mut notifications: Vec<(String, Value)> =
+        (0..30).map(|i| (token.clone(), one(i))).collect();
+    // The same episode as notification 0, from another receiver: one row, counted twice.
+    notifications.push((token.clone(), one(0)));
+    // A wrong token among them: refused, and nothing of it stored.
+    let mut stranger = one(99);
+    stranger["receiver"] = json!("stranger");
+    notifications.push(("aiops_not-a-token".to_owned(), stranger));
+
+    let answers = post_while_alerts_are_held(&app, notifications).await;
+    for (i, (status, body)) in answers.iter().enumerate().take(31) {
+        assert_eq!(*status, 200, "notification {i}: {body}");
+        assert_eq!(body["received"], 1, "notification {i}: {body}");
+    }
+    assert_eq!(answers[31].0, 401, "{}", answers[31].1);
+    let created: i64 = answers[..31]
+        .iter()
+        .map(|(_, b)| b["created"].as_i64().unwrap())
+        .sum();
+    let updated: i64 = answers[..31]
+        .iter()
+        .map(|(_, b)| b["updated"].as_i64().unwrap())
+        .sum();
+    assert_eq!((created, updated), (30, 1));
+    assert_eq!(
+        answers[0].1["created"].as_i64().unwrap() + answers[30].1["created"].as_i64().unwrap(),
+        1,
+        "exactly one of the two notifications of episode 0 created it"
+    );
+
+    // Every alert carries its own notification's envelope.
+    let rows: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT alert_name, receiver, receive_count FROM alerts ORDER BY alert_name",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 30, "{rows:?}");
+    for (name, receiver, count) in &rows {
+        let i: usize = name.trim_start_matches("Group").parse().unwrap();
+        assert_eq!(*count, if i == 0 { 2 } else { 1 }, "{name}");
+        if i != 0 {
+            assert_eq!(receiver, &format!("am-{i}"), "{name}");
+        }
+    }
+    // Each new episode is queued for processing exactly once, and the notifications that
+    // waited were stored together: fewer processing jobs than notifications.
+    let (jobs, queued): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(jsonb_array_length(payload->'alert_ids'))::int8 FROM jobs \
+         WHERE kind = 'alert.process'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 30);
+    assert!(
+        jobs < 10,
+        "{jobs} processing jobs for 30 notifications: not grouped"
+    );
+}
+
+#[tokio::test]
+async fn a_notification_the_database_refuses_fails_alone_in_its_group() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    // A database-side refusal no validation foresees (a trigger of this test database).
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.alert_name = 'Poison' THEN RAISE EXCEPTION 'poisoned alert'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON alerts \
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let one = |name: &str, i: usize| {
+        payload(vec![alert(
+            name,
+            &format!("web-{i}:9100"),
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )])
+    };
+    let mut notifications: Vec<(String, Value)> = (0..12)
+        .map(|i| (token.clone(), one("Healthy", i)))
+        .collect();
+    notifications.insert(6, (token.clone(), one("Poison", 6)));
+
+    let answers = post_while_alerts_are_held(&app, notifications).await;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        if i == 6 {
+            assert_eq!(*status, 500, "the refused notification: {body}");
+        } else {
+            assert_eq!(*status, 200, "notification {i}: {body}");
+            assert_eq!(body["created"], 1, "notification {i}: {body}");
+        }
+    }
+    let names: Vec<String> = sqlx::query_scalar("SELECT DISTINCT alert_name FROM alerts")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(names, vec!["Healthy".to_owned()]);
+    assert_eq!(alert_count(&app).await, 12);
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT sum(jsonb_array_length(payload->'alert_ids'))::int8 FROM jobs \
+         WHERE kind = 'alert.process'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 12);
 }
 
 #[tokio::test]

@@ -24,9 +24,12 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Keys for stored secrets; `None` when none is configured (secrets cannot be written).
     pub secrets: Option<Arc<crate::crypto::secrets::Keyring>>,
-    /// Webhook requests in flight at once: at most half the pool's connections, so a storm of
-    /// notifications queues here instead of starving the rest of the API of connections.
+    /// Webhook requests checking a token on a connection of their own (refused or empty
+    /// notifications) at once: at most half the pool's connections, so a storm of them queues
+    /// here instead of starving the rest of the API of connections.
     pub webhook_slots: Arc<tokio::sync::Semaphore>,
+    /// Where accepted notifications are stored, in group commits (a few connections at most).
+    pub intake: Arc<super::intake::Intake>,
     /// Wakes workers after a request committed jobs (one debounced `NOTIFY` for a burst, sent
     /// outside the request's transaction).
     pub job_notifier: crate::queue::Notifier,
@@ -37,10 +40,21 @@ pub struct AppState {
 /// Minimum spacing of the wake-up `NOTIFY`s an API process sends.
 pub const JOB_NOTIFY_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Permits for concurrent webhook requests on a pool of `max_connections`.
+/// Permits for concurrent webhook token checks on a pool of `max_connections`.
 pub fn webhook_slots_for(pool: &PgPool) -> Arc<tokio::sync::Semaphore> {
     let max = pool.options().get_max_connections() as usize;
     Arc::new(tokio::sync::Semaphore::new((max / 2).max(1)))
+}
+
+/// The webhook's group-commit writers on a pool of `max_connections`: a quarter of the pool,
+/// from 1 to 4. While some commit, the notifications arriving meanwhile gather for the next.
+pub fn intake_for(pool: &PgPool) -> Arc<super::intake::Intake> {
+    let max = pool.options().get_max_connections() as usize;
+    super::intake::Intake::spawn(
+        pool.clone(),
+        (max / 4).clamp(1, 4),
+        crate::engine::alerts::INTAKE_JOBS,
+    )
 }
 
 impl AppState {
@@ -52,6 +66,7 @@ impl AppState {
         let secrets = crate::crypto::secrets::Keyring::from_config(&config)?.map(Arc::new);
         Ok(AppState {
             webhook_slots: webhook_slots_for(&pool),
+            intake: intake_for(&pool),
             job_notifier: crate::queue::Notifier::spawn(pool.clone(), JOB_NOTIFY_DEBOUNCE),
             live: super::live::LiveEvents::new(pool.clone()),
             pool,

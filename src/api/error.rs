@@ -205,7 +205,13 @@ fn field_of_constraint(constraint: &str) -> Option<&str> {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match &e {
+        ApiError::from(&e)
+    }
+}
+
+impl From<&StoreError> for ApiError {
+    fn from(e: &StoreError) -> Self {
+        match e {
             StoreError::Conflict(c) => ApiError::Conflict(body(
                 "conflict",
                 format!("already exists ({c})"),
@@ -219,7 +225,7 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::Unavailable(body("unavailable", "database unavailable", None))
             }
-            StoreError::Database(_) => ApiError::internal(&e),
+            StoreError::Database(_) => ApiError::internal(e),
         }
     }
 }

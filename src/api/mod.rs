@@ -13,6 +13,7 @@ pub mod breakers;
 pub mod context;
 pub mod error;
 pub mod executions;
+pub mod intake;
 pub mod jobs;
 pub mod live;
 pub mod pagination;
@@ -138,6 +139,7 @@ pub fn spec_json() -> String {
         .expect("a constant URL parses");
     let state = AppState {
         webhook_slots: context::webhook_slots_for(&pool),
+        intake: context::intake_for(&pool),
         job_notifier: crate::queue::Notifier::spawn(pool.clone(), context::JOB_NOTIFY_DEBOUNCE),
         live: live::LiveEvents::new(pool.clone()),
         pool,

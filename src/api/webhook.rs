@@ -3,7 +3,8 @@
 //!
 //! A request is authenticated with a webhook token (bearer, or the password of basic auth, as
 //! Alertmanager's `http_config` sends them), validated whole (any problem: 4xx naming the field,
-//! nothing stored), then one statement (its own transaction) upserts one `alerts` row per firing
+//! nothing stored), then one statement (its own transaction, shared with the notifications
+//! arriving at the same moment: see [`super::intake`]) upserts one `alerts` row per firing
 //! episode and enqueues `alert.process` for the new and newly resolved ones (one job per 100
 //! alerts); only after it committed does it answer 200, and wake the workers.
 //! Database trouble answers 5xx, so Alertmanager retries.
@@ -176,6 +177,23 @@ fn json_text<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
+fn no_nul(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::invalid(field, "must not contain a NUL character"));
+    }
+    Ok(())
+}
+
+fn no_nul_in_map(field: &str, map: &HashMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in map {
+        if k.contains('\0') {
+            return Err(ApiError::invalid(field, "a name contains a NUL character"));
+        }
+        no_nul(&format!("{field}.{k}"), v)?;
+    }
+    Ok(())
+}
+
 /// Validates a payload into rows to store, or names the first problem.
 pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
     if p.version != "4" {
@@ -190,9 +208,33 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             format!("`{}` is neither firing nor resolved", p.status),
         ));
     }
+    // PostgreSQL keeps no NUL character in text or jsonb.
+    for (field, value) in [
+        ("receiver", &p.receiver),
+        ("groupKey", &p.group_key),
+        ("externalURL", &p.external_url),
+    ] {
+        no_nul(field, value)?;
+    }
+    for (field, map) in [
+        ("groupLabels", &p.group_labels),
+        ("commonLabels", &p.common_labels),
+        ("commonAnnotations", &p.common_annotations),
+    ] {
+        no_nul_in_map(field, map)?;
+    }
+    if let Some(reason) = &p.notification_reason {
+        no_nul("notificationReason", reason)?;
+    }
     let mut rows: BTreeMap<(String, DateTime<Utc>), AlertUpsert> = BTreeMap::new();
     for (i, a) in p.alerts.iter().enumerate() {
         let field = |f: &str| format!("alerts[{i}].{f}");
+        no_nul_in_map(&field("labels"), &a.labels)?;
+        no_nul_in_map(&field("annotations"), &a.annotations)?;
+        no_nul(&field("generatorURL"), &a.generator_url)?;
+        if let Some(f) = &a.fingerprint {
+            no_nul(&field("fingerprint"), f)?;
+        }
         let status = AlertStatus::parse(&a.status).ok_or_else(|| {
             ApiError::invalid(
                 &field("status"),
@@ -384,18 +426,18 @@ impl WebhookApi {
         body: Json<AlertmanagerPayload>,
     ) -> Result<Json<WebhookReceipt>, ApiError> {
         let hash = crate::crypto::token::hash(auth.secret());
-        let _slot = self
-            .state
-            .webhook_slots
-            .acquire()
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
-        let mut conn = self.state.pool.acquire().await?;
         let rows = match prepare(&body.0) {
             Ok(rows) if !rows.is_empty() => rows,
             // A refusal or an empty notification: the token is checked on its own first, so a
             // caller without one learns nothing about the payload.
             refused_or_empty => {
+                let _slot = self
+                    .state
+                    .webhook_slots
+                    .acquire()
+                    .await
+                    .map_err(|e| ApiError::internal(&e))?;
+                let mut conn = self.state.pool.acquire().await?;
                 if store::webhook_tokens::webhook_token_authenticate(&mut conn, &hash)
                     .await?
                     .is_none()
@@ -405,31 +447,30 @@ impl WebhookApi {
                 refused_or_empty?
             }
         };
-        let envelope = store::alerts::Envelope {
-            receiver: &body.0.receiver,
-            group_key: &body.0.group_key,
-            external_url: &body.0.external_url,
-        };
-        // One statement, committed on its own: the token check, the alerts and their
-        // processing jobs.
+        let resolved = rows.iter().filter(|r| r.status == "resolved").count();
+        // Committed before the answer, in one statement with the token check and the
+        // processing jobs (grouped with the notifications arriving meanwhile).
         let outcomes = if rows.is_empty() {
             Vec::new()
         } else {
-            store::alerts::alert_intake(
-                &mut conn,
-                &hash,
-                &envelope,
-                &rows,
-                &crate::engine::alerts::INTAKE_JOBS,
-            )
-            .await?
-            .ok_or_else(unauthorized)?
+            self.state
+                .intake
+                .submit(store::alerts::IntakeNotification {
+                    token_hash: hash,
+                    receiver: body.0.receiver.clone(),
+                    group_key: body.0.group_key.clone(),
+                    external_url: body.0.external_url.clone(),
+                    alerts: rows,
+                })
+                .await
+                .map_err(|e| ApiError::from(&*e))?
+                .ok_or_else(unauthorized)?
         };
         let receipt = WebhookReceipt {
             received: body.0.alerts.len(),
             created: outcomes.iter().filter(|o| o.inserted).count(),
             updated: outcomes.iter().filter(|o| !o.inserted).count(),
-            resolved: rows.iter().filter(|r| r.status == "resolved").count(),
+            resolved,
             queued: outcomes.iter().filter(|o| o.needs_processing).count(),
         };
         if receipt.queued > 0 {

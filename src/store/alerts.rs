@@ -122,15 +122,19 @@ pub struct AlertUpsert {
     pub source: Option<String>,
 }
 
-/// The envelope shared by every alert of one payload.
+/// One accepted-for-validation notification: its token, envelope and alerts.
 #[derive(Debug, Clone)]
-pub struct Envelope<'a> {
+pub struct IntakeNotification {
+    /// Hash of the webhook token it came with.
+    pub token_hash: Vec<u8>,
     /// Receiver.
-    pub receiver: &'a str,
+    pub receiver: String,
     /// Group key.
-    pub group_key: &'a str,
+    pub group_key: String,
     /// Alertmanager URL.
-    pub external_url: &'a str,
+    pub external_url: String,
+    /// Its alerts: not empty, one per episode `(fingerprint, starts_at)`.
+    pub alerts: Vec<AlertUpsert>,
 }
 
 /// What the upsert did to one episode.
@@ -144,6 +148,8 @@ pub struct UpsertOutcome {
     pub status: String,
     /// Needs processing: a new episode, or resolved by this write.
     pub needs_processing: bool,
+    /// Which notification of the batch it came with (from 1).
+    pub notification: i32,
 }
 
 /// The processing jobs [`alert_intake`] enqueues, as the engine defines them.
@@ -157,41 +163,54 @@ pub struct IntakeJobs<'a> {
     pub per_job: i64,
 }
 
-/// One statement for a whole notification: inserts or updates one row per episode
-/// `(fingerprint, starts_at)`, in the order given (callers sort, so concurrent payloads lock
-/// rows in the same order), and enqueues the processing jobs of the new and newly resolved
-/// episodes (`jobs` rows of `jobs.kind`, up to `jobs.per_job` alert ids each, in id order).
-/// Run outside an explicit transaction it commits as one: the alerts and their jobs, or
-/// nothing. A resolved episode stays resolved when a late firing notification arrives.
+/// One statement for a batch of notifications (one or more; see `api::intake`): inserts or
+/// updates one row per episode `(fingerprint, starts_at)` and enqueues the processing jobs of
+/// the new and newly resolved episodes (`jobs` rows of `jobs.kind`, up to `jobs.per_job` alert
+/// ids each, in id order). Run outside an explicit transaction it commits as one: every
+/// accepted alert and its jobs, or nothing. A resolved episode stays resolved when a late
+/// firing notification arrives.
+///
+/// No episode may appear twice in one batch (one row cannot be upserted twice by one
+/// statement). Rows are written in `(fingerprint, starts_at)` order, so concurrent batches lock
+/// them in the same order.
 ///
 /// This is the one statement outside `store::jobs` that writes `jobs`: enqueueing in the
 /// upsert saves the webhook a transaction's worth of round trips per notification.
 ///
-/// The same statement authenticates: nothing is written unless `token_hash` is the hash of a
-/// live webhook token (whose use it records at most once a minute, as
-/// [`super::webhook_tokens::webhook_token_authenticate`] does). `None` means the token was not
-/// accepted; `alerts` must not be empty (a valid token returns one outcome per alert).
+/// The same statement authenticates: a notification's alerts are written only when its
+/// `token_hash` is the hash of a live webhook token (whose use it records at most once a
+/// minute, as [`super::webhook_tokens::webhook_token_authenticate`] does). The answer has one
+/// entry per notification, in order: `None` when its token was not accepted, else one outcome
+/// per alert.
 pub async fn alert_intake(
     conn: &mut PgConnection,
-    token_hash: &[u8],
-    envelope: &Envelope<'_>,
-    alerts: &[AlertUpsert],
+    notifications: &[IntakeNotification],
     jobs: &IntakeJobs<'_>,
-) -> StoreResult<Option<Vec<UpsertOutcome>>> {
-    let mut fingerprint = Vec::with_capacity(alerts.len());
-    let mut starts_at = Vec::with_capacity(alerts.len());
-    let mut ends_at = Vec::with_capacity(alerts.len());
-    let mut status = Vec::with_capacity(alerts.len());
-    let mut name = Vec::with_capacity(alerts.len());
-    let mut severity = Vec::with_capacity(alerts.len());
-    let mut instance = Vec::with_capacity(alerts.len());
-    let mut job = Vec::with_capacity(alerts.len());
-    let mut labels = Vec::with_capacity(alerts.len());
-    let mut annotations = Vec::with_capacity(alerts.len());
-    let mut raw = Vec::with_capacity(alerts.len());
-    let mut generator = Vec::with_capacity(alerts.len());
-    let mut source = Vec::with_capacity(alerts.len());
-    for a in alerts {
+) -> StoreResult<Vec<Option<Vec<UpsertOutcome>>>> {
+    let mut rows: Vec<(i32, &AlertUpsert)> = notifications
+        .iter()
+        .zip(1i32..)
+        .flat_map(|(n, i)| n.alerts.iter().map(move |a| (i, a)))
+        .collect();
+    rows.sort_by(|(_, a), (_, b)| {
+        (&a.fingerprint, a.starts_at).cmp(&(&b.fingerprint, b.starts_at))
+    });
+    let mut notification = Vec::with_capacity(rows.len());
+    let mut fingerprint = Vec::with_capacity(rows.len());
+    let mut starts_at = Vec::with_capacity(rows.len());
+    let mut ends_at = Vec::with_capacity(rows.len());
+    let mut status = Vec::with_capacity(rows.len());
+    let mut name = Vec::with_capacity(rows.len());
+    let mut severity = Vec::with_capacity(rows.len());
+    let mut instance = Vec::with_capacity(rows.len());
+    let mut job = Vec::with_capacity(rows.len());
+    let mut labels = Vec::with_capacity(rows.len());
+    let mut annotations = Vec::with_capacity(rows.len());
+    let mut raw = Vec::with_capacity(rows.len());
+    let mut generator = Vec::with_capacity(rows.len());
+    let mut source = Vec::with_capacity(rows.len());
+    for (i, a) in &rows {
+        notification.push(*i);
         fingerprint.push(a.fingerprint.as_str());
         starts_at.push(a.starts_at);
         ends_at.push(a.ends_at);
@@ -206,26 +225,43 @@ pub async fn alert_intake(
         generator.push(a.generator_url.as_str());
         source.push(a.source.as_deref());
     }
+    let token_hash: Vec<&[u8]> = notifications
+        .iter()
+        .map(|n| n.token_hash.as_slice())
+        .collect();
+    let receiver: Vec<&str> = notifications.iter().map(|n| n.receiver.as_str()).collect();
+    let group_key: Vec<&str> = notifications.iter().map(|n| n.group_key.as_str()).collect();
+    let external_url: Vec<&str> = notifications
+        .iter()
+        .map(|n| n.external_url.as_str())
+        .collect();
     let outcomes = sqlx::query_as::<_, UpsertOutcome>(
-        "WITH tok AS (SELECT id, last_used_at IS NULL \
-                        OR last_used_at < now() - interval '1 minute' AS stale \
-                      FROM webhook_tokens WHERE token_hash = $20 AND revoked_at IS NULL), \
-         used AS (UPDATE webhook_tokens SET last_used_at = now() WHERE id = \
-                    (SELECT w.id FROM webhook_tokens w JOIN tok ON tok.id = w.id AND tok.stale \
-                     FOR UPDATE OF w SKIP LOCKED)), \
+        "WITH n AS (SELECT * FROM unnest($14::bytea[], $15::text[], $16::text[], $17::text[]) \
+                      WITH ORDINALITY AS n(token_hash, receiver, group_key, external_url, i)), \
+         tok AS (SELECT n.i, w.id, w.last_used_at IS NULL \
+                        OR w.last_used_at < now() - interval '1 minute' AS stale \
+                      FROM n JOIN webhook_tokens w \
+                        ON w.token_hash = n.token_hash AND w.revoked_at IS NULL), \
+         used AS (UPDATE webhook_tokens SET last_used_at = now() WHERE id IN \
+                    (SELECT w.id FROM webhook_tokens w WHERE w.id IN \
+                       (SELECT id FROM tok WHERE stale) \
+                     ORDER BY w.id FOR UPDATE SKIP LOCKED)), \
          up AS (INSERT INTO alerts AS a (fingerprint, starts_at, ends_at, status, alert_name, severity, \
            instance, job, labels_json, annotations_json, raw_alert_json, generator_url, source, \
            receiver, group_key, external_url, resolved_at) \
          SELECT u.fingerprint, u.starts_at, u.ends_at, u.status, u.alert_name, u.severity, \
            u.instance, u.job, u.labels::jsonb, u.annotations::jsonb, u.raw::jsonb, \
            u.generator_url, u.source, \
-           $14, $15, $16, CASE WHEN u.status = 'resolved' THEN now() END \
-         FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::text[], \
+           n.receiver, n.group_key, n.external_url, \
+           CASE WHEN u.status = 'resolved' THEN now() END \
+         FROM unnest($1::int4[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[], \
            $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
-           $12::text[], $13::text[]) WITH ORDINALITY AS u(fingerprint, starts_at, ends_at, status, \
-           alert_name, severity, instance, job, labels, annotations, raw, generator_url, source, n) \
-         WHERE EXISTS (SELECT 1 FROM tok) \
-         ORDER BY u.n \
+           $12::text[], $13::text[], $18::text[]) WITH ORDINALITY AS u(notification, fingerprint, \
+           starts_at, ends_at, status, alert_name, severity, instance, job, labels, annotations, \
+           raw, generator_url, source, k) \
+         JOIN n ON n.i = u.notification \
+         WHERE EXISTS (SELECT 1 FROM tok WHERE tok.i = u.notification) \
+         ORDER BY u.k \
          ON CONFLICT (fingerprint, starts_at) DO UPDATE SET \
            status = CASE WHEN a.status = 'resolved' THEN 'resolved' ELSE EXCLUDED.status END, \
            ends_at = CASE WHEN a.status = 'resolved' THEN a.ends_at ELSE EXCLUDED.ends_at END, \
@@ -236,14 +272,19 @@ pub async fn alert_intake(
            group_key = EXCLUDED.group_key, external_url = EXCLUDED.external_url, \
            last_received_at = now(), receive_count = a.receive_count + 1 \
          RETURNING id, (xmax = 0) AS inserted, status, \
-           (xmax = 0 OR COALESCE(resolved_at = now(), false)) AS needs_processing), \
-         queued AS (SELECT id, (row_number() OVER (ORDER BY id) - 1) / $19 AS chunk \
+           (xmax = 0 OR COALESCE(resolved_at = now(), false)) AS needs_processing, \
+           fingerprint, starts_at), \
+         queued AS (SELECT id, (row_number() OVER (ORDER BY id) - 1) / $21 AS chunk \
            FROM up WHERE needs_processing), \
          enqueued AS (INSERT INTO jobs (kind, payload, max_attempts) \
-           SELECT $17, jsonb_build_object('alert_ids', jsonb_agg(id ORDER BY id)), $18 \
+           SELECT $19, jsonb_build_object('alert_ids', jsonb_agg(id ORDER BY id)), $20 \
            FROM queued GROUP BY chunk RETURNING id) \
-         SELECT id, inserted, status, needs_processing FROM up",
+         SELECT up.id, up.inserted, up.status, up.needs_processing, u.notification \
+         FROM up JOIN unnest($1::int4[], $2::text[], $3::timestamptz[]) \
+           AS u(notification, fingerprint, starts_at) \
+           ON u.fingerprint = up.fingerprint AND u.starts_at = up.starts_at",
     )
+    .bind(&notification)
     .bind(&fingerprint)
     .bind(&starts_at)
     .bind(&ends_at)
@@ -256,17 +297,26 @@ pub async fn alert_intake(
     .bind(&annotations)
     .bind(&raw)
     .bind(&generator)
+    .bind(&token_hash)
+    .bind(&receiver)
+    .bind(&group_key)
+    .bind(&external_url)
     .bind(&source)
-    .bind(envelope.receiver)
-    .bind(envelope.group_key)
-    .bind(envelope.external_url)
     .bind(jobs.kind)
     .bind(jobs.max_attempts)
     .bind(jobs.per_job.max(1))
-    .bind(token_hash)
     .fetch_all(conn)
     .await?;
-    Ok((!outcomes.is_empty()).then_some(outcomes))
+    let mut answer: Vec<Option<Vec<UpsertOutcome>>> = vec![None; notifications.len()];
+    for o in outcomes {
+        if let Some(slot) = usize::try_from(o.notification - 1)
+            .ok()
+            .and_then(|i| answer.get_mut(i))
+        {
+            slot.get_or_insert_with(Vec::new).push(o);
+        }
+    }
+    Ok(answer)
 }
 
 /// Fetches one alert.
