@@ -908,6 +908,125 @@ async fn continuations_run_in_the_same_slot_without_a_claim() {
     assert_eq!(worker.tick().await.unwrap().claimed, 0, "nothing was left");
 }
 
+/// The handler's writes of `complete_continuing`: a `chain_log` row for job `$11` with `n` =
+/// `$12`, and a continuation while `n` < 4.
+fn chain_log_writes<'q>(
+    job_id: i64,
+    n: i32,
+) -> jobs::HandlerWrites<
+    'q,
+    impl FnOnce(
+        jobs::PgQueryAs<'q, jobs::ContinuedRowOut>,
+    ) -> jobs::PgQueryAs<'q, jobs::ContinuedRowOut>,
+> {
+    jobs::HandlerWrites {
+        before: "w AS (INSERT INTO chain_log (job_id, n) SELECT $11, $12 \
+                       WHERE EXISTS (SELECT 1 FROM fence)), \
+                 go AS (SELECT 1 WHERE $12 < 4),",
+        after: "",
+        bind: move |q: jobs::PgQueryAs<'q, jobs::ContinuedRowOut>| q.bind(job_id).bind(n),
+        values: std::marker::PhantomData,
+    }
+}
+
+#[tokio::test]
+async fn one_statement_completion_continues_in_the_same_slot_and_is_fenced() {
+    let pool = common::fresh_pool().await;
+    sqlx::query("CREATE TABLE chain_log (job_id bigint PRIMARY KEY, n int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register(
+        "chain1",
+        KindOptions::default(),
+        |ctx: JobContext| async move {
+            let n = ctx.payload["n"].as_i64().unwrap_or(0) as i32;
+            let next = NewJob::new("chain1", json!({ "n": n + 1 }));
+            assert!(ctx.lease().can_continue_with(&next));
+            ctx.lease()
+                .complete_continuing(&next, chain_log_writes(ctx.id, n))
+                .await
+        },
+    );
+    let worker = Worker::start(pool.clone(), registry, config(2))
+        .await
+        .unwrap();
+    enqueue(&pool, NewJob::new("chain1", json!({ "n": 0 })))
+        .await
+        .unwrap();
+    let o = worker.tick().await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed),
+        (1, 5),
+        "one claim ran the whole chain"
+    );
+    let rows: Vec<(String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT state, locked_by FROM jobs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![("completed".to_owned(), Some(worker.id())); 5]);
+    let logged: Vec<i32> = sqlx::query_scalar("SELECT n FROM chain_log ORDER BY job_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(logged, vec![0, 1, 2, 3, 4]);
+
+    // Without the lease (another token: the job was rescued and claimed again), the statement
+    // writes nothing: no completion, no continuation, none of the handler's rows.
+    let id = enqueue(&pool, NewJob::new("chain1", json!({ "n": 0 })))
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let claimed = jobs::job_claim(&mut conn, worker.id(), 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed[0].id, id);
+    let next = NewJob::new("chain1", json!({ "n": 1 }));
+    let done = jobs::job_complete_continuing(
+        &mut conn,
+        id,
+        uuid::Uuid::new_v4(),
+        &next,
+        worker.id(),
+        Duration::from_secs(60),
+        chain_log_writes(id, 0),
+    )
+    .await
+    .unwrap();
+    assert!(done.is_none(), "completed without the lease");
+    assert_eq!(job(&pool, id).await.state, "running");
+    let (jobs_count, log_count): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM chain_log WHERE job_id = $1)",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((jobs_count, log_count), (6, 0));
+    // With it: completed, and the continuation comes back claimed by the worker.
+    let done = jobs::job_complete_continuing(
+        &mut conn,
+        id,
+        claimed[0].lease_token,
+        &next,
+        worker.id(),
+        Duration::from_secs(60),
+        chain_log_writes(id, 0),
+    )
+    .await
+    .unwrap()
+    .expect("the lease was held");
+    let continuation = done.expect("a continuation");
+    assert_eq!(job(&pool, id).await.state, "completed");
+    let row = job(&pool, continuation.id).await;
+    assert_eq!(
+        (row.state.as_str(), row.locked_by),
+        ("running", Some(worker.id()))
+    );
+}
+
 #[tokio::test]
 async fn a_continuation_left_by_a_dead_worker_is_rescued_like_any_lease() {
     let pool = common::fresh_pool().await;

@@ -282,52 +282,69 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     };
 
     // Record and continue, fenced.
-    let mut g = ctx.lease().guarded_tx().await?;
     let verdict = judge(&step, &run, &masker, step_timeout);
     // A sensitive step's captured output is kept only sealed, for later steps to read.
-    let sealed_output = match (&run, step.sensitive && step.capture_output) {
-        (RunResult::Ran(Ok(o)), true) => match engine.keyring.as_deref() {
-            Some(keyring) => Some(
-                secret_vars::seal_step_output(keyring, step_row, &o.stdout, &o.stderr)
-                    .map_err(JobError::Permanent)?,
-            ),
-            None => {
-                log(
-                    g.conn(),
-                    row.id,
-                    "sensitive_output_not_captured",
-                    json!({ "step": step.name,
-                            "reason": "no secret key is configured to seal it" }),
-                )
-                .await?;
-                None
-            }
-        },
+    let to_seal = match &run {
+        RunResult::Ran(Ok(o)) if step.sensitive && step.capture_output => Some(o),
         _ => None,
     };
-    let finished = store::executions::step_finish(
-        g.conn(),
-        step_row,
-        &StepResult {
-            status: verdict.status,
-            exit_code: verdict.exit_code,
-            exit_signal: verdict.exit_signal.as_deref(),
-            stdout: verdict.stdout.as_deref(),
-            stderr: verdict.stderr.as_deref(),
-            truncated: verdict.truncated,
-            skipped: false,
-            error_message: verdict.error.as_deref(),
-            // A prepared attempt row gets its command here.
-            command: masked_command.as_deref(),
-            output_encrypted: sealed_output.as_deref(),
-        },
-        Some(
-            &json!({ "step": step.name, "status": verdict.status,
-                     "exit_code": verdict.exit_code, "error": verdict.error })
-            .to_string(),
+    let sealed_output = match (to_seal, engine.keyring.as_deref()) {
+        (Some(o), Some(keyring)) => Some(
+            secret_vars::seal_step_output(keyring, step_row, &o.stdout, &o.stderr)
+                .map_err(JobError::Permanent)?,
         ),
-    )
-    .await?;
+        _ => None,
+    };
+    let unsealed = to_seal.is_some() && sealed_output.is_none();
+    let result = StepResult {
+        status: verdict.status,
+        exit_code: verdict.exit_code,
+        exit_signal: verdict.exit_signal.as_deref(),
+        stdout: verdict.stdout.as_deref(),
+        stderr: verdict.stderr.as_deref(),
+        truncated: verdict.truncated,
+        skipped: false,
+        error_message: verdict.error.as_deref(),
+        // A prepared attempt row gets its command here.
+        command: masked_command.as_deref(),
+        output_encrypted: sealed_output.as_deref(),
+    };
+    let finish_event = json!({ "step": step.name, "status": verdict.status,
+                               "exit_code": verdict.exit_code, "error": verdict.error })
+    .to_string();
+    if verdict.status == "completed" && p.index + 1 < snapshot.steps.len() && !unsealed {
+        // The next step follows at once: the result, the next step's job and attempt row and
+        // this job's completion in one statement, when this worker runs the next job itself.
+        let next = next_step(row.id, p.attempt, &snapshot, p.index + 1);
+        if let (true, Some(prepared)) = (ctx.lease().can_continue_with(&next.job), &next.row) {
+            return ctx
+                .lease()
+                .complete_continuing(
+                    &next.job,
+                    store::executions::step_advance_writes(
+                        row.id,
+                        p.attempt,
+                        step_row,
+                        &result,
+                        &finish_event,
+                        prepared.as_next(),
+                    ),
+                )
+                .await;
+        }
+    }
+    let mut g = ctx.lease().guarded_tx().await?;
+    if unsealed {
+        log(
+            g.conn(),
+            row.id,
+            "sensitive_output_not_captured",
+            json!({ "step": step.name, "reason": "no secret key is configured to seal it" }),
+        )
+        .await?;
+    }
+    let finished =
+        store::executions::step_finish(g.conn(), step_row, &result, Some(&finish_event)).await?;
     let still_running = |status: &str, attempt: i32| status == "running" && attempt == p.attempt;
     if !finished
         .execution_status
@@ -664,38 +681,85 @@ pub(crate) async fn enqueue_step(
     snapshot: &RunbookSnapshot,
     index: usize,
 ) -> Result<(), JobError> {
-    let mut job = step_job(execution_id, attempt, index, 0);
-    let Some(step) = snapshot.steps.get(index) else {
-        g.enqueue_next(&job).await?;
-        return Ok(());
-    };
-    let step_row = uuid::Uuid::new_v4();
-    job.payload = json!(StepPayload {
-        execution_id,
-        attempt,
-        index,
-        prepared: Some(step_row),
-    });
-    if g.enqueue_next(&job).await?.is_some() {
+    let next = next_step(execution_id, attempt, snapshot, index);
+    if g.enqueue_next(&next.job).await?.is_some()
+        && let Some(prepared) = &next.row
+    {
         let slot = StepSlot {
             execution_id,
             phase: "run",
             run_attempt: attempt,
-            step_order: step.step_order,
+            step_order: prepared.step_order,
         };
         store::executions::step_start(
             g.conn(),
-            Some(step_row),
+            Some(prepared.row_id),
             slot,
-            Some(step.id),
-            &step.name,
+            prepared.step_id,
+            &prepared.step_name,
             0,
             None,
-            Some(&running_event(step, 0, attempt, 0)),
+            Some(&prepared.event),
         )
         .await?;
     }
     Ok(())
+}
+
+/// The job of step `index` of run attempt `attempt`, to follow at once, and the attempt row to
+/// insert with it (`None` for an index past the last step: the job then finds nothing to run).
+struct FollowingStep {
+    job: crate::queue::NewJob,
+    row: Option<PreparedRow>,
+}
+
+struct PreparedRow {
+    row_id: uuid::Uuid,
+    step_id: Option<uuid::Uuid>,
+    step_order: i32,
+    step_name: String,
+    event: String,
+}
+
+impl PreparedRow {
+    fn as_next(&self) -> store::executions::NextStep<'_> {
+        store::executions::NextStep {
+            row_id: self.row_id,
+            step_id: self.step_id,
+            step_order: self.step_order,
+            step_name: &self.step_name,
+            event: &self.event,
+        }
+    }
+}
+
+fn next_step(
+    execution_id: uuid::Uuid,
+    attempt: i32,
+    snapshot: &RunbookSnapshot,
+    index: usize,
+) -> FollowingStep {
+    let mut job = step_job(execution_id, attempt, index, 0);
+    let Some(step) = snapshot.steps.get(index) else {
+        return FollowingStep { job, row: None };
+    };
+    let row_id = uuid::Uuid::new_v4();
+    job.payload = json!(StepPayload {
+        execution_id,
+        attempt,
+        index,
+        prepared: Some(row_id),
+    });
+    FollowingStep {
+        job,
+        row: Some(PreparedRow {
+            row_id,
+            step_id: Some(step.id),
+            step_order: step.step_order,
+            step_name: step.name.clone(),
+            event: running_event(step, 0, attempt, 0),
+        }),
+    }
 }
 
 /// The live `status` event of an attempt that starts.

@@ -197,18 +197,11 @@ impl GuardedTx {
     /// (unknown kind, scheduled for later, a continuation already chosen) it is an ordinary
     /// enqueue. `None` when de-duplicated by its unique key.
     pub async fn enqueue_next(&mut self, job: &NewJob) -> Result<Option<i64>, JobError> {
-        let chain = match &self.lease.chain {
-            Some(c)
-                if self.continuation.is_none()
-                    && job.run_at.is_none_or(|at| at <= chrono::Utc::now())
-                    && c.kinds.contains(&job.kind) =>
-            {
-                c.clone()
-            }
+        let (worker, lease) = match self.lease.continuation_claim(job) {
+            Some(c) if self.continuation.is_none() => (c.worker, c.lease),
             _ => return self.enqueue(job).await,
         };
-        let claimed =
-            store::jobs::job_enqueue_claimed(&mut self.tx, job, chain.worker, chain.lease).await?;
+        let claimed = store::jobs::job_enqueue_claimed(&mut self.tx, job, worker, lease).await?;
         let id = claimed.as_ref().map(|c| c.id);
         self.continuation = claimed;
         Ok(id)
@@ -237,6 +230,63 @@ impl GuardedTx {
 }
 
 impl Lease {
+    /// The worker and lease a continuation of `job`'s kind would be claimed with, when this
+    /// worker may run `job` next in the same slot: it handles the kind and `job` is due now.
+    fn continuation_claim(&self, job: &NewJob) -> Option<&ChainPolicy> {
+        self.chain.as_deref().filter(|c| {
+            job.run_at.is_none_or(|at| at <= chrono::Utc::now()) && c.kinds.contains(&job.kind)
+        })
+    }
+
+    /// Whether [`Lease::complete_continuing`] can hand `next` over to this worker.
+    pub fn can_continue_with(&self, next: &NewJob) -> bool {
+        self.continuation_claim(next).is_some()
+    }
+
+    /// Completes the job, inserts `next` claimed by this worker (when the handler's `go` has a
+    /// row) and makes the handler's own `writes`, all in one statement committed on its own
+    /// (see [`store::jobs::job_complete_continuing`]): the fence, the writes, the continuation
+    /// and the completion cost one round trip and one commit instead of a transaction's
+    /// worth. The continuation runs next in the same slot, as with
+    /// [`GuardedTx::enqueue_next`]. Only when [`Lease::can_continue_with`] holds; otherwise
+    /// (or on [`JobError::LeaseLost`]) nothing is written.
+    pub async fn complete_continuing<'q, B>(
+        &self,
+        next: &'q NewJob,
+        writes: store::jobs::HandlerWrites<'q, B>,
+    ) -> Result<(), JobError>
+    where
+        B: FnOnce(
+            store::jobs::PgQueryAs<'q, store::jobs::ContinuedRowOut>,
+        ) -> store::jobs::PgQueryAs<'q, store::jobs::ContinuedRowOut>,
+    {
+        let Some(chain) = self.continuation_claim(next) else {
+            return Err(JobError::Permanent(format!(
+                "job {}: a {} job cannot continue it on this worker",
+                self.id, next.kind
+            )));
+        };
+        let mut conn = self.pool.acquire().await?;
+        self.state.completing.store(true, Ordering::SeqCst);
+        let done = store::jobs::job_complete_continuing(
+            &mut conn,
+            self.id,
+            self.token,
+            next,
+            chain.worker,
+            chain.lease,
+            writes,
+        )
+        .await?;
+        let Some(continuation) = done else {
+            self.state.mark_lost();
+            return Err(JobError::LeaseLost);
+        };
+        self.state.settled.store(true, Ordering::SeqCst);
+        self.hand_over(continuation);
+        Ok(())
+    }
+
     fn hand_over(&self, continuation: Option<ClaimedJob>) {
         if let Some(job) = continuation {
             *self

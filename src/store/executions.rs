@@ -656,6 +656,45 @@ pub struct StepFinished {
     pub execution_attempt: Option<i32>,
 }
 
+/// The update that finishes running attempt `id` with a result: the parameter numbers of id,
+/// status, exit code, signal, stdout, stderr, truncated, skipped, error, command, sealed output.
+macro_rules! step_finish_update {
+    ($id:literal, $status:literal, $code:literal, $signal:literal, $stdout:literal,
+     $stderr:literal, $truncated:literal, $skipped:literal, $error:literal, $command:literal,
+     $sealed:literal) => {
+        concat!(
+            "UPDATE step_executions SET status = ",
+            $status,
+            "::execution_status, \
+               completed_at = now(), \
+               duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                                   2147483647)::integer, \
+               exit_code = ",
+            $code,
+            ", exit_signal = ",
+            $signal,
+            ", stdout = ",
+            $stdout,
+            ", stderr = ",
+            $stderr,
+            ", truncated = ",
+            $truncated,
+            ", skipped = ",
+            $skipped,
+            ", error_message = ",
+            $error,
+            ", command = COALESCE(",
+            $command,
+            ", command), \
+               output_encrypted = ",
+            $sealed,
+            " WHERE id = ",
+            $id,
+            " AND status = 'running'"
+        )
+    };
+}
+
 /// Records the end of a running attempt and, when `event` is given, appends that `status`
 /// event for the live stream, in one statement, which also reads the execution's status and
 /// attempt (without locking the row). `updated` is false when the attempt was no longer
@@ -666,16 +705,12 @@ pub async fn step_finish(
     r: &StepResult<'_>,
     event: Option<&str>,
 ) -> StoreResult<StepFinished> {
-    Ok(sqlx::query_as::<_, StepFinished>(
-        "WITH u AS ( \
-             UPDATE step_executions SET status = $2::execution_status, completed_at = now(), \
-               duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
-                                   2147483647)::integer, \
-               exit_code = $3, exit_signal = $4, stdout = $5, stderr = $6, truncated = $7, \
-               skipped = $8, error_message = $9, command = COALESCE($10, command), \
-               output_encrypted = $12 \
-             WHERE id = $1 AND status = 'running' \
-             RETURNING execution_id), \
+    Ok(sqlx::query_as::<_, StepFinished>(concat!(
+        "WITH u AS (",
+        step_finish_update!(
+            "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$12"
+        ),
+        " RETURNING execution_id), \
          e AS ( \
              INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
              SELECT execution_id, $1, 'status', $11 FROM step_executions \
@@ -684,8 +719,8 @@ pub async fn step_finish(
                 x.attempt AS execution_attempt \
          FROM (SELECT 1) one \
          LEFT JOIN runbook_executions x \
-           ON x.id = (SELECT execution_id FROM step_executions WHERE id = $1)",
-    )
+           ON x.id = (SELECT execution_id FROM step_executions WHERE id = $1)"
+    ))
     .bind(id)
     .bind(r.status)
     .bind(r.exit_code)
@@ -700,6 +735,85 @@ pub async fn step_finish(
     .bind(r.output_encrypted)
     .fetch_one(conn)
     .await?)
+}
+
+/// The step that follows at once: its attempt row, inserted `running` with the job that runs it.
+#[derive(Debug, Clone, Copy)]
+pub struct NextStep<'a> {
+    /// Id of the attempt row (carried in the job's payload).
+    pub row_id: Uuid,
+    /// The runbook step, when it still exists.
+    pub step_id: Option<Uuid>,
+    /// Position.
+    pub step_order: i32,
+    /// Name.
+    pub step_name: &'a str,
+    /// Its live `status` event.
+    pub event: &'a str,
+}
+
+/// The writes of a step attempt that completed and is followed at once by the next step, for
+/// [`crate::queue::Lease::complete_continuing`] (one statement with the job's completion and
+/// the next step's job): the attempt row finished with `r` and its `finish_event`; then, only
+/// while execution `execution_id` is still `running` in run attempt `attempt` (read in the
+/// statement, not locked: the next job reads the status again before it runs), the next job
+/// and `next`'s attempt row with its event.
+pub fn step_advance_writes<'q>(
+    execution_id: Uuid,
+    attempt: i32,
+    id: Uuid,
+    r: &'q StepResult<'q>,
+    finish_event: &'q str,
+    next: NextStep<'q>,
+) -> crate::store::jobs::HandlerWrites<
+    'q,
+    impl FnOnce(
+        crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>,
+    ) -> crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>,
+> {
+    crate::store::jobs::HandlerWrites {
+        before: concat!(
+            "fin AS (",
+            step_finish_update!(
+                "$13", "$14", "$15", "$16", "$17", "$18", "$19", "$20", "$21", "$22", "$23"
+            ),
+            " AND EXISTS (SELECT 1 FROM fence)), \
+             fin_event AS (INSERT INTO execution_events (execution_id, step_execution_id, kind, \
+                             data) \
+                           SELECT $11, $13, 'status', $24 WHERE EXISTS (SELECT 1 FROM fence)), \
+             go AS (SELECT 1 FROM runbook_executions \
+                    WHERE id = $11 AND status = 'running' AND attempt = $12),"
+        ),
+        after: "prep AS (INSERT INTO step_executions (id, execution_id, step_id, step_order, \
+                           step_name, status, started_at, retry_attempt, phase, run_attempt) \
+                         SELECT $25, $11, (SELECT id FROM runbook_steps WHERE id = $26), $27, \
+                                $28, 'running', now(), 0, 'run', $12 FROM nxt), \
+                prep_event AS (INSERT INTO execution_events (execution_id, step_execution_id, \
+                                 kind, data) \
+                               SELECT $11, $25, 'status', $29 FROM nxt),",
+        bind: move |q: crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>| {
+            q.bind(execution_id)
+                .bind(attempt)
+                .bind(id)
+                .bind(r.status)
+                .bind(r.exit_code)
+                .bind(r.exit_signal)
+                .bind(r.stdout)
+                .bind(r.stderr)
+                .bind(r.truncated)
+                .bind(r.skipped)
+                .bind(r.error_message)
+                .bind(r.command)
+                .bind(r.output_encrypted)
+                .bind(finish_event)
+                .bind(next.row_id)
+                .bind(next.step_id)
+                .bind(next.step_order)
+                .bind(next.step_name)
+                .bind(next.event)
+        },
+        values: std::marker::PhantomData,
+    }
 }
 
 /// Every step row of an execution, in execution order.

@@ -227,6 +227,26 @@ pub async fn job_enqueue_many(conn: &mut PgConnection, jobs: &[NewJob]) -> Store
     .await?)
 }
 
+/// The insert of a job claimed by a worker (`$1`..`$8`, bound by [`bind_claimed`]), one row
+/// per row of the `FROM` clause given (none: one row).
+macro_rules! claimed_insert {
+    ($from:literal) => {
+        concat!(
+            "INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, unique_key, \
+                               timeout_seconds, state, attempt, lease_token, lease_expires_at, \
+                               locked_by, attempted_at) \
+             SELECT $1, $2, $3, now(), $4, $5, $6, 'running', 1, gen_random_uuid(), \
+                    now() + $8::bigint * interval '1 millisecond', $7, now() ",
+            $from,
+            " ON CONFLICT (unique_key) \
+                 WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
+                 DO NOTHING \
+             RETURNING id, kind, payload, attempt, max_attempts, lease_token, lease_expires_at, \
+                 timeout_seconds, run_at, unique_key"
+        )
+    };
+}
+
 /// Inserts one job already claimed by `worker` (state `running`, attempt 1, a fresh lease valid
 /// for `lease`) in the caller's transaction: the continuation of the job that transaction
 /// completes, run next by the same worker without a claim round trip. If the worker dies, the
@@ -238,28 +258,149 @@ pub async fn job_enqueue_claimed(
     worker: Uuid,
     lease: Duration,
 ) -> StoreResult<Option<ClaimedJob>> {
-    Ok(sqlx::query_as::<_, ClaimedJob>(
-        "INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, unique_key, \
-                           timeout_seconds, state, attempt, lease_token, lease_expires_at, \
-                           locked_by, attempted_at) \
-         VALUES ($1, $2, $3, now(), $4, $5, $6, 'running', 1, gen_random_uuid(), \
-                 now() + $8::bigint * interval '1 millisecond', $7, now()) \
-         ON CONFLICT (unique_key) \
-             WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
-             DO NOTHING \
-         RETURNING id, kind, payload, attempt, max_attempts, lease_token, lease_expires_at, \
-             timeout_seconds, run_at, unique_key",
-    )
-    .bind(&job.kind)
-    .bind(&job.payload)
-    .bind(job.priority)
-    .bind(job.max_attempts)
-    .bind(&job.unique_key)
-    .bind(job.timeout_seconds)
-    .bind(worker)
-    .bind(millis(lease))
-    .fetch_optional(conn)
-    .await?)
+    let q = sqlx::query_as::<_, ClaimedJob>(claimed_insert!(""));
+    Ok(bind_claimed(q, job, worker, lease)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// A typed query on PostgreSQL, as handlers bind it.
+pub type PgQueryAs<'q, O> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+fn bind_claimed<'q, O>(
+    q: PgQueryAs<'q, O>,
+    job: &'q NewJob,
+    worker: Uuid,
+    lease: Duration,
+) -> PgQueryAs<'q, O> {
+    q.bind(&job.kind)
+        .bind(&job.payload)
+        .bind(job.priority)
+        .bind(job.max_attempts)
+        .bind(&job.unique_key)
+        .bind(job.timeout_seconds)
+        .bind(worker)
+        .bind(millis(lease))
+}
+
+/// What [`job_complete_continuing`] did: whether the job was completed (its lease was held),
+/// and the continuation it inserted claimed, if any.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct ContinuedRow {
+    completed: bool,
+    id: Option<i64>,
+    kind: Option<String>,
+    payload: Option<Value>,
+    attempt: Option<i32>,
+    max_attempts: Option<i32>,
+    lease_token: Option<Uuid>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    timeout_seconds: Option<i32>,
+    run_at: Option<DateTime<Utc>>,
+    unique_key: Option<String>,
+}
+
+/// A handler's own writes in the statement of [`job_complete_continuing`]: common table
+/// expressions, each followed by a comma, using parameters from `$11` on (bound by `bind`).
+/// `before` may read `fence` (the job row, locked; empty when the lease is lost) and must
+/// define `go` (a row when the continuation is to be inserted); `after` may read `nxt` (the
+/// continuation inserted, empty when not). Every write must depend on `fence` or `nxt`, so
+/// that a worker that lost its lease writes nothing.
+pub struct HandlerWrites<'q, B> {
+    /// CTEs before the continuation's insert (defining `go`).
+    pub before: &'static str,
+    /// CTEs after it.
+    pub after: &'static str,
+    /// Binds `$11`, `$12`, ...
+    pub bind: B,
+    /// Lifetime of the bound values.
+    pub values: std::marker::PhantomData<&'q ()>,
+}
+
+/// Completes running job `id` under lease `token`, inserts `next` claimed by `worker` (as
+/// [`job_enqueue_claimed`]) when the handler's `go` says so, and makes the handler's writes:
+/// one statement, which run outside an explicit transaction commits as one, so a job that
+/// continues costs one round trip and one commit. The job row is locked first (`fence`);
+/// without the lease nothing is written and `Ok(None)` comes back. `Ok(Some(None))`: completed,
+/// no continuation (not wanted, or de-duplicated by its unique key).
+pub async fn job_complete_continuing<'q, B>(
+    conn: &mut PgConnection,
+    id: i64,
+    token: Uuid,
+    next: &'q NewJob,
+    worker: Uuid,
+    lease: Duration,
+    writes: HandlerWrites<'q, B>,
+) -> StoreResult<Option<Option<ClaimedJob>>>
+where
+    B: FnOnce(PgQueryAs<'q, ContinuedRowOut>) -> PgQueryAs<'q, ContinuedRowOut>,
+{
+    let sql = format!(
+        "WITH fence AS (SELECT id FROM jobs WHERE id = $9 AND lease_token = $10 \
+                          AND state = 'running' FOR UPDATE), \
+         {before} \
+         nxt AS ({insert}), \
+         {after} \
+         done AS (UPDATE jobs SET state = 'completed', finished_at = now(), lease_token = NULL, \
+                    lease_expires_at = NULL \
+                  WHERE id = (SELECT id FROM fence)) \
+         SELECT EXISTS (SELECT 1 FROM fence) AS completed, nxt.* \
+         FROM (SELECT 1) one LEFT JOIN nxt ON true",
+        before = writes.before,
+        after = writes.after,
+        insert = claimed_insert!("FROM go WHERE EXISTS (SELECT 1 FROM fence)"),
+    );
+    let q = sqlx::query_as::<_, ContinuedRowOut>(sqlx::AssertSqlSafe(sql));
+    let q = bind_claimed(q, next, worker, lease).bind(id).bind(token);
+    let row = (writes.bind)(q).fetch_one(conn).await?.0;
+    if !row.completed {
+        return Ok(None);
+    }
+    let claimed = match (
+        row.id,
+        row.kind,
+        row.payload,
+        row.attempt,
+        row.max_attempts,
+        row.lease_token,
+        row.lease_expires_at,
+        row.run_at,
+    ) {
+        (
+            Some(id),
+            Some(kind),
+            Some(payload),
+            Some(attempt),
+            Some(max_attempts),
+            Some(lease_token),
+            Some(lease_expires_at),
+            Some(run_at),
+        ) => Some(ClaimedJob {
+            id,
+            kind,
+            payload,
+            attempt,
+            max_attempts,
+            lease_token,
+            lease_expires_at,
+            timeout_seconds: row.timeout_seconds,
+            run_at,
+            unique_key: row.unique_key,
+        }),
+        _ => None,
+    };
+    Ok(Some(claimed))
+}
+
+/// The row [`job_complete_continuing`] reads (opaque to handlers, which only bind).
+#[derive(Debug, Clone)]
+pub struct ContinuedRowOut(ContinuedRow);
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ContinuedRowOut {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        ContinuedRow::from_row(row).map(ContinuedRowOut)
+    }
 }
 
 /// Cancels the job with `unique_key` if it has not started (`available` or `retryable`), in the
