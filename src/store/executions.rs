@@ -473,20 +473,6 @@ pub async fn execution_count_running_in_batch(
     .await?)
 }
 
-/// Pending executions waiting for approval whose deadline passed.
-pub async fn execution_list_expired_approvals(
-    conn: &mut PgConnection,
-    now: DateTime<Utc>,
-) -> StoreResult<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM runbook_executions WHERE status = 'pending' AND awaiting_approval \
-           AND approval_expires_at <= $1",
-    )
-    .bind(now)
-    .fetch_all(conn)
-    .await?)
-}
-
 /// A row of `step_executions`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StepRow {
