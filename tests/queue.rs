@@ -850,13 +850,52 @@ async fn a_worker_process_killed_mid_job_is_rescued_and_finished_by_another_proc
     assert_eq!(stopped, 1);
 }
 
-#[tokio::test]
-async fn continuations_run_in_the_same_slot_without_a_claim() {
+/// Starts a worker with `registry`, enqueues `kind` with `n` = 0 and checks that one claim ran
+/// the chain of five (`n` 0 to 4, each logged in `chain_log`), every job completed in its
+/// first attempt by that worker.
+async fn chain_runs_in_one_slot(pool: &PgPool, registry: Registry, kind: &str) -> Worker {
+    let worker = Worker::start(pool.clone(), registry, config(2))
+        .await
+        .unwrap();
+    enqueue(pool, NewJob::new(kind, json!({ "n": 0 })))
+        .await
+        .unwrap();
+    let o = worker.tick().await.unwrap();
+    assert_eq!(
+        (o.claimed, o.completed),
+        (1, 5),
+        "one claim ran the whole chain"
+    );
+    let rows: Vec<(String, i32, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT state, attempt, locked_by FROM jobs ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![("completed".to_owned(), 1, Some(worker.id())); 5]
+    );
+    let logged: Vec<i32> = sqlx::query_scalar("SELECT n FROM chain_log ORDER BY job_id")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(logged, vec![0, 1, 2, 3, 4]);
+    worker
+}
+
+/// A fresh database with the `chain_log (job_id, n)` table chained handlers write to.
+async fn pool_with_chain_log() -> PgPool {
     let pool = common::fresh_pool().await;
     sqlx::query("CREATE TABLE chain_log (job_id bigint PRIMARY KEY, n int)")
         .execute(&pool)
         .await
         .unwrap();
+    pool
+}
+
+#[tokio::test]
+async fn continuations_run_in_the_same_slot_without_a_claim() {
+    let pool = pool_with_chain_log().await;
     let mut registry = Registry::new();
     registry.register(
         "chain",
@@ -876,35 +915,7 @@ async fn continuations_run_in_the_same_slot_without_a_claim() {
             tx.complete().await
         },
     );
-    let worker = Worker::start(pool.clone(), registry, config(2))
-        .await
-        .unwrap();
-    enqueue(&pool, NewJob::new("chain", json!({ "n": 0 })))
-        .await
-        .unwrap();
-    let o = worker.tick().await.unwrap();
-    assert_eq!(
-        (o.claimed, o.completed),
-        (1, 5),
-        "one claim ran the whole chain"
-    );
-    let rows: Vec<(String, i32, Option<uuid::Uuid>)> =
-        sqlx::query_as("SELECT state, attempt, locked_by FROM jobs ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert_eq!(rows.len(), 5);
-    for (state, attempt, locked_by) in &rows {
-        assert_eq!(
-            (state.as_str(), *attempt, *locked_by),
-            ("completed", 1, Some(worker.id()))
-        );
-    }
-    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM chain_log")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(logged, 5);
+    let worker = chain_runs_in_one_slot(&pool, registry, "chain").await;
     assert_eq!(worker.tick().await.unwrap().claimed, 0, "nothing was left");
 }
 
@@ -931,11 +942,7 @@ fn chain_log_writes<'q>(
 
 #[tokio::test]
 async fn one_statement_completion_continues_in_the_same_slot_and_is_fenced() {
-    let pool = common::fresh_pool().await;
-    sqlx::query("CREATE TABLE chain_log (job_id bigint PRIMARY KEY, n int)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = pool_with_chain_log().await;
     let mut registry = Registry::new();
     registry.register(
         "chain1",
@@ -949,29 +956,7 @@ async fn one_statement_completion_continues_in_the_same_slot_and_is_fenced() {
                 .await
         },
     );
-    let worker = Worker::start(pool.clone(), registry, config(2))
-        .await
-        .unwrap();
-    enqueue(&pool, NewJob::new("chain1", json!({ "n": 0 })))
-        .await
-        .unwrap();
-    let o = worker.tick().await.unwrap();
-    assert_eq!(
-        (o.claimed, o.completed),
-        (1, 5),
-        "one claim ran the whole chain"
-    );
-    let rows: Vec<(String, Option<uuid::Uuid>)> =
-        sqlx::query_as("SELECT state, locked_by FROM jobs ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert_eq!(rows, vec![("completed".to_owned(), Some(worker.id())); 5]);
-    let logged: Vec<i32> = sqlx::query_scalar("SELECT n FROM chain_log ORDER BY job_id")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(logged, vec![0, 1, 2, 3, 4]);
+    let worker = chain_runs_in_one_slot(&pool, registry, "chain1").await;
 
     // Without the lease (another token: the job was rescued and claimed again), the statement
     // writes nothing: no completion, no continuation, none of the handler's rows.

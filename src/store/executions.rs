@@ -642,6 +642,23 @@ pub struct StepFinished {
     pub execution_attempt: Option<i32>,
 }
 
+/// Binds a result's status, exit code, signal, stdout, stderr, truncated, skipped, error and
+/// command, in that order.
+fn bind_result<'q, O>(
+    q: crate::store::jobs::PgQueryAs<'q, O>,
+    r: &'q StepResult<'q>,
+) -> crate::store::jobs::PgQueryAs<'q, O> {
+    q.bind(r.status)
+        .bind(r.exit_code)
+        .bind(r.exit_signal)
+        .bind(r.stdout)
+        .bind(r.stderr)
+        .bind(r.truncated)
+        .bind(r.skipped)
+        .bind(r.error_message)
+        .bind(r.command)
+}
+
 /// The update that finishes running attempt `id` with a result: the parameter numbers of id,
 /// status, exit code, signal, stdout, stderr, truncated, skipped, error, command, sealed output.
 macro_rules! step_finish_update {
@@ -691,7 +708,7 @@ pub async fn step_finish(
     r: &StepResult<'_>,
     event: Option<&str>,
 ) -> StoreResult<StepFinished> {
-    Ok(sqlx::query_as::<_, StepFinished>(concat!(
+    let q = sqlx::query_as::<_, StepFinished>(concat!(
         "WITH u AS (",
         step_finish_update!(
             "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$12"
@@ -707,20 +724,12 @@ pub async fn step_finish(
          LEFT JOIN runbook_executions x \
            ON x.id = (SELECT execution_id FROM step_executions WHERE id = $1)"
     ))
-    .bind(id)
-    .bind(r.status)
-    .bind(r.exit_code)
-    .bind(r.exit_signal)
-    .bind(r.stdout)
-    .bind(r.stderr)
-    .bind(r.truncated)
-    .bind(r.skipped)
-    .bind(r.error_message)
-    .bind(r.command)
-    .bind(event)
-    .bind(r.output_encrypted)
-    .fetch_one(conn)
-    .await?)
+    .bind(id);
+    Ok(bind_result(q, r)
+        .bind(event)
+        .bind(r.output_encrypted)
+        .fetch_one(conn)
+        .await?)
 }
 
 /// The step that follows at once: its attempt row, inserted `running` with the job that runs it.
@@ -778,18 +787,7 @@ pub fn step_advance_writes<'q>(
                                  kind, data) \
                                SELECT $11, $25, 'status', $29 FROM nxt),",
         bind: move |q: crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>| {
-            q.bind(execution_id)
-                .bind(attempt)
-                .bind(id)
-                .bind(r.status)
-                .bind(r.exit_code)
-                .bind(r.exit_signal)
-                .bind(r.stdout)
-                .bind(r.stderr)
-                .bind(r.truncated)
-                .bind(r.skipped)
-                .bind(r.error_message)
-                .bind(r.command)
+            bind_result(q.bind(execution_id).bind(attempt).bind(id), r)
                 .bind(r.output_encrypted)
                 .bind(finish_event)
                 .bind(next.row_id)
