@@ -924,19 +924,13 @@ async fn continuations_run_in_the_same_slot_without_a_claim() {
 fn chain_log_writes<'q>(
     job_id: i64,
     n: i32,
-) -> jobs::HandlerWrites<
-    'q,
-    impl FnOnce(
-        jobs::PgQueryAs<'q, jobs::ContinuedRowOut>,
-    ) -> jobs::PgQueryAs<'q, jobs::ContinuedRowOut>,
-> {
+) -> jobs::HandlerWrites<impl FnOnce(jobs::ContinuingQuery<'q>) -> jobs::ContinuingQuery<'q>> {
     jobs::HandlerWrites {
         before: "w AS (INSERT INTO chain_log (job_id, n) SELECT $11, $12 \
                        WHERE EXISTS (SELECT 1 FROM fence)), \
                  go AS (SELECT 1 WHERE $12 < 4),",
         after: "",
-        bind: move |q: jobs::PgQueryAs<'q, jobs::ContinuedRowOut>| q.bind(job_id).bind(n),
-        values: std::marker::PhantomData,
+        bind: move |q: jobs::ContinuingQuery<'q>| q.bind(job_id).bind(n),
     }
 }
 

@@ -139,7 +139,7 @@ async fn write_loop(pool: PgPool, source: Arc<Mutex<Source>>, jobs: IntakeJobs<'
     }
 }
 
-async fn store(
+async fn store_group(
     pool: &PgPool,
     notifications: &[IntakeNotification],
     jobs: &IntakeJobs<'_>,
@@ -151,7 +151,7 @@ async fn store(
 async fn write_batch(pool: &PgPool, batch: Vec<Pending>, jobs: &IntakeJobs<'_>) {
     let (notifications, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| (p.notification, p.reply)).unzip();
-    match store(pool, &notifications, jobs).await {
+    match store_group(pool, &notifications, jobs).await {
         Ok(answers) => {
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(Ok(answer));
@@ -162,7 +162,7 @@ async fn write_batch(pool: &PgPool, batch: Vec<Pending>, jobs: &IntakeJobs<'_>) 
                 "a webhook batch failed; storing its notifications one by one");
             for (notification, reply) in notifications.into_iter().zip(replies) {
                 let one = std::slice::from_ref(&notification);
-                let answer = store(pool, one, jobs)
+                let answer = store_group(pool, one, jobs)
                     .await
                     .map(|mut a| a.pop().flatten())
                     .map_err(Arc::new);

@@ -137,15 +137,8 @@ pub fn spec_json() -> String {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect_lazy("postgres://localhost/unused")
         .expect("a constant URL parses");
-    let state = AppState {
-        webhook_slots: context::webhook_slots_for(&pool),
-        intake: context::intake_for(&pool),
-        job_notifier: crate::queue::Notifier::spawn(pool.clone(), context::JOB_NOTIFY_DEBOUNCE),
-        live: live::LiveEvents::new(pool.clone()),
-        pool,
-        config: Arc::new(Config::default()),
-        secrets: None,
-    };
+    let state = AppState::new(pool, Arc::new(Config::default()))
+        .expect("the default configuration names no secret key file");
     let mut spec = service(&state).spec();
     spec.push('\n');
     spec

@@ -253,12 +253,10 @@ impl Lease {
     pub async fn complete_continuing<'q, B>(
         &self,
         next: &'q NewJob,
-        writes: store::jobs::HandlerWrites<'q, B>,
+        writes: store::jobs::HandlerWrites<B>,
     ) -> Result<(), JobError>
     where
-        B: FnOnce(
-            store::jobs::PgQueryAs<'q, store::jobs::ContinuedRowOut>,
-        ) -> store::jobs::PgQueryAs<'q, store::jobs::ContinuedRowOut>,
+        B: FnOnce(store::jobs::ContinuingQuery<'q>) -> store::jobs::ContinuingQuery<'q>,
     {
         let Some(chain) = self.continuation_claim(next) else {
             return Err(JobError::Permanent(format!(

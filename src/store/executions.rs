@@ -761,10 +761,7 @@ pub fn step_advance_writes<'q>(
     finish_event: &'q str,
     next: NextStep<'q>,
 ) -> crate::store::jobs::HandlerWrites<
-    'q,
-    impl FnOnce(
-        crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>,
-    ) -> crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>,
+    impl FnOnce(crate::store::jobs::ContinuingQuery<'q>) -> crate::store::jobs::ContinuingQuery<'q>,
 > {
     crate::store::jobs::HandlerWrites {
         before: concat!(
@@ -786,7 +783,7 @@ pub fn step_advance_writes<'q>(
                 prep_event AS (INSERT INTO execution_events (execution_id, step_execution_id, \
                                  kind, data) \
                                SELECT $11, $25, 'status', $29 FROM nxt),",
-        bind: move |q: crate::store::jobs::PgQueryAs<'q, crate::store::jobs::ContinuedRowOut>| {
+        bind: move |q: crate::store::jobs::ContinuingQuery<'q>| {
             bind_result(q.bind(execution_id).bind(attempt).bind(id), r)
                 .bind(r.output_encrypted)
                 .bind(finish_event)
@@ -796,7 +793,6 @@ pub fn step_advance_writes<'q>(
                 .bind(next.step_name)
                 .bind(next.event)
         },
-        values: std::marker::PhantomData,
     }
 }
 

@@ -284,22 +284,27 @@ fn bind_claimed<'q, O>(
         .bind(millis(lease))
 }
 
-/// What [`job_complete_continuing`] did: whether the job was completed (its lease was held),
-/// and the continuation it inserted claimed, if any.
-#[derive(Debug, Clone, sqlx::FromRow)]
-struct ContinuedRow {
+/// The row [`job_complete_continuing`] reads: whether the job was completed (its lease was
+/// held), and the continuation it inserted claimed, if any. Opaque to handlers, which only bind.
+#[derive(Debug, Clone)]
+pub struct Continued {
     completed: bool,
-    id: Option<i64>,
-    kind: Option<String>,
-    payload: Option<Value>,
-    attempt: Option<i32>,
-    max_attempts: Option<i32>,
-    lease_token: Option<Uuid>,
-    lease_expires_at: Option<DateTime<Utc>>,
-    timeout_seconds: Option<i32>,
-    run_at: Option<DateTime<Utc>>,
-    unique_key: Option<String>,
+    next: Option<ClaimedJob>,
 }
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Continued {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let inserted: Option<i64> = row.try_get("id")?;
+        Ok(Continued {
+            completed: row.try_get("completed")?,
+            next: inserted.map(|_| ClaimedJob::from_row(row)).transpose()?,
+        })
+    }
+}
+
+/// The statement of [`job_complete_continuing`], as [`HandlerWrites::bind`] gets it.
+pub type ContinuingQuery<'q> = PgQueryAs<'q, Continued>;
 
 /// A handler's own writes in the statement of [`job_complete_continuing`]: common table
 /// expressions, each followed by a comma, using parameters from `$11` on (bound by `bind`).
@@ -307,15 +312,13 @@ struct ContinuedRow {
 /// define `go` (a row when the continuation is to be inserted); `after` may read `nxt` (the
 /// continuation inserted, empty when not). Every write must depend on `fence` or `nxt`, so
 /// that a worker that lost its lease writes nothing.
-pub struct HandlerWrites<'q, B> {
+pub struct HandlerWrites<B> {
     /// CTEs before the continuation's insert (defining `go`).
     pub before: &'static str,
     /// CTEs after it.
     pub after: &'static str,
     /// Binds `$11`, `$12`, ...
     pub bind: B,
-    /// Lifetime of the bound values.
-    pub values: std::marker::PhantomData<&'q ()>,
 }
 
 /// Completes running job `id` under lease `token`, inserts `next` claimed by `worker` (as
@@ -331,10 +334,10 @@ pub async fn job_complete_continuing<'q, B>(
     next: &'q NewJob,
     worker: Uuid,
     lease: Duration,
-    writes: HandlerWrites<'q, B>,
+    writes: HandlerWrites<B>,
 ) -> StoreResult<Option<Option<ClaimedJob>>>
 where
-    B: FnOnce(PgQueryAs<'q, ContinuedRowOut>) -> PgQueryAs<'q, ContinuedRowOut>,
+    B: FnOnce(ContinuingQuery<'q>) -> ContinuingQuery<'q>,
 {
     let sql = format!(
         "WITH fence AS (SELECT id FROM jobs WHERE id = $9 AND lease_token = $10 \
@@ -351,56 +354,10 @@ where
         after = writes.after,
         insert = claimed_insert!("FROM go WHERE EXISTS (SELECT 1 FROM fence)"),
     );
-    let q = sqlx::query_as::<_, ContinuedRowOut>(sqlx::AssertSqlSafe(sql));
+    let q = sqlx::query_as::<_, Continued>(sqlx::AssertSqlSafe(sql));
     let q = bind_claimed(q, next, worker, lease).bind(id).bind(token);
-    let row = (writes.bind)(q).fetch_one(conn).await?.0;
-    if !row.completed {
-        return Ok(None);
-    }
-    let claimed = match (
-        row.id,
-        row.kind,
-        row.payload,
-        row.attempt,
-        row.max_attempts,
-        row.lease_token,
-        row.lease_expires_at,
-        row.run_at,
-    ) {
-        (
-            Some(id),
-            Some(kind),
-            Some(payload),
-            Some(attempt),
-            Some(max_attempts),
-            Some(lease_token),
-            Some(lease_expires_at),
-            Some(run_at),
-        ) => Some(ClaimedJob {
-            id,
-            kind,
-            payload,
-            attempt,
-            max_attempts,
-            lease_token,
-            lease_expires_at,
-            timeout_seconds: row.timeout_seconds,
-            run_at,
-            unique_key: row.unique_key,
-        }),
-        _ => None,
-    };
-    Ok(Some(claimed))
-}
-
-/// The row [`job_complete_continuing`] reads (opaque to handlers, which only bind).
-#[derive(Debug, Clone)]
-pub struct ContinuedRowOut(ContinuedRow);
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ContinuedRowOut {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        ContinuedRow::from_row(row).map(ContinuedRowOut)
-    }
+    let row = (writes.bind)(q).fetch_one(conn).await?;
+    Ok(row.completed.then_some(row.next))
 }
 
 /// Cancels the job with `unique_key` if it has not started (`available` or `retryable`), in the
