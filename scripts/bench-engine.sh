@@ -4,7 +4,9 @@
 #      processes (executions/s, steps/s, transactions per step) and the API-to-completed latency
 #      of a 3-step runbook (p50, p99);
 #   2. graphile-worker: 1,000 chains of 5 no-op jobs (each job adds the next) on 2 worker
-#      processes (chains/s, jobs/s, transactions per job).
+#      processes (chains/s, jobs/s, transactions per job);
+#   3. the same chains with every graphile job running the command an aiops no-op step runs
+#      (`sh -c true`), so that both do the same work per job.
 # Both use concurrency BENCH_CONCURRENCY (default 10) per worker process. Uses DATABASE_URL when
 # set; otherwise creates a throw-away cluster with initdb defaults under target/bench-engine-pg.
 # graphile-worker is installed with npm under target/bench-node (never committed).
@@ -42,6 +44,9 @@ cp scripts/bench/package.json scripts/bench/graphile-chain.js "$node_dir/"
 base="${DATABASE_URL%%\?*}"
 query="${DATABASE_URL#"$base"}"
 db=gw_chain_bench
-psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
-GW_DATABASE_URL="${base%/*}/$db$query" GW_ADMIN_URL="$DATABASE_URL" node "$node_dir/graphile-chain.js"
-psql "$DATABASE_URL" -qc "DROP DATABASE $db"
+for command in "" true; do
+    psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+    GW_DATABASE_URL="${base%/*}/$db$query" GW_ADMIN_URL="$DATABASE_URL" GW_COMMAND="$command" \
+        node "$node_dir/graphile-chain.js"
+    psql "$DATABASE_URL" -qc "DROP DATABASE $db"
+done

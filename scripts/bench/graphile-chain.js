@@ -8,8 +8,11 @@
 // own statements), and CPU time per job over the same interval from /proc/<pid>/stat (the
 // database on this host): the two worker processes and the database backends serving the
 // benchmark database (this script's own connection excluded), as the aiops benchmark prints it.
+// With GW_COMMAND set (e.g. `true`), every job first runs that command as `/bin/sh -c <command>`
+// and waits for it, as an aiops step does, so the two compare job for job on the same work; the
+// commands' CPU time is then printed like the aiops benchmark's "their commands".
 // Usage: GW_DATABASE_URL=postgres://.../gw_db GW_ADMIN_URL=postgres://.../postgres node graphile-chain.js
-const { fork } = require("child_process");
+const { fork, execFile } = require("child_process");
 const { run, makeWorkerUtils, Logger } = require("graphile-worker");
 const { Client, Pool } = require("pg");
 
@@ -18,6 +21,7 @@ const chains = Number(process.env.BENCH_CHAINS || 1000);
 const length = Number(process.env.BENCH_CHAIN_LENGTH || 5);
 const concurrency = Number(process.env.BENCH_CONCURRENCY || 10);
 const workers = 2;
+const command = process.env.GW_COMMAND || "";
 // Per-job INFO lines would dominate the measurement.
 const logger = new Logger(() => () => {});
 
@@ -28,6 +32,11 @@ async function worker() {
   let finished = 0;
   const taskList = {
     chain: async (payload, helpers) => {
+      if (command) {
+        await new Promise((resolve, reject) =>
+          execFile("/bin/sh", ["-c", command], (error) => (error ? reject(error) : resolve())),
+        );
+      }
       if (payload.step < length) {
         await helpers.addJob("chain", { chain: payload.chain, step: payload.step + 1 });
       } else {
@@ -47,13 +56,16 @@ async function worker() {
   });
 }
 
-// CPU seconds (user + system) of a process, from /proc.
-function cpuOf(pid) {
+// CPU seconds (user + system) of a process, from /proc; with `children`, those of its reaped
+// children instead (cutime and cstime).
+function cpuOf(pid, children = false) {
   try {
     const stat = require("fs").readFileSync(`/proc/${pid}/stat`, "utf8");
     const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ").map(Number);
-    // utime and stime are fields 14 and 15; f starts at field 3. USER_HZ is 100.
-    return (f[14 - 3] + f[15 - 3]) / 100;
+    // utime and stime are fields 14 and 15, cutime and cstime 16 and 17; f starts at field 3.
+    // USER_HZ is 100.
+    const [u, s] = children ? [16, 17] : [14, 15];
+    return (f[u - 3] + f[s - 3]) / 100;
   } catch {
     return 0;
   }
@@ -61,12 +73,13 @@ function cpuOf(pid) {
 
 async function cpuNow(admin, db, skip, pids) {
   const workers = pids.reduce((a, p) => a + cpuOf(p), 0);
+  const commands = pids.reduce((a, p) => a + cpuOf(p, true), 0);
   const { rows } = await admin.query(
     "select pid from pg_stat_activity where datname = $1 and pid <> $2 and backend_type = 'client backend'",
     [db, skip],
   );
   const database = rows.reduce((a, r) => a + cpuOf(r.pid), 0);
-  return { workers, database };
+  return { workers, commands, database };
 }
 
 async function xactCommit(admin, db) {
@@ -160,7 +173,7 @@ async function main() {
 
   const jobs = chains * length;
   console.log(
-    `graphile-worker 0.17.3: ${chains} chains x ${length} chained no-op jobs, ${workers} worker processes (concurrency ${concurrency} each)`,
+    `graphile-worker 0.17.3: ${chains} chains x ${length} chained ${command ? `jobs each running \`sh -c ${command}\`` : "no-op jobs"}, ${workers} worker processes (concurrency ${concurrency} each)`,
   );
   console.log(
     `    wall ${secs.toFixed(2)} s = ${(chains / secs).toFixed(1)} chains/s, ${(jobs / secs).toFixed(1)} jobs/s`,
@@ -170,8 +183,13 @@ async function main() {
   );
   const per = (cpu) => ((cpu * 1000) / jobs).toFixed(2);
   const w = cpuAfter.workers - cpuBefore.workers;
+  const c = cpuAfter.commands - cpuBefore.commands;
   const d = cpuAfter.database - cpuBefore.database;
-  console.log(`    CPU per job: workers ${per(w)} ms, database backends ${per(d)} ms (total ${per(w + d)} ms)`);
+  console.log(
+    command
+      ? `    CPU per job: workers ${per(w)} ms, their commands ${per(c)} ms, database backends ${per(d)} ms (total ${per(w + c + d)} ms)`
+      : `    CPU per job: workers ${per(w)} ms, database backends ${per(d)} ms (total ${per(w + d)} ms)`,
+  );
 }
 
 const entry = process.env.GW_ROLE === "worker" ? worker : main;
