@@ -10,7 +10,10 @@ use uuid::Uuid;
 
 use crate::domain::execution::{Effect, Event, State, Status, transition};
 use crate::queue::{JobContext, JobError, NewJob};
-use crate::store::{self, executions::ExecutionRow};
+use crate::store::{
+    self,
+    executions::{ExecutionEnd, ExecutionRow},
+};
 
 use super::snapshot::{RunbookSnapshot, snapshot_load};
 use super::{
@@ -161,22 +164,19 @@ pub(crate) async fn refuse(
     let done = store::executions::execution_finish(
         conn,
         row.id,
-        &["pending", "approved"],
-        "cancelled",
-        Some(&format!("refused by {gate}: {reason}")),
-        None,
-        Some(gate),
+        &ExecutionEnd {
+            from: &["pending", "approved"],
+            to: "cancelled",
+            error_message: Some(&format!("refused by {gate}: {reason}")),
+            refused_by: Some(gate),
+            log: &[log_entry(
+                "refused",
+                json!({ "gate": gate, "reason": reason }),
+            )],
+            ..ExecutionEnd::default()
+        },
     )
     .await?;
-    if done {
-        log(
-            conn,
-            row.id,
-            "refused",
-            json!({ "gate": gate, "reason": reason }),
-        )
-        .await?;
-    }
     Ok(done)
 }
 
@@ -248,21 +248,20 @@ pub async fn reject(
     store::executions::execution_finish(
         conn,
         execution_id,
-        &["pending"],
-        "cancelled",
-        Some(&message),
-        None,
-        Some("approval_rejected"),
+        &ExecutionEnd {
+            from: &["pending"],
+            to: "cancelled",
+            error_message: Some(&message),
+            refused_by: Some("approval_rejected"),
+            log: &[log_entry(
+                "rejected",
+                json!({ "by": user_id, "reason": reason }),
+            )],
+            ..ExecutionEnd::default()
+        },
     )
     .await?;
     store::executions::execution_request_cancel(conn, execution_id, Some(user_id)).await?;
-    log(
-        conn,
-        execution_id,
-        "rejected",
-        json!({ "by": user_id, "reason": reason }),
-    )
-    .await?;
     Ok(())
 }
 
@@ -283,18 +282,16 @@ pub async fn cancel(
     store::executions::execution_finish(
         conn,
         execution_id,
-        &["pending", "approved", "running"],
-        t.next.status.as_str(),
-        Some(reason),
-        None,
-        None,
-    )
-    .await?;
-    log(
-        conn,
-        execution_id,
-        "cancelled",
-        json!({ "by": user_id, "reason": reason }),
+        &ExecutionEnd {
+            from: &["pending", "approved", "running"],
+            to: t.next.status.as_str(),
+            error_message: Some(reason),
+            log: &[log_entry(
+                "cancelled",
+                json!({ "by": user_id, "reason": reason }),
+            )],
+            ..ExecutionEnd::default()
+        },
     )
     .await?;
     Ok(())
@@ -312,14 +309,16 @@ pub async fn handle_approval_expiry(engine: &Engine, ctx: JobContext) -> Result<
         store::executions::execution_finish(
             g.conn(),
             row.id,
-            &["pending"],
-            "cancelled",
-            Some("approval expired"),
-            None,
-            Some("approval_expired"),
+            &ExecutionEnd {
+                from: &["pending"],
+                to: "cancelled",
+                error_message: Some("approval expired"),
+                refused_by: Some("approval_expired"),
+                log: &[log_entry("approval_expired", json!({}))],
+                ..ExecutionEnd::default()
+            },
         )
         .await?;
-        log(g.conn(), row.id, "approval_expired", json!({})).await?;
     }
     let _ = engine;
     g.complete().await
@@ -381,24 +380,13 @@ pub(crate) async fn finish_run(
     let snapshot = snapshot_of(row)?;
     let summary = run_summary(conn, row).await?;
     let mut rollback_then: Option<Option<i32>> = None;
-    // Log entries of this end, appended in one statement.
+    // Log entries of this end, appended with the status change (one new version of the row),
+    // or on their own when the execution goes on running.
     let mut entries = Vec::new();
+    let mut finish: Option<Option<&str>> = None;
     for effect in &t.effects {
         match effect {
-            Effect::Finish(reason) => {
-                store::executions::execution_finish(
-                    conn,
-                    row.id,
-                    &["running"],
-                    t.next.status.as_str(),
-                    reason.as_deref(),
-                    Some(&summary),
-                    None,
-                )
-                .await?;
-                // The runbook deadline's timer is no longer needed.
-                store::jobs::job_cancel_pending(conn, &deadline_key(row.id)).await?;
-            }
+            Effect::Finish(reason) => finish = Some(reason.as_deref()),
             Effect::Rollback => rollback_then = Some(None),
             Effect::ScheduleRetry { attempt } => rollback_then = Some(Some(*attempt as i32)),
             Effect::RecordOutcome { success: true }
@@ -443,7 +431,26 @@ pub(crate) async fn finish_run(
         },
         json!({ "attempt": row.attempt, "summary": summary }),
     ));
-    store::executions::execution_log_append(conn, row.id, &entries).await?;
+    match finish {
+        Some(reason) => {
+            store::executions::execution_finish(
+                conn,
+                row.id,
+                &ExecutionEnd {
+                    from: &["running"],
+                    to: t.next.status.as_str(),
+                    error_message: reason,
+                    output_summary: Some(&summary),
+                    log: &entries,
+                    ..ExecutionEnd::default()
+                },
+            )
+            .await?;
+            // The runbook deadline's timer is no longer needed.
+            store::jobs::job_cancel_pending(conn, &deadline_key(row.id)).await?;
+        }
+        None => store::executions::execution_log_append(conn, row.id, &entries).await?,
+    }
     if let Some(then_attempt) = rollback_then {
         start_rollback(conn, row, &snapshot, then_attempt).await?;
     }

@@ -339,34 +339,58 @@ pub async fn execution_approve(conn: &mut PgConnection, id: Uuid, user: Uuid) ->
     Ok(done.rows_affected() == 1)
 }
 
-/// Ends an execution with a terminal status if it is still in one of `from`; sets completed_at,
-/// duration_ms (from started_at, or 0 when it never started), and the reason and summary.
+/// How an execution ends: the terminal status, the statuses it may end from, and what is
+/// recorded with it.
+#[derive(Debug, Default)]
+pub struct ExecutionEnd<'a> {
+    /// Statuses the execution may be in for the end to apply.
+    pub from: &'a [&'a str],
+    /// The terminal status.
+    pub to: &'a str,
+    /// Reason, kept in `error_message` (unchanged when `None`).
+    pub error_message: Option<&'a str>,
+    /// Kept in `output_summary` (unchanged when `None`).
+    pub output_summary: Option<&'a str>,
+    /// The gate that refused the run.
+    pub refused_by: Option<&'a str>,
+    /// Entries appended to `execution_log` and the live stream, in order, only if the end
+    /// applied.
+    pub log: &'a [Value],
+}
+
+/// Ends an execution with a terminal status if it is still in one of `end.from`; sets
+/// completed_at, duration_ms (from started_at, or 0 when it never started), the reason and
+/// summary, and appends the log entries, in one statement: one new version of the row. Returns
+/// whether it applied.
 pub async fn execution_finish(
     conn: &mut PgConnection,
     id: Uuid,
-    from: &[&str],
-    to: &str,
-    error_message: Option<&str>,
-    output_summary: Option<&str>,
-    refused_by: Option<&str>,
+    end: &ExecutionEnd<'_>,
 ) -> StoreResult<bool> {
-    let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+    let from: Vec<String> = end.from.iter().map(|s| s.to_string()).collect();
     let done = sqlx::query(
-        "UPDATE runbook_executions SET status = $3::execution_status, completed_at = now(), \
-           duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, 0), \
-           error_message = COALESCE($4, error_message), \
-           output_summary = COALESCE($5, output_summary), refused_by = COALESCE($6, refused_by), \
-           awaiting_approval = false \
-         WHERE id = $1 AND status::text = ANY($2) \
-         RETURNING pg_notify($7, $1::text)",
+        "WITH u AS (\
+           UPDATE runbook_executions SET status = $3::execution_status, completed_at = now(), \
+             duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, 0), \
+             error_message = COALESCE($4, error_message), \
+             output_summary = COALESCE($5, output_summary), refused_by = COALESCE($6, refused_by), \
+             awaiting_approval = false, execution_log = execution_log || $8::jsonb \
+           WHERE id = $1 AND status::text = ANY($2) \
+           RETURNING id), \
+         e AS (INSERT INTO execution_events (execution_id, kind, data) \
+               SELECT u.id, 'status', entry::text \
+               FROM u, jsonb_array_elements($8::jsonb) WITH ORDINALITY AS t(entry, n) \
+               ORDER BY n) \
+         SELECT pg_notify($7, id::text) FROM u",
     )
     .bind(id)
     .bind(&from)
-    .bind(to)
-    .bind(error_message)
-    .bind(output_summary)
-    .bind(refused_by)
+    .bind(end.to)
+    .bind(end.error_message)
+    .bind(end.output_summary)
+    .bind(end.refused_by)
     .bind(CONTROL_CHANNEL)
+    .bind(Value::Array(end.log.to_vec()))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
