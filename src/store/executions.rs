@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::StoreResult;
@@ -21,6 +22,22 @@ macro_rules! select_execution {
              batch_concurrency, breaker_probe, refused_by, secret_vars_encrypted \
              FROM runbook_executions ",
             $tail
+        )
+    };
+}
+
+/// `INSERT` of one live `status` event per entry of the jsonb array `$entries`, in array
+/// order, for the execution `$id` selected `FROM $from` (a source to join, or empty).
+macro_rules! insert_status_events {
+    ($id:literal, $from:literal, $entries:literal) => {
+        concat!(
+            "INSERT INTO execution_events (execution_id, kind, data) SELECT ",
+            $id,
+            ", 'status', entry::text FROM ",
+            $from,
+            "jsonb_array_elements(",
+            $entries,
+            "::jsonb) WITH ORDINALITY AS t(entry, n) ORDER BY n"
         )
     };
 }
@@ -368,7 +385,7 @@ pub async fn execution_finish(
     end: &ExecutionEnd<'_>,
 ) -> StoreResult<bool> {
     let from: Vec<String> = end.from.iter().map(|s| s.to_string()).collect();
-    let done = sqlx::query(
+    let done = sqlx::query(concat!(
         "WITH u AS (\
            UPDATE runbook_executions SET status = $3::execution_status, completed_at = now(), \
              duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, 0), \
@@ -377,12 +394,10 @@ pub async fn execution_finish(
              awaiting_approval = false, execution_log = execution_log || $8::jsonb \
            WHERE id = $1 AND status::text = ANY($2) \
            RETURNING id), \
-         e AS (INSERT INTO execution_events (execution_id, kind, data) \
-               SELECT u.id, 'status', entry::text \
-               FROM u, jsonb_array_elements($8::jsonb) WITH ORDINALITY AS t(entry, n) \
-               ORDER BY n) \
-         SELECT pg_notify($7, id::text) FROM u",
-    )
+         e AS (",
+        insert_status_events!("u.id", "u, ", "$8"),
+        ") SELECT pg_notify($7, id::text) FROM u",
+    ))
     .bind(id)
     .bind(&from)
     .bind(end.to)
@@ -390,7 +405,7 @@ pub async fn execution_finish(
     .bind(end.output_summary)
     .bind(end.refused_by)
     .bind(CONTROL_CHANNEL)
-    .bind(Value::Array(end.log.to_vec()))
+    .bind(Json(end.log))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -425,17 +440,15 @@ pub async fn execution_log_append(
     id: Uuid,
     entries: &[Value],
 ) -> StoreResult<()> {
-    sqlx::query(
+    sqlx::query(concat!(
         "WITH l AS (UPDATE runbook_executions SET execution_log = execution_log || $2::jsonb \
                     WHERE id = $1), \
-              e AS (INSERT INTO execution_events (execution_id, kind, data) \
-                    SELECT $1, 'status', entry::text \
-                    FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS t(entry, n) \
-                    ORDER BY n) \
-         SELECT 1",
-    )
+              e AS (",
+        insert_status_events!("$1", "", "$2"),
+        ") SELECT 1",
+    ))
     .bind(id)
-    .bind(Value::Array(entries.to_vec()))
+    .bind(Json(entries))
     .execute(conn)
     .await?;
     Ok(())
