@@ -32,6 +32,9 @@ pub struct WorkerOptions {
     pub keyring: Option<Arc<crate::crypto::secrets::Keyring>>,
     /// Execution engine tunables (output caps, cancel fallback poll).
     pub engine: EngineSettings,
+    /// Variables of the worker's environment that local commands get besides the host basics
+    /// (see [`crate::exec::local::HOST_ENV`]).
+    pub local_env_passthrough: Vec<String>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -42,6 +45,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("test_kinds", &self.test_kinds)
             .field("ssh", &self.ssh.is_some())
             .field("keyring", &self.keyring)
+            .field("local_env_passthrough", &self.local_env_passthrough)
             .finish()
     }
 }
@@ -56,6 +60,7 @@ impl Default for WorkerOptions {
             ssh: None,
             keyring: None,
             engine: EngineSettings::default(),
+            local_env_passthrough: Vec::new(),
         }
     }
 }
@@ -99,7 +104,7 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
     let engine = Arc::new(Engine {
         pool: pool.clone(),
         targets: options.targets.clone(),
-        local: Arc::new(LocalExecutor),
+        local: Arc::new(LocalExecutor::from_host(&options.local_env_passthrough)),
         ssh: options.ssh.clone(),
         keyring: options.keyring.clone(),
         ended: tokio::sync::broadcast::channel(256).0,

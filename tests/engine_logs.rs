@@ -1,5 +1,6 @@
 //! Secrets stay out of the logs: a worker process at debug level runs a step that prints a secret
-//! variable; neither its log output nor the database holds the secret afterwards.
+//! variable; neither its log output nor the database holds the secret afterwards. A command run
+//! on the worker's host does not see the worker's own environment (database URL, secret key).
 
 mod common;
 
@@ -91,6 +92,105 @@ async fn a_debug_level_worker_never_logs_a_secret() {
     assert_eq!(none["total"], 0);
     let (status, body) = app.get("/executions?status=exploded").await;
     assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn a_local_command_gets_neither_the_database_url_nor_the_secret_key() {
+    let app = common::spawn_app().await;
+    let runbook = app
+        .runbook_from_yaml(
+            "name: local-env\nmode: auto\nenvironment_vars:\n  GREETING: hello\nsteps:\n  - name: env\n    command: env\n",
+        )
+        .await;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
+        .args(["worker", "--poll-ms", "50", "--maintenance-ms", "200"])
+        .env("DATABASE_URL", &app.database_url)
+        .env("AIOPS_SECRET_KEY", common::TEST_SECRET_KEY)
+        .env(
+            "AIOPS_LOCAL_ENV_PASSTHROUGH",
+            "AIOPS_TEST_PROXY, AIOPS_TEST_UNSET",
+        )
+        .env("AIOPS_TEST_PROXY", "http://proxy.example:3128")
+        .env("AIOPS_TEST_HIDDEN", "not-for-commands")
+        .env_remove("AIOPS_TEST_UNSET")
+        .env("HOME", "/var/lib/aiops-test-home")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let stdout = app.steps(id).await[0]["stdout"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let vars: std::collections::BTreeMap<&str, &str> =
+        stdout.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(vars.get("GREETING"), Some(&"hello"), "{stdout}");
+    assert_eq!(
+        vars.get("AIOPS_TEST_PROXY"),
+        Some(&"http://proxy.example:3128"),
+        "a passed-through variable arrives: {stdout}"
+    );
+    assert_eq!(
+        vars.get("HOME"),
+        Some(&"/var/lib/aiops-test-home"),
+        "{stdout}"
+    );
+    assert!(vars.get("PATH").is_some_and(|p| !p.is_empty()), "{stdout}");
+    assert!(
+        !stdout.contains(&app.database_url),
+        "database URL leaked: {stdout}"
+    );
+    assert!(
+        !stdout.contains(common::TEST_SECRET_KEY),
+        "secret key leaked: {stdout}"
+    );
+    assert!(!stdout.contains("not-for-commands"), "{stdout}");
+    // Nothing else of the worker's environment: only the host basics, the step's variable, the
+    // passed-through one and what the shell itself sets.
+    let allowed: Vec<&str> = aiops::exec::local::HOST_ENV
+        .iter()
+        .copied()
+        .chain([
+            "GREETING",
+            "AIOPS_TEST_PROXY",
+            "PWD",
+            "OLDPWD",
+            "SHLVL",
+            "_",
+        ])
+        .collect();
+    for name in vars.keys() {
+        assert!(
+            allowed.contains(name),
+            "{name} came from the worker: {stdout}"
+        );
+    }
+    let pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    worker.wait().await.unwrap();
+
+    // A name that is not a variable name is refused at start, naming it.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
+        .args(["worker", "--local-env-passthrough", "HTTP_PROXY,bad-name"])
+        .env("DATABASE_URL", &app.database_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`bad-name` is not a variable name"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ fn request(command: &str) -> CommandRequest {
 
 async fn run(req: &CommandRequest) -> aiops::exec::CommandOutcome {
     let (tx, _rx) = mpsc::channel(64);
-    LocalExecutor
+    LocalExecutor::default()
         .run(&Target::Local, req, CancellationToken::new(), tx)
         .await
         .unwrap()
@@ -88,7 +88,7 @@ async fn hostile_environment_values_stay_literal() {
     req.env = vec![("BAD-NAME".to_owned(), "x".to_owned())];
     let (tx, _rx) = mpsc::channel(1);
     assert!(
-        LocalExecutor
+        LocalExecutor::default()
             .run(&Target::Local, &req, CancellationToken::new(), tx)
             .await
             .is_err()
@@ -96,11 +96,39 @@ async fn hostile_environment_values_stay_literal() {
 }
 
 #[tokio::test]
+async fn a_command_starts_from_the_base_environment_and_the_step_variables_only() {
+    let executor = LocalExecutor::with_base_env([
+        ("HOME".to_owned(), "/home/runner".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    assert!(
+        executor.base_env().iter().any(|(n, _)| n == "PATH"),
+        "PATH is always set"
+    );
+    let mut req = request("env | sort");
+    req.env = vec![("SERVICE".to_owned(), "web".to_owned())];
+    let (tx, _rx) = mpsc::channel(64);
+    let out = executor
+        .run(&Target::Local, &req, CancellationToken::new(), tx)
+        .await
+        .unwrap();
+    let names: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+        .filter(|n| !["PWD", "OLDPWD", "SHLVL", "_"].contains(n))
+        .collect();
+    assert_eq!(names, ["HOME", "LANG", "PATH", "SERVICE"], "{}", out.stdout);
+    assert!(out.stdout.contains("HOME=/home/runner\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("SERVICE=web\n"), "{}", out.stdout);
+}
+
+#[tokio::test]
 async fn output_is_capped_with_a_marker_and_streamed_live() {
     let mut req = request("head -c 100000 /dev/zero | tr '\\0' a; echo done >&2");
     req.output_limit_bytes = 1000;
     let (tx, mut rx) = mpsc::channel(1024);
-    let out = LocalExecutor
+    let out = LocalExecutor::default()
         .run(&Target::Local, &req, CancellationToken::new(), tx)
         .await
         .unwrap();
@@ -152,7 +180,11 @@ async fn cancellation_kills_mid_command() {
     let (tx, mut rx) = mpsc::channel(16);
     let task = {
         let cancel = cancel.clone();
-        tokio::spawn(async move { LocalExecutor.run(&Target::Local, &req, cancel, tx).await })
+        tokio::spawn(async move {
+            LocalExecutor::default()
+                .run(&Target::Local, &req, cancel, tx)
+                .await
+        })
     };
     // Cancel once the command has visibly started.
     let first = rx.recv().await.unwrap();

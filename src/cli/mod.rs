@@ -97,6 +97,12 @@ pub struct WorkerArgs {
     /// Finished jobs are deleted this many hours after they finished.
     #[arg(long, env = "AIOPS_JOB_RETENTION_HOURS", default_value_t = 168)]
     pub retention_hours: u64,
+    /// Variables of this process's environment that commands run on the worker's own host get,
+    /// comma-separated (for example `HTTP_PROXY,NO_PROXY`). Without it they get only `PATH`,
+    /// `HOME`, `USER`, `LOGNAME`, `SHELL`, the locale, `TZ` and `TMPDIR`, never the database URL
+    /// or the secret key.
+    #[arg(long, env = "AIOPS_LOCAL_ENV_PASSTHROUGH", value_delimiter = ',')]
+    pub local_env_passthrough: Vec<String>,
     /// Register the `test.*` job kinds (for the queue's process-level tests only).
     #[arg(long, hide = true, env = "AIOPS_WORKER_TEST_KINDS")]
     pub test_kinds: bool,
@@ -132,10 +138,25 @@ impl WorkerArgs {
                 .context("--grace-seconds must be a non-negative number")?,
             ..crate::queue::WorkerConfig::default()
         };
+        let passthrough: Vec<String> = self
+            .local_env_passthrough
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if let Some(bad) = passthrough
+            .iter()
+            .find(|n| crate::exec::validate_env(&[((*n).clone(), String::new())]).is_err())
+        {
+            anyhow::bail!(
+                "--local-env-passthrough: `{bad}` is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            );
+        }
         Ok(crate::worker::WorkerOptions {
             queue,
             retention: std::time::Duration::from_secs(self.retention_hours * 3600),
             test_kinds: self.test_kinds,
+            local_env_passthrough: passthrough,
             ..crate::worker::WorkerOptions::default()
         })
     }

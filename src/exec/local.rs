@@ -1,6 +1,9 @@
 //! The local executor: runs a command on the worker's own host with `/bin/sh -c`, in its own
 //! process group, so that a timeout or a cancellation kills the command and everything it
-//! started. Knows nothing about SSH, SQL or runbooks.
+//! started. The command does not inherit the worker's environment, which holds the database URL
+//! and the secret key: it gets a short list of host variables (`PATH`, `HOME`, locale, ...),
+//! the ones the operator names, and the step's own variables. Knows nothing about SSH, SQL or
+//! runbooks.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
@@ -19,9 +22,77 @@ use super::{
 /// Time a killed group gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// Host variables a local command gets from the worker's environment when they are set.
+pub const HOST_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "LC_NUMERIC",
+    "LC_TIME",
+    "LC_COLLATE",
+    "LC_MONETARY",
+    "TZ",
+    "TMPDIR",
+];
+
+/// `PATH` for commands when the worker has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Runs commands on the worker's host.
-#[derive(Debug, Default, Clone)]
-pub struct LocalExecutor;
+#[derive(Debug, Clone)]
+pub struct LocalExecutor {
+    /// What every command starts from, read once from the worker's environment.
+    base_env: std::sync::Arc<[(String, String)]>,
+}
+
+impl Default for LocalExecutor {
+    /// The host variables of [`HOST_ENV`] only.
+    fn default() -> Self {
+        LocalExecutor::from_host(&[])
+    }
+}
+
+impl LocalExecutor {
+    /// Commands get [`HOST_ENV`] and the `passthrough` names from this process's environment
+    /// (those that are set), and `PATH` in any case.
+    pub fn from_host(passthrough: &[String]) -> Self {
+        let names = HOST_ENV
+            .iter()
+            .copied()
+            .chain(passthrough.iter().map(String::as_str));
+        LocalExecutor::with_base_env(
+            names.filter_map(|name| std::env::var(name).ok().map(|v| (name.to_owned(), v))),
+        )
+    }
+
+    /// Commands start from exactly these variables (and `PATH`, when they hold none); the
+    /// step's variables come on top.
+    pub fn with_base_env(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut base: Vec<(String, String)> = Vec::new();
+        for (name, value) in vars {
+            base.retain(|(n, _)| *n != name);
+            base.push((name, value));
+        }
+        if !base.iter().any(|(n, _)| n == "PATH") {
+            base.push(("PATH".to_owned(), DEFAULT_PATH.to_owned()));
+        }
+        LocalExecutor {
+            base_env: base.into(),
+        }
+    }
+
+    /// The variables every command starts from.
+    pub fn base_env(&self) -> &[(String, String)] {
+        &self.base_env
+    }
+}
 
 impl StepExecutor for LocalExecutor {
     fn run<'a>(
@@ -35,7 +106,7 @@ impl StepExecutor for LocalExecutor {
             if !matches!(target, Target::Local) {
                 return Err(ExecError::UnsupportedTarget(target.kind()));
             }
-            run_local(request, cancel, output).await
+            run_local(&self.base_env, request, cancel, output).await
         })
     }
 }
@@ -65,6 +136,7 @@ async fn terminate(child: &mut Child, pgid: Option<u32>) {
 }
 
 async fn run_local(
+    base_env: &[(String, String)],
     request: &CommandRequest,
     cancel: CancellationToken,
     output: mpsc::Sender<OutputChunk>,
@@ -74,6 +146,8 @@ async fn run_local(
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(&request.command)
+        .env_clear()
+        .envs(base_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .envs(request.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
