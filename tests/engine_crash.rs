@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -35,23 +34,9 @@ steps:
     );
     let runbook = app.runbook_from_yaml(&yaml).await;
 
-    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
-        .args([
-            "worker",
-            "--concurrency",
-            "2",
-            "--lease-seconds",
-            "2",
-            "--poll-ms",
-            "50",
-            "--maintenance-ms",
-            "200",
-        ])
-        .env("DATABASE_URL", &app.database_url)
+    let mut doomed = app
+        .worker_command(&["--concurrency", "2", "--lease-seconds", "2"])
         .env("AIOPS_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;

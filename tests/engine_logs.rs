@@ -18,14 +18,12 @@ async fn a_debug_level_worker_never_logs_a_secret() {
             "name: logs-secret\nmode: auto\nenvironment_vars:\n  API_TOKEN: unset\nsteps:\n  - name: print\n    command: echo token=$API_TOKEN; echo {{ API_TOKEN }} >&2; exit 1\n",
         )
         .await;
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
-        .args(["worker", "--poll-ms", "50", "--maintenance-ms", "200"])
-        .env("DATABASE_URL", &app.database_url)
+    let mut worker = app
+        .worker_command(&[])
         .env("AIOPS_SECRET_KEY", common::TEST_SECRET_KEY)
         .env("AIOPS_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let id = app
@@ -102,9 +100,8 @@ async fn a_local_command_gets_neither_the_database_url_nor_the_secret_key() {
             "name: local-env\nmode: auto\nenvironment_vars:\n  GREETING: hello\nsteps:\n  - name: env\n    command: env\n",
         )
         .await;
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"))
-        .args(["worker", "--poll-ms", "50", "--maintenance-ms", "200"])
-        .env("DATABASE_URL", &app.database_url)
+    let mut worker = app
+        .worker_command(&[])
         .env("AIOPS_SECRET_KEY", common::TEST_SECRET_KEY)
         .env(
             "AIOPS_LOCAL_ENV_PASSTHROUGH",
@@ -114,9 +111,6 @@ async fn a_local_command_gets_neither_the_database_url_nor_the_secret_key() {
         .env("AIOPS_TEST_HIDDEN", "not-for-commands")
         .env_remove("AIOPS_TEST_UNSET")
         .env("HOME", "/var/lib/aiops-test-home")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;

@@ -169,6 +169,21 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 impl TestApp {
+    /// `aiops worker` on this app's database, polling every 50 ms with maintenance every
+    /// 200 ms, then `extra_args`; output discarded and killed on drop. Callers add environment
+    /// (or other stdio) and spawn it.
+    pub fn worker_command(&self, extra_args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_aiops"));
+        command
+            .args(["worker", "--poll-ms", "50", "--maintenance-ms", "200"])
+            .args(extra_args)
+            .env("DATABASE_URL", &self.database_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
     /// Absolute URL of an API path (`/users` -> `http://addr/api/v1/users`).
     pub fn api(&self, path: &str) -> String {
         format!("http://{}/api/v1{}", self.addr, path)
