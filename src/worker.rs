@@ -163,6 +163,10 @@ pub async fn run(
         .context("cannot register the worker")?;
     tracing::info!(worker = %worker.id(), "worker started");
     let totals = worker.run(shutdown).await.context("worker failed")?;
+    if let Some(ssh) = &options.ssh {
+        // Commands of steps given up at the end of the grace period are being killed.
+        ssh.settle().await;
+    }
     tracing::info!(?totals, "worker stopped");
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Crash recovery with real processes: a worker process is killed with SIGKILL during step 2 of a
 //! 4-step runbook whose steps append to a file; another worker finishes the run. Step 1 does not
 //! run again (the file proves it), step 2 runs again and its interrupted attempt is recorded.
+//! A worker stopped with SIGTERM whose grace period ends mid-step kills the step's command and
+//! everything it started, and releases the step to other workers.
 
 mod common;
 
@@ -76,4 +78,79 @@ steps:
     assert_eq!(two[1]["status"], "completed");
     assert_eq!(steps.iter().filter(|s| s["step_name"] == "one").count(), 1);
     survivor.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_stopping_mid_step_kills_the_command_and_releases_the_step() {
+    let app = common::spawn_app().await;
+    let dir = std::env::temp_dir().join(format!("aiops-stop-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let yaml = format!(
+        r#"
+name: stop-me
+mode: auto
+environment_vars:
+  F: "{file}"
+steps:
+  - name: long
+    command: sleep 300 & echo $! > {{{{ F }}}}; wait
+"#,
+        file = pidfile.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let mut worker = app
+        .worker_command(&["--grace-seconds", "0.3"])
+        .spawn()
+        .unwrap();
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid: i32 = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pidfile)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let worker_pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker_pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker stops after its grace period")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // The command's background process went with the step.
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    {
+        assert!(
+            Instant::now() < gone_by,
+            "sleep {pid} outlived the worker that gave its step up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The step's job went back to the queue for another worker, its attempt not spent.
+    let (state, errors): (String, serde_json::Value) = sqlx::query_as(
+        "SELECT state, errors FROM jobs WHERE kind = 'execution.step' AND payload->>'execution_id' = $1",
+    )
+    .bind(id.to_string())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "available", "{errors}");
+    assert!(
+        errors.to_string().contains("released at worker shutdown"),
+        "{errors}"
+    );
 }

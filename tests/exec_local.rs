@@ -168,6 +168,32 @@ async fn timeout_kills_the_process_group() {
 }
 
 #[tokio::test]
+async fn an_abandoned_run_kills_the_process_group() {
+    let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let req = request(&format!(
+        "sleep 300 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    let (tx, _rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        LocalExecutor::default()
+            .run(&Target::Local, &req, CancellationToken::new(), tx)
+            .await
+    });
+    let pid = wait_for_pid(&pidfile).await;
+    // What a worker does with a job it gives up (handler timeout, lost lease, end of the
+    // shutdown grace period): the run is dropped mid-command.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert!(
+        wait_gone(pid).await,
+        "background sleep {pid} survived its abandoned run"
+    );
+}
+
+#[tokio::test]
 async fn cancellation_kills_mid_command() {
     let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -119,6 +119,28 @@ fn kill_group(pgid: u32, signal: Signal) {
     }
 }
 
+/// Kills the command's process group when a run is dropped before it ended on its own terms:
+/// the job that runs it was abandoned (handler timeout, lease lost, end of the worker's
+/// shutdown grace period). Dropping the run would otherwise kill only the shell (`kill_on_drop`)
+/// and leave what it started running while another worker runs the step again.
+struct GroupGuard(Option<u32>);
+
+impl GroupGuard {
+    /// The run ended normally; its group was already dealt with.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            tracing::debug!(pgid, "command abandoned; killing its process group");
+            kill_group(pgid, Signal::KILL);
+        }
+    }
+}
+
 /// TERM the group, give it a grace period, then KILL whatever is left.
 async fn terminate(child: &mut Child, pgid: Option<u32>) {
     if let Some(pgid) = pgid {
@@ -156,6 +178,7 @@ async fn run_local(
         .kill_on_drop(true)
         .spawn()?;
     let pgid = child.id();
+    let mut guard = GroupGuard(pgid);
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut out = CappedBuffer::new(OutputStream::Stdout, request.output_limit_bytes);
@@ -206,6 +229,7 @@ async fn run_local(
         // Background processes the command left behind are part of the step; do not leak them.
         kill_group(pgid, Signal::KILL);
     }
+    guard.disarm();
     let (exit_code, exit_signal) = match status {
         Some(s) => (s.code(), s.signal().map(signal_name)),
         None => (None, None),

@@ -224,6 +224,12 @@ pub trait StepExecutor: Send + Sync {
         cancel: CancellationToken,
         output: mpsc::Sender<OutputChunk>,
     ) -> ExecFuture<'a>;
+
+    /// Waits until the work this executor still does for runs that were dropped mid-command
+    /// (killing their commands) is over. A worker calls it before it exits.
+    fn settle(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Checks that an environment variable name is a plain shell identifier.

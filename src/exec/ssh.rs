@@ -17,7 +17,8 @@
 //! group (TERM, then KILL). The command does not depend on the connection: when the connection
 //! breaks while it runs (its channel ends without an exit status), the executor drops that
 //! connection, opens a new one to the same target and kills the group over it, and `run` fails
-//! saying so.
+//! saying so. A run dropped mid-command (its job abandoned by the worker) leaves a tracked kill
+//! task behind; [`SshExecutor::settle`] waits for those.
 //!
 //! Host keys: a target with no pinned key accepts the presented key only after authentication
 //! succeeds and the [`HostKeyPinner`] records it; a target with a pinned key refuses any other
@@ -458,10 +459,65 @@ fn sig_name(sig: &Sig) -> String {
     }
 }
 
-/// Runs commands over SSH, keeping one connection per server.
+/// Runs commands over SSH, keeping one connection per server. Clones share the pool.
+#[derive(Clone)]
 pub struct SshExecutor {
     pinner: Arc<dyn HostKeyPinner>,
-    pool: Mutex<HashMap<Uuid, Arc<Connection>>>,
+    pool: Arc<Mutex<HashMap<Uuid, Arc<Connection>>>>,
+    /// Kills of commands whose run was dropped mid-command; [`SshExecutor::settle`] waits for
+    /// them.
+    abandoned: Arc<StdMutex<tokio::task::JoinSet<()>>>,
+}
+
+/// Kills the remote command when a run is dropped before it ended on its own terms: the job
+/// running it was abandoned (handler timeout, lease lost, end of the worker's shutdown grace
+/// period). The command runs in its own session on the host, so without this it would keep
+/// running while another worker runs the step again. The kill runs as a task of its own (a drop
+/// cannot wait), tracked so the worker can wait for it before it exits.
+struct AbandonGuard<'a> {
+    executor: &'a SshExecutor,
+    target: &'a SshTarget,
+    conn: Arc<Connection>,
+    pgid_file: Option<String>,
+}
+
+impl AbandonGuard<'_> {
+    /// The run dealt with its command itself.
+    fn disarm(&mut self) {
+        self.pgid_file = None;
+    }
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        let Some(pgid_file) = self.pgid_file.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (executor, target, conn) = (
+            self.executor.clone(),
+            self.target.clone(),
+            self.conn.clone(),
+        );
+        let kill = async move {
+            match executor.kill_remote(&target, Some(&conn), &pgid_file).await {
+                Ok(_) => tracing::info!(server_id = %target.server_id,
+                    "command of an abandoned step killed on the host"),
+                Err(e) => tracing::warn!(server_id = %target.server_id, error = %e,
+                    "could not kill the command of an abandoned step; it may still be running \
+                     (its process group id is in {pgid_file} on the host)"),
+            }
+        };
+        let mut abandoned = self
+            .executor
+            .abandoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while abandoned.try_join_next().is_some() {}
+        abandoned.spawn_on(kill, &runtime);
+    }
 }
 
 impl SshExecutor {
@@ -469,7 +525,8 @@ impl SshExecutor {
     pub fn new(pinner: Arc<dyn HostKeyPinner>) -> Self {
         SshExecutor {
             pinner,
-            pool: Mutex::new(HashMap::new()),
+            pool: Arc::new(Mutex::new(HashMap::new())),
+            abandoned: Arc::new(StdMutex::new(tokio::task::JoinSet::new())),
         }
     }
 
@@ -536,6 +593,12 @@ impl SshExecutor {
             }
         };
         let pgid_file = format!("/tmp/.aiops-step-{}.pgid", Uuid::new_v4().simple());
+        let mut guard = AbandonGuard {
+            executor: self,
+            target,
+            conn: conn.clone(),
+            pgid_file: Some(pgid_file.clone()),
+        };
         channel
             .exec(true, wrapper_script(request, &pgid_file))
             .await
@@ -573,6 +636,7 @@ impl SshExecutor {
             if let Err(e) = self.kill_remote(target, Some(&conn), &pgid_file).await {
                 tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command");
             }
+            guard.disarm();
             let _ = channel.close().await;
         } else if !closed_cleanly {
             // The channel ended without an exit status: the connection broke under the command.
@@ -596,9 +660,12 @@ impl SshExecutor {
                      (its process group id is in {pgid_file} on the host)"
                 ),
             };
+            guard.disarm();
             tracing::warn!(server_id = %target.server_id, "{message}");
             return Err(ExecError::Session(message));
         }
+        // Ended on its own: the wrapper's watcher kills what it left running.
+        guard.disarm();
         let truncated = out.truncated() || err.truncated();
         Ok(CommandOutcome {
             exit_code,
@@ -682,7 +749,20 @@ impl SshExecutor {
     }
 }
 
+impl SshExecutor {
+    /// Waits for the kills of abandoned commands still under way.
+    pub async fn settle(&self) {
+        let mut abandoned =
+            std::mem::take(&mut *self.abandoned.lock().unwrap_or_else(|p| p.into_inner()));
+        while abandoned.join_next().await.is_some() {}
+    }
+}
+
 impl StepExecutor for SshExecutor {
+    fn settle(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(SshExecutor::settle(self))
+    }
+
     fn run<'a>(
         &'a self,
         target: &'a Target,
