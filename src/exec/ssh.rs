@@ -503,8 +503,10 @@ impl Drop for AbandonGuard<'_> {
         );
         let kill = async move {
             match executor.kill_remote(&target, Some(&conn), &pgid_file).await {
-                Ok(_) => tracing::info!(server_id = %target.server_id,
+                Ok(Kill::Delivered) => tracing::info!(server_id = %target.server_id,
                     "command of an abandoned step killed on the host"),
+                Ok(Kill::NothingRunning) => tracing::info!(server_id = %target.server_id,
+                    "command of an abandoned step had already ended on the host"),
                 Err(e) => tracing::warn!(server_id = %target.server_id, error = %e,
                     "could not kill the command of an abandoned step; it may still be running \
                      (its process group id is in {pgid_file} on the host)"),
@@ -599,10 +601,13 @@ impl SshExecutor {
             conn: conn.clone(),
             pgid_file: Some(pgid_file.clone()),
         };
-        channel
+        if let Err(e) = channel
             .exec(true, wrapper_script(request, &pgid_file))
             .await
-            .map_err(|e| ExecError::Session(format!("cannot start the command: {e}")))?;
+        {
+            guard.disarm();
+            return Err(ExecError::Session(format!("cannot start the command: {e}")));
+        }
 
         let mut out = CappedBuffer::new(OutputStream::Stdout, request.output_limit_bytes);
         let mut err = CappedBuffer::new(OutputStream::Stderr, request.output_limit_bytes);
