@@ -529,6 +529,8 @@ async fn run_command(
             .ok_or_else(|| format!("no executor for {} targets on this worker", target.kind()))?,
     };
     let cancel = CancellationToken::new();
+    // A run dropped mid-command (the job abandoned) stops its watcher too.
+    let _stop_watcher = cancel.clone().drop_guard();
     let (tx, rx) = mpsc::channel::<OutputChunk>(64);
     let pool = engine.pool.clone();
     let watcher = {
