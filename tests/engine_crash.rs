@@ -5,6 +5,7 @@
 //! everything it started, and releases the step to other workers.
 
 mod common;
+mod procs;
 
 use std::time::{Duration, Instant};
 
@@ -104,18 +105,7 @@ steps:
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let pid: i32 = loop {
-        if let Ok(pid) = std::fs::read_to_string(&pidfile)
-            .unwrap_or_default()
-            .trim()
-            .parse()
-        {
-            break pid;
-        }
-        assert!(Instant::now() < deadline, "the step never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = procs::wait_for_pid(&pidfile, Duration::from_secs(30)).await;
     let worker_pid = worker.id().unwrap().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &worker_pid])
@@ -127,19 +117,10 @@ steps:
         .unwrap();
     assert!(status.success(), "{status:?}");
     // The command's background process went with the step.
-    let gone_by = Instant::now() + Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    {
-        assert!(
-            Instant::now() < gone_by,
-            "sleep {pid} outlived the worker that gave its step up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        procs::wait_gone(pid).await,
+        "sleep {pid} outlived the worker that gave its step up"
+    );
     // The step's job went back to the queue for another worker, its attempt not spent.
     let (state, errors): (String, serde_json::Value) = sqlx::query_as(
         "SELECT state, errors FROM jobs WHERE kind = 'execution.step' AND payload->>'execution_id' = $1",

@@ -1,11 +1,13 @@
 //! The local executor: exit codes and signals, separate streams, literal environment values,
 //! output cap, and that timeout and cancellation kill the whole process group.
 
-use std::path::Path;
 use std::time::Duration;
+
+mod procs;
 
 use aiops::exec::local::LocalExecutor;
 use aiops::exec::{CancellationToken, CommandRequest, OutputStream, StepExecutor, Target};
+use procs::{wait_for_pid, wait_gone};
 use tokio::sync::mpsc;
 
 fn request(command: &str) -> CommandRequest {
@@ -24,48 +26,6 @@ async fn run(req: &CommandRequest) -> aiops::exec::CommandOutcome {
         .await
         .unwrap()
 }
-
-fn alive(pid: i32) -> bool {
-    // A zombie is dead for our purposes; /proc/<pid>/stat's third field is the state.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// SIGKILL is delivered asynchronously: `run` returns once the signal is sent, so allow the
-/// kernel a moment to tear the process down.
-async fn wait_gone(pid: i32) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while alive(pid) {
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
-async fn wait_for_pid(path: &Path) -> i32 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(pid) = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .trim()
-            .parse()
-        {
-            return pid;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid file never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn exit_code_streams_and_signal() {
     let out = run(&request("echo out; echo err >&2; exit 3")).await;
@@ -160,7 +120,7 @@ async fn timeout_kills_the_process_group() {
     req.timeout = Duration::from_millis(500);
     let out = run(&req).await;
     assert!(out.timed_out);
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     assert!(
         wait_gone(pid).await,
         "background sleep {pid} survived the timeout"
@@ -182,7 +142,7 @@ async fn an_abandoned_run_kills_the_process_group() {
             .run(&Target::Local, &req, CancellationToken::new(), tx)
             .await
     });
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     // What a worker does with a job it gives up (handler timeout, lost lease, end of the
     // shutdown grace period): the run is dropped mid-command.
     task.abort();
@@ -215,7 +175,7 @@ async fn cancellation_kills_mid_command() {
     // Cancel once the command has visibly started.
     let first = rx.recv().await.unwrap();
     assert_eq!(first.bytes, b"started\n");
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     cancel.cancel();
     let out = task.await.unwrap().unwrap();
     assert!(out.cancelled && !out.timed_out);

@@ -3,6 +3,7 @@
 //! output caps, literal environment values, replacement of a broken pooled connection, and a
 //! command whose connection breaks while it runs killed over a new one.
 
+mod procs;
 mod sshd;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use aiops::exec::{
     CancellationToken, CommandOutcome, CommandRequest, ConnectFailure, ExecError, SshAuth,
     SshTarget, StepExecutor, Target,
 };
+use procs::{alive, wait_for_pid, wait_gone};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -69,46 +71,6 @@ async fn run(
     )
     .await
 }
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-async fn wait_for_pid(path: &str) -> i32 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(pid) = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .trim()
-            .parse()
-        {
-            return pid;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid file {path} never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_gone(pid: i32) -> bool {
-    // The kill is done when `run` returns; allow the kernel a moment to reap.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while alive(pid) {
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 #[tokio::test]
 async fn key_auth_with_every_key_type_and_a_passphrase() {
     let sshd = sshd::sshd();
@@ -213,7 +175,7 @@ async fn timeout_kills_the_remote_process() {
     req.timeout = Duration::from_secs(1);
     let out = run(&exec, &target, &req).await.unwrap();
     assert!(out.timed_out && !out.cancelled);
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     assert!(
         wait_gone(pid).await,
         "remote sleep {pid} survived the timeout"
@@ -237,7 +199,7 @@ async fn cancellation_mid_command_kills_it() {
         tokio::spawn(async move { exec.run(&target, &req, cancel, tx).await })
     };
     assert_eq!(rx.recv().await.unwrap().bytes, b"started\n");
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     assert!(alive(pid));
     cancel.cancel();
     let out = task.await.unwrap().unwrap();
@@ -261,7 +223,7 @@ async fn an_abandoned_run_kills_the_remote_command() {
         let exec = exec.clone();
         tokio::spawn(async move { exec.run(&target, &req, CancellationToken::new(), tx).await })
     };
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     assert!(alive(pid));
     // What a worker does with a job it gives up (handler timeout, lost lease, end of the
     // shutdown grace period): the run is dropped mid-command. The kill it leaves behind is
@@ -371,7 +333,7 @@ async fn a_command_killed_by_a_signal_reports_the_signal_and_an_exit_code_stays_
             exec.run(&target, &req, CancellationToken::new(), tx).await
         })
     };
-    let pid = wait_for_pid(&pidfile).await;
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     // Wait until the shell has become `sleep`, so the signal hits the command itself.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while comm_and_parent(pid).is_none_or(|(comm, _)| comm != "sleep") {
@@ -552,7 +514,7 @@ async fn a_connection_lost_mid_command_is_replaced_and_the_command_killed_over_i
             exec.run(&target, &req, CancellationToken::new(), tx).await
         })
     };
-    let sleep_pid = wait_for_pid(&pidfile).await;
+    let sleep_pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     let shell_pid = comm_and_parent(sleep_pid).unwrap().1;
     let server = serving_sshd(sleep_pid);
     let listener: i32 = sshd.read("sshd.pid").trim().parse().unwrap();

@@ -1,0 +1,49 @@
+//! Watching processes a test's commands start, through `/proc`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Whether process `pid` is alive; a zombie is dead for our purposes (the third field of
+/// `/proc/<pid>/stat` is the state).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to 3 s for `pid` to die: a kill is delivered asynchronously, so allow the kernel a
+/// moment to tear the process down. False when it is still alive then.
+pub async fn wait_gone(pid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Waits up to `within` for a command to write a pid to `path`, and returns it.
+pub async fn wait_for_pid(path: impl AsRef<Path>, within: Duration) -> i32 {
+    let path = path.as_ref();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(pid) = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid file {} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
