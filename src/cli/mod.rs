@@ -144,10 +144,7 @@ impl WorkerArgs {
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
             .collect();
-        if let Some(bad) = passthrough
-            .iter()
-            .find(|n| crate::exec::validate_env(&[((*n).clone(), String::new())]).is_err())
-        {
+        if let Some(bad) = passthrough.iter().find(|n| !crate::exec::is_env_name(n)) {
             anyhow::bail!(
                 "--local-env-passthrough: `{bad}` is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
             );

@@ -186,7 +186,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let env: Vec<(String, String)> = match &rendered_vars {
         Ok(v) => v
             .iter()
-            .filter(|(k, _)| valid_env_name(k))
+            .filter(|(k, _)| crate::exec::is_env_name(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         Err(_) => Vec::new(),
@@ -796,14 +796,6 @@ fn variables(
         engine.keyring.as_deref(),
     )?);
     Ok(vars)
-}
-
-fn valid_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn target_os(snapshot: &RunbookSnapshot) -> crate::domain::runbook::TargetOs {

@@ -232,14 +232,19 @@ pub trait StepExecutor: Send + Sync {
     }
 }
 
+/// Whether `name` is a plain shell identifier (`[A-Za-z_][A-Za-z0-9_]*`).
+pub fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Checks that an environment variable name is a plain shell identifier.
 pub fn validate_env(env: &[(String, String)]) -> Result<(), ExecError> {
     for (name, value) in env {
-        let mut chars = name.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if !is_env_name(name) {
             return Err(ExecError::InvalidRequest(format!(
                 "environment variable name `{name}` must match [A-Za-z_][A-Za-z0-9_]*"
             )));
