@@ -157,7 +157,7 @@ impl BreakersApi {
         }))
     }
 
-    /// Get a runbook's circuit breaker (created closed on first use).
+    /// Get a runbook's circuit breaker (every runbook has one, created closed with it).
     ///
     /// Least role: viewer.
     #[oai(path = "/:runbook_id", method = "get", operation_id = "breaker_get")]
@@ -169,11 +169,10 @@ impl BreakersApi {
         runbook_id: Path<Uuid>,
     ) -> Result<Json<CircuitBreaker>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
-        let mut tx = self.state.pool.begin().await?;
-        let row = store::breakers::breaker_lock(&mut tx, runbook_id.0)
+        let mut conn = self.state.pool.acquire().await?;
+        let row = store::breakers::breaker_get(&mut conn, runbook_id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
-        tx.commit().await?;
         Ok(Json(row.into()))
     }
 

@@ -1,7 +1,7 @@
-//! `circuit_breakers`: one row per runbook, created on first use, read `FOR UPDATE` by the
-//! transaction that admits an execution or records its outcome unless [`breaker_peek`] shows a
-//! closed breaker with nothing to change (the common case, which then takes no row lock, so runs
-//! of one runbook do not queue behind each other).
+//! `circuit_breakers`: one row per runbook, created with it (a trigger on `runbooks`), read
+//! `FOR UPDATE` by the transaction that admits an execution or records its outcome unless
+//! [`breaker_peek`] shows a closed breaker with nothing to change (the common case, which then
+//! takes no row lock, so runs of one runbook do not queue behind each other).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -41,6 +41,20 @@ pub struct BreakerRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// `SELECT` of [`BreakerRow`]s (breaker `b`, runbook `r`) followed by `$tail`.
+macro_rules! select_breaker {
+    ($tail:literal) => {
+        concat!(
+            "SELECT b.id, b.runbook_id, r.name AS runbook_name, b.state::text AS state, \
+               b.failure_count, b.success_count, b.last_failure_at, b.opened_at, \
+               b.half_open_at, b.failure_threshold, b.success_threshold, \
+               b.reset_timeout_seconds, b.updated_at \
+             FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id ",
+            $tail
+        )
+    };
+}
+
 impl BreakerRow {
     /// The domain breaker.
     pub fn breaker(&self) -> Breaker {
@@ -71,16 +85,25 @@ pub async fn breaker_lock(
     .bind(runbook_id)
     .execute(&mut *conn)
     .await?;
-    Ok(sqlx::query_as::<_, BreakerRow>(
-        "SELECT b.id, b.runbook_id, r.name AS runbook_name, b.state::text AS state, \
-           b.failure_count, b.success_count, b.last_failure_at, b.opened_at, b.half_open_at, \
-           b.failure_threshold, b.success_threshold, b.reset_timeout_seconds, b.updated_at \
-         FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id \
-         WHERE b.runbook_id = $1 FOR UPDATE OF b",
+    Ok(
+        sqlx::query_as::<_, BreakerRow>(select_breaker!("WHERE b.runbook_id = $1 FOR UPDATE OF b"))
+            .bind(runbook_id)
+            .fetch_optional(conn)
+            .await?,
     )
-    .bind(runbook_id)
-    .fetch_optional(conn)
-    .await?)
+}
+
+/// The runbook's breaker as committed, without locking; `None` when the runbook does not exist.
+pub async fn breaker_get(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+) -> StoreResult<Option<BreakerRow>> {
+    Ok(
+        sqlx::query_as::<_, BreakerRow>(select_breaker!("WHERE b.runbook_id = $1"))
+            .bind(runbook_id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// The breaker's committed state and consecutive failures, without locking; `None` when the
@@ -151,14 +174,9 @@ pub async fn breaker_list(
     limit: i64,
     offset: i64,
 ) -> StoreResult<(Vec<BreakerRow>, i64)> {
-    let rows = sqlx::query_as::<_, BreakerRow>(
-        "SELECT b.id, b.runbook_id, r.name AS runbook_name, b.state::text AS state, \
-           b.failure_count, b.success_count, b.last_failure_at, b.opened_at, b.half_open_at, \
-           b.failure_threshold, b.success_threshold, b.reset_timeout_seconds, b.updated_at \
-         FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id \
-         WHERE ($1::text IS NULL OR b.state::text = $1) \
-         ORDER BY r.name LIMIT $2 OFFSET $3",
-    )
+    let rows = sqlx::query_as::<_, BreakerRow>(select_breaker!(
+        "WHERE ($1::text IS NULL OR b.state::text = $1) ORDER BY r.name LIMIT $2 OFFSET $3"
+    ))
     .bind(state)
     .bind(limit)
     .bind(offset)
