@@ -132,8 +132,12 @@ pub const TEST_SECRET_KEY: &str =
 
 /// Starts the real server on port 0 after letting the test adjust the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_on(fresh_database_url().await, adjust).await
+}
+
+/// Starts the real server on port 0 on the (empty or migrated) database at `database_url`.
+pub async fn spawn_app_on(database_url: String, adjust: impl FnOnce(&mut Config)) -> TestApp {
     aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
-    let database_url = fresh_database_url().await;
     let pool = aiops::store::connect(&database_url, 10)
         .await
         .expect("connect to the test database");

@@ -1,5 +1,7 @@
 //! Watching processes a test's commands start, through `/proc`.
 
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
