@@ -1,8 +1,9 @@
 //! The binary as an operator runs it: `aiops up` on its embedded database (twice, keeping its
-//! data), `aiops up` without PostgreSQL binaries, `aiops worker` stopping on SIGTERM, and
-//! `aiops user create`.
+//! data), `aiops up` starting its embedded database again after it is killed, `aiops up`
+//! without PostgreSQL binaries, `aiops worker` stopping on SIGTERM, and `aiops user create`.
 
 mod common;
+mod procs;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -154,6 +155,138 @@ async fn up_twice_keeps_its_data_and_stops_its_cluster() {
     );
     terminate(&mut second).await;
     assert!(!dir.join("postgres/postmaster.pid").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `GET path` until `done` accepts the answer (errors and other statuses are retried).
+async fn poll_until(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    within: Duration,
+    done: impl Fn(u16, &Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let mut request = client.get(url);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        if let Ok(resp) = request.send().await {
+            let status = resp.status().as_u16();
+            let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+            if done(status, &body) {
+                return body;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{url} did not get there within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn up_starts_its_embedded_database_again_after_it_is_killed() {
+    let dir = temp_dir("uprestart");
+    let client = reqwest::Client::new();
+    let mut up = aiops(&dir).arg("up").spawn().unwrap();
+    // Drained all along, so that the logs of the outage never block the process.
+    let stderr = up.stderr.take().unwrap();
+    let log = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut all = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let (base, password) = wait_until_up(&mut up).await;
+    let token = login(&client, &base, &password.unwrap()).await;
+
+    // The database dies the hardest way: SIGKILL to the postmaster.
+    let pidfile = dir.join("postgres/postmaster.pid");
+    let postmaster: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &postmaster.to_string()])
+        .status()
+        .unwrap();
+    assert!(procs::wait_gone(postmaster).await);
+
+    // `up` notices and starts it again; the platform is ready once more.
+    poll_until(
+        &client,
+        &format!("{base}/readyz"),
+        None,
+        Duration::from_secs(90),
+        |s, _| s == 200,
+    )
+    .await;
+    let restarted: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(restarted, postmaster);
+    assert!(procs::alive(restarted));
+
+    // Writes work, and the worker inside `up` runs a runbook to completion.
+    let resp = client
+        .post(format!("{base}/api/v1/runbooks/import"))
+        .bearer_auth(&token)
+        .json(&json!({ "yaml": "name: after-restart\nmode: auto\nsteps:\n  - {name: a, command: 'echo back'}\n" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let runbook = resp.json::<Value>().await.unwrap()["runbook"]["id"].clone();
+    let resp = client
+        .post(format!("{base}/api/v1/executions"))
+        .bearer_auth(&token)
+        .json(&json!({ "runbook_id": runbook }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let id = resp.json::<Value>().await.unwrap()["execution_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = poll_until(
+        &client,
+        &format!("{base}/api/v1/executions/{id}"),
+        Some(&token),
+        Duration::from_secs(60),
+        |s, b| {
+            s == 200
+                && ["completed", "failed", "cancelled", "timeout"]
+                    .iter()
+                    .any(|t| b["status"] == *t)
+        },
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    terminate(&mut up).await;
+    let log = log.await.unwrap();
+    assert!(
+        log.contains("the embedded PostgreSQL was not running; started it again"),
+        "{log}"
+    );
+    assert!(
+        !pidfile.exists(),
+        "the embedded cluster must be stopped on exit"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

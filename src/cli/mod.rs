@@ -273,7 +273,18 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
             Some(pg)
         }
     };
+    // The embedded server is watched while the platform runs, and started again if it dies.
+    let (stop_supervising, supervising) = tokio::sync::watch::channel(false);
+    let supervisor = embedded.map(|pg| tokio::spawn(supervise_embedded(pg, supervising)));
     let result = up_with_database(config).await;
+    let _ = stop_supervising.send(true);
+    let embedded = match supervisor {
+        Some(task) => Some(
+            task.await
+                .context("embedded PostgreSQL supervisor panicked")?,
+        ),
+        None => None,
+    };
     if let Some(pg) = embedded {
         if let Err(e) = pg.stop().await {
             tracing::error!(error = %e, "stopping the embedded PostgreSQL failed");
@@ -282,6 +293,37 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// How often `aiops up` checks that its embedded PostgreSQL is running.
+const EMBEDDED_PG_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the embedded cluster running until `stop` is set, then hands it back to be stopped:
+/// a server that died (crashed, or killed by the OOM killer) is started again, and PostgreSQL's
+/// crash recovery brings it back to its last commit. Connections broken by the restart fail the
+/// operation that finds them (the queue retries; the API answers 503) and are replaced.
+async fn supervise_embedded(
+    pg: EmbeddedPostgres,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> EmbeddedPostgres {
+    let mut tick = tokio::time::interval(EMBEDDED_PG_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = async { stop.wait_for(|stopped| *stopped).await.map(|_| ()) } => return pg,
+            _ = tick.tick() => match pg.restart_if_stopped().await {
+                Ok(false) => {}
+                Ok(true) => tracing::warn!(
+                    pgdata = %pg.pgdata().display(),
+                    "the embedded PostgreSQL was not running; started it again (crash recovery)"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the embedded PostgreSQL is not running and could not be started; retrying"
+                ),
+            },
+        }
+    }
 }
 
 /// `aiops up` is a whole platform on one machine: without a configured secret key it uses

@@ -318,6 +318,19 @@ impl EmbeddedPostgres {
             .map(|_| ())
     }
 
+    /// Starts the server again when it is no longer running (it crashed, or was killed);
+    /// PostgreSQL's crash recovery then brings the data back to its last commit. Returns whether
+    /// it had to. A start that fails (for example while backends of the dead server still hold
+    /// its shared memory) can simply be tried again.
+    pub async fn restart_if_stopped(&self) -> Result<bool, EmbeddedPgError> {
+        if self.is_running().await {
+            return Ok(false);
+        }
+        self.prepare_dir(&self.socket_dir)?;
+        self.pg_ctl_start().await?;
+        Ok(true)
+    }
+
     /// The connection URL (Unix socket, no password).
     pub fn url(&self) -> String {
         format!(
