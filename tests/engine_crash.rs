@@ -7,7 +7,7 @@
 mod common;
 mod procs;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -17,24 +17,7 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     let dir = std::env::temp_dir().join(format!("aiops-crash-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("steps");
-    let yaml = format!(
-        r#"
-name: crash-me
-mode: auto
-environment_vars:
-  F: "{file}"
-steps:
-  - name: one
-    command: echo 1 >> {{{{ F }}}}
-  - name: two
-    command: echo 2 >> {{{{ F }}}}; sleep 4
-  - name: three
-    command: echo 3 >> {{{{ F }}}}
-  - name: four
-    command: echo 4 >> {{{{ F }}}}
-"#,
-        file = file.display()
-    );
+    let yaml = common::appending_runbook("crash-me", &file, 4);
     let runbook = app.runbook_from_yaml(&yaml).await;
 
     let mut doomed = app
@@ -44,15 +27,7 @@ steps:
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&file).unwrap_or_default() != "1\n2\n" {
-        assert!(
-            Instant::now() < deadline,
-            "step 2 never started: {:?}",
-            std::fs::read_to_string(&file)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_file(&file, "1\n2\n").await;
     doomed.start_kill().unwrap(); // SIGKILL
     doomed.wait().await.unwrap();
 

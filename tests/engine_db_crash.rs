@@ -11,17 +11,10 @@
 mod common;
 mod procs;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aiops::startup::embedded_pg::EmbeddedPostgres;
 use serde_json::json;
-
-/// The postmaster's pid, from the first line of `postmaster.pid`.
-fn postmaster_pid(pgdata: &Path) -> i32 {
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).expect("postmaster.pid");
-    text.lines().next().unwrap().trim().parse().unwrap()
-}
 
 #[tokio::test]
 async fn a_database_crash_mid_step_is_survived_without_rerunning_completed_steps() {
@@ -32,24 +25,7 @@ async fn a_database_crash_mid_step_is_survived_without_rerunning_completed_steps
     let pgdata = pg.pgdata().to_path_buf();
     let app = common::spawn_app_on(pg.url(), |_| {}).await;
     let file = dir.join("steps");
-    let yaml = format!(
-        r#"
-name: survive-the-database
-mode: auto
-environment_vars:
-  F: "{file}"
-steps:
-  - name: one
-    command: echo 1 >> {{{{ F }}}}
-  - name: two
-    command: echo 2 >> {{{{ F }}}}; sleep 2
-  - name: three
-    command: echo 3 >> {{{{ F }}}}
-  - name: four
-    command: echo 4 >> {{{{ F }}}}
-"#,
-        file = file.display()
-    );
+    let yaml = common::appending_runbook("survive-the-database", &file, 2);
     let runbook = app.runbook_from_yaml(&yaml).await;
     let mut worker = app
         .worker_command(&["--concurrency", "2", "--lease-seconds", "2"])
@@ -57,18 +33,10 @@ steps:
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&file).unwrap_or_default() != "1\n2\n" {
-        assert!(
-            Instant::now() < deadline,
-            "step 2 never started: {:?}",
-            std::fs::read_to_string(&file)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_file(&file, "1\n2\n").await;
 
     // The database goes away mid-step, without a shutdown checkpoint.
-    let postmaster = postmaster_pid(&pgdata);
+    let postmaster = procs::postmaster_pid(&pgdata);
     std::process::Command::new("kill")
         .args(["-QUIT", &postmaster.to_string()])
         .status()

@@ -207,14 +207,8 @@ async fn up_starts_its_embedded_database_again_after_it_is_killed() {
     let token = login(&client, &base, &password.unwrap()).await;
 
     // The database dies the hardest way: SIGKILL to the postmaster.
-    let pidfile = dir.join("postgres/postmaster.pid");
-    let postmaster: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pgdata = dir.join("postgres");
+    let postmaster = procs::postmaster_pid(&pgdata);
     std::process::Command::new("kill")
         .args(["-KILL", &postmaster.to_string()])
         .status()
@@ -230,13 +224,7 @@ async fn up_starts_its_embedded_database_again_after_it_is_killed() {
         |s, _| s == 200,
     )
     .await;
-    let restarted: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let restarted = procs::postmaster_pid(&pgdata);
     assert_ne!(restarted, postmaster);
     assert!(procs::alive(restarted));
 
@@ -284,7 +272,7 @@ async fn up_starts_its_embedded_database_again_after_it_is_killed() {
         "{log}"
     );
     assert!(
-        !pidfile.exists(),
+        !pgdata.join("postmaster.pid").exists(),
         "the embedded cluster must be stopped on exit"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -544,3 +544,40 @@ pub async fn run_scheduled_job(pool: &PgPool, kind: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A runbook named `name` of four steps that append `1`..`4` to `file`, step 2 sleeping
+/// `sleep_seconds` after its line: what the crash tests interrupt during step 2 and count.
+pub fn appending_runbook(name: &str, file: &std::path::Path, sleep_seconds: u32) -> String {
+    format!(
+        r#"
+name: {name}
+mode: auto
+environment_vars:
+  F: "{file}"
+steps:
+  - name: one
+    command: echo 1 >> {{{{ F }}}}
+  - name: two
+    command: echo 2 >> {{{{ F }}}}; sleep {sleep_seconds}
+  - name: three
+    command: echo 3 >> {{{{ F }}}}
+  - name: four
+    command: echo 4 >> {{{{ F }}}}
+"#,
+        file = file.display()
+    )
+}
+
+/// Waits (up to 30 s) until `file` holds exactly `content`.
+pub async fn wait_for_file(file: &std::path::Path, content: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(file).unwrap_or_default() != content {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never held {content:?}: {:?}",
+            file.display(),
+            std::fs::read_to_string(file)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -49,3 +49,10 @@ pub async fn wait_for_pid(path: impl AsRef<Path>, within: Duration) -> i32 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The pid of the PostgreSQL server running on `pgdata`: the first line of its
+/// `postmaster.pid`.
+pub fn postmaster_pid(pgdata: &Path) -> i32 {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).expect("postmaster.pid");
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
