@@ -312,10 +312,78 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let finish_event = json!({ "step": step.name, "status": verdict.status,
                                "exit_code": verdict.exit_code, "error": verdict.error })
     .to_string();
-    if verdict.status == "completed" && p.index + 1 < snapshot.steps.len() && !unsealed {
+    let recorded = Recorded {
+        run: &run,
+        verdict: &verdict,
+        result: &result,
+        finish_event: &finish_event,
+        unsealed,
+        runbook_deadline_binds,
+        retry_attempt,
+    };
+    // A lost database connection (the server restarting) does not throw the command's result
+    // away: the write is tried again on a new connection while the lease may still be held.
+    // It is lease-fenced, so a retry after an attempt whose commit did land writes nothing.
+    let since = std::time::Instant::now();
+    let mut pause = RECORD_RETRY_FIRST_PAUSE;
+    loop {
+        match record(
+            engine, &ctx, &p, &row, &snapshot, &step, step_row, &recorded,
+        )
+        .await
+        {
+            Err(e)
+                if e.is_connection_lost()
+                    && ctx.lease().may_be_held()
+                    && since.elapsed() < RECORD_RETRY_WINDOW =>
+            {
+                tracing::warn!(job = ctx.id, execution = %row.id, step = %step.name, error = %e,
+                    "recording the step's result failed on a lost database connection; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECORD_RETRY_MAX_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// First pause before recording a step's result again after a lost connection; it doubles up
+/// to [`RECORD_RETRY_MAX_PAUSE`], for at most [`RECORD_RETRY_WINDOW`] (and never once the lease
+/// may be gone).
+const RECORD_RETRY_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+const RECORD_RETRY_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+const RECORD_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// What a step attempt ended with, to record.
+struct Recorded<'a> {
+    run: &'a RunResult,
+    verdict: &'a Verdict,
+    result: &'a StepResult<'a>,
+    finish_event: &'a str,
+    /// A sensitive step's output was to be captured but no key can seal it.
+    unsealed: bool,
+    runbook_deadline_binds: bool,
+    retry_attempt: i32,
+}
+
+/// Records the attempt and what follows (the next step, a durable step retry, or the end of the
+/// run) with the job's completion, in one lease-fenced transaction (or one statement when this
+/// worker runs the next step itself).
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    engine: &Engine,
+    ctx: &JobContext,
+    p: &StepPayload,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    step: &StepSnapshot,
+    step_row: uuid::Uuid,
+    r: &Recorded<'_>,
+) -> Result<(), JobError> {
+    if r.verdict.status == "completed" && p.index + 1 < snapshot.steps.len() && !r.unsealed {
         // The next step follows at once: the result, the next step's job and attempt row and
         // this job's completion in one statement, when this worker runs the next job itself.
-        let next = next_step(row.id, p.attempt, &snapshot, p.index + 1);
+        let next = next_step(row.id, p.attempt, snapshot, p.index + 1);
         if let (true, Some(prepared)) = (ctx.lease().can_continue_with(&next.job), &next.row) {
             return ctx
                 .lease()
@@ -325,8 +393,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                         row.id,
                         p.attempt,
                         step_row,
-                        &result,
-                        &finish_event,
+                        r.result,
+                        r.finish_event,
                         prepared.as_next(),
                     ),
                 )
@@ -334,7 +402,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         }
     }
     let mut g = ctx.lease().guarded_tx().await?;
-    if unsealed {
+    if r.unsealed {
         log(
             g.conn(),
             row.id,
@@ -344,7 +412,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         .await?;
     }
     let finished =
-        store::executions::step_finish(g.conn(), step_row, &result, Some(&finish_event)).await?;
+        store::executions::step_finish(g.conn(), step_row, r.result, Some(r.finish_event)).await?;
     let still_running = |status: &str, attempt: i32| status == "running" && attempt == p.attempt;
     if !finished
         .execution_status
@@ -355,10 +423,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         // Cancelled or timed out while the command ran; the attempt row says how it ended.
         return g.complete().await;
     }
-    if verdict.status == "completed" && p.index + 1 < snapshot.steps.len() {
+    if r.verdict.status == "completed" && p.index + 1 < snapshot.steps.len() {
         // The next step follows without locking the execution row: its job reads the status
         // before it runs, so an end that commits meanwhile stops it there.
-        enqueue_step(&mut g, row.id, p.attempt, &snapshot, p.index + 1).await?;
+        enqueue_step(&mut g, row.id, p.attempt, snapshot, p.index + 1).await?;
         return g.complete().await;
     }
     // Ending the run (or deciding a failure) changes the execution: under its row lock.
@@ -368,18 +436,18 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     else {
         return g.complete().await;
     };
-    if verdict.status == "completed" {
-        advance(engine, g, &current, &snapshot, p.index).await?;
+    if r.verdict.status == "completed" {
+        advance(engine, g, &current, snapshot, p.index).await?;
         return Ok(());
     }
-    let deadline_hit = matches!(run, RunResult::DeadlinePassed)
-        || (verdict.status == "timeout" && runbook_deadline_binds);
+    let deadline_hit = matches!(r.run, RunResult::DeadlinePassed)
+        || (r.verdict.status == "timeout" && r.runbook_deadline_binds);
     if deadline_hit {
         finish_run(engine, g.conn(), &current, Event::TimedOut).await?;
         return g.complete().await;
     }
-    if retry_attempt < step.retry_count {
-        let mut job = step_job(row.id, p.attempt, p.index, i64::from(retry_attempt) + 1);
+    if r.retry_attempt < step.retry_count {
+        let mut job = step_job(row.id, p.attempt, p.index, i64::from(r.retry_attempt) + 1);
         job.run_at =
             Some(Utc::now() + chrono::Duration::seconds(i64::from(step.retry_delay_seconds)));
         g.enqueue(&job).await?;
@@ -387,7 +455,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             g.conn(),
             row.id,
             "step_retry_scheduled",
-            json!({ "step": step.name, "retry_attempt": retry_attempt + 1,
+            json!({ "step": step.name, "retry_attempt": r.retry_attempt + 1,
                     "delay_seconds": step.retry_delay_seconds }),
         )
         .await?;
@@ -401,14 +469,14 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             json!({ "step": step.name }),
         )
         .await?;
-        advance(engine, g, &current, &snapshot, p.index).await?;
+        advance(engine, g, &current, snapshot, p.index).await?;
         return Ok(());
     }
     let reason = format!(
         "step {} ({}) failed: {}",
         step.step_order,
         step.name,
-        verdict.error.clone().unwrap_or_else(|| "failed".into())
+        r.verdict.error.clone().unwrap_or_else(|| "failed".into())
     );
     finish_run(engine, g.conn(), &current, Event::RunFailed(reason)).await?;
     g.complete().await

@@ -140,6 +140,12 @@ impl Lease {
         self.state.is_lost()
     }
 
+    /// Whether the lease may still be held: not known lost, and not run out by the worker's own
+    /// clock (the last heartbeat that reached the database plus the lease duration).
+    pub fn may_be_held(&self) -> bool {
+        !self.is_lost() && !self.state.expired(tokio::time::Instant::now())
+    }
+
     /// Resolves once the lease is known to be lost; long handlers can `select!` on it to stop
     /// early.
     pub async fn lost(&self) {
@@ -218,11 +224,27 @@ impl GuardedTx {
     /// transaction.
     pub async fn complete(mut self) -> Result<(), JobError> {
         self.lease.state.completing.store(true, Ordering::SeqCst);
-        if !store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token).await? {
-            self.lease.state.mark_lost();
-            return Err(JobError::LeaseLost);
+        let completed = async {
+            let done =
+                store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token).await?;
+            if done {
+                self.tx.commit().await?;
+            }
+            Ok::<_, JobError>(done)
         }
-        self.tx.commit().await?;
+        .await;
+        match completed {
+            Ok(true) => {}
+            Ok(false) => {
+                self.lease.state.mark_lost();
+                return Err(JobError::LeaseLost);
+            }
+            Err(e) => {
+                // Not completed (the connection failed): a heartbeat may judge the lease again.
+                self.lease.state.completing.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
         self.lease.state.settled.store(true, Ordering::SeqCst);
         self.lease.hand_over(self.continuation);
         Ok(())
@@ -266,7 +288,7 @@ impl Lease {
         };
         let mut conn = self.pool.acquire().await?;
         self.state.completing.store(true, Ordering::SeqCst);
-        let done = store::jobs::job_complete_continuing(
+        let done = match store::jobs::job_complete_continuing(
             &mut conn,
             self.id,
             self.token,
@@ -275,7 +297,15 @@ impl Lease {
             chain.lease,
             writes,
         )
-        .await?;
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                // Not completed (the connection failed): a heartbeat may judge the lease again.
+                self.state.completing.store(false, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
         let Some(continuation) = done else {
             self.state.mark_lost();
             return Err(JobError::LeaseLost);

@@ -60,6 +60,12 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// Whether this is a lost or refused database connection (see
+    /// [`StoreError::is_connection_lost`]).
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, JobError::Store(e) if e.is_connection_lost())
+    }
+
     /// A retryable error from anything displayable.
     pub fn retryable(e: impl std::fmt::Display) -> JobError {
         JobError::Retryable(e.to_string())

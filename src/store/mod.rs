@@ -61,6 +61,24 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database connection was lost or refused (the server restarting, crashed or
+    /// unreachable), as opposed to a statement the server refused: the same work can succeed on a
+    /// new connection once the server is back.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            StoreError::Database(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_),
+            ) => true,
+            // connection_exception (08...), admin_shutdown, crash_shutdown, cannot_connect_now.
+            StoreError::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+                c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// Result alias for store functions.
 pub type StoreResult<T> = Result<T, StoreError>;
 
