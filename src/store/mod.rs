@@ -48,6 +48,17 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        let e = StoreError::classify(e);
+        // A pool timeout alone may be load, not a broken server: it does not count.
+        if e.is_connection_lost() && !matches!(e, StoreError::Database(sqlx::Error::PoolTimedOut)) {
+            stale::note_connection_lost();
+        }
+        e
+    }
+}
+
+impl StoreError {
+    fn classify(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e {
             let constraint = db.constraint().unwrap_or_default().to_owned();
             match db.code().as_deref() {
@@ -79,6 +90,39 @@ impl StoreError {
     }
 }
 
+/// When this process last saw a database connection lost or refused, so that pooled
+/// connections opened before then (most likely broken by the same restart) are dropped instead
+/// of failing one operation each.
+mod stale {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// Milliseconds since [`clock`]'s start, plus one, of the last loss; 0: none yet.
+    static LOST_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+    fn clock() -> &'static Instant {
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now)
+    }
+
+    fn now_ms() -> u64 {
+        u64::try_from(clock().elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn note_connection_lost() {
+        LOST_AT_MS.fetch_max(now_ms().saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether a pooled connection `age` old was opened before (or in the same millisecond as)
+    /// the last loss.
+    pub(super) fn opened_before_last_loss(age: Duration) -> bool {
+        let lost = LOST_AT_MS.load(Ordering::Relaxed);
+        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        lost != 0 && now_ms().saturating_sub(age_ms) < lost
+    }
+}
+
 /// Result alias for store functions.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -96,6 +140,12 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     PgPoolOptions::new()
         .max_connections(max_connections)
         .test_before_acquire(false)
+        // After a connection was lost, the idle ones opened before are not handed out: a
+        // database restart costs one failed operation in this process, not one per pooled
+        // connection.
+        .before_acquire(|_conn, meta| {
+            Box::pin(async move { Ok(!stale::opened_before_last_loss(meta.age)) })
+        })
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
