@@ -52,15 +52,7 @@ async fn crash_during_step_two(
     common::wait_for_file(&file, "1\n2\n").await;
 
     // The database goes away mid-step, without a shutdown checkpoint.
-    let postmaster = procs::postmaster_pid(&pgdata);
-    std::process::Command::new("kill")
-        .args(["-QUIT", &postmaster.to_string()])
-        .status()
-        .unwrap();
-    assert!(
-        procs::wait_gone(postmaster).await,
-        "the postmaster did not stop"
-    );
+    procs::crash_postmaster(&pgdata, "QUIT").await;
     // Its handle would stop the restarted server when dropped: it has nothing left to stop.
     drop(pg);
     tokio::time::sleep(down).await;

@@ -208,12 +208,7 @@ async fn up_starts_its_embedded_database_again_after_it_is_killed() {
 
     // The database dies the hardest way: SIGKILL to the postmaster.
     let pgdata = dir.join("postgres");
-    let postmaster = procs::postmaster_pid(&pgdata);
-    std::process::Command::new("kill")
-        .args(["-KILL", &postmaster.to_string()])
-        .status()
-        .unwrap();
-    assert!(procs::wait_gone(postmaster).await);
+    let postmaster = procs::crash_postmaster(&pgdata, "KILL").await;
 
     // `up` notices and starts it again; the platform is ready once more.
     poll_until(

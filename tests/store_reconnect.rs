@@ -41,12 +41,7 @@ async fn a_restart_costs_one_failed_operation_not_one_per_pooled_connection() {
     }
 
     // The server crashes and comes back.
-    let postmaster = procs::postmaster_pid(&pgdata);
-    std::process::Command::new("kill")
-        .args(["-QUIT", &postmaster.to_string()])
-        .status()
-        .unwrap();
-    assert!(procs::wait_gone(postmaster).await);
+    procs::crash_postmaster(&pgdata, "QUIT").await;
     drop(pg);
     let pg = EmbeddedPostgres::start(&dir, None)
         .await

@@ -300,8 +300,9 @@ const EMBEDDED_PG_CHECK: std::time::Duration = std::time::Duration::from_secs(2)
 
 /// Keeps the embedded cluster running until `stop` is set, then hands it back to be stopped:
 /// a server that died (crashed, or killed by the OOM killer) is started again, and PostgreSQL's
-/// crash recovery brings it back to its last commit. Connections broken by the restart fail the
-/// operation that finds them (the queue retries; the API answers 503) and are replaced.
+/// crash recovery brings it back to its last commit. The first operation that finds a pooled
+/// connection broken by the restart fails (the queue retries; the API answers 503); the pool
+/// then replaces every connection opened before it.
 async fn supervise_embedded(
     pg: EmbeddedPostgres,
     mut stop: tokio::sync::watch::Receiver<bool>,

@@ -66,6 +66,22 @@ impl LeaseState {
             .is_some_and(|at| at <= now)
     }
 
+    /// Runs the write that completes the job with `completing` set, so that a heartbeat which
+    /// meanwhile finds the lease gone takes it for this completion, not a lost lease. A write
+    /// that fails (the connection broke) completed nothing: the flag is cleared again, and a
+    /// heartbeat may judge the lease once more.
+    pub(crate) async fn completing<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, JobError>>,
+    ) -> Result<T, JobError> {
+        self.completing.store(true, Ordering::SeqCst);
+        let result = write.await;
+        if result.is_err() {
+            self.completing.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
     pub(crate) fn take_continuation(&self) -> Option<ClaimedJob> {
         self.continuation
             .lock()
@@ -223,27 +239,20 @@ impl GuardedTx {
     /// Marks the job completed and commits it together with everything written in this
     /// transaction.
     pub async fn complete(mut self) -> Result<(), JobError> {
-        self.lease.state.completing.store(true, Ordering::SeqCst);
-        let completed = async {
-            let done =
-                store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token).await?;
-            if done {
-                self.tx.commit().await?;
-            }
-            Ok::<_, JobError>(done)
-        }
-        .await;
-        match completed {
-            Ok(true) => {}
-            Ok(false) => {
-                self.lease.state.mark_lost();
-                return Err(JobError::LeaseLost);
-            }
-            Err(e) => {
-                // Not completed (the connection failed): a heartbeat may judge the lease again.
-                self.lease.state.completing.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
+        let state = self.lease.state.clone();
+        let done = state
+            .completing(async {
+                let done = store::jobs::job_complete(&mut self.tx, self.lease.id, self.lease.token)
+                    .await?;
+                if done {
+                    self.tx.commit().await?;
+                }
+                Ok(done)
+            })
+            .await?;
+        if !done {
+            self.lease.state.mark_lost();
+            return Err(JobError::LeaseLost);
         }
         self.lease.state.settled.store(true, Ordering::SeqCst);
         self.lease.hand_over(self.continuation);
@@ -287,25 +296,21 @@ impl Lease {
             )));
         };
         let mut conn = self.pool.acquire().await?;
-        self.state.completing.store(true, Ordering::SeqCst);
-        let done = match store::jobs::job_complete_continuing(
-            &mut conn,
-            self.id,
-            self.token,
-            next,
-            chain.worker,
-            chain.lease,
-            writes,
-        )
-        .await
-        {
-            Ok(done) => done,
-            Err(e) => {
-                // Not completed (the connection failed): a heartbeat may judge the lease again.
-                self.state.completing.store(false, Ordering::SeqCst);
-                return Err(e.into());
-            }
-        };
+        let done = self
+            .state
+            .completing(async {
+                Ok(store::jobs::job_complete_continuing(
+                    &mut conn,
+                    self.id,
+                    self.token,
+                    next,
+                    chain.worker,
+                    chain.lease,
+                    writes,
+                )
+                .await?)
+            })
+            .await?;
         let Some(continuation) = done else {
             self.state.mark_lost();
             return Err(JobError::LeaseLost);

@@ -72,25 +72,18 @@ impl BreakerRow {
     }
 }
 
-/// Creates the runbook's breaker if missing and locks it for the rest of the transaction.
-/// `None` when the runbook does not exist.
+/// Locks the runbook's breaker for the rest of the transaction. `None` when the runbook does not
+/// exist (every runbook has one: the `runbooks_create_breaker` trigger inserts it).
 pub async fn breaker_lock(
     conn: &mut PgConnection,
     runbook_id: Uuid,
 ) -> StoreResult<Option<BreakerRow>> {
-    sqlx::query(
-        "INSERT INTO circuit_breakers (runbook_id) SELECT id FROM runbooks WHERE id = $1 \
-         ON CONFLICT (runbook_id) DO NOTHING",
+    breaker_one(
+        conn,
+        select_breaker!("WHERE b.runbook_id = $1 FOR UPDATE OF b"),
+        runbook_id,
     )
-    .bind(runbook_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(
-        sqlx::query_as::<_, BreakerRow>(select_breaker!("WHERE b.runbook_id = $1 FOR UPDATE OF b"))
-            .bind(runbook_id)
-            .fetch_optional(conn)
-            .await?,
-    )
+    .await
 }
 
 /// The runbook's breaker as committed, without locking; `None` when the runbook does not exist.
@@ -98,12 +91,18 @@ pub async fn breaker_get(
     conn: &mut PgConnection,
     runbook_id: Uuid,
 ) -> StoreResult<Option<BreakerRow>> {
-    Ok(
-        sqlx::query_as::<_, BreakerRow>(select_breaker!("WHERE b.runbook_id = $1"))
-            .bind(runbook_id)
-            .fetch_optional(conn)
-            .await?,
-    )
+    breaker_one(conn, select_breaker!("WHERE b.runbook_id = $1"), runbook_id).await
+}
+
+async fn breaker_one(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    runbook_id: Uuid,
+) -> StoreResult<Option<BreakerRow>> {
+    Ok(sqlx::query_as::<_, BreakerRow>(sql)
+        .bind(runbook_id)
+        .fetch_optional(conn)
+        .await?)
 }
 
 /// The breaker's committed state and consecutive failures, without locking; `None` when the

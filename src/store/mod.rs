@@ -49,8 +49,7 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         let e = StoreError::classify(e);
-        // A pool timeout alone may be load, not a broken server: it does not count.
-        if e.is_connection_lost() && !matches!(e, StoreError::Database(sqlx::Error::PoolTimedOut)) {
+        if e.is_server_gone() {
             stale::note_connection_lost();
         }
         e
@@ -70,17 +69,19 @@ impl StoreError {
         }
         StoreError::Database(e)
     }
-}
 
-impl StoreError {
     /// Whether the database connection was lost or refused (the server restarting, crashed or
     /// unreachable), as opposed to a statement the server refused: the same work can succeed on a
     /// new connection once the server is back.
     pub fn is_connection_lost(&self) -> bool {
+        self.is_server_gone() || matches!(self, StoreError::Database(sqlx::Error::PoolTimedOut))
+    }
+
+    /// A connection broke or was refused by the server. Unlike a pool timeout, which may be
+    /// load, this says the server went away: connections opened before are suspect.
+    fn is_server_gone(&self) -> bool {
         match self {
-            StoreError::Database(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_),
-            ) => true,
+            StoreError::Database(sqlx::Error::Io(_) | sqlx::Error::Tls(_)) => true,
             // connection_exception (08...), admin_shutdown, crash_shutdown, cannot_connect_now.
             StoreError::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
                 c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")

@@ -56,3 +56,17 @@ pub fn postmaster_pid(pgdata: &Path) -> i32 {
     let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).expect("postmaster.pid");
     text.lines().next().unwrap().trim().parse().unwrap()
 }
+
+/// Stops the PostgreSQL server on `pgdata` abruptly: sends `signal` (`QUIT`, as
+/// `pg_ctl stop -m immediate` does, or `KILL`) to its postmaster and waits until it is gone.
+/// Returns the postmaster's pid.
+pub async fn crash_postmaster(pgdata: &Path, signal: &str) -> i32 {
+    let pid = postmaster_pid(pgdata);
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {pid}");
+    assert!(wait_gone(pid).await, "the postmaster {pid} did not stop");
+    pid
+}
