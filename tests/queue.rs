@@ -1009,6 +1009,69 @@ async fn one_statement_completion_continues_in_the_same_slot_and_is_fenced() {
     );
 }
 
+/// What each `pass` job got from `take_handoff`: (n, first take, second take).
+type Handed = Arc<Mutex<Vec<(i32, Option<i32>, Option<i32>)>>>;
+
+#[tokio::test]
+async fn a_continuation_gets_what_its_job_passed_on_and_nothing_else_does() {
+    let pool = pool_with_chain_log().await;
+    let handed: Handed = Arc::default();
+    let mut registry = Registry::new();
+    let seen = handed.clone();
+    registry.register("pass", KindOptions::default(), move |ctx: JobContext| {
+        let seen = seen.clone();
+        async move {
+            let n = ctx.payload["n"].as_i64().unwrap_or(0) as i32;
+            let first = ctx.take_handoff::<i32>();
+            let second = ctx.take_handoff::<i32>();
+            seen.lock().unwrap().push((n, first, second));
+            // Job 2 passes on a value of another type: its continuation gets no i32.
+            if n == 2 {
+                ctx.lease().pass_on(format!("{n}"));
+            } else {
+                ctx.lease().pass_on(n);
+            }
+            let next = NewJob::new("pass", json!({ "n": n + 1 }));
+            if n % 2 == 0 {
+                // One statement: completion and continuation.
+                ctx.lease()
+                    .complete_continuing(&next, chain_log_writes(ctx.id, n))
+                    .await
+            } else {
+                // A guarded transaction.
+                let mut tx = ctx.lease().guarded_tx().await?;
+                sqlx::query("INSERT INTO chain_log (job_id, n) VALUES ($1, $2)")
+                    .bind(ctx.id)
+                    .bind(n)
+                    .execute(tx.conn())
+                    .await?;
+                tx.enqueue_next(&next).await?;
+                tx.complete().await
+            }
+        }
+    });
+    let worker = chain_runs_in_one_slot(&pool, registry, "pass").await;
+    assert_eq!(
+        *handed.lock().unwrap(),
+        vec![
+            (0, None, None),
+            (1, Some(0), None),
+            (2, Some(1), None),
+            (3, None, None),
+            (4, Some(3), None),
+        ],
+        "each continuation got its job's value once; the claimed job and the one after \
+         a value of another type got none"
+    );
+    // Job 4 passed a value on but had no continuation: a job started by a claim gets nothing.
+    handed.lock().unwrap().clear();
+    enqueue(&pool, NewJob::new("pass", json!({ "n": 4 })))
+        .await
+        .unwrap();
+    assert_eq!(worker.tick().await.unwrap().claimed, 1);
+    assert_eq!(*handed.lock().unwrap(), vec![(4, None, None)]);
+}
+
 #[tokio::test]
 async fn a_continuation_left_by_a_dead_worker_is_rescued_like_any_lease() {
     let pool = common::fresh_pool().await;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::domain::execution::Event;
 use crate::exec::{
@@ -82,33 +82,48 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             Prep::Checkpoint(g)
         }
     };
-    let Some(row) = store::executions::execution_get(prep.conn(), p.execution_id).await? else {
-        return prep.into_guarded(&ctx).await?.complete().await;
-    };
-    if row.status != "running" || row.attempt != p.attempt {
-        // Cancelled, timed out or superseded by a later attempt: nothing to run.
-        let mut g = prep.into_guarded(&ctx).await?;
-        if let Some(step_row) = prepared {
-            store::executions::step_finish(
-                g.conn(),
-                step_row,
-                &StepResult {
-                    status: "cancelled",
-                    error_message: Some("the execution ended before this step started"),
-                    ..StepResult::default()
-                },
-                Some(
-                    &json!({ "step": snapshot_of(&row).ok()
-                                 .and_then(|s| s.steps.get(p.index).map(|s| s.name.clone())),
-                             "status": "cancelled" })
-                    .to_string(),
-                ),
-            )
-            .await?;
+    // A step this worker continues from its previous step gets that step's execution row, parsed
+    // snapshot and end subscription in memory: the statement that enqueued it found the
+    // execution still running at this attempt, and an end committed since reaches the
+    // subscription. Otherwise (or when an end has arrived) the row is read.
+    let handed = prepared
+        .and_then(|_| ctx.take_handoff::<StepHandoff>())
+        .and_then(|h| h.usable(&p));
+    let (row, snapshot, ended) = match handed {
+        Some(h) => (h.row, h.snapshot, Some(h.ended)),
+        None => {
+            let Some(row) = store::executions::execution_get(prep.conn(), p.execution_id).await?
+            else {
+                return prep.into_guarded(&ctx).await?.complete().await;
+            };
+            if row.status != "running" || row.attempt != p.attempt {
+                // Cancelled, timed out or superseded by a later attempt: nothing to run.
+                let mut g = prep.into_guarded(&ctx).await?;
+                if let Some(step_row) = prepared {
+                    store::executions::step_finish(
+                        g.conn(),
+                        step_row,
+                        &StepResult {
+                            status: "cancelled",
+                            error_message: Some("the execution ended before this step started"),
+                            ..StepResult::default()
+                        },
+                        Some(
+                            &json!({ "step": snapshot_of(&row).ok()
+                                         .and_then(|s| s.steps.get(p.index)
+                                         .map(|s| s.name.clone())),
+                                     "status": "cancelled" })
+                            .to_string(),
+                        ),
+                    )
+                    .await?;
+                }
+                return g.complete().await;
+            }
+            let snapshot = Arc::new(snapshot_of(&row)?);
+            (Arc::new(row), snapshot, None)
         }
-        return g.complete().await;
-    }
-    let snapshot = snapshot_of(&row)?;
+    };
     let step = snapshot
         .steps
         .get(p.index)
@@ -274,7 +289,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             };
             RunResult::Ran(
                 run_command(
-                    engine, &ctx, &row, &step, step_row, &target, &request, &masker,
+                    engine, &ctx, &row, &step, step_row, &target, &request, &masker, ended,
                 )
                 .await,
             )
@@ -347,6 +362,40 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     }
 }
 
+/// What a step passes on in memory to the next step when this worker continues into it (see
+/// [`crate::queue::Lease::pass_on`]).
+struct StepHandoff {
+    /// The execution as the step read it; the statement that enqueued the next step found it
+    /// still running at the same attempt.
+    row: Arc<ExecutionRow>,
+    snapshot: Arc<RunbookSnapshot>,
+    /// Ends of executions, subscribed before that statement.
+    ended: broadcast::Receiver<String>,
+}
+
+impl StepHandoff {
+    /// The handoff, when it is this step's execution and attempt and no end of the execution
+    /// has arrived since (a lagging or closed subscription counts as one: the row is read).
+    fn usable(mut self, p: &StepPayload) -> Option<StepHandoff> {
+        if self.row.id != p.execution_id || self.row.attempt != p.attempt {
+            return None;
+        }
+        (!may_have_ended(&mut self.ended, &self.row.id.to_string())).then_some(self)
+    }
+}
+
+/// Whether `ended` has delivered the end of execution `id`, or may have missed it (lagged or
+/// closed); consumes what has arrived.
+fn may_have_ended(ended: &mut broadcast::Receiver<String>, id: &str) -> bool {
+    loop {
+        match ended.try_recv() {
+            Ok(other) if other != id => {}
+            Err(broadcast::error::TryRecvError::Empty) => return false,
+            Ok(_) | Err(_) => return true,
+        }
+    }
+}
+
 /// First pause before recording a step's result again after a lost connection; it doubles up
 /// to [`RECORD_RETRY_MAX_PAUSE`], for at most [`RECORD_RETRY_WINDOW`] (and never once the lease
 /// may be gone).
@@ -374,8 +423,8 @@ async fn record(
     engine: &Engine,
     ctx: &JobContext,
     p: &StepPayload,
-    row: &ExecutionRow,
-    snapshot: &RunbookSnapshot,
+    row: &Arc<ExecutionRow>,
+    snapshot: &Arc<RunbookSnapshot>,
     step: &StepSnapshot,
     step_row: uuid::Uuid,
     r: &Recorded<'_>,
@@ -385,6 +434,12 @@ async fn record(
         // this job's completion in one statement, when this worker runs the next job itself.
         let next = next_step(row.id, p.attempt, snapshot, p.index + 1);
         if let (true, Some(prepared)) = (ctx.lease().can_continue_with(&next.job), &next.row) {
+            // Subscribed before the statement: an end that commits after it still arrives.
+            ctx.lease().pass_on(StepHandoff {
+                row: row.clone(),
+                snapshot: snapshot.clone(),
+                ended: engine.ended.subscribe(),
+            });
             return ctx
                 .lease()
                 .complete_continuing(
@@ -588,6 +643,7 @@ async fn run_command(
     target: &Target,
     request: &CommandRequest,
     masker: &Masker,
+    ended: Option<broadcast::Receiver<String>>,
 ) -> Result<CommandOutcome, String> {
     let executor = match target {
         Target::Local => engine.local.clone(),
@@ -607,7 +663,7 @@ async fn run_command(
         let lease = ctx.lease().clone();
         let id = row.id;
         let poll = engine.settings.cancel_poll;
-        let mut ended = engine.ended.subscribe();
+        let mut ended = ended.unwrap_or_else(|| engine.ended.subscribe());
         let id_text = row.id.to_string();
         tokio::spawn(async move {
             let mut fallback = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
@@ -965,4 +1021,28 @@ async fn template_context(
         steps,
     };
     Ok((tctx, sensitive, open_error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_end_of_the_execution_or_a_gap_in_the_subscription_counts_as_ended() {
+        let (tx, mut rx) = broadcast::channel::<String>(4);
+        assert!(!may_have_ended(&mut rx, "a"), "nothing arrived");
+        tx.send("b".into()).unwrap();
+        tx.send("c".into()).unwrap();
+        assert!(!may_have_ended(&mut rx, "a"), "other executions ended");
+        tx.send("b".into()).unwrap();
+        tx.send("a".into()).unwrap();
+        assert!(may_have_ended(&mut rx, "a"), "this one ended");
+        for other in ["b", "c", "d", "e", "f"] {
+            tx.send(other.into()).unwrap();
+        }
+        assert!(may_have_ended(&mut rx, "a"), "lagged: an end may be lost");
+        assert!(!may_have_ended(&mut rx, "a"), "caught up again");
+        drop(tx);
+        assert!(may_have_ended(&mut rx, "a"), "closed");
+    }
 }

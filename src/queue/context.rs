@@ -8,6 +8,7 @@
 //! transaction was written by the lease holder. A worker whose lease was rescued gets
 //! [`JobError::LeaseLost`] and writes nothing.
 
+use std::any::Any;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,9 @@ use uuid::Uuid;
 use super::{JobError, NewJob};
 use crate::store;
 use crate::store::jobs::ClaimedJob;
+
+/// A value a handler passes on in memory to its continuation.
+type Handoff = Box<dyn Any + Send>;
 
 /// Shared between a running attempt and the worker that runs it.
 #[derive(Debug, Default)]
@@ -38,6 +42,10 @@ pub(crate) struct LeaseState {
     /// A job this attempt enqueued already claimed by the same worker, committed: the worker
     /// runs it next in the same slot.
     pub(crate) continuation: Mutex<Option<ClaimedJob>>,
+    /// What the handler passes on in memory to its continuation ([`Lease::pass_on`]).
+    handoff_out: Mutex<Option<Handoff>>,
+    /// What the job this one continues passed on ([`JobContext::take_handoff`]).
+    handoff_in: Mutex<Option<Handoff>>,
     /// For a claimed job: when its lease runs out as far as the worker knows (the claim or the
     /// last successful heartbeat was sent, plus the lease). A prefetched job is not started
     /// after it.
@@ -80,6 +88,16 @@ impl LeaseState {
             self.completing.store(false, Ordering::SeqCst);
         }
         result
+    }
+
+    /// Moves what `from` passed on to its continuation into this state, the continuation's.
+    pub(crate) fn receive_handoff(&self, from: &LeaseState) {
+        let handoff = from
+            .handoff_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        *self.handoff_in.lock().unwrap_or_else(|p| p.into_inner()) = handoff;
     }
 
     pub(crate) fn take_continuation(&self) -> Option<ClaimedJob> {
@@ -269,6 +287,20 @@ impl Lease {
         })
     }
 
+    /// Passes `value` on in memory to the continuation this attempt hands over
+    /// ([`Lease::complete_continuing`], [`GuardedTx::enqueue_next`]): the continuation's handler
+    /// gets it from [`JobContext::take_handoff`]. It is dropped when no continuation runs next
+    /// in this slot, and never reaches a retry or another worker, so it can only spare the
+    /// continuation work it would otherwise do itself (reads it would repeat), never carry
+    /// state that is not also in the database.
+    pub fn pass_on<T: Any + Send>(&self, value: T) {
+        *self
+            .state
+            .handoff_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(value));
+    }
+
     /// Whether [`Lease::complete_continuing`] can hand `next` over to this worker.
     pub fn can_continue_with(&self, next: &NewJob) -> bool {
         self.continuation_claim(next).is_some()
@@ -353,6 +385,19 @@ impl JobContext {
     /// The lease: fenced writes go through [`Lease::guarded_tx`].
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+
+    /// What the job this one continues passed on with [`Lease::pass_on`], if it is a `T`: only
+    /// for a continuation started in the same slot right after that job; taken once.
+    pub fn take_handoff<T: Any + Send>(&self) -> Option<T> {
+        let handoff = self
+            .lease
+            .state
+            .handoff_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        handoff.downcast::<T>().ok().map(|b| *b)
     }
 
     /// The pool, for reads and idempotent work that needs no fencing.

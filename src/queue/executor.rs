@@ -294,9 +294,11 @@ impl Worker {
                         None => {}
                         Some(Ok(f)) => {
                             let continuation = f.state.take_continuation();
+                            let previous = f.state.clone();
                             finished.push(f);
                             if let Some(next) = continuation {
                                 let state = inner.track(&next, None);
+                                state.receive_handoff(&previous);
                                 set.spawn(execute(inner.clone(), next, state));
                                 continue;
                             }
@@ -778,6 +780,7 @@ async fn run_chain(inner: &Arc<Inner>, first: Claimed, done: &mpsc::UnboundedSen
     while let Some((job, state)) = next.take() {
         let finished = execute(inner.clone(), job, state).await;
         let continuation = finished.state.take_continuation();
+        let previous = finished.state.clone();
         let _ = done.send(finished);
         if let Some(job) = continuation {
             if inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow() {
@@ -785,6 +788,7 @@ async fn run_chain(inner: &Arc<Inner>, first: Claimed, done: &mpsc::UnboundedSen
                 let _ = done.send(not_started(job, state, RELEASED_AT_SHUTDOWN));
             } else {
                 let state = inner.track(&job, None);
+                state.receive_handoff(&previous);
                 next = Some((job, state));
             }
         }
