@@ -362,18 +362,32 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     }
 }
 
-/// What a step passes on in memory to the next step when this worker continues into it (see
-/// [`crate::queue::Lease::pass_on`]).
-struct StepHandoff {
-    /// The execution as the step read it; the statement that enqueued the next step found it
-    /// still running at the same attempt.
+/// What the start job or a step passes on in memory to the step this worker continues into
+/// (see [`crate::queue::Lease::pass_on`]).
+pub(crate) struct StepHandoff {
+    /// The execution as the passing job saw it; the statement that enqueued the step found it
+    /// running at the same attempt (or, for the start job, made it so under the row's lock).
     row: Arc<ExecutionRow>,
     snapshot: Arc<RunbookSnapshot>,
-    /// Ends of executions, subscribed before that statement.
+    /// Ends of executions, subscribed before that statement committed.
     ended: broadcast::Receiver<String>,
 }
 
 impl StepHandoff {
+    /// A handoff of `row` with a subscription to execution ends opened now: create it before
+    /// the statement that enqueues the step commits.
+    pub(crate) fn new(
+        engine: &Engine,
+        row: Arc<ExecutionRow>,
+        snapshot: Arc<RunbookSnapshot>,
+    ) -> StepHandoff {
+        StepHandoff {
+            row,
+            snapshot,
+            ended: engine.ended.subscribe(),
+        }
+    }
+
     /// The handoff, when it is this step's execution and attempt and no end of the execution
     /// has arrived since (a lagging or closed subscription counts as one: the row is read).
     fn usable(mut self, p: &StepPayload) -> Option<StepHandoff> {
@@ -435,11 +449,8 @@ async fn record(
         let next = next_step(row.id, p.attempt, snapshot, p.index + 1);
         if let (true, Some(prepared)) = (ctx.lease().can_continue_with(&next.job), &next.row) {
             // Subscribed before the statement: an end that commits after it still arrives.
-            ctx.lease().pass_on(StepHandoff {
-                row: row.clone(),
-                snapshot: snapshot.clone(),
-                ended: engine.ended.subscribe(),
-            });
+            ctx.lease()
+                .pass_on(StepHandoff::new(engine, row.clone(), snapshot.clone()));
             return ctx
                 .lease()
                 .complete_continuing(

@@ -9,6 +9,7 @@
 //!
 //! A fan-out batch additionally waits (the job snoozes) while its concurrency is used up.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -18,15 +19,17 @@ use crate::domain::circuit::Admission;
 use crate::domain::execution::{Event, transition};
 use crate::queue::{JobContext, JobError};
 use crate::store;
+use crate::store::executions::ExecutionRow;
 
 use super::control::{
     approval_expiry_job, deadline_job, log, log_entry, refuse, snapshot_of, state_of,
 };
+use super::runner::StepHandoff;
 use super::snapshot::runbook_status;
 use super::{Engine, ExecutionPayload};
 
 /// Handles `execution.start`.
-pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
+pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: ExecutionPayload = ctx.payload_as()?;
     let mut g = ctx.lease().guarded_tx().await?;
     let Some(row) = store::executions::execution_lock(g.conn(), p.execution_id).await? else {
@@ -170,10 +173,24 @@ pub async fn handle(_engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         "started",
         json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline }),
     );
-    if !store::executions::execution_start(g.conn(), row.id, probe, &started).await? {
+    let Some(started_at) =
+        store::executions::execution_start(g.conn(), row.id, probe, &started).await?
+    else {
         return g.complete().await;
-    }
+    };
     g.enqueue(&deadline_job(row.id, deadline)).await?;
     super::runner::enqueue_step(&mut g, row.id, 1, &snapshot, 0).await?;
+    // The first step, when this worker continues into it, starts from the execution as this
+    // transaction leaves it (the row stays locked until the commit, so no end commits first).
+    let row = ExecutionRow {
+        status: "running".into(),
+        attempt: 1,
+        started_at: Some(started_at),
+        awaiting_approval: false,
+        breaker_probe: probe,
+        ..row
+    };
+    ctx.lease()
+        .pass_on(StepHandoff::new(engine, Arc::new(row), Arc::new(snapshot)));
     g.complete().await
 }

@@ -282,28 +282,28 @@ pub async fn execution_list(
     Ok((rows, total))
 }
 
-/// pending|approved -> running for attempt 1 (started_at set once).
+/// pending|approved -> running for attempt 1 (started_at set once): the execution's
+/// `started_at`, or `None` when it was in neither state.
 pub async fn execution_start(
     conn: &mut PgConnection,
     id: Uuid,
     breaker_probe: bool,
     log_entry: &Value,
-) -> StoreResult<bool> {
-    let started: i64 = sqlx::query_scalar(
+) -> StoreResult<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar(
         "WITH u AS (UPDATE runbook_executions SET status = 'running', attempt = 1, \
            started_at = COALESCE(started_at, now()), awaiting_approval = false, \
            breaker_probe = $2, execution_log = execution_log || jsonb_build_array($3::jsonb) \
-         WHERE id = $1 AND status IN ('pending', 'approved') RETURNING id), \
+         WHERE id = $1 AND status IN ('pending', 'approved') RETURNING id, started_at), \
          e AS (INSERT INTO execution_events (execution_id, kind, data) \
                SELECT id, 'status', $3::text FROM u) \
-         SELECT count(*) FROM u",
+         SELECT (SELECT started_at FROM u)",
     )
     .bind(id)
     .bind(breaker_probe)
     .bind(log_entry)
     .fetch_one(conn)
-    .await?;
-    Ok(started == 1)
+    .await?)
 }
 
 /// Moves a running execution to its next attempt.
