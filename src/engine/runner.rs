@@ -503,7 +503,7 @@ async fn record(
         return g.complete().await;
     };
     if r.verdict.status == "completed" {
-        advance(engine, g, &current, snapshot, p.index).await?;
+        advance_locked(engine, g, &current, snapshot, p.index).await?;
         return Ok(());
     }
     let deadline_hit = matches!(r.run, RunResult::DeadlinePassed)
@@ -535,7 +535,7 @@ async fn record(
             json!({ "step": step.name }),
         )
         .await?;
-        advance(engine, g, &current, snapshot, p.index).await?;
+        advance_locked(engine, g, &current, snapshot, p.index).await?;
         return Ok(());
     }
     let reason = format!(
@@ -800,9 +800,28 @@ async fn advance(
     index: usize,
 ) -> Result<(), JobError> {
     if index + 1 < snapshot.steps.len() {
-        enqueue_step(&mut g, row.id, row.attempt, snapshot, index + 1).await?;
-    } else if let Some(current) = store::executions::execution_lock(g.conn(), row.id).await? {
-        finish_run(engine, g.conn(), &current, Event::RunSucceeded).await?;
+        return advance_locked(engine, g, row, snapshot, index).await;
+    }
+    // Ending the run changes the execution: under its row lock.
+    match store::executions::execution_lock(g.conn(), row.id).await? {
+        Some(current) => advance_locked(engine, g, &current, snapshot, index).await,
+        None => g.complete().await,
+    }
+}
+
+/// [`advance`] when the execution row is already locked in `g` (`current`), or, before the
+/// last step, need not be.
+async fn advance_locked(
+    engine: &Engine,
+    mut g: GuardedTx,
+    current: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    index: usize,
+) -> Result<(), JobError> {
+    if index + 1 < snapshot.steps.len() {
+        enqueue_step(&mut g, current.id, current.attempt, snapshot, index + 1).await?;
+    } else {
+        finish_run(engine, g.conn(), current, Event::RunSucceeded).await?;
     }
     g.complete().await
 }
