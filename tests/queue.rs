@@ -1073,6 +1073,67 @@ async fn a_continuation_gets_what_its_job_passed_on_and_nothing_else_does() {
 }
 
 #[tokio::test]
+async fn a_continuations_lease_runs_from_the_statement_that_inserted_it() {
+    let pool = pool_with_chain_log().await;
+    // (n, may be held when the handler starts, may be held after longer than the lease)
+    let seen: Arc<Mutex<Vec<(i32, bool, bool)>>> = Arc::default();
+    let log = seen.clone();
+    let mut registry = Registry::new();
+    registry.register("lease", KindOptions::default(), move |ctx: JobContext| {
+        let log = log.clone();
+        async move {
+            let n = ctx.payload["n"].as_i64().unwrap_or(0) as i32;
+            if n > 0 {
+                let at_start = ctx.lease().may_be_held();
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                log.lock()
+                    .unwrap()
+                    .push((n, at_start, ctx.lease().may_be_held()));
+            }
+            let next = NewJob::new("lease", json!({ "n": n + 1 }));
+            match n {
+                // Job 1 is inserted by a guarded transaction.
+                0 => {
+                    let mut tx = ctx.lease().guarded_tx().await?;
+                    tx.enqueue_next(&next).await?;
+                    tx.complete().await
+                }
+                // Job 2 by the one-statement completion.
+                1 => {
+                    ctx.lease()
+                        .complete_continuing(&next, chain_log_writes(ctx.id, n))
+                        .await
+                }
+                _ => Ok(()),
+            }
+        }
+    });
+    // No heartbeat renews a lease during the test.
+    let worker = Worker::start(
+        pool.clone(),
+        registry,
+        WorkerConfig {
+            concurrency: 1,
+            lease: Duration::from_millis(400),
+            heartbeat_interval: Duration::from_secs(60),
+            ..WorkerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    enqueue(&pool, NewJob::new("lease", json!({ "n": 0 })))
+        .await
+        .unwrap();
+    let o = worker.tick().await.unwrap();
+    assert_eq!((o.claimed, o.completed), (1, 3), "one claim ran the chain");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(1, true, false), (2, true, false)],
+        "without a heartbeat, a continuation's lease runs out one lease after its insert"
+    );
+}
+
+#[tokio::test]
 async fn a_continuation_left_by_a_dead_worker_is_rescued_like_any_lease() {
     let pool = common::fresh_pool().await;
     let mut registry = Registry::new();

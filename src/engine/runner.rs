@@ -37,7 +37,7 @@ use super::{Engine, EngineError, StepPayload, step_job};
 /// Where the first part of an attempt reads (and, for a checkpoint, writes).
 enum Prep {
     /// A lease-fenced checkpoint transaction: the attempt row is written here.
-    Checkpoint(GuardedTx),
+    Checkpoint(Box<GuardedTx>),
     /// The attempt row was prepared by the job that enqueued this one: reads only.
     Prepared(sqlx::pool::PoolConnection<sqlx::Postgres>),
 }
@@ -53,7 +53,7 @@ impl Prep {
     /// The fenced transaction to finish in: the checkpoint's own, or a new one.
     async fn into_guarded(self, ctx: &JobContext) -> Result<GuardedTx, JobError> {
         match self {
-            Prep::Checkpoint(g) => Ok(g),
+            Prep::Checkpoint(g) => Ok(*g),
             Prep::Prepared(c) => {
                 drop(c);
                 ctx.lease().guarded_tx().await
@@ -79,7 +79,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         None => {
             let mut g = ctx.lease().guarded_tx().await?;
             store::relax_commit_durability(g.conn()).await?;
-            Prep::Checkpoint(g)
+            Prep::Checkpoint(Box::new(g))
         }
     };
     // A step this worker continues from its previous step gets that step's execution row, parsed

@@ -41,7 +41,7 @@ pub(crate) struct LeaseState {
     pub(crate) enqueued: AtomicBool,
     /// A job this attempt enqueued already claimed by the same worker, committed: the worker
     /// runs it next in the same slot.
-    pub(crate) continuation: Mutex<Option<ClaimedJob>>,
+    pub(crate) continuation: Mutex<Option<Continuation>>,
     /// What the handler passes on in memory to its continuation ([`Lease::pass_on`]).
     handoff_out: Mutex<Option<Handoff>>,
     /// What the job this one continues passed on ([`JobContext::take_handoff`]).
@@ -100,7 +100,7 @@ impl LeaseState {
         *self.handoff_in.lock().unwrap_or_else(|p| p.into_inner()) = handoff;
     }
 
-    pub(crate) fn take_continuation(&self) -> Option<ClaimedJob> {
+    pub(crate) fn take_continuation(&self) -> Option<Continuation> {
         self.continuation
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -118,6 +118,15 @@ impl LeaseState {
             notified.await;
         }
     }
+}
+
+/// A job a handler inserted already claimed by this worker, and when its lease runs out as far
+/// as the worker knows: the lease runs from the statement that inserted it, so from a moment
+/// no later than that statement's start, until its first heartbeat renews it.
+#[derive(Debug)]
+pub(crate) struct Continuation {
+    pub(crate) job: ClaimedJob,
+    pub(crate) expires: tokio::time::Instant,
 }
 
 /// What a worker allows its handlers to hand over as a continuation (see
@@ -190,6 +199,8 @@ impl Lease {
     /// is still held, else [`JobError::LeaseLost`]. Write checkpoint rows through
     /// [`GuardedTx::conn`], then [`GuardedTx::complete`] or [`GuardedTx::commit`].
     pub async fn guarded_tx(&self) -> Result<GuardedTx, JobError> {
+        // `now()` in the transaction, which a continuation's lease runs from, is no earlier.
+        let begun = tokio::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         if !store::jobs::job_lock_leased(&mut tx, self.id, self.token).await? {
             tx.rollback().await?;
@@ -200,6 +211,7 @@ impl Lease {
             tx,
             lease: self.clone(),
             continuation: None,
+            begun,
         })
     }
 }
@@ -208,7 +220,9 @@ impl Lease {
 pub struct GuardedTx {
     tx: Transaction<'static, Postgres>,
     lease: Lease,
-    continuation: Option<ClaimedJob>,
+    continuation: Option<Continuation>,
+    /// When the transaction was begun, as far as the worker knows.
+    begun: tokio::time::Instant,
 }
 
 impl GuardedTx {
@@ -243,7 +257,10 @@ impl GuardedTx {
         };
         let claimed = store::jobs::job_enqueue_claimed(&mut self.tx, job, worker, lease).await?;
         let id = claimed.as_ref().map(|c| c.id);
-        self.continuation = claimed;
+        self.continuation = claimed.map(|job| Continuation {
+            job,
+            expires: self.begun + lease,
+        });
         Ok(id)
     }
 
@@ -328,6 +345,7 @@ impl Lease {
             )));
         };
         let mut conn = self.pool.acquire().await?;
+        let sent = tokio::time::Instant::now();
         let done = self
             .state
             .completing(async {
@@ -348,11 +366,14 @@ impl Lease {
             return Err(JobError::LeaseLost);
         };
         self.state.settled.store(true, Ordering::SeqCst);
-        self.hand_over(continuation);
+        self.hand_over(continuation.map(|job| Continuation {
+            job,
+            expires: sent + chain.lease,
+        }));
         Ok(())
     }
 
-    fn hand_over(&self, continuation: Option<ClaimedJob>) {
+    fn hand_over(&self, continuation: Option<Continuation>) {
         if let Some(job) = continuation {
             *self
                 .state

@@ -297,9 +297,9 @@ impl Worker {
                             let previous = f.state.clone();
                             finished.push(f);
                             if let Some(next) = continuation {
-                                let state = inner.track(&next, None);
+                                let state = inner.track(&next.job, Some(next.expires));
                                 state.receive_handoff(&previous);
-                                set.spawn(execute(inner.clone(), next, state));
+                                set.spawn(execute(inner.clone(), next.job, state));
                                 continue;
                             }
                         }
@@ -782,14 +782,14 @@ async fn run_chain(inner: &Arc<Inner>, first: Claimed, done: &mpsc::UnboundedSen
         let continuation = finished.state.take_continuation();
         let previous = finished.state.clone();
         let _ = done.send(finished);
-        if let Some(job) = continuation {
+        if let Some(c) = continuation {
             if inner.stopping.load(Ordering::SeqCst) || *inner.abort.borrow() {
                 let state = Arc::new(LeaseState::default());
-                let _ = done.send(not_started(job, state, RELEASED_AT_SHUTDOWN));
+                let _ = done.send(not_started(c.job, state, RELEASED_AT_SHUTDOWN));
             } else {
-                let state = inner.track(&job, None);
+                let state = inner.track(&c.job, Some(c.expires));
                 state.receive_handoff(&previous);
-                next = Some((job, state));
+                next = Some((c.job, state));
             }
         }
     }
