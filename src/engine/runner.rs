@@ -2,7 +2,8 @@
 //!
 //! 1. The attempt row. When the job that enqueued this one inserted it already (`prepared`, a
 //!    step that follows at once) and this is the job's first attempt, it is adopted: the
-//!    execution is read without a transaction and the command runs. Otherwise, in a lease-fenced
+//!    execution is taken from the job this worker continues from (see [`StepHandoff`]) or read
+//!    without a transaction, and the command runs. Otherwise, in a lease-fenced
 //!    transaction (a checkpoint): a slot that already completed is never run again (the next
 //!    step is enqueued instead); attempts of this slot left `running` by a dead worker are
 //!    marked interrupted; the new attempt row is inserted as running.

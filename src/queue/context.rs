@@ -46,9 +46,9 @@ pub(crate) struct LeaseState {
     handoff_out: Mutex<Option<Handoff>>,
     /// What the job this one continues passed on ([`JobContext::take_handoff`]).
     handoff_in: Mutex<Option<Handoff>>,
-    /// For a claimed job: when its lease runs out as far as the worker knows (the claim or the
-    /// last successful heartbeat was sent, plus the lease). A prefetched job is not started
-    /// after it.
+    /// When the job's lease runs out as far as the worker knows: the claim (or, for a
+    /// continuation, the statement that inserted it) or the last successful heartbeat was sent,
+    /// plus the lease. A prefetched job or a continuation is not started after it.
     pub(crate) expires: Mutex<Option<tokio::time::Instant>>,
 }
 

@@ -31,7 +31,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::context::{ChainPolicy, Lease, LeaseState};
+use super::context::{ChainPolicy, Continuation, Lease, LeaseState};
 use super::cron::cron_fire;
 use super::rescue::{RescueOutcome, rescue_expired};
 use super::{JobContext, JobError, Notifier, QueueError, Registry};
@@ -293,13 +293,13 @@ impl Worker {
                         None if buffer.is_empty() => break,
                         None => {}
                         Some(Ok(f)) => {
-                            let continuation = f.state.take_continuation();
-                            let previous = f.state.clone();
+                            let next = f
+                                .state
+                                .take_continuation()
+                                .map(|c| inner.track_continuation(c, &f.state));
                             finished.push(f);
-                            if let Some(next) = continuation {
-                                let state = inner.track(&next.job, Some(next.expires));
-                                state.receive_handoff(&previous);
-                                set.spawn(execute(inner.clone(), next.job, state));
+                            if let Some((job, state)) = next {
+                                set.spawn(execute(inner.clone(), job, state));
                                 continue;
                             }
                         }
@@ -554,6 +554,18 @@ impl Inner {
         state
     }
 
+    /// Registers a continuation with the heartbeat, with the lease it was inserted with and
+    /// what the job it continues (`from`) passed on to it.
+    fn track_continuation(
+        &self,
+        c: Continuation,
+        from: &LeaseState,
+    ) -> (ClaimedJob, Arc<LeaseState>) {
+        let state = self.track(&c.job, Some(c.expires));
+        state.receive_handoff(from);
+        (c.job, state)
+    }
+
     fn untrack(&self, id: i64) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running.remove(&id);
@@ -787,9 +799,7 @@ async fn run_chain(inner: &Arc<Inner>, first: Claimed, done: &mpsc::UnboundedSen
                 let state = Arc::new(LeaseState::default());
                 let _ = done.send(not_started(c.job, state, RELEASED_AT_SHUTDOWN));
             } else {
-                let state = inner.track(&c.job, Some(c.expires));
-                state.receive_handoff(&previous);
-                next = Some((c.job, state));
+                next = Some(inner.track_continuation(c, &previous));
             }
         }
     }
