@@ -789,7 +789,8 @@ pub struct NextStep<'a> {
 /// the next step's job): the attempt row finished with `r` and its `finish_event`; then, only
 /// while execution `execution_id` is still `running` in run attempt `attempt` (read in the
 /// statement, not locked: the next job reads the status again before it runs), the next job
-/// and `next`'s attempt row with its event.
+/// and `next`'s attempt row with its event. Both events are appended by one insert, the finish
+/// first: one table write fewer per step (each costs the table's constraint and trigger set-up).
 pub fn step_advance_writes<'q>(
     execution_id: Uuid,
     attempt: i32,
@@ -807,9 +808,6 @@ pub fn step_advance_writes<'q>(
                 "$13", "$14", "$15", "$16", "$17", "$18", "$19", "$20", "$21", "$22", "$23"
             ),
             " AND EXISTS (SELECT 1 FROM fence)), \
-             fin_event AS (INSERT INTO execution_events (execution_id, step_execution_id, kind, \
-                             data) \
-                           SELECT $11, $13, 'status', $24 WHERE EXISTS (SELECT 1 FROM fence)), \
              go AS (SELECT 1 FROM runbook_executions \
                     WHERE id = $11 AND status = 'running' AND attempt = $12),"
         ),
@@ -817,9 +815,11 @@ pub fn step_advance_writes<'q>(
                            step_name, status, started_at, retry_attempt, phase, run_attempt) \
                          SELECT $25, $11, (SELECT id FROM runbook_steps WHERE id = $26), $27, \
                                 $28, 'running', now(), 0, 'run', $12 FROM nxt), \
-                prep_event AS (INSERT INTO execution_events (execution_id, step_execution_id, \
-                                 kind, data) \
-                               SELECT $11, $25, 'status', $29 FROM nxt),",
+                events AS (INSERT INTO execution_events (execution_id, step_execution_id, kind, \
+                             data) \
+                           SELECT $11, $13, 'status', $24 WHERE EXISTS (SELECT 1 FROM fence) \
+                           UNION ALL \
+                           SELECT $11, $25, 'status', $29 FROM nxt),",
         bind: move |q: crate::store::jobs::ContinuingQuery<'q>| {
             bind_result(q.bind(execution_id).bind(attempt).bind(id), r)
                 .bind(r.output_encrypted)
