@@ -13,6 +13,15 @@ fn scratch() -> PathBuf {
     dir
 }
 
+/// The state of the runbook deadline's timer job of execution `id`.
+async fn deadline_timer(app: &common::TestApp, id: uuid::Uuid) -> String {
+    sqlx::query_scalar("SELECT state::text FROM jobs WHERE unique_key = $1")
+        .bind(format!("execution:{id}:deadline"))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
 fn read(path: &PathBuf) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -70,6 +79,8 @@ steps:
         .collect();
     assert!(events.starts_with(&["created", "started"]), "{events:?}");
     assert_eq!(*events.last().unwrap(), "completed");
+    // The end of the run cancels the deadline's timer in the same statement.
+    assert_eq!(deadline_timer(&app, id).await, "cancelled");
     worker.stop().await;
 }
 
@@ -251,6 +262,7 @@ steps:
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled");
+    assert_eq!(deadline_timer(&app, id).await, "cancelled");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while pid_alive(&pid).await {
         assert!(

@@ -290,6 +290,7 @@ pub async fn cancel(
                 "cancelled",
                 json!({ "by": user_id, "reason": reason }),
             )],
+            cancel_pending_job: Some(&deadline_key(execution_id)),
             ..ExecutionEnd::default()
         },
     )
@@ -442,12 +443,12 @@ pub(crate) async fn finish_run(
                     error_message: reason,
                     output_summary: Some(&summary),
                     log: &entries,
+                    // The runbook deadline's timer is no longer needed.
+                    cancel_pending_job: Some(&deadline_key(row.id)),
                     ..ExecutionEnd::default()
                 },
             )
             .await?;
-            // The runbook deadline's timer is no longer needed.
-            store::jobs::job_cancel_pending(conn, &deadline_key(row.id)).await?;
         }
         None => store::executions::execution_log_append(conn, row.id, &entries).await?,
     }

@@ -373,12 +373,16 @@ pub struct ExecutionEnd<'a> {
     /// Entries appended to `execution_log` and the live stream, in order, only if the end
     /// applied.
     pub log: &'a [Value],
+    /// The unique key of a job that has not started (`available` or `retryable`) and that the
+    /// end makes unnecessary, such as the runbook deadline's timer: cancelled in the same
+    /// statement, whether or not the end applied.
+    pub cancel_pending_job: Option<&'a str>,
 }
 
 /// Ends an execution with a terminal status if it is still in one of `end.from`; sets
 /// completed_at, duration_ms (from started_at, or 0 when it never started), the reason and
-/// summary, and appends the log entries, in one statement: one new version of the row. Returns
-/// whether it applied.
+/// summary, appends the log entries and cancels `end.cancel_pending_job`, in one statement: one
+/// new version of the row. Returns whether it applied.
 pub async fn execution_finish(
     conn: &mut PgConnection,
     id: Uuid,
@@ -396,7 +400,10 @@ pub async fn execution_finish(
            RETURNING id), \
          e AS (",
         insert_status_events!("u.id", "u, ", "$8"),
-        ") SELECT pg_notify($7, id::text) FROM u",
+        "), \
+         timer AS (UPDATE jobs SET state = 'cancelled', finished_at = now() \
+                   WHERE unique_key = $9 AND state IN ('available', 'retryable')) \
+         SELECT pg_notify($7, id::text) FROM u",
     ))
     .bind(id)
     .bind(&from)
@@ -406,6 +413,7 @@ pub async fn execution_finish(
     .bind(end.refused_by)
     .bind(CONTROL_CHANNEL)
     .bind(Json(end.log))
+    .bind(end.cancel_pending_job)
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)

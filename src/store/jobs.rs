@@ -360,19 +360,6 @@ where
     Ok(row.completed.then_some(row.next))
 }
 
-/// Cancels the job with `unique_key` if it has not started (`available` or `retryable`), in the
-/// caller's transaction: a timer that is no longer needed. Returns whether one was cancelled.
-pub async fn job_cancel_pending(conn: &mut PgConnection, unique_key: &str) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE jobs SET state = 'cancelled', finished_at = now() \
-         WHERE unique_key = $1 AND state IN ('available', 'retryable')",
-    )
-    .bind(unique_key)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() > 0)
-}
-
 /// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs. The
 /// rows come back in claim order (`priority, run_at, id`): a worker that claims more jobs than
 /// it has free slots starts them in that order.
