@@ -10,8 +10,11 @@
 # Both use concurrency BENCH_CONCURRENCY (default 10) per worker process. Uses DATABASE_URL when
 # set; otherwise creates a throw-away cluster with initdb defaults under target/bench-engine-pg.
 # graphile-worker is installed with npm under target/bench-node (never committed).
+# BENCH_ROUNDS (default 1) repeats the three runs in turn, so that both sides see the same drift
+# of a shared machine, and ends with each round's throughput ratios and their median.
 #   scripts/bench-engine.sh
 #   BENCH_EXECUTIONS=200 BENCH_CHAINS=200 scripts/bench-engine.sh
+#   BENCH_ROUNDS=3 BENCH_LATENCY_SAMPLES=20 scripts/bench-engine.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,10 +35,6 @@ if [ -z "${DATABASE_URL:-}" ]; then
     export DATABASE_URL="postgres://postgres@localhost:$port/postgres?host=$dir/sock"
 fi
 
-echo "== aiops execution engine"
-cargo bench --bench engine
-
-echo "== graphile-worker chained jobs"
 node_dir="$(pwd)/target/bench-node"
 mkdir -p "$node_dir"
 cp scripts/bench/package.json scripts/bench/graphile-chain.js "$node_dir/"
@@ -44,9 +43,31 @@ cp scripts/bench/package.json scripts/bench/graphile-chain.js "$node_dir/"
 base="${DATABASE_URL%%\?*}"
 query="${DATABASE_URL#"$base"}"
 db=gw_chain_bench
-for command in "" true; do
-    psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
-    GW_DATABASE_URL="${base%/*}/$db$query" GW_ADMIN_URL="$DATABASE_URL" GW_COMMAND="$command" \
-        node "$node_dir/graphile-chain.js"
-    psql "$DATABASE_URL" -qc "DROP DATABASE $db"
+out="$(mktemp -d)"
+rounds="${BENCH_ROUNDS:-1}"
+
+# The first "<number> <unit>" in a run's output.
+rate() { grep -o "[0-9.]* $2" "$1" | head -1 | cut -d' ' -f1; }
+
+for round in $(seq "$rounds"); do
+    [ "$rounds" -gt 1 ] && echo "== round $round of $rounds"
+    echo "== aiops execution engine"
+    cargo bench --bench engine 2>&1 | tee "$out/aiops"
+    echo "== graphile-worker chained jobs"
+    for command in "" true; do
+        psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+        GW_DATABASE_URL="${base%/*}/$db$query" GW_ADMIN_URL="$DATABASE_URL" GW_COMMAND="$command" \
+            node "$node_dir/graphile-chain.js" | tee "$out/graphile${command:+-$command}"
+        psql "$DATABASE_URL" -qc "DROP DATABASE $db"
+    done
+    steps="$(rate "$out/aiops" steps/s)"
+    noop="$(rate "$out/graphile" jobs/s)"
+    same="$(rate "$out/graphile-true" jobs/s)"
+    echo "$steps $noop $same" >> "$out/rounds"
 done
+
+echo "== aiops steps/s against graphile jobs/s, per round"
+awk '{ printf "    round %d: aiops %s steps/s; graphile no-op %s jobs/s (%.2fx), running `sh -c true` %s jobs/s (%.2fx)\n", NR, $1, $2, $1 / $2, $3, $1 / $3 }' "$out/rounds"
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "    median ratio: $(awk '{ printf "%.4f\n", $1 / $2 }' "$out/rounds" | median | xargs printf '%.2f')x against no-op jobs, $(awk '{ printf "%.4f\n", $1 / $3 }' "$out/rounds" | median | xargs printf '%.2f')x against jobs running the same command"
+rm -rf "$out"
