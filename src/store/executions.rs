@@ -400,10 +400,9 @@ pub async fn execution_finish(
            RETURNING id), \
          e AS (",
         insert_status_events!("u.id", "u, ", "$8"),
-        "), \
-         timer AS (UPDATE jobs SET state = 'cancelled', finished_at = now() \
-                   WHERE unique_key = $9 AND state IN ('available', 'retryable')) \
-         SELECT pg_notify($7, id::text) FROM u",
+        "), timer AS (",
+        crate::store::jobs::cancel_pending_by_key!("$9"),
+        ") SELECT pg_notify($7, id::text) FROM u",
     ))
     .bind(id)
     .bind(&from)

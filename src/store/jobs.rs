@@ -360,6 +360,20 @@ where
     Ok(row.completed.then_some(row.next))
 }
 
+/// The update that cancels the job with unique key `$key` if it has not started (`available` or
+/// `retryable`): a timer that is no longer needed, cancelled inside the statement that makes it
+/// so.
+macro_rules! cancel_pending_by_key {
+    ($key:literal) => {
+        concat!(
+            "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE unique_key = ",
+            $key,
+            " AND state IN ('available', 'retryable')"
+        )
+    };
+}
+pub(crate) use cancel_pending_by_key;
+
 /// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs. The
 /// rows come back in claim order (`priority, run_at, id`): a worker that claims more jobs than
 /// it has free slots starts them in that order.
