@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use aiops::queue::rescue::{RESCUE_LOCK, RescueOutcome, rescue_expired};
 use aiops::queue::{
-    self, Backoff, KindOptions, NewJob, Notifier, Registry, TickOutcome, Worker, WorkerConfig,
+    self, Backoff, JobContext, JobError, KindOptions, NewJob, Notifier, Registry, TickOutcome,
+    Worker, WorkerConfig,
 };
 use aiops::store::jobs::{self, JobRow};
 use aiops::store::queue_workers;
 use chrono::{TimeDelta, Utc};
 use serde_json::json;
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
 use tokio::sync::{Barrier, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -178,6 +180,67 @@ async fn a_notification_after_commit_wakes_an_idle_worker_long_before_its_poll()
     stop.send(true).unwrap();
     let totals = handle.await.unwrap();
     assert_eq!(totals.completed, 2, "{totals:?}");
+}
+
+/// A handler that enqueues `ping` in its guarded transaction, due at once or an hour from now.
+async fn enqueue_ping(ctx: JobContext, later: bool) -> Result<(), JobError> {
+    let mut next = NewJob::new("ping", json!({}));
+    if later {
+        next = next.with_run_at(Utc::now() + TimeDelta::hours(1));
+    }
+    let mut tx = ctx.lease().guarded_tx().await?;
+    tx.enqueue(&next).await?;
+    tx.complete().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_follow_up_job_that_is_due_now_sends_a_wake_up() {
+    let pool = common::fresh_pool().await;
+    let mut registry = Registry::new();
+    registry.register("ping", KindOptions::default(), |_| async { Ok(()) });
+    registry.register("schedule_later", KindOptions::default(), |ctx| {
+        enqueue_ping(ctx, true)
+    });
+    registry.register("schedule_now", KindOptions::default(), |ctx| {
+        enqueue_ping(ctx, false)
+    });
+    let debounce = Duration::from_millis(20);
+    let config = WorkerConfig {
+        concurrency: 1,
+        notify_debounce: debounce,
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::start(pool.clone(), registry, config).await.unwrap();
+    let mut listener = PgListener::connect_with(&pool).await.unwrap();
+    listener.listen(queue::CHANNEL).await.unwrap();
+
+    // A timer for later: committed, and nobody is woken for it.
+    enqueue(&pool, NewJob::new("schedule_later", json!({}))).await;
+    let out = worker.tick().await.unwrap();
+    assert_eq!(out.completed, 1, "{out:?}");
+    let scheduled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE kind = 'ping' AND state = 'available' \
+         AND run_at > now() + interval '50 minutes'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(scheduled, 1);
+    let woken = tokio::time::timeout(debounce * 25, listener.recv()).await;
+    assert!(
+        woken.is_err(),
+        "a job scheduled an hour ahead sent a wake-up: {woken:?}"
+    );
+
+    // A job due now: the same path wakes the workers after the commit.
+    enqueue(&pool, NewJob::new("schedule_now", json!({}))).await;
+    let out = worker.tick().await.unwrap();
+    assert_eq!(out.completed, 1, "{out:?}");
+    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a follow-up job due now sends a wake-up")
+        .unwrap();
+    assert_eq!(woken.channel(), queue::CHANNEL);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,8 @@ pub(crate) struct LeaseState {
     /// The handler's guarded completion is committing: a heartbeat that no longer finds the
     /// job running is seeing that completion, not a lost lease.
     pub(crate) completing: AtomicBool,
-    /// The handler enqueued jobs: wake workers after settling.
+    /// The handler enqueued a job that is due now: wake workers after settling. Jobs scheduled
+    /// for later wake nobody; the workers' polls find them once they are due.
     pub(crate) enqueued: AtomicBool,
     /// A job this attempt enqueued already claimed by the same worker, committed: the worker
     /// runs it next in the same slot.
@@ -231,17 +232,23 @@ impl GuardedTx {
         &mut self.tx
     }
 
-    /// Enqueues a follow-up job in this transaction; `None` when de-duplicated.
+    /// Enqueues a follow-up job in this transaction; `None` when de-duplicated. Workers are woken
+    /// after the commit when it is due now.
     pub async fn enqueue(&mut self, job: &NewJob) -> Result<Option<i64>, JobError> {
         let id = store::jobs::job_enqueue(&mut self.tx, job).await?;
-        self.lease.state.enqueued.store(true, Ordering::SeqCst);
+        if job.is_due_at(chrono::Utc::now()) {
+            self.lease.state.enqueued.store(true, Ordering::SeqCst);
+        }
         Ok(id)
     }
 
     /// Enqueues follow-up jobs in one statement in this transaction.
     pub async fn enqueue_many(&mut self, jobs: &[NewJob]) -> Result<Vec<i64>, JobError> {
         let ids = store::jobs::job_enqueue_many(&mut self.tx, jobs).await?;
-        self.lease.state.enqueued.store(true, Ordering::SeqCst);
+        let now = chrono::Utc::now();
+        if jobs.iter().any(|j| j.is_due_at(now)) {
+            self.lease.state.enqueued.store(true, Ordering::SeqCst);
+        }
         Ok(ids)
     }
 

@@ -73,6 +73,12 @@ impl NewJob {
         self
     }
 
+    /// Whether the job may be claimed at `now` (no `run_at`, or one not after `now`). Only such
+    /// jobs are worth a wake-up: a job scheduled for later is found by the polls once it is due.
+    pub fn is_due_at(&self, now: DateTime<Utc>) -> bool {
+        self.run_at.is_none_or(|at| at <= now)
+    }
+
     /// Sets the attempt budget (at least 1).
     pub fn with_max_attempts(mut self, max_attempts: i32) -> NewJob {
         self.max_attempts = max_attempts.max(1);
