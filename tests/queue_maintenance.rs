@@ -244,6 +244,49 @@ async fn only_a_follow_up_job_that_is_due_now_sends_a_wake_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_retry_that_is_due_now_sends_a_wake_up() {
+    let pool = common::fresh_pool().await;
+    let mut registry = Registry::new();
+    let fail = |_| async { Err(JobError::Retryable("try again".into())) };
+    registry.register(
+        "retry_later",
+        fixed_backoff(Duration::from_secs(3600)),
+        fail,
+    );
+    registry.register("retry_now", fixed_backoff(Duration::ZERO), fail);
+    let debounce = Duration::from_millis(20);
+    let config = WorkerConfig {
+        concurrency: 1,
+        notify_debounce: debounce,
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::start(pool.clone(), registry, config).await.unwrap();
+    let mut listener = PgListener::connect_with(&pool).await.unwrap();
+    listener.listen(queue::CHANNEL).await.unwrap();
+
+    let later = enqueue(&pool, NewJob::new("retry_later", json!({}))).await;
+    let out = worker.tick().await.unwrap();
+    assert_eq!(out.retried, 1, "{out:?}");
+    let retried = job(&pool, later).await;
+    assert_eq!(retried.state, "retryable");
+    assert!(retried.run_at > Utc::now() + TimeDelta::minutes(50));
+    let woken = tokio::time::timeout(debounce * 25, listener.recv()).await;
+    assert!(
+        woken.is_err(),
+        "a retry an hour ahead sent a wake-up: {woken:?}"
+    );
+
+    enqueue(&pool, NewJob::new("retry_now", json!({}))).await;
+    let out = worker.tick().await.unwrap();
+    assert_eq!(out.retried, 1, "{out:?}");
+    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a retry due now sends a wake-up")
+        .unwrap();
+    assert_eq!(woken.channel(), queue::CHANNEL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_finds_unnotified_work_by_polling() {
     let pool = common::fresh_pool().await;
     let (tx, mut started) = mpsc::unbounded_channel();

@@ -677,6 +677,9 @@ impl Inner {
                 Some("retryable") => {
                     tracing::info!(job = f.id, kind = %f.kind, attempt = f.attempt, %error, "job failed; will retry");
                     out.retried += 1;
+                    // A retry after a backoff is found by the polls once due; only one due
+                    // now is worth a wake-up.
+                    wake |= retry_in.is_some_and(|delay| delay.is_zero());
                 }
                 Some(_) => {
                     tracing::warn!(job = f.id, kind = %f.kind, attempt = f.attempt, %error, "job is dead");
@@ -702,7 +705,7 @@ impl Inner {
             out.released += returned.len();
             out.lease_lost += ids.len() - returned.len();
         }
-        if wake || out.retried > 0 || out.released > 0 {
+        if wake || out.released > 0 {
             self.notifier.notify();
             self.wake.notify_one();
         }
