@@ -1100,6 +1100,76 @@ async fn a_notification_the_database_refuses_fails_alone_in_its_group() {
     assert_eq!(queued, 12);
 }
 
+/// A worker that polls only once a minute starts an alert's run well within that minute: the
+/// processing job wakes the workers for the start job it enqueued, after its commit.
+#[tokio::test]
+async fn an_alert_started_run_wakes_an_idle_worker_before_its_poll() {
+    let app = common::spawn_app().await;
+    let poll = Duration::from_secs(60);
+    let worker = common::TestWorker::start_adjusted(&app.pool, |o| {
+        o.queue.poll_interval = poll;
+        o.queue.maintenance_interval = poll;
+    })
+    .await;
+    let bound = 15;
+    assert!(Duration::from_secs(bound) < poll / 2);
+    let token = webhook_token(&app).await;
+    server(&app, "woken", "10.9.0.1", json!([])).await;
+    app.runbook_from_yaml(
+        r#"
+name: woken-by-alert
+mode: auto
+steps:
+  - name: s
+    command: "true"
+triggers:
+  - name: any
+    alert_name_pattern: "Woken*"
+"#,
+    )
+    .await;
+    // The worker's first claim found nothing; it now waits for a wake-up or its poll.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    post(
+        &app,
+        &token,
+        &payload(vec![alert(
+            "WokenUp",
+            "10.9.0.1:9100",
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]),
+    )
+    .await;
+    let node = processed(&app, alert_id(&app, "WokenUp", "10.9.0.1:9100").await).await;
+    assert_eq!(
+        node["match_outcome"]["decision"], "execution_created",
+        "{node}"
+    );
+    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The start job ran: its gates passed and the step was attempted (this worker has no SSH
+    // executor for the server, so the run may fail; it must not still be pending).
+    let started = app
+        .wait_for_status(
+            execution,
+            &["running", "completed", "failed", "cancelled", "timeout"],
+            bound,
+        )
+        .await;
+    assert!(started["started_at"].is_string(), "{started}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(bound),
+        "{:?}",
+        sent.elapsed()
+    );
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn alert_run_executes_on_a_real_server_over_ssh_with_alert_context() {
     let sshd = sshd::sshd();

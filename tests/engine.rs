@@ -142,6 +142,69 @@ steps:
     worker.stop().await;
 }
 
+/// A worker that polls only once a minute runs a start, an approved start and a rollback well
+/// within that minute: each was woken by the transaction that enqueued it, after its commit.
+#[tokio::test]
+async fn starts_approvals_and_rollbacks_wake_an_idle_worker_before_its_poll() {
+    let app = common::spawn_app().await;
+    let poll = std::time::Duration::from_secs(60);
+    let worker = common::TestWorker::start_adjusted(&app.pool, |o| {
+        o.queue.poll_interval = poll;
+        o.queue.maintenance_interval = poll;
+    })
+    .await;
+    // Well under the poll: only a wake-up gets the job claimed this soon.
+    let bound = 15;
+    assert!(std::time::Duration::from_secs(bound) < poll / 2);
+    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    // The worker's first claim found nothing; it now waits for a wake-up or its poll.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // A start through the API.
+    let plain = app
+        .runbook_from_yaml("name: woken\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": plain })).await;
+    let done = app.wait_for_status(id, &terminal, bound).await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // An approval enqueues the start job again.
+    let gated = app
+        .runbook_from_yaml("name: woken-after-approval\nmode: semi_auto\napproval_roles: [engineer]\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": gated })).await;
+    app.wait_awaiting_approval(id).await;
+    let (_, engineer) = app.user_with_role("engineer").await;
+    let (status, body) = app.approve(id, &engineer).await;
+    assert_eq!(status, 200, "{body}");
+    let done = app.wait_for_status(id, &terminal, bound).await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // A failed run's rollback job is enqueued by the step that failed.
+    let failing = app
+        .runbook_from_yaml("name: woken-rollback\nmode: auto\nsteps:\n  - {name: one, command: 'true', rollback_command: 'true'}\n  - {name: two, command: 'exit 3'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": failing })).await;
+    let done = app.wait_for_status(id, &terminal, bound).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(bound);
+    loop {
+        let steps = app.steps(id).await;
+        if steps
+            .iter()
+            .any(|s| s["phase"] == "rollback" && s["status"] == "completed")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollback did not run within {bound} s: {steps:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn step_retries_continue_on_failure_and_runbook_retries() {
     let app = common::spawn_app().await;

@@ -533,6 +533,7 @@ impl AlertsApi {
             .await?
             .ok_or_else(|| ApiError::not_found("alert", id.0))?;
         tx.commit().await?;
+        self.state.job_notifier.notify();
         Ok(AnalysisQueued::Accepted(Json(to_dto(&row).analysis)))
     }
 

@@ -492,6 +492,7 @@ impl ExecutionsApi {
             )
             .await?;
         tx.commit().await?;
+        self.state.job_notifier.notify();
         Ok(Created::Created(Json(ExecutionCreated {
             execution_ids: ids,
             batch_id: batch.map(|b| b.0),
@@ -815,6 +816,10 @@ impl ExecutionsApi {
             .await?
             .ok_or_else(|| ApiError::not_found("execution", id))?;
         tx.commit().await?;
+        if matches!(decision, Decision::Approve) {
+            // The start job the approval enqueued.
+            self.state.job_notifier.notify();
+        }
         Ok(Json(to_execution(row)))
     }
 }

@@ -95,7 +95,8 @@ pub fn analyze_job(alert_id: Uuid) -> NewJob {
     job
 }
 
-/// Marks an alert's analysis as queued and enqueues the job, in the caller's transaction.
+/// Marks an alert's analysis as queued and enqueues the job, in the caller's transaction; the
+/// caller wakes the workers after the commit.
 pub async fn request_analysis(
     conn: &mut PgConnection,
     alert_id: Uuid,
@@ -104,7 +105,6 @@ pub async fn request_analysis(
         return Ok(false);
     }
     store::jobs::job_enqueue(conn, &analyze_job(alert_id)).await?;
-    super::control::notify_jobs(conn).await?;
     Ok(true)
 }
 
@@ -320,7 +320,7 @@ async fn process_alerts(
                 deferred.push(a.id);
                 continue;
             }
-            claim_and_start(g.conn(), a, t, server, &mut d.outcome).await?;
+            claim_and_start(g, a, t, server, &mut d.outcome).await?;
         }
         records.push(ProcessingRecord {
             id: a.id,
@@ -499,7 +499,7 @@ fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Deci
 
 /// Steps 5 and 6: the cooldown, then the execution.
 async fn claim_and_start(
-    conn: &mut PgConnection,
+    g: &mut GuardedTx,
     a: &AlertRow,
     ct: &CachedTrigger,
     server: (Uuid, String),
@@ -514,14 +514,14 @@ async fn claim_and_start(
     let claimed = match &instance {
         Some(key) => {
             store::alerts::trigger_instance_cooldown_claim(
-                conn,
+                g.conn(),
                 t.trigger.id,
                 key,
                 t.trigger.cooldown_seconds,
             )
             .await?
         }
-        None => store::alerts::trigger_cooldown_claim(conn, t.trigger.id).await?,
+        None => store::alerts::trigger_cooldown_claim(g.conn(), t.trigger.id).await?,
     };
     if !claimed {
         let scope = match &instance {
@@ -552,14 +552,17 @@ async fn claim_and_start(
         batch: None,
     };
     // Alert-started runs carry no variables, so nothing needs sealing.
-    match super::create_execution(conn, &request, None).await {
-        Ok(execution_id) => set_decision(
-            outcome,
-            t,
-            "execution_created",
-            None,
-            json!({ "execution_id": execution_id, "server_id": server.0, "server": server.1 }),
-        ),
+    match super::create_execution(g.conn(), &request, None).await {
+        Ok(execution_id) => {
+            g.wake_after_commit();
+            set_decision(
+                outcome,
+                t,
+                "execution_created",
+                None,
+                json!({ "execution_id": execution_id, "server_id": server.0, "server": server.1 }),
+            )
+        }
         Err(EngineError::Store(e)) => return Err(JobError::Store(e)),
         Err(e) => set_decision(
             outcome,

@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::execution::{Effect, Event, State, Status, transition};
-use crate::queue::{JobContext, JobError, NewJob};
+use crate::queue::{GuardedTx, JobContext, JobError, NewJob};
 use crate::store::{
     self,
     executions::{ExecutionEnd, ExecutionRow},
@@ -41,7 +41,10 @@ pub struct StartRequest {
 }
 
 /// Creates a pending execution and enqueues its start job, in the caller's transaction. Secret
-/// variables are sealed with `keyring` (see [`super::secret_vars`]).
+/// variables are sealed with `keyring` (see [`super::secret_vars`]). The caller wakes the
+/// workers once the transaction has committed (the API's `job_notifier`, a handler's
+/// [`GuardedTx::wake_after_commit`]); a `NOTIFY` inside it would hold PostgreSQL's global
+/// notification lock through the commit.
 pub async fn create_execution(
     conn: &mut PgConnection,
     req: &StartRequest,
@@ -107,17 +110,7 @@ pub async fn create_execution(
     )
     .await?;
     store::jobs::job_enqueue(conn, &start_job(id)).await?;
-    notify_jobs(conn).await?;
     Ok(id)
-}
-
-/// Wakes idle workers (the queue's channel) from inside a transaction; delivered on commit.
-pub(crate) async fn notify_jobs(conn: &mut PgConnection) -> Result<(), EngineError> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(crate::queue::CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// Appends to `execution_log` and the live stream.
@@ -181,7 +174,7 @@ pub(crate) async fn refuse(
 }
 
 /// Approves a pending execution on behalf of a user holding one of the runbook's approval
-/// roles, and enqueues its start job.
+/// roles, and enqueues its start job; the caller wakes the workers after the commit.
 pub async fn approve(
     conn: &mut PgConnection,
     execution_id: Uuid,
@@ -198,7 +191,6 @@ pub async fn approve(
     }
     log(conn, execution_id, "approved", json!({ "by": user_id })).await?;
     store::jobs::job_enqueue(conn, &start_job(execution_id)).await?;
-    notify_jobs(conn).await?;
     Ok(())
 }
 
@@ -361,7 +353,7 @@ pub async fn handle_deadline(engine: &Engine, ctx: JobContext) -> Result<(), Job
             .started_at
             .map(|s| s + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds)));
         if deadline.is_some_and(|d| d <= Utc::now()) {
-            finish_run(engine, g.conn(), &row, Event::TimedOut).await?;
+            finish_run(engine, &mut g, &row, Event::TimedOut).await?;
         }
     }
     g.complete().await
@@ -371,7 +363,7 @@ pub async fn handle_deadline(engine: &Engine, ctx: JobContext) -> Result<(), Job
 /// rollback, runbook-level retry, circuit breaker. Returns whether anything changed.
 pub(crate) async fn finish_run(
     _engine: &Engine,
-    conn: &mut PgConnection,
+    g: &mut GuardedTx,
     row: &ExecutionRow,
     event: Event,
 ) -> Result<bool, EngineError> {
@@ -379,7 +371,7 @@ pub(crate) async fn finish_run(
         return Ok(false);
     };
     let snapshot = snapshot_of(row)?;
-    let summary = run_summary(conn, row).await?;
+    let summary = run_summary(g.conn(), row).await?;
     let mut rollback_then: Option<Option<i32>> = None;
     // Log entries of this end, appended with the status change (one new version of the row),
     // or on their own when the execution goes on running.
@@ -391,7 +383,7 @@ pub(crate) async fn finish_run(
             Effect::Rollback => rollback_then = Some(None),
             Effect::ScheduleRetry { attempt } => rollback_then = Some(Some(*attempt as i32)),
             Effect::RecordOutcome { success: true }
-                if store::breakers::breaker_peek(conn, snapshot.id)
+                if store::breakers::breaker_peek(g.conn(), snapshot.id)
                     .await?
                     .is_some_and(|(state, failures)| state == "closed" && failures == 0) =>
             {
@@ -402,14 +394,14 @@ pub(crate) async fn finish_run(
                 ));
             }
             Effect::RecordOutcome { success } => {
-                if let Some(mut b) = store::breakers::breaker_lock(conn, snapshot.id).await? {
+                if let Some(mut b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
                     let mut breaker = b.breaker();
                     if *success {
                         breaker.record_success();
                     } else {
                         breaker.record_failure(Utc::now());
                     }
-                    store::breakers::breaker_save(conn, snapshot.id, &breaker).await?;
+                    store::breakers::breaker_save(g.conn(), snapshot.id, &breaker).await?;
                     b.state = breaker.state.as_str().to_owned();
                     entries.push(log_entry(
                         "circuit_breaker",
@@ -435,7 +427,7 @@ pub(crate) async fn finish_run(
     match finish {
         Some(reason) => {
             store::executions::execution_finish(
-                conn,
+                g.conn(),
                 row.id,
                 &ExecutionEnd {
                     from: &["running"],
@@ -450,10 +442,10 @@ pub(crate) async fn finish_run(
             )
             .await?;
         }
-        None => store::executions::execution_log_append(conn, row.id, &entries).await?,
+        None => store::executions::execution_log_append(g.conn(), row.id, &entries).await?,
     }
     if let Some(then_attempt) = rollback_then {
-        start_rollback(conn, row, &snapshot, then_attempt).await?;
+        start_rollback(g, row, &snapshot, then_attempt).await?;
     }
     Ok(true)
 }
@@ -461,12 +453,12 @@ pub(crate) async fn finish_run(
 /// Enqueues the rollback of the attempt's completed steps, newest first; then the next attempt
 /// when `then_attempt` is set.
 async fn start_rollback(
-    conn: &mut PgConnection,
+    g: &mut GuardedTx,
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
     then_attempt: Option<i32>,
 ) -> Result<(), EngineError> {
-    let done = store::executions::step_completed_runs(conn, row.id, row.attempt).await?;
+    let done = store::executions::step_completed_runs(g.conn(), row.id, row.attempt).await?;
     let mut remaining: Vec<usize> = done
         .iter()
         .filter(|r| r.status == "completed" && !r.skipped)
@@ -482,7 +474,7 @@ async fn start_rollback(
     remaining.reverse();
     if remaining.is_empty() {
         if let Some(attempt) = then_attempt {
-            begin_attempt(conn, row, snapshot, attempt).await?;
+            begin_attempt(g, row, snapshot, attempt).await?;
         }
         return Ok(());
     }
@@ -502,28 +494,28 @@ async fn start_rollback(
         remaining.len()
     ));
     job.max_attempts = 10;
-    store::jobs::job_enqueue(conn, &job).await?;
-    notify_jobs(conn).await?;
+    store::jobs::job_enqueue(g.conn(), &job).await?;
+    g.note_enqueued(&job);
     Ok(())
 }
 
 /// Moves to the next runbook-level attempt and enqueues its first step after the retry delay.
 pub(crate) async fn begin_attempt(
-    conn: &mut PgConnection,
+    g: &mut GuardedTx,
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
     attempt: i32,
 ) -> Result<(), EngineError> {
-    if !store::executions::execution_next_attempt(conn, row.id, attempt).await? {
+    if !store::executions::execution_next_attempt(g.conn(), row.id, attempt).await? {
         return Ok(());
     }
     let mut job = step_job(row.id, attempt, 0, 0);
     job.run_at =
         Some(Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds)));
-    store::jobs::job_enqueue(conn, &job).await?;
-    notify_jobs(conn).await?;
+    store::jobs::job_enqueue(g.conn(), &job).await?;
+    g.note_enqueued(&job);
     log(
-        conn,
+        g.conn(),
         row.id,
         "retry_scheduled",
         json!({ "attempt": attempt, "delay_seconds": snapshot.retry_delay_seconds }),

@@ -189,7 +189,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         && let Some(current) = store::executions::execution_lock(g.conn(), row.id).await?
         && current.status == "running"
     {
-        begin_attempt(g.conn(), &current, &snapshot, next).await?;
+        begin_attempt(&mut g, &current, &snapshot, next).await?;
     } else {
         log(
             g.conn(),

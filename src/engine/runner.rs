@@ -510,7 +510,7 @@ async fn record(
     let deadline_hit = matches!(r.run, RunResult::DeadlinePassed)
         || (r.verdict.status == "timeout" && r.runbook_deadline_binds);
     if deadline_hit {
-        finish_run(engine, g.conn(), &current, Event::TimedOut).await?;
+        finish_run(engine, &mut g, &current, Event::TimedOut).await?;
         return g.complete().await;
     }
     if r.retry_attempt < step.retry_count {
@@ -545,7 +545,7 @@ async fn record(
         step.name,
         r.verdict.error.clone().unwrap_or_else(|| "failed".into())
     );
-    finish_run(engine, g.conn(), &current, Event::RunFailed(reason)).await?;
+    finish_run(engine, &mut g, &current, Event::RunFailed(reason)).await?;
     g.complete().await
 }
 
@@ -822,7 +822,7 @@ async fn advance_locked(
     if index + 1 < snapshot.steps.len() {
         enqueue_step(&mut g, current.id, current.attempt, snapshot, index + 1).await?;
     } else {
-        finish_run(engine, g.conn(), current, Event::RunSucceeded).await?;
+        finish_run(engine, &mut g, current, Event::RunSucceeded).await?;
     }
     g.complete().await
 }
