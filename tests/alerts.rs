@@ -1100,6 +1100,32 @@ async fn a_notification_the_database_refuses_fails_alone_in_its_group() {
     assert_eq!(queued, 12);
 }
 
+/// Fires one alert through the webhook and waits until it is processed into an execution;
+/// returns the execution's id.
+async fn fire_into_execution(app: &TestApp, token: &str, name: &str, instance: &str) -> uuid::Uuid {
+    post(
+        app,
+        token,
+        &payload(vec![alert(
+            name,
+            instance,
+            "2030-01-01T00:00:00Z",
+            "firing",
+        )]),
+    )
+    .await;
+    let node = processed(app, alert_id(app, name, instance).await).await;
+    assert_eq!(
+        node["match_outcome"]["decision"], "execution_created",
+        "{node}"
+    );
+    node["match_outcome"]["execution_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A worker that polls only once a minute starts an alert's run well within that minute: the
 /// processing job wakes the workers for the start job it enqueued, after its commit.
 #[tokio::test]
@@ -1131,27 +1157,7 @@ triggers:
     // The worker's first claim found nothing; it now waits for a wake-up or its poll.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent = Instant::now();
-    post(
-        &app,
-        &token,
-        &payload(vec![alert(
-            "WokenUp",
-            "10.9.0.1:9100",
-            "2030-01-01T00:00:00Z",
-            "firing",
-        )]),
-    )
-    .await;
-    let node = processed(&app, alert_id(&app, "WokenUp", "10.9.0.1:9100").await).await;
-    assert_eq!(
-        node["match_outcome"]["decision"], "execution_created",
-        "{node}"
-    );
-    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let execution = fire_into_execution(&app, &token, "WokenUp", "10.9.0.1:9100").await;
     // The start job ran: its gates passed and the step was attempted (this worker has no SSH
     // executor for the server, so the run may fail; it must not still be pending).
     let started = app
@@ -1202,27 +1208,7 @@ triggers:
 "#,
     )
     .await;
-    post(
-        &app,
-        &token,
-        &payload(vec![alert(
-            "NodeDown",
-            "127.0.0.1:9100",
-            "2030-01-01T00:00:00Z",
-            "firing",
-        )]),
-    )
-    .await;
-    let node = processed(&app, alert_id(&app, "NodeDown", "127.0.0.1:9100").await).await;
-    assert_eq!(
-        node["match_outcome"]["decision"], "execution_created",
-        "{node}"
-    );
-    let execution: uuid::Uuid = node["match_outcome"]["execution_id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let execution = fire_into_execution(&app, &token, "NodeDown", "127.0.0.1:9100").await;
     let done = app
         .wait_for_status(
             execution,

@@ -142,6 +142,12 @@ steps:
     worker.stop().await;
 }
 
+/// Applies a new runbook and starts it through the API.
+async fn start_new(app: &common::TestApp, yaml: &str) -> uuid::Uuid {
+    let runbook = app.runbook_from_yaml(yaml).await;
+    app.start_execution(json!({ "runbook_id": runbook })).await
+}
+
 /// A worker that polls only once a minute runs a start, an approved start and a rollback well
 /// within that minute: each was woken by the transaction that enqueued it, after its commit.
 #[tokio::test]
@@ -161,18 +167,16 @@ async fn starts_approvals_and_rollbacks_wake_an_idle_worker_before_its_poll() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
     // A start through the API.
-    let plain = app
-        .runbook_from_yaml("name: woken\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n")
-        .await;
-    let id = app.start_execution(json!({ "runbook_id": plain })).await;
+    let id = start_new(
+        &app,
+        "name: woken\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n",
+    )
+    .await;
     let done = app.wait_for_status(id, &terminal, bound).await;
     assert_eq!(done["status"], "completed", "{done}");
 
     // An approval enqueues the start job again.
-    let gated = app
-        .runbook_from_yaml("name: woken-after-approval\nmode: semi_auto\napproval_roles: [engineer]\nsteps:\n  - {name: s, command: 'true'}\n")
-        .await;
-    let id = app.start_execution(json!({ "runbook_id": gated })).await;
+    let id = start_new(&app, "name: woken-after-approval\nmode: semi_auto\napproval_roles: [engineer]\nsteps:\n  - {name: s, command: 'true'}\n").await;
     app.wait_awaiting_approval(id).await;
     let (_, engineer) = app.user_with_role("engineer").await;
     let (status, body) = app.approve(id, &engineer).await;
@@ -181,10 +185,7 @@ async fn starts_approvals_and_rollbacks_wake_an_idle_worker_before_its_poll() {
     assert_eq!(done["status"], "completed", "{done}");
 
     // A failed run's rollback job is enqueued by the step that failed.
-    let failing = app
-        .runbook_from_yaml("name: woken-rollback\nmode: auto\nsteps:\n  - {name: one, command: 'true', rollback_command: 'true'}\n  - {name: two, command: 'exit 3'}\n")
-        .await;
-    let id = app.start_execution(json!({ "runbook_id": failing })).await;
+    let id = start_new(&app, "name: woken-rollback\nmode: auto\nsteps:\n  - {name: one, command: 'true', rollback_command: 'true'}\n  - {name: two, command: 'exit 3'}\n").await;
     let done = app.wait_for_status(id, &terminal, bound).await;
     assert_eq!(done["status"], "failed", "{done}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(bound);

@@ -182,6 +182,37 @@ async fn a_notification_after_commit_wakes_an_idle_worker_long_before_its_poll()
     assert_eq!(totals.completed, 2, "{totals:?}");
 }
 
+/// Debounce of the wake-up tests' workers.
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// A one-slot worker driven by `tick()`, and a connection listening on the wake-up channel.
+async fn worker_and_listener(pool: &PgPool, registry: Registry) -> (Worker, PgListener) {
+    let config = WorkerConfig {
+        concurrency: 1,
+        notify_debounce: WAKE_DEBOUNCE,
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::start(pool.clone(), registry, config).await.unwrap();
+    let mut listener = PgListener::connect_with(pool).await.unwrap();
+    listener.listen(queue::CHANNEL).await.unwrap();
+    (worker, listener)
+}
+
+/// Asserts that no wake-up arrives within many debounce windows.
+async fn no_wake_up(listener: &mut PgListener, what: &str) {
+    let woken = tokio::time::timeout(WAKE_DEBOUNCE * 25, listener.recv()).await;
+    assert!(woken.is_err(), "{what} sent a wake-up: {woken:?}");
+}
+
+/// Waits for a wake-up.
+async fn wake_up(listener: &mut PgListener, what: &str) {
+    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what} sends a wake-up"))
+        .unwrap();
+    assert_eq!(woken.channel(), queue::CHANNEL);
+}
+
 /// A handler that enqueues `ping` in its guarded transaction, due at once or an hour from now.
 async fn enqueue_ping(ctx: JobContext, later: bool) -> Result<(), JobError> {
     let mut next = NewJob::new("ping", json!({}));
@@ -204,15 +235,7 @@ async fn only_a_follow_up_job_that_is_due_now_sends_a_wake_up() {
     registry.register("schedule_now", KindOptions::default(), |ctx| {
         enqueue_ping(ctx, false)
     });
-    let debounce = Duration::from_millis(20);
-    let config = WorkerConfig {
-        concurrency: 1,
-        notify_debounce: debounce,
-        ..WorkerConfig::default()
-    };
-    let worker = Worker::start(pool.clone(), registry, config).await.unwrap();
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(queue::CHANNEL).await.unwrap();
+    let (worker, mut listener) = worker_and_listener(&pool, registry).await;
 
     // A timer for later: committed, and nobody is woken for it.
     enqueue(&pool, NewJob::new("schedule_later", json!({}))).await;
@@ -226,21 +249,13 @@ async fn only_a_follow_up_job_that_is_due_now_sends_a_wake_up() {
     .await
     .unwrap();
     assert_eq!(scheduled, 1);
-    let woken = tokio::time::timeout(debounce * 25, listener.recv()).await;
-    assert!(
-        woken.is_err(),
-        "a job scheduled an hour ahead sent a wake-up: {woken:?}"
-    );
+    no_wake_up(&mut listener, "a job scheduled an hour ahead").await;
 
     // A job due now: the same path wakes the workers after the commit.
     enqueue(&pool, NewJob::new("schedule_now", json!({}))).await;
     let out = worker.tick().await.unwrap();
     assert_eq!(out.completed, 1, "{out:?}");
-    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv())
-        .await
-        .expect("a follow-up job due now sends a wake-up")
-        .unwrap();
-    assert_eq!(woken.channel(), queue::CHANNEL);
+    wake_up(&mut listener, "a follow-up job due now").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,15 +269,7 @@ async fn only_a_retry_that_is_due_now_sends_a_wake_up() {
         fail,
     );
     registry.register("retry_now", fixed_backoff(Duration::ZERO), fail);
-    let debounce = Duration::from_millis(20);
-    let config = WorkerConfig {
-        concurrency: 1,
-        notify_debounce: debounce,
-        ..WorkerConfig::default()
-    };
-    let worker = Worker::start(pool.clone(), registry, config).await.unwrap();
-    let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(queue::CHANNEL).await.unwrap();
+    let (worker, mut listener) = worker_and_listener(&pool, registry).await;
 
     let later = enqueue(&pool, NewJob::new("retry_later", json!({}))).await;
     let out = worker.tick().await.unwrap();
@@ -270,20 +277,12 @@ async fn only_a_retry_that_is_due_now_sends_a_wake_up() {
     let retried = job(&pool, later).await;
     assert_eq!(retried.state, "retryable");
     assert!(retried.run_at > Utc::now() + TimeDelta::minutes(50));
-    let woken = tokio::time::timeout(debounce * 25, listener.recv()).await;
-    assert!(
-        woken.is_err(),
-        "a retry an hour ahead sent a wake-up: {woken:?}"
-    );
+    no_wake_up(&mut listener, "a retry an hour ahead").await;
 
     enqueue(&pool, NewJob::new("retry_now", json!({}))).await;
     let out = worker.tick().await.unwrap();
     assert_eq!(out.retried, 1, "{out:?}");
-    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv())
-        .await
-        .expect("a retry due now sends a wake-up")
-        .unwrap();
-    assert_eq!(woken.channel(), queue::CHANNEL);
+    wake_up(&mut listener, "a retry due now").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
