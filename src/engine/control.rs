@@ -366,7 +366,7 @@ pub(crate) async fn finish_run(
     g: &mut GuardedTx,
     row: &ExecutionRow,
     event: Event,
-) -> Result<bool, EngineError> {
+) -> Result<bool, JobError> {
     let Ok(t) = transition(state_of(row), &event) else {
         return Ok(false);
     };
@@ -457,7 +457,7 @@ async fn start_rollback(
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
     then_attempt: Option<i32>,
-) -> Result<(), EngineError> {
+) -> Result<(), JobError> {
     let done = store::executions::step_completed_runs(g.conn(), row.id, row.attempt).await?;
     let mut remaining: Vec<usize> = done
         .iter()
@@ -494,8 +494,7 @@ async fn start_rollback(
         remaining.len()
     ));
     job.max_attempts = 10;
-    store::jobs::job_enqueue(g.conn(), &job).await?;
-    g.note_enqueued(&job);
+    g.enqueue(&job).await?;
     Ok(())
 }
 
@@ -505,15 +504,14 @@ pub(crate) async fn begin_attempt(
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
     attempt: i32,
-) -> Result<(), EngineError> {
+) -> Result<(), JobError> {
     if !store::executions::execution_next_attempt(g.conn(), row.id, attempt).await? {
         return Ok(());
     }
     let mut job = step_job(row.id, attempt, 0, 0);
     job.run_at =
         Some(Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds)));
-    store::jobs::job_enqueue(g.conn(), &job).await?;
-    g.note_enqueued(&job);
+    g.enqueue(&job).await?;
     log(
         g.conn(),
         row.id,

@@ -236,27 +236,25 @@ impl GuardedTx {
     /// after the commit when it is due now.
     pub async fn enqueue(&mut self, job: &NewJob) -> Result<Option<i64>, JobError> {
         let id = store::jobs::job_enqueue(&mut self.tx, job).await?;
-        self.note_enqueued(job);
+        if job.is_due_at(chrono::Utc::now()) {
+            self.wake_after_commit();
+        }
         Ok(id)
     }
 
     /// Enqueues follow-up jobs in one statement in this transaction.
     pub async fn enqueue_many(&mut self, jobs: &[NewJob]) -> Result<Vec<i64>, JobError> {
         let ids = store::jobs::job_enqueue_many(&mut self.tx, jobs).await?;
-        jobs.iter().for_each(|job| self.note_enqueued(job));
+        let now = chrono::Utc::now();
+        if jobs.iter().any(|job| job.is_due_at(now)) {
+            self.wake_after_commit();
+        }
         Ok(ids)
     }
 
-    /// Records that this transaction enqueued `job` through statements of its own (not
-    /// [`enqueue`](Self::enqueue)): workers are woken after the commit when it is due now.
-    pub fn note_enqueued(&self, job: &NewJob) {
-        if job.is_due_at(chrono::Utc::now()) {
-            self.wake_after_commit();
-        }
-    }
-
     /// Wakes the workers once this transaction has committed (the job is settled), for a job
-    /// due now that it enqueued with statements of its own. A `NOTIFY` inside the transaction
+    /// due now that it enqueued with statements of its own (not [`enqueue`](Self::enqueue)),
+    /// such as the start job of an execution it created. A `NOTIFY` inside the transaction
     /// would hold PostgreSQL's global notification lock through the commit's WAL flush.
     pub fn wake_after_commit(&self) {
         self.lease.state.enqueued.store(true, Ordering::SeqCst);
