@@ -11,7 +11,9 @@
 # set; otherwise creates a throw-away cluster with initdb defaults under target/bench-engine-pg.
 # graphile-worker is installed with npm under target/bench-node (never committed).
 # BENCH_ROUNDS (default 1) repeats the three runs in turn, so that both sides see the same drift
-# of a shared machine, and ends with each round's throughput ratios and their median.
+# of a shared machine, and ends with each round's throughput ratios and their median, and each
+# round's CPU per aiops step (with and without the process its command starts) next to the CPU
+# per graphile no-op job.
 #   scripts/bench-engine.sh
 #   BENCH_EXECUTIONS=200 BENCH_CHAINS=200 scripts/bench-engine.sh
 #   BENCH_ROUNDS=3 BENCH_LATENCY_SAMPLES=20 scripts/bench-engine.sh
@@ -48,6 +50,8 @@ rounds="${BENCH_ROUNDS:-1}"
 
 # The first "<number> <unit>" in a run's output.
 rate() { grep -o "[0-9.]* $2" "$1" | head -1 | cut -d' ' -f1; }
+# The first "<label> <number> ms" in a run's output (its CPU per step or job).
+cpu() { grep -o "$2 [0-9.]* ms" "$1" | head -1 | awk '{ print $(NF - 1) }'; }
 
 for round in $(seq "$rounds"); do
     [ "$rounds" -gt 1 ] && echo "== round $round of $rounds"
@@ -63,11 +67,17 @@ for round in $(seq "$rounds"); do
     steps="$(rate "$out/aiops" steps/s)"
     noop="$(rate "$out/graphile" jobs/s)"
     same="$(rate "$out/graphile-true" jobs/s)"
-    echo "$steps $noop $same" >> "$out/rounds"
+    cpu_total="$(cpu "$out/aiops" total)"
+    cpu_command="$(cpu "$out/aiops" commands)"
+    cpu_noop="$(cpu "$out/graphile" total)"
+    echo "$steps $noop $same $cpu_total $cpu_command $cpu_noop" >> "$out/rounds"
 done
 
 echo "== aiops steps/s against graphile jobs/s, per round"
 awk '{ printf "    round %d: aiops %s steps/s; graphile no-op %s jobs/s (%.2fx), running `sh -c true` %s jobs/s (%.2fx)\n", NR, $1, $2, $1 / $2, $3, $1 / $3 }' "$out/rounds"
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "    median ratio: $(awk '{ printf "%.4f\n", $1 / $2 }' "$out/rounds" | median | xargs printf '%.2f')x against no-op jobs, $(awk '{ printf "%.4f\n", $1 / $3 }' "$out/rounds" | median | xargs printf '%.2f')x against jobs running the same command"
+# Where the CPU goes: a no-op step still starts its command's process; a no-op graphile job does not.
+echo "== CPU per step or job (workers, their commands, database backends), per round"
+awk '{ printf "    round %d: aiops %.2f ms per step, %.2f ms of it its command, %.2f ms without; graphile no-op %.2f ms per job\n", NR, $4, $5, $4 - $5, $6 }' "$out/rounds"
 rm -rf "$out"
