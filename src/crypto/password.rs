@@ -1,8 +1,7 @@
 //! Password hashing with argon2id and the OWASP-recommended parameters
 //! (19 MiB of memory, 2 iterations, 1 lane).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use rand::RngExt;
 
 /// Memory cost in KiB (OWASP Password Storage Cheat Sheet, argon2id minimum configuration).
@@ -35,9 +34,8 @@ fn hasher() -> Argon2<'static> {
 pub fn hash(password: &str) -> Result<String, PasswordError> {
     let mut salt = [0u8; 16];
     rand::rng().fill(&mut salt);
-    let salt = SaltString::encode_b64(&salt).map_err(|e| PasswordError(e.to_string()))?;
     hasher()
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password_with_salt(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| PasswordError(e.to_string()))
 }
@@ -70,5 +68,15 @@ mod tests {
         assert!(!verify("wrong horse", &h));
         assert!(!verify("x", "not a hash"));
         assert!(!verify("x", dummy_hash()));
+    }
+
+    #[test]
+    fn verifies_a_standard_phc_string_from_another_implementation() {
+        // Made by the reference implementation (libargon2, through argon2-cffi) with the same
+        // parameters: hashes stored by any earlier release keep verifying.
+        let stored = "$argon2id$v=19$m=19456,t=2,p=1$ZZX40J/MQhwAOWnDSu5KpQ$\
+                      +HrxaWkPWsV94x9j/V/qlnORqD2ipa89Iruj7UgYoik";
+        assert!(verify("correct horse", stored));
+        assert!(!verify("correct horsf", stored));
     }
 }
