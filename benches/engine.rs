@@ -1,16 +1,17 @@
 //! Execution engine benchmark: prints figures, asserts nothing.
 //!
-//! 1. Throughput: `BENCH_EXECUTIONS` (default 1,000) executions of a runbook of 5 no-op local
-//!    steps (`true`), run by 2 `aiops worker` processes (the real binary, default settings,
-//!    concurrency `BENCH_CONCURRENCY`, default 10, each). The executions are created in one
-//!    transaction once both workers are registered; the clock runs from that commit until every
-//!    execution is `completed`: wall time, executions/s, steps/s, and transactions per step
-//!    (`pg_stat_database.xact_commit` delta of the benchmark database, read from a connection to
-//!    another database after the workers have exited so their statistics are flushed, minus the
-//!    benchmark's own transactions, divided by the steps completed), and CPU time per step
-//!    over the same interval from `/proc/<pid>/stat` (the database on this host): the two
-//!    worker processes, the commands they ran (their reaped children), and the database
-//!    backends serving the benchmark database (the benchmark's own connection excluded).
+//! 1. Throughput: `BENCH_EXECUTIONS` (default 1,000) executions of a runbook of `BENCH_STEPS`
+//!    (default 5) no-op local steps (`true`), run by 2 `aiops worker` processes (the real binary,
+//!    default settings, concurrency `BENCH_CONCURRENCY`, default 10, each). The executions are
+//!    created in one transaction once both workers are registered; the clock runs from that
+//!    commit until every execution is `completed`: wall time, executions/s, steps/s, and
+//!    transactions per step (`pg_stat_database.xact_commit` delta of the benchmark database,
+//!    read from a connection to another database after the workers have exited so their
+//!    statistics are flushed, minus the benchmark's own transactions, divided by the steps
+//!    completed), and CPU time per step over the same interval from `/proc/<pid>/stat` (the
+//!    database on this host): the two worker processes, the commands they ran (their reaped
+//!    children), and the database backends serving the benchmark database (the benchmark's own
+//!    connection excluded).
 //! 2. Latency: the real HTTP API (`startup::Application` on port 0) and 2 fresh idle worker
 //!    processes; `BENCH_LATENCY_SAMPLES` (default 200) times, one at a time, a 3-step no-op
 //!    runbook is started with `POST /api/v1/executions` and the clock runs from sending the
@@ -38,16 +39,14 @@ use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::process::{Child, Command};
 
-const THROUGHPUT_RUNBOOK: &str = r#"
-name: bench-five-noop
-mode: auto
-steps:
-  - { name: s1, command: "true" }
-  - { name: s2, command: "true" }
-  - { name: s3, command: "true" }
-  - { name: s4, command: "true" }
-  - { name: s5, command: "true" }
-"#;
+/// The throughput runbook: `steps` no-op local steps (`true`).
+fn throughput_runbook(steps: usize) -> String {
+    let mut yaml = format!("name: bench-{steps}-noop\nmode: auto\nsteps:\n");
+    for i in 1..=steps {
+        yaml.push_str(&format!("  - {{ name: s{i}, command: \"true\" }}\n"));
+    }
+    yaml
+}
 
 const LATENCY_RUNBOOK: &str = r#"
 name: bench-three-noop
@@ -224,10 +223,11 @@ async fn throughput(
     url: &str,
     db: &str,
     executions: usize,
+    steps: usize,
     concurrency: usize,
 ) -> anyhow::Result<Throughput> {
     let mut conn = url.parse::<PgConnectOptions>()?.connect().await?;
-    let runbook = apply_runbook(&mut conn, THROUGHPUT_RUNBOOK).await?;
+    let runbook = apply_runbook(&mut conn, &throughput_runbook(steps)).await?;
     conn.close().await?;
     wait_for_no_backends(admin, db).await?;
 
@@ -485,6 +485,7 @@ async fn main() -> anyhow::Result<()> {
     let executions = env_usize("BENCH_EXECUTIONS", if full { 1_000 } else { 5 });
     let samples = env_usize("BENCH_LATENCY_SAMPLES", if full { 200 } else { 5 });
     let concurrency = env_usize("BENCH_CONCURRENCY", 10);
+    let steps = env_usize("BENCH_STEPS", 5).max(1);
 
     let mut embedded = None;
     let server = match std::env::var("DATABASE_URL") {
@@ -517,7 +518,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let (db, url) = fresh(&mut admin).await?;
-    let t = throughput(&mut admin, &url, &db, executions, concurrency).await?;
+    let t = throughput(&mut admin, &url, &db, executions, steps, concurrency).await?;
     let (_, url) = fresh(&mut admin).await?;
     let l = latency(&url, samples, concurrency).await?;
     let (created, completed) = (&l.to_created, &l.to_completed);
@@ -526,7 +527,7 @@ async fn main() -> anyhow::Result<()> {
     let per_step = (t.transactions - t.own as i64) as f64 / t.steps.max(1) as f64;
     println!("aiops execution engine benchmark (PostgreSQL {version})");
     println!(
-        "  throughput: {} executions x 5 no-op local steps, 2 `aiops worker` processes (concurrency {concurrency} each)",
+        "  throughput: {} executions x {steps} no-op local steps, 2 `aiops worker` processes (concurrency {concurrency} each)",
         t.executions
     );
     println!(
