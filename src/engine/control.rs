@@ -12,7 +12,7 @@ use crate::domain::execution::{Effect, Event, State, Status, transition};
 use crate::queue::{GuardedTx, JobContext, JobError, NewJob};
 use crate::store::{
     self,
-    executions::{ExecutionEnd, ExecutionRow},
+    executions::{ExecutionEnd, ExecutionRow, StepResult},
 };
 
 use super::snapshot::{RunbookSnapshot, snapshot_load};
@@ -525,18 +525,111 @@ pub(crate) async fn begin_attempt(
 /// A one-line summary of an attempt's steps.
 async fn run_summary(conn: &mut PgConnection, row: &ExecutionRow) -> Result<String, EngineError> {
     let steps = store::executions::step_list(conn, row.id).await?;
-    let this: Vec<_> = steps
+    Ok(summarize(&steps, row, None))
+}
+
+/// The run's summary from its step rows; `last`, when given, is the result of a step row whose
+/// end is written in the same statement as the summary (the row read still says `running`).
+fn summarize(
+    steps: &[store::executions::StepRow],
+    row: &ExecutionRow,
+    last: Option<(Uuid, &StepResult<'_>)>,
+) -> String {
+    let this: Vec<(&str, bool)> = steps
         .iter()
         .filter(|s| s.phase == "run" && s.run_attempt == row.attempt && !s.interrupted)
+        .map(|s| match last {
+            Some((id, r)) if id == s.id => (r.status, r.skipped),
+            _ => (s.status.as_str(), s.skipped),
+        })
         .collect();
     let completed = this
         .iter()
-        .filter(|s| s.status == "completed" && !s.skipped)
+        .filter(|(status, skipped)| *status == "completed" && !skipped)
         .count();
-    let skipped = this.iter().filter(|s| s.skipped).count();
-    let failed = this.iter().filter(|s| s.status == "failed").count();
-    Ok(format!(
+    let skipped = this.iter().filter(|(_, skipped)| *skipped).count();
+    let failed = this
+        .iter()
+        .filter(|(status, _)| *status == "failed")
+        .count();
+    format!(
         "attempt {} of {}: {completed} step(s) completed, {skipped} skipped, {failed} failed attempt(s)",
         row.attempt, row.max_attempts
-    ))
+    )
+}
+
+/// The end of a run whose last step succeeded, to write in one statement with that step's
+/// result and its job's completion ([`store::executions::step_end_run_writes`]).
+pub(crate) struct SuccessEnd {
+    pub(crate) to: &'static str,
+    pub(crate) reason: Option<String>,
+    pub(crate) summary: String,
+    pub(crate) log: Value,
+    pub(crate) deadline_key: String,
+}
+
+impl SuccessEnd {
+    pub(crate) fn as_run_end(&self, row: &ExecutionRow) -> store::executions::RunEnd<'_> {
+        store::executions::RunEnd {
+            execution_id: row.id,
+            attempt: row.attempt,
+            to: self.to,
+            error_message: self.reason.as_deref(),
+            output_summary: &self.summary,
+            log: &self.log,
+            cancel_pending_job: &self.deadline_key,
+        }
+    }
+}
+
+/// Decides, without locking anything, how run attempt `row.attempt` of a run of runbook
+/// `runbook_id` ends now that its last step (attempt row `last.0`) ended with `last.1`: what [`finish_run`] would write for
+/// [`Event::RunSucceeded`], valid as long as the execution is still running in this attempt
+/// (the statement that writes it checks that). `None` when ending needs more than the execution
+/// row, so [`finish_run`] must decide under the row locks: a circuit breaker in any state but
+/// closed without failures (its counters change), or a transition with other effects.
+pub(crate) async fn plan_success_end(
+    conn: &mut PgConnection,
+    row: &ExecutionRow,
+    runbook_id: Uuid,
+    last: (Uuid, &StepResult<'_>),
+) -> Result<Option<SuccessEnd>, JobError> {
+    let Ok(t) = transition(state_of(row), &Event::RunSucceeded) else {
+        return Ok(None);
+    };
+    let mut entries = Vec::new();
+    let mut reason = None;
+    for effect in &t.effects {
+        match effect {
+            Effect::Finish(r) => reason = Some(r.clone()),
+            Effect::RecordOutcome { success: true } => {
+                match store::breakers::breaker_peek(conn, runbook_id).await? {
+                    // No breaker row: nothing to count (as `breaker_lock` finds nothing).
+                    None => {}
+                    Some((state, 0)) if state == "closed" => entries.push(log_entry(
+                        "circuit_breaker",
+                        json!({ "state": "closed", "failures": 0 }),
+                    )),
+                    Some(_) => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        }
+    }
+    let Some(reason) = reason else {
+        return Ok(None);
+    };
+    let steps = store::executions::step_list(conn, row.id).await?;
+    let summary = summarize(&steps, row, Some(last));
+    entries.push(log_entry(
+        "completed",
+        json!({ "attempt": row.attempt, "summary": summary }),
+    ));
+    Ok(Some(SuccessEnd {
+        to: t.next.status.as_str(),
+        reason,
+        summary,
+        log: Value::Array(entries),
+        deadline_key: deadline_key(row.id),
+    }))
 }

@@ -12,7 +12,9 @@
 //!    to `execution_events` line by line, masked.
 //! 3. In one lease-fenced transaction: the attempt row is finished and what follows is enqueued
 //!    (the next step, a durable step retry, or the end of the run) together with the job's
-//!    completion. A worker that lost its lease writes nothing.
+//!    completion; in one statement when the next step follows on this worker, or when a run
+//!    that succeeded ends with only its execution row changing. A worker that lost its lease
+//!    writes nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -432,7 +434,8 @@ struct Recorded<'a> {
 
 /// Records the attempt and what follows (the next step, a durable step retry, or the end of the
 /// run) with the job's completion, in one lease-fenced transaction (or one statement when this
-/// worker runs the next step itself).
+/// worker runs the next step itself, or when the run succeeds and only its execution row
+/// changes).
 #[allow(clippy::too_many_arguments)]
 async fn record(
     engine: &Engine,
@@ -465,6 +468,27 @@ async fn record(
                         prepared.as_next(),
                     ),
                 )
+                .await;
+        }
+    }
+    if r.verdict.status == "completed" && p.index + 1 == snapshot.steps.len() && !r.unsealed {
+        // The run ends with this step: when only the execution row changes, the result, the end
+        // and the job's completion in one statement, which applies the end only while the
+        // execution is still running in this attempt.
+        let mut conn = ctx.pool().acquire().await?;
+        let planned =
+            super::control::plan_success_end(&mut conn, row, snapshot.id, (step_row, r.result))
+                .await?;
+        drop(conn);
+        if let Some(end) = planned {
+            return ctx
+                .lease()
+                .complete_with(store::executions::step_end_run_writes(
+                    step_row,
+                    r.result,
+                    r.finish_event,
+                    end.as_run_end(row),
+                ))
                 .await;
         }
     }
@@ -861,6 +885,39 @@ pub(crate) async fn enqueue_step(
         .await?;
     }
     Ok(())
+}
+
+/// Starts run attempt 1 of an execution whose gates all passed (without locks) and hands its
+/// first step over to this worker, in one statement with the start job's completion (see
+/// [`store::executions::execution_start_writes`]). `Ok(false)`, with nothing written, when the
+/// first step cannot follow on this worker (the caller then starts the run in a transaction).
+pub(crate) async fn start_run_at_once(
+    ctx: &JobContext,
+    execution_id: uuid::Uuid,
+    snapshot: &RunbookSnapshot,
+    started: &Value,
+    deadline: &crate::queue::NewJob,
+) -> Result<bool, JobError> {
+    let next = next_step(execution_id, 1, snapshot, 0);
+    let Some(first) = next
+        .row
+        .as_ref()
+        .filter(|_| ctx.lease().can_continue_with(&next.job))
+    else {
+        return Ok(false);
+    };
+    ctx.lease()
+        .complete_continuing(
+            &next.job,
+            store::executions::execution_start_writes(
+                execution_id,
+                started,
+                deadline,
+                first.as_next(),
+            ),
+        )
+        .await?;
+    Ok(true)
 }
 
 /// The job of step `index` of run attempt `attempt`, to follow at once, and the attempt row to

@@ -8,6 +8,11 @@
 //!    user approves (the approval enqueues this job again, and gates 1-4 are evaluated again).
 //!
 //! A fan-out batch additionally waits (the job snoozes) while its concurrency is used up.
+//!
+//! The common start, where every gate passes on reads without locks and none needs a lock to
+//! decide, is one statement that also completes this job and hands the first step over
+//! (`start_at_once`); every other start, and every refusal, is decided and recorded in one
+//! transaction under the execution's row lock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,12 +30,15 @@ use super::control::{
     approval_expiry_job, deadline_job, log, log_entry, refuse, snapshot_of, state_of,
 };
 use super::runner::StepHandoff;
-use super::snapshot::runbook_status;
+use super::snapshot::{RunbookSnapshot, runbook_status};
 use super::{Engine, ExecutionPayload};
 
 /// Handles `execution.start`.
 pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: ExecutionPayload = ctx.payload_as()?;
+    if start_at_once(&ctx, p.execution_id).await? {
+        return Ok(());
+    }
     let mut g = ctx.lease().guarded_tx().await?;
     let Some(row) = store::executions::execution_lock(g.conn(), p.execution_id).await? else {
         return g.complete().await;
@@ -168,11 +176,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
     transition(state_of(&row), &Event::GatesPassed)
         .map_err(|e| JobError::Permanent(e.to_string()))?;
-    let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
-    let started = log_entry(
-        "started",
-        json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline }),
-    );
+    let (started, deadline) = started_entry(&snapshot, now, probe);
     let Some(started_at) =
         store::executions::execution_start(g.conn(), row.id, probe, &started).await?
     else {
@@ -193,4 +197,83 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     ctx.lease()
         .pass_on(StepHandoff::new(engine, Arc::new(row), Arc::new(snapshot)));
     g.complete().await
+}
+
+/// The log entry of a run that starts at `now`, and the runbook deadline it records.
+fn started_entry(
+    snapshot: &RunbookSnapshot,
+    now: chrono::DateTime<Utc>,
+    probe: bool,
+) -> (serde_json::Value, chrono::DateTime<Utc>) {
+    let deadline = now + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds));
+    let started = log_entry(
+        "started",
+        json!({ "attempt": 1, "breaker_probe": probe, "deadline": deadline }),
+    );
+    (started, deadline)
+}
+
+/// The common start in one statement: every gate passes on reads without locks and none needs
+/// a lock to decide (no rate limit, no approval to wait for, no fan-out concurrency, and a
+/// closed breaker, which admits without its row lock as above). The run then starts with a
+/// compare-and-set on the execution's status in the statement that completes this job and
+/// hands the first step over, so a cancel that commits first wins as it does under the row
+/// lock. `Ok(false)`, with nothing written, when there is nothing to start, a gate refuses or
+/// needs its lock, or the first step cannot follow on this worker: the transaction in
+/// [`handle`] then decides and records it.
+async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<bool, JobError> {
+    let mut conn = ctx.pool().acquire().await?;
+    let Some(row) = store::executions::execution_get(&mut conn, execution_id).await? else {
+        return Ok(false);
+    };
+    if row.status != "pending" && row.status != "approved" {
+        return Ok(false);
+    }
+    let snapshot = snapshot_of(&row)?;
+    let needs_lock = (row.status == "pending" && snapshot.needs_approval())
+        || (snapshot.rate_limit_count.is_some() && snapshot.rate_limit_window_seconds.is_some())
+        || (row.batch_id.is_some() && row.batch_concurrency.is_some());
+    if needs_lock || transition(state_of(&row), &Event::GatesPassed).is_err() {
+        return Ok(false);
+    }
+    if runbook_status(&mut conn, snapshot.id).await?.as_deref() != Some("active") {
+        return Ok(false);
+    }
+    let server_facts = match row.server_id {
+        Some(id) => store::blackouts::blackout_server_facts(&mut conn, id).await?,
+        None => None,
+    };
+    if !snapshot
+        .allows_server(server_facts.as_ref())
+        .unwrap_or(false)
+    {
+        return Ok(false);
+    }
+    let now = Utc::now();
+    let runbook_facts = crate::domain::blackout::RunbookFacts {
+        id: snapshot.id,
+        category: snapshot.category.clone(),
+    };
+    if !store::blackouts::blackout_active_for(&mut conn, &runbook_facts, server_facts.as_ref(), now)
+        .await?
+        .is_empty()
+    {
+        return Ok(false);
+    }
+    if !matches!(
+        store::breakers::breaker_peek(&mut conn, snapshot.id).await?,
+        Some((state, _)) if state == "closed"
+    ) {
+        return Ok(false);
+    }
+    drop(conn);
+    let (started, deadline) = started_entry(&snapshot, now, false);
+    super::runner::start_run_at_once(
+        ctx,
+        row.id,
+        &snapshot,
+        &started,
+        &deadline_job(row.id, deadline),
+    )
+    .await
 }

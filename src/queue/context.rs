@@ -388,6 +388,32 @@ impl Lease {
         Ok(())
     }
 
+    /// Completes the job together with the handler's last `writes`, in one statement committed
+    /// on its own (see [`store::jobs::job_complete_with`]): the fence, the writes and the
+    /// completion cost one round trip and one commit instead of a transaction's worth. Without
+    /// the lease nothing is written ([`JobError::LeaseLost`]).
+    pub async fn complete_with<'q, B>(
+        &self,
+        writes: store::jobs::FinalWrites<B>,
+    ) -> Result<(), JobError>
+    where
+        B: FnOnce(store::jobs::FinalQuery<'q>) -> store::jobs::FinalQuery<'q>,
+    {
+        let mut conn = self.pool.acquire().await?;
+        let done = self
+            .state
+            .completing(async {
+                Ok(store::jobs::job_complete_with(&mut conn, self.id, self.token, writes).await?)
+            })
+            .await?;
+        if !done {
+            self.state.mark_lost();
+            return Err(JobError::LeaseLost);
+        }
+        self.state.settled.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     fn hand_over(&self, continuation: Option<Continuation>) {
         if let Some(job) = continuation {
             *self

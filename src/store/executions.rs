@@ -840,6 +840,142 @@ pub fn step_advance_writes<'q>(
     }
 }
 
+/// The writes of an execution's start whose gates all passed, for
+/// [`crate::queue::Lease::complete_continuing`] (one statement with the start job's completion
+/// and the first step's job): pending|approved -> running for attempt 1 as
+/// [`execution_start`] does it (a compare-and-set: nothing is written when a cancel or another
+/// start committed first), with `log_entry` appended and streamed; the runbook deadline's timer
+/// `deadline` enqueued; and the first step's attempt row `first` inserted `running` with its
+/// event, with the step's job.
+pub fn execution_start_writes<'q>(
+    execution_id: Uuid,
+    log_entry: &'q Value,
+    deadline: &'q crate::queue::NewJob,
+    first: NextStep<'q>,
+) -> crate::store::jobs::HandlerWrites<
+    impl FnOnce(crate::store::jobs::ContinuingQuery<'q>) -> crate::store::jobs::ContinuingQuery<'q>,
+> {
+    crate::store::jobs::HandlerWrites {
+        before: "go AS (UPDATE runbook_executions SET status = 'running', attempt = 1, \
+                          started_at = COALESCE(started_at, now()), awaiting_approval = false, \
+                          breaker_probe = false, \
+                          execution_log = execution_log || jsonb_build_array($12::jsonb) \
+                        WHERE id = $11 AND status IN ('pending', 'approved') \
+                          AND EXISTS (SELECT 1 FROM fence) \
+                        RETURNING id),",
+        after: "timer AS (INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, \
+                                            unique_key, timeout_seconds) \
+                          SELECT $13, $14, $15, COALESCE($16, now()), $17, $18, $19 FROM go \
+                          ON CONFLICT (unique_key) \
+                            WHERE unique_key IS NOT NULL \
+                              AND state IN ('available', 'running', 'retryable') \
+                            DO NOTHING), \
+                prep AS (INSERT INTO step_executions (id, execution_id, step_id, step_order, \
+                           step_name, status, started_at, retry_attempt, phase, run_attempt) \
+                         SELECT $20, $11, (SELECT id FROM runbook_steps WHERE id = $21), $22, \
+                                $23, 'running', now(), 0, 'run', 1 FROM nxt), \
+                events AS (INSERT INTO execution_events (execution_id, step_execution_id, kind, \
+                             data) \
+                           SELECT $11, NULL::uuid, 'status', $12::text FROM go \
+                           UNION ALL \
+                           SELECT $11, $20, 'status', $24 FROM nxt),",
+        bind: move |q: crate::store::jobs::ContinuingQuery<'q>| {
+            q.bind(execution_id)
+                .bind(Json(log_entry))
+                .bind(&deadline.kind)
+                .bind(&deadline.payload)
+                .bind(deadline.priority)
+                .bind(deadline.run_at)
+                .bind(deadline.max_attempts)
+                .bind(&deadline.unique_key)
+                .bind(deadline.timeout_seconds)
+                .bind(first.row_id)
+                .bind(first.step_id)
+                .bind(first.step_order)
+                .bind(first.step_name)
+                .bind(first.event)
+        },
+    }
+}
+
+/// How a run that succeeded ends, decided by the engine before the statement that records it.
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnd<'a> {
+    /// The execution.
+    pub execution_id: Uuid,
+    /// The run attempt that must still be running for the end to apply.
+    pub attempt: i32,
+    /// The terminal status.
+    pub to: &'a str,
+    /// Reason, kept in `error_message` (unchanged when `None`).
+    pub error_message: Option<&'a str>,
+    /// Kept in `output_summary`.
+    pub output_summary: &'a str,
+    /// Entries appended to `execution_log` and the live stream, in order (a JSON array).
+    pub log: &'a Value,
+    /// The unique key of the runbook deadline's timer, cancelled if it has not started.
+    pub cancel_pending_job: &'a str,
+}
+
+/// The writes of the last step attempt of a run that ends with it, for
+/// [`crate::queue::Lease::complete_with`] (one statement with the job's completion): the attempt
+/// row finished with `r` and its `finish_event`; then, only while the execution is still
+/// `running` in run attempt `end.attempt` (the compare-and-set that orders this end against a
+/// cancel or timeout that commits first), the execution ends as [`execution_finish`] ends it,
+/// with [`CONTROL_CHANNEL`] notified on commit. The finish event comes before the log entries
+/// in the live stream. The deadline's timer is cancelled whether or not the end applied.
+pub fn step_end_run_writes<'q>(
+    id: Uuid,
+    r: &'q StepResult<'q>,
+    finish_event: &'q str,
+    end: RunEnd<'q>,
+) -> crate::store::jobs::FinalWrites<
+    impl FnOnce(crate::store::jobs::FinalQuery<'q>) -> crate::store::jobs::FinalQuery<'q>,
+> {
+    crate::store::jobs::FinalWrites {
+        ctes: concat!(
+            "fin AS (",
+            step_finish_update!(
+                "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11", "$12", "$13"
+            ),
+            " AND EXISTS (SELECT 1 FROM fence)), \
+             u AS (UPDATE runbook_executions SET status = $17::execution_status, \
+                     completed_at = now(), \
+                     duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                                                  2147483647)::integer, 0), \
+                     error_message = COALESCE($18, error_message), output_summary = $19, \
+                     awaiting_approval = false, execution_log = execution_log || $20::jsonb \
+                   WHERE id = $15 AND status = 'running' AND attempt = $16 \
+                     AND EXISTS (SELECT 1 FROM fence) \
+                   RETURNING id, pg_notify($21, id::text)), \
+             events AS (INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+                        SELECT $15, ev.step, 'status', ev.data FROM ( \
+                          SELECT 0::bigint AS n, $3::uuid AS step, $14::text AS data \
+                          WHERE EXISTS (SELECT 1 FROM fence) \
+                          UNION ALL \
+                          SELECT t.n, NULL, t.entry::text \
+                          FROM u, jsonb_array_elements($20::jsonb) WITH ORDINALITY AS t(entry, n) \
+                        ) ev ORDER BY ev.n), \
+             timer AS (",
+            crate::store::jobs::cancel_pending_by_key!("$22"),
+            " AND EXISTS (SELECT 1 FROM fence)),"
+        ),
+        bind: move |q: crate::store::jobs::FinalQuery<'q>| {
+            bind_result(q.bind(id), r)
+                .bind(r.output_encrypted)
+                .bind(finish_event)
+                .bind(end.execution_id)
+                .bind(end.attempt)
+                .bind(end.to)
+                .bind(end.error_message)
+                .bind(end.output_summary)
+                .bind(Json(end.log))
+                .bind(CONTROL_CHANNEL)
+                .bind(end.cancel_pending_job)
+        },
+    }
+}
+
 /// Every step row of an execution, in execution order.
 pub async fn step_list(conn: &mut PgConnection, execution_id: Uuid) -> StoreResult<Vec<StepRow>> {
     Ok(sqlx::query_as::<_, StepRow>(select_step!(

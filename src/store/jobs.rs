@@ -366,6 +366,49 @@ where
     Ok(row.completed.then_some(row.next))
 }
 
+/// A handler's own writes in the statement of [`job_complete_with`]: common table expressions,
+/// each followed by a comma, using parameters from `$3` on (bound by `bind`). They may read
+/// `fence` (the job row, locked; empty when the lease is lost), and every write must depend on
+/// it, so that a worker that lost its lease writes nothing.
+pub struct FinalWrites<B> {
+    /// The CTEs.
+    pub ctes: &'static str,
+    /// Binds `$3`, `$4`, ...
+    pub bind: B,
+}
+
+/// The statement of [`job_complete_with`], as [`FinalWrites::bind`] gets it.
+pub type FinalQuery<'q> = PgQueryAs<'q, (bool,)>;
+
+/// Completes running job `id` under lease `token` and makes the handler's last `writes`, in one
+/// statement, which run outside an explicit transaction commits as one: a job that ends with
+/// one write costs one round trip and one commit. The job row is locked first (`fence`); without
+/// the lease nothing is written and `false` comes back.
+pub async fn job_complete_with<'q, B>(
+    conn: &mut PgConnection,
+    id: i64,
+    token: Uuid,
+    writes: FinalWrites<B>,
+) -> StoreResult<bool>
+where
+    B: FnOnce(FinalQuery<'q>) -> FinalQuery<'q>,
+{
+    let sql = format!(
+        "WITH fence AS (SELECT id FROM jobs WHERE id = $1 AND lease_token = $2 \
+                          AND state = 'running' FOR UPDATE), \
+         {ctes} \
+         done AS (UPDATE jobs SET state = 'completed', finished_at = now(), lease_token = NULL, \
+                    lease_expires_at = NULL \
+                  WHERE id = (SELECT id FROM fence)) \
+         SELECT EXISTS (SELECT 1 FROM fence)",
+        ctes = writes.ctes,
+    );
+    let q = sqlx::query_as::<_, (bool,)>(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(token);
+    Ok((writes.bind)(q).fetch_one(conn).await?.0)
+}
+
 /// The update that cancels the job with unique key `$key` if it has not started (`available` or
 /// `retryable`): a timer that is no longer needed, cancelled inside the statement that makes it
 /// so.
