@@ -64,6 +64,22 @@ async fn job_state(conn: &mut PgConnection, id: i64) -> String {
         .unwrap()
 }
 
+async fn execution_status(conn: &mut PgConnection, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT status::text FROM runbook_executions WHERE id = $1")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+async fn step_status(conn: &mut PgConnection, row: Uuid) -> String {
+    sqlx::query_scalar("SELECT status::text FROM step_executions WHERE id = $1")
+        .bind(row)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
 async fn deadline_state(conn: &mut PgConnection, id: Uuid) -> Option<String> {
     sqlx::query_scalar("SELECT state::text FROM jobs WHERE unique_key = $1")
         .bind(deadline_key(id))
@@ -268,13 +284,7 @@ async fn a_cancel_that_commits_before_the_last_step_ends_the_run_wins() {
         "{entries}"
     );
     // The step's own result is still recorded, and the job is done.
-    let step_status: String =
-        sqlx::query_scalar("SELECT status::text FROM step_executions WHERE id = $1")
-            .bind(s.row)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-    assert_eq!(step_status, "completed");
+    assert_eq!(step_status(&mut conn, s.row).await, "completed");
     assert_eq!(job_state(&mut conn, s.job).await, "completed");
     assert_eq!(
         deadline_state(&mut conn, s.id).await.as_deref(),
@@ -297,20 +307,8 @@ async fn a_worker_that_lost_its_lease_does_not_end_the_run() {
     let log = json!([{ "event": "completed", "details": { "attempt": 1 } }]);
     assert!(!end_run(&mut conn, &s, Uuid::new_v4(), &log).await);
 
-    let status: String =
-        sqlx::query_scalar("SELECT status::text FROM runbook_executions WHERE id = $1")
-            .bind(s.id)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-    assert_eq!(status, "running");
-    let step_status: String =
-        sqlx::query_scalar("SELECT status::text FROM step_executions WHERE id = $1")
-            .bind(s.row)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-    assert_eq!(step_status, "running");
+    assert_eq!(execution_status(&mut conn, s.id).await, "running");
+    assert_eq!(step_status(&mut conn, s.row).await, "running");
     assert_eq!(job_state(&mut conn, s.job).await, "running");
     assert_eq!(
         deadline_state(&mut conn, s.id).await.as_deref(),
@@ -422,19 +420,8 @@ async fn a_cancel_that_commits_before_the_start_wins() {
     let first = Uuid::new_v4();
     assert_eq!(start_run(&mut conn, id, first).await, (true, false));
 
-    let status: String =
-        sqlx::query_scalar("SELECT status::text FROM runbook_executions WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-    assert_eq!(status, "cancelled");
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM step_executions WHERE execution_id = $1")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    assert_eq!(execution_status(&mut conn, id).await, "cancelled");
+    let rows = common::step_rows(&mut *conn, id).await;
     assert_eq!(rows, 0);
     let step_jobs: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM jobs WHERE kind = 'execution.step' AND payload->>'execution_id' = $1",

@@ -86,12 +86,7 @@ async fn a_prepared_step_whose_execution_ended_first_is_closed_cancelled_without
     .unwrap();
     assert_eq!(job_state, "completed");
     assert!(!marker.exists(), "the step's command must not run");
-    let rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM step_executions WHERE execution_id = $1")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    let rows = common::step_rows(&mut *conn, id).await;
     assert_eq!(rows, 1, "no other attempt row was written");
     worker.stop().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -75,12 +75,7 @@ async fn racing_approvers_start_the_run_once() {
         .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
         .await;
     assert_eq!(done["status"], "completed");
-    let runs: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM step_executions WHERE execution_id = $1")
-            .bind(id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let runs = common::step_rows(&app.pool, id).await;
     assert_eq!(runs, 1);
     worker.stop().await;
 }

@@ -880,15 +880,7 @@ pub fn execution_start_writes<'q>(
                            UNION ALL \
                            SELECT $11, $20, 'status', $24 FROM nxt),",
         bind: move |q: crate::store::jobs::ContinuingQuery<'q>| {
-            q.bind(execution_id)
-                .bind(Json(log_entry))
-                .bind(&deadline.kind)
-                .bind(&deadline.payload)
-                .bind(deadline.priority)
-                .bind(deadline.run_at)
-                .bind(deadline.max_attempts)
-                .bind(&deadline.unique_key)
-                .bind(deadline.timeout_seconds)
+            crate::store::jobs::bind_job(q.bind(execution_id).bind(Json(log_entry)), deadline)
                 .bind(first.row_id)
                 .bind(first.step_id)
                 .bind(first.step_order)

@@ -171,7 +171,7 @@ fn millis(d: Duration) -> i64 {
 /// Inserts one job in the caller's transaction. Returns `None` when an unfinished job with the
 /// same unique key exists (the enqueue is a no-op).
 pub async fn job_enqueue(conn: &mut PgConnection, job: &NewJob) -> StoreResult<Option<i64>> {
-    Ok(sqlx::query_scalar(
+    let q = sqlx::query_as::<_, (i64,)>(
         "INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, unique_key, \
                            timeout_seconds) \
          VALUES ($1, $2, $3, COALESCE($4, now()), $5, $6, $7) \
@@ -179,16 +179,20 @@ pub async fn job_enqueue(conn: &mut PgConnection, job: &NewJob) -> StoreResult<O
              WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
              DO NOTHING \
          RETURNING id",
-    )
-    .bind(&job.kind)
-    .bind(&job.payload)
-    .bind(job.priority)
-    .bind(job.run_at)
-    .bind(job.max_attempts)
-    .bind(&job.unique_key)
-    .bind(job.timeout_seconds)
-    .fetch_optional(conn)
-    .await?)
+    );
+    Ok(bind_job(q, job).fetch_optional(conn).await?.map(|(id,)| id))
+}
+
+/// Binds a job's kind, payload, priority, run_at, max_attempts, unique_key and
+/// timeout_seconds, in that order.
+pub fn bind_job<'q, O>(q: PgQueryAs<'q, O>, job: &'q NewJob) -> PgQueryAs<'q, O> {
+    q.bind(&job.kind)
+        .bind(&job.payload)
+        .bind(job.priority)
+        .bind(job.run_at)
+        .bind(job.max_attempts)
+        .bind(&job.unique_key)
+        .bind(job.timeout_seconds)
 }
 
 /// Inserts many jobs in one statement (`unnest`). Returns the ids of the inserted jobs; jobs whose
@@ -312,6 +316,25 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Continued {
 /// The statement of [`job_complete_continuing`], as [`HandlerWrites::bind`] gets it.
 pub type ContinuingQuery<'q> = PgQueryAs<'q, Continued>;
 
+/// The `fence` CTE of a one-statement completion: the row of job `$id`, locked, while lease
+/// token `$token` still holds it (empty otherwise).
+macro_rules! fence_cte {
+    ($id:literal, $token:literal) => {
+        concat!(
+            "fence AS (SELECT id FROM jobs WHERE id = ",
+            $id,
+            " AND lease_token = ",
+            $token,
+            " AND state = 'running' FOR UPDATE)"
+        )
+    };
+}
+
+/// The `done` CTE of a one-statement completion: the fenced job completed.
+const DONE_CTE: &str = "done AS (UPDATE jobs SET state = 'completed', finished_at = now(), \
+                          lease_token = NULL, lease_expires_at = NULL \
+                        WHERE id = (SELECT id FROM fence))";
+
 /// A handler's own writes in the statement of [`job_complete_continuing`]: common table
 /// expressions, each followed by a comma, using parameters from `$11` on (bound by `bind`).
 /// `before` may read `fence` (the job row, locked; empty when the lease is lost) and must
@@ -346,16 +369,10 @@ where
     B: FnOnce(ContinuingQuery<'q>) -> ContinuingQuery<'q>,
 {
     let sql = format!(
-        "WITH fence AS (SELECT id FROM jobs WHERE id = $9 AND lease_token = $10 \
-                          AND state = 'running' FOR UPDATE), \
-         {before} \
-         nxt AS ({insert}), \
-         {after} \
-         done AS (UPDATE jobs SET state = 'completed', finished_at = now(), lease_token = NULL, \
-                    lease_expires_at = NULL \
-                  WHERE id = (SELECT id FROM fence)) \
+        "WITH {fence}, {before} nxt AS ({insert}), {after} {DONE_CTE} \
          SELECT EXISTS (SELECT 1 FROM fence) AS completed, nxt.* \
          FROM (SELECT 1) one LEFT JOIN nxt ON true",
+        fence = fence_cte!("$9", "$10"),
         before = writes.before,
         after = writes.after,
         insert = claimed_insert!("FROM go WHERE EXISTS (SELECT 1 FROM fence)"),
@@ -394,13 +411,8 @@ where
     B: FnOnce(FinalQuery<'q>) -> FinalQuery<'q>,
 {
     let sql = format!(
-        "WITH fence AS (SELECT id FROM jobs WHERE id = $1 AND lease_token = $2 \
-                          AND state = 'running' FOR UPDATE), \
-         {ctes} \
-         done AS (UPDATE jobs SET state = 'completed', finished_at = now(), lease_token = NULL, \
-                    lease_expires_at = NULL \
-                  WHERE id = (SELECT id FROM fence)) \
-         SELECT EXISTS (SELECT 1 FROM fence)",
+        "WITH {fence}, {ctes} {DONE_CTE} SELECT EXISTS (SELECT 1 FROM fence)",
+        fence = fence_cte!("$1", "$2"),
         ctes = writes.ctes,
     );
     let q = sqlx::query_as::<_, (bool,)>(sqlx::AssertSqlSafe(sql))

@@ -581,3 +581,12 @@ pub async fn wait_for_file(file: &std::path::Path, content: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// How many step attempt rows execution `id` has.
+pub async fn step_rows<'e>(db: impl sqlx::PgExecutor<'e>, id: uuid::Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM step_executions WHERE execution_id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
