@@ -388,10 +388,7 @@ pub(crate) async fn finish_run(
                     .is_some_and(|(state, failures)| state == "closed" && failures == 0) =>
             {
                 // A success leaves a closed breaker without failures as it is: no row lock.
-                entries.push(log_entry(
-                    "circuit_breaker",
-                    json!({ "state": "closed", "failures": 0 }),
-                ));
+                entries.push(breaker_entry("closed", 0));
             }
             Effect::RecordOutcome { success } => {
                 if let Some(mut b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
@@ -403,10 +400,7 @@ pub(crate) async fn finish_run(
                     }
                     store::breakers::breaker_save(g.conn(), snapshot.id, &breaker).await?;
                     b.state = breaker.state.as_str().to_owned();
-                    entries.push(log_entry(
-                        "circuit_breaker",
-                        json!({ "state": b.state, "failures": breaker.failure_count }),
-                    ));
+                    entries.push(breaker_entry(&b.state, breaker.failure_count));
                 }
             }
             Effect::KillRunning
@@ -415,15 +409,7 @@ pub(crate) async fn finish_run(
             | Effect::StartRun { .. } => {}
         }
     }
-    entries.push(log_entry(
-        match event {
-            Event::RunSucceeded => "completed",
-            Event::TimedOut => "timed_out",
-            Event::RunFailed(_) if t.next.status == Status::Running => "attempt_failed",
-            _ => "failed",
-        },
-        json!({ "attempt": row.attempt, "summary": summary }),
-    ));
+    entries.push(outcome_entry(&event, t.next.status, row, &summary));
     match finish {
         Some(reason) => {
             store::executions::execution_finish(
@@ -522,6 +508,27 @@ pub(crate) async fn begin_attempt(
     Ok(())
 }
 
+/// The log entry of the breaker's state after a run's outcome was counted.
+fn breaker_entry(state: &str, failures: i32) -> Value {
+    log_entry(
+        "circuit_breaker",
+        json!({ "state": state, "failures": failures }),
+    )
+}
+
+/// The log entry of how run attempt `row.attempt` ended (`event`, leading to `next`).
+fn outcome_entry(event: &Event, next: Status, row: &ExecutionRow, summary: &str) -> Value {
+    log_entry(
+        match event {
+            Event::RunSucceeded => "completed",
+            Event::TimedOut => "timed_out",
+            Event::RunFailed(_) if next == Status::Running => "attempt_failed",
+            _ => "failed",
+        },
+        json!({ "attempt": row.attempt, "summary": summary }),
+    )
+}
+
 /// A one-line summary of an attempt's steps.
 async fn run_summary(conn: &mut PgConnection, row: &ExecutionRow) -> Result<String, EngineError> {
     let steps = store::executions::step_list(conn, row.id).await?;
@@ -583,11 +590,12 @@ impl SuccessEnd {
 }
 
 /// Decides, without locking anything, how run attempt `row.attempt` of a run of runbook
-/// `runbook_id` ends now that its last step (attempt row `last.0`) ended with `last.1`: what [`finish_run`] would write for
-/// [`Event::RunSucceeded`], valid as long as the execution is still running in this attempt
-/// (the statement that writes it checks that). `None` when ending needs more than the execution
-/// row, so [`finish_run`] must decide under the row locks: a circuit breaker in any state but
-/// closed without failures (its counters change), or a transition with other effects.
+/// `runbook_id` ends now that its last step (attempt row `last.0`) ended with `last.1`: what
+/// [`finish_run`] would write for [`Event::RunSucceeded`], valid as long as the execution is
+/// still running in this attempt (the statement that writes it checks that). `None` when ending
+/// needs more than the execution row, so [`finish_run`] must decide under the row locks: a
+/// circuit breaker in any state but closed without failures (its counters change), or a
+/// transition with other effects.
 pub(crate) async fn plan_success_end(
     conn: &mut PgConnection,
     row: &ExecutionRow,
@@ -606,10 +614,9 @@ pub(crate) async fn plan_success_end(
                 match store::breakers::breaker_peek(conn, runbook_id).await? {
                     // No breaker row: nothing to count (as `breaker_lock` finds nothing).
                     None => {}
-                    Some((state, 0)) if state == "closed" => entries.push(log_entry(
-                        "circuit_breaker",
-                        json!({ "state": "closed", "failures": 0 }),
-                    )),
+                    Some((state, 0)) if state == "closed" => {
+                        entries.push(breaker_entry("closed", 0))
+                    }
                     Some(_) => return Ok(None),
                 }
             }
@@ -621,9 +628,11 @@ pub(crate) async fn plan_success_end(
     };
     let steps = store::executions::step_list(conn, row.id).await?;
     let summary = summarize(&steps, row, Some(last));
-    entries.push(log_entry(
-        "completed",
-        json!({ "attempt": row.attempt, "summary": summary }),
+    entries.push(outcome_entry(
+        &Event::RunSucceeded,
+        t.next.status,
+        row,
+        &summary,
     ));
     Ok(Some(SuccessEnd {
         to: t.next.status.as_str(),

@@ -42,6 +42,48 @@ macro_rules! insert_status_events {
     };
 }
 
+/// The update that moves execution `$id` from pending|approved to running for attempt 1
+/// (`started_at` set once), with breaker probe flag `$probe` and the jsonb log entry `$entry`
+/// appended.
+macro_rules! start_running_update {
+    ($id:literal, $probe:literal, $entry:literal) => {
+        concat!(
+            "UPDATE runbook_executions SET status = 'running', attempt = 1, \
+               started_at = COALESCE(started_at, now()), awaiting_approval = false, \
+               breaker_probe = ",
+            $probe,
+            ", execution_log = execution_log || jsonb_build_array(",
+            $entry,
+            "::jsonb) WHERE id = ",
+            $id,
+            " AND status IN ('pending', 'approved')"
+        )
+    };
+}
+
+/// The assignments that end an execution: terminal status `$status`, completed_at and
+/// duration_ms (0 when it never started), the reason `$error` and summary `$summary` (each
+/// unchanged when NULL), and the jsonb array of log entries `$log` appended.
+macro_rules! end_assignments {
+    ($status:literal, $error:literal, $summary:literal, $log:literal) => {
+        concat!(
+            "status = ",
+            $status,
+            "::execution_status, completed_at = now(), \
+             duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                                          2147483647)::integer, 0), \
+             error_message = COALESCE(",
+            $error,
+            ", error_message), output_summary = COALESCE(",
+            $summary,
+            ", output_summary), awaiting_approval = false, \
+             execution_log = execution_log || ",
+            $log,
+            "::jsonb"
+        )
+    };
+}
+
 /// `SELECT <every StepRow column> FROM step_executions <tail>`, as one static string.
 macro_rules! select_step {
     ($distinct:literal, $tail:literal) => {
@@ -290,15 +332,14 @@ pub async fn execution_start(
     breaker_probe: bool,
     log_entry: &Value,
 ) -> StoreResult<Option<DateTime<Utc>>> {
-    Ok(sqlx::query_scalar(
-        "WITH u AS (UPDATE runbook_executions SET status = 'running', attempt = 1, \
-           started_at = COALESCE(started_at, now()), awaiting_approval = false, \
-           breaker_probe = $2, execution_log = execution_log || jsonb_build_array($3::jsonb) \
-         WHERE id = $1 AND status IN ('pending', 'approved') RETURNING id, started_at), \
-         e AS (INSERT INTO execution_events (execution_id, kind, data) \
-               SELECT id, 'status', $3::text FROM u) \
-         SELECT (SELECT started_at FROM u)",
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "WITH u AS (",
+        start_running_update!("$1", "$2", "$3"),
+        " RETURNING id, started_at), \
+             e AS (INSERT INTO execution_events (execution_id, kind, data) \
+                   SELECT id, 'status', $3::text FROM u) \
+             SELECT (SELECT started_at FROM u)"
+    ))
     .bind(id)
     .bind(breaker_probe)
     .bind(log_entry)
@@ -390,12 +431,9 @@ pub async fn execution_finish(
 ) -> StoreResult<bool> {
     let from: Vec<String> = end.from.iter().map(|s| s.to_string()).collect();
     let done = sqlx::query(concat!(
-        "WITH u AS (\
-           UPDATE runbook_executions SET status = $3::execution_status, completed_at = now(), \
-             duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer, 0), \
-             error_message = COALESCE($4, error_message), \
-             output_summary = COALESCE($5, output_summary), refused_by = COALESCE($6, refused_by), \
-             awaiting_approval = false, execution_log = execution_log || $8::jsonb \
+        "WITH u AS (UPDATE runbook_executions SET ",
+        end_assignments!("$3", "$4", "$5", "$8"),
+        ", refused_by = COALESCE($6, refused_by) \
            WHERE id = $1 AND status::text = ANY($2) \
            RETURNING id), \
          e AS (",
@@ -856,20 +894,17 @@ pub fn execution_start_writes<'q>(
     impl FnOnce(crate::store::jobs::ContinuingQuery<'q>) -> crate::store::jobs::ContinuingQuery<'q>,
 > {
     crate::store::jobs::HandlerWrites {
-        before: "go AS (UPDATE runbook_executions SET status = 'running', attempt = 1, \
-                          started_at = COALESCE(started_at, now()), awaiting_approval = false, \
-                          breaker_probe = false, \
-                          execution_log = execution_log || jsonb_build_array($12::jsonb) \
-                        WHERE id = $11 AND status IN ('pending', 'approved') \
-                          AND EXISTS (SELECT 1 FROM fence) \
-                        RETURNING id),",
-        after: "timer AS (INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, \
-                                            unique_key, timeout_seconds) \
-                          SELECT $13, $14, $15, COALESCE($16, now()), $17, $18, $19 FROM go \
-                          ON CONFLICT (unique_key) \
-                            WHERE unique_key IS NOT NULL \
-                              AND state IN ('available', 'running', 'retryable') \
-                            DO NOTHING), \
+        before: concat!(
+            "go AS (",
+            start_running_update!("$11", "false", "$12"),
+            " AND EXISTS (SELECT 1 FROM fence) RETURNING id),"
+        ),
+        after: concat!(
+            "timer AS (",
+            crate::store::jobs::enqueue_insert!(
+                "SELECT $13, $14, $15, COALESCE($16, now()), $17, $18, $19 FROM go"
+            ),
+            "), \
                 prep AS (INSERT INTO step_executions (id, execution_id, step_id, step_order, \
                            step_name, status, started_at, retry_attempt, phase, run_attempt) \
                          SELECT $20, $11, (SELECT id FROM runbook_steps WHERE id = $21), $22, \
@@ -878,7 +913,8 @@ pub fn execution_start_writes<'q>(
                              data) \
                            SELECT $11, NULL::uuid, 'status', $12::text FROM go \
                            UNION ALL \
-                           SELECT $11, $20, 'status', $24 FROM nxt),",
+                           SELECT $11, $20, 'status', $24 FROM nxt),"
+        ),
         bind: move |q: crate::store::jobs::ContinuingQuery<'q>| {
             crate::store::jobs::bind_job(q.bind(execution_id).bind(Json(log_entry)), deadline)
                 .bind(first.row_id)
@@ -931,13 +967,9 @@ pub fn step_end_run_writes<'q>(
                 "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11", "$12", "$13"
             ),
             " AND EXISTS (SELECT 1 FROM fence)), \
-             u AS (UPDATE runbook_executions SET status = $17::execution_status, \
-                     completed_at = now(), \
-                     duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, \
-                                                  2147483647)::integer, 0), \
-                     error_message = COALESCE($18, error_message), output_summary = $19, \
-                     awaiting_approval = false, execution_log = execution_log || $20::jsonb \
-                   WHERE id = $15 AND status = 'running' AND attempt = $16 \
+             u AS (UPDATE runbook_executions SET ",
+            end_assignments!("$17", "$18", "$19", "$20"),
+            " WHERE id = $15 AND status = 'running' AND attempt = $16 \
                      AND EXISTS (SELECT 1 FROM fence) \
                    RETURNING id, pg_notify($21, id::text)), \
              events AS (INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \

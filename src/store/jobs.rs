@@ -168,18 +168,30 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// `INSERT` of one job from `$source` (kind, payload, priority, run_at, max_attempts,
+/// unique_key, timeout_seconds: a `VALUES` list or a `SELECT`), skipped while an unfinished job
+/// holds its unique key.
+macro_rules! enqueue_insert {
+    ($source:literal) => {
+        concat!(
+            "INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, unique_key, \
+                               timeout_seconds) ",
+            $source,
+            " ON CONFLICT (unique_key) \
+                 WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
+                 DO NOTHING"
+        )
+    };
+}
+pub(crate) use enqueue_insert;
+
 /// Inserts one job in the caller's transaction. Returns `None` when an unfinished job with the
 /// same unique key exists (the enqueue is a no-op).
 pub async fn job_enqueue(conn: &mut PgConnection, job: &NewJob) -> StoreResult<Option<i64>> {
-    let q = sqlx::query_as::<_, (i64,)>(
-        "INSERT INTO jobs (kind, payload, priority, run_at, max_attempts, unique_key, \
-                           timeout_seconds) \
-         VALUES ($1, $2, $3, COALESCE($4, now()), $5, $6, $7) \
-         ON CONFLICT (unique_key) \
-             WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
-             DO NOTHING \
-         RETURNING id",
-    );
+    let q = sqlx::query_as::<_, (i64,)>(concat!(
+        enqueue_insert!("VALUES ($1, $2, $3, COALESCE($4, now()), $5, $6, $7)"),
+        " RETURNING id"
+    ));
     Ok(bind_job(q, job).fetch_optional(conn).await?.map(|(id,)| id))
 }
 
