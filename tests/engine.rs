@@ -142,6 +142,87 @@ steps:
     worker.stop().await;
 }
 
+/// A rollback command is rendered with what the run's steps saw: the variables given at start
+/// (overriding the runbook's), secret ones included and masked in what is stored, the captured
+/// output of earlier steps, and the variables as its environment.
+#[tokio::test]
+async fn rollback_renders_with_the_runs_variables_captured_output_and_environment() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let log = dir.join("log");
+    // A quote in the secret: rendered commands carry it escaped inside a quoted word.
+    let secret = "it's-r0llback-pw";
+    let yaml = format!(
+        r#"
+name: rollback-context
+mode: auto
+environment_vars:
+  LOG: "{log}"
+  SERVICE: "default-svc"
+  DB_PASSWORD: "default-pw"
+steps:
+  - name: probe
+    command: echo probed-7
+    capture_output: true
+  - name: act
+    command: echo start {{{{ SERVICE }}}} >> {{{{ LOG }}}}
+    rollback_command: echo stop {{{{ SERVICE }}}} {{{{ steps.probe.stdout | trim }}}} "$SERVICE" {{{{ DB_PASSWORD }}}} >> {{{{ LOG }}}}
+  - name: break
+    command: exit 4
+"#,
+        log = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app
+        .start_execution(json!({ "runbook_id": runbook,
+                                 "variables": { "SERVICE": "web-1", "DB_PASSWORD": secret } }))
+        .await;
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while read(&log).lines().count() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        read(&log),
+        format!("start web-1\nstop web-1 probed-7 web-1 {secret}\n")
+    );
+    let steps = app.steps(id).await;
+    let rollback = steps
+        .iter()
+        .find(|s| s["phase"] == "rollback")
+        .expect("a rollback attempt row");
+    assert_eq!(rollback["step_name"], "act");
+    assert_eq!(rollback["status"], "completed", "{rollback}");
+    let stored: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT command FROM step_executions WHERE execution_id = $1 AND phase = 'rollback'",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        [Some(format!(
+            "echo stop web-1 probed-7 \"$SERVICE\" '********' >> {}",
+            log.display()
+        ))]
+    );
+    let hits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM step_executions WHERE execution_id = $1 \
+           AND (command LIKE '%r0llback%' OR stdout LIKE '%r0llback%' OR stderr LIKE '%r0llback%')",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(hits, 0);
+    worker.stop().await;
+}
+
 /// Applies a new runbook and starts it through the API.
 async fn start_new(app: &common::TestApp, yaml: &str) -> uuid::Uuid {
     let runbook = app.runbook_from_yaml(yaml).await;

@@ -4,6 +4,8 @@
 /// What replaces a secret.
 pub const MASK: &str = "********";
 
+use crate::exec::TRUNCATION_MARKER;
+
 /// Replaces every occurrence of each secret with [`MASK`].
 #[derive(Debug, Clone, Default)]
 pub struct Masker {
@@ -13,15 +15,28 @@ pub struct Masker {
 impl Masker {
     /// A masker for these secret values (empty and very short values are ignored: masking
     /// "1" would destroy every output without protecting anything).
+    ///
+    /// A secret is also masked in the form a rendered command carries it: inside a quoted
+    /// shell word each `'` of the value is written `'\''` (POSIX) or doubled (PowerShell, which
+    /// also reads the typographic single quotes as quotes), so a value with a quote in it never
+    /// appears verbatim in the command line.
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Masker {
-        let mut secrets: Vec<String> = secrets.into_iter().filter(|s| s.len() >= 3).collect();
+        let mut all = Vec::new();
+        for secret in secrets.into_iter().filter(|s| s.len() >= 3) {
+            all.extend(quoted_forms(&secret));
+            all.push(secret);
+        }
         // Longest first, so a secret containing another is masked whole.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
-        Masker { secrets }
+        all.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        all.dedup();
+        Masker { secrets: all }
     }
 
     /// The text with every secret masked.
+    ///
+    /// Output cut at the size cap may end in the first part of a secret, which no longer
+    /// matches it whole: a cut-off start of a secret (at least 3 characters) just before the
+    /// truncation marker is masked too.
     pub fn mask(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for secret in &self.secrets {
@@ -29,8 +44,51 @@ impl Masker {
                 out = out.replace(secret.as_str(), MASK);
             }
         }
-        out
+        match out.find(TRUNCATION_MARKER) {
+            Some(at) => {
+                let (kept, marker) = out.split_at(at);
+                let cut = self.cut_off_secret(kept);
+                format!(
+                    "{}{}{marker}",
+                    &kept[..kept.len() - cut],
+                    if cut > 0 { MASK } else { "" }
+                )
+            }
+            None => out,
+        }
     }
+
+    /// The length of the longest end of `text` (at least 3 bytes) that is the start of a
+    /// secret but not the whole of it; 0 when there is none.
+    fn cut_off_secret(&self, text: &str) -> usize {
+        self.secrets
+            .iter()
+            .flat_map(|secret| {
+                secret
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .filter(|&i| i >= 3 && text.ends_with(&secret[..i]))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The forms of `secret` inside a quoted POSIX or PowerShell word, where they differ from it.
+fn quoted_forms(secret: &str) -> Vec<String> {
+    const POWERSHELL_QUOTES: [char; 5] = ['\'', '\u{2018}', '\u{2019}', '\u{201A}', '\u{201B}'];
+    let posix = secret.replace('\'', "'\\''");
+    let powershell: String = secret
+        .chars()
+        .flat_map(|c| {
+            let doubled = POWERSHELL_QUOTES.contains(&c);
+            std::iter::once(c).chain(doubled.then_some(c))
+        })
+        .collect();
+    [posix, powershell]
+        .into_iter()
+        .filter(|form| form != secret)
+        .collect()
 }
 
 /// Whether a variable name says its value is a secret.
@@ -68,5 +126,34 @@ mod tests {
         assert!(is_secret_name("DB_PASSWORD"));
         assert!(is_secret_name("slack_token"));
         assert!(!is_secret_name("SERVICE_NAME"));
+    }
+
+    #[test]
+    fn masks_a_secret_with_quotes_as_a_quoted_word_carries_it() {
+        let m = Masker::new(["it's-s3cret".to_owned()]);
+        let posix = crate::templates::quote::quote_posix("it's-s3cret").unwrap();
+        let powershell = crate::templates::quote::quote_powershell("it's-s3cret").unwrap();
+        assert_eq!(m.mask(&format!("echo {posix}")), "echo '********'");
+        assert_eq!(
+            m.mask(&format!("Write-Output {powershell}")),
+            "Write-Output '********'"
+        );
+        assert_eq!(m.mask("raw it's-s3cret"), "raw ********");
+    }
+
+    #[test]
+    fn masks_the_start_of_a_secret_cut_off_at_the_output_cap() {
+        let m = Masker::new(["hunter2-extended".to_owned()]);
+        let cut =
+            "token hunter2-ex\n[aiops: output truncated at 16 bytes; 9 more bytes discarded]\n";
+        assert_eq!(
+            m.mask(cut),
+            "token ********\n[aiops: output truncated at 16 bytes; 9 more bytes discarded]\n"
+        );
+        // Two characters are too few to tell a secret from ordinary text.
+        let short = "token hu\n[aiops: output truncated at 8 bytes; 9 more bytes discarded]\n";
+        assert_eq!(m.mask(short), short);
+        // Without a truncation marker the end of the text is left alone.
+        assert_eq!(m.mask("token hunter2-ex"), "token hunter2-ex");
     }
 }

@@ -9,10 +9,9 @@ use serde_json::json;
 use crate::exec::CommandRequest;
 use crate::queue::{JobContext, JobError, NewJob};
 use crate::store::{self, executions::StepResult, executions::StepSlot};
-use crate::templates::{Renderer, TemplateContext};
 
 use super::control::{begin_attempt, log, snapshot_of};
-use super::masking::Masker;
+use super::runner::{RenderInputs, render_inputs};
 use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
 
 /// Handles `execution.rollback`.
@@ -46,34 +45,36 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let (already, _, attempts) = store::executions::step_slot_prepare(g.conn(), slot).await?;
     if !already {
         let retry = i32::try_from(attempts).unwrap_or(0);
-        let renderer = Renderer::new(if snapshot.target_os == "windows" {
-            crate::domain::runbook::TargetOs::Windows
-        } else {
-            crate::domain::runbook::TargetOs::Linux
-        });
         let (target, secrets, server) = match resolved {
             Ok(r) => (Some(r.target), r.secrets, r.server),
             Err(e) => (None, Vec::new(), json!({ "error": e })),
         };
-        let masker = Masker::new(secrets);
-        let tctx = TemplateContext {
+        // The same variables, alert, server and captured outputs the run's steps rendered with.
+        let RenderInputs {
+            renderer,
+            tctx,
+            vars,
+            masker,
+            env,
+        } = render_inputs(
+            engine,
+            g.conn(),
+            &row,
+            &snapshot,
+            (p.attempt, snapshot.steps.len()),
             server,
-            execution: json!({ "id": row.id, "attempt": p.attempt, "runbook": snapshot.name }),
-            ..TemplateContext::default()
-        };
-        let vars: std::collections::BTreeMap<String, String> = snapshot.environment_vars.clone();
-        let rendered = renderer
-            .render_vars(&vars, &tctx)
-            .map_err(|(n, e)| format!("variable {n}: {e}"))
-            .and_then(|v| {
-                renderer
-                    .render_command(
-                        step.rollback_command.as_deref().unwrap_or("true"),
-                        &tctx,
-                        &v,
-                    )
-                    .map_err(|e| format!("rollback_command: {e}"))
-            });
+            secrets,
+        )
+        .await?;
+        let rendered = vars.and_then(|v| {
+            renderer
+                .render_command(
+                    step.rollback_command.as_deref().unwrap_or("true"),
+                    &tctx,
+                    &v,
+                )
+                .map_err(|e| masker.mask(&format!("rollback_command: {e}")))
+        });
         let masked = rendered.as_ref().ok().map(|c| masker.mask(c));
         let step_row = store::executions::step_start(
             g.conn(),
@@ -102,7 +103,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                         let (tx, _rx) = tokio::sync::mpsc::channel(16);
                         let req = CommandRequest {
                             command,
-                            env: Vec::new(),
+                            env,
                             timeout: std::time::Duration::from_secs(
                                 u64::try_from(step.timeout_seconds).unwrap_or(60),
                             ),

@@ -140,19 +140,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     };
 
     let resolved = engine.targets.resolve(prep.conn(), row.server_id).await;
-    let (target, mut secrets, server_json) = match resolved {
+    let (target, secrets, server_json) = match resolved {
         Ok(r) => (Some(r.target), r.secrets, r.server),
         Err(e) => (None, Vec::new(), json!({ "error": e })),
     };
-    let (vars, vars_error) = match variables(engine, &snapshot, &row) {
-        Ok(vars) => (vars, None),
-        Err(e) => (BTreeMap::new(), Some(e)),
-    };
-    for (name, value) in &vars {
-        if is_secret_var(&snapshot, name) {
-            secrets.push(value.clone());
-        }
-    }
 
     let (done, interrupted, attempts) = match &mut prep {
         Prep::Prepared(_) => (false, 0, 0),
@@ -164,28 +155,26 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         return Ok(());
     }
     let retry_attempt = i32::try_from(attempts).unwrap_or(i32::MAX);
-    let (tctx, captured_secrets, captured_error) =
-        template_context(engine, prep.conn(), &row, &snapshot, p.index, server_json).await?;
-    secrets.extend(captured_secrets);
-    let vars_error = vars_error.or(captured_error);
-    let renderer = Renderer::new(target_os(&snapshot));
-    let rendered_vars = renderer.render_vars(&vars, &tctx);
-    let masker = Masker::new(
-        secrets
-            .iter()
-            .cloned()
-            .chain(rendered_vars.iter().flat_map(|m| {
-                m.iter()
-                    .filter(|(k, _)| is_secret_var(&snapshot, k))
-                    .map(|(_, v)| v.clone())
-                    .collect::<Vec<_>>()
-            })),
-    );
+    let RenderInputs {
+        renderer,
+        tctx,
+        vars: rendered_vars,
+        masker,
+        env,
+    } = render_inputs(
+        engine,
+        prep.conn(),
+        &row,
+        &snapshot,
+        (row.attempt, p.index),
+        server_json,
+        secrets,
+    )
+    .await?;
 
     // Render: condition, then command. A template error fails the attempt without running.
     let rendered: Result<Option<String>, String> = match &rendered_vars {
-        _ if vars_error.is_some() => Err(vars_error.clone().unwrap_or_default()),
-        Err((name, e)) => Err(format!("variable {name}: {e}")),
+        Err(e) => Err(e.clone()),
         Ok(rvars) => match step.condition.as_deref() {
             Some(cond) => match renderer.eval_condition(cond, &tctx, rvars) {
                 Ok(false) => Ok(None),
@@ -200,14 +189,6 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 .map(Some)
                 .map_err(|e| format!("command: {e}")),
         },
-    };
-    let env: Vec<(String, String)> = match &rendered_vars {
-        Ok(v) => v
-            .iter()
-            .filter(|(k, _)| crate::exec::is_env_name(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        Err(_) => Vec::new(),
     };
     let masked_command = match &rendered {
         Ok(Some(c)) => Some(masker.mask(c)),
@@ -1018,15 +999,83 @@ fn target_os(snapshot: &RunbookSnapshot) -> crate::domain::runbook::TargetOs {
     }
 }
 
+/// What a command of an execution (a step's or a rollback's) is rendered with.
+pub(crate) struct RenderInputs {
+    pub(crate) renderer: Renderer,
+    pub(crate) tctx: TemplateContext,
+    /// The variables (the runbook's, overridden by the execution's, secret ones opened),
+    /// rendered; or why they could not be (masked).
+    pub(crate) vars: Result<BTreeMap<String, String>, String>,
+    /// Masks every secret in play: the server's credentials, secret variables as given and as
+    /// rendered, and the opened outputs of sensitive steps.
+    pub(crate) masker: Masker,
+    /// The rendered variables with environment-variable names: the command's environment.
+    pub(crate) env: Vec<(String, String)>,
+}
+
+/// The [`RenderInputs`] of a command of run attempt `attempt` that sees the captured outputs of
+/// the steps before `index` (`(attempt, index)`); `secrets` are the target's credentials.
+pub(crate) async fn render_inputs(
+    engine: &Engine,
+    conn: &mut sqlx::PgConnection,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+    (attempt, index): (i32, usize),
+    server: Value,
+    mut secrets: Vec<String>,
+) -> Result<RenderInputs, EngineError> {
+    let (vars, vars_error) = match variables(engine, snapshot, row) {
+        Ok(vars) => (vars, None),
+        Err(e) => (BTreeMap::new(), Some(e)),
+    };
+    let secret_values = |vars: &BTreeMap<String, String>| {
+        vars.iter()
+            .filter(|(name, _)| is_secret_var(snapshot, name))
+            .map(|(_, value)| value.clone())
+            .collect::<Vec<_>>()
+    };
+    secrets.extend(secret_values(&vars));
+    let (tctx, captured_secrets, captured_error) =
+        template_context(engine, conn, row, snapshot, (attempt, index), server).await?;
+    secrets.extend(captured_secrets);
+    let renderer = Renderer::new(target_os(snapshot));
+    let rendered = renderer.render_vars(&vars, &tctx);
+    if let Ok(rendered) = &rendered {
+        secrets.extend(secret_values(rendered));
+    }
+    let masker = Masker::new(secrets);
+    let vars = match (vars_error.or(captured_error), rendered) {
+        (Some(e), _) => Err(masker.mask(&e)),
+        (None, Err((name, e))) => Err(masker.mask(&format!("variable {name}: {e}"))),
+        (None, Ok(vars)) => Ok(vars),
+    };
+    let env = vars
+        .as_ref()
+        .map(|vars| {
+            vars.iter()
+                .filter(|(name, _)| crate::exec::is_env_name(name))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(RenderInputs {
+        renderer,
+        tctx,
+        vars,
+        masker,
+        env,
+    })
+}
+
 /// What templates see: the alert, the server, the execution and the captured outputs of earlier
-/// steps of this attempt, read back from the database (sealed outputs of sensitive steps opened;
-/// they are returned too, to be masked).
+/// steps of run attempt `attempt` (those before `index`), read back from the database (sealed
+/// outputs of sensitive steps opened; they are returned too, to be masked).
 async fn template_context(
     engine: &Engine,
     conn: &mut sqlx::PgConnection,
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
-    index: usize,
+    (attempt, index): (i32, usize),
     server: Value,
 ) -> Result<(TemplateContext, Vec<String>, Option<String>), EngineError> {
     let mut sensitive = Vec::new();
@@ -1048,7 +1097,7 @@ async fn template_context(
         .iter()
         .any(|s| s.capture_output);
     let completed = if captured_before {
-        store::executions::step_completed_runs(conn, row.id, row.attempt).await?
+        store::executions::step_completed_runs(conn, row.id, attempt).await?
     } else {
         Vec::new()
     };
@@ -1100,7 +1149,7 @@ async fn template_context(
         server,
         execution: json!({
             "id": row.id,
-            "attempt": row.attempt,
+            "attempt": attempt,
             "runbook": snapshot.name,
             "runbook_version": snapshot.version,
             "started_at": row.started_at,

@@ -273,6 +273,9 @@ pub fn shell_quote(value: &str) -> String {
     out
 }
 
+/// How the marker appended to output cut at the cap starts.
+pub(crate) const TRUNCATION_MARKER: &str = "\n[aiops: output truncated at ";
+
 /// Accumulates one stream up to the cap, forwarding what fits as live output.
 pub(crate) struct CappedBuffer {
     stream: OutputStream,
@@ -314,7 +317,7 @@ impl CappedBuffer {
     pub(crate) fn marker(&self) -> Option<String> {
         self.truncated().then(|| {
             format!(
-                "\n[aiops: output truncated at {} bytes; {} more bytes discarded]\n",
+                "{TRUNCATION_MARKER}{} bytes; {} more bytes discarded]\n",
                 self.limit, self.dropped
             )
         })
