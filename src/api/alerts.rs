@@ -283,6 +283,7 @@ impl From<RuleRow> for AlertRule {
 
 /// An auto_analyze rule as written by clients.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct AlertRuleInput {
     /// Name (1 to 100 characters).
     pub name: String,

@@ -16,6 +16,7 @@ use super::users::User;
 
 /// Credentials.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct LoginRequest {
     /// Username.
     pub username: String,
@@ -38,6 +39,7 @@ pub struct LoginResponse {
 
 /// A request for a long-lived API token.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ApiTokenCreate {
     /// A label saying what the token is for (1 to 100 characters).
     pub name: String,

@@ -94,6 +94,7 @@ impl From<BreakerRow> for CircuitBreaker {
 
 /// New thresholds; absent fields are kept.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct CircuitBreakerSettings {
     /// Consecutive failures before opening (> 0).
     pub failure_threshold: Option<i32>,

@@ -72,6 +72,7 @@ fn status_label(s: ExecutionStatus) -> &'static str {
 
 /// Servers selected by tags and environments (union; at least one criterion).
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ServerSelectorInput {
     /// Server tags: `name` or `name=value`.
     #[oai(default)]
@@ -83,6 +84,7 @@ pub struct ServerSelectorInput {
 
 /// A request to run a runbook.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ExecutionCreate {
     /// The runbook.
     pub runbook_id: Uuid,
@@ -337,6 +339,7 @@ pub struct ExecutionPage {
 
 /// An optional reason.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct Reason {
     /// Why.
     pub reason: Option<String>,
@@ -375,6 +378,17 @@ fn engine_error(e: EngineError) -> ApiError {
             message: format!("{what} not found"),
             details: None,
         })),
+        EngineError::UnknownReference { field, what } => {
+            ApiError::NotFound(Json(super::error::ErrorBody {
+                code: "not_found".into(),
+                message: format!("{field}: {what} not found"),
+                details: Some(super::error::ErrorDetails {
+                    field: Some(field),
+                    reason: Some(format!("{what} does not exist")),
+                    ..Default::default()
+                }),
+            }))
+        }
         EngineError::Forbidden(m) => ApiError::Forbidden(Json(super::error::ErrorBody {
             code: "forbidden".into(),
             message: m,
@@ -472,7 +486,15 @@ impl ExecutionsApi {
                 self.state.secrets.as_deref(),
             )
             .await
-            .map_err(engine_error)?;
+            .map_err(|e| match (e, server_id, &body.servers) {
+                // A server the selector matched: the caller named `servers`, not a server id.
+                (EngineError::Invalid { field, reason }, Some(server), Some(_))
+                    if field == "server_id" =>
+                {
+                    ApiError::invalid("servers", format!("matched server {server}: {reason}"))
+                }
+                (e, ..) => engine_error(e),
+            })?;
             ids.push(id);
         }
         // Variable values are not audited: they may hold secrets.

@@ -9,6 +9,7 @@ pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod blackouts;
+pub mod body_errors;
 pub mod breakers;
 pub mod context;
 pub mod error;
@@ -188,7 +189,7 @@ fn json_error(status: StatusCode, body: &error::ErrorBody) -> Response {
 
 /// Reads the whole body up to the limit before any handler sees it, so oversized requests are
 /// refused with 413 whether or not they declare a Content-Length.
-async fn limit_body(max: usize, mut req: Request) -> Result<Request, Response> {
+async fn limit_body(max: usize, mut req: Request) -> Result<(Request, bytes::Bytes), Response> {
     if let Some(len) = req
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)
@@ -204,8 +205,8 @@ async fn limit_body(max: usize, mut req: Request) -> Result<Request, Response> {
     }
     match req.take_body().into_bytes_limit(max).await {
         Ok(bytes) => {
-            req.set_body(bytes);
-            Ok(req)
+            req.set_body(bytes.clone());
+            Ok((req, bytes))
         }
         Err(poem::error::ReadBodyError::PayloadTooLarge) => Err(error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -226,6 +227,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     let api = service(&state);
     let spec = api.spec_endpoint();
     let docs = api.swagger_ui();
+    let schemas = Arc::new(body_errors::BodySchemas::new(&api.spec()));
     let max = state.config.max_body_bytes;
     Route::new()
         .nest(API_PREFIX, api)
@@ -234,21 +236,85 @@ pub fn app(state: AppState) -> impl Endpoint {
         .at("/healthz", get(healthz))
         .at("/readyz", get(readyz))
         .data(state)
-        .around(move |ep, req| async move {
-            let req = match limit_body(max, req).await {
-                Ok(req) => req,
-                Err(resp) => return Ok(resp),
-            };
-            match ep.call(req).await {
-                Ok(resp) => Ok(resp.into_response()),
-                Err(err) if err.is_from_response() => Ok(err.into_response()),
-                Err(err) => {
-                    let status = err.status();
-                    if status.is_server_error() {
-                        tracing::error!(error = %err, "request failed");
+        .around(move |ep, req| {
+            let schemas = schemas.clone();
+            async move {
+                let (req, body) = match limit_body(max, req).await {
+                    Ok(read) => read,
+                    Err(resp) => return Ok(resp),
+                };
+                let method = req.method().as_str().to_owned();
+                let path = req.uri().path().to_owned();
+                let resp = match ep.call(req).await {
+                    Ok(resp) => resp.into_response(),
+                    Err(err) if err.is_from_response() => err.into_response(),
+                    Err(err) => {
+                        let status = err.status();
+                        if status.is_server_error() {
+                            tracing::error!(error = %err, "request failed");
+                        }
+                        json_error(status, &error::poem_error_body(&err))
                     }
-                    Ok(json_error(status, &error::poem_error_body(&err)))
+                };
+                if resp.status() != StatusCode::BAD_REQUEST {
+                    return Ok(resp);
                 }
+                let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
+                Ok(name_body_field(resp, &schemas, &method, operation, &body).await)
             }
         })
+}
+
+/// A 400 for a JSON body poem-openapi could not parse, with the field and the reason found by
+/// walking the body against the operation's schema (see [`body_errors`]); any other response
+/// as it is.
+async fn name_body_field(
+    mut resp: Response,
+    schemas: &body_errors::BodySchemas,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Response {
+    const PARSE_ERROR: &str = "parse request payload error: ";
+    let headers = resp.headers().clone();
+    let bytes = resp.take_body().into_bytes().await.unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned));
+    let diagnosis = message.as_deref().and_then(|m| {
+        let parser = m.strip_prefix(PARSE_ERROR)?;
+        let unknown = parser
+            .split_once("unknown field `")
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(name, _)| name);
+        schemas
+            .diagnose(method, path, body, unknown)
+            .map(|offence| (parser.to_owned(), offence))
+    });
+    match diagnosis {
+        Some((parser, offence)) => {
+            let message = match &offence.field {
+                Some(field) => format!("{field}: {}", offence.reason),
+                None => offence.reason.clone(),
+            };
+            let body = error::ErrorBody {
+                code: "bad_request".to_owned(),
+                message,
+                details: Some(error::ErrorDetails {
+                    field: offence.field,
+                    reason: Some(offence.reason),
+                    ..Default::default()
+                }),
+            };
+            tracing::debug!(parser = %parser, "request body refused");
+            json_error(StatusCode::BAD_REQUEST, &body)
+        }
+        None => {
+            let mut rebuilt = Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(bytes);
+            *rebuilt.headers_mut() = headers;
+            rebuilt
+        }
+    }
 }

@@ -176,6 +176,7 @@ impl From<ServerRow> for Server {
 
 /// Fields of a new server. Secrets are write-only.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ServerCreate {
     /// Unique friendly name, 1 to 100 characters.
     pub name: String,
@@ -213,6 +214,7 @@ pub struct ServerCreate {
 
 /// A partial update; absent fields keep their value. Giving a secret replaces it.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ServerUpdate {
     /// New name.
     pub name: Option<String>,

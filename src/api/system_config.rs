@@ -28,6 +28,7 @@ pub struct ConfigEntry {
 
 /// A new value for a key.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ConfigValue {
     /// Any JSON value.
     pub value: serde_json::Value,

@@ -93,6 +93,7 @@ impl From<UserRow> for User {
 
 /// Fields of a new user.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct UserCreate {
     /// 1 to 50 characters: letters, digits, `.`, `_`, `-`.
     pub username: String,
@@ -110,6 +111,7 @@ pub struct UserCreate {
 
 /// A partial update; absent fields are left as they are.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct UserUpdate {
     /// New email.
     pub email: Option<String>,

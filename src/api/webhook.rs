@@ -384,6 +384,7 @@ pub struct WebhookTokenSecret {
 
 /// A request for a webhook token.
 #[derive(Debug, Object)]
+#[oai(deny_unknown_fields)]
 pub struct WebhookTokenInput {
     /// Name (1 to 100 characters), e.g. the Alertmanager cluster.
     pub name: String,

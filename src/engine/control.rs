@@ -50,9 +50,12 @@ pub async fn create_execution(
     req: &StartRequest,
     keyring: Option<&crate::crypto::secrets::Keyring>,
 ) -> Result<Uuid, EngineError> {
-    let (snapshot, _status) = snapshot_load(conn, req.runbook_id)
-        .await?
-        .ok_or_else(|| EngineError::NotFound(format!("runbook {}", req.runbook_id)))?;
+    let (snapshot, _status) = snapshot_load(conn, req.runbook_id).await?.ok_or_else(|| {
+        EngineError::UnknownReference {
+            field: "runbook_id".into(),
+            what: format!("runbook {}", req.runbook_id),
+        }
+    })?;
     if snapshot.steps.is_empty() {
         return Err(EngineError::Invalid {
             field: "runbook_id".into(),
@@ -62,7 +65,10 @@ pub async fn create_execution(
     if let Some(server_id) = req.server_id {
         let facts = store::blackouts::blackout_server_facts(conn, server_id)
             .await?
-            .ok_or_else(|| EngineError::NotFound(format!("server {server_id}")))?;
+            .ok_or_else(|| EngineError::UnknownReference {
+                field: "server_id".into(),
+                what: format!("server {server_id}"),
+            })?;
         let allowed =
             snapshot
                 .allows_server(Some(&facts))

@@ -77,6 +77,14 @@ pub enum EngineError {
     /// Not found.
     #[error("{0} not found")]
     NotFound(String),
+    /// A request names something that does not exist.
+    #[error("{what} not found")]
+    UnknownReference {
+        /// The request field that names it.
+        field: String,
+        /// What was named (`runbook <id>`).
+        what: String,
+    },
     /// The caller may not do this.
     #[error("{0}")]
     Forbidden(String),

@@ -1,0 +1,390 @@
+//! Names the field of a JSON request body that failed to parse.
+//!
+//! poem-openapi refuses a body that does not fit its operation's schema with a message that
+//! names the Rust type and the JSON type it expected (`Expected input type "string", found
+//! null. (occurred while parsing "ServerCreate")`), never the field. When that happens, the
+//! body is walked against the operation's request schema from this build's OpenAPI document,
+//! and the first field that breaks it is reported with the reason, as a path into the request
+//! (`servers.tags[1]`, `variables`). Only bodies that already failed are walked.
+
+use serde_json::{Map, Value};
+
+/// The request-body schemas of every operation, from the OpenAPI document.
+pub struct BodySchemas {
+    spec: Value,
+}
+
+/// The field a body broke its schema at, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offence {
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl BodySchemas {
+    /// From this build's OpenAPI document (JSON).
+    pub fn new(spec_json: &str) -> BodySchemas {
+        BodySchemas {
+            spec: serde_json::from_str(spec_json).unwrap_or(Value::Null),
+        }
+    }
+
+    /// Why `body` does not fit the JSON request schema of `method` on `path` (relative to the
+    /// API prefix). `unknown` is a field poem-openapi called unknown (objects that refuse
+    /// unknown fields do not say so in the document). `None` when the operation has no JSON
+    /// body schema or the body fits it.
+    pub fn diagnose(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        unknown: Option<&str>,
+    ) -> Option<Offence> {
+        let schema = self.request_schema(method, path)?;
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Some(Offence {
+                    field: None,
+                    reason: format!(
+                        "the body is not JSON: {e} (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    ),
+                });
+            }
+        };
+        Walk {
+            spec: &self.spec,
+            unknown,
+        }
+        .check(schema, &value, "")
+    }
+
+    fn request_schema(&self, method: &str, path: &str) -> Option<&Value> {
+        let paths = self.spec.get("paths")?.as_object()?;
+        let (_, item) = paths
+            .iter()
+            .find(|(template, _)| path_matches(template, path))?;
+        let content = item
+            .get(method.to_ascii_lowercase())?
+            .get("requestBody")?
+            .get("content")?
+            .as_object()?;
+        content
+            .iter()
+            .find(|(kind, _)| kind.starts_with("application/json"))
+            .and_then(|(_, media)| media.get("schema"))
+    }
+}
+
+/// Whether a path template (`/executions/{id}/approve`) matches a request path.
+fn path_matches(template: &str, path: &str) -> bool {
+    let mut t = template.trim_end_matches('/').split('/');
+    let mut p = path.trim_end_matches('/').split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') && !ps.is_empty() => {}
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return false,
+        }
+    }
+}
+
+struct Walk<'a> {
+    spec: &'a Value,
+    unknown: Option<&'a str>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn offence(path: &str, reason: impl Into<String>) -> Option<Offence> {
+    Some(Offence {
+        field: (!path.is_empty()).then(|| path.to_owned()),
+        reason: reason.into(),
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl<'a> Walk<'a> {
+    /// A schema with its `$ref` and single-reference `allOf` wrappers resolved.
+    fn resolve(&self, mut schema: &'a Value) -> &'a Value {
+        for _ in 0..16 {
+            if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
+                let name = target.trim_start_matches("#/components/schemas/");
+                match self.spec.pointer(&format!("/components/schemas/{name}")) {
+                    Some(s) => schema = s,
+                    None => return schema,
+                }
+            } else if let Some(parts) = schema.get("allOf").and_then(Value::as_array)
+                && let Some(first) = parts.iter().find(|p| p.get("$ref").is_some())
+            {
+                schema = first;
+            } else {
+                return schema;
+            }
+        }
+        schema
+    }
+
+    fn check(&self, schema: &'a Value, value: &Value, path: &str) -> Option<Offence> {
+        let schema = self.resolve(schema);
+        for key in ["oneOf", "anyOf"] {
+            if let Some(choices) = schema.get(key).and_then(Value::as_array) {
+                let offences: Vec<Offence> = choices
+                    .iter()
+                    .filter_map(|c| self.check(c, value, path))
+                    .collect();
+                return if offences.len() < choices.len() {
+                    None
+                } else {
+                    offences.into_iter().next()
+                };
+            }
+        }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+            && !allowed.contains(value)
+        {
+            let names: Vec<String> = allowed.iter().map(Value::to_string).collect();
+            return offence(path, format!("must be one of {}", names.join(", ")));
+        }
+        let format = schema.get("format").and_then(Value::as_str);
+        match schema.get("type").and_then(Value::as_str) {
+            Some("object") => self.check_object(schema, value, path),
+            Some("array") => {
+                let Value::Array(items) = value else {
+                    return offence(path, format!("must be an array, not {}", json_type(value)));
+                };
+                let item_schema = schema.get("items")?;
+                items
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, item)| self.check(item_schema, item, &format!("{path}[{i}]")))
+            }
+            Some("string") => {
+                let Value::String(s) = value else {
+                    return offence(path, format!("must be a string, not {}", json_type(value)));
+                };
+                match format {
+                    Some("uuid") if uuid::Uuid::parse_str(s).is_err() => {
+                        offence(path, format!("`{s}` is not a UUID"))
+                    }
+                    Some("date-time") if chrono::DateTime::parse_from_rfc3339(s).is_err() => {
+                        offence(
+                            path,
+                            format!("`{s}` is not an RFC 3339 date-time (2026-01-31T12:00:00Z)"),
+                        )
+                    }
+                    _ => None,
+                }
+            }
+            Some("integer") => {
+                let Some(n) = value.as_i64() else {
+                    return offence(
+                        path,
+                        format!("must be a whole number, not {}", json_type(value)),
+                    );
+                };
+                let (low, high) = match format {
+                    Some("int32") => (i64::from(i32::MIN), i64::from(i32::MAX)),
+                    Some("int16") => (i64::from(i16::MIN), i64::from(i16::MAX)),
+                    _ => (i64::MIN, i64::MAX),
+                };
+                (!(low..=high).contains(&n))
+                    .then(|| offence(path, format!("{n} is out of range ({low} to {high})")))
+                    .flatten()
+            }
+            Some("number") if !value.is_number() => {
+                offence(path, format!("must be a number, not {}", json_type(value)))
+            }
+            Some("boolean") if !value.is_boolean() => offence(
+                path,
+                format!("must be true or false, not {}", json_type(value)),
+            ),
+            _ => None,
+        }
+    }
+
+    fn check_object(&self, schema: &'a Value, value: &Value, path: &str) -> Option<Offence> {
+        let Value::Object(fields) = value else {
+            return offence(path, format!("must be an object, not {}", json_type(value)));
+        };
+        let empty = Map::new();
+        let properties = schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let required = schema.get("required").and_then(Value::as_array);
+        for name in required.into_iter().flatten().filter_map(Value::as_str) {
+            if fields.get(name).is_none_or(Value::is_null) {
+                return offence(&join(path, name), "is required");
+            }
+        }
+        for (name, field) in fields {
+            match properties.get(name) {
+                // An optional field may be null: it reads as absent.
+                Some(_) if field.is_null() => {}
+                Some(property) => {
+                    if let Some(found) = self.check(property, field, &join(path, name)) {
+                        return Some(found);
+                    }
+                }
+                None => match schema.get("additionalProperties") {
+                    Some(Value::Bool(false)) => {
+                        return offence(&join(path, name), "is not a known field");
+                    }
+                    Some(entry @ Value::Object(_)) => {
+                        let entry_path = format!("{path}[{}]", Value::String(name.clone()));
+                        if let Some(found) = self.check(entry, field, &entry_path) {
+                            return Some(found);
+                        }
+                    }
+                    _ if !properties.is_empty() && self.unknown == Some(name.as_str()) => {
+                        return offence(&join(path, name), "is not a known field");
+                    }
+                    _ => {}
+                },
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schemas() -> BodySchemas {
+        let spec = json!({
+            "paths": {
+                "/things/{id}/parts": { "post": { "requestBody": { "content": {
+                    "application/json; charset=utf-8": {
+                        "schema": { "$ref": "#/components/schemas/Part" } } } } } }
+            },
+            "components": { "schemas": {
+                "Part": { "type": "object", "required": ["id", "count"], "properties": {
+                    "id": { "type": "string", "format": "uuid" },
+                    "count": { "type": "integer", "format": "int32" },
+                    "at": { "type": "string", "format": "date-time" },
+                    "kind": { "allOf": [{ "$ref": "#/components/schemas/Kind" },
+                                        { "description": "The kind." }] },
+                    "tags": { "type": "array", "items": { "type": "string" } },
+                    "labels": { "type": "object", "additionalProperties": { "type": "string" } },
+                    "extra": { "type": "object", "additionalProperties": {} }
+                } },
+                "Kind": { "type": "string", "enum": ["a", "b"] }
+            } }
+        });
+        BodySchemas::new(&spec.to_string())
+    }
+
+    fn field(body: Value, unknown: Option<&str>) -> Option<(Option<String>, String)> {
+        schemas()
+            .diagnose(
+                "POST",
+                "/things/7/parts",
+                body.to_string().as_bytes(),
+                unknown,
+            )
+            .map(|o| (o.field, o.reason))
+    }
+
+    #[test]
+    fn names_the_first_field_that_breaks_the_schema() {
+        let id = "7d4c3c1e-52b4-4a8b-9a77-1d6a3c2b9e10";
+        assert_eq!(field(json!({ "id": id, "count": 1 }), None), None);
+        assert_eq!(
+            field(json!({ "count": 1 }), None),
+            Some((Some("id".into()), "is required".into()))
+        );
+        assert_eq!(
+            field(json!({ "id": null, "count": 1 }), None),
+            Some((Some("id".into()), "is required".into()))
+        );
+        assert_eq!(
+            field(json!({ "id": "x-1", "count": 1 }), None),
+            Some((Some("id".into()), "`x-1` is not a UUID".into()))
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": "many" }), None).unwrap().0,
+            Some("count".into())
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1i64 << 40 }), None)
+                .unwrap()
+                .0,
+            Some("count".into())
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "at": "yesterday" }), None)
+                .unwrap()
+                .0,
+            Some("at".into())
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "kind": "c" }), None),
+            Some((Some("kind".into()), "must be one of \"a\", \"b\"".into()))
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "tags": ["x", 2] }), None)
+                .unwrap()
+                .0,
+            Some("tags[1]".into())
+        );
+        assert_eq!(
+            field(
+                json!({ "id": id, "count": 1, "labels": { "env": 3 } }),
+                None
+            )
+            .unwrap()
+            .0,
+            Some("labels[\"env\"]".into())
+        );
+        // Optional fields may be null; a free-form map takes anything.
+        assert_eq!(
+            field(
+                json!({ "id": id, "count": 1, "at": null, "extra": { "k": [1] } }),
+                None
+            ),
+            None
+        );
+        // An unknown field is only reported when the parser called it unknown.
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "cuont": 2 }), None),
+            None
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "cuont": 2 }), Some("cuont")),
+            Some((Some("cuont".into()), "is not a known field".into()))
+        );
+        assert_eq!(
+            field(json!([1]), None),
+            Some((None, "must be an object, not an array".into()))
+        );
+        let broken = schemas().diagnose("POST", "/things/7/parts", b"{\"id\": ", None);
+        assert!(broken.unwrap().reason.starts_with("the body is not JSON"));
+        assert_eq!(
+            schemas().diagnose("POST", "/other", b"{}", None),
+            None,
+            "no such operation"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Starting an execution with bad input: every refusal is a 4xx with a JSON body that names the
+//! field and the reason, and nothing is created.
+
+mod common;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn executions(app: &common::TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM runbook_executions")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bad_start_requests_name_the_field_and_the_reason_and_create_nothing() {
+    let app = common::spawn_app().await;
+    let runbook = app
+        .runbook_from_yaml(
+            "name: input-checks\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n",
+        )
+        .await;
+    let (status, server) = app
+        .call(
+            Method::POST,
+            "/servers",
+            Some(&app.admin_token),
+            Some(
+                json!({ "name": "input-db-1", "hostname": "192.0.2.20", "username": "ops",
+                         "auth_type": "password", "password": "never-used",
+                         "tags": ["role=db"] }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{server}");
+    let server = server["id"].as_str().unwrap().to_owned();
+    let unknown = uuid::Uuid::new_v4();
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("missing runbook", json!({}), 400, "runbook_id"),
+        (
+            "malformed runbook id",
+            json!({ "runbook_id": "rb-1" }),
+            400,
+            "runbook_id",
+        ),
+        (
+            "runbook id of the wrong type",
+            json!({ "runbook_id": 7 }),
+            400,
+            "runbook_id",
+        ),
+        (
+            "malformed server id",
+            json!({ "runbook_id": runbook, "server_id": "db-1" }),
+            400,
+            "server_id",
+        ),
+        (
+            "max_concurrency of the wrong type",
+            json!({ "runbook_id": runbook, "max_concurrency": "many" }),
+            400,
+            "max_concurrency",
+        ),
+        (
+            "misspelled field",
+            json!({ "runbook_id": runbook, "serverid": server }),
+            400,
+            "serverid",
+        ),
+        (
+            "unknown runbook",
+            json!({ "runbook_id": unknown }),
+            404,
+            "runbook_id",
+        ),
+        (
+            "unknown server",
+            json!({ "runbook_id": runbook, "server_id": unknown }),
+            404,
+            "server_id",
+        ),
+        (
+            "both targets",
+            json!({ "runbook_id": runbook, "server_id": server, "servers": { "tags": ["role=db"] } }),
+            422,
+            "servers",
+        ),
+        (
+            "empty selector",
+            json!({ "runbook_id": runbook, "servers": {} }),
+            422,
+            "servers",
+        ),
+        (
+            "selector matching nothing",
+            json!({ "runbook_id": runbook, "servers": { "tags": ["role=none"] } }),
+            422,
+            "servers",
+        ),
+        (
+            "selector tags of the wrong type",
+            json!({ "runbook_id": runbook, "servers": { "tags": "role=db" } }),
+            400,
+            "servers.tags",
+        ),
+        (
+            "misspelled selector field",
+            json!({ "runbook_id": runbook, "servers": { "tag": ["role=db"] } }),
+            400,
+            "servers.tag",
+        ),
+        (
+            "concurrency out of range",
+            json!({ "runbook_id": runbook, "servers": { "tags": ["role=db"] }, "max_concurrency": 0 }),
+            422,
+            "max_concurrency",
+        ),
+    ];
+    for (case, body, want_status, field) in cases {
+        let (status, answer) = app
+            .call(
+                Method::POST,
+                "/executions",
+                Some(&app.admin_token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, want_status, "{case}: {answer}");
+        assert_eq!(answer["details"]["field"], field, "{case}: {answer}");
+        let reason = answer["details"]["reason"].as_str().unwrap_or_default();
+        assert!(!reason.is_empty(), "{case}: no reason: {answer}");
+    }
+    assert_eq!(
+        executions(&app).await,
+        0,
+        "a refused request created an execution"
+    );
+
+    // The same holds for every JSON body: a server without its name.
+    let (status, answer) = app
+        .call(
+            Method::POST,
+            "/servers",
+            Some(&app.admin_token),
+            Some(json!({ "hostname": "192.0.2.21", "username": "ops" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["details"]["field"], "name", "{answer}");
+    assert_eq!(answer["details"]["reason"], "is required", "{answer}");
+    // A body that is not JSON at all says where it breaks.
+    let resp = reqwest::Client::new()
+        .post(app.api("/executions"))
+        .bearer_auth(&app.admin_token)
+        .header("content-type", "application/json")
+        .body("{\"runbook_id\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let answer: Value = resp.json().await.unwrap();
+    let reason = answer["details"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("not JSON") && reason.contains("line 1"),
+        "{answer}"
+    );
+}
