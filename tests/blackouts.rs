@@ -226,6 +226,47 @@ async fn check_says_whether_and_why() {
         .await;
     assert_eq!(body["blacked_out"], false, "{body}");
 
+    // Without a server the question is a run on a worker's own host: windows that select
+    // servers (both above) do not cover it.
+    let (status, own_host) = app
+        .get(&format!("/blackout-windows/check?runbook_id={db_runbook}"))
+        .await;
+    assert_eq!(status, 200, "{own_host}");
+    assert_eq!(own_host["blacked_out"], false, "{own_host}");
+    // Without a runbook: windows for every runbook on that server ("Daily web freeze"), not
+    // those for some runbooks ("DB maintenance").
+    let (_, web_only) = app
+        .get(&format!("/blackout-windows/check?server_id={web_server}"))
+        .await;
+    assert_eq!(web_only["blacked_out"], true, "{web_only}");
+    let (_, db_only) = app
+        .get(&format!("/blackout-windows/check?server_id={db_server}"))
+        .await;
+    assert_eq!(db_only["blacked_out"], false, "{db_only}");
+    // A window for every server covers the worker's own host too.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(json!({
+                "name": "Change freeze",
+                "start_time": now - Duration::minutes(1),
+                "end_time": now + Duration::minutes(30),
+                "affected_runbooks": { "categories": ["database"] }
+            })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, own_host) = app
+        .get(&format!("/blackout-windows/check?runbook_id={db_runbook}"))
+        .await;
+    assert_eq!(own_host["blacked_out"], true, "{own_host}");
+    assert_eq!(
+        own_host["windows"][0]["name"], "Change freeze",
+        "{own_host}"
+    );
+
     let (status, _) = app
         .get(&format!(
             "/blackout-windows/check?runbook_id={}",

@@ -643,6 +643,33 @@ async fn gates_refuse_with_their_reason() {
     let id = app.start_execution(json!({ "runbook_id": disabled })).await;
     let refused = app.wait_for_status(id, &terminal, 30).await;
     assert_eq!(refused["refused_by"], "runbook_inactive", "{refused}");
+
+    // A window for some servers (every runbook) does not cover a run on the worker's own host.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(
+                json!({ "name": "db hosts", "start_time": now - chrono::Duration::minutes(1),
+                          "end_time": now + chrono::Duration::hours(1),
+                          "affected_servers": { "tags": ["role=db"] } }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let local = app
+        .runbook_from_yaml(
+            "name: local-only
+mode: auto
+steps:
+  - {name: s, command: 'true'}
+",
+        )
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": local })).await;
+    let done = app.wait_for_status(id, &terminal, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
     worker.stop().await;
 }
 

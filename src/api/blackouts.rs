@@ -94,6 +94,7 @@ pub struct AffectedRunbooks {
 
 /// A window as written by clients.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct BlackoutWindowInput {
     /// Name (1 to 200 characters).
     pub name: String,
@@ -398,7 +399,11 @@ impl BlackoutsApi {
         Ok(Created::Created(Json(to_dto(row, Utc::now()))))
     }
 
-    /// Whether a runbook (optionally on a server) is blacked out now (or at `at`), and why.
+    /// Whether a runbook on a server is blacked out now (or at `at`), and why.
+    ///
+    /// Without `server_id` the question is about a run on a worker's own host, which only
+    /// windows for every server cover; without `runbook_id`, about every runbook on the server,
+    /// which only windows for every runbook cover.
     ///
     /// Least role: viewer.
     #[oai(
@@ -410,9 +415,9 @@ impl BlackoutsApi {
         &self,
         req: &Request,
         auth: BearerAuth,
-        /// The runbook.
-        runbook_id: Query<Uuid>,
-        /// The server (optional: without it, server selectors are ignored).
+        /// The runbook (optional: without it, windows for every runbook).
+        runbook_id: Query<Option<Uuid>>,
+        /// The server (optional: without it, a worker's own host).
         server_id: Query<Option<Uuid>>,
         /// The instant to check (default now).
         at: Query<Option<DateTime<Utc>>>,
@@ -420,9 +425,14 @@ impl BlackoutsApi {
         self.state.authorize(req, &auth, Role::Viewer).await?;
         let at = at.0.unwrap_or_else(Utc::now);
         let mut conn = self.state.pool.acquire().await?;
-        let runbook = store::blackouts::blackout_runbook_facts(&mut conn, runbook_id.0)
-            .await?
-            .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        let runbook = match runbook_id.0 {
+            Some(id) => Some(
+                store::blackouts::blackout_runbook_facts(&mut conn, id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("runbook", id))?,
+            ),
+            None => None,
+        };
         let server = match server_id.0 {
             Some(id) => Some(
                 store::blackouts::blackout_server_facts(&mut conn, id)
@@ -432,7 +442,8 @@ impl BlackoutsApi {
             None => None,
         };
         let active =
-            store::blackouts::blackout_active_for(&mut conn, &runbook, server.as_ref(), at).await?;
+            store::blackouts::blackout_active_for(&mut conn, runbook.as_ref(), server.as_ref(), at)
+                .await?;
         Ok(Json(BlackoutStatus {
             blacked_out: !active.is_empty(),
             at,

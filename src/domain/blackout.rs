@@ -13,7 +13,8 @@
 //! (every key optional except `cron` for `cron` windows; the timezone defaults to UTC).
 //!
 //! Coverage: `affected_servers` and `affected_runbooks` select by union of their criteria; an empty
-//! selector covers everything. Servers: `{"server_ids": [...], "tags": ["db", "env=prod"],
+//! selector covers everything. A run on a worker's own host (no server) is covered only by a
+//! window with an empty server selector. Servers: `{"server_ids": [...], "tags": ["db", "env=prod"],
 //! "environments": ["production"]}` (a bare JSON array is a tag list). Runbooks:
 //! `{"ids": [...], "categories": [...]}` (a bare array holds ids and categories).
 
@@ -366,9 +367,14 @@ impl RunbookSelector {
         serde_json::json!({ "ids": self.ids, "categories": self.categories })
     }
 
+    /// Whether no criterion is set (covers every runbook).
+    pub fn is_all(&self) -> bool {
+        self.ids.is_empty() && self.categories.is_empty()
+    }
+
     /// Whether the selector covers a runbook.
     pub fn matches(&self, runbook: &RunbookFacts) -> bool {
-        (self.ids.is_empty() && self.categories.is_empty())
+        self.is_all()
             || self.ids.contains(&runbook.id)
             || runbook
                 .category
@@ -506,13 +512,19 @@ impl Window {
         }
     }
 
-    /// Whether the window covers this runbook on this server (ignoring time).
-    pub fn covers(&self, runbook: &RunbookFacts, server: Option<&ServerFacts>) -> bool {
+    /// Whether the window covers this runbook on this server (ignoring time). No server is a
+    /// run on a worker's own host, which only a window for every server covers; no runbook
+    /// asks about every runbook, which only a window for every runbook covers.
+    pub fn covers(&self, runbook: Option<&RunbookFacts>, server: Option<&ServerFacts>) -> bool {
         let server_ok = match server {
             Some(s) => self.servers.matches(s),
-            None => true,
+            None => self.servers.is_all(),
         };
-        server_ok && self.runbooks.matches(runbook)
+        let runbook_ok = match runbook {
+            Some(r) => self.runbooks.matches(r),
+            None => self.runbooks.is_all(),
+        };
+        server_ok && runbook_ok
     }
 
     /// A sentence for refusals and the check endpoint.

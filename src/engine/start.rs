@@ -82,9 +82,13 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         .await?;
         return g.complete().await;
     }
-    let active =
-        store::blackouts::blackout_active_for(g.conn(), &runbook_facts, server_facts.as_ref(), now)
-            .await?;
+    let active = store::blackouts::blackout_active_for(
+        g.conn(),
+        Some(&runbook_facts),
+        server_facts.as_ref(),
+        now,
+    )
+    .await?;
     if let Some((window, occurrence)) = active.first() {
         refuse(g.conn(), &row, "blackout", &window.describe(occurrence)).await?;
         return g.complete().await;
@@ -254,9 +258,14 @@ async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<boo
         id: snapshot.id,
         category: snapshot.category.clone(),
     };
-    if !store::blackouts::blackout_active_for(&mut conn, &runbook_facts, server_facts.as_ref(), now)
-        .await?
-        .is_empty()
+    if !store::blackouts::blackout_active_for(
+        &mut conn,
+        Some(&runbook_facts),
+        server_facts.as_ref(),
+        now,
+    )
+    .await?
+    .is_empty()
     {
         return Ok(false);
     }

@@ -231,7 +231,7 @@ pub async fn blackout_all_server_facts(conn: &mut PgConnection) -> StoreResult<V
 /// with its current occurrence. Rows that fail to parse are skipped with a warning.
 pub async fn blackout_active_for(
     conn: &mut PgConnection,
-    runbook: &RunbookFacts,
+    runbook: Option<&RunbookFacts>,
     server: Option<&ServerFacts>,
     now: DateTime<Utc>,
 ) -> StoreResult<Vec<(Window, Occurrence)>> {
