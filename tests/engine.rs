@@ -220,6 +220,17 @@ steps:
     .await
     .unwrap();
     assert_eq!(hits, 0);
+    // The rollback's start and end reach the live stream as status events.
+    let phases: Vec<String> = sqlx::query_scalar(
+        "SELECT data::jsonb->>'status' FROM execution_events \
+         WHERE execution_id = $1 AND kind = 'status' AND data::jsonb->>'phase' = 'rollback' \
+         ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(phases, ["running", "completed"]);
     worker.stop().await;
 }
 
@@ -777,6 +788,85 @@ async fn live_events_stream_status_and_output() {
     );
     assert!(body.contains("event: status"));
     assert!(datas.iter().any(|d| d["kind"] == "status" && d["data"].as_str().unwrap().contains("\"completed\"")));
+    worker.stop().await;
+}
+
+/// A cancel ends the execution before the worker has recorded the step it stopped: the stream
+/// stays open until that step's final status is sent. A reconnecting client's `Last-Event-ID`
+/// resumes after that event.
+#[tokio::test]
+async fn live_stream_carries_the_step_a_cancel_stopped_and_resumes_after_last_event_id() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: stopped-live\nmode: auto\nsteps:\n  - {name: warm, command: 'echo warming'}\n  - {name: nap, command: 'echo napping; trap \"sleep 1; exit 143\" TERM; sleep 60 & wait', timeout_seconds: 120}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let stream = |last_event_id: Option<i64>| {
+        let mut req = app
+            .client
+            .get(app.api(&format!("/executions/{id}/events")))
+            .bearer_auth(&app.admin_token);
+        if let Some(last) = last_event_id {
+            req = req.header("Last-Event-ID", last.to_string());
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = tokio::time::timeout(std::time::Duration::from_secs(60), resp.text())
+                .await
+                .expect("the stream ends")
+                .unwrap();
+            body.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|d| serde_json::from_str::<Value>(d).unwrap())
+                .collect::<Vec<Value>>()
+        }
+    };
+    let live = tokio::spawn(stream(None));
+    // Cancel once the second step runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !app
+        .steps(id)
+        .await
+        .iter()
+        .any(|s| s["step_name"] == "nap" && s["status"] == "running")
+    {
+        assert!(std::time::Instant::now() < deadline, "nap never started");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/cancel"),
+            Some(&app.admin_token),
+            Some(json!({ "reason": "enough" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let events = live.await.unwrap();
+    let status_of = |e: &Value| -> Option<(String, String)> {
+        let data: Value = serde_json::from_str(e["data"].as_str()?).ok()?;
+        Some((
+            data["step"].as_str()?.to_owned(),
+            data["status"].as_str()?.to_owned(),
+        ))
+    };
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "status")
+            .filter_map(status_of)
+            .any(|(step, status)| step == "nap" && status == "cancelled"),
+        "the stopped step's final status was not streamed: {events:?}"
+    );
+    let ids: Vec<i64> = events.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+
+    // Resume after the first event: everything after it, nothing before or again.
+    let resumed = stream(Some(ids[0])).await;
+    let resumed_ids: Vec<i64> = resumed.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(resumed_ids, ids[1..].to_vec());
     worker.stop().await;
 }
 

@@ -9,7 +9,9 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use poem::Request;
 use poem::web::sse::Event as SseEvent;
 use poem_openapi::payload::EventStream;
-use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
+use poem_openapi::{
+    ApiResponse, Enum, Object, OpenApi, param::Header, param::Path, param::Query, payload::Json,
+};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -678,8 +680,10 @@ impl ExecutionsApi {
     }
 
     /// Follow an execution live: Server-Sent Events of step status changes and output chunks
-    /// (masked), from the beginning or after `after` (an event id). The stream ends when the
-    /// execution has finished and every event was sent.
+    /// (masked), from the beginning or after `after` (an event id; a reconnecting client's
+    /// `Last-Event-ID` header takes precedence). The stream ends when the execution has
+    /// finished, its stopped step and its rollbacks have been recorded, and every event was
+    /// sent.
     ///
     /// Least role: viewer.
     #[oai(
@@ -695,6 +699,9 @@ impl ExecutionsApi {
         id: Path<Uuid>,
         /// Only events after this id.
         after: Query<Option<i64>>,
+        /// The id of the last event a reconnecting client received (sent by browsers).
+        #[oai(name = "Last-Event-ID")]
+        last_event_id: Header<Option<i64>>,
     ) -> Result<EventStream<BoxStream<'static, ExecutionEvent>>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
         let mut conn = self.state.pool.acquire().await?;
@@ -709,7 +716,7 @@ impl ExecutionsApi {
         let state = Follow {
             pool: self.state.pool.clone(),
             execution_id: id.0,
-            last: after.0.unwrap_or(0),
+            last: last_event_id.0.or(after.0).unwrap_or(0),
             buffered: std::collections::VecDeque::new(),
             done: false,
             wake,
@@ -732,12 +739,15 @@ impl ExecutionsApi {
                     tokio::time::sleep(STREAM_FALLBACK_POLL).await;
                     continue;
                 };
-                // Read the status first: events written before a terminal status are all seen.
+                // Read whether it settled first: events written before are all seen.
                 let finished = matches!(
-                    store::executions::execution_status(&mut conn, f.execution_id).await,
-                    Ok(Some((ref s, _))) if crate::domain::execution::Status::is_terminal(
-                        s.parse().unwrap_or(crate::domain::execution::Status::Running))
-                        && !matches!(s.as_str(), "running")
+                    store::executions::execution_stream_settled(
+                        &mut conn,
+                        f.execution_id,
+                        STREAM_SETTLE_SECONDS
+                    )
+                    .await,
+                    Ok(Some(true) | None)
                 );
                 let rows =
                     store::executions::event_list_after(&mut conn, f.execution_id, f.last, 200)
@@ -852,6 +862,9 @@ const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// How often a live stream reads even when no notification arrived.
 const STREAM_FALLBACK_POLL: Duration = Duration::from_secs(1);
+/// How long after its end a stream still waits for the stopped step's attempt row and the
+/// rollbacks to be recorded (a worker that died mid-step never records its attempt).
+const STREAM_SETTLE_SECONDS: i32 = 60;
 
 /// State of one live stream.
 struct Follow {

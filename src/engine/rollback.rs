@@ -84,7 +84,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             &step.name,
             retry,
             masked.as_deref(),
-            None,
+            Some(
+                &json!({ "step": step.name, "step_order": step.step_order, "phase": "rollback",
+                         "status": "running", "attempt": p.attempt })
+                .to_string(),
+            ),
         )
         .await?;
         g.commit().await?;
@@ -157,7 +161,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 error_message: error.as_deref(),
                 ..StepResult::default()
             },
-            None,
+            Some(
+                &json!({ "step": step.name, "phase": "rollback", "status": status,
+                         "exit_code": exit_code, "error": error })
+                .to_string(),
+            ),
         )
         .await?;
         log(

@@ -512,6 +512,34 @@ pub async fn execution_status(
     .await?)
 }
 
+/// Whether a live stream of the execution may end: the execution has finished, and nothing of
+/// it still writes events (no attempt row still running, as the step a cancel or timeout
+/// stopped is until its worker records it, and no rollback job left to run), or it finished
+/// more than `settle_seconds` ago (a worker that died mid-step never records its attempt).
+/// `None` when the execution does not exist.
+pub async fn execution_stream_settled(
+    conn: &mut PgConnection,
+    id: Uuid,
+    settle_seconds: i32,
+) -> StoreResult<Option<bool>> {
+    Ok(sqlx::query_scalar(
+        "SELECT e.status IN ('completed', 'failed', 'cancelled', 'timeout') \
+           AND (e.completed_at IS NULL \
+                OR e.completed_at < now() - make_interval(secs => $2) \
+                OR (NOT EXISTS (SELECT 1 FROM step_executions s \
+                                WHERE s.execution_id = e.id AND s.status = 'running') \
+                    AND NOT EXISTS (SELECT 1 FROM jobs j \
+                                WHERE j.kind = 'execution.rollback' \
+                                  AND j.state IN ('available', 'running', 'retryable') \
+                                  AND j.payload->>'execution_id' = e.id::text))) \
+         FROM runbook_executions e WHERE e.id = $1",
+    )
+    .bind(id)
+    .bind(settle_seconds)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Executions of a runbook that started within the window (rate limiting). Call under the
 /// runbook's advisory lock.
 pub async fn execution_count_started_since(
