@@ -498,6 +498,68 @@ steps:
     worker.stop().await;
 }
 
+/// The runbook's deadline job ending the execution stops the step it finds running: that step
+/// is recorded as timed out, not as cancelled. (The run is made an hour old, as if its timeout
+/// had long passed, and its deadline job due now.)
+#[tokio::test]
+async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: deadline-stop\nmode: auto\ntimeout_seconds: 600\nsteps:\n  - {name: long, command: 'sleep 120', timeout_seconds: 500}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !app.steps(id).await.iter().any(|s| s["status"] == "running") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    sqlx::query(
+        "UPDATE runbook_executions SET started_at = started_at - interval '1 hour' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE jobs SET run_at = now() WHERE unique_key = $1")
+        .bind(format!("execution:{id}:deadline"))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_notify('aiops_jobs', '')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let done = app
+        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
+        .await;
+    assert_eq!(done["status"], "timeout", "{done}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let step = loop {
+        let steps = app.steps(id).await;
+        if steps[0]["status"] != "running" {
+            break steps[0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step was never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(step["status"], "timeout", "{step}");
+    assert!(
+        step["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("runbook timeout"),
+        "{step}"
+    );
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn step_timeout_fails_the_step() {
     let app = common::spawn_app().await;

@@ -52,6 +52,9 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
             .contains("interrupted")
     );
     assert_eq!(two[1]["status"], "completed");
+    // Run again as the same try: a crash does not use up one of the step's retries.
+    assert_eq!(two[0]["retry_attempt"], 0);
+    assert_eq!(two[1]["retry_attempt"], 0);
     assert_eq!(steps.iter().filter(|s| s["step_name"] == "one").count(), 1);
     survivor.stop().await;
 }

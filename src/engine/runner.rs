@@ -271,12 +271,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 timeout: remaining.min(step_timeout),
                 output_limit_bytes: engine.settings.output_limit_bytes,
             };
-            RunResult::Ran(
-                run_command(
-                    engine, &ctx, &row, &step, step_row, &target, &request, &masker, ended,
-                )
-                .await,
+            let (outcome, ended_as) = run_command(
+                engine, &ctx, &row, &step, step_row, &target, &request, &masker, ended,
             )
+            .await;
+            RunResult::Ran(outcome, ended_as)
         }
     };
 
@@ -284,7 +283,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let verdict = judge(&step, &run, &masker, step_timeout);
     // A sensitive step's captured output is kept only sealed, for later steps to read.
     let to_seal = match &run {
-        RunResult::Ran(Ok(o)) if step.sensitive && step.capture_output => Some(o),
+        RunResult::Ran(Ok(o), _) if step.sensitive && step.capture_output => Some(o),
         _ => None,
     };
     let sealed_output = match (to_seal, engine.keyring.as_deref()) {
@@ -557,7 +556,8 @@ async fn record(
 enum RunResult {
     NotRun(String),
     DeadlinePassed,
-    Ran(Result<CommandOutcome, String>),
+    /// The command ran; with the status the execution ended with, when that stopped it.
+    Ran(Result<CommandOutcome, String>, Option<String>),
 }
 
 struct Verdict {
@@ -591,8 +591,8 @@ fn judge(
             status: "timeout",
             ..failed("the runbook timeout passed before this step started".into())
         },
-        RunResult::Ran(Err(e)) => failed(masker.mask(e)),
-        RunResult::Ran(Ok(o)) => {
+        RunResult::Ran(Err(e), _) => failed(masker.mask(e)),
+        RunResult::Ran(Ok(o), ended_as) => {
             let (stdout, stderr) = if step.sensitive {
                 (
                     format!(
@@ -607,7 +607,12 @@ fn judge(
             } else {
                 (masker.mask(&o.stdout), masker.mask(&o.stderr))
             };
-            let (status, error) = if o.cancelled {
+            let (status, error) = if o.cancelled && ended_as.as_deref() == Some("timeout") {
+                (
+                    "timeout",
+                    Some("the runbook timeout ended the execution; the command was killed".into()),
+                )
+            } else if o.cancelled {
                 ("cancelled", Some("cancelled while running".to_owned()))
             } else if o.timed_out {
                 (
@@ -649,7 +654,9 @@ fn judge(
 }
 
 /// Runs the command while a watcher turns the end of the execution (notified, or found by a
-/// fallback poll) and a lost lease into cancellation, and a streamer appends masked output lines to the live event log.
+/// fallback poll) and a lost lease into cancellation, and a streamer appends masked output lines
+/// to the live event log. Also returns the status the execution had ended with when that
+/// stopped the command (`timeout`, `cancelled`).
 #[allow(clippy::too_many_arguments)]
 async fn run_command(
     engine: &Engine,
@@ -661,13 +668,19 @@ async fn run_command(
     request: &CommandRequest,
     masker: &Masker,
     ended: Option<broadcast::Receiver<String>>,
-) -> Result<CommandOutcome, String> {
+) -> (Result<CommandOutcome, String>, Option<String>) {
     let executor = match target {
         Target::Local => engine.local.clone(),
-        _ => engine
-            .ssh
-            .clone()
-            .ok_or_else(|| format!("no executor for {} targets on this worker", target.kind()))?,
+        _ => match engine.ssh.clone() {
+            Some(ssh) => ssh,
+            None => {
+                let kind = target.kind();
+                return (
+                    Err(format!("no executor for {kind} targets on this worker")),
+                    None,
+                );
+            }
+        },
     };
     let cancel = CancellationToken::new();
     // A run dropped mid-command (the job abandoned) stops its watcher too.
@@ -688,8 +701,8 @@ async fn run_command(
             loop {
                 // The end of the execution is notified; the poll is the fallback.
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = lease.lost() => { cancel.cancel(); return; }
+                    _ = cancel.cancelled() => return None,
+                    _ = lease.lost() => { cancel.cancel(); return None; }
                     _ = fallback.tick() => {}
                     msg = ended.recv() => match msg {
                         Ok(ended_id) if ended_id != id_text => continue,
@@ -705,9 +718,9 @@ async fn run_command(
                 match store::executions::execution_status(&mut conn, id).await {
                     Ok(Some((status, cancel_requested)))
                         if status == "running" && !cancel_requested => {}
-                    Ok(_) => {
+                    Ok(ended) => {
                         cancel.cancel();
-                        return;
+                        return ended.map(|(status, _)| status);
                     }
                     Err(_) => {}
                 }
@@ -725,9 +738,9 @@ async fn run_command(
     ));
     let outcome = executor.run(target, request, cancel.clone(), tx).await;
     cancel.cancel();
-    let _ = watcher.await;
+    let ended_as = watcher.await.ok().flatten();
     let _ = streamer.await;
-    outcome.map_err(|e| e.to_string())
+    (outcome.map_err(|e| e.to_string()), ended_as)
 }
 
 async fn stream_output(

@@ -647,7 +647,8 @@ pub struct StepSlot<'a> {
 
 /// A slot's state before a new attempt, in one statement: whether it already completed (a
 /// completed step never runs again), how many attempts left `running` by a dead worker were just
-/// marked interrupted, and how many attempt rows it has (the next `retry_attempt`).
+/// marked interrupted, and how many attempts ended on their own (the next `retry_attempt`: an
+/// attempt a dying worker left unfinished is run again as the same try, not as a retry).
 pub async fn step_slot_prepare(
     conn: &mut PgConnection,
     slot: StepSlot<'_>,
@@ -663,10 +664,11 @@ pub async fn step_slot_prepare(
                AND status = 'running' \
              RETURNING id), \
          slot AS ( \
-             SELECT status FROM step_executions \
+             SELECT status, interrupted FROM step_executions \
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4) \
          SELECT EXISTS (SELECT 1 FROM slot WHERE status = 'completed'), \
-                (SELECT count(*) FROM interrupted), (SELECT count(*) FROM slot)",
+                (SELECT count(*) FROM interrupted), \
+                (SELECT count(*) FROM slot WHERE status <> 'running' AND NOT interrupted)",
     )
     .bind(slot.execution_id)
     .bind(slot.phase)
