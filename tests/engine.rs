@@ -932,6 +932,76 @@ async fn live_stream_carries_the_step_a_cancel_stopped_and_resumes_after_last_ev
     worker.stop().await;
 }
 
+/// Real runs drive the breaker: it stays closed below failure_threshold consecutive failures
+/// (a success in between starts the count again), opens at the threshold and refuses runs; after
+/// the reset timeout a probe is admitted, and a failing probe opens it again at once.
+#[tokio::test]
+async fn breaker_opens_at_its_threshold_and_a_failing_probe_reopens_it() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let dir = scratch();
+    let flag = dir.join("healthy");
+    let yaml = format!(
+        "name: flaky\nmode: auto\nenvironment_vars:\n  FLAG: \"{}\"\nsteps:\n  - name: check\n    command: test -e {{{{ FLAG }}}}\n",
+        flag.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let (status, _) = app
+        .call(
+            Method::PATCH,
+            &format!("/circuit-breakers/{runbook}"),
+            Some(&app.admin_token),
+            Some(json!({ "failure_threshold": 2, "success_threshold": 1, "reset_timeout_seconds": 4 })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let run = || async {
+        let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+        app.wait_for_status(id, &terminal, 30).await
+    };
+    let breaker = || async {
+        let (_, b) = app.get(&format!("/circuit-breakers/{runbook}")).await;
+        b
+    };
+    assert_eq!(run().await["status"], "failed");
+    let b = breaker().await;
+    assert_eq!(
+        (b["state"].clone(), b["failure_count"].clone()),
+        (json!("closed"), json!(1)),
+        "{b}"
+    );
+    std::fs::write(&flag, "").unwrap();
+    assert_eq!(run().await["status"], "completed");
+    assert_eq!(
+        breaker().await["failure_count"],
+        0,
+        "a success resets the count"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    assert_eq!(run().await["status"], "failed");
+    assert_eq!(breaker().await["state"], "closed");
+    assert_eq!(run().await["status"], "failed");
+    let b = breaker().await;
+    assert_eq!(b["state"], "open", "{b}");
+    let refused = run().await;
+    assert_eq!(refused["refused_by"], "circuit_breaker", "{refused}");
+
+    // Half-open after the timeout; the probe fails and opens it again.
+    let opened = chrono::DateTime::parse_from_rfc3339(b["opened_at"].as_str().unwrap()).unwrap();
+    while chrono::Utc::now() < opened + chrono::Duration::milliseconds(4100) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let probe = run().await;
+    assert_eq!(probe["status"], "failed", "{probe}");
+    let b = breaker().await;
+    assert_eq!(b["state"], "open", "{b}");
+    let reopened = chrono::DateTime::parse_from_rfc3339(b["opened_at"].as_str().unwrap()).unwrap();
+    assert!(reopened > opened, "{b}");
+    assert_eq!(run().await["refused_by"], "circuit_breaker");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() {
     let app = common::spawn_app().await;
@@ -949,7 +1019,7 @@ async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() 
             Method::PATCH,
             &format!("/circuit-breakers/{runbook}"),
             Some(&app.admin_token),
-            Some(json!({ "failure_threshold": 1, "success_threshold": 1, "reset_timeout_seconds": 1 })),
+            Some(json!({ "failure_threshold": 1, "success_threshold": 1, "reset_timeout_seconds": 3 })),
         )
         .await;
     assert_eq!(status, 200);
@@ -964,9 +1034,30 @@ async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() 
 
     // After the reset timeout the next run is admitted as a probe; it succeeds and closes it.
     std::fs::write(&flag, "").unwrap();
-    while chrono::Utc::now() < opened + chrono::Duration::milliseconds(1100) {
+    while chrono::Utc::now() < opened + chrono::Duration::milliseconds(3100) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // Before any run asks: the API already shows it half-open, from the instant it became so.
+    let (_, b) = app.get(&format!("/circuit-breakers/{runbook}")).await;
+    assert_eq!(b["state"], "half_open", "{b}");
+    assert_eq!(b["success_count"], 0, "{b}");
+    let half_open_at =
+        chrono::DateTime::parse_from_rfc3339(b["half_open_at"].as_str().unwrap()).unwrap();
+    assert_eq!(half_open_at, opened + chrono::Duration::seconds(3));
+    let listed = |state: &'static str| {
+        let app = &app;
+        async move {
+            let (status, page) = app.get(&format!("/circuit-breakers?state={state}")).await;
+            assert_eq!(status, 200, "{page}");
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["runbook_id"] == json!(runbook))
+        }
+    };
+    assert!(listed("half_open").await);
+    assert!(!listed("open").await);
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     assert_eq!(
         app.wait_for_status(id, &terminal, 30).await["status"],

@@ -127,6 +127,9 @@ pub struct BreakersApi {
 impl BreakersApi {
     /// List circuit breakers.
     ///
+    /// States are as of now: an open breaker whose reset timeout has passed is half_open (the
+    /// next run is admitted as a probe), and is listed so.
+    ///
     /// Least role: viewer.
     #[oai(path = "/", method = "get", operation_id = "breaker_list")]
     async fn breaker_list(
@@ -159,6 +162,9 @@ impl BreakersApi {
     }
 
     /// Get a runbook's circuit breaker (every runbook has one, created closed with it).
+    ///
+    /// As of now: an open breaker whose reset timeout has passed reads half_open, with
+    /// `half_open_at` the instant it became so.
     ///
     /// Least role: viewer.
     #[oai(path = "/:runbook_id", method = "get", operation_id = "breaker_get")]
@@ -215,7 +221,8 @@ impl BreakersApi {
             body.0.reset_timeout_seconds,
         )
         .await?;
-        let row = store::breakers::breaker_lock(&mut tx, runbook_id.0)
+        // As of now: a shorter reset timeout may already have let an open breaker half-open.
+        let row = store::breakers::breaker_get(&mut tx, runbook_id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
         caller

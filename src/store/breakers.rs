@@ -55,6 +55,47 @@ macro_rules! select_breaker {
     };
 }
 
+/// Whether an open breaker's reset timeout has passed (breaker `b`): the next run asking to be
+/// admitted moves it to half_open (`domain::circuit::Breaker::admit`).
+macro_rules! reset_elapsed {
+    () => {
+        "(b.state = 'open' AND b.opened_at + make_interval(secs => b.reset_timeout_seconds) <= now())"
+    };
+}
+
+/// The state a breaker is in as of now (breaker `b`): an open one whose reset timeout has
+/// passed is half_open, though the stored row changes only when the next run is admitted.
+macro_rules! state_as_of_now {
+    () => {
+        concat!(
+            "CASE WHEN ",
+            reset_elapsed!(),
+            " THEN 'half_open' ELSE b.state::text END"
+        )
+    };
+}
+
+/// `SELECT` of [`BreakerRow`]s as of now (see [`state_as_of_now!`]; counters and `half_open_at`
+/// as the move to half_open sets them) followed by `$tail`.
+macro_rules! select_breaker_as_of_now {
+    ($($tail:expr),+) => {
+        concat!(
+            "SELECT b.id, b.runbook_id, r.name AS runbook_name, ",
+            state_as_of_now!(),
+            " AS state, b.failure_count, CASE WHEN ",
+            reset_elapsed!(),
+            " THEN 0 ELSE b.success_count END AS success_count, b.last_failure_at, b.opened_at, \
+             CASE WHEN ",
+            reset_elapsed!(),
+            " THEN b.opened_at + make_interval(secs => b.reset_timeout_seconds) \
+               ELSE b.half_open_at END AS half_open_at, b.failure_threshold, \
+             b.success_threshold, b.reset_timeout_seconds, b.updated_at \
+             FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id ",
+            $($tail),+
+        )
+    };
+}
+
 impl BreakerRow {
     /// The domain breaker.
     pub fn breaker(&self) -> Breaker {
@@ -86,12 +127,18 @@ pub async fn breaker_lock(
     .await
 }
 
-/// The runbook's breaker as committed, without locking; `None` when the runbook does not exist.
+/// The runbook's breaker as committed and as of now (an open breaker whose reset timeout has
+/// passed reads half_open), without locking; `None` when the runbook does not exist.
 pub async fn breaker_get(
     conn: &mut PgConnection,
     runbook_id: Uuid,
 ) -> StoreResult<Option<BreakerRow>> {
-    breaker_one(conn, select_breaker!("WHERE b.runbook_id = $1"), runbook_id).await
+    breaker_one(
+        conn,
+        select_breaker_as_of_now!("WHERE b.runbook_id = $1"),
+        runbook_id,
+    )
+    .await
 }
 
 async fn breaker_one(
@@ -173,17 +220,21 @@ pub async fn breaker_list(
     limit: i64,
     offset: i64,
 ) -> StoreResult<(Vec<BreakerRow>, i64)> {
-    let rows = sqlx::query_as::<_, BreakerRow>(select_breaker!(
-        "WHERE ($1::text IS NULL OR b.state::text = $1) ORDER BY r.name LIMIT $2 OFFSET $3"
+    let rows = sqlx::query_as::<_, BreakerRow>(select_breaker_as_of_now!(
+        "WHERE ($1::text IS NULL OR $1 = ",
+        state_as_of_now!(),
+        ") ORDER BY r.name LIMIT $2 OFFSET $3"
     ))
     .bind(state)
     .bind(limit)
     .bind(offset)
     .fetch_all(&mut *conn)
     .await?;
-    let total = sqlx::query_scalar(
-        "SELECT count(*) FROM circuit_breakers WHERE ($1::text IS NULL OR state::text = $1)",
-    )
+    let total = sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM circuit_breakers b WHERE ($1::text IS NULL OR $1 = ",
+        state_as_of_now!(),
+        ")"
+    ))
     .bind(state)
     .fetch_one(conn)
     .await?;
