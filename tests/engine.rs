@@ -182,19 +182,23 @@ steps:
         .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
         .await;
     assert_eq!(done["status"], "failed", "{done}");
+    // Rollbacks run after the status is final; wait until the rollback's attempt is recorded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while read(&log).lines().count() < 2 && std::time::Instant::now() < deadline {
+    let rollback = loop {
+        let steps = app.steps(id).await;
+        if let Some(r) = steps
+            .iter()
+            .find(|s| s["phase"] == "rollback" && s["status"] != "running")
+        {
+            break r.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{steps:?}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
     assert_eq!(
         read(&log),
         format!("start web-1\nstop web-1 probed-7 web-1 {secret}\n")
     );
-    let steps = app.steps(id).await;
-    let rollback = steps
-        .iter()
-        .find(|s| s["phase"] == "rollback")
-        .expect("a rollback attempt row");
     assert_eq!(rollback["step_name"], "act");
     assert_eq!(rollback["status"], "completed", "{rollback}");
     let stored: Vec<Option<String>> = sqlx::query_scalar(
@@ -499,18 +503,24 @@ steps:
 }
 
 /// The runbook's deadline job ending the execution stops the step it finds running: that step
-/// is recorded as timed out, not as cancelled. (The run is made an hour old, as if its timeout
-/// had long passed, and its deadline job due now.)
+/// is recorded as timed out, not as cancelled, and the rollback of the step before it begins
+/// only after the stopped command is gone (this one takes a second to exit on SIGTERM). (The run
+/// is made an hour old, as if its timeout had long passed, and its deadline job due now.)
 #[tokio::test]
 async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;
     let runbook = app
-        .runbook_from_yaml("name: deadline-stop\nmode: auto\ntimeout_seconds: 600\nsteps:\n  - {name: long, command: 'sleep 120', timeout_seconds: 500}\n")
+        .runbook_from_yaml("name: deadline-stop\nmode: auto\ntimeout_seconds: 600\nsteps:\n  - {name: first, command: 'true', rollback_command: 'true'}\n  - {name: long, command: 'trap \"sleep 1; exit 143\" TERM; sleep 120 & wait', timeout_seconds: 500}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !app.steps(id).await.iter().any(|s| s["status"] == "running") {
+    while !app
+        .steps(id)
+        .await
+        .iter()
+        .any(|s| s["step_name"] == "long" && s["status"] == "running")
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "the step never started"
@@ -538,14 +548,19 @@ async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
         .await;
     assert_eq!(done["status"], "timeout", "{done}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let step = loop {
+    let (step, rollback) = loop {
         let steps = app.steps(id).await;
-        if steps[0]["status"] != "running" {
-            break steps[0].clone();
+        let long = steps.iter().find(|s| s["step_name"] == "long").cloned();
+        let undo = steps.iter().find(|s| s["phase"] == "rollback").cloned();
+        if let (Some(long), Some(undo)) = (long, undo)
+            && long["status"] != "running"
+            && undo["status"] != "running"
+        {
+            break (long, undo);
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the step was never recorded"
+            "not recorded: {steps:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
@@ -556,6 +571,14 @@ async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
             .unwrap()
             .contains("runbook timeout"),
         "{step}"
+    );
+    assert_eq!(rollback["step_name"], "first");
+    assert_eq!(rollback["status"], "completed", "{rollback}");
+    let at =
+        |v: &Value, k: &str| chrono::DateTime::parse_from_rfc3339(v[k].as_str().unwrap()).unwrap();
+    assert!(
+        at(&rollback, "started_at") >= at(&step, "completed_at"),
+        "the rollback began while the stopped command was still running: {rollback} {step}"
     );
     worker.stop().await;
 }
@@ -775,24 +798,32 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
 
     // Reject.
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (status, body) = app
-            .call(
+    app.wait_awaiting_approval(id).await;
+    let reject = |token: String| {
+        let app = &app;
+        async move {
+            app.call(
                 Method::POST,
                 &format!("/executions/{id}/reject"),
-                Some(&engineer),
+                Some(&token),
                 Some(json!({ "reason": "not now" })),
             )
-            .await;
-        if status == 200 {
-            assert_eq!(body["status"], "cancelled");
-            assert_eq!(body["refused_by"], "approval_rejected");
-            break;
+            .await
         }
-        assert!(std::time::Instant::now() < deadline, "{status} {body}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
+    let (status, body) = reject(operator.clone()).await;
+    assert_eq!(status, 403, "operator is not in approval_roles: {body}");
+    assert!(app.audit_rows("execution_reject").await.is_empty());
+    let (status, body) = reject(engineer.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    assert_eq!(body["refused_by"], "approval_rejected");
+    let audited = app.audit_rows("execution_reject").await;
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    let (status, _) = reject(engineer.clone()).await;
+    assert_eq!(status, 409, "a rejected run cannot be rejected again");
+    let (status, _) = app.approve(id, &engineer).await;
+    assert_eq!(status, 409, "nor approved");
 
     // Expiry.
     let quick = app
@@ -802,6 +833,8 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let expired = app.wait_for_status(id, &terminal, 30).await;
     assert_eq!(expired["status"], "cancelled");
     assert_eq!(expired["refused_by"], "approval_expired", "{expired}");
+    let (status, body) = app.approve(id, &app.admin_token).await;
+    assert_eq!(status, 409, "an expired approval cannot be given: {body}");
     worker.stop().await;
 }
 

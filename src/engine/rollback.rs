@@ -2,6 +2,8 @@
 //! it as its own `step_executions` row (phase `rollback`), and enqueues the rest. A failed
 //! rollback is recorded and the remaining ones still run: undoing as much as possible beats
 //! stopping half-way. After the last one, a runbook-level retry starts its next attempt.
+//! Rollbacks begin only once the step a timeout or cancel stopped has been recorded (its command
+//! is gone), or after a bounded wait when its worker died.
 
 use chrono::Utc;
 use serde_json::json;
@@ -14,6 +16,10 @@ use super::control::{begin_attempt, log, snapshot_of};
 use super::runner::{RenderInputs, render_inputs};
 use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
 
+/// How long rollbacks wait for the worker of a stopped step to record it (its command's kill
+/// grace and the write); a worker that died never does.
+const STOPPED_STEP_WAIT_SECONDS: i32 = 30;
+
 /// Handles `execution.rollback`.
 pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: RollbackPayload = ctx.payload_as()?;
@@ -25,6 +31,21 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let Some(row) = row else {
         return ctx.lease().guarded_tx().await?.complete().await;
     };
+    // The step a timeout or cancel stopped may still be dying on its worker (its kill grace):
+    // nothing is undone while its command may still be doing what the rollback undoes.
+    {
+        let mut conn = pool.acquire().await.map_err(EngineError::from)?;
+        if store::executions::stopped_step_unrecorded(
+            &mut conn,
+            row.id,
+            p.attempt,
+            STOPPED_STEP_WAIT_SECONDS,
+        )
+        .await?
+        {
+            return Err(JobError::Snooze(std::time::Duration::from_millis(250)));
+        }
+    }
     let snapshot = snapshot_of(&row)?;
     let Some((&index, rest)) = p.remaining.split_first() else {
         return ctx.lease().guarded_tx().await?.complete().await;

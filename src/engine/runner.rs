@@ -783,6 +783,12 @@ async fn stream_output(
                 let text = masker.mask(&String::from_utf8_lossy(&lines));
                 sent += text.len();
                 append(&pool, execution_id, step_row, kind, &text).await;
+                if sent >= limit {
+                    let notice = format!(
+                        "[aiops: live output stops after {limit} bytes; the step's stored output has the rest up to its cap]\n"
+                    );
+                    append(&pool, execution_id, step_row, kind, &notice).await;
+                }
             }
         }
     }

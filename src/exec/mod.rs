@@ -294,18 +294,27 @@ impl CappedBuffer {
         }
     }
 
-    /// Keeps what fits; returns the part to forward live, if any.
+    /// Keeps what fits; returns the part to forward live, if any. The chunk that reaches the
+    /// cap carries the truncation marker, so a live reader sees the output was cut.
     pub(crate) fn push(&mut self, bytes: &[u8]) -> Option<OutputChunk> {
         let room = self.limit.saturating_sub(self.kept.len());
         let take = room.min(bytes.len());
+        let cut_now = self.dropped == 0 && take < bytes.len();
         self.dropped += (bytes.len() - take) as u64;
-        if take == 0 {
-            return None;
-        }
         self.kept.extend_from_slice(&bytes[..take]);
-        Some(OutputChunk {
+        let mut live = bytes[..take].to_vec();
+        if cut_now {
+            live.extend_from_slice(
+                format!(
+                    "{TRUNCATION_MARKER}{} bytes; the rest is discarded]\n",
+                    self.limit
+                )
+                .as_bytes(),
+            );
+        }
+        (!live.is_empty()).then_some(OutputChunk {
             stream: self.stream,
-            bytes: bytes[..take].to_vec(),
+            bytes: live,
         })
     }
 
@@ -387,7 +396,11 @@ mod tests {
     fn capped_buffer_marks_truncation() {
         let mut b = CappedBuffer::new(OutputStream::Stdout, 5);
         assert_eq!(b.push(b"abc").unwrap().bytes, b"abc");
-        assert_eq!(b.push(b"defg").unwrap().bytes, b"de");
+        // The chunk that reaches the cap tells a live reader that the rest is cut.
+        assert_eq!(
+            String::from_utf8(b.push(b"defg").unwrap().bytes).unwrap(),
+            "de\n[aiops: output truncated at 5 bytes; the rest is discarded]\n"
+        );
         assert!(b.push(b"xyz").is_none());
         assert!(b.truncated());
         let text = b.finish();

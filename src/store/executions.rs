@@ -540,6 +540,30 @@ pub async fn execution_stream_settled(
     .await?)
 }
 
+/// Whether an attempt row of run attempt `attempt` is still `running` although the run has
+/// ended, less than `wait_seconds` ago: the step a timeout or cancel stopped, whose worker has
+/// not yet recorded it (its command may still be in its kill grace). A worker that died never
+/// records it; after `wait_seconds` it no longer counts.
+pub async fn stopped_step_unrecorded(
+    conn: &mut PgConnection,
+    id: Uuid,
+    attempt: i32,
+    wait_seconds: i32,
+) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM step_executions s \
+                          JOIN runbook_executions e ON e.id = s.execution_id \
+                        WHERE s.execution_id = $1 AND s.phase = 'run' AND s.run_attempt = $2 \
+                          AND s.status = 'running' \
+                          AND coalesce(e.completed_at, now()) > now() - make_interval(secs => $3))",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(wait_seconds)
+    .fetch_one(conn)
+    .await?)
+}
+
 /// Executions of a runbook that started within the window (rate limiting). Call under the
 /// runbook's advisory lock.
 pub async fn execution_count_started_since(
