@@ -99,13 +99,20 @@ async fn output_is_capped_with_a_marker_and_streamed_live() {
             .contains("output truncated at 1000 bytes; 99000 more bytes discarded")
     );
     assert_eq!(out.stderr, "done\n");
-    let mut live = 0;
+    let mut live = Vec::new();
     while let Ok(chunk) = rx.try_recv() {
         if chunk.stream == OutputStream::Stdout {
-            live += chunk.bytes.len();
+            live.extend_from_slice(&chunk.bytes);
         }
     }
-    assert_eq!(live, 1000);
+    // What was kept, then where the cut happened.
+    assert_eq!(
+        String::from_utf8(live).unwrap(),
+        format!(
+            "{}\n[aiops: output truncated at 1000 bytes; the rest is discarded]\n",
+            "a".repeat(1000)
+        )
+    );
 }
 
 #[tokio::test]
