@@ -275,3 +275,112 @@ async fn check_says_whether_and_why() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// Weekly, monthly and cron windows answered by the check endpoint at chosen instants: each
+/// recurs at its local wall-clock time in its timezone (across a daylight-saving change), and a
+/// window selecting runbooks by id covers only those.
+#[tokio::test]
+async fn recurring_windows_follow_their_timezone_through_the_api() {
+    let app = common::spawn_app().await;
+    let patched = runbook(&app, "os-patch", "os").await;
+    let other = runbook(&app, "disk-cleanup", "os").await;
+    let create = |body: Value| {
+        let app = &app;
+        async move {
+            let (status, created) = app
+                .call(
+                    Method::POST,
+                    "/blackout-windows",
+                    Some(&app.admin_token),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(status, 201, "{created}");
+        }
+    };
+    // Saturdays 02:00-04:00 in Berlin (first: 2026-03-07, CET), for one runbook only.
+    create(json!({
+        "name": "weekly patching",
+        "start_time": "2026-03-07T01:00:00Z", "end_time": "2026-03-07T03:00:00Z",
+        "recurrence": "weekly", "recurrence_pattern": { "timezone": "Europe/Berlin" },
+        "affected_runbooks": { "ids": [patched] }
+    }))
+    .await;
+    // The 15th of every month, 10:00-11:00 UTC, for every runbook.
+    create(json!({
+        "name": "monthly audit",
+        "start_time": "2026-01-15T10:00:00Z", "end_time": "2026-01-15T11:00:00Z",
+        "recurrence": "monthly"
+    }))
+    .await;
+    // Cron: Saturdays at 02:00 in New York, 30 minutes each.
+    create(json!({
+        "name": "cron backups",
+        "start_time": "2026-01-03T07:00:00Z", "end_time": "2026-01-03T07:30:00Z",
+        "recurrence": "cron",
+        "recurrence_pattern": { "cron": "0 0 2 * * SAT", "timezone": "America/New_York" },
+        "affected_runbooks": { "ids": [other] }
+    }))
+    .await;
+    let check = |runbook: Uuid, at: &'static str| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .get(&format!(
+                    "/blackout-windows/check?runbook_id={runbook}&at={}",
+                    at.replace('+', "%2B")
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let names: Vec<String> = body["windows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["name"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(body["blacked_out"], !names.is_empty(), "{body}");
+            names
+        }
+    };
+    let none: Vec<String> = Vec::new();
+    // Weekly: 02:30 CET on a later Saturday; 02:15 CEST after the clocks went forward (00:15 UTC,
+    // outside the first occurrence's UTC hours); not on a Sunday; not for the other runbook.
+    assert_eq!(
+        check(patched, "2026-03-14T01:30:00Z").await,
+        ["weekly patching"]
+    );
+    assert_eq!(
+        check(patched, "2026-04-04T00:15:00Z").await,
+        ["weekly patching"]
+    );
+    assert_eq!(
+        check(patched, "2026-04-04T02:30:00Z").await,
+        none,
+        "04:30 CEST"
+    );
+    assert_eq!(
+        check(patched, "2026-03-15T01:30:00Z").await,
+        none,
+        "a Sunday"
+    );
+    assert_eq!(
+        check(other, "2026-03-14T01:30:00Z").await,
+        none,
+        "another runbook"
+    );
+    // Monthly: the 15th, not the 16th.
+    assert_eq!(
+        check(other, "2026-05-15T10:30:00Z").await,
+        ["monthly audit"]
+    );
+    assert_eq!(check(other, "2026-05-16T10:30:00Z").await, none);
+    // Cron: 02:10 EDT on a Saturday in July (06:10 UTC), not at 03:10, not on a Friday.
+    assert_eq!(check(other, "2026-07-11T06:10:00Z").await, ["cron backups"]);
+    assert_eq!(check(other, "2026-07-11T07:10:00Z").await, none);
+    assert_eq!(check(other, "2026-07-10T06:10:00Z").await, none);
+    assert_eq!(
+        check(patched, "2026-07-11T06:10:00Z").await,
+        none,
+        "cron for `other` only"
+    );
+}
