@@ -514,19 +514,7 @@ async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
         .runbook_from_yaml("name: deadline-stop\nmode: auto\ntimeout_seconds: 600\nsteps:\n  - {name: first, command: 'true', rollback_command: 'true'}\n  - {name: long, command: 'trap \"sleep 1; exit 143\" TERM; sleep 120 & wait', timeout_seconds: 500}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !app
-        .steps(id)
-        .await
-        .iter()
-        .any(|s| s["step_name"] == "long" && s["status"] == "running")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    app.wait_step_running(id, "long").await;
     sqlx::query(
         "UPDATE runbook_executions SET started_at = started_at - interval '1 hour' WHERE id = $1",
     )
@@ -920,16 +908,7 @@ async fn live_stream_carries_the_step_a_cancel_stopped_and_resumes_after_last_ev
     };
     let live = tokio::spawn(stream(None));
     // Cancel once the second step runs.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !app
-        .steps(id)
-        .await
-        .iter()
-        .any(|s| s["step_name"] == "nap" && s["status"] == "running")
-    {
-        assert!(std::time::Instant::now() < deadline, "nap never started");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    app.wait_step_running(id, "nap").await;
     let (status, body) = app
         .call(
             Method::POST,
@@ -965,6 +944,31 @@ async fn live_stream_carries_the_step_a_cancel_stopped_and_resumes_after_last_ev
     worker.stop().await;
 }
 
+/// A runbook whose one step succeeds while the file `flag` exists, with its breaker set to
+/// `settings` (failure_threshold, success_threshold, reset_timeout_seconds).
+async fn flag_runbook(
+    app: &common::TestApp,
+    name: &str,
+    flag: &std::path::Path,
+    settings: Value,
+) -> uuid::Uuid {
+    let yaml = format!(
+        "name: {name}\nmode: auto\nenvironment_vars:\n  FLAG: \"{}\"\nsteps:\n  - name: check\n    command: test -e {{{{ FLAG }}}}\n",
+        flag.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &format!("/circuit-breakers/{runbook}"),
+            Some(&app.admin_token),
+            Some(settings),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    runbook
+}
+
 /// Real runs drive the breaker: it stays closed below failure_threshold consecutive failures
 /// (a success in between starts the count again), opens at the threshold and refuses runs; after
 /// the reset timeout a probe is admitted, and a failing probe opens it again at once.
@@ -975,20 +979,13 @@ async fn breaker_opens_at_its_threshold_and_a_failing_probe_reopens_it() {
     let terminal = ["completed", "failed", "cancelled", "timeout"];
     let dir = scratch();
     let flag = dir.join("healthy");
-    let yaml = format!(
-        "name: flaky\nmode: auto\nenvironment_vars:\n  FLAG: \"{}\"\nsteps:\n  - name: check\n    command: test -e {{{{ FLAG }}}}\n",
-        flag.display()
-    );
-    let runbook = app.runbook_from_yaml(&yaml).await;
-    let (status, _) = app
-        .call(
-            Method::PATCH,
-            &format!("/circuit-breakers/{runbook}"),
-            Some(&app.admin_token),
-            Some(json!({ "failure_threshold": 2, "success_threshold": 1, "reset_timeout_seconds": 4 })),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let runbook = flag_runbook(
+        &app,
+        "flaky",
+        &flag,
+        json!({ "failure_threshold": 2, "success_threshold": 1, "reset_timeout_seconds": 4 }),
+    )
+    .await;
     let run = || async {
         let id = app.start_execution(json!({ "runbook_id": runbook })).await;
         app.wait_for_status(id, &terminal, 30).await
@@ -1042,20 +1039,13 @@ async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() 
     let terminal = ["completed", "failed", "cancelled", "timeout"];
     let dir = scratch();
     let flag = dir.join("healthy");
-    let yaml = format!(
-        "name: probe-me\nmode: auto\nenvironment_vars:\n  FLAG: \"{}\"\nsteps:\n  - name: check\n    command: test -e {{{{ FLAG }}}}\n",
-        flag.display()
-    );
-    let runbook = app.runbook_from_yaml(&yaml).await;
-    let (status, _) = app
-        .call(
-            Method::PATCH,
-            &format!("/circuit-breakers/{runbook}"),
-            Some(&app.admin_token),
-            Some(json!({ "failure_threshold": 1, "success_threshold": 1, "reset_timeout_seconds": 3 })),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let runbook = flag_runbook(
+        &app,
+        "probe-me",
+        &flag,
+        json!({ "failure_threshold": 1, "success_threshold": 1, "reset_timeout_seconds": 3 }),
+    )
+    .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     assert_eq!(
         app.wait_for_status(id, &terminal, 30).await["status"],

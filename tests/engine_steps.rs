@@ -161,16 +161,7 @@ async fn captured_output_reaches_a_step_on_another_worker() {
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !app
-        .steps(id)
-        .await
-        .iter()
-        .any(|s| s["step_name"] == "wait" && s["status"] == "running")
-    {
-        assert!(std::time::Instant::now() < deadline, "step 2 never started");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    app.wait_step_running(id, "wait").await;
     first.start_kill().unwrap(); // SIGKILL
     first.wait().await.unwrap();
     std::fs::write(&gate, "").unwrap();

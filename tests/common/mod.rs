@@ -490,6 +490,23 @@ impl TestApp {
         .await
     }
 
+    /// Polls an execution until an attempt of the step named `step` is running.
+    pub async fn wait_step_running(&self, id: uuid::Uuid, step: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self
+            .steps(id)
+            .await
+            .iter()
+            .any(|s| s["step_name"] == step && s["status"] == "running")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "step {step} never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The step attempts of an execution.
     pub async fn steps(&self, id: uuid::Uuid) -> Vec<Value> {
         let (status, body) = self.get(&format!("/executions/{id}/steps")).await;
