@@ -167,7 +167,7 @@ steps:
     capture_output: true
   - name: act
     command: echo start {{{{ SERVICE }}}} >> {{{{ LOG }}}}
-    rollback_command: echo stop {{{{ SERVICE }}}} {{{{ steps.probe.stdout | trim }}}} "$SERVICE" {{{{ DB_PASSWORD }}}} >> {{{{ LOG }}}}
+    rollback_command: echo stop {{{{ SERVICE }}}} {{{{ steps.probe.stdout | trim }}}} "$SERVICE" {{{{ DB_PASSWORD }}}} >> {{{{ LOG }}}}; echo undone {{{{ SERVICE }}}}
   - name: break
     command: exit 4
 "#,
@@ -211,7 +211,7 @@ steps:
     assert_eq!(
         stored,
         [Some(format!(
-            "echo stop web-1 probed-7 \"$SERVICE\" '********' >> {}",
+            "echo stop web-1 probed-7 \"$SERVICE\" '********' >> {}; echo undone web-1",
             log.display()
         ))]
     );
@@ -235,6 +235,16 @@ steps:
     .await
     .unwrap();
     assert_eq!(phases, ["running", "completed"]);
+    // And its output, on its own attempt row.
+    let output: Vec<String> = sqlx::query_scalar(
+        "SELECT data FROM execution_events \
+         WHERE step_execution_id = $1::text::uuid AND kind = 'stdout' ORDER BY id",
+    )
+    .bind(rollback["id"].as_str().unwrap())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(output, ["undone web-1\n"]);
     worker.stop().await;
 }
 

@@ -13,7 +13,7 @@ use crate::queue::{JobContext, JobError, NewJob};
 use crate::store::{self, executions::StepResult, executions::StepSlot};
 
 use super::control::{begin_attempt, log, snapshot_of};
-use super::runner::{RenderInputs, render_inputs};
+use super::runner::{RenderInputs, render_inputs, stream_output};
 use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
 
 /// How long rollbacks wait for the worker of a stopped step to record it (its command's kill
@@ -125,7 +125,17 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 match executor {
                     None => Err(format!("no executor for {} targets", target.kind())),
                     Some(ex) => {
-                        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+                        // Its output reaches the live stream as a step's does.
+                        let (tx, rx) = tokio::sync::mpsc::channel(64);
+                        let streamer = tokio::spawn(stream_output(
+                            pool.clone(),
+                            row.id,
+                            step_row,
+                            rx,
+                            std::sync::Arc::new(masker.clone()),
+                            step.sensitive,
+                            engine.settings.stream_limit_bytes,
+                        ));
                         let req = CommandRequest {
                             command,
                             env,
@@ -134,9 +144,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                             ),
                             output_limit_bytes: engine.settings.output_limit_bytes,
                         };
-                        ex.run(&target, &req, crate::exec::CancellationToken::new(), tx)
+                        let ran = ex
+                            .run(&target, &req, crate::exec::CancellationToken::new(), tx)
                             .await
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| e.to_string());
+                        let _ = streamer.await;
+                        ran
                     }
                 }
             }

@@ -743,7 +743,9 @@ async fn run_command(
     (outcome.map_err(|e| e.to_string()), ended_as)
 }
 
-async fn stream_output(
+/// Appends a command's output to the live event log of attempt row `step_row` as it arrives:
+/// whole lines, masked; a sensitive step's only as a notice; up to `limit` bytes, then a notice.
+pub(crate) async fn stream_output(
     pool: sqlx::PgPool,
     execution_id: uuid::Uuid,
     step_row: uuid::Uuid,
