@@ -245,6 +245,9 @@ pub fn app(state: AppState) -> impl Endpoint {
                 };
                 let method = req.method().as_str().to_owned();
                 let path = req.uri().path().to_owned();
+                let json_body = req
+                    .content_type()
+                    .is_some_and(|c| c.starts_with("application/json"));
                 let resp = match ep.call(req).await {
                     Ok(resp) => resp.into_response(),
                     Err(err) if err.is_from_response() => err.into_response(),
@@ -256,7 +259,7 @@ pub fn app(state: AppState) -> impl Endpoint {
                         json_error(status, &error::poem_error_body(&err))
                     }
                 };
-                if resp.status() != StatusCode::BAD_REQUEST {
+                if resp.status() != StatusCode::BAD_REQUEST || !json_body {
                     return Ok(resp);
                 }
                 let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
