@@ -744,7 +744,8 @@ impl ExecutionsApi {
                     store::executions::execution_stream_settled(
                         &mut conn,
                         f.execution_id,
-                        STREAM_SETTLE_SECONDS
+                        STREAM_SETTLE_SECONDS,
+                        engine::KIND_ROLLBACK,
                     )
                     .await,
                     Ok(Some(true) | None)

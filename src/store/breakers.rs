@@ -41,17 +41,25 @@ pub struct BreakerRow {
     pub updated_at: DateTime<Utc>,
 }
 
-/// `SELECT` of [`BreakerRow`]s (breaker `b`, runbook `r`) followed by `$tail`.
+/// `SELECT` of [`BreakerRow`]s (breaker `b`, runbook `r`) with these expressions for `state`,
+/// `success_count` and `half_open_at`, followed by the rest of the statement.
+macro_rules! select_breaker_with {
+    ($state:expr, $success_count:expr, $half_open_at:expr; $($tail:expr),+) => {
+        concat!(
+            "SELECT b.id, b.runbook_id, r.name AS runbook_name, ", $state, " AS state, \
+               b.failure_count, ", $success_count, " AS success_count, b.last_failure_at, \
+               b.opened_at, ", $half_open_at, " AS half_open_at, b.failure_threshold, \
+               b.success_threshold, b.reset_timeout_seconds, b.updated_at \
+             FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id ",
+            $($tail),+
+        )
+    };
+}
+
+/// `SELECT` of [`BreakerRow`]s as stored, followed by `$tail`.
 macro_rules! select_breaker {
     ($tail:literal) => {
-        concat!(
-            "SELECT b.id, b.runbook_id, r.name AS runbook_name, b.state::text AS state, \
-               b.failure_count, b.success_count, b.last_failure_at, b.opened_at, \
-               b.half_open_at, b.failure_threshold, b.success_threshold, \
-               b.reset_timeout_seconds, b.updated_at \
-             FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id ",
-            $tail
-        )
+        select_breaker_with!("b.state::text", "b.success_count", "b.half_open_at"; $tail)
     };
 }
 
@@ -79,18 +87,15 @@ macro_rules! state_as_of_now {
 /// as the move to half_open sets them) followed by `$tail`.
 macro_rules! select_breaker_as_of_now {
     ($($tail:expr),+) => {
-        concat!(
-            "SELECT b.id, b.runbook_id, r.name AS runbook_name, ",
+        select_breaker_with!(
             state_as_of_now!(),
-            " AS state, b.failure_count, CASE WHEN ",
-            reset_elapsed!(),
-            " THEN 0 ELSE b.success_count END AS success_count, b.last_failure_at, b.opened_at, \
-             CASE WHEN ",
-            reset_elapsed!(),
-            " THEN b.opened_at + make_interval(secs => b.reset_timeout_seconds) \
-               ELSE b.half_open_at END AS half_open_at, b.failure_threshold, \
-             b.success_threshold, b.reset_timeout_seconds, b.updated_at \
-             FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id ",
+            concat!("CASE WHEN ", reset_elapsed!(), " THEN 0 ELSE b.success_count END"),
+            concat!(
+                "CASE WHEN ",
+                reset_elapsed!(),
+                " THEN b.opened_at + make_interval(secs => b.reset_timeout_seconds) \
+                   ELSE b.half_open_at END"
+            );
             $($tail),+
         )
     };

@@ -516,11 +516,12 @@ pub async fn execution_status(
 /// it still writes events (no attempt row still running, as the step a cancel or timeout
 /// stopped is until its worker records it, and no rollback job left to run), or it finished
 /// more than `settle_seconds` ago (a worker that died mid-step never records its attempt).
-/// `None` when the execution does not exist.
+/// `rollback_kind` is the rollback jobs' kind. `None` when the execution does not exist.
 pub async fn execution_stream_settled(
     conn: &mut PgConnection,
     id: Uuid,
     settle_seconds: i32,
+    rollback_kind: &str,
 ) -> StoreResult<Option<bool>> {
     Ok(sqlx::query_scalar(
         "SELECT e.status IN ('completed', 'failed', 'cancelled', 'timeout') \
@@ -529,13 +530,14 @@ pub async fn execution_stream_settled(
                 OR (NOT EXISTS (SELECT 1 FROM step_executions s \
                                 WHERE s.execution_id = e.id AND s.status = 'running') \
                     AND NOT EXISTS (SELECT 1 FROM jobs j \
-                                WHERE j.kind = 'execution.rollback' \
+                                WHERE j.kind = $3 \
                                   AND j.state IN ('available', 'running', 'retryable') \
                                   AND j.payload->>'execution_id' = e.id::text))) \
          FROM runbook_executions e WHERE e.id = $1",
     )
     .bind(id)
     .bind(settle_seconds)
+    .bind(rollback_kind)
     .fetch_optional(conn)
     .await?)
 }
