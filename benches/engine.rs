@@ -9,7 +9,8 @@
 //!    read from a connection to another database after the workers have exited so their
 //!    statistics are flushed, minus the benchmark's own transactions, divided by the steps
 //!    completed), and CPU time per step over the same interval from `/proc/<pid>/stat` (the
-//!    database on this host): the two worker processes, the commands they ran (their reaped
+//!    database on this host): the two worker processes (with their lifeline processes), the
+//!    commands they ran (their reaped
 //!    children), and the database backends serving the benchmark database (the benchmark's own
 //!    connection excluded).
 //! 2. Latency: the real HTTP API (`startup::Application` on port 0) and 2 fresh idle worker
@@ -180,6 +181,21 @@ fn cpu_of(pid: u32) -> (f64, f64) {
     (at(14) + at(15), at(16) + at(17))
 }
 
+/// The live children of process `pid`.
+fn live_children(pid: u32) -> impl Iterator<Item = u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+}
+
 /// CPU seconds so far: workers, their commands, database backends of `db` except `skip`.
 async fn cpu_now(
     admin: &mut PgConnection,
@@ -192,6 +208,11 @@ async fn cpu_now(
         let (o, c) = cpu_of(*pid);
         own += o;
         children += c;
+        // Its live children: the lifeline process (counted as the worker's own work), and no
+        // command once every execution has completed.
+        own += live_children(*pid)
+            .map(|child| cpu_of(child).0)
+            .sum::<f64>();
     }
     let backends: Vec<i32> = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> $2 \

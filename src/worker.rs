@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use crate::engine::targets::LocalOnly;
 use crate::engine::{self, Engine, EngineSettings, TargetResolver};
 use crate::exec::StepExecutor;
+use crate::exec::lifeline::Lifeline;
 use crate::exec::local::LocalExecutor;
 use crate::queue::{self, JobContext, JobError, KindOptions, Registry, Worker, WorkerConfig};
 
@@ -35,6 +36,9 @@ pub struct WorkerOptions {
     /// Variables of the worker's environment that local commands get besides the host basics
     /// (see [`crate::exec::local::HOST_ENV`]).
     pub local_env_passthrough: Vec<String>,
+    /// Kills local commands' process groups if this process dies without doing so itself
+    /// (see [`crate::exec::lifeline`]).
+    pub lifeline: Option<Arc<Lifeline>>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -46,6 +50,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("ssh", &self.ssh.is_some())
             .field("keyring", &self.keyring)
             .field("local_env_passthrough", &self.local_env_passthrough)
+            .field("lifeline", &self.lifeline.as_ref().map(|l| l.pid()))
             .finish()
     }
 }
@@ -61,6 +66,7 @@ impl Default for WorkerOptions {
             keyring: None,
             engine: EngineSettings::default(),
             local_env_passthrough: Vec::new(),
+            lifeline: None,
         }
     }
 }
@@ -86,6 +92,18 @@ impl WorkerOptions {
 }
 
 impl WorkerOptions {
+    /// Starts the lifeline process, so that the commands this worker runs on its own host die
+    /// with it even when it is killed with SIGKILL. A lifeline that cannot start is logged and
+    /// the worker runs without one.
+    pub fn with_lifeline(mut self) -> Self {
+        match Lifeline::spawn() {
+            Ok(lifeline) => self.lifeline = Some(Arc::new(lifeline)),
+            Err(e) => tracing::warn!(error = %e,
+                "cannot start the lifeline process; local commands will outlive this worker if it is killed"),
+        }
+        self
+    }
+
     /// Loads the configured keyring (secret variables; server credentials with
     /// [`with_ssh`](WorkerOptions::with_ssh)).
     pub fn with_keyring(mut self, config: &crate::config::Config) -> anyhow::Result<Self> {
@@ -104,7 +122,11 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
     let engine = Arc::new(Engine {
         pool: pool.clone(),
         targets: options.targets.clone(),
-        local: Arc::new(LocalExecutor::from_host(&options.local_env_passthrough)),
+        local: Arc::new(match &options.lifeline {
+            Some(lifeline) => LocalExecutor::from_host(&options.local_env_passthrough)
+                .with_lifeline(lifeline.clone()),
+            None => LocalExecutor::from_host(&options.local_env_passthrough),
+        }),
         ssh: options.ssh.clone(),
         keyring: options.keyring.clone(),
         ended: tokio::sync::broadcast::channel(256).0,

@@ -1,6 +1,8 @@
 //! Crash recovery with real processes: a worker process is killed with SIGKILL during step 2 of a
 //! 4-step runbook whose steps append to a file; another worker finishes the run. Step 1 does not
 //! run again (the file proves it), step 2 runs again and its interrupted attempt is recorded.
+//! The commands a SIGKILLed worker was running die with it (its lifeline process ends them), so
+//! they do not overlap the step's next run on another worker.
 //! A worker stopped with SIGTERM whose grace period ends mid-step kills the step's command and
 //! everything it started, and releases the step to other workers.
 
@@ -57,6 +59,45 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     assert_eq!(two[1]["retry_attempt"], 0);
     assert_eq!(steps.iter().filter(|s| s["step_name"] == "one").count(), 1);
     survivor.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_workers_local_commands_die_with_it() {
+    let app = common::spawn_app().await;
+    let dir = std::env::temp_dir().join(format!("aiops-orphan-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("pid");
+    let yaml = format!(
+        r#"
+name: orphan-me
+mode: auto
+environment_vars:
+  F: "{file}"
+steps:
+  - name: long
+    command: sleep 300 & echo $! > {{{{ F }}}}; wait
+"#,
+        file = pidfile.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let mut doomed = app.worker_command(&[]).spawn().unwrap();
+    app.start_execution(json!({ "runbook_id": runbook })).await;
+    let pid = procs::wait_for_pid(&pidfile, Duration::from_secs(30)).await;
+    let lifeline = procs::children(doomed.id().unwrap() as i32)
+        .into_iter()
+        .find(|child| procs::cmdline(*child).ends_with(&["lifeline".to_owned()]))
+        .expect("the worker runs a lifeline process");
+
+    doomed.start_kill().unwrap(); // SIGKILL: the worker cannot clean up
+    doomed.wait().await.unwrap();
+    assert!(
+        procs::wait_gone(pid).await,
+        "sleep {pid} outlived the worker killed while running it"
+    );
+    assert!(
+        procs::wait_gone(lifeline).await,
+        "the lifeline process {lifeline} did not exit after its worker"
+    );
 }
 
 #[tokio::test]

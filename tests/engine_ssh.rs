@@ -1,8 +1,10 @@
 //! Executions on managed servers over SSH (a real sshd on loopback): fan-out to every server
 //! matching a tag selector, one execution per server, at most `max_concurrency` at a time;
-//! `allowed_servers` enforced; the server's password never stored or streamed.
+//! `allowed_servers` enforced; the server's password never stored or streamed. A worker killed
+//! outright mid-step does not leave its remote command running.
 
 mod common;
+mod procs;
 mod sshd;
 
 use reqwest::Method;
@@ -125,4 +127,59 @@ steps:
     assert_eq!(leaked, 0);
     let _ = std::fs::remove_file(&marker);
     worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_workers_remote_command_dies_with_its_connection() {
+    let app = common::spawn_app_with(|c| c.secret_key = Some(format!("main:{KEY}"))).await;
+    let sshd = sshd::sshd();
+    let (status, server) = app
+        .call(
+            Method::POST,
+            "/servers",
+            Some(&app.admin_token),
+            Some(
+                json!({ "name": "orphan-host", "hostname": "127.0.0.1", "port": sshd.port,
+                         "username": sshd::USER, "auth_type": "password",
+                         "password": sshd.password }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{server}");
+    let pidfile = format!("/tmp/aiops-remote-orphan-{}", uuid::Uuid::new_v4().simple());
+    let yaml = format!(
+        r#"
+name: remote-orphan
+mode: auto
+environment_vars:
+  F: "{pidfile}"
+steps:
+  - name: long
+    command: sleep 300 & echo $! > {{{{ F }}}}; wait
+"#
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let mut doomed = app
+        .worker_command(&[])
+        .env("AIOPS_SECRET_KEY", format!("main:{KEY}"))
+        .spawn()
+        .unwrap();
+    app.start_execution(json!({ "runbook_id": runbook, "server_id": server["id"] }))
+        .await;
+    let pid = procs::wait_for_pid(&pidfile, std::time::Duration::from_secs(30)).await;
+    assert!(procs::alive(pid));
+
+    doomed.start_kill().unwrap(); // SIGKILL: no executor is left to kill the remote group
+    doomed.wait().await.unwrap();
+    // The watcher notices the session's sshd is gone, waits 3 s for a kill over a new
+    // connection that cannot come, then kills the group.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while procs::alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        !procs::alive(pid),
+        "remote sleep {pid} outlived the connection of the worker killed while running it"
+    );
+    let _ = std::fs::remove_file(&pidfile);
 }

@@ -45,6 +45,10 @@ pub enum Command {
     },
     /// Run a worker that claims and runs jobs (stateless; run several on any hosts).
     Worker(WorkerArgs),
+    /// The companion process a worker starts: kills the worker's local commands when the
+    /// worker dies (reads `+pgid` / `-pgid` lines on stdin until end of file).
+    #[command(hide = true)]
+    Lifeline,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Print the OpenAPI document of this build (the one committed under openapi/).
@@ -169,9 +173,21 @@ fn worker_connections(concurrency: usize) -> u32 {
 /// Parses the command line and runs it; the process exit code reflects success.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Openapi = cli.command {
-        print!("{}", crate::api::spec_json());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Command::Openapi => {
+            print!("{}", crate::api::spec_json());
+            return ExitCode::SUCCESS;
+        }
+        Command::Lifeline => {
+            let ended = crate::exec::lifeline::serve(std::io::stdin().lock());
+            if ended > 0 {
+                eprintln!(
+                    "aiops lifeline: the worker died; ended {ended} process group(s) of its local commands"
+                );
+            }
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -231,7 +247,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Worker(args) => {
             let pool = connect_at_least(&config, worker_connections(args.concurrency)).await?;
-            let options = args.options()?.with_ssh(&pool, &config)?;
+            let options = args.options()?.with_ssh(&pool, &config)?.with_lifeline();
             crate::worker::run(pool, options, startup::shutdown_signal()).await
         }
         Command::Migrate => {
@@ -240,9 +256,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Openapi => {
-            print!("{}", crate::api::spec_json());
-            Ok(())
+        Command::Openapi | Command::Lifeline => {
+            unreachable!("answered before the configuration is loaded")
         }
         Command::Secrets { command } => match command {
             secrets::SecretsCommand::GenerateKey { .. } => {
@@ -384,7 +399,10 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(app.run_until(wait_stop(stop_rx.clone())));
     let worker = tokio::spawn(crate::worker::run(
         pool.clone(),
-        worker_args.options()?.with_ssh(&pool, &config)?,
+        worker_args
+            .options()?
+            .with_ssh(&pool, &config)?
+            .with_lifeline(),
         wait_stop(stop_rx),
     ));
     startup::shutdown_signal().await;

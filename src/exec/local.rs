@@ -7,6 +7,7 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process_group};
@@ -14,6 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use super::lifeline::Lifeline;
 use super::{
     CancellationToken, CappedBuffer, CommandOutcome, CommandRequest, ExecError, ExecFuture,
     OutputChunk, OutputStream, StepExecutor, Target, forward, signal_name, validate_env,
@@ -50,6 +52,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct LocalExecutor {
     /// What every command starts from, read once from the worker's environment.
     base_env: std::sync::Arc<[(String, String)]>,
+    /// Kills the commands' groups if this process dies without doing so itself.
+    lifeline: Option<Arc<Lifeline>>,
 }
 
 impl Default for LocalExecutor {
@@ -85,7 +89,15 @@ impl LocalExecutor {
         }
         LocalExecutor {
             base_env: base.into(),
+            lifeline: None,
         }
+    }
+
+    /// Commands' process groups are registered with `lifeline` while they run, so that they
+    /// die with this process even when it is killed with SIGKILL.
+    pub fn with_lifeline(mut self, lifeline: Arc<Lifeline>) -> Self {
+        self.lifeline = Some(lifeline);
+        self
     }
 
     /// The variables every command starts from.
@@ -106,7 +118,14 @@ impl StepExecutor for LocalExecutor {
             if !matches!(target, Target::Local) {
                 return Err(ExecError::UnsupportedTarget(target.kind()));
             }
-            run_local(&self.base_env, request, cancel, output).await
+            run_local(
+                &self.base_env,
+                self.lifeline.as_deref(),
+                request,
+                cancel,
+                output,
+            )
+            .await
         })
     }
 }
@@ -122,21 +141,42 @@ fn kill_group(pgid: u32, signal: Signal) {
 /// Kills the command's process group when a run is dropped before it ended on its own terms:
 /// the job that runs it was abandoned (handler timeout, lease lost, end of the worker's
 /// shutdown grace period). Dropping the run would otherwise kill only the shell (`kill_on_drop`)
-/// and leave what it started running while another worker runs the step again.
-struct GroupGuard(Option<u32>);
+/// and leave what it started running while another worker runs the step again. Either way the
+/// group is then taken off the lifeline.
+struct GroupGuard<'a> {
+    pgid: Option<u32>,
+    armed: bool,
+    lifeline: Option<&'a Lifeline>,
+}
 
-impl GroupGuard {
+impl<'a> GroupGuard<'a> {
+    /// Guards `pgid`, registered with `lifeline` from now on.
+    fn new(pgid: Option<u32>, lifeline: Option<&'a Lifeline>) -> Self {
+        if let (Some(pgid), Some(lifeline)) = (pgid, lifeline) {
+            lifeline.watch(pgid);
+        }
+        GroupGuard {
+            pgid,
+            armed: true,
+            lifeline,
+        }
+    }
+
     /// The run ended normally; its group was already dealt with.
     fn disarm(&mut self) {
-        self.0 = None;
+        self.armed = false;
     }
 }
 
-impl Drop for GroupGuard {
+impl Drop for GroupGuard<'_> {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
+        let Some(pgid) = self.pgid else { return };
+        if self.armed {
             tracing::debug!(pgid, "command abandoned; killing its process group");
             kill_group(pgid, Signal::KILL);
+        }
+        if let Some(lifeline) = self.lifeline {
+            lifeline.release(pgid);
         }
     }
 }
@@ -159,6 +199,7 @@ async fn terminate(child: &mut Child, pgid: Option<u32>) {
 
 async fn run_local(
     base_env: &[(String, String)],
+    lifeline: Option<&Lifeline>,
     request: &CommandRequest,
     cancel: CancellationToken,
     output: mpsc::Sender<OutputChunk>,
@@ -178,7 +219,7 @@ async fn run_local(
         .kill_on_drop(true)
         .spawn()?;
     let pgid = child.id();
-    let mut guard = GroupGuard(pgid);
+    let mut guard = GroupGuard::new(pgid, lifeline);
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut out = CappedBuffer::new(OutputStream::Stdout, request.output_limit_bytes);

@@ -9,6 +9,7 @@
 //! or cancellation the whole process group is killed before `run` returns. This module knows
 //! nothing about SQL, HTTP, runbooks or templates: it receives a finished command string.
 
+pub mod lifeline;
 pub mod local;
 pub mod ssh;
 

@@ -9,7 +9,8 @@
 //! itself and reports how it really ended: an exit status, or the signal that killed it (a
 //! command that runs `exit 137` reports 137, one killed by SIGKILL reports `KILL`). Once the
 //! command has exited, the watcher removes the file and kills whatever the command left running
-//! in the group. (On a server that does not give the session its own group, the wrapper runs the
+//! in the group; when the session's sshd goes away under the command (the connection broke, or
+//! the worker died) and nobody kills the group within 3 s, the watcher kills it. (On a server that does not give the session its own group, the wrapper runs the
 //! command under `setsid` and waits for it instead; a command killed by a signal then reports
 //! the shell's `128 + N`.) stdout and stderr travel on separate SSH streams.
 //!
@@ -391,13 +392,18 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
     // polls until the command has exited (gone, or a zombie not yet reaped), then removes the
     // pgid file and kills what the command left running in the group, itself last, so a step
     // never leaks processes or holds the output streams open. While the watcher lives the group
-    // exists, so its id cannot be reused by an unrelated process.
+    // exists, so its id cannot be reused by an unrelated process. When the command's parent
+    // changes, the session's sshd is gone (the connection broke, or the worker died): unless
+    // the group is killed over a new connection within 3 s, the watcher sends it TERM, then
+    // KILL 2 s later, so the command does not run on beside the step's next run.
     script.push_str(concat!(
         "if kill -0 \"-$$\" 2>/dev/null; then\n",
         "echo $$ >\"$f\"\n",
-        "( (p=$$ d=0.1 i=0\n",
+        "( (p=$$ d=0.1 i=0 o=\n",
         "while kill -0 \"$p\"; do\n",
         "s=; read -r s <\"/proc/$p/stat\"; s=${s##*) }; [ \"${s%% *}\" != Z ] || break\n",
+        "s=${s#* }; s=${s%% *}; o=${o:-$s}\n",
+        "if [ \"$s\" != \"$o\" ]; then trap '' TERM; sleep 3; kill -TERM \"-$p\"; sleep 2; break; fi\n",
         "sleep \"$d\" || sleep 1; i=$((i+1)); [ \"$i\" -ne 100 ] || d=1\n",
         "done\n",
         "rm -f \"$f\"; kill -KILL \"-$p\") </dev/null >/dev/null 2>&1 &)\n",

@@ -16,6 +16,33 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// The live children of process `pid`, from `/proc/<pid>/task/*/children`.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+/// The command line of process `pid`, argument by argument (empty when it is gone).
+pub fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
 /// Waits up to 3 s for `pid` to die: a kill is delivered asynchronously, so allow the kernel a
 /// moment to tear the process down. False when it is still alive then.
 pub async fn wait_gone(pid: i32) -> bool {

@@ -1,0 +1,136 @@
+//! The lifeline: a small companion process (`aiops lifeline`, started by the worker) that kills
+//! the process groups of the worker's local commands when the worker dies without killing them
+//! itself (SIGKILL, the OOM killer, a crash). Without it such a command keeps running while the
+//! step, whose lease expires, runs again on another worker.
+//!
+//! The worker writes one line per group on the companion's stdin: `+<pgid>` when a command
+//! starts, `-<pgid>` once its group is dealt with. The pipe is the lifeline: only the worker
+//! holds its write end (close-on-exec keeps it out of every command), so when the worker is
+//! gone, however it went, the companion reads end of file, sends SIGTERM to the groups still
+//! listed, SIGKILL to those left after [`KILL_GRACE`], and exits. A worker that stops on its own
+//! has already ended its commands, so the list is empty then.
+
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
+
+/// Time the groups of a dead worker get between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// The worker's end of the lifeline.
+#[derive(Debug)]
+pub struct Lifeline {
+    stdin: Mutex<ChildStdin>,
+    pid: u32,
+}
+
+impl Lifeline {
+    /// Starts the companion: this executable with the `lifeline` argument, in a process group of
+    /// its own (a Ctrl-C meant for the worker does not stop it; the end of the pipe does).
+    pub fn spawn() -> std::io::Result<Lifeline> {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("lifeline")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let pid = child.id();
+        // Nobody waits for it: it outlives a worker that dies, and exits when the worker does.
+        drop(child);
+        Ok(Lifeline {
+            stdin: Mutex::new(stdin),
+            pid,
+        })
+    }
+
+    /// The companion's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A command's group started: kill it if this process dies before [`release`](Self::release).
+    pub fn watch(&self, pgid: u32) {
+        self.send('+', pgid);
+    }
+
+    /// The group has ended or has been killed by this process.
+    pub fn release(&self, pgid: u32) {
+        self.send('-', pgid);
+    }
+
+    fn send(&self, op: char, pgid: u32) {
+        let line = format!("{op}{pgid}\n");
+        let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+        // One write of a few bytes to a pipe the companion keeps draining. A companion that is
+        // gone (killed on its own) only costs the protection; the command runs as before.
+        if let Err(e) = stdin.write_all(line.as_bytes()) {
+            tracing::debug!(error = %e, pgid, "the lifeline process is gone");
+        }
+    }
+}
+
+/// The companion's side: reads `+pgid` / `-pgid` lines until end of file, then ends the groups
+/// still listed. Returns how many groups it had to end.
+pub fn serve(input: impl BufRead) -> usize {
+    let mut live = HashSet::new();
+    for line in input.lines() {
+        let Ok(line) = line else { break };
+        let (op, pgid) = line.split_at(line.len().min(1));
+        let Some(pgid) = pgid.parse::<i32>().ok().and_then(Pid::from_raw) else {
+            continue;
+        };
+        match op {
+            "+" => {
+                live.insert(pgid);
+            }
+            "-" => {
+                live.remove(&pgid);
+            }
+            _ => {}
+        }
+    }
+    if live.is_empty() {
+        return 0;
+    }
+    for pgid in &live {
+        let _ = kill_process_group(*pgid, Signal::TERM);
+    }
+    let deadline = Instant::now() + KILL_GRACE;
+    while Instant::now() < deadline && live.iter().any(|g| test_kill_process_group(*g).is_ok()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pgid in &live {
+        let _ = kill_process_group(*pgid, Signal::KILL);
+    }
+    live.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+
+    use super::*;
+
+    #[test]
+    fn released_groups_are_left_alone_and_listed_ones_are_killed() {
+        let mut sleeper = Command::new("sleep")
+            .arg("300")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = sleeper.id();
+        // A released group is not killed, a listed one is; a line it cannot read is skipped.
+        let input = format!("+{pgid}\n+1999999\n-1999999\nnot a line\n");
+        assert_eq!(serve(input.as_bytes()), 1);
+        let status = sleeper.wait().unwrap();
+        assert_eq!(status.signal(), Some(15), "{status:?}");
+        assert_eq!(serve(format!("+{pgid}\n-{pgid}\n").as_bytes()), 0);
+    }
+}
