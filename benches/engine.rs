@@ -196,24 +196,26 @@ fn live_children(pid: u32) -> impl Iterator<Item = u32> {
         })
 }
 
-/// CPU seconds so far: workers, their commands, database backends of `db` except `skip`.
+/// CPU seconds so far: workers (with their lifeline processes), their commands, database
+/// backends of `db` except `skip`, and the lifeline processes alone.
 async fn cpu_now(
     admin: &mut PgConnection,
     db: &str,
     skip: i32,
     workers: &[u32],
-) -> anyhow::Result<(f64, f64, f64)> {
-    let (mut own, mut children) = (0.0, 0.0);
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let (mut own, mut children, mut lifelines) = (0.0, 0.0, 0.0);
     for pid in workers {
         let (o, c) = cpu_of(*pid);
         own += o;
         children += c;
         // Its live children: the lifeline process (counted as the worker's own work), and no
         // command once every execution has completed.
-        own += live_children(*pid)
+        lifelines += live_children(*pid)
             .map(|child| cpu_of(child).0)
             .sum::<f64>();
     }
+    own += lifelines;
     let backends: Vec<i32> = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> $2 \
            AND backend_type = 'client backend'",
@@ -226,11 +228,11 @@ async fn cpu_now(
         .iter()
         .map(|pid| cpu_of(u32::try_from(*pid).unwrap_or(0)).0)
         .sum();
-    Ok((own, children, database))
+    Ok((own, children, database, lifelines))
 }
 
 struct Throughput {
-    cpu: (f64, f64, f64),
+    cpu: (f64, f64, f64, f64),
     executions: usize,
     steps: i64,
     wall: Duration,
@@ -330,6 +332,7 @@ async fn throughput(
             cpu_after.0 - cpu_before.0,
             cpu_after.1 - cpu_before.1,
             cpu_after.2 - cpu_before.2,
+            cpu_after.3 - cpu_before.3,
         ),
         executions,
         steps,
@@ -564,8 +567,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let per = |cpu: f64| cpu * 1000.0 / t.steps.max(1) as f64;
     println!(
-        "    CPU per step: workers {:.2} ms, their commands {:.2} ms, database backends {:.2} ms (total {:.2} ms)",
+        "    CPU per step: workers {:.2} ms (their lifeline processes {:.3} ms of it), their commands {:.2} ms, database backends {:.2} ms (total {:.2} ms)",
         per(t.cpu.0),
+        per(t.cpu.3),
         per(t.cpu.1),
         per(t.cpu.2),
         per(t.cpu.0 + t.cpu.1 + t.cpu.2)

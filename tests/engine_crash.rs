@@ -67,19 +67,9 @@ async fn a_killed_workers_local_commands_die_with_it() {
     let dir = std::env::temp_dir().join(format!("aiops-orphan-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("pid");
-    let yaml = format!(
-        r#"
-name: orphan-me
-mode: auto
-environment_vars:
-  F: "{file}"
-steps:
-  - name: long
-    command: sleep 300 & echo $! > {{{{ F }}}}; wait
-"#,
-        file = pidfile.display()
-    );
-    let runbook = app.runbook_from_yaml(&yaml).await;
+    let runbook = app
+        .runbook_from_yaml(&common::background_sleep_runbook("orphan-me", &pidfile))
+        .await;
     let mut doomed = app.worker_command(&[]).spawn().unwrap();
     app.start_execution(json!({ "runbook_id": runbook })).await;
     let pid = procs::wait_for_pid(&pidfile, Duration::from_secs(30)).await;
@@ -106,19 +96,9 @@ async fn a_worker_stopping_mid_step_kills_the_command_and_releases_the_step() {
     let dir = std::env::temp_dir().join(format!("aiops-stop-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let pidfile = dir.join("pid");
-    let yaml = format!(
-        r#"
-name: stop-me
-mode: auto
-environment_vars:
-  F: "{file}"
-steps:
-  - name: long
-    command: sleep 300 & echo $! > {{{{ F }}}}; wait
-"#,
-        file = pidfile.display()
-    );
-    let runbook = app.runbook_from_yaml(&yaml).await;
+    let runbook = app
+        .runbook_from_yaml(&common::background_sleep_runbook("stop-me", &pidfile))
+        .await;
     let mut worker = app
         .worker_command(&["--grace-seconds", "0.3"])
         .spawn()

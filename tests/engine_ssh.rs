@@ -133,38 +133,24 @@ steps:
 async fn a_killed_workers_remote_command_dies_with_its_connection() {
     let app = common::spawn_app_with(|c| c.secret_key = Some(format!("main:{KEY}"))).await;
     let sshd = sshd::sshd();
-    let (status, server) = app
-        .call(
-            Method::POST,
-            "/servers",
-            Some(&app.admin_token),
-            Some(
-                json!({ "name": "orphan-host", "hostname": "127.0.0.1", "port": sshd.port,
-                         "username": sshd::USER, "auth_type": "password",
-                         "password": sshd.password }),
-            ),
-        )
+    let server = app
+        .create_server(json!({ "name": "orphan-host", "hostname": "127.0.0.1",
+                               "port": sshd.port, "username": sshd::USER,
+                               "auth_type": "password", "password": sshd.password }))
         .await;
-    assert_eq!(status, 201, "{server}");
-    let pidfile = format!("/tmp/aiops-remote-orphan-{}", uuid::Uuid::new_v4().simple());
-    let yaml = format!(
-        r#"
-name: remote-orphan
-mode: auto
-environment_vars:
-  F: "{pidfile}"
-steps:
-  - name: long
-    command: sleep 300 & echo $! > {{{{ F }}}}; wait
-"#
-    );
-    let runbook = app.runbook_from_yaml(&yaml).await;
+    let pidfile = std::path::PathBuf::from(format!(
+        "/tmp/aiops-remote-orphan-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let runbook = app
+        .runbook_from_yaml(&common::background_sleep_runbook("remote-orphan", &pidfile))
+        .await;
     let mut doomed = app
         .worker_command(&[])
         .env("AIOPS_SECRET_KEY", format!("main:{KEY}"))
         .spawn()
         .unwrap();
-    app.start_execution(json!({ "runbook_id": runbook, "server_id": server["id"] }))
+    app.start_execution(json!({ "runbook_id": runbook, "server_id": server }))
         .await;
     let pid = procs::wait_for_pid(&pidfile, std::time::Duration::from_secs(30)).await;
     assert!(procs::alive(pid));

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::io::{BufRead, Write};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
@@ -26,6 +27,8 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 pub struct Lifeline {
     stdin: Mutex<ChildStdin>,
     pid: u32,
+    /// The companion was found gone (said once in the log).
+    lost: AtomicBool,
 }
 
 impl Lifeline {
@@ -47,6 +50,7 @@ impl Lifeline {
         Ok(Lifeline {
             stdin: Mutex::new(stdin),
             pid,
+            lost: AtomicBool::new(false),
         })
     }
 
@@ -70,8 +74,11 @@ impl Lifeline {
         let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
         // One write of a few bytes to a pipe the companion keeps draining. A companion that is
         // gone (killed on its own) only costs the protection; the command runs as before.
-        if let Err(e) = stdin.write_all(line.as_bytes()) {
-            tracing::debug!(error = %e, pgid, "the lifeline process is gone");
+        if let Err(e) = stdin.write_all(line.as_bytes())
+            && !self.lost.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, lifeline = self.pid,
+                "the lifeline process is gone; local commands will outlive this worker if it is killed");
         }
     }
 }

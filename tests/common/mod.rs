@@ -432,17 +432,29 @@ impl TestApp {
         body["runbook"]["id"].as_str().unwrap().parse().unwrap()
     }
 
-    /// Starts an execution through the API; returns its id.
-    pub async fn start_execution(&self, body: Value) -> uuid::Uuid {
+    /// POSTs `body` to `path` as the admin and returns what was created (the status must be 201).
+    pub async fn create(&self, path: &str, body: Value) -> Value {
         let (status, created) = self
             .call(
                 reqwest::Method::POST,
-                "/executions",
+                path,
                 Some(&self.admin_token),
                 Some(body),
             )
             .await;
-        assert_eq!(status, 201, "start failed: {created}");
+        assert_eq!(status, 201, "POST {path} failed: {created}");
+        created
+    }
+
+    /// Registers a server through the API; returns its id.
+    pub async fn create_server(&self, body: Value) -> uuid::Uuid {
+        let created = self.create("/servers", body).await;
+        created["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Starts an execution through the API; returns its id.
+    pub async fn start_execution(&self, body: Value) -> uuid::Uuid {
+        let created = self.create("/executions", body).await;
         created["execution_ids"][0]
             .as_str()
             .unwrap()
@@ -582,6 +594,23 @@ steps:
     command: echo 4 >> {{{{ F }}}}
 "#,
         file = file.display()
+    )
+}
+
+/// A one-step runbook named `name` whose command starts `sleep 300` in the background, writes
+/// its pid to `pidfile` and waits for it: a step that runs until something kills it.
+pub fn background_sleep_runbook(name: &str, pidfile: &std::path::Path) -> String {
+    format!(
+        r#"
+name: {name}
+mode: auto
+environment_vars:
+  F: "{file}"
+steps:
+  - name: long
+    command: sleep 300 & echo $! > {{{{ F }}}}; wait
+"#,
+        file = pidfile.display()
     )
 }
 
