@@ -2,7 +2,9 @@
 //! process group, so that a timeout or a cancellation kills the command and everything it
 //! started. The command does not inherit the worker's environment, which holds the database URL
 //! and the secret key: it gets a short list of host variables (`PATH`, `HOME`, locale, ...),
-//! the ones the operator names, and the step's own variables. Knows nothing about SSH, SQL or
+//! the ones the operator names, and the step's own variables. With a [`Lifeline`], every
+//! command's group is registered with it while the command runs, so that the group dies with
+//! the worker even when the worker is killed outright. Knows nothing about SSH, SQL or
 //! runbooks.
 
 use std::os::unix::process::ExitStatusExt;
