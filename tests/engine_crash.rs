@@ -78,6 +78,17 @@ async fn a_killed_workers_local_commands_die_with_it() {
         .find(|child| procs::cmdline(*child).ends_with(&["lifeline".to_owned()]))
         .expect("the worker runs a lifeline process");
 
+    // A stop signal sent to every process of the service does not end the lifeline early.
+    for signal in ["-TERM", "-INT", "-HUP"] {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &lifeline.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(procs::alive(lifeline), "the lifeline died of a stop signal");
+
     doomed.start_kill().unwrap(); // SIGKILL: the worker cannot clean up
     doomed.wait().await.unwrap();
     assert!(

@@ -179,6 +179,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Lifeline => {
+            crate::exec::lifeline::outlast_stop_signals();
             let ended = crate::exec::lifeline::serve(std::io::stdin().lock());
             if ended > 0 {
                 eprintln!(

@@ -7,7 +7,8 @@
 //! starts, `-<pgid>` once its group is dealt with. The pipe is the lifeline: only the worker
 //! holds its write end (close-on-exec keeps it out of every command), so when the worker is
 //! gone, however it went, the companion reads end of file, sends SIGTERM to the groups still
-//! listed, SIGKILL to those left after [`KILL_GRACE`], and exits. A worker that stops on its own
+//! listed, SIGKILL to those left after [`KILL_GRACE`], and exits. Stop signals do not end it
+//! (see [`outlast_stop_signals`]): only the end of the pipe does. A worker that stops on its own
 //! has already ended its commands, so the list is empty then.
 
 use std::collections::HashSet;
@@ -81,6 +82,30 @@ impl Lifeline {
                 "the lifeline process is gone; local commands will outlive this worker if it is killed");
         }
     }
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP harmless to this process, so that the companion lives
+/// until the end of its pipe, however its worker is stopped: a stop signal sent to every
+/// process of a service (systemd's default) must not end the protection while the worker
+/// still drains its commands. The runtime's handlers, once registered, stay installed for the
+/// life of the process and only record the signal.
+pub fn outlast_stop_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        for kind in [
+            SignalKind::terminate(),
+            SignalKind::interrupt(),
+            SignalKind::hangup(),
+        ] {
+            let _ = signal(kind);
+        }
+    });
 }
 
 /// The companion's side: reads `+pgid` / `-pgid` lines until end of file, then ends the groups
