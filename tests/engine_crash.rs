@@ -78,6 +78,12 @@ async fn a_killed_workers_local_commands_die_with_it() {
         .find(|child| procs::cmdline(*child).ends_with(&["lifeline".to_owned()]))
         .expect("the worker runs a lifeline process");
 
+    // It holds nothing of the worker's environment.
+    let environ = std::fs::read(format!("/proc/{lifeline}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("DATABASE_URL"),
+        "the lifeline got the worker's environment"
+    );
     // A stop signal sent to every process of the service does not end the lifeline early.
     for signal in ["-TERM", "-INT", "-HUP"] {
         let sent = std::process::Command::new("kill")

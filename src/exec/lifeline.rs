@@ -38,8 +38,11 @@ impl Lifeline {
     pub fn spawn() -> std::io::Result<Lifeline> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
+        // It needs nothing of the worker's environment (which holds the database URL and the
+        // secret key).
         let mut child = Command::new(exe)
             .arg("lifeline")
+            .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .process_group(0)
