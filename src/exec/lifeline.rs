@@ -18,6 +18,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+use rustix::process::kill_process;
 use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
 /// Time the groups of a dead worker get between SIGTERM and SIGKILL.
@@ -28,7 +30,7 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 pub struct Lifeline {
     stdin: Mutex<ChildStdin>,
     pid: u32,
-    /// The companion was found gone (said once in the log).
+    /// The companion was found gone or not reading (said once in the log).
     lost: AtomicBool,
 }
 
@@ -37,17 +39,24 @@ impl Lifeline {
     /// its own (a Ctrl-C meant for the worker does not stop it; the end of the pipe does).
     pub fn spawn() -> std::io::Result<Lifeline> {
         use std::os::unix::process::CommandExt;
-        let exe = std::env::current_exe()?;
+        let mut companion = Command::new(std::env::current_exe()?);
         // It needs nothing of the worker's environment (which holds the database URL and the
         // secret key).
-        let mut child = Command::new(exe)
+        companion
             .arg("lifeline")
             .env_clear()
-            .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .process_group(0)
-            .spawn()?;
+            .process_group(0);
+        Lifeline::spawn_with(companion)
+    }
+
+    /// Starts `companion` with its stdin as the lifeline.
+    fn spawn_with(mut companion: Command) -> std::io::Result<Lifeline> {
+        let mut child = companion.stdin(Stdio::piped()).spawn()?;
         let stdin = child.stdin.take().expect("stdin is piped");
+        // Never block the worker on a companion that stopped reading: a message that does not
+        // fit is dropped instead (see `send`).
+        rustix::io::ioctl_fionbio(&stdin, true)?;
         let pid = child.id();
         // Nobody waits for it: it outlives a worker that dies, and exits when the worker does.
         drop(child);
@@ -76,13 +85,15 @@ impl Lifeline {
     fn send(&self, op: char, pgid: u32) {
         let line = format!("{op}{pgid}\n");
         let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        // One write of a few bytes to a pipe the companion keeps draining. A companion that is
-        // gone (killed on its own) only costs the protection; the command runs as before.
-        if let Err(e) = stdin.write_all(line.as_bytes())
+        // One write of a few bytes, well under PIPE_BUF, so it lands whole or not at all. A
+        // companion that is gone (killed on its own) or stopped reading (the pipe is full)
+        // costs the protection of this command; the command runs as before.
+        let written = stdin.write(line.as_bytes());
+        if let Err(e) = written
             && !self.lost.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(error = %e, lifeline = self.pid,
-                "the lifeline process is gone; local commands will outlive this worker if it is killed");
+                "cannot reach the lifeline process; local commands may outlive this worker if it is killed");
         }
     }
 }
@@ -151,6 +162,8 @@ pub fn serve(input: impl BufRead) -> usize {
 mod tests {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
 
+    use rustix::process::kill_process;
+
     use super::*;
 
     #[test]
@@ -167,5 +180,27 @@ mod tests {
         let status = sleeper.wait().unwrap();
         assert_eq!(status.signal(), Some(15), "{status:?}");
         assert_eq!(serve(format!("+{pgid}\n-{pgid}\n").as_bytes()), 0);
+    }
+
+    #[test]
+    fn a_companion_that_stopped_reading_never_blocks_the_worker() {
+        // `sleep` never reads its stdin: the pipe fills after some thousands of messages.
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("30");
+        let lifeline = Lifeline::spawn_with(sleeper).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            for pgid in 0..100_000 {
+                lifeline.watch(1_000_000 + pgid);
+            }
+            done.send(lifeline.lost.load(Ordering::Relaxed)).unwrap();
+            lifeline.pid()
+        });
+        let lost = finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("writing to a full lifeline pipe blocked");
+        assert!(lost, "the full pipe was noticed");
+        let pid = writer.join().unwrap();
+        let _ = kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
     }
 }
