@@ -18,8 +18,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-#[cfg(test)]
-use rustix::process::kill_process;
 use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
 /// Time the groups of a dead worker get between SIGTERM and SIGKILL.
