@@ -10,9 +10,11 @@
 //! command that runs `exit 137` reports 137, one killed by SIGKILL reports `KILL`). Once the
 //! command has exited, the watcher removes the file and kills whatever the command left running
 //! in the group; when the session's sshd goes away under the command (the connection broke, or
-//! the worker died) and nobody kills the group within 3 s, the watcher kills it. (On a server that does not give the session its own group, the wrapper runs the
-//! command under `setsid` and waits for it instead; a command killed by a signal then reports
-//! the shell's `128 + N`.) stdout and stderr travel on separate SSH streams.
+//! the worker died) and nobody kills the group within 3 s, the watcher kills it. (On a server
+//! that does not give the session its own group, the wrapper runs the command under `setsid`
+//! and waits for it instead, with a watcher of its own for the sshd going away; a command
+//! killed by a signal then reports the shell's `128 + N`.) stdout and stderr travel on separate
+//! SSH streams.
 //!
 //! Killing: the executor opens a second channel on the same connection and signals the recorded
 //! group (TERM, then KILL). The command does not depend on the connection: when the connection
@@ -412,10 +414,19 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
     ));
     // Otherwise (a server that does not give the session its own group): run the command under
     // `setsid` in the background and wait for it. This shell survives a signal that kills the
-    // command, so the exit code is then the shell's `128 + N`.
+    // command, so the exit code is then the shell's `128 + N`. A watcher outside the command's
+    // group checks every second that this shell's parent, the session's sshd, is still there;
+    // when it is gone, the command's group gets TERM 3 s later and KILL 2 s after that, as above.
     script.push_str(concat!(
         "setsid -w /bin/sh -c 'echo $$ >\"$1\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" \"$c\" </dev/null &\n",
-        "w=$!\nwait \"$w\"\nrc=$?\nrm -f \"$f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
+        "w=$!\n",
+        "(o=\n",
+        "while kill -0 \"$w\"; do\n",
+        "s=; read -r s <\"/proc/$$/stat\"; s=${s##*) }; s=${s#* }; s=${s%% *}; o=${o:-$s}\n",
+        "if [ \"$s\" != \"$o\" ]; then sleep 3; kill -TERM \"-$w\"; sleep 2; kill -KILL \"-$w\"; break; fi\n",
+        "sleep 1\n",
+        "done) </dev/null >/dev/null 2>&1 &\n",
+        "wait \"$w\"\nrc=$?\nrm -f \"$f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
     ));
     script
 }
@@ -862,6 +873,83 @@ mod tests {
             (status.code(), status.signal(), cleaned),
             (Some(143), None, true)
         );
+    }
+
+    /// Runs the wrapper (as a group leader or not) under a parent shell that then dies, as the
+    /// session's sshd does when the connection breaks; returns whether the command (`sleep`)
+    /// was killed and the pgid file removed within 10 s.
+    fn orphan_wrapper_locally(leader: bool) -> (bool, bool) {
+        let pgid_file = format!("/tmp/.aiops-step-test-{}.pgid", Uuid::new_v4().simple());
+        let request = CommandRequest {
+            command: "exec sleep 300".to_owned(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(10),
+            output_limit_bytes: 1024,
+        };
+        // `setsid` run in the background by a shell without job control is no group leader, so
+        // it makes itself one in place: the wrapper leads a group and a session, as under sshd.
+        let start = if leader { "setsid /bin/sh" } else { "/bin/sh" };
+        let mut parent = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "{start} -c \"$1\" </dev/null >/dev/null 2>&1 & wait"
+            ))
+            .arg("parent")
+            .arg(wrapper_script(&request, &pgid_file))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pid = loop {
+            if let Ok(pid) = std::fs::read_to_string(&pgid_file)
+                .unwrap_or_default()
+                .trim()
+                .parse::<i32>()
+            {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the wrapper never wrote its pgid file"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the watcher see the parent it starts with, then take that parent away.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(alive(pid), "the command ended before its parent died");
+        parent.kill().unwrap();
+        parent.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (alive(pid) || std::path::Path::new(&pgid_file).exists()) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let killed = !alive(pid);
+        if !killed {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+        (killed, !std::path::Path::new(&pgid_file).exists())
+    }
+
+    /// Whether `pid` runs (a zombie does not).
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    #[test]
+    fn a_command_whose_session_sshd_is_gone_is_killed() {
+        assert_eq!(
+            orphan_wrapper_locally(true),
+            (true, true),
+            "as group leader"
+        );
+        assert_eq!(orphan_wrapper_locally(false), (true, true), "under setsid");
     }
 
     #[test]
