@@ -395,17 +395,17 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
     // pgid file and kills what the command left running in the group, itself last, so a step
     // never leaks processes or holds the output streams open. While the watcher lives the group
     // exists, so its id cannot be reused by an unrelated process. When the command's parent
-    // changes, the session's sshd is gone (the connection broke, or the worker died): unless
+    // is no longer the one the wrapper started under (`$PPID`), the session's sshd is gone (the connection broke, or the worker died): unless
     // the group is killed over a new connection within 3 s, the watcher sends it TERM, then
     // KILL 2 s later, so the command does not run on beside the step's next run.
     script.push_str(concat!(
         "if kill -0 \"-$$\" 2>/dev/null; then\n",
         "echo $$ >\"$f\"\n",
-        "( (p=$$ d=0.1 i=0 o=\n",
+        "( (p=$$ d=0.1 i=0 o=$PPID\n",
         "while kill -0 \"$p\"; do\n",
         "s=; read -r s <\"/proc/$p/stat\"; s=${s##*) }; [ \"${s%% *}\" != Z ] || break\n",
-        "s=${s#* }; s=${s%% *}; o=${o:-$s}\n",
-        "if [ \"$s\" != \"$o\" ]; then trap '' TERM; sleep 3; kill -TERM \"-$p\"; sleep 2; break; fi\n",
+        "s=${s#* }; s=${s%% *}\n",
+        "if [ -n \"$s\" ] && [ \"$s\" != \"$o\" ]; then trap '' TERM; sleep 3; kill -TERM \"-$p\"; sleep 2; break; fi\n",
         "sleep \"$d\" || sleep 1; i=$((i+1)); [ \"$i\" -ne 100 ] || d=1\n",
         "done\n",
         "rm -f \"$f\"; kill -KILL \"-$p\") </dev/null >/dev/null 2>&1 &)\n",
@@ -420,10 +420,10 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
     script.push_str(concat!(
         "setsid -w /bin/sh -c 'echo $$ >\"$1\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" \"$c\" </dev/null &\n",
         "w=$!\n",
-        "(o=\n",
+        "(o=$PPID\n",
         "while kill -0 \"$w\"; do\n",
-        "s=; read -r s <\"/proc/$$/stat\"; s=${s##*) }; s=${s#* }; s=${s%% *}; o=${o:-$s}\n",
-        "if [ \"$s\" != \"$o\" ]; then sleep 3; kill -TERM \"-$w\"; sleep 2; kill -KILL \"-$w\"; break; fi\n",
+        "s=; read -r s <\"/proc/$$/stat\"; s=${s##*) }; s=${s#* }; s=${s%% *}\n",
+        "if [ -n \"$s\" ] && [ \"$s\" != \"$o\" ]; then sleep 3; kill -TERM \"-$w\"; sleep 2; kill -KILL \"-$w\"; break; fi\n",
         "sleep 1\n",
         "done) </dev/null >/dev/null 2>&1 &\n",
         "wait \"$w\"\nrc=$?\nrm -f \"$f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
@@ -913,8 +913,8 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        // Let the watcher see the parent it starts with, then take that parent away.
-        std::thread::sleep(Duration::from_millis(1500));
+        // The watcher compares with the parent the wrapper started under ($PPID), so the parent
+        // may go at once.
         assert!(alive(pid), "the command ended before its parent died");
         parent.kill().unwrap();
         parent.wait().unwrap();
