@@ -204,13 +204,7 @@ receivers:
         .unwrap()
         .parse()
         .unwrap();
-    let done = app
-        .wait_for_status(
-            execution,
-            &["completed", "failed", "cancelled", "timeout"],
-            60,
-        )
-        .await;
+    let done = app.wait_for_status(execution, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         app.steps(execution).await[0]["stdout"],

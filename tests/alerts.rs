@@ -1207,13 +1207,7 @@ triggers:
     )
     .await;
     let execution = fire_into_execution(&app, &token, "NodeDown", "127.0.0.1:9100").await;
-    let done = app
-        .wait_for_status(
-            execution,
-            &["completed", "failed", "cancelled", "timeout"],
-            60,
-        )
-        .await;
+    let done = app.wait_for_status(execution, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     let steps = app.steps(execution).await;
     assert_eq!(

@@ -54,9 +54,7 @@ steps:
     );
     let runbook = app.runbook_from_yaml(&yaml).await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(read(&log), "got 42\nlast\n");
     assert!(done["duration_ms"].as_i64().unwrap() >= 0);
@@ -113,9 +111,7 @@ steps:
     );
     let runbook = app.runbook_from_yaml(&yaml).await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert!(
         done["error_message"]
@@ -178,9 +174,7 @@ steps:
         .start_execution(json!({ "runbook_id": runbook,
                                  "variables": { "SERVICE": "web-1", "DB_PASSWORD": secret } }))
         .await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     // Rollbacks run after the status is final; wait until the rollback's attempt is recorded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -268,7 +262,7 @@ async fn starts_approvals_and_rollbacks_wake_an_idle_worker_before_its_poll() {
     // Well under the poll: only a wake-up gets the job claimed this soon.
     let bound = 15;
     assert!(std::time::Duration::from_secs(bound) < poll / 2);
-    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let terminal = common::FINISHED;
     // The worker's first claim found nothing; it now waits for a wake-up or its poll.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
@@ -278,7 +272,7 @@ async fn starts_approvals_and_rollbacks_wake_an_idle_worker_before_its_poll() {
         "name: woken\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n",
     )
     .await;
-    let done = app.wait_for_status(id, &terminal, bound).await;
+    let done = app.wait_for_status(id, terminal, bound).await;
     assert_eq!(done["status"], "completed", "{done}");
 
     // An approval enqueues the start job again.
@@ -287,12 +281,12 @@ async fn starts_approvals_and_rollbacks_wake_an_idle_worker_before_its_poll() {
     let (_, engineer) = app.user_with_role("engineer").await;
     let (status, body) = app.approve(id, &engineer).await;
     assert_eq!(status, 200, "{body}");
-    let done = app.wait_for_status(id, &terminal, bound).await;
+    let done = app.wait_for_status(id, terminal, bound).await;
     assert_eq!(done["status"], "completed", "{done}");
 
     // A failed run's rollback job is enqueued by the step that failed.
     let id = start_new(&app, "name: woken-rollback\nmode: auto\nsteps:\n  - {name: one, command: 'true', rollback_command: 'true'}\n  - {name: two, command: 'exit 3'}\n").await;
-    let done = app.wait_for_status(id, &terminal, bound).await;
+    let done = app.wait_for_status(id, terminal, bound).await;
     assert_eq!(done["status"], "failed", "{done}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(bound);
     loop {
@@ -341,9 +335,7 @@ steps:
     );
     let runbook = app.runbook_from_yaml(&yaml).await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 40)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 40).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["attempt"], 2);
     let steps = app.steps(id).await;
@@ -496,9 +488,7 @@ steps:
     let runbook = app.runbook_from_yaml(&yaml).await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     let pid = wait_file(&pidfile).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "timeout", "{done}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while pid_alive(&pid).await || read(&log) != "did\nundid\n" {
@@ -541,9 +531,7 @@ async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "timeout", "{done}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let (step, rollback) = loop {
@@ -589,9 +577,7 @@ async fn step_timeout_fails_the_step() {
         .runbook_from_yaml("name: step-timeout\nmode: auto\nsteps:\n  - name: slow\n    command: sleep 30\n    timeout_seconds: 1\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     let steps = app.steps(id).await;
     assert_eq!(steps[0]["status"], "timeout");
@@ -625,9 +611,7 @@ steps:
     let id = app
         .start_execution(json!({ "runbook_id": runbook, "variables": { "DB_PASSWORD": secret } }))
         .await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
     let steps = app.steps(id).await;
     assert_eq!(steps[0]["stdout"], "password is ********\n");
@@ -658,7 +642,7 @@ steps:
 async fn gates_refuse_with_their_reason() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;
-    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let terminal = common::FINISHED;
 
     // Rate limit: one run per hour.
     let limited = app
@@ -666,11 +650,11 @@ async fn gates_refuse_with_their_reason() {
         .await;
     let first = app.start_execution(json!({ "runbook_id": limited })).await;
     assert_eq!(
-        app.wait_for_status(first, &terminal, 30).await["status"],
+        app.wait_for_status(first, terminal, 30).await["status"],
         "completed"
     );
     let second = app.start_execution(json!({ "runbook_id": limited })).await;
-    let refused = app.wait_for_status(second, &terminal, 30).await;
+    let refused = app.wait_for_status(second, terminal, 30).await;
     assert_eq!(refused["status"], "cancelled");
     assert_eq!(refused["refused_by"], "rate_limit");
     assert!(
@@ -699,7 +683,7 @@ async fn gates_refuse_with_their_reason() {
         .await;
     assert_eq!(status, 201);
     let id = app.start_execution(json!({ "runbook_id": blacked })).await;
-    let refused = app.wait_for_status(id, &terminal, 30).await;
+    let refused = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(refused["refused_by"], "blackout", "{refused}");
     assert!(
         refused["error_message"]
@@ -721,13 +705,13 @@ async fn gates_refuse_with_their_reason() {
     .await;
     let id = app.start_execution(json!({ "runbook_id": broken })).await;
     assert_eq!(
-        app.wait_for_status(id, &terminal, 30).await["status"],
+        app.wait_for_status(id, terminal, 30).await["status"],
         "failed"
     );
     let (_, breaker) = app.get(&format!("/circuit-breakers/{broken}")).await;
     assert_eq!(breaker["state"], "open", "{breaker}");
     let id = app.start_execution(json!({ "runbook_id": broken })).await;
-    let refused = app.wait_for_status(id, &terminal, 30).await;
+    let refused = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(refused["refused_by"], "circuit_breaker", "{refused}");
 
     // Disabled runbook.
@@ -735,7 +719,7 @@ async fn gates_refuse_with_their_reason() {
         .runbook_from_yaml("name: disabled-one\nmode: auto\nstatus: disabled\nsteps:\n  - {name: s, command: 'true'}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": disabled })).await;
-    let refused = app.wait_for_status(id, &terminal, 30).await;
+    let refused = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(refused["refused_by"], "runbook_inactive", "{refused}");
 
     // A window for some servers (every runbook) does not cover a run on the worker's own host.
@@ -762,7 +746,7 @@ steps:
         )
         .await;
     let id = app.start_execution(json!({ "runbook_id": local })).await;
-    let done = app.wait_for_status(id, &terminal, 30).await;
+    let done = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
     worker.stop().await;
 }
@@ -771,7 +755,7 @@ steps:
 async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;
-    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let terminal = common::FINISHED;
     let runbook = app
         .runbook_from_yaml("name: needs-ok\nmode: semi_auto\napproval_roles: [engineer]\nsteps:\n  - {name: s, command: 'echo ran'}\n")
         .await;
@@ -789,7 +773,7 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = app.approve(id, &engineer).await;
     assert_eq!(status, 409, "a second approval is refused");
-    let done = app.wait_for_status(id, &terminal, 30).await;
+    let done = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["approved_by"], json!(engineer_id));
     assert_eq!(app.audit_rows("execution_approve").await.len(), 1);
@@ -828,7 +812,7 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
         .runbook_from_yaml("name: expires\nmode: manual\nrequires_approval: true\nconfig:\n  approval_timeout_seconds: 1\nsteps:\n  - {name: s, command: 'true'}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": quick })).await;
-    let expired = app.wait_for_status(id, &terminal, 30).await;
+    let expired = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(expired["status"], "cancelled");
     assert_eq!(expired["refused_by"], "approval_expired", "{expired}");
     let (status, body) = app.approve(id, &app.admin_token).await;
@@ -986,7 +970,7 @@ async fn flag_runbook(
 async fn breaker_opens_at_its_threshold_and_a_failing_probe_reopens_it() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;
-    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let terminal = common::FINISHED;
     let dir = scratch();
     let flag = dir.join("healthy");
     let runbook = flag_runbook(
@@ -998,7 +982,7 @@ async fn breaker_opens_at_its_threshold_and_a_failing_probe_reopens_it() {
     .await;
     let run = || async {
         let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-        app.wait_for_status(id, &terminal, 30).await
+        app.wait_for_status(id, terminal, 30).await
     };
     let breaker = || async {
         let (_, b) = app.get(&format!("/circuit-breakers/{runbook}")).await;
@@ -1046,7 +1030,7 @@ async fn breaker_opens_at_its_threshold_and_a_failing_probe_reopens_it() {
 async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;
-    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let terminal = common::FINISHED;
     let dir = scratch();
     let flag = dir.join("healthy");
     let runbook = flag_runbook(
@@ -1058,7 +1042,7 @@ async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() 
     .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     assert_eq!(
-        app.wait_for_status(id, &terminal, 30).await["status"],
+        app.wait_for_status(id, terminal, 30).await["status"],
         "failed"
     );
     let (_, b) = app.get(&format!("/circuit-breakers/{runbook}")).await;
@@ -1093,7 +1077,7 @@ async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() 
     assert!(!listed("open").await);
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     assert_eq!(
-        app.wait_for_status(id, &terminal, 30).await["status"],
+        app.wait_for_status(id, terminal, 30).await["status"],
         "completed"
     );
     let probe: bool =

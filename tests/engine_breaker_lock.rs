@@ -16,7 +16,7 @@ async fn a_closed_breaker_admits_and_records_success_without_its_row_lock() {
             "name: busy\nmode: auto\nsteps:\n  - {name: a, command: 'true'}\n  - {name: b, command: 'true'}\n",
         )
         .await;
-    let terminal = ["completed", "failed", "cancelled", "timeout"];
+    let terminal = common::FINISHED;
 
     // Someone holds the breaker row (as a concurrent start or completion would), from before
     // the runbook's first run: the runbook was created with its breaker, closed.
@@ -46,12 +46,12 @@ async fn a_closed_breaker_admits_and_records_success_without_its_row_lock() {
 
     // The first run starts and completes while the lock is held.
     let first = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app.wait_for_status(first, &terminal, 20).await;
+    let done = app.wait_for_status(first, terminal, 20).await;
     assert_eq!(done["status"], "completed", "{done}");
 
     // Another run starts and completes while the lock is held.
     let second = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app.wait_for_status(second, &terminal, 20).await;
+    let done = app.wait_for_status(second, terminal, 20).await;
     assert_eq!(done["status"], "completed", "{done}");
     let events: Vec<&str> = done["execution_log"]
         .as_array()

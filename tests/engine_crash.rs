@@ -34,9 +34,7 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     doomed.wait().await.unwrap();
 
     let survivor = common::TestWorker::start(&app.pool).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         std::fs::read_to_string(&file).unwrap(),

@@ -64,9 +64,7 @@ async fn crash_during_step_two(
         .await
         .expect("restart the cluster (crash recovery)");
 
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 90)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 90).await;
     assert_eq!(done["status"], "completed", "{done}");
     let written = std::fs::read_to_string(&file).unwrap();
     let steps = app.steps(id).await;
@@ -84,9 +82,7 @@ async fn crash_during_step_two(
     );
     std::fs::write(&file, "").unwrap();
     let again = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(again, &["completed", "failed", "cancelled", "timeout"], 60)
-        .await;
+    let done = app.wait_for_status(again, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "1\n2\n3\n4\n");
 

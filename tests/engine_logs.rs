@@ -29,9 +29,7 @@ async fn a_debug_level_worker_never_logs_a_secret() {
     let id = app
         .start_execution(json!({ "runbook_id": runbook, "variables": { "API_TOKEN": secret } }))
         .await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 60).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(app.steps(id).await[0]["stdout"], "token=********\n");
     assert_eq!(
@@ -114,9 +112,7 @@ async fn a_local_command_gets_neither_the_database_url_nor_the_secret_key() {
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     let stdout = app.steps(id).await[0]["stdout"]
         .as_str()
@@ -258,9 +254,7 @@ async fn a_sensitive_steps_captured_output_reaches_later_steps_sealed() {
         ))
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     let steps = app.steps(id).await;
     assert!(

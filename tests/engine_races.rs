@@ -24,9 +24,7 @@ async fn rate_limit_holds_under_concurrent_starts_on_several_workers() {
     let mut completed = 0;
     let mut refused = 0;
     for id in ids {
-        let done = app
-            .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 60)
-            .await;
+        let done = app.wait_for_status(id, common::FINISHED, 60).await;
         match done["status"].as_str().unwrap() {
             "completed" => completed += 1,
             "cancelled" => {
@@ -71,9 +69,7 @@ async fn racing_approvers_start_the_run_once() {
         statuses.iter().all(|s| *s == 200 || *s == 409),
         "{statuses:?}"
     );
-    let done = app
-        .wait_for_status(id, &["completed", "failed", "cancelled", "timeout"], 30)
-        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "completed");
     let runs = common::step_rows(&app.pool, id).await;
     assert_eq!(runs, 1);

@@ -74,9 +74,7 @@ steps:
     assert_eq!(ids.len(), 3, "one execution per web server");
     let mut spans = Vec::new();
     for id in &ids {
-        let done = app
-            .wait_for_status(*id, &["completed", "failed", "cancelled", "timeout"], 60)
-            .await;
+        let done = app.wait_for_status(*id, common::FINISHED, 60).await;
         assert_eq!(done["status"], "completed", "{done}");
         let start =
             chrono::DateTime::parse_from_rfc3339(done["started_at"].as_str().unwrap()).unwrap();

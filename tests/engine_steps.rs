@@ -6,7 +6,7 @@ mod common;
 
 use serde_json::{Value, json};
 
-const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "timeout"];
+const TERMINAL: &[&str] = common::FINISHED;
 
 fn scratch() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("aiops-steps-{}", uuid::Uuid::new_v4().simple()));
@@ -22,7 +22,7 @@ async fn expected_exit_codes_decide_success() {
         .runbook_from_yaml("name: exit-codes\nmode: auto\nsteps:\n  - {name: grep-miss, command: 'exit 1', expected_exit_codes: [0, 1]}\n  - {name: must-fail, command: 'true', expected_exit_codes: [2]}\n  - {name: never, command: 'true'}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app.wait_for_status(id, &TERMINAL, 30).await;
+    let done = app.wait_for_status(id, TERMINAL, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     let steps = app.steps(id).await;
     let run: Vec<&Value> = steps.iter().filter(|s| s["phase"] == "run").collect();
@@ -72,7 +72,7 @@ async fn a_step_retry_waits_its_delay_as_a_scheduled_job() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert!(waiting > 0.0 && waiting <= 2.0, "{waiting}");
-    let done = app.wait_for_status(id, &TERMINAL, 30).await;
+    let done = app.wait_for_status(id, TERMINAL, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
     let gap: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM max(started_at) - min(completed_at))::float8 \
@@ -106,7 +106,7 @@ async fn output_over_the_cap_is_cut_with_a_visible_marker() {
         .runbook_from_yaml("name: chatty-cap\nmode: auto\nsteps:\n  - {name: flood, command: 'head -c 50000 /dev/zero | tr \"\\\\0\" a'}\n")
         .await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let done = app.wait_for_status(id, &TERMINAL, 30).await;
+    let done = app.wait_for_status(id, TERMINAL, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
     let steps = app.steps(id).await;
     let stdout = steps[0]["stdout"].as_str().unwrap();
@@ -166,7 +166,7 @@ async fn captured_output_reaches_a_step_on_another_worker() {
     first.wait().await.unwrap();
     std::fs::write(&gate, "").unwrap();
     let second = common::TestWorker::start(&app.pool).await;
-    let done = app.wait_for_status(id, &TERMINAL, 60).await;
+    let done = app.wait_for_status(id, TERMINAL, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "got-42\n");
     let workers: i64 = sqlx::query_scalar(

@@ -250,12 +250,7 @@ async fn up_starts_its_embedded_database_again_after_it_is_killed() {
         &format!("{base}/api/v1/executions/{id}"),
         Some(&token),
         Duration::from_secs(60),
-        |s, b| {
-            s == 200
-                && ["completed", "failed", "cancelled", "timeout"]
-                    .iter()
-                    .any(|t| b["status"] == *t)
-        },
+        |s, b| s == 200 && common::FINISHED.iter().any(|t| b["status"] == *t),
     )
     .await;
     assert_eq!(done["status"], "completed", "{done}");

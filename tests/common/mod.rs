@@ -614,6 +614,9 @@ steps:
     )
 }
 
+/// The statuses an execution ends in.
+pub const FINISHED: &[&str] = &["completed", "failed", "cancelled", "timeout"];
+
 /// Waits (up to 30 s) until `file` holds exactly `content`.
 pub async fn wait_for_file(file: &std::path::Path, content: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
