@@ -119,14 +119,14 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
     let mut registry = Registry::new();
     queue::prune::register(&mut registry, options.retention)?;
     register_login_attempts_prune(&mut registry, options.retention)?;
+    let mut local = LocalExecutor::from_host(&options.local_env_passthrough);
+    if let Some(lifeline) = &options.lifeline {
+        local = local.with_lifeline(lifeline.clone());
+    }
     let engine = Arc::new(Engine {
         pool: pool.clone(),
         targets: options.targets.clone(),
-        local: Arc::new(match &options.lifeline {
-            Some(lifeline) => LocalExecutor::from_host(&options.local_env_passthrough)
-                .with_lifeline(lifeline.clone()),
-            None => LocalExecutor::from_host(&options.local_env_passthrough),
-        }),
+        local: Arc::new(local),
         ssh: options.ssh.clone(),
         keyring: options.keyring.clone(),
         ended: tokio::sync::broadcast::channel(256).0,

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
-/// Time the groups of a dead worker get between SIGTERM and SIGKILL.
+/// Time a killed local command's group gets between SIGTERM and SIGKILL, whether the worker
+/// kills it (timeout, cancel) or the lifeline does (the worker died).
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// The worker's end of the lifeline.

@@ -10,21 +10,18 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use super::lifeline::Lifeline;
+use super::lifeline::{KILL_GRACE, Lifeline};
 use super::{
     CancellationToken, CappedBuffer, CommandOutcome, CommandRequest, ExecError, ExecFuture,
     OutputChunk, OutputStream, StepExecutor, Target, forward, signal_name, validate_env,
 };
-
-/// Time a killed group gets between SIGTERM and SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Host variables a local command gets from the worker's environment when they are set.
 pub const HOST_ENV: &[&str] = &[
