@@ -751,6 +751,76 @@ steps:
     worker.stop().await;
 }
 
+/// A window selecting servers by tag or environment refuses runs on the servers it selects and
+/// no others; a server outside the runbook's allowed_servers is refused up front.
+#[tokio::test]
+async fn blackouts_and_allowed_servers_judge_the_run_by_its_server() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let terminal = common::FINISHED;
+    let server = |name: &str, tags: Value, environment: &str| {
+        app.create_server(json!({ "name": name, "hostname": format!("{name}.example.test"),
+                                  "username": "ops", "auth_type": "password", "password": "pw-not-used",
+                                  "tags": tags, "environment": environment }))
+    };
+    let db1 = server("db1", json!(["managed", "role=db"]), "production").await;
+    let web1 = server("web1", json!(["managed", "role=web"]), "production").await;
+    let web2 = server("web2", json!(["managed", "role=web"]), "staging").await;
+    let now = chrono::Utc::now();
+    for (name, servers) in [
+        ("db freeze", json!({ "tags": ["role=db"] })),
+        ("staging freeze", json!({ "environments": ["staging"] })),
+    ] {
+        app.create(
+            "/blackout-windows",
+            json!({ "name": name, "start_time": now - chrono::Duration::minutes(1),
+                    "end_time": now + chrono::Duration::hours(1),
+                    "affected_servers": servers }),
+        )
+        .await;
+    }
+    let runbook = app
+        .runbook_from_yaml(
+            "name: on-servers\nmode: auto\nallowed_servers: [managed]\nsteps:\n  - {name: s, command: 'true'}\n",
+        )
+        .await;
+    for (server, window) in [(db1, "db freeze"), (web2, "staging freeze")] {
+        let id = app
+            .start_execution(json!({ "runbook_id": runbook, "server_id": server }))
+            .await;
+        let refused = app.wait_for_status(id, terminal, 30).await;
+        assert_eq!(refused["refused_by"], "blackout", "{refused}");
+        assert!(
+            refused["error_message"].as_str().unwrap().contains(window),
+            "{refused}"
+        );
+    }
+    // web1 is in no window: the gates pass and the step runs (and fails: this worker has no
+    // remote executor).
+    let id = app
+        .start_execution(json!({ "runbook_id": runbook, "server_id": web1 }))
+        .await;
+    let ran = app.wait_for_status(id, terminal, 30).await;
+    assert_eq!(ran["status"], "failed", "{ran}");
+    assert_eq!(ran["refused_by"], Value::Null, "{ran}");
+    let (_, steps) = app.get(&format!("/executions/{id}/steps")).await;
+    assert_eq!(steps.as_array().map(Vec::len), Some(1), "{steps}");
+
+    // A server outside allowed_servers is refused when the run is asked for.
+    let other = server("other1", json!(["role=web"]), "production").await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook, "server_id": other })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "server_id", "{body}");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let app = common::spawn_app().await;

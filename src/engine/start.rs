@@ -10,9 +10,9 @@
 //! A fan-out batch additionally waits (the job snoozes) while its concurrency is used up.
 //!
 //! The common start, where every gate passes on reads without locks and none needs a lock to
-//! decide, is one statement that also completes this job and hands the first step over
-//! (`start_at_once`); every other start, and every refusal, is decided and recorded in one
-//! transaction under the execution's row lock.
+//! decide, is one read of everything the gates look at and one statement that also completes
+//! this job and hands the first step over (`start_at_once`); every other start, and every
+//! refusal, is decided and recorded in one transaction under the execution's row lock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,9 +227,14 @@ fn started_entry(
 /// [`handle`] then decides and records it.
 async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<bool, JobError> {
     let mut conn = ctx.pool().acquire().await?;
-    let Some(row) = store::executions::execution_get(&mut conn, execution_id).await? else {
+    let now = Utc::now();
+    // The execution and what every gate reads, in one round trip.
+    let Some(facts) =
+        store::executions::execution_start_facts(&mut conn, execution_id, now).await?
+    else {
         return Ok(false);
     };
+    let row = facts.row;
     if row.status != "pending" && row.status != "approved" {
         return Ok(false);
     }
@@ -240,39 +245,36 @@ async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<boo
     if needs_lock || transition(state_of(&row), &Event::GatesPassed).is_err() {
         return Ok(false);
     }
-    if runbook_status(&mut conn, snapshot.id).await?.as_deref() != Some("active") {
+    // The facts were read for the execution's runbook, which is the snapshot's.
+    if row.runbook_id != Some(snapshot.id) || facts.runbook_status.as_deref() != Some("active") {
         return Ok(false);
     }
-    let server_facts = match row.server_id {
-        Some(id) => store::blackouts::blackout_server_facts(&mut conn, id).await?,
-        None => None,
-    };
-    if !snapshot
-        .allows_server(server_facts.as_ref())
-        .unwrap_or(false)
+    if row.server_id.is_some() != facts.server.is_some()
+        || !snapshot
+            .allows_server(facts.server.as_ref())
+            .unwrap_or(false)
     {
         return Ok(false);
     }
-    let now = Utc::now();
-    let runbook_facts = crate::domain::blackout::RunbookFacts {
-        id: snapshot.id,
-        category: snapshot.category.clone(),
-    };
-    if !store::blackouts::blackout_active_for(
-        &mut conn,
-        Some(&runbook_facts),
-        server_facts.as_ref(),
-        now,
-    )
-    .await?
-    .is_empty()
-    {
-        return Ok(false);
+    // Windows are read and evaluated only when some enabled one has begun.
+    if facts.blackout_windows_begun {
+        let runbook_facts = crate::domain::blackout::RunbookFacts {
+            id: snapshot.id,
+            category: snapshot.category.clone(),
+        };
+        if !store::blackouts::blackout_active_for(
+            &mut conn,
+            Some(&runbook_facts),
+            facts.server.as_ref(),
+            now,
+        )
+        .await?
+        .is_empty()
+        {
+            return Ok(false);
+        }
     }
-    if !matches!(
-        store::breakers::breaker_peek(&mut conn, snapshot.id).await?,
-        Some((state, _)) if state == "closed"
-    ) {
+    if !matches!(&facts.breaker, Some((state, _)) if state == "closed") {
         return Ok(false);
     }
     drop(conn);

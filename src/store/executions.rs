@@ -246,6 +246,78 @@ pub async fn execution_get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Opt
     )
 }
 
+/// What the gates of an execution's start read without locks, in one round trip: the execution,
+/// its runbook's current status, its server's selector facts, whether any enabled blackout
+/// window has begun (only then need the windows be read and evaluated), and the state of its
+/// runbook's circuit breaker.
+#[derive(Debug, Clone)]
+pub struct StartFacts {
+    /// The execution.
+    pub row: ExecutionRow,
+    /// `runbooks.status` of `row.runbook_id` (`None`: the runbook is gone).
+    pub runbook_status: Option<String>,
+    /// The server's selector facts (`None`: no server, or it is gone).
+    pub server: Option<crate::domain::blackout::ServerFacts>,
+    /// Some enabled blackout window has begun (it may be over or not cover this run).
+    pub blackout_windows_begun: bool,
+    /// The breaker's state and consecutive failures (`None`: no breaker row).
+    pub breaker: Option<(String, i32)>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StartFactsRow {
+    #[sqlx(flatten)]
+    row: ExecutionRow,
+    gate_runbook_status: Option<String>,
+    gate_server_id: Option<Uuid>,
+    gate_server_tags: Option<Value>,
+    gate_server_environment: Option<String>,
+    gate_server_name: Option<String>,
+    gate_blackouts_begun: bool,
+    gate_breaker_state: Option<String>,
+    gate_breaker_failures: Option<i32>,
+}
+
+/// Reads the [`StartFacts`] of execution `id` at `now`.
+pub async fn execution_start_facts(
+    conn: &mut PgConnection,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> StoreResult<Option<StartFacts>> {
+    let found = sqlx::query_as::<_, StartFactsRow>(concat!(
+        "SELECT e.*, \
+           (SELECT status::text FROM runbooks WHERE id = e.runbook_id) AS gate_runbook_status, \
+           s.id AS gate_server_id, s.tags AS gate_server_tags, \
+           s.environment AS gate_server_environment, s.name AS gate_server_name, \
+           EXISTS (SELECT 1 FROM blackout_windows WHERE enabled AND start_time <= $2) \
+             AS gate_blackouts_begun, \
+           b.state::text AS gate_breaker_state, b.failure_count AS gate_breaker_failures \
+         FROM (",
+        select_execution!("WHERE id = $1"),
+        ") e \
+         LEFT JOIN server_credentials s ON s.id = e.server_id \
+         LEFT JOIN circuit_breakers b ON b.runbook_id = e.runbook_id"
+    ))
+    .bind(id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await?;
+    Ok(found.map(|f| StartFacts {
+        row: f.row,
+        runbook_status: f.gate_runbook_status,
+        server: f
+            .gate_server_id
+            .map(|id| crate::domain::blackout::ServerFacts {
+                id,
+                tags: f.gate_server_tags.unwrap_or(Value::Null),
+                environment: f.gate_server_environment,
+                name: f.gate_server_name,
+            }),
+        blackout_windows_begun: f.gate_blackouts_begun,
+        breaker: f.gate_breaker_state.zip(f.gate_breaker_failures),
+    }))
+}
+
 /// Locks one execution for the rest of the transaction.
 pub async fn execution_lock(
     conn: &mut PgConnection,
