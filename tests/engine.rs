@@ -7,10 +7,8 @@ use std::path::PathBuf;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("aiops-engine-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch() -> common::Scratch {
+    common::Scratch::new("engine")
 }
 
 /// The state of the runbook deadline's timer job of execution `id`.

@@ -16,8 +16,7 @@ use serde_json::json;
 #[tokio::test]
 async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     let app = common::spawn_app().await;
-    let dir = std::env::temp_dir().join(format!("aiops-crash-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("crash");
     let file = dir.join("steps");
     let yaml = common::appending_runbook("crash-me", &file, 4);
     let runbook = app.runbook_from_yaml(&yaml).await;
@@ -62,8 +61,7 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
 #[tokio::test]
 async fn a_killed_workers_local_commands_die_with_it() {
     let app = common::spawn_app().await;
-    let dir = std::env::temp_dir().join(format!("aiops-orphan-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("orphan");
     let pidfile = dir.join("pid");
     let runbook = app
         .runbook_from_yaml(&common::background_sleep_runbook("orphan-me", &pidfile))
@@ -108,8 +106,7 @@ async fn a_killed_workers_local_commands_die_with_it() {
 #[tokio::test]
 async fn a_worker_stopping_mid_step_kills_the_command_and_releases_the_step() {
     let app = common::spawn_app().await;
-    let dir = std::env::temp_dir().join(format!("aiops-stop-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("stop");
     let pidfile = dir.join("pid");
     let runbook = app
         .runbook_from_yaml(&common::background_sleep_runbook("stop-me", &pidfile))

@@ -245,7 +245,8 @@ async fn a_sensitive_steps_captured_output_reaches_later_steps_sealed() {
     let worker = common::TestWorker::start(&app.pool).await;
     // The value exists only in a file on the host: the runbook holds its path, not the value.
     let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
-    let file = std::env::temp_dir().join(format!("aiops-token-{}", uuid::Uuid::new_v4()));
+    let dir = common::Scratch::new("token");
+    let file = dir.join("token");
     std::fs::write(&file, format!("{token}\n")).unwrap();
     let runbook = app
         .runbook_from_yaml(&format!(
@@ -276,6 +277,5 @@ async fn a_sensitive_steps_captured_output_reaches_later_steps_sealed() {
     .unwrap();
     assert!(sealed.is_some_and(|e| e.starts_with("v1:test:")));
     assert_not_stored(&app.pool, &token).await;
-    let _ = std::fs::remove_file(&file);
     drop(worker);
 }

@@ -8,10 +8,8 @@ use serde_json::{Value, json};
 
 const TERMINAL: &[&str] = common::FINISHED;
 
-fn scratch() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("aiops-steps-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch() -> common::Scratch {
+    common::Scratch::new("steps")
 }
 
 #[tokio::test]

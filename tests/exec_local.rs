@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+mod common;
 mod procs;
 
 use aiops::exec::local::LocalExecutor;
@@ -117,8 +118,7 @@ async fn output_is_capped_with_a_marker_and_streamed_live() {
 
 #[tokio::test]
 async fn timeout_kills_the_process_group() {
-    let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("local");
     let pidfile = dir.join("pid");
     let mut req = request(&format!(
         "sleep 300 & echo $! > {}; wait",
@@ -136,8 +136,7 @@ async fn timeout_kills_the_process_group() {
 
 #[tokio::test]
 async fn an_abandoned_run_kills_the_process_group() {
-    let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("local");
     let pidfile = dir.join("pid");
     let req = request(&format!(
         "sleep 300 & echo $! > {}; wait",
@@ -162,8 +161,7 @@ async fn an_abandoned_run_kills_the_process_group() {
 
 #[tokio::test]
 async fn cancellation_kills_mid_command() {
-    let dir = std::env::temp_dir().join(format!("aiops-local-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::Scratch::new("local");
     let pidfile = dir.join("pid");
     let req = request(&format!(
         "echo started; sleep 300 & echo $! > {}; wait",

@@ -23,6 +23,33 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 static SERVER_URL: OnceLock<String> = OnceLock::new();
 
+/// A fresh directory under the system temp dir for one test's files (`aiops-<tag>-<uuid>`),
+/// removed with everything in it when dropped, also when the test fails.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("aiops-{tag}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
