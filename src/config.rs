@@ -378,6 +378,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9100);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.token_ttl, Duration::from_secs(60));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -390,6 +391,7 @@ mod tests {
         std::fs::write(&path, "lisen: 1\n").unwrap();
         let err = Config::from_sources(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -455,5 +455,6 @@ mod tests {
         assert!(Keyring::from_config(&Config::default()).unwrap().is_none());
         assert!(format!("{ring:?}").contains("older"));
         assert!(!format!("{ring:?}").contains(K1));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
