@@ -164,9 +164,47 @@ async fn executions_list_filters_and_paginates_newest_first() {
         assert!((400..500).contains(&status), "{query}: {status} {body}");
         assert_eq!(body["details"]["field"], field, "{query}: {body}");
     }
-    for query in ["since=yesterday", "server_id=web-1", "status=exploded"] {
-        let (status, body) = app.get(&format!("/executions?{query}")).await;
-        assert_eq!(status, 400, "{query}: {body}");
-        assert!(body["message"].is_string(), "{query}: {body}");
+    // Values that do not parse: the parameter as the API documents it, and why.
+    for (path, field, reason) in [
+        (
+            "/executions?since=yesterday",
+            "since",
+            "`yesterday` is not an RFC 3339 date-time (2026-01-31T12:00:00Z)",
+        ),
+        (
+            "/executions?server_id=web-1",
+            "server_id",
+            "`web-1` is not a UUID",
+        ),
+        (
+            "/executions?limit=ten",
+            "limit",
+            "`ten` is not a whole number",
+        ),
+        ("/executions/not-an-id", "id", "`not-an-id` is not a UUID"),
+        (
+            "/executions/not-an-id/steps",
+            "id",
+            "`not-an-id` is not a UUID",
+        ),
+    ] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "bad_request", "{path}: {body}");
+        assert_eq!(body["details"]["field"], field, "{path}: {body}");
+        assert_eq!(body["details"]["reason"], reason, "{path}: {body}");
+        assert_eq!(
+            body["message"],
+            format!("{field}: {reason}"),
+            "{path}: {body}"
+        );
     }
+    let (status, body) = app.get("/executions?status=exploded").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["details"]["field"], "status", "{body}");
+    let reason = body["details"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("must be one of ") && reason.contains("\"completed\""),
+        "{body}"
+    );
 }

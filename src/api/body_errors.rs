@@ -1,4 +1,4 @@
-//! Names the field of a JSON request body that failed to parse.
+//! Names the field of a JSON request body, or the path or query parameter, that failed to parse.
 //!
 //! poem-openapi refuses a body that does not fit its operation's schema with a message that
 //! names the Rust type and the JSON type it expected (`Expected input type "string", found
@@ -61,11 +61,99 @@ impl BodySchemas {
         .check(schema, &value, "")
     }
 
-    fn request_schema(&self, method: &str, path: &str) -> Option<&Value> {
-        let paths = self.spec.get("paths")?.as_object()?;
-        let (_, item) = paths
+    /// Why a path or query parameter of `method` on `path` (relative to the API prefix) was
+    /// refused, from poem-openapi's parse error `message` (`failed to parse path `param0`: ...`,
+    /// `failed to parse parameter `limit`: ...`): the parameter as the operation names it, and
+    /// what its value should be, quoting the value sent (`query` is the request's query string).
+    /// `None` for any other message.
+    pub fn parameter_problem(
+        &self,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        message: &str,
+    ) -> Option<Offence> {
+        let (template, item) = self.path_item(path)?;
+        let (name, raw) = if let Some(rest) = message.strip_prefix("failed to parse path `param") {
+            // poem-openapi numbers path parameters in the order of the path template.
+            let index: usize = rest.split('`').next()?.parse().ok()?;
+            let (position, segment) = template
+                .split('/')
+                .enumerate()
+                .filter(|(_, s)| s.starts_with('{') && s.ends_with('}'))
+                .nth(index)?;
+            let raw = path
+                .split('/')
+                .nth(position)
+                .map(|s| percent_decoded(s, false));
+            (segment[1..segment.len() - 1].to_owned(), raw)
+        } else if let Some(rest) = message.strip_prefix("failed to parse parameter `") {
+            let name = rest.split('`').next()?.to_owned();
+            let raw = query.and_then(|q| {
+                q.split('&').find_map(|pair| {
+                    let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decoded(key, true) == name).then(|| percent_decoded(value, true))
+                })
+            });
+            (name, raw)
+        } else {
+            return None;
+        };
+        let schema = item
+            .get(method.to_ascii_lowercase())?
+            .get("parameters")?
+            .as_array()?
             .iter()
-            .find(|(template, _)| path_matches(template, path))?;
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))?
+            .get("schema")?;
+        let walk = Walk {
+            spec: &self.spec,
+            unknown: None,
+        };
+        let schema = walk.resolve(schema);
+        let Some(raw) = raw else {
+            return offence(&name, "is required");
+        };
+        let shown: String = raw.chars().take(100).collect();
+        let value = match schema.get("type").and_then(Value::as_str) {
+            Some("integer") => match raw.parse::<i64>() {
+                Ok(n) => Value::from(n),
+                Err(_) => return offence(&name, format!("`{shown}` is not a whole number")),
+            },
+            Some("number") => match raw
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+            {
+                Some(n) => Value::Number(n),
+                None => return offence(&name, format!("`{shown}` is not a number")),
+            },
+            Some("boolean") => match raw.as_str() {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                _ => return offence(&name, format!("`{shown}` is not true or false")),
+            },
+            _ => Value::String(raw),
+        };
+        walk.check(schema, &value, &name).or_else(|| {
+            // The schema admits the value but poem-openapi did not: its own words.
+            let reason = message.split_once("`: ").map_or(message, |(_, r)| r);
+            offence(&name, reason)
+        })
+    }
+
+    /// The path template matching a request path, and its path item.
+    fn path_item(&self, path: &str) -> Option<(&str, &Value)> {
+        self.spec
+            .get("paths")?
+            .as_object()?
+            .iter()
+            .find(|(template, _)| path_matches(template, path))
+            .map(|(template, item)| (template.as_str(), item))
+    }
+
+    fn request_schema(&self, method: &str, path: &str) -> Option<&Value> {
+        let (_, item) = self.path_item(path)?;
         let content = item
             .get(method.to_ascii_lowercase())?
             .get("requestBody")?
@@ -76,6 +164,31 @@ impl BodySchemas {
             .find(|(kind, _)| kind.starts_with("application/json"))
             .and_then(|(_, media)| media.get("schema"))
     }
+}
+
+/// `%XX` escapes decoded (and, in a query, `+` as a space); invalid escapes kept as they are.
+fn percent_decoded(text: &str, plus_is_space: bool) -> String {
+    let bytes = text.as_bytes();
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
+            .flatten()
+            .and_then(|v| u8::try_from(v).ok());
+        match (escaped, bytes[i]) {
+            (Some(v), _) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (None, b'+') if plus_is_space => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether a path template (`/executions/{id}/approve`) matches a request path.
@@ -386,5 +499,77 @@ mod tests {
             None,
             "no such operation"
         );
+    }
+
+    #[test]
+    fn names_the_path_or_query_parameter_and_what_its_value_should_be() {
+        let spec = json!({
+            "paths": { "/things/{id}/versions/{version}": { "get": { "parameters": [
+                { "name": "id", "in": "path", "schema": { "type": "string", "format": "uuid" } },
+                { "name": "version", "in": "path",
+                  "schema": { "type": "integer", "format": "int32" } },
+                { "name": "state", "in": "query",
+                  "schema": { "$ref": "#/components/schemas/State" } },
+                { "name": "since", "in": "query",
+                  "schema": { "type": "string", "format": "date-time" } },
+                { "name": "all", "in": "query", "schema": { "type": "boolean" } }
+            ] } } },
+            "components": { "schemas": { "State": { "type": "string", "enum": ["on", "off"] } } }
+        });
+        let schemas = BodySchemas::new(&spec.to_string());
+        let id = "7d4c3c1e-52b4-4a8b-9a77-1d6a3c2b9e10";
+        let problem = |path: &str, query: Option<&str>, message: &str| {
+            schemas
+                .parameter_problem("GET", path, query, message)
+                .map(|o| (o.field.unwrap_or_default(), o.reason))
+        };
+        let uuid_error = "failed to parse path `param0`: failed to parse \"string_uuid\": invalid \
+                          character: found `n` at 0";
+        assert_eq!(
+            problem("/things/not-a-uuid/versions/1", None, uuid_error),
+            Some(("id".into(), "`not-a-uuid` is not a UUID".into()))
+        );
+        assert_eq!(
+            problem(
+                &format!("/things/{id}/versions/v2"),
+                None,
+                "failed to parse path `param1`: failed to parse \"integer_int32\": invalid digit"
+            ),
+            Some(("version".into(), "`v2` is not a whole number".into()))
+        );
+        let query_error = |name: &str| format!("failed to parse parameter `{name}`: bad");
+        let path = format!("/things/{id}/versions/1");
+        assert_eq!(
+            problem(&path, Some("all=1&state=bogus"), &query_error("state")),
+            Some(("state".into(), "must be one of \"on\", \"off\"".into()))
+        );
+        assert_eq!(
+            problem(&path, Some("since=next+tuesday%21"), &query_error("since")),
+            Some((
+                "since".into(),
+                "`next tuesday!` is not an RFC 3339 date-time (2026-01-31T12:00:00Z)".into()
+            ))
+        );
+        assert_eq!(
+            problem(&path, Some("all=yes"), &query_error("all")),
+            Some(("all".into(), "`yes` is not true or false".into()))
+        );
+        // A value the schema admits keeps poem-openapi's own reason.
+        assert_eq!(
+            problem(&path, Some("state=on"), &query_error("state")),
+            Some(("state".into(), "bad".into()))
+        );
+        assert_eq!(problem(&path, None, "some other error"), None);
+        assert_eq!(
+            problem("/elsewhere", Some("all=yes"), &query_error("all")),
+            None
+        );
+    }
+
+    #[test]
+    fn percent_escapes_are_decoded_and_plus_only_in_queries() {
+        assert_eq!(percent_decoded("a%20b+c%2", true), "a b c%2");
+        assert_eq!(percent_decoded("a%20b+c", false), "a b+c");
+        assert_eq!(percent_decoded("%zz%", false), "%zz%");
     }
 }

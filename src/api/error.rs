@@ -124,16 +124,11 @@ impl ApiError {
 
     /// 422 naming the field and the reason.
     pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
-        let reason = reason.into();
-        ApiError::Unprocessable(Json(ErrorBody {
-            code: "validation_failed".to_owned(),
-            message: format!("{field}: {reason}"),
-            details: Some(ErrorDetails {
-                field: Some(field.to_owned()),
-                reason: Some(reason),
-                ..Default::default()
-            }),
-        }))
+        ApiError::Unprocessable(Json(ErrorBody::field_problem(
+            "validation_failed",
+            Some(field),
+            reason.into(),
+        )))
     }
 
     /// 400 or 422 for a problem in a document body, with the field path and, when known, the
@@ -249,6 +244,24 @@ impl From<AuthError> for ApiError {
                 ApiError::Forbidden(body("forbidden", e.to_string(), None))
             }
             AuthError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl ErrorBody {
+    /// A body naming `field` (when known) and why it was refused; the message says both.
+    pub fn field_problem(code: &str, field: Option<&str>, reason: String) -> ErrorBody {
+        ErrorBody {
+            code: code.to_owned(),
+            message: match field {
+                Some(f) => format!("{f}: {reason}"),
+                None => reason.clone(),
+            },
+            details: Some(ErrorDetails {
+                field: field.map(str::to_owned),
+                reason: Some(reason),
+                ..Default::default()
+            }),
         }
     }
 }

@@ -245,6 +245,7 @@ pub fn app(state: AppState) -> impl Endpoint {
                 };
                 let method = req.method().as_str().to_owned();
                 let path = req.uri().path().to_owned();
+                let query = req.uri().query().map(str::to_owned);
                 let json_body = req
                     .content_type()
                     .is_some_and(|c| c.starts_with("application/json"));
@@ -256,7 +257,25 @@ pub fn app(state: AppState) -> impl Endpoint {
                         if status.is_server_error() {
                             tracing::error!(error = %err, "request failed");
                         }
-                        json_error(status, &error::poem_error_body(&err))
+                        let mut body = error::poem_error_body(&err);
+                        // A path or query parameter that did not parse: named as the
+                        // operation declares it, with what its value should be.
+                        let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
+                        if status == StatusCode::BAD_REQUEST
+                            && let Some(problem) = schemas.parameter_problem(
+                                &method,
+                                operation,
+                                query.as_deref(),
+                                &body.message,
+                            )
+                        {
+                            body = error::ErrorBody::field_problem(
+                                "bad_request",
+                                problem.field.as_deref(),
+                                problem.reason,
+                            );
+                        }
+                        json_error(status, &body)
                     }
                 };
                 if resp.status() != StatusCode::BAD_REQUEST || !json_body {
