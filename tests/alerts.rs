@@ -1510,16 +1510,28 @@ async fn trigger_time_windows_follow_the_configured_timezone() {
     let there = fire("WindowKiritimati").await;
     assert_eq!(there["match_outcome"]["decision"], "suggested", "{there}");
 
-    // A name that is not an IANA timezone: UTC, with a note saying so.
-    let (status, body) = app
-        .call(
-            Method::PUT,
-            "/system-config/alerts.timezone",
-            Some(&app.admin_token),
-            Some(json!({ "value": "Mars/Olympus_Mons" })),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    // The API refuses a name that is not an IANA timezone, and keeps the setting it had.
+    for value in [json!("Mars/Olympus_Mons"), json!(14)] {
+        let (status, body) = app
+            .call(
+                Method::PUT,
+                "/system-config/alerts.timezone",
+                Some(&app.admin_token),
+                Some(json!({ "value": value })),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["details"]["field"], "value", "{body}");
+    }
+    let (_, kept) = app.get("/system-config/alerts.timezone").await;
+    assert_eq!(kept["value"], "Pacific/Kiritimati", "{kept}");
+    // One that stopped being valid (written before, or dropped from the timezone database):
+    // UTC, with a note saying so.
+    sqlx::query("UPDATE system_config SET value_json = '\"Mars/Olympus_Mons\"' WHERE key = $1")
+        .bind("alerts.timezone")
+        .execute(&app.pool)
+        .await
+        .unwrap();
     let bad = fire("WindowBadZone").await;
     assert_eq!(
         bad["match_outcome"]["decision"], "no_trigger_matched",

@@ -67,6 +67,26 @@ fn validate_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Refuses a value the product would not understand for a key it reads (any other key takes any
+/// JSON value).
+fn validate_value(key: &str, value: &serde_json::Value) -> Result<(), ApiError> {
+    if key == store::alerts::ALERT_TIMEZONE_KEY {
+        let Some(name) = value.as_str() else {
+            return Err(ApiError::invalid(
+                "value",
+                format!("{key} must be a string naming an IANA timezone (Europe/Berlin)"),
+            ));
+        };
+        if name.parse::<chrono_tz::Tz>().is_err() {
+            return Err(ApiError::invalid(
+                "value",
+                format!("`{name}` is not an IANA timezone (Europe/Berlin, America/New_York, UTC)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// System configuration endpoints.
 pub struct SystemConfigApi {
     /// Shared state.
@@ -110,7 +130,8 @@ impl SystemConfigApi {
         Ok(Json(row.into()))
     }
 
-    /// Create or replace one setting.
+    /// Create or replace one setting. `alerts.timezone` (the timezone of trigger time windows)
+    /// must be an IANA timezone name; other keys take any JSON value.
     ///
     /// Least role: admin.
     #[oai(path = "/:key", method = "put", operation_id = "config_put")]
@@ -124,6 +145,7 @@ impl SystemConfigApi {
     ) -> Result<Json<ConfigEntry>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Admin).await?;
         validate_key(&key.0)?;
+        validate_value(&key.0, &body.0.value)?;
         let mut tx = self.state.pool.begin().await?;
         let (row, previous) = store::system_config::config_put(
             &mut tx,

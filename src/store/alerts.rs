@@ -654,11 +654,15 @@ pub async fn server_candidates_all(conn: &mut PgConnection) -> StoreResult<Vec<S
     .await?)
 }
 
-/// The configured timezone of trigger time windows (`system_config` key `alerts.timezone`, a
-/// JSON string), if set.
+/// The `system_config` key of the timezone trigger time windows are read in (a JSON string, an
+/// IANA timezone name).
+pub const ALERT_TIMEZONE_KEY: &str = "alerts.timezone";
+
+/// The configured timezone of trigger time windows ([`ALERT_TIMEZONE_KEY`]), if set.
 pub async fn alert_timezone_setting(conn: &mut PgConnection) -> StoreResult<Option<String>> {
     let value: Option<Value> =
-        sqlx::query_scalar("SELECT value_json FROM system_config WHERE key = 'alerts.timezone'")
+        sqlx::query_scalar("SELECT value_json FROM system_config WHERE key = $1")
+            .bind(ALERT_TIMEZONE_KEY)
             .fetch_optional(conn)
             .await?;
     Ok(value.and_then(|v| v.as_str().map(str::to_owned)))
