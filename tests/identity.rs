@@ -557,7 +557,25 @@ async fn errors_share_one_json_body_and_bodies_are_limited() {
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "not_found");
-    assert!(body["message"].is_string());
+    assert_eq!(
+        body["message"], "no endpoint GET /api/v1/no-such-thing",
+        "{body}"
+    );
+    // A route that exists, with a method it does not take.
+    let resp = app
+        .client
+        .delete(app.api("/executions"))
+        .bearer_auth(&app.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed");
+    assert_eq!(
+        body["message"], "/api/v1/executions does not take DELETE",
+        "{body}"
+    );
 
     let resp = app
         .client

@@ -258,6 +258,12 @@ pub fn app(state: AppState) -> impl Endpoint {
                             tracing::error!(error = %err, "request failed");
                         }
                         let mut body = error::poem_error_body(&err);
+                        // No such route, or not with this method: say which request it was.
+                        if err.is::<poem::error::NotFoundError>() {
+                            body.message = format!("no endpoint {method} {path}");
+                        } else if err.is::<poem::error::MethodNotAllowedError>() {
+                            body.message = format!("{path} does not take {method}");
+                        }
                         // A path or query parameter that did not parse: named as the
                         // operation declares it, with what its value should be.
                         let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
