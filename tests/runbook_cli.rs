@@ -7,10 +7,6 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_aiops");
 
-fn temp_dir(tag: &str) -> common::Scratch {
-    common::Scratch::new(tag)
-}
-
 fn aiops(dir: &Path, database_url: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
@@ -34,7 +30,7 @@ const GOOD: &str = "name: cli-one\nsteps:\n  - name: a\n    command: echo {{ ale
 
 #[test]
 fn validate_prints_file_line_column() {
-    let dir = temp_dir("rb-validate");
+    let dir = common::Scratch::new("rb-validate");
     std::fs::write(dir.join("good.yaml"), GOOD).unwrap();
     std::fs::write(
         dir.join("bad.yaml"),
@@ -74,7 +70,7 @@ fn validate_prints_file_line_column() {
 
 #[test]
 fn diff_and_dry_run_work_offline() {
-    let dir = temp_dir("rb-offline");
+    let dir = common::Scratch::new("rb-offline");
     std::fs::write(dir.join("old.yaml"), GOOD).unwrap();
     std::fs::write(
         dir.join("new.yaml"),
@@ -114,7 +110,7 @@ async fn apply_folder_is_idempotent_prunes_on_request_and_exports() {
     let url = common::fresh_database_url().await;
     let pool = aiops::store::connect(&url, 2).await.unwrap();
     aiops::store::migrate(&pool).await.unwrap();
-    let dir = temp_dir("rb-apply");
+    let dir = common::Scratch::new("rb-apply");
     let flows = dir.join("flows");
     std::fs::create_dir_all(&flows).unwrap();
     std::fs::write(flows.join("one.yaml"), GOOD).unwrap();

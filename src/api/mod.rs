@@ -246,6 +246,7 @@ pub fn app(state: AppState) -> impl Endpoint {
                 let method = req.method().as_str().to_owned();
                 let path = req.uri().path().to_owned();
                 let query = req.uri().query().map(str::to_owned);
+                let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path).to_owned();
                 let json_body = req
                     .content_type()
                     .is_some_and(|c| c.starts_with("application/json"));
@@ -257,38 +258,35 @@ pub fn app(state: AppState) -> impl Endpoint {
                         if status.is_server_error() {
                             tracing::error!(error = %err, "request failed");
                         }
-                        let mut body = error::poem_error_body(&err);
+                        let mut error_body = error::poem_error_body(&err);
                         // No such route, or not with this method: say which request it was.
-                        if err.is::<poem::error::NotFoundError>() {
-                            body.message = format!("no endpoint {method} {path}");
-                        } else if err.is::<poem::error::MethodNotAllowedError>() {
-                            body.message = format!("{path} does not take {method}");
-                        }
                         // A path or query parameter that did not parse: named as the
                         // operation declares it, with what its value should be.
-                        let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
-                        if status == StatusCode::BAD_REQUEST
+                        if err.is::<poem::error::NotFoundError>() {
+                            error_body.message = format!("no endpoint {method} {path}");
+                        } else if err.is::<poem::error::MethodNotAllowedError>() {
+                            error_body.message = format!("{path} does not take {method}");
+                        } else if status == StatusCode::BAD_REQUEST
                             && let Some(problem) = schemas.parameter_problem(
                                 &method,
-                                operation,
+                                &operation,
                                 query.as_deref(),
-                                &body.message,
+                                &error_body.message,
                             )
                         {
-                            body = error::ErrorBody::field_problem(
+                            error_body = error::ErrorBody::field_problem(
                                 "bad_request",
                                 problem.field.as_deref(),
                                 problem.reason,
                             );
                         }
-                        json_error(status, &body)
+                        json_error(status, &error_body)
                     }
                 };
                 if resp.status() != StatusCode::BAD_REQUEST || !json_body {
                     return Ok(resp);
                 }
-                let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
-                Ok(name_body_field(resp, &schemas, &method, operation, &body).await)
+                Ok(name_body_field(resp, &schemas, &method, &operation, &body).await)
             }
         })
 }

@@ -274,7 +274,7 @@ async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<boo
             return Ok(false);
         }
     }
-    if !matches!(&facts.breaker, Some((state, _)) if state == "closed") {
+    if facts.breaker_state.as_deref() != Some("closed") {
         return Ok(false);
     }
     drop(conn);

@@ -202,12 +202,22 @@ pub async fn blackout_server_facts(
             .bind(server_id)
             .fetch_optional(conn)
             .await?;
-    Ok(row.map(|(id, tags, environment, name)| ServerFacts {
+    Ok(row.map(|(id, tags, environment, name)| server_facts(id, tags, environment, Some(name))))
+}
+
+/// A server's selector facts from its `server_credentials` columns (`tags` NULL reads as none).
+pub(crate) fn server_facts(
+    id: Uuid,
+    tags: Option<Value>,
+    environment: Option<String>,
+    name: Option<String>,
+) -> ServerFacts {
+    ServerFacts {
         id,
         tags: tags.unwrap_or(Value::Null),
         environment,
-        name: Some(name),
-    }))
+        name,
+    }
 }
 
 /// The selector facts of every server, by name (fan-out by tags).
@@ -218,12 +228,7 @@ pub async fn blackout_all_server_facts(conn: &mut PgConnection) -> StoreResult<V
             .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, tags, environment, name)| ServerFacts {
-            id,
-            tags: tags.unwrap_or(Value::Null),
-            environment,
-            name: Some(name),
-        })
+        .map(|(id, tags, environment, name)| server_facts(id, tags, environment, Some(name)))
         .collect())
 }
 

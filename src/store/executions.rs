@@ -260,8 +260,8 @@ pub struct StartFacts {
     pub server: Option<crate::domain::blackout::ServerFacts>,
     /// Some enabled blackout window has begun (it may be over or not cover this run).
     pub blackout_windows_begun: bool,
-    /// The breaker's state and consecutive failures (`None`: no breaker row).
-    pub breaker: Option<(String, i32)>,
+    /// The state of the runbook's breaker (`None`: no breaker row).
+    pub breaker_state: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -275,7 +275,6 @@ struct StartFactsRow {
     gate_server_name: Option<String>,
     gate_blackouts_begun: bool,
     gate_breaker_state: Option<String>,
-    gate_breaker_failures: Option<i32>,
 }
 
 /// Reads the [`StartFacts`] of execution `id` at `now`.
@@ -291,7 +290,7 @@ pub async fn execution_start_facts(
            s.environment AS gate_server_environment, s.name AS gate_server_name, \
            EXISTS (SELECT 1 FROM blackout_windows WHERE enabled AND start_time <= $2) \
              AS gate_blackouts_begun, \
-           b.state::text AS gate_breaker_state, b.failure_count AS gate_breaker_failures \
+           b.state::text AS gate_breaker_state \
          FROM (",
         select_execution!("WHERE id = $1"),
         ") e \
@@ -305,16 +304,16 @@ pub async fn execution_start_facts(
     Ok(found.map(|f| StartFacts {
         row: f.row,
         runbook_status: f.gate_runbook_status,
-        server: f
-            .gate_server_id
-            .map(|id| crate::domain::blackout::ServerFacts {
+        server: f.gate_server_id.map(|id| {
+            super::blackouts::server_facts(
                 id,
-                tags: f.gate_server_tags.unwrap_or(Value::Null),
-                environment: f.gate_server_environment,
-                name: f.gate_server_name,
-            }),
+                f.gate_server_tags,
+                f.gate_server_environment,
+                f.gate_server_name,
+            )
+        }),
         blackout_windows_begun: f.gate_blackouts_begun,
-        breaker: f.gate_breaker_state.zip(f.gate_breaker_failures),
+        breaker_state: f.gate_breaker_state,
     }))
 }
 
