@@ -154,15 +154,16 @@ async fn executions_list_filters_and_paginates_newest_first() {
     assert_eq!(past_the_end["total"], 7);
     assert!(ids(&past_the_end).is_empty());
 
-    // Bad parameters name the field.
-    for (query, field) in [
-        ("limit=0", "limit"),
-        ("limit=501", "limit"),
-        ("offset=-1", "offset"),
+    // Values outside the bounds the document declares name the field and the bounds.
+    for (query, field, reason) in [
+        ("limit=0", "limit", "must be between 1 and 500, not 0"),
+        ("limit=501", "limit", "must be between 1 and 500, not 501"),
+        ("offset=-1", "offset", "must be >= 0, not -1"),
     ] {
         let (status, body) = app.get(&format!("/executions?{query}")).await;
-        assert!((400..500).contains(&status), "{query}: {status} {body}");
+        assert_eq!(status, 400, "{query}: {body}");
         assert_eq!(body["details"]["field"], field, "{query}: {body}");
+        assert_eq!(body["details"]["reason"], reason, "{query}: {body}");
     }
     // Values that do not parse: the parameter as the API documents it, and why.
     for (path, field, reason) in [

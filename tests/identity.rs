@@ -397,7 +397,7 @@ async fn users_crud_validation_conflicts_and_audit() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(page["total"], 2);
     let (status, body) = app.get("/users?limit=0").await;
-    assert_eq!(status, 422);
+    assert_eq!(status, 400);
     assert_eq!(body["details"]["field"], "limit");
 
     let (status, updated) = app
@@ -573,9 +573,41 @@ async fn errors_share_one_json_body_and_bodies_are_limited() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "method_not_allowed");
     assert_eq!(
-        body["message"], "/api/v1/executions does not take DELETE",
+        body["message"], "/api/v1/executions does not take DELETE (it takes GET, POST, HEAD)",
         "{body}"
     );
+    assert_eq!(
+        resp_allow(&app, Method::DELETE, "/executions").await,
+        "GET, POST, HEAD"
+    );
+    // A literal path beside a parameter one (`/runbooks/import`, `/runbooks/{id}`) answers
+    // with its own methods, as the router chooses it.
+    assert_eq!(
+        resp_allow(&app, Method::GET, "/runbooks/import").await,
+        "POST"
+    );
+
+    // A body without a type, or of a type the operation does not take: 415 naming the types
+    // it takes.
+    for content_type in [None, Some("text/plain")] {
+        let mut req = app
+            .client
+            .post(app.api("/users"))
+            .bearer_auth(&app.admin_token)
+            .body("{}");
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 415, "{content_type:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], "unsupported_media_type");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.ends_with("; it takes application/json; charset=utf-8"),
+            "{body}"
+        );
+    }
 
     let resp = app
         .client
@@ -589,6 +621,23 @@ async fn errors_share_one_json_body_and_bodies_are_limited() {
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "bad_request");
+    // No field to name: the key is left out, as the document declares, never `null`.
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not JSON"),
+        "{body}"
+    );
+    assert_eq!(
+        body["details"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["reason"],
+        "{body}"
+    );
 
     let big = json!({ "value": "x".repeat(4096) });
     let resp = app
@@ -667,4 +716,22 @@ async fn login_attempts_older_than_the_retention_are_pruned_by_their_scheduled_j
         .collect();
     assert_eq!(expected.len(), 2);
     assert_eq!(left, expected, "only attempts older than 7 days went");
+}
+
+/// The `Allow` header of the 405 that `method` on `path` (under the API prefix) answers.
+async fn resp_allow(app: &common::TestApp, method: Method, path: &str) -> String {
+    let resp = app
+        .client
+        .request(method, app.api(path))
+        .bearer_auth(&app.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405, "{path}");
+    resp.headers()
+        .get("allow")
+        .expect("a 405 says what the path takes")
+        .to_str()
+        .unwrap()
+        .to_owned()
 }

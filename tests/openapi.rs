@@ -57,7 +57,22 @@ fn operation_ids_are_noun_verb_and_errors_are_declared() {
                 needed.push("404");
             }
             if op.get("requestBody").is_some() {
-                needed.push("413");
+                needed.extend(["413", "415"]);
+            }
+            // Page bounds are part of the contract, so generated clients can check them.
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                let bounds = (&param["schema"]["minimum"], &param["schema"]["maximum"]);
+                let expected = match param["name"].as_str() {
+                    Some("limit") => (Value::from(1.0), Value::from(500.0)),
+                    Some("offset") => (Value::from(0.0), Value::Null),
+                    _ => continue,
+                };
+                if (bounds.0, bounds.1) != (&expected.0, &expected.1) {
+                    problems.push(format!(
+                        "{id}: {} declares bounds {bounds:?}",
+                        param["name"]
+                    ));
+                }
             }
             for code in needed {
                 if !responses.contains_key(code) {

@@ -82,8 +82,10 @@ impl AuditApi {
         /// Entries before this time.
         until: Query<Option<DateTime<Utc>>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<AuditPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;

@@ -342,8 +342,10 @@ impl BlackoutsApi {
         /// Only enabled (true) or disabled (false) windows.
         enabled: Query<Option<bool>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<BlackoutWindowPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;

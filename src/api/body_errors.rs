@@ -142,13 +142,45 @@ impl BodySchemas {
         })
     }
 
-    /// The path template matching a request path, and its path item.
+    /// The methods the path (relative to the API prefix) takes, upper-case, in the document's
+    /// order, with `HEAD` wherever `GET` is (the router answers it): the `Allow` header of a 405.
+    pub fn allowed_methods(&self, path: &str) -> Vec<String> {
+        let Some((_, item)) = self.path_item(path) else {
+            return Vec::new();
+        };
+        let mut methods: Vec<String> = item
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .filter(|k| HTTP_METHODS.contains(&k.as_str()))
+            .map(|k| k.to_ascii_uppercase())
+            .collect();
+        if methods.iter().any(|m| m == "GET") {
+            methods.push("HEAD".to_owned());
+        }
+        methods
+    }
+
+    /// The media types the request body of `method` on `path` may have, as the document
+    /// declares them; empty when the operation takes no body.
+    pub fn body_media_types(&self, method: &str, path: &str) -> Vec<String> {
+        self.path_item(path)
+            .and_then(|(_, item)| item.get(method.to_ascii_lowercase()))
+            .and_then(|op| op.get("requestBody")?.get("content")?.as_object())
+            .map(|content| content.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The path template matching a request path, and its path item. Where several match
+    /// (`/runbooks/import` and `/runbooks/{id}`), the one with the fewest parameters, as the
+    /// router chooses.
     fn path_item(&self, path: &str) -> Option<(&str, &Value)> {
         self.spec
             .get("paths")?
             .as_object()?
             .iter()
-            .find(|(template, _)| path_matches(template, path))
+            .filter(|(template, _)| path_matches(template, path))
+            .min_by_key(|(template, _)| template.matches('{').count())
             .map(|(template, item)| (template.as_str(), item))
     }
 
@@ -165,6 +197,11 @@ impl BodySchemas {
             .and_then(|(_, media)| media.get("schema"))
     }
 }
+
+/// The keys of an OpenAPI path item that are operations.
+const HTTP_METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
 
 /// `%XX` escapes decoded (and, in a query, `+` as a space); invalid escapes kept as they are.
 fn percent_decoded(text: &str, plus_is_space: bool) -> String {
@@ -211,7 +248,10 @@ struct Walk<'a> {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
+    if key.is_empty() {
+        // A field named by the empty string still gets a path that says which one it was.
+        format!("{path}[\"\"]")
+    } else if path.is_empty() {
         key.to_owned()
     } else {
         format!("{path}.{key}")
@@ -320,9 +360,22 @@ impl<'a> Walk<'a> {
                     Some("int16") => (i64::from(i16::MIN), i64::from(i16::MAX)),
                     _ => (i64::MIN, i64::MAX),
                 };
-                (!(low..=high).contains(&n))
-                    .then(|| offence(path, format!("{n} is out of range ({low} to {high})")))
-                    .flatten()
+                if !(low..=high).contains(&n) {
+                    return offence(path, format!("{n} is out of range ({low} to {high})"));
+                }
+                let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
+                match (bound("minimum"), bound("maximum")) {
+                    (Some(min), Some(max)) if !(min..=max).contains(&(n as f64)) => {
+                        offence(path, format!("must be between {min} and {max}, not {n}"))
+                    }
+                    (Some(min), None) if (n as f64) < min => {
+                        offence(path, format!("must be >= {min}, not {n}"))
+                    }
+                    (None, Some(max)) if (n as f64) > max => {
+                        offence(path, format!("must be <= {max}, not {n}"))
+                    }
+                    _ => None,
+                }
             }
             Some("number") if !value.is_number() => {
                 offence(path, format!("must be a number, not {}", json_type(value)))
@@ -487,6 +540,10 @@ mod tests {
         assert_eq!(
             field(json!({ "id": id, "count": 1, "cuont": 2 }), Some("cuont")),
             Some((Some("cuont".into()), "is not a known field".into()))
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "": 2 }), Some("")),
+            Some((Some("[\"\"]".into()), "is not a known field".into()))
         );
         assert_eq!(
             field(json!([1]), None),

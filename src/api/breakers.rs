@@ -139,8 +139,10 @@ impl BreakersApi {
         /// Only breakers in this state.
         state: Query<Option<CircuitStateName>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<CircuitBreakerPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;

@@ -56,6 +56,9 @@ pub enum ApiError {
     /// The request body exceeds the configured size limit.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The request body is not of a media type the operation takes (see its `requestBody`).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The request parsed but a field is invalid.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
@@ -100,6 +103,9 @@ fn bad_request_from_parse(err: poem::Error) -> ApiError {
     let message = err.to_string();
     if err.status() == poem::http::StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::PayloadTooLarge(body("payload_too_large", message, None));
+    }
+    if err.status() == poem::http::StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        return ApiError::UnsupportedMediaType(body("unsupported_media_type", message, None));
     }
     if err.status() == poem::http::StatusCode::UNAUTHORIZED {
         return ApiError::Unauthorized(body("unauthorized", message, None));
@@ -182,6 +188,7 @@ impl ApiError {
             ApiError::NotFound(_) => 404,
             ApiError::Conflict(_) => 409,
             ApiError::PayloadTooLarge(_) => 413,
+            ApiError::UnsupportedMediaType(_) => 415,
             ApiError::Unprocessable(_) => 422,
             ApiError::TooManyRequests(_) => 429,
             ApiError::Internal(_) => 500,

@@ -547,8 +547,10 @@ impl ExecutionsApi {
         /// Only this fan-out batch.
         batch_id: Query<Option<Uuid>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<ExecutionPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;

@@ -233,8 +233,10 @@ impl JobsApi {
         /// Only jobs in this state.
         state: Query<Option<JobState>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<JobPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Operator).await?;
@@ -419,8 +421,10 @@ impl JobsApi {
         req: &Request,
         auth: BearerAuth,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<QueueWorkerPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Operator).await?;

@@ -179,11 +179,10 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     json_error(status, &body)
 }
 
+/// The error body exactly as the handlers' errors write it (absent details are left out, never
+/// `null`, as the document declares).
 fn json_error(status: StatusCode, body: &error::ErrorBody) -> Response {
-    let mut value = serde_json::json!({ "code": body.code, "message": body.message });
-    if let Some(d) = &body.details {
-        value["details"] = serde_json::json!({ "field": d.field, "reason": d.reason });
-    }
+    let value = poem_openapi::types::ToJSON::to_json(body).unwrap_or_default();
     poem::web::Json(value).with_status(status).into_response()
 }
 
@@ -265,7 +264,18 @@ pub fn app(state: AppState) -> impl Endpoint {
                         if err.is::<poem::error::NotFoundError>() {
                             error_body.message = format!("no endpoint {method} {path}");
                         } else if err.is::<poem::error::MethodNotAllowedError>() {
-                            error_body.message = format!("{path} does not take {method}");
+                            let allowed = schemas.allowed_methods(&operation).join(", ");
+                            error_body.message =
+                                format!("{path} does not take {method} (it takes {allowed})");
+                            let mut resp = json_error(status, &error_body);
+                            if let Ok(value) = allowed.parse() {
+                                resp.headers_mut().insert(poem::http::header::ALLOW, value);
+                            }
+                            return Ok(resp);
+                        } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                            let takes = schemas.body_media_types(&method, &operation).join(", ");
+                            error_body.message =
+                                format!("{}; it takes {takes}", error_body.message);
                         } else if status == StatusCode::BAD_REQUEST
                             && let Some(problem) = schemas.parameter_problem(
                                 &method,

@@ -817,8 +817,10 @@ impl RunbooksApi {
         /// Target OS.
         target_os: Query<Option<OsName>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<RunbookPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
@@ -1014,8 +1016,10 @@ impl RunbooksApi {
         /// Runbook id.
         id: Path<Uuid>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<RunbookVersionPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;

@@ -469,8 +469,10 @@ impl ServersApi {
         /// Environment the server must be in.
         environment: Query<Option<String>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<ServerPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;

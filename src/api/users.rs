@@ -218,8 +218,10 @@ impl UsersApi {
         req: &Request,
         auth: BearerAuth,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
         /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> Result<Json<UserPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;
