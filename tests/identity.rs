@@ -664,6 +664,13 @@ async fn errors_share_one_json_body_and_bodies_are_limited() {
     assert_eq!(resp.status(), 200);
     let resp = app.client.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    // Swagger UI shows the document as served, closed request objects included.
+    let page = resp.text().await.unwrap();
+    let document = aiops::api::spec_json();
+    assert!(
+        page.contains(document.trim_end()),
+        "the docs embed the served document"
+    );
     let resp = app
         .client
         .get(app.api("/openapi.json"))
@@ -673,6 +680,12 @@ async fn errors_share_one_json_body_and_bodies_are_limited() {
     assert_eq!(resp.status(), 200);
     let spec: Value = resp.json().await.unwrap();
     assert_eq!(spec["info"]["title"], "aiops");
+    let document: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
+    assert_eq!(spec, document, "the served document is the committed one");
+    assert_eq!(
+        spec["components"]["schemas"]["ExecutionCreate"]["additionalProperties"],
+        false
+    );
     let (status, version) = app.call(Method::GET, "/version", None, None).await;
     assert_eq!(status, 200);
     assert_eq!(version["version"], aiops::VERSION);

@@ -33,13 +33,13 @@ const BODIES: &[(&str, &str)] = &[
     ("config_put", r#"{"value": {"enabled": true}}"#),
     (
         "execution_create",
-        r#"{"runbook_id": "00000000-0000-0000-0000-000000000001"}"#,
+        r#"{"runbook_id": "00000000-0000-0000-0000-000000000001", "servers": {"tags": ["role=web"]}}"#,
     ),
     ("execution_cancel", r#"{"reason": "rbac"}"#),
     ("execution_reject", r#"{"reason": "rbac"}"#),
     (
         "runbook_create",
-        r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}]}"#,
+        r#"{"name": "rbac-runbook", "steps": [{"name": "s", "command": "true"}], "triggers": [{"name": "t", "alert_name_pattern": "Node*"}]}"#,
     ),
     (
         "runbook_update",
@@ -60,7 +60,7 @@ const BODIES: &[(&str, &str)] = &[
     ("breaker_update", r#"{"failure_threshold": 3}"#),
     (
         "blackout_create",
-        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z"}"#,
+        r#"{"name": "rbac", "start_time": "2030-01-01T00:00:00Z", "end_time": "2030-01-01T01:00:00Z", "recurrence": "daily", "recurrence_pattern": {"timezone": "UTC"}, "affected_servers": {"tags": ["role=db"]}, "affected_runbooks": {"categories": ["disk"]}}"#,
     ),
     (
         "blackout_update",
@@ -68,7 +68,7 @@ const BODIES: &[(&str, &str)] = &[
     ),
     (
         "alertmanager_webhook_receive",
-        r#"{"version": "4", "status": "firing", "receiver": "aiops", "alerts": []}"#,
+        r#"{"version": "4", "status": "firing", "receiver": "aiops", "alerts": [{"status": "firing", "labels": {"alertname": "RbacProbe"}, "startsAt": "2030-01-01T00:00:00Z"}]}"#,
     ),
     ("webhook_token_create", r#"{"name": "rbac-alertmanager"}"#),
     (
@@ -245,4 +245,170 @@ async fn public_operations_are_only_version_and_login() {
         );
     }
     assert!(public.contains(&"auth_login".to_owned()));
+}
+
+/// The field every object of a request body gets in [`request_objects_refuse_fields_as_documented`].
+const EXTRA: &str = "zz_not_a_field";
+
+/// A component schema, through `$ref` and poem-openapi's `allOf: [{$ref}, {description}]`
+/// wrapper, with its component name when it has one.
+fn resolve<'a>(spec: &'a Value, mut schema: &'a Value) -> (Option<String>, &'a Value) {
+    let mut name = None;
+    loop {
+        if let Some(r) = schema["$ref"].as_str() {
+            let component = r.trim_start_matches("#/components/schemas/");
+            name = Some(component.to_owned());
+            schema = &spec["components"]["schemas"][component];
+        } else if let Some(first) = schema["allOf"].as_array().and_then(|a| a.first()) {
+            schema = first;
+        } else {
+            return (name, schema);
+        }
+    }
+}
+
+/// Every object in `value` that its schema describes as an object: its JSON pointer, its path as
+/// error bodies name fields (`steps[0]`), and its component name.
+fn objects(
+    spec: &Value,
+    schema: &Value,
+    value: &Value,
+    pointer: String,
+    path: String,
+    out: &mut Vec<(String, String, Option<String>)>,
+) {
+    let (name, schema) = resolve(spec, schema);
+    match value {
+        // Maps (`additionalProperties: {schema}`) take any key by design.
+        Value::Object(fields)
+            if schema["type"] == "object" && !schema["additionalProperties"].is_object() =>
+        {
+            out.push((pointer.clone(), path.clone(), name));
+            for (key, field) in fields {
+                if let Some(property) = schema["properties"].get(key) {
+                    let sub = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    objects(spec, property, field, format!("{pointer}/{key}"), sub, out);
+                }
+            }
+        }
+        Value::Array(items) if schema["type"] == "array" => {
+            for (i, item) in items.iter().enumerate() {
+                let sub = format!("{path}[{i}]");
+                objects(
+                    spec,
+                    &schema["items"],
+                    item,
+                    format!("{pointer}/{i}"),
+                    sub,
+                    out,
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The document says which request objects refuse fields they do not declare
+/// (`additionalProperties: false`), and the API does exactly that: every object of every
+/// operation's sample body, given one extra field, is refused with 400 naming it where the
+/// document closes the object, and taken where it leaves it open (the Alertmanager payload).
+/// Every closed object of the document is reached by some sample.
+#[tokio::test]
+async fn request_objects_refuse_fields_as_documented() {
+    let app = common::spawn_app().await;
+    let spec: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
+    let (status, created) = app
+        .call(
+            reqwest::Method::POST,
+            "/webhook-tokens",
+            Some(&app.admin_token),
+            Some(json!({ "name": "fields-probe" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let webhook_token = created["secret"].as_str().unwrap().to_owned();
+
+    let mut reached = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    for op in operations(&spec) {
+        let Some(body) = &op.body else { continue };
+        let item = &spec["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(_, item)| {
+                item.as_object()
+                    .unwrap()
+                    .values()
+                    .any(|o| o["operationId"] == op.id.as_str())
+            })
+            .unwrap()
+            .1;
+        let operation = &item[op.method.as_str().to_ascii_lowercase()];
+        let content = operation["requestBody"]["content"].as_object().unwrap();
+        let schema = &content
+            .iter()
+            .find(|(kind, _)| kind.starts_with("application/json"))
+            .unwrap()
+            .1["schema"];
+        let mut found = Vec::new();
+        objects(
+            &spec,
+            schema,
+            body,
+            String::new(),
+            String::new(),
+            &mut found,
+        );
+        assert!(!found.is_empty(), "{}: no object in its body", op.id);
+        let token = if op.id == "alertmanager_webhook_receive" {
+            webhook_token.as_str()
+        } else {
+            app.admin_token.as_str()
+        };
+        for (pointer, path, name) in found {
+            let name = name.unwrap_or_else(|| panic!("{}: {path:?} is an inline object", op.id));
+            let closed = spec["components"]["schemas"][&name]["additionalProperties"] == false;
+            let mut sent = body.clone();
+            sent.pointer_mut(&pointer)
+                .and_then(Value::as_object_mut)
+                .unwrap()
+                .insert(EXTRA.into(), json!(1));
+            let (status, answer) = app
+                .call(op.method.clone(), &op.path, Some(token), Some(sent))
+                .await;
+            let field = if path.is_empty() {
+                EXTRA.to_owned()
+            } else {
+                format!("{path}.{EXTRA}")
+            };
+            let refused = status == 400
+                && answer["details"]["field"] == field.as_str()
+                && answer["details"]["reason"] == "is not a known field";
+            if closed {
+                reached.insert(name.clone());
+            }
+            if refused != closed || (!closed && !(200..300).contains(&status)) {
+                failures.push(format!(
+                    "{} {field} ({name}, documented {}): {status} {answer}",
+                    op.id,
+                    if closed { "closed" } else { "open" }
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let documented: std::collections::BTreeSet<String> = spec["components"]["schemas"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s["additionalProperties"] == false)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let missed: Vec<_> = documented.difference(&reached).collect();
+    assert!(missed.is_empty(), "no sample body reaches {missed:?}");
 }

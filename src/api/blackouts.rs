@@ -55,6 +55,7 @@ fn recurrence_name(s: &str) -> RecurrenceName {
 
 /// Timezone, cron expression and end of a recurring series.
 #[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
 pub struct RecurrencePattern {
     /// IANA timezone of the wall-clock times (default UTC).
     #[oai(skip_serializing_if_is_none)]
@@ -69,6 +70,7 @@ pub struct RecurrencePattern {
 
 /// Which servers a window covers (union of the criteria; all empty = every server).
 #[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
 pub struct AffectedServers {
     /// Specific servers.
     #[oai(default)]
@@ -83,6 +85,7 @@ pub struct AffectedServers {
 
 /// Which runbooks a window covers (union; all empty = every runbook).
 #[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
 pub struct AffectedRunbooks {
     /// Specific runbooks.
     #[oai(default)]

@@ -30,8 +30,9 @@ impl BodySchemas {
     }
 
     /// Why `body` does not fit the JSON request schema of `method` on `path` (relative to the
-    /// API prefix). `unknown` is a field poem-openapi called unknown (objects that refuse
-    /// unknown fields do not say so in the document). `None` when the operation has no JSON
+    /// API prefix). `unknown` is a field poem-openapi called unknown (reported even where the
+    /// schema does not close the object; the served document closes every request object, see
+    /// [`super::document`]). `None` when the operation has no JSON
     /// body schema or the body fits it.
     pub fn diagnose(
         &self,

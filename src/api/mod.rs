@@ -12,6 +12,7 @@ pub mod blackouts;
 pub mod body_errors;
 pub mod breakers;
 pub mod context;
+pub mod document;
 pub mod error;
 pub mod executions;
 pub mod intake;
@@ -123,8 +124,14 @@ fn service(state: &AppState) -> OpenApiService<impl poem_openapi::OpenApi, ()> {
         .server(API_PREFIX)
 }
 
-/// The OpenAPI document the code emits, as pretty JSON. Needs no database.
+/// The OpenAPI document the code emits, as pretty JSON, as served and committed (see
+/// [`document`]). Needs no database.
 pub fn spec_json() -> String {
+    document::complete(&raw_spec_json())
+}
+
+/// poem-openapi's document, before [`document::complete`].
+pub(crate) fn raw_spec_json() -> String {
     // The lazy pool never connects, but sqlx needs a runtime to create it.
     let own_runtime = match tokio::runtime::Handle::try_current() {
         Ok(_) => None,
@@ -224,14 +231,22 @@ async fn limit_body(max: usize, mut req: Request) -> Result<(Request, bytes::Byt
 /// every error and the request body limit applied.
 pub fn app(state: AppState) -> impl Endpoint {
     let api = service(&state);
-    let spec = api.spec_endpoint();
-    let docs = api.swagger_ui();
-    let schemas = Arc::new(body_errors::BodySchemas::new(&api.spec()));
+    let raw = api.spec();
+    let document = document::complete(&raw);
+    // Swagger UI embeds the document it shows; it shows the completed one.
+    let docs_html = api.swagger_ui_html().replacen(&raw, &document, 1);
+    let schemas = Arc::new(body_errors::BodySchemas::new(&document));
+    let spec = poem::endpoint::make_sync(move |_| {
+        Response::builder()
+            .content_type("application/json")
+            .body(document.clone())
+    });
+    let docs = poem::endpoint::make_sync(move |_| poem::web::Html(docs_html.clone()));
     let max = state.config.max_body_bytes;
     Route::new()
         .nest(API_PREFIX, api)
         .at(format!("{API_PREFIX}/openapi.json"), spec)
-        .nest("/docs", docs)
+        .at("/docs", docs)
         .at("/healthz", get(healthz))
         .at("/readyz", get(readyz))
         .data(state)
