@@ -161,7 +161,8 @@ async fn executions_list_filters_and_paginates_newest_first() {
         ("offset=-1", "offset", "must be >= 0, not -1"),
     ] {
         let (status, body) = app.get(&format!("/executions?{query}")).await;
-        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(status, 422, "{query}: {body}");
+        assert_eq!(body["code"], "validation_failed", "{query}: {body}");
         assert_eq!(body["details"]["field"], field, "{query}: {body}");
         assert_eq!(body["details"]["reason"], reason, "{query}: {body}");
     }

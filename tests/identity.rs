@@ -397,7 +397,7 @@ async fn users_crud_validation_conflicts_and_audit() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(page["total"], 2);
     let (status, body) = app.get("/users?limit=0").await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 422);
     assert_eq!(body["details"]["field"], "limit");
 
     let (status, updated) = app
@@ -729,6 +729,111 @@ async fn login_attempts_older_than_the_retention_are_pruned_by_their_scheduled_j
         .collect();
     assert_eq!(expected.len(), 2);
     assert_eq!(left, expected, "only attempts older than 7 days went");
+}
+
+/// Bounds the document declares (lengths, item counts, numeric ranges) are refused through the
+/// real API with 422 naming the field and the bound, and nothing is stored.
+#[tokio::test]
+async fn declared_bounds_are_refused_naming_the_field() {
+    let app = common::spawn_app().await;
+    let spec: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
+    let server = &spec["components"]["schemas"]["ServerCreate"]["properties"];
+    assert_eq!(server["name"]["maxLength"], 100);
+    assert_eq!(server["tags"]["maxItems"], 50);
+    assert_eq!(server["port"]["maximum"], 65535.0);
+    assert_eq!(
+        spec["components"]["schemas"]["UserCreate"]["properties"]["password"]["minLength"],
+        12
+    );
+
+    let base = json!({ "name": "db-1", "hostname": "10.0.0.5", "username": "ops",
+                       "auth_type": "password", "password": "pw" });
+    let tags: Vec<String> = (0..51).map(|i| format!("t{i}")).collect();
+    let cases = [
+        (
+            "/servers",
+            json!({ "name": "n".repeat(101) }),
+            "name",
+            "must be 1 to 100 characters",
+        ),
+        (
+            "/servers",
+            json!({ "name": "" }),
+            "name",
+            "must be 1 to 100 characters",
+        ),
+        (
+            "/servers",
+            json!({ "tags": tags }),
+            "tags",
+            "must be at most 50 items, not 51",
+        ),
+        (
+            "/servers",
+            json!({ "port": 70000 }),
+            "port",
+            "must be between 1 and 65535, not 70000",
+        ),
+        (
+            "/users",
+            json!({ "username": "shorty", "email": "s@example.test", "password": "short",
+                    "role": "viewer" }),
+            "password",
+            "must be at least 12 characters",
+        ),
+    ];
+    for (path, change, field, reason) in cases {
+        let mut body = if path == "/servers" {
+            base.clone()
+        } else {
+            json!({})
+        };
+        for (k, v) in change.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, answer) = app
+            .call(Method::POST, path, Some(&app.admin_token), Some(body))
+            .await;
+        assert_eq!(status, 422, "{path} {field}: {answer}");
+        assert_eq!(answer["code"], "validation_failed", "{answer}");
+        assert_eq!(answer["details"]["field"], field, "{answer}");
+        assert_eq!(answer["details"]["reason"], reason, "{answer}");
+        assert_eq!(answer["message"], format!("{field}: {reason}"), "{answer}");
+    }
+    let servers: i64 = sqlx::query_scalar("SELECT count(*) FROM server_credentials")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE username = 'shorty'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!((servers, users), (0, 0), "nothing refused was stored");
+
+    // The same bound on a partial update, and on a type the bound does not fit: a 400.
+    let (status, answer) = app
+        .call(
+            Method::PATCH,
+            &format!("/circuit-breakers/{}", uuid::Uuid::new_v4()),
+            Some(&app.admin_token),
+            Some(json!({ "failure_threshold": 0 })),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(
+        answer["details"]["reason"], "must be >= 1, not 0",
+        "{answer}"
+    );
+    let (status, answer) = app
+        .call(
+            Method::PATCH,
+            &format!("/circuit-breakers/{}", uuid::Uuid::new_v4()),
+            Some(&app.admin_token),
+            Some(json!({ "failure_threshold": "many" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["details"]["field"], "failure_threshold", "{answer}");
 }
 
 /// The `Allow` header of the 405 that `method` on `path` (under the API prefix) answers.

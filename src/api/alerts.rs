@@ -286,6 +286,7 @@ impl From<RuleRow> for AlertRule {
 #[oai(deny_unknown_fields)]
 pub struct AlertRuleInput {
     /// Name (1 to 100 characters).
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub name: String,
     /// Evaluation order, lower first (default 100).
     pub priority: Option<i32>,

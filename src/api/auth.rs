@@ -42,8 +42,10 @@ pub struct LoginResponse {
 #[oai(deny_unknown_fields)]
 pub struct ApiTokenCreate {
     /// A label saying what the token is for (1 to 100 characters).
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub name: String,
     /// Lifetime in days; absent means it never expires.
+    #[oai(validator(minimum(value = "1"), maximum(value = "3650")))]
     pub expires_in_days: Option<u32>,
 }
 

@@ -100,6 +100,7 @@ pub struct AffectedRunbooks {
 #[oai(deny_unknown_fields)]
 pub struct BlackoutWindowInput {
     /// Name (1 to 200 characters).
+    #[oai(validator(min_length = 1, max_length = 200))]
     pub name: String,
     /// Purpose.
     pub description: Option<String>,

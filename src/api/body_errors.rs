@@ -19,6 +19,9 @@ pub struct BodySchemas {
 pub struct Offence {
     pub field: Option<String>,
     pub reason: String,
+    /// The value has the declared type but lies outside a declared bound (`minimum`,
+    /// `maxLength`, `maxItems`): a 422 like any other invalid value, not a 400.
+    pub out_of_bounds: bool,
 }
 
 impl BodySchemas {
@@ -46,6 +49,7 @@ impl BodySchemas {
             Ok(v) => v,
             Err(e) => {
                 return Some(Offence {
+                    out_of_bounds: false,
                     field: None,
                     reason: format!(
                         "the body is not JSON: {e} (line {}, column {})",
@@ -263,6 +267,37 @@ fn offence(path: &str, reason: impl Into<String>) -> Option<Offence> {
     Some(Offence {
         field: (!path.is_empty()).then(|| path.to_owned()),
         reason: reason.into(),
+        out_of_bounds: false,
+    })
+}
+
+fn out_of_bounds(path: &str, reason: impl Into<String>) -> Option<Offence> {
+    offence(path, reason).map(|o| Offence {
+        out_of_bounds: true,
+        ..o
+    })
+}
+
+/// What a declared pair of bounds asks for, when `n` breaks it: `between 1 and 500`,
+/// `>= 0`, `at most 100` (with `unit`, `1 to 100 characters`).
+fn bounds_reason(
+    low: Option<f64>,
+    high: Option<f64>,
+    n: f64,
+    unit: Option<&str>,
+) -> Option<String> {
+    let broken = low.is_some_and(|l| n < l) || high.is_some_and(|h| n > h);
+    if !broken {
+        return None;
+    }
+    Some(match (low, high, unit) {
+        (Some(l), Some(h), Some(u)) => format!("must be {l} to {h} {u}"),
+        (Some(l), None, Some(u)) => format!("must be at least {l} {u}"),
+        (None, Some(h), Some(u)) => format!("must be at most {h} {u}"),
+        (Some(l), Some(h), None) => format!("must be between {l} and {h}, not {n}"),
+        (Some(l), None, None) => format!("must be >= {l}, not {n}"),
+        (None, Some(h), None) => format!("must be <= {h}, not {n}"),
+        (None, None, _) => return None,
     })
 }
 
@@ -326,6 +361,13 @@ impl<'a> Walk<'a> {
                 let Value::Array(items) = value else {
                     return offence(path, format!("must be an array, not {}", json_type(value)));
                 };
+                let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
+                let count = items.len() as f64;
+                if let Some(reason) =
+                    bounds_reason(bound("minItems"), bound("maxItems"), count, Some("items"))
+                {
+                    return out_of_bounds(path, format!("{reason}, not {count}"));
+                }
                 let item_schema = schema.get("items")?;
                 items
                     .iter()
@@ -336,6 +378,16 @@ impl<'a> Walk<'a> {
                 let Value::String(s) = value else {
                     return offence(path, format!("must be a string, not {}", json_type(value)));
                 };
+                let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
+                let chars = s.chars().count() as f64;
+                if let Some(reason) = bounds_reason(
+                    bound("minLength"),
+                    bound("maxLength"),
+                    chars,
+                    Some("characters"),
+                ) {
+                    return out_of_bounds(path, reason);
+                }
                 match format {
                     Some("uuid") if uuid::Uuid::parse_str(s).is_err() => {
                         offence(path, format!("`{s}` is not a UUID"))
@@ -365,18 +417,8 @@ impl<'a> Walk<'a> {
                     return offence(path, format!("{n} is out of range ({low} to {high})"));
                 }
                 let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
-                match (bound("minimum"), bound("maximum")) {
-                    (Some(min), Some(max)) if !(min..=max).contains(&(n as f64)) => {
-                        offence(path, format!("must be between {min} and {max}, not {n}"))
-                    }
-                    (Some(min), None) if (n as f64) < min => {
-                        offence(path, format!("must be >= {min}, not {n}"))
-                    }
-                    (None, Some(max)) if (n as f64) > max => {
-                        offence(path, format!("must be <= {max}, not {n}"))
-                    }
-                    _ => None,
-                }
+                let reason = bounds_reason(bound("minimum"), bound("maximum"), n as f64, None);
+                out_of_bounds(path, reason?)
             }
             Some("number") if !value.is_number() => {
                 offence(path, format!("must be a number, not {}", json_type(value)))

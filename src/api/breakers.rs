@@ -97,10 +97,13 @@ impl From<BreakerRow> for CircuitBreaker {
 #[oai(deny_unknown_fields)]
 pub struct CircuitBreakerSettings {
     /// Consecutive failures before opening (> 0).
+    #[oai(validator(minimum(value = "1")))]
     pub failure_threshold: Option<i32>,
     /// Consecutive half-open successes before closing (> 0).
+    #[oai(validator(minimum(value = "1")))]
     pub success_threshold: Option<i32>,
     /// Seconds in open before half-open (> 0).
+    #[oai(validator(minimum(value = "1")))]
     pub reset_timeout_seconds: Option<i32>,
 }
 

@@ -95,6 +95,7 @@ pub struct ExecutionCreate {
     /// Every matching server gets its own execution.
     pub servers: Option<ServerSelectorInput>,
     /// Executions of one fan-out that may run at once (default 5).
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
     pub max_concurrency: Option<i32>,
     /// Variables; override the runbook's environment_vars of the same name.
     pub variables: Option<std::collections::BTreeMap<String, Value>>,

@@ -299,11 +299,15 @@ pub fn app(state: AppState) -> impl Endpoint {
                                 &error_body.message,
                             )
                         {
-                            error_body = error::ErrorBody::field_problem(
-                                "bad_request",
-                                problem.field.as_deref(),
-                                problem.reason,
-                            );
+                            let (status, code) = status_of(&problem);
+                            return Ok(json_error(
+                                status,
+                                &error::ErrorBody::field_problem(
+                                    code,
+                                    problem.field.as_deref(),
+                                    problem.reason,
+                                ),
+                            ));
                         }
                         json_error(status, &error_body)
                     }
@@ -314,6 +318,16 @@ pub fn app(state: AppState) -> impl Endpoint {
                 Ok(name_body_field(resp, &schemas, &method, &operation, &body).await)
             }
         })
+}
+
+/// A value outside the bounds the document declares is invalid (422), like the values handlers
+/// refuse; anything else that does not fit the document is a bad request (400).
+fn status_of(offence: &body_errors::Offence) -> (StatusCode, &'static str) {
+    if offence.out_of_bounds {
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    } else {
+        (StatusCode::BAD_REQUEST, "bad_request")
+    }
 }
 
 /// A 400 for a JSON body poem-openapi could not parse, with the field and the reason found by
@@ -344,21 +358,11 @@ async fn name_body_field(
     });
     match diagnosis {
         Some((parser, offence)) => {
-            let message = match &offence.field {
-                Some(field) => format!("{field}: {}", offence.reason),
-                None => offence.reason.clone(),
-            };
-            let body = error::ErrorBody {
-                code: "bad_request".to_owned(),
-                message,
-                details: Some(error::ErrorDetails {
-                    field: offence.field,
-                    reason: Some(offence.reason),
-                    ..Default::default()
-                }),
-            };
             tracing::debug!(parser = %parser, "request body refused");
-            json_error(StatusCode::BAD_REQUEST, &body)
+            let (status, code) = status_of(&offence);
+            let body =
+                error::ErrorBody::field_problem(code, offence.field.as_deref(), offence.reason);
+            json_error(status, &body)
         }
         None => {
             let mut rebuilt = Response::builder()

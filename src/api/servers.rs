@@ -179,12 +179,16 @@ impl From<ServerRow> for Server {
 #[oai(deny_unknown_fields)]
 pub struct ServerCreate {
     /// Unique friendly name, 1 to 100 characters.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub name: String,
     /// Host name or IP address, 1 to 255 characters, no spaces.
+    #[oai(validator(min_length = 1, max_length = 255))]
     pub hostname: String,
     /// Port, 1 to 65535 (default 22 for ssh, 5986 for winrm).
+    #[oai(validator(minimum(value = "1"), maximum(value = "65535")))]
     pub port: Option<i32>,
     /// Login name, 1 to 100 characters.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub username: String,
     /// Default linux.
     pub os_type: Option<OsType>,
@@ -205,10 +209,13 @@ pub struct ServerCreate {
     /// Default true.
     pub winrm_cert_validation: Option<bool>,
     /// AD domain, at most 100 characters.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub domain: Option<String>,
     /// Environment, 1 to 50 of letters, digits, `.`, `_`, `-`.
+    #[oai(validator(min_length = 1, max_length = 50))]
     pub environment: Option<String>,
     /// Tags, each 1 to 100 characters (`db`, `role=primary`), at most 50.
+    #[oai(validator(max_items = 50))]
     pub tags: Option<Vec<String>>,
 }
 
@@ -217,12 +224,16 @@ pub struct ServerCreate {
 #[oai(deny_unknown_fields)]
 pub struct ServerUpdate {
     /// New name.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub name: Option<String>,
     /// New host name (clears the pinned host key).
+    #[oai(validator(min_length = 1, max_length = 255))]
     pub hostname: Option<String>,
     /// New port (clears the pinned host key).
+    #[oai(validator(minimum(value = "1"), maximum(value = "65535")))]
     pub port: Option<i32>,
     /// New login name.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub username: Option<String>,
     /// New operating system.
     pub os_type: Option<OsType>,
@@ -243,10 +254,13 @@ pub struct ServerUpdate {
     /// New WinRM certificate validation setting.
     pub winrm_cert_validation: Option<bool>,
     /// New AD domain.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub domain: Option<String>,
     /// New environment.
+    #[oai(validator(min_length = 1, max_length = 50))]
     pub environment: Option<String>,
     /// New tags (replace the old ones).
+    #[oai(validator(max_items = 50))]
     pub tags: Option<Vec<String>>,
 }
 

@@ -96,12 +96,16 @@ impl From<UserRow> for User {
 #[oai(deny_unknown_fields)]
 pub struct UserCreate {
     /// 1 to 50 characters: letters, digits, `.`, `_`, `-`.
+    #[oai(validator(min_length = 1, max_length = 50))]
     pub username: String,
     /// Email address (must contain `@`, at most 255 characters).
+    #[oai(validator(max_length = 255))]
     pub email: String,
     /// Display name, at most 100 characters.
+    #[oai(validator(max_length = 100))]
     pub full_name: Option<String>,
     /// At least 12 characters.
+    #[oai(validator(min_length = 12))]
     pub password: String,
     /// Role.
     pub role: RoleName,
@@ -114,10 +118,13 @@ pub struct UserCreate {
 #[oai(deny_unknown_fields)]
 pub struct UserUpdate {
     /// New email.
+    #[oai(validator(max_length = 255))]
     pub email: Option<String>,
     /// New display name.
+    #[oai(validator(max_length = 100))]
     pub full_name: Option<String>,
     /// New password (revokes the user's tokens).
+    #[oai(validator(min_length = 12))]
     pub password: Option<String>,
     /// New role.
     pub role: Option<RoleName>,

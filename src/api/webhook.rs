@@ -387,6 +387,7 @@ pub struct WebhookTokenSecret {
 #[oai(deny_unknown_fields)]
 pub struct WebhookTokenInput {
     /// Name (1 to 100 characters), e.g. the Alertmanager cluster.
+    #[oai(validator(min_length = 1, max_length = 100))]
     pub name: String,
 }
 
