@@ -481,6 +481,21 @@ async fn system_config_put_get_list_delete_with_audit() {
     let (status, list) = app.get("/system-config").await;
     assert_eq!(status, 200);
     assert_eq!(list.as_array().unwrap().len(), 1);
+    // A body without a value (or with null) is refused and keeps the setting.
+    for body in [json!({}), json!({ "value": null })] {
+        let (status, answer) = app
+            .call(
+                Method::PUT,
+                "/system-config/notifications.slack",
+                Some(&app.admin_token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 422, "{answer}");
+        assert_eq!(answer["details"]["field"], "value", "{answer}");
+    }
+    let (_, kept) = app.get("/system-config/notifications.slack").await;
+    assert_eq!(kept["value"]["channel"], "#sre");
     let (status, body) = app.get("/system-config/bad%20key").await;
     assert_eq!(status, 422);
     assert_eq!(body["details"]["field"], "key");
@@ -834,6 +849,93 @@ async fn declared_bounds_are_refused_naming_the_field() {
         .await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["details"]["field"], "failure_threshold", "{answer}");
+}
+
+/// PostgreSQL keeps no NUL character in text or jsonb: one in a path or query parameter, in a
+/// JSON body (value or field name) or in a runbook's YAML is refused with 422 naming where it
+/// is, never a 500, and nothing is stored.
+#[tokio::test]
+async fn nul_characters_are_refused_by_name_not_failed_in_the_database() {
+    let app = common::spawn_app().await;
+    let get = |path: &'static str| app.get(path);
+    for (path, field) in [
+        ("/servers?environment=prod%00", "environment"),
+        ("/servers?tag=role%3Dweb&tag=a%00b", "tag"),
+        ("/alerts?name=Disk%00", "name"),
+        ("/alerts?label=team%3Dops%00", "label"),
+        ("/runbooks?category=%00", "category"),
+        ("/audit-log?action=x%00", "action"),
+        ("/queue/jobs?kind=a%00", "kind"),
+        ("/system-config/a%00b", "key"),
+    ] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 422, "{path}: {body}");
+        assert_eq!(body["details"]["field"], field, "{path}: {body}");
+        assert_eq!(
+            body["details"]["reason"], "must not contain a NUL character, which cannot be stored",
+            "{path}: {body}"
+        );
+    }
+    let server = json!({ "name": "db\u{0}1", "hostname": "10.0.0.5", "username": "ops",
+                         "auth_type": "password", "password": "pw" });
+    for (method, path, body, field) in [
+        (Method::POST, "/servers", server, "name"),
+        (
+            Method::POST,
+            "/tokens",
+            json!({ "name": "ci\u{0}" }),
+            "name",
+        ),
+        (
+            Method::PUT,
+            "/system-config/feature",
+            json!({ "value": { "list": ["ok", "no\u{0}"] } }),
+            "value.list[1]",
+        ),
+        (
+            Method::PUT,
+            "/system-config/feature",
+            json!({ "value": { "bad\u{0}key": 1 } }),
+            "value",
+        ),
+        (
+            Method::POST,
+            "/blackout-windows",
+            json!({ "name": "w", "description": "\u{0}", "start_time": "2030-01-01T00:00:00Z",
+                    "end_time": "2030-01-02T00:00:00Z" }),
+            "description",
+        ),
+    ] {
+        let (status, answer) = app
+            .call(method, path, Some(&app.admin_token), Some(body))
+            .await;
+        assert_eq!(status, 422, "{path}: {answer}");
+        assert_eq!(answer["code"], "validation_failed", "{answer}");
+        assert_eq!(answer["details"]["field"], field, "{path}: {answer}");
+    }
+    // A runbook's YAML can carry one as the escape `\0`.
+    let resp = app
+        .client
+        .post(app.api("/runbooks/import"))
+        .bearer_auth(&app.admin_token)
+        .header("content-type", "application/yaml")
+        .body("name: nul-probe\nsteps:\n  - name: s\n    command: \"echo \\0\"\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["details"]["field"], "steps[0].command", "{body}");
+    let stored: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM server_credentials), \
+                (SELECT count(*) FROM system_config), \
+                (SELECT count(*) FROM blackout_windows), \
+                (SELECT count(*) FROM runbooks WHERE name = 'nul-probe')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (0, 0, 0, 0), "nothing refused was stored");
 }
 
 /// The `Allow` header of the 405 that `method` on `path` (under the API prefix) answers.

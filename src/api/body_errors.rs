@@ -147,6 +147,28 @@ impl BodySchemas {
         })
     }
 
+    /// The first path or query parameter of a request to `path` (relative to the API prefix)
+    /// whose decoded value holds a NUL character, named as the operation declares it (`query`
+    /// is the request's query string).
+    pub fn parameter_with_nul(&self, path: &str, query: Option<&str>) -> Option<String> {
+        if path.contains("%00") {
+            let template = self.path_item(path).map(|(t, _)| t).unwrap_or_default();
+            let position = path
+                .split('/')
+                .position(|segment| percent_decoded(segment, false).contains('\0'))?;
+            let name = template
+                .split('/')
+                .nth(position)
+                .and_then(|s| s.strip_prefix('{')?.strip_suffix('}'));
+            return Some(name.unwrap_or("path").to_owned());
+        }
+        query?.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let (key, value) = (percent_decoded(key, true), percent_decoded(value, true));
+            (key.contains('\0') || value.contains('\0')).then(|| key.replace('\0', ""))
+        })
+    }
+
     /// The methods the path (relative to the API prefix) takes, upper-case, in the document's
     /// order, with `HEAD` wherever `GET` is (the router answers it): the `Allow` header of a 405.
     pub fn allowed_methods(&self, path: &str) -> Vec<String> {
@@ -411,6 +433,11 @@ impl<'a> Walk<'a> {
                 let (low, high) = match format {
                     Some("int32") => (i64::from(i32::MIN), i64::from(i32::MAX)),
                     Some("int16") => (i64::from(i16::MIN), i64::from(i16::MAX)),
+                    Some("int8") => (i64::from(i8::MIN), i64::from(i8::MAX)),
+                    Some("uint32") => (0, i64::from(u32::MAX)),
+                    Some("uint16") => (0, i64::from(u16::MAX)),
+                    Some("uint8") => (0, i64::from(u8::MAX)),
+                    Some("uint64") => (0, i64::MAX),
                     _ => (i64::MIN, i64::MAX),
                 };
                 if !(low..=high).contains(&n) {
@@ -492,6 +519,7 @@ mod tests {
                 "Part": { "type": "object", "required": ["id", "count"], "properties": {
                     "id": { "type": "string", "format": "uuid" },
                     "count": { "type": "integer", "format": "int32" },
+                    "dropped": { "type": "integer", "format": "uint64" },
                     "at": { "type": "string", "format": "date-time" },
                     "kind": { "allOf": [{ "$ref": "#/components/schemas/Kind" },
                                         { "description": "The kind." }] },
@@ -541,6 +569,13 @@ mod tests {
                 .unwrap()
                 .0,
             Some("count".into())
+        );
+        assert_eq!(
+            field(json!({ "id": id, "count": 1, "dropped": -3 }), None),
+            Some((
+                Some("dropped".into()),
+                format!("-3 is out of range (0 to {})", i64::MAX)
+            ))
         );
         assert_eq!(
             field(json!({ "id": id, "count": 1, "at": "yesterday" }), None)

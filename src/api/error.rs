@@ -86,7 +86,9 @@ fn body(code: &str, message: impl Into<String>, field: Option<&str>) -> Json<Err
 
 /// Extracts the field name from poem-openapi's parse error messages, which quote it.
 fn field_from_parse_message(message: &str) -> Option<String> {
-    for marker in ["field `", "parameter `", "\""] {
+    // Only backquoted names are fields; double-quoted ones are poem-openapi's type names
+    // (`"integer(uint64)"`, `"ServerCreate"`), which would mislead as a field.
+    for marker in ["field `", "parameter `"] {
         if let Some(start) = message.find(marker) {
             let rest = &message[start + marker.len()..];
             let end = rest.find(['`', '"'])?;
@@ -322,6 +324,12 @@ mod tests {
         assert_eq!(
             field_from_parse_message("failed to parse parameter `limit`: bad"),
             Some("limit".to_owned())
+        );
+        assert_eq!(
+            field_from_parse_message(
+                "parse request payload error: failed to parse \"integer(uint64)\": invalid integer"
+            ),
+            None
         );
     }
 }

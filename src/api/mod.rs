@@ -264,6 +264,18 @@ pub fn app(state: AppState) -> impl Endpoint {
                 let json_body = req
                     .content_type()
                     .is_some_and(|c| c.starts_with("application/json"));
+                if let Some((field, reason)) =
+                    nul_in_request(&schemas, &operation, query.as_deref(), json_body, &body)
+                {
+                    return Ok(json_error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &error::ErrorBody::field_problem(
+                            "validation_failed",
+                            Some(&field),
+                            reason.to_owned(),
+                        ),
+                    ));
+                }
                 let resp = match ep.call(req).await {
                     Ok(resp) => resp.into_response(),
                     Err(err) if err.is_from_response() => err.into_response(),
@@ -318,6 +330,33 @@ pub fn app(state: AppState) -> impl Endpoint {
                 Ok(name_body_field(resp, &schemas, &method, &operation, &body).await)
             }
         })
+}
+
+/// A NUL character anywhere in a path parameter, a query parameter or a JSON body (PostgreSQL
+/// can keep none): the field it is in, as the operation names it, and why it is refused.
+fn nul_in_request(
+    schemas: &body_errors::BodySchemas,
+    operation: &str,
+    query: Option<&str>,
+    json_body: bool,
+    body: &[u8],
+) -> Option<(String, &'static str)> {
+    const REASON: &str = "must not contain a NUL character, which cannot be stored";
+    if let Some(name) = schemas.parameter_with_nul(operation, query) {
+        return Some((name, REASON));
+    }
+    // JSON can only carry a NUL as the escape `\u0000`: bodies without one are not parsed here.
+    if !json_body || !body.windows(6).any(|w| w == b"\\u0000") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let at = crate::domain::text::first_nul(&value)?;
+    let field = if at.path.is_empty() {
+        "body".to_owned()
+    } else {
+        at.path.clone()
+    };
+    Some((field, at.reason()))
 }
 
 /// A value outside the bounds the document declares is invalid (422), like the values handlers

@@ -8,6 +8,7 @@ pub mod execution;
 pub mod role;
 pub mod runbook;
 pub mod targeting;
+pub mod text;
 pub mod trigger_match;
 
 pub use role::Role;

@@ -712,6 +712,13 @@ pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
 
     validate_steps(doc, &mut push);
     validate_triggers(doc, &mut push);
+    if let Some(at) = serde_json::to_value(doc)
+        .ok()
+        .as_ref()
+        .and_then(super::text::first_nul)
+    {
+        push(at.path.clone(), at.reason().into());
+    }
     issues
 }
 
