@@ -491,8 +491,9 @@ async fn system_config_put_get_list_delete_with_audit() {
                 Some(body),
             )
             .await;
-        assert_eq!(status, 422, "{answer}");
+        assert_eq!(status, 400, "{answer}");
         assert_eq!(answer["details"]["field"], "value", "{answer}");
+        assert_eq!(answer["details"]["reason"], "is required", "{answer}");
     }
     let (_, kept) = app.get("/system-config/notifications.slack").await;
     assert_eq!(kept["value"]["channel"], "#sre");
@@ -849,6 +850,57 @@ async fn declared_bounds_are_refused_naming_the_field() {
         .await;
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["details"]["field"], "failure_threshold", "{answer}");
+}
+
+/// A string field takes only a JSON string: a number or a boolean (which poem-openapi alone
+/// would read as its text, storing a token named "false") is a 400 naming the field.
+#[tokio::test]
+async fn string_fields_take_no_numbers_or_booleans() {
+    let app = common::spawn_app().await;
+    for (path, body, field, reason) in [
+        (
+            "/webhook-tokens",
+            json!({ "name": false }),
+            "name",
+            "must be a string, not a boolean",
+        ),
+        (
+            "/tokens",
+            json!({ "name": 17 }),
+            "name",
+            "must be a string, not a number",
+        ),
+        (
+            "/users",
+            json!({ "username": "numeric", "email": "n@example.test",
+                    "password": 123456789012345_i64, "role": "viewer" }),
+            "password",
+            "must be a string, not a number",
+        ),
+        (
+            "/runbooks/validate",
+            json!({ "yaml": false }),
+            "yaml",
+            "must be a string, not a boolean",
+        ),
+    ] {
+        let (status, answer) = app
+            .call(Method::POST, path, Some(&app.admin_token), Some(body))
+            .await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert_eq!(answer["code"], "bad_request", "{answer}");
+        assert_eq!(answer["details"]["field"], field, "{path}: {answer}");
+        assert_eq!(answer["details"]["reason"], reason, "{path}: {answer}");
+    }
+    let stored: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM webhook_tokens), \
+                (SELECT count(*) FROM auth_tokens WHERE name = '17'), \
+                (SELECT count(*) FROM users WHERE username = 'numeric')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (0, 0, 0), "nothing refused was stored");
 }
 
 /// PostgreSQL keeps no NUL character in text or jsonb: one in a path or query parameter, in a

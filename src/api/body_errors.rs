@@ -1,11 +1,13 @@
-//! Names the field of a JSON request body, or the path or query parameter, that failed to parse.
+//! Holds a JSON request body, or a path or query parameter, to the served OpenAPI document and
+//! names what does not fit.
 //!
 //! poem-openapi refuses a body that does not fit its operation's schema with a message that
 //! names the Rust type and the JSON type it expected (`Expected input type "string", found
-//! null. (occurred while parsing "ServerCreate")`), never the field. When that happens, the
-//! body is walked against the operation's request schema from this build's OpenAPI document,
-//! and the first field that breaks it is reported with the reason, as a path into the request
-//! (`servers.tags[1]`, `variables`). Only bodies that already failed are walked.
+//! null. (occurred while parsing "ServerCreate")`), never the field, and reads a number or a
+//! boolean sent for a string field as its text. So every JSON body is walked against the
+//! operation's request schema first, and the first field that breaks it is reported with the
+//! reason, as a path into the request (`servers.tags[1]`, `variables`). Parameters are named
+//! from poem-openapi's parse errors.
 
 use serde_json::{Map, Value};
 
@@ -33,17 +35,10 @@ impl BodySchemas {
     }
 
     /// Why `body` does not fit the JSON request schema of `method` on `path` (relative to the
-    /// API prefix). `unknown` is a field poem-openapi called unknown (reported even where the
-    /// schema does not close the object; the served document closes every request object, see
-    /// [`super::document`]). `None` when the operation has no JSON
-    /// body schema or the body fits it.
-    pub fn diagnose(
-        &self,
-        method: &str,
-        path: &str,
-        body: &[u8],
-        unknown: Option<&str>,
-    ) -> Option<Offence> {
+    /// API prefix): a field of the wrong type, missing, unknown to a closed object (the served
+    /// document closes every request object, see [`super::document`]) or outside a declared
+    /// bound. `None` when the operation has no JSON body schema or the body fits it.
+    pub fn diagnose(&self, method: &str, path: &str, body: &[u8]) -> Option<Offence> {
         let schema = self.request_schema(method, path)?;
         let value: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
@@ -59,11 +54,7 @@ impl BodySchemas {
                 });
             }
         };
-        Walk {
-            spec: &self.spec,
-            unknown,
-        }
-        .check(schema, &value, "")
+        Walk { spec: &self.spec }.check(schema, &value, "")
     }
 
     /// Why a path or query parameter of `method` on `path` (relative to the API prefix) was
@@ -111,10 +102,7 @@ impl BodySchemas {
             .iter()
             .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))?
             .get("schema")?;
-        let walk = Walk {
-            spec: &self.spec,
-            unknown: None,
-        };
+        let walk = Walk { spec: &self.spec };
         let schema = walk.resolve(schema);
         let Some(raw) = raw else {
             return offence(&name, "is required");
@@ -271,7 +259,6 @@ fn path_matches(template: &str, path: &str) -> bool {
 
 struct Walk<'a> {
     spec: &'a Value,
-    unknown: Option<&'a str>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -492,9 +479,6 @@ impl<'a> Walk<'a> {
                             return Some(found);
                         }
                     }
-                    _ if !properties.is_empty() && self.unknown == Some(name.as_str()) => {
-                        return offence(&join(path, name), "is not a known field");
-                    }
                     _ => {}
                 },
             }
@@ -516,7 +500,8 @@ mod tests {
                         "schema": { "$ref": "#/components/schemas/Part" } } } } } }
             },
             "components": { "schemas": {
-                "Part": { "type": "object", "required": ["id", "count"], "properties": {
+                "Part": { "type": "object", "required": ["id", "count"], "additionalProperties": false,
+                  "properties": {
                     "id": { "type": "string", "format": "uuid" },
                     "count": { "type": "integer", "format": "int32" },
                     "dropped": { "type": "integer", "format": "uint64" },
@@ -533,104 +518,87 @@ mod tests {
         BodySchemas::new(&spec.to_string())
     }
 
-    fn field(body: Value, unknown: Option<&str>) -> Option<(Option<String>, String)> {
+    fn field(body: Value) -> Option<(Option<String>, String)> {
         schemas()
-            .diagnose(
-                "POST",
-                "/things/7/parts",
-                body.to_string().as_bytes(),
-                unknown,
-            )
+            .diagnose("POST", "/things/7/parts", body.to_string().as_bytes())
             .map(|o| (o.field, o.reason))
     }
 
     #[test]
     fn names_the_first_field_that_breaks_the_schema() {
         let id = "7d4c3c1e-52b4-4a8b-9a77-1d6a3c2b9e10";
-        assert_eq!(field(json!({ "id": id, "count": 1 }), None), None);
+        assert_eq!(field(json!({ "id": id, "count": 1 })), None);
         assert_eq!(
-            field(json!({ "count": 1 }), None),
+            field(json!({ "count": 1 })),
             Some((Some("id".into()), "is required".into()))
         );
         assert_eq!(
-            field(json!({ "id": null, "count": 1 }), None),
+            field(json!({ "id": null, "count": 1 })),
             Some((Some("id".into()), "is required".into()))
         );
         assert_eq!(
-            field(json!({ "id": "x-1", "count": 1 }), None),
+            field(json!({ "id": "x-1", "count": 1 })),
             Some((Some("id".into()), "`x-1` is not a UUID".into()))
         );
         assert_eq!(
-            field(json!({ "id": id, "count": "many" }), None).unwrap().0,
+            field(json!({ "id": id, "count": "many" })).unwrap().0,
             Some("count".into())
         );
         assert_eq!(
-            field(json!({ "id": id, "count": 1i64 << 40 }), None)
-                .unwrap()
-                .0,
+            field(json!({ "id": id, "count": 1i64 << 40 })).unwrap().0,
             Some("count".into())
         );
         assert_eq!(
-            field(json!({ "id": id, "count": 1, "dropped": -3 }), None),
+            field(json!({ "id": id, "count": 1, "dropped": -3 })),
             Some((
                 Some("dropped".into()),
                 format!("-3 is out of range (0 to {})", i64::MAX)
             ))
         );
         assert_eq!(
-            field(json!({ "id": id, "count": 1, "at": "yesterday" }), None)
+            field(json!({ "id": id, "count": 1, "at": "yesterday" }))
                 .unwrap()
                 .0,
             Some("at".into())
         );
         assert_eq!(
-            field(json!({ "id": id, "count": 1, "kind": "c" }), None),
+            field(json!({ "id": id, "count": 1, "kind": "c" })),
             Some((Some("kind".into()), "must be one of \"a\", \"b\"".into()))
         );
         assert_eq!(
-            field(json!({ "id": id, "count": 1, "tags": ["x", 2] }), None)
+            field(json!({ "id": id, "count": 1, "tags": ["x", 2] }))
                 .unwrap()
                 .0,
             Some("tags[1]".into())
         );
         assert_eq!(
-            field(
-                json!({ "id": id, "count": 1, "labels": { "env": 3 } }),
-                None
-            )
-            .unwrap()
-            .0,
+            field(json!({ "id": id, "count": 1, "labels": { "env": 3 } }))
+                .unwrap()
+                .0,
             Some("labels[\"env\"]".into())
         );
         // Optional fields may be null; a free-form map takes anything.
         assert_eq!(
-            field(
-                json!({ "id": id, "count": 1, "at": null, "extra": { "k": [1] } }),
-                None
-            ),
+            field(json!({ "id": id, "count": 1, "at": null, "extra": { "k": [1] } })),
             None
         );
-        // An unknown field is only reported when the parser called it unknown.
+        // A closed object names a field it does not declare.
         assert_eq!(
-            field(json!({ "id": id, "count": 1, "cuont": 2 }), None),
-            None
-        );
-        assert_eq!(
-            field(json!({ "id": id, "count": 1, "cuont": 2 }), Some("cuont")),
+            field(json!({ "id": id, "count": 1, "cuont": 2 })),
             Some((Some("cuont".into()), "is not a known field".into()))
         );
         assert_eq!(
-            field(json!({ "id": id, "count": 1, "": 2 }), Some("")),
+            field(json!({ "id": id, "count": 1, "": 2 })),
             Some((Some("[\"\"]".into()), "is not a known field".into()))
         );
         assert_eq!(
-            field(json!([1]), None),
+            field(json!([1])),
             Some((None, "must be an object, not an array".into()))
         );
-        let broken = schemas().diagnose("POST", "/things/7/parts", b"{\"id\": ", None);
+        let broken = schemas().diagnose("POST", "/things/7/parts", b"{\"id\": ");
         assert!(broken.unwrap().reason.starts_with("the body is not JSON"));
         assert_eq!(
-            schemas().diagnose("POST", "/other", b"{}", None),
+            schemas().diagnose("POST", "/other", b"{}"),
             None,
             "no such operation"
         );

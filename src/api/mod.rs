@@ -276,6 +276,23 @@ pub fn app(state: AppState) -> impl Endpoint {
                         ),
                     ));
                 }
+                // poem-openapi reads a number or a boolean sent for a string field as its text
+                // (`"name": false` becomes "false"): a JSON body is held to the document's types
+                // before the operation parses it.
+                if json_body
+                    && !body.is_empty()
+                    && let Some(offence) = schemas.diagnose(&method, &operation, &body)
+                {
+                    let (status, code) = status_of(&offence);
+                    return Ok(json_error(
+                        status,
+                        &error::ErrorBody::field_problem(
+                            code,
+                            offence.field.as_deref(),
+                            offence.reason,
+                        ),
+                    ));
+                }
                 let resp = match ep.call(req).await {
                     Ok(resp) => resp.into_response(),
                     Err(err) if err.is_from_response() => err.into_response(),
@@ -324,10 +341,7 @@ pub fn app(state: AppState) -> impl Endpoint {
                         json_error(status, &error_body)
                     }
                 };
-                if resp.status() != StatusCode::BAD_REQUEST || !json_body {
-                    return Ok(resp);
-                }
-                Ok(name_body_field(resp, &schemas, &method, &operation, &body).await)
+                Ok(resp)
             }
         })
 }
@@ -366,49 +380,5 @@ fn status_of(offence: &body_errors::Offence) -> (StatusCode, &'static str) {
         (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
     } else {
         (StatusCode::BAD_REQUEST, "bad_request")
-    }
-}
-
-/// A 400 for a JSON body poem-openapi could not parse, with the field and the reason found by
-/// walking the body against the operation's schema (see [`body_errors`]); any other response
-/// as it is.
-async fn name_body_field(
-    mut resp: Response,
-    schemas: &body_errors::BodySchemas,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> Response {
-    const PARSE_ERROR: &str = "parse request payload error: ";
-    let headers = resp.headers().clone();
-    let bytes = resp.take_body().into_bytes().await.unwrap_or_default();
-    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned));
-    let diagnosis = message.as_deref().and_then(|m| {
-        let parser = m.strip_prefix(PARSE_ERROR)?;
-        let unknown = parser
-            .split_once("unknown field `")
-            .and_then(|(_, rest)| rest.split_once('`'))
-            .map(|(name, _)| name);
-        schemas
-            .diagnose(method, path, body, unknown)
-            .map(|offence| (parser.to_owned(), offence))
-    });
-    match diagnosis {
-        Some((parser, offence)) => {
-            tracing::debug!(parser = %parser, "request body refused");
-            let (status, code) = status_of(&offence);
-            let body =
-                error::ErrorBody::field_problem(code, offence.field.as_deref(), offence.reason);
-            json_error(status, &body)
-        }
-        None => {
-            let mut rebuilt = Response::builder()
-                .status(StatusCode::BAD_REQUEST)
-                .body(bytes);
-            *rebuilt.headers_mut() = headers;
-            rebuilt
-        }
     }
 }

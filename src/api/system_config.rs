@@ -70,13 +70,6 @@ fn validate_key(key: &str) -> Result<(), ApiError> {
 /// Refuses a value the product would not understand for a key it reads (any other key takes any
 /// JSON value).
 fn validate_value(key: &str, value: &serde_json::Value) -> Result<(), ApiError> {
-    // `{}` and `{"value": null}` read alike; neither is a setting.
-    if value.is_null() {
-        return Err(ApiError::invalid(
-            "value",
-            "is required (DELETE the key to remove a setting)",
-        ));
-    }
     if key == store::alerts::ALERT_TIMEZONE_KEY {
         let Some(name) = value.as_str() else {
             return Err(ApiError::invalid(
