@@ -21,9 +21,9 @@ pub struct BodySchemas {
 pub struct Offence {
     pub field: Option<String>,
     pub reason: String,
-    /// The value has the declared type but lies outside a declared bound (`minimum`,
-    /// `maxLength`, `maxItems`): a 422 like any other invalid value, not a 400.
-    pub out_of_bounds: bool,
+    /// The value has the declared type but is not allowed (outside a declared bound such as
+    /// `minimum`, `maxLength`, `maxItems`): a 422 like any other invalid value, not a 400.
+    pub invalid_value: bool,
 }
 
 impl BodySchemas {
@@ -44,7 +44,7 @@ impl BodySchemas {
             Ok(v) => v,
             Err(e) => {
                 return Some(Offence {
-                    out_of_bounds: false,
+                    invalid_value: false,
                     field: None,
                     reason: format!(
                         "the body is not JSON: {e} (line {}, column {})",
@@ -276,13 +276,13 @@ fn offence(path: &str, reason: impl Into<String>) -> Option<Offence> {
     Some(Offence {
         field: (!path.is_empty()).then(|| path.to_owned()),
         reason: reason.into(),
-        out_of_bounds: false,
+        invalid_value: false,
     })
 }
 
 fn out_of_bounds(path: &str, reason: impl Into<String>) -> Option<Offence> {
     offence(path, reason).map(|o| Offence {
-        out_of_bounds: true,
+        invalid_value: true,
         ..o
     })
 }

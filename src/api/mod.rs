@@ -264,34 +264,18 @@ pub fn app(state: AppState) -> impl Endpoint {
                 let json_body = req
                     .content_type()
                     .is_some_and(|c| c.starts_with("application/json"));
-                if let Some((field, reason)) =
-                    nul_in_request(&schemas, &operation, query.as_deref(), json_body, &body)
-                {
-                    return Ok(json_error(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        &error::ErrorBody::field_problem(
-                            "validation_failed",
-                            Some(&field),
-                            reason.to_owned(),
-                        ),
-                    ));
-                }
+                // A NUL character anywhere; then the body held to the document's types, since
                 // poem-openapi reads a number or a boolean sent for a string field as its text
-                // (`"name": false` becomes "false"): a JSON body is held to the document's types
-                // before the operation parses it.
-                if json_body
-                    && !body.is_empty()
-                    && let Some(offence) = schemas.diagnose(&method, &operation, &body)
-                {
-                    let (status, code) = status_of(&offence);
-                    return Ok(json_error(
-                        status,
-                        &error::ErrorBody::field_problem(
-                            code,
-                            offence.field.as_deref(),
-                            offence.reason,
-                        ),
-                    ));
+                // (`"name": false` becomes "false").
+                let refused =
+                    nul_in_request(&schemas, &operation, query.as_deref(), json_body, &body)
+                        .or_else(|| {
+                            (json_body && !body.is_empty())
+                                .then(|| schemas.diagnose(&method, &operation, &body))
+                                .flatten()
+                        });
+                if let Some(offence) = refused {
+                    return Ok(offence_response(offence));
                 }
                 let resp = match ep.call(req).await {
                     Ok(resp) => resp.into_response(),
@@ -328,15 +312,7 @@ pub fn app(state: AppState) -> impl Endpoint {
                                 &error_body.message,
                             )
                         {
-                            let (status, code) = status_of(&problem);
-                            return Ok(json_error(
-                                status,
-                                &error::ErrorBody::field_problem(
-                                    code,
-                                    problem.field.as_deref(),
-                                    problem.reason,
-                                ),
-                            ));
+                            return Ok(offence_response(problem));
                         }
                         json_error(status, &error_body)
                     }
@@ -346,18 +322,22 @@ pub fn app(state: AppState) -> impl Endpoint {
         })
 }
 
-/// A NUL character anywhere in a path parameter, a query parameter or a JSON body (PostgreSQL
-/// can keep none): the field it is in, as the operation names it, and why it is refused.
+/// A NUL character anywhere in a path or query parameter or a JSON body (PostgreSQL can keep
+/// none): the field it is in, as the operation names it, and why it is refused.
 fn nul_in_request(
     schemas: &body_errors::BodySchemas,
     operation: &str,
     query: Option<&str>,
     json_body: bool,
     body: &[u8],
-) -> Option<(String, &'static str)> {
-    const REASON: &str = "must not contain a NUL character, which cannot be stored";
+) -> Option<body_errors::Offence> {
+    let refused = |field: String, reason: &str| body_errors::Offence {
+        field: Some(field),
+        reason: reason.to_owned(),
+        invalid_value: true,
+    };
     if let Some(name) = schemas.parameter_with_nul(operation, query) {
-        return Some((name, REASON));
+        return Some(refused(name, crate::domain::text::NUL_REASON));
     }
     // JSON can only carry a NUL as the escape `\u0000`: bodies without one are not parsed here.
     if !json_body || !body.windows(6).any(|w| w == b"\\u0000") {
@@ -370,15 +350,20 @@ fn nul_in_request(
     } else {
         at.path.clone()
     };
-    Some((field, at.reason()))
+    Some(refused(field, at.reason()))
 }
 
-/// A value outside the bounds the document declares is invalid (422), like the values handlers
-/// refuse; anything else that does not fit the document is a bad request (400).
-fn status_of(offence: &body_errors::Offence) -> (StatusCode, &'static str) {
-    if offence.out_of_bounds {
+/// The error response for what does not fit the document: a value of the right type that is not
+/// allowed (outside a declared bound, unstorable text) is invalid (422), like the values handlers
+/// refuse; anything else is a bad request (400). Either names the field and the reason.
+fn offence_response(offence: body_errors::Offence) -> Response {
+    let (status, code) = if offence.invalid_value {
         (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
     } else {
         (StatusCode::BAD_REQUEST, "bad_request")
-    }
+    };
+    json_error(
+        status,
+        &error::ErrorBody::field_problem(code, offence.field.as_deref(), offence.reason),
+    )
 }

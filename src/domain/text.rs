@@ -13,13 +13,16 @@ pub struct NulAt {
     pub in_name: bool,
 }
 
+/// Why a value holding a NUL character is refused.
+pub const NUL_REASON: &str = "must not contain a NUL character, which cannot be stored";
+
 impl NulAt {
     /// Why the value is refused.
     pub fn reason(&self) -> &'static str {
         if self.in_name {
             "has a field name with a NUL character, which cannot be stored"
         } else {
-            "must not contain a NUL character, which cannot be stored"
+            NUL_REASON
         }
     }
 }
