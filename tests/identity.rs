@@ -892,6 +892,25 @@ async fn string_fields_take_no_numbers_or_booleans() {
         assert_eq!(answer["details"]["field"], field, "{path}: {answer}");
         assert_eq!(answer["details"]["reason"], reason, "{path}: {answer}");
     }
+    // Without credentials, an operation that needs them says 401 before anything about the
+    // input (a bad body, a NUL in a parameter).
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/webhook-tokens",
+            Some(json!({ "name": false })),
+        ),
+        (
+            Method::PUT,
+            "/system-config/x",
+            Some(json!({ "value": null })),
+        ),
+        (Method::GET, "/servers?environment=a%00", None),
+    ] {
+        let (status, answer) = app.call(method, path, None, body).await;
+        assert_eq!(status, 401, "{path}: {answer}");
+        assert_eq!(answer["code"], "unauthorized", "{answer}");
+    }
     let stored: (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM webhook_tokens), \
                 (SELECT count(*) FROM auth_tokens WHERE name = '17'), \

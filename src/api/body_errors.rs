@@ -157,6 +157,14 @@ impl BodySchemas {
         })
     }
 
+    /// Whether `method` on `path` (relative to the API prefix) declares a security scheme.
+    pub fn secured(&self, method: &str, path: &str) -> bool {
+        self.path_item(path)
+            .and_then(|(_, item)| item.get(method.to_ascii_lowercase()))
+            .and_then(|op| op.get("security")?.as_array())
+            .is_some_and(|schemes| !schemes.is_empty())
+    }
+
     /// The methods the path (relative to the API prefix) takes, upper-case, in the document's
     /// order, with `HEAD` wherever `GET` is (the router answers it): the `Allow` header of a 405.
     pub fn allowed_methods(&self, path: &str) -> Vec<String> {

@@ -267,13 +267,22 @@ pub fn app(state: AppState) -> impl Endpoint {
                 // A NUL character anywhere; then the body held to the document's types, since
                 // poem-openapi reads a number or a boolean sent for a string field as its text
                 // (`"name": false` becomes "false").
-                let refused =
+                // A request without credentials to an operation that needs them is answered
+                // 401 by the operation, before anything about its input.
+                let anonymous = !req
+                    .headers()
+                    .contains_key(poem::http::header::AUTHORIZATION)
+                    && schemas.secured(&method, &operation);
+                let refused = if anonymous {
+                    None
+                } else {
                     nul_in_request(&schemas, &operation, query.as_deref(), json_body, &body)
                         .or_else(|| {
                             (json_body && !body.is_empty())
                                 .then(|| schemas.diagnose(&method, &operation, &body))
                                 .flatten()
-                        });
+                        })
+                };
                 if let Some(offence) = refused {
                     return Ok(offence_response(offence));
                 }
