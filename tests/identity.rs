@@ -911,6 +911,67 @@ async fn string_fields_take_no_numbers_or_booleans() {
         assert_eq!(status, 401, "{path}: {answer}");
         assert_eq!(answer["code"], "unauthorized", "{answer}");
     }
+    // So do credentials that do not authenticate (unknown, revoked, not a bearer token), also
+    // where the operation itself reads its parameters before it authenticates (`limit=x`,
+    // a body of the wrong media type); the same requests with a valid token are refused for
+    // their input.
+    let (_, revoked) = app
+        .call(
+            Method::POST,
+            "/tokens",
+            Some(&app.admin_token),
+            Some(json!({ "name": "soon-revoked" })),
+        )
+        .await;
+    let revoked_token = revoked["token"].as_str().unwrap().to_owned();
+    let (status, answer) = app
+        .call(
+            Method::DELETE,
+            &format!("/tokens/{}", revoked["info"]["id"].as_str().unwrap()),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{answer}");
+    let unknown = format!("{}{}", aiops::crypto::token::PREFIX, "0".repeat(43));
+    let bad_input = [
+        (Method::POST, "/webhook-tokens", Some(json!({ "name": false })), 400),
+        (Method::PUT, "/system-config/x", Some(json!({ "value": null })), 400),
+        (Method::GET, "/servers?environment=a%00", None, 422),
+        (Method::GET, "/executions?limit=x", None, 400),
+        (Method::GET, "/servers?limit=0", None, 422),
+    ];
+    for token in [unknown.as_str(), revoked_token.as_str(), "not-a-token"] {
+        for (method, path, body, _) in bad_input.clone() {
+            let (status, answer) = app.call(method, path, Some(token), body).await;
+            assert_eq!(status, 401, "{path} with {token}: {answer}");
+            assert_eq!(answer["code"], "unauthorized", "{answer}");
+        }
+    }
+    for (method, path, body, refused) in bad_input {
+        let (status, answer) = app.call(method, path, Some(&app.admin_token), body).await;
+        assert_eq!(status, refused, "{path}: {answer}");
+    }
+    let request = app
+        .client
+        .post(app.api("/servers"))
+        .header("Authorization", format!("Basic {}", "YTpi"))
+        .header("Content-Type", "text/plain")
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(request.status(), 401, "not a bearer token");
+    let request = app
+        .client
+        .post(app.api("/servers"))
+        .bearer_auth(&app.admin_token)
+        .header("Content-Type", "text/plain")
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(request.status(), 415, "a valid token with a body of the wrong media type");
     let stored: (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM webhook_tokens), \
                 (SELECT count(*) FROM auth_tokens WHERE name = '17'), \

@@ -159,10 +159,26 @@ impl BodySchemas {
 
     /// Whether `method` on `path` (relative to the API prefix) declares a security scheme.
     pub fn secured(&self, method: &str, path: &str) -> bool {
+        !self.security(method, path).is_empty()
+    }
+
+    /// Whether the operation takes bearer tokens of users (`bearerAuth`) and nothing else.
+    pub fn bearer_secured(&self, method: &str, path: &str) -> bool {
+        let schemes = self.security(method, path);
+        !schemes.is_empty()
+            && schemes
+                .iter()
+                .all(|requirement| requirement.keys().all(|name| name == "bearerAuth"))
+    }
+
+    /// The operation's security requirements (each a map of scheme names), empty when it needs
+    /// none or is unknown.
+    fn security(&self, method: &str, path: &str) -> Vec<&Map<String, Value>> {
         self.path_item(path)
             .and_then(|(_, item)| item.get(method.to_ascii_lowercase()))
             .and_then(|op| op.get("security")?.as_array())
-            .is_some_and(|schemes| !schemes.is_empty())
+            .map(|schemes| schemes.iter().filter_map(Value::as_object).collect())
+            .unwrap_or_default()
     }
 
     /// The methods the path (relative to the API prefix) takes, upper-case, in the document's

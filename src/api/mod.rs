@@ -243,6 +243,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     });
     let docs = poem::endpoint::make_sync(move |_| poem::web::Html(docs_html.clone()));
     let max = state.config.max_body_bytes;
+    let pool = state.pool.clone();
     Route::new()
         .nest(API_PREFIX, api)
         .at(format!("{API_PREFIX}/openapi.json"), spec)
@@ -252,6 +253,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         .data(state)
         .around(move |ep, req| {
             let schemas = schemas.clone();
+            let pool = pool.clone();
             async move {
                 let (req, body) = match limit_body(max, req).await {
                     Ok(read) => read,
@@ -269,10 +271,11 @@ pub fn app(state: AppState) -> impl Endpoint {
                 // (`"name": false` becomes "false").
                 // A request without credentials to an operation that needs them is answered
                 // 401 by the operation, before anything about its input.
-                let anonymous = !req
+                let credentials = req
                     .headers()
-                    .contains_key(poem::http::header::AUTHORIZATION)
-                    && schemas.secured(&method, &operation);
+                    .get(poem::http::header::AUTHORIZATION)
+                    .cloned();
+                let anonymous = credentials.is_none() && schemas.secured(&method, &operation);
                 let refused = if anonymous {
                     None
                 } else {
@@ -283,52 +286,88 @@ pub fn app(state: AppState) -> impl Endpoint {
                                 .flatten()
                         })
                 };
-                if let Some(offence) = refused {
-                    return Ok(offence_response(offence));
-                }
-                let resp = match ep.call(req).await {
-                    Ok(resp) => resp.into_response(),
-                    Err(err) if err.is_from_response() => err.into_response(),
-                    Err(err) => {
-                        let status = err.status();
-                        if status.is_server_error() {
-                            tracing::error!(error = %err, "request failed");
-                        }
-                        let mut error_body = error::poem_error_body(&err);
-                        // No such route, or not with this method: say which request it was.
-                        // A path or query parameter that did not parse: named as the
-                        // operation declares it, with what its value should be.
-                        if err.is::<poem::error::NotFoundError>() {
-                            error_body.message = format!("no endpoint {method} {path}");
-                        } else if err.is::<poem::error::MethodNotAllowedError>() {
-                            let allowed = schemas.allowed_methods(&operation).join(", ");
-                            error_body.message =
-                                format!("{path} does not take {method} (it takes {allowed})");
-                            let mut resp = json_error(status, &error_body);
-                            if let Ok(value) = allowed.parse() {
-                                resp.headers_mut().insert(poem::http::header::ALLOW, value);
+                let resp = 'answer: {
+                    if let Some(offence) = refused {
+                        break 'answer offence_response(offence);
+                    }
+                    match ep.call(req).await {
+                        Ok(resp) => resp.into_response(),
+                        Err(err) if err.is_from_response() => err.into_response(),
+                        Err(err) => {
+                            let status = err.status();
+                            if status.is_server_error() {
+                                tracing::error!(error = %err, "request failed");
                             }
-                            return Ok(resp);
-                        } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-                            let takes = schemas.body_media_types(&method, &operation).join(", ");
-                            error_body.message =
-                                format!("{}; it takes {takes}", error_body.message);
-                        } else if status == StatusCode::BAD_REQUEST
-                            && let Some(problem) = schemas.parameter_problem(
-                                &method,
-                                &operation,
-                                query.as_deref(),
-                                &error_body.message,
-                            )
-                        {
-                            return Ok(offence_response(problem));
+                            let mut error_body = error::poem_error_body(&err);
+                            // No such route, or not with this method: say which request it was.
+                            // A path or query parameter that did not parse: named as the
+                            // operation declares it, with what its value should be.
+                            if err.is::<poem::error::NotFoundError>() {
+                                error_body.message = format!("no endpoint {method} {path}");
+                            } else if err.is::<poem::error::MethodNotAllowedError>() {
+                                let allowed = schemas.allowed_methods(&operation).join(", ");
+                                error_body.message =
+                                    format!("{path} does not take {method} (it takes {allowed})");
+                                let mut resp = json_error(status, &error_body);
+                                if let Ok(value) = allowed.parse() {
+                                    resp.headers_mut().insert(poem::http::header::ALLOW, value);
+                                }
+                                break 'answer resp;
+                            } else if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                                let takes =
+                                    schemas.body_media_types(&method, &operation).join(", ");
+                                error_body.message =
+                                    format!("{}; it takes {takes}", error_body.message);
+                            } else if status == StatusCode::BAD_REQUEST
+                                && let Some(problem) = schemas.parameter_problem(
+                                    &method,
+                                    &operation,
+                                    query.as_deref(),
+                                    &error_body.message,
+                                )
+                            {
+                                break 'answer offence_response(problem);
+                            }
+                            json_error(status, &error_body)
                         }
-                        json_error(status, &error_body)
                     }
                 };
+                // Credentials that do not authenticate are answered 401 before anything about
+                // the input, as missing ones are: a caller with a revoked or mistyped token
+                // learns that first. Checked only for requests refused for their input, which
+                // an operation refuses before it authenticates (parameters and bodies are read
+                // first); an answer after a successful authentication is kept.
+                if let Some(credentials) = credentials
+                    && matches!(resp.status().as_u16(), 400 | 415 | 422)
+                    && schemas.bearer_secured(&method, &operation)
+                    && let Some(refusal) = credentials_refused(&pool, &credentials).await
+                {
+                    return Ok(refusal);
+                }
                 Ok(resp)
             }
         })
+}
+
+/// The 401 an operation that takes bearer tokens answers to `credentials` (an `Authorization`
+/// header): not a bearer token, or one that does not authenticate (unknown, expired, revoked,
+/// its user deactivated). `None` when it authenticates, or when that cannot be told now (the
+/// database failed): then the answer already given stands.
+async fn credentials_refused(
+    pool: &sqlx::PgPool,
+    credentials: &poem::http::HeaderValue,
+) -> Option<Response> {
+    let token = credentials.to_str().ok().and_then(|value| {
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    if let Some(token) = token {
+        match crate::auth::authenticate(pool, token).await {
+            Err(crate::auth::AuthError::Unauthenticated) => {}
+            _ => return None,
+        }
+    }
+    Some(error::ApiError::from(crate::auth::AuthError::Unauthenticated).into_response())
 }
 
 /// A NUL character anywhere in a path or query parameter or a JSON body (PostgreSQL can keep
