@@ -935,8 +935,18 @@ async fn string_fields_take_no_numbers_or_booleans() {
     assert_eq!(status, 204, "{answer}");
     let unknown = format!("{}{}", aiops::crypto::token::PREFIX, "0".repeat(43));
     let bad_input = [
-        (Method::POST, "/webhook-tokens", Some(json!({ "name": false })), 400),
-        (Method::PUT, "/system-config/x", Some(json!({ "value": null })), 400),
+        (
+            Method::POST,
+            "/webhook-tokens",
+            Some(json!({ "name": false })),
+            400,
+        ),
+        (
+            Method::PUT,
+            "/system-config/x",
+            Some(json!({ "value": null })),
+            400,
+        ),
         (Method::GET, "/servers?environment=a%00", None, 422),
         (Method::GET, "/executions?limit=x", None, 400),
         (Method::GET, "/servers?limit=0", None, 422),
@@ -971,7 +981,11 @@ async fn string_fields_take_no_numbers_or_booleans() {
         .send()
         .await
         .unwrap();
-    assert_eq!(request.status(), 415, "a valid token with a body of the wrong media type");
+    assert_eq!(
+        request.status(),
+        415,
+        "a valid token with a body of the wrong media type"
+    );
     let stored: (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM webhook_tokens), \
                 (SELECT count(*) FROM auth_tokens WHERE name = '17'), \

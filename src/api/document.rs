@@ -8,6 +8,10 @@
 //! false`, except the Alertmanager payload's, which take the fields newer Alertmanagers add.
 //! `tests/rbac.rs` sends every operation's body with an extra field at every object and checks
 //! that the answer matches what the document says.
+//!
+//! Unsigned integers (`format: uint32`, `uint64`, ...) refuse negative values, but poem-openapi
+//! writes only the format; every such schema without a lower bound gets `minimum: 0`, so that
+//! checkers and generated clients that ignore formats know it too.
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -24,16 +28,34 @@ pub fn open_request_objects() -> [Cow<'static, str>; 2] {
 }
 
 /// `spec` (poem-openapi's pretty JSON) with `additionalProperties: false` on every closed
-/// request object. The text is edited rather than re-serialized, so the document keeps
-/// poem-openapi's order of paths and keys.
+/// request object and `minimum: 0` on every unsigned integer without a lower bound. The text is
+/// edited rather than re-serialized, so the document keeps poem-openapi's order of paths and
+/// keys.
 pub fn complete(spec: &str) -> String {
     let Ok(parsed) = serde_json::from_str::<Value>(spec) else {
         return spec.to_owned();
     };
     let closed = closed_request_objects(&parsed);
+    let lines: Vec<&str> = spec.split_inclusive('\n').collect();
     let mut out = String::with_capacity(spec.len() + closed.len() * 40);
     let mut in_schemas = false;
-    for line in spec.split_inclusive('\n') {
+    for (at, line) in lines.iter().enumerate() {
+        let line = *line;
+        if let Some(indent) = unbounded_unsigned(&lines, at) {
+            // The format line, then the bound; a comma moves to the format line when it was the
+            // object's last key.
+            match line.strip_suffix(",\n") {
+                Some(_) => {
+                    out.push_str(line);
+                    out.push_str(&format!("{indent}\"minimum\": 0,\n"));
+                }
+                None => {
+                    out.push_str(line.trim_end_matches('\n'));
+                    out.push_str(&format!(",\n{indent}\"minimum\": 0\n"));
+                }
+            }
+            continue;
+        }
         out.push_str(line);
         // serde_json's pretty printer: components at 2 spaces, schemas at 4, each schema at 6.
         if line == "    \"schemas\": {\n" {
@@ -56,6 +78,35 @@ pub fn complete(spec: &str) -> String {
         }
     }
     out
+}
+
+/// When `lines[at]` is the `format` of an unsigned integer whose schema declares no `minimum`:
+/// the indentation of its keys.
+fn unbounded_unsigned<'a>(lines: &[&'a str], at: usize) -> Option<&'a str> {
+    let line = lines[at];
+    let key = line.trim_start();
+    let indent = &line[..line.len() - key.len()];
+    let format = key
+        .strip_prefix("\"format\": \"")?
+        .trim_end()
+        .trim_end_matches(',')
+        .strip_suffix('"')?;
+    if !matches!(format, "uint8" | "uint16" | "uint32" | "uint64") {
+        return None;
+    }
+    // The other keys of the same schema: the lines at this indentation until one at less
+    // (deeper lines belong to nested values).
+    let same_schema = |l: &str| l.starts_with(indent) && !l[indent.len()..].starts_with(' ');
+    let before = lines[..at]
+        .iter()
+        .rev()
+        .take_while(|l| l.starts_with(indent));
+    let after = lines[at + 1..].iter().take_while(|l| l.starts_with(indent));
+    let bounded = before
+        .chain(after)
+        .filter(|l| same_schema(l))
+        .any(|l| l[indent.len()..].starts_with("\"minimum\":"));
+    (!bounded).then_some(indent)
 }
 
 /// The object schemas (by component name) reachable from any operation's request body, less the
@@ -141,12 +192,81 @@ mod tests {
             assert!(parsed["components"]["schemas"].get(response_only).is_some());
             assert!(!closed.contains(response_only), "{response_only}");
         }
-        // Only the added lines differ.
+        // Only the added lines differ (and a comma before a bound added as the last key).
         let removed: String = completed
             .lines()
             .filter(|l| l.trim() != "\"additionalProperties\": false,")
+            .filter(|l| !matches!(l.trim(), "\"minimum\": 0," | "\"minimum\": 0"))
             .map(|l| format!("{l}\n"))
             .collect();
-        assert_eq!(removed, raw);
+        let raw_lines: String = raw.lines().map(|l| format!("{l}\n")).collect::<String>();
+        let (kept, raw) = (
+            strip_format_commas(&removed),
+            strip_format_commas(&raw_lines),
+        );
+        let differ = kept.lines().zip(raw.lines()).position(|(a, b)| a != b);
+        assert_eq!(differ, None, "{:?}", differ.map(|at| kept.lines().nth(at)));
+        assert_eq!(kept.lines().count(), raw.lines().count());
+    }
+
+    fn strip_format_commas(text: &str) -> String {
+        text.lines()
+            .map(|l| match l.trim_start().starts_with("\"format\"") {
+                true => format!("{}\n", l.trim_end_matches(',')),
+                false => format!("{l}\n"),
+            })
+            .collect()
+    }
+
+    /// Every unsigned integer in the served document has a lower bound: 0 where poem-openapi
+    /// wrote none, its declared one otherwise.
+    #[test]
+    fn unsigned_integers_are_bounded_below() {
+        let completed: Value =
+            serde_json::from_str(&complete(&crate::api::raw_spec_json())).expect("still JSON");
+        let mut unsigned = Vec::new();
+        collect_unsigned(&completed, "", &mut unsigned);
+        assert!(unsigned.len() >= 10, "{unsigned:?}");
+        for (at, schema) in &unsigned {
+            let minimum = schema["minimum"].as_f64();
+            assert!(minimum.is_some_and(|m| m >= 0.0), "{at}: {schema}");
+        }
+        let truncated = &completed["components"]["schemas"]["AlertmanagerPayload"]["properties"]["truncatedAlerts"];
+        assert_eq!(truncated["minimum"], 0, "{truncated}");
+        let expires =
+            &completed["components"]["schemas"]["ApiTokenCreate"]["properties"]["expires_in_days"];
+        assert_eq!(
+            expires["minimum"], 1.0,
+            "a declared bound is kept: {expires}"
+        );
+
+        // The edit on its own: a bound as the last key takes the comma along.
+        let text = "{\n  \"a\": {\n    \"type\": \"integer\",\n    \"format\": \"uint64\"\n  },\n  \"b\": {\n    \"format\": \"uint32\",\n    \"type\": \"integer\"\n  }\n}\n";
+        let edited: Value = serde_json::from_str(&complete(text)).expect("still JSON");
+        assert_eq!(edited["a"]["minimum"], 0);
+        assert_eq!(edited["b"]["minimum"], 0);
+    }
+
+    fn collect_unsigned<'a>(node: &'a Value, at: &str, out: &mut Vec<(String, &'a Value)>) {
+        match node {
+            Value::Object(map) => {
+                if map
+                    .get("format")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| f.starts_with("uint"))
+                {
+                    out.push((at.to_owned(), node));
+                }
+                for (key, value) in map {
+                    collect_unsigned(value, &format!("{at}/{key}"), out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, value) in items.iter().enumerate() {
+                    collect_unsigned(value, &format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
     }
 }
