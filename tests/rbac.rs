@@ -1,5 +1,6 @@
 //! The RBAC matrix: every operation in the OpenAPI document, called with no token and with a
-//! token of every role, answers 401 / 403 / allowed exactly as its "Least role:" line says.
+//! token of every role, answers 401 / 403 / allowed exactly as its "Least role:" line says, and
+//! with a body that does not fit, 403 to a role below it and 400 to the rest.
 //!
 //! The operations come from the spec the code emits, so a new endpoint is covered the moment it
 //! exists; one without a "Least role:" line, or with a request body but no sample in `BODIES`,
@@ -217,6 +218,28 @@ async fn every_operation_enforces_its_least_role() {
                     op.id,
                     if allowed { "allowed" } else { "403" }
                 ));
+            }
+            // A body that does not fit: the role is judged first (403), then the input (400),
+            // though the operation reads its body before it authorizes.
+            if op.body.is_some() {
+                let (status, body) = app
+                    .call(op.method.clone(), &op.path, Some(&token), Some(json!([])))
+                    .await;
+                checked += 1;
+                let ok = if allowed {
+                    status == 400 && body["code"] == json!("bad_request")
+                } else {
+                    status == 403 && body["code"] == json!("forbidden")
+                };
+                if !ok {
+                    failures.push(format!(
+                        "{} {} with a body that does not fit as {role} (least {least}, \
+                         expected {}): {status} {body}",
+                        op.method,
+                        op.id,
+                        if allowed { "400" } else { "403" }
+                    ));
+                }
             }
         }
     }

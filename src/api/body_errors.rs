@@ -171,6 +171,19 @@ impl BodySchemas {
                 .all(|requirement| requirement.keys().all(|name| name == "bearerAuth"))
     }
 
+    /// The least role the operation needs, from the `Least role:` line of its description
+    /// (`tests/rbac.rs` holds every operation to its line); `None` when it is public or unknown.
+    pub fn least_role(&self, method: &str, path: &str) -> Option<crate::domain::role::Role> {
+        let (_, item) = self.path_item(path)?;
+        let description = item
+            .get(method.to_ascii_lowercase())?
+            .get("description")?
+            .as_str()?;
+        let rest = description.split("Least role:").nth(1)?.trim_start();
+        let name = rest.split(|c: char| !c.is_ascii_alphabetic()).next()?;
+        name.parse().ok()
+    }
+
     /// The operation's security requirements (each a map of scheme names), empty when it needs
     /// none or is unknown.
     fn security(&self, method: &str, path: &str) -> Vec<&Map<String, Value>> {

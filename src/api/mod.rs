@@ -333,14 +333,20 @@ pub fn app(state: AppState) -> impl Endpoint {
                     }
                 };
                 // Credentials that do not authenticate are answered 401 before anything about
-                // the input, as missing ones are: a caller with a revoked or mistyped token
-                // learns that first. Checked only for requests refused for their input, which
-                // an operation refuses before it authenticates (parameters and bodies are read
-                // first); an answer after a successful authentication is kept.
+                // the input, as missing ones are, and a role below the operation's least 403: a
+                // caller with a revoked or mistyped token, or without the right, learns that
+                // first. Checked only for requests refused for their input, which an operation
+                // refuses before it authorizes (parameters and bodies are read first); an
+                // answer after a successful authorization is kept.
                 if let Some(credentials) = credentials
                     && matches!(resp.status().as_u16(), 400 | 415 | 422)
                     && schemas.bearer_secured(&method, &operation)
-                    && let Some(refusal) = credentials_refused(&pool, &credentials).await
+                    && let Some(refusal) = credentials_refused(
+                        &pool,
+                        &credentials,
+                        schemas.least_role(&method, &operation),
+                    )
+                    .await
                 {
                     return Ok(refusal);
                 }
@@ -349,25 +355,33 @@ pub fn app(state: AppState) -> impl Endpoint {
         })
 }
 
-/// The 401 an operation that takes bearer tokens answers to `credentials` (an `Authorization`
-/// header): not a bearer token, or one that does not authenticate (unknown, expired, revoked,
-/// its user deactivated). `None` when it authenticates, or when that cannot be told now (the
-/// database failed): then the answer already given stands.
+/// What an operation that takes bearer tokens and needs role `least` answers to `credentials`
+/// (an `Authorization` header) before anything else: 401 for something that is not a bearer
+/// token or does not authenticate (unknown, expired, revoked, its user deactivated), 403 for a
+/// caller whose role is below `least`. `None` when the caller may call the operation, or when
+/// that cannot be told now (the database failed): then the answer already given stands.
 async fn credentials_refused(
     pool: &sqlx::PgPool,
     credentials: &poem::http::HeaderValue,
+    least: Option<crate::domain::role::Role>,
 ) -> Option<Response> {
+    use crate::auth::AuthError;
     let token = credentials.to_str().ok().and_then(|value| {
         let (scheme, token) = value.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
     });
-    if let Some(token) = token {
-        match crate::auth::authenticate(pool, token).await {
-            Err(crate::auth::AuthError::Unauthenticated) => {}
-            _ => return None,
-        }
-    }
-    Some(error::ApiError::from(crate::auth::AuthError::Unauthenticated).into_response())
+    let refusal = match token {
+        None => AuthError::Unauthenticated,
+        Some(token) => match crate::auth::authenticate(pool, token).await {
+            Err(AuthError::Unauthenticated) => AuthError::Unauthenticated,
+            Err(_) => return None,
+            Ok(identity) => match least {
+                Some(least) => crate::auth::require(&identity, least).err()?,
+                None => return None,
+            },
+        },
+    };
+    Some(error::ApiError::from(refusal).into_response())
 }
 
 /// A NUL character anywhere in a path or query parameter or a JSON body (PostgreSQL can keep
