@@ -413,7 +413,7 @@ impl AlertsApi {
         /// Exact alert name.
         name: Query<Option<String>>,
         /// `name=value`; repeat for several (all must hold).
-        label: Query<Vec<String>>,
+        label: Query<Option<Vec<String>>>,
         /// Episodes that started at or after this instant.
         since: Query<Option<DateTime<Utc>>>,
         /// Episodes that started before this instant.
@@ -434,7 +434,7 @@ impl AlertsApi {
             }),
             severity: severity.0,
             name: name.0,
-            labels: parse_labels(&label.0)?,
+            labels: parse_labels(label.0.as_deref().unwrap_or_default())?,
             since: since.0,
             until: until.0,
         };

@@ -479,7 +479,7 @@ impl ServersApi {
         req: &Request,
         auth: BearerAuth,
         /// Tags the server must carry (repeat for several).
-        tag: Query<Vec<String>>,
+        tag: Query<Option<Vec<String>>>,
         /// Environment the server must be in.
         environment: Query<Option<String>>,
         /// Page size, 1 to 500 (default 50).
@@ -494,7 +494,7 @@ impl ServersApi {
         let mut conn = self.state.pool.acquire().await?;
         let (rows, total) = store::servers::server_list(
             &mut conn,
-            &tag.0,
+            tag.0.as_deref().unwrap_or_default(),
             environment.0.as_deref(),
             page.limit,
             page.offset,
