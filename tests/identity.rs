@@ -482,7 +482,10 @@ async fn system_config_put_get_list_delete_with_audit() {
     assert_eq!(status, 200);
     assert_eq!(list.as_array().unwrap().len(), 1);
     // A body without a value (or with null) is refused and keeps the setting.
-    for body in [json!({}), json!({ "value": null })] {
+    for (body, reason) in [
+        (json!({}), "is required"),
+        (json!({ "value": null }), "is required and must not be null"),
+    ] {
         let (status, answer) = app
             .call(
                 Method::PUT,
@@ -493,7 +496,7 @@ async fn system_config_put_get_list_delete_with_audit() {
             .await;
         assert_eq!(status, 400, "{answer}");
         assert_eq!(answer["details"]["field"], "value", "{answer}");
-        assert_eq!(answer["details"]["reason"], "is required", "{answer}");
+        assert_eq!(answer["details"]["reason"], reason, "{answer}");
     }
     let (_, kept) = app.get("/system-config/notifications.slack").await;
     assert_eq!(kept["value"]["channel"], "#sre");

@@ -85,6 +85,15 @@ impl BodySchemas {
             (segment[1..segment.len() - 1].to_owned(), raw)
         } else if let Some(rest) = message.strip_prefix("failed to parse parameter `") {
             let name = rest.split('`').next()?.to_owned();
+            // A path parameter refused by its validator is named, not numbered.
+            let placeholder = format!("{{{name}}}");
+            if let Some(position) = template.split('/').position(|s| s == placeholder) {
+                let raw = path
+                    .split('/')
+                    .nth(position)
+                    .map(|s| percent_decoded(s, false));
+                return self.parameter_value_problem(item, method, name, raw, message);
+            }
             let raw = query.and_then(|q| {
                 q.split('&').find_map(|pair| {
                     let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -95,6 +104,19 @@ impl BodySchemas {
         } else {
             return None;
         };
+        self.parameter_value_problem(item, method, name, raw, message)
+    }
+
+    /// Why the value `raw` sent for parameter `name` (`None`: not sent) does not fit its schema
+    /// in the path item `item`, else poem-openapi's own reason from `message`.
+    fn parameter_value_problem(
+        &self,
+        item: &Value,
+        method: &str,
+        name: String,
+        raw: Option<String>,
+        message: &str,
+    ) -> Option<Offence> {
         let schema = item
             .get(method.to_ascii_lowercase())?
             .get("parameters")?
@@ -493,8 +515,12 @@ impl<'a> Walk<'a> {
             .unwrap_or(&empty);
         let required = schema.get("required").and_then(Value::as_array);
         for name in required.into_iter().flatten().filter_map(Value::as_str) {
-            if fields.get(name).is_none_or(Value::is_null) {
-                return offence(&join(path, name), "is required");
+            match fields.get(name) {
+                None => return offence(&join(path, name), "is required"),
+                Some(Value::Null) => {
+                    return offence(&join(path, name), "is required and must not be null");
+                }
+                Some(_) => {}
             }
         }
         for (name, field) in fields {
@@ -571,7 +597,7 @@ mod tests {
         );
         assert_eq!(
             field(json!({ "id": null, "count": 1 })),
-            Some((Some("id".into()), "is required".into()))
+            Some((Some("id".into()), "is required and must not be null".into()))
         );
         assert_eq!(
             field(json!({ "id": "x-1", "count": 1 })),

@@ -1062,6 +1062,7 @@ impl RunbooksApi {
         /// Runbook id.
         id: Path<Uuid>,
         /// Version number.
+        #[oai(validator(minimum(value = "1")))]
         version: Path<i32>,
     ) -> Result<Json<RunbookVersion>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
@@ -1092,8 +1093,10 @@ impl RunbooksApi {
         /// Runbook id.
         id: Path<Uuid>,
         /// Older version.
+        #[oai(validator(minimum(value = "1")))]
         from: Query<i32>,
         /// Newer version (default: current).
+        #[oai(validator(minimum(value = "1")))]
         to: Query<Option<i32>>,
     ) -> Result<Json<RunbookDiff>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
@@ -1136,6 +1139,7 @@ impl RunbooksApi {
         /// Runbook id.
         id: Path<Uuid>,
         /// Version to restore.
+        #[oai(validator(minimum(value = "1")))]
         version: Path<i32>,
     ) -> Result<Json<RunbookApplied>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
