@@ -500,9 +500,21 @@ async fn system_config_put_get_list_delete_with_audit() {
     }
     let (_, kept) = app.get("/system-config/notifications.slack").await;
     assert_eq!(kept["value"]["channel"], "#sre");
-    let (status, body) = app.get("/system-config/bad%20key").await;
-    assert_eq!(status, 422);
-    assert_eq!(body["details"]["field"], "key");
+    // Keys are declared as the API takes them: 1 to 50 of letters, digits, '.', '_', '-'.
+    let long = "k".repeat(51);
+    for (path, reason) in [
+        ("/system-config/bad%20key".to_owned(), "must match `^[A-Za-z0-9._-]+$`"),
+        (format!("/system-config/{long}"), "must be 1 to 50 characters"),
+    ] {
+        let (status, body) = app.get(&path).await;
+        assert_eq!(status, 422, "{path}: {body}");
+        assert_eq!(body["details"]["field"], "key", "{path}: {body}");
+        assert_eq!(body["details"]["reason"], reason, "{path}: {body}");
+    }
+    let spec: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
+    let key = &spec["paths"]["/system-config/{key}"]["get"]["parameters"][0]["schema"];
+    assert_eq!(key["pattern"], "^[A-Za-z0-9._-]+$", "{key}");
+    assert_eq!(key["maxLength"], 50, "{key}");
 
     let audit = app.audit_rows("system_config_put").await;
     assert_eq!(audit.len(), 2);

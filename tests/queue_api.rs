@@ -41,6 +41,13 @@ async fn admin_lists_counts_retries_and_cancels_jobs() {
 
     let (status, body) = app.get("/queue/jobs?kind=fails&state=dead").await;
     assert_eq!(status, 200, "{body}");
+    // The kind filter's bounds are declared, and a value outside them is named.
+    for kind in [String::new(), "k".repeat(101)] {
+        let (status, body) = app.get(&format!("/queue/jobs?kind={kind}")).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["details"]["field"], "kind", "{body}");
+        assert_eq!(body["details"]["reason"], "must be 1 to 100 characters", "{body}");
+    }
     assert_eq!(body["total"], 1);
     assert_eq!(body["items"][0]["id"], dead);
     assert_eq!(

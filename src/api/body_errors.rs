@@ -456,6 +456,11 @@ impl<'a> Walk<'a> {
                 ) {
                     return out_of_bounds(path, reason);
                 }
+                if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
+                    && regex::Regex::new(pattern).is_ok_and(|re| !re.is_match(s))
+                {
+                    return out_of_bounds(path, format!("must match `{pattern}`"));
+                }
                 match format {
                     Some("uuid") if uuid::Uuid::parse_str(s).is_err() => {
                         offence(path, format!("`{s}` is not a UUID"))

@@ -229,6 +229,7 @@ impl JobsApi {
         req: &Request,
         auth: BearerAuth,
         /// Only jobs of this kind.
+        #[oai(validator(min_length = 1, max_length = 100))]
         kind: Query<Option<String>>,
         /// Only jobs in this state.
         state: Query<Option<JobState>>,

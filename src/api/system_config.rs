@@ -119,6 +119,7 @@ impl SystemConfigApi {
         req: &Request,
         auth: BearerAuth,
         /// Setting key.
+        #[oai(validator(min_length = 1, max_length = 50, pattern = r"^[A-Za-z0-9._-]+$"))]
         key: Path<String>,
     ) -> Result<Json<ConfigEntry>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;
@@ -140,6 +141,7 @@ impl SystemConfigApi {
         req: &Request,
         auth: BearerAuth,
         /// Setting key.
+        #[oai(validator(min_length = 1, max_length = 50, pattern = r"^[A-Za-z0-9._-]+$"))]
         key: Path<String>,
         body: Json<ConfigValue>,
     ) -> Result<Json<ConfigEntry>, ApiError> {
@@ -182,6 +184,7 @@ impl SystemConfigApi {
         req: &Request,
         auth: BearerAuth,
         /// Setting key.
+        #[oai(validator(min_length = 1, max_length = 50, pattern = r"^[A-Za-z0-9._-]+$"))]
         key: Path<String>,
     ) -> Result<Deleted, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Admin).await?;
