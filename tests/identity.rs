@@ -503,8 +503,14 @@ async fn system_config_put_get_list_delete_with_audit() {
     // Keys are declared as the API takes them: 1 to 50 of letters, digits, '.', '_', '-'.
     let long = "k".repeat(51);
     for (path, reason) in [
-        ("/system-config/bad%20key".to_owned(), "must match `^[A-Za-z0-9._-]+$`"),
-        (format!("/system-config/{long}"), "must be 1 to 50 characters"),
+        (
+            "/system-config/bad%20key".to_owned(),
+            "must match `^[A-Za-z0-9._-]+$`",
+        ),
+        (
+            format!("/system-config/{long}"),
+            "must be 1 to 50 characters",
+        ),
     ] {
         let (status, body) = app.get(&path).await;
         assert_eq!(status, 422, "{path}: {body}");

@@ -46,7 +46,10 @@ async fn admin_lists_counts_retries_and_cancels_jobs() {
         let (status, body) = app.get(&format!("/queue/jobs?kind={kind}")).await;
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["details"]["field"], "kind", "{body}");
-        assert_eq!(body["details"]["reason"], "must be 1 to 100 characters", "{body}");
+        assert_eq!(
+            body["details"]["reason"], "must be 1 to 100 characters",
+            "{body}"
+        );
     }
     assert_eq!(body["total"], 1);
     assert_eq!(body["items"][0]["id"], dead);

@@ -136,10 +136,26 @@ async fn import_is_idempotent_and_versions_every_change() {
     // Versions count from 1, as the document declares; a version that was never written is
     // named with the field that asked for it.
     for (path, field, reason) in [
-        (format!("/runbooks/{id}/diff?from=0"), "from", "must be >= 1, not 0"),
-        (format!("/runbooks/{id}/diff?from=1&to=-2"), "to", "must be >= 1, not -2"),
-        (format!("/runbooks/{id}/versions/0"), "version", "must be >= 1, not 0"),
-        (format!("/runbooks/{id}/diff?from=9"), "from", "version 9 does not exist"),
+        (
+            format!("/runbooks/{id}/diff?from=0"),
+            "from",
+            "must be >= 1, not 0",
+        ),
+        (
+            format!("/runbooks/{id}/diff?from=1&to=-2"),
+            "to",
+            "must be >= 1, not -2",
+        ),
+        (
+            format!("/runbooks/{id}/versions/0"),
+            "version",
+            "must be >= 1, not 0",
+        ),
+        (
+            format!("/runbooks/{id}/diff?from=9"),
+            "from",
+            "version 9 does not exist",
+        ),
     ] {
         let (status, answer) = app.get(&path).await;
         assert_eq!(status, 422, "{path}: {answer}");
