@@ -20,6 +20,9 @@
 //!    `aiops_execution_control`, which every end of an execution notifies, confirmed by reading
 //!    the row): p50, p99.
 //!
+//! 3. For scale: the CPU time of one `sh -c true` process started by the benchmark itself (the
+//!    mean of 500), the least any step's command costs on the host.
+//!
 //! Runs against `DATABASE_URL` when set (a fresh database is created on that server), else a
 //! private cluster under `target/bench-pg`. `cargo bench --bench engine`; see
 //! `scripts/bench-engine.sh` for graphile-worker chained jobs on the same server.
@@ -179,6 +182,22 @@ fn cpu_of(pid: u32) -> (f64, f64) {
     let tick = 100.0; // USER_HZ on Linux
     let at = |i: usize| f.get(i - 3).copied().unwrap_or(0.0) / tick;
     (at(14) + at(15), at(16) + at(17))
+}
+
+/// CPU seconds per `sh -c true` process, `runs` of them started one after another by this
+/// process: the least a step's command process costs on this host, whatever the engine does.
+fn shell_start_cpu(runs: usize) -> anyhow::Result<f64> {
+    let before = cpu_of(std::process::id()).1;
+    for _ in 0..runs {
+        let status = std::process::Command::new("sh")
+            .args(["-c", "true"])
+            .status()
+            .context("starting sh -c true")?;
+        if !status.success() {
+            bail!("sh -c true failed: {status}");
+        }
+    }
+    Ok((cpu_of(std::process::id()).1 - before) / runs.max(1) as f64)
 }
 
 /// The live children of process `pid`.
@@ -541,6 +560,8 @@ async fn main() -> anyhow::Result<()> {
         Ok((name, url))
     };
 
+    let shell_runs = if full { 500 } else { 20 };
+    let shell_cpu = shell_start_cpu(shell_runs)?;
     let (db, url) = fresh(&mut admin).await?;
     let t = throughput(&mut admin, &url, &db, executions, steps, concurrency).await?;
     let (_, url) = fresh(&mut admin).await?;
@@ -573,6 +594,10 @@ async fn main() -> anyhow::Result<()> {
         per(t.cpu.1),
         per(t.cpu.2),
         per(t.cpu.0 + t.cpu.1 + t.cpu.2)
+    );
+    println!(
+        "    for scale: one `sh -c true` process started by this benchmark costs {:.2} ms of CPU on this host (mean of {shell_runs})",
+        shell_cpu * 1000.0
     );
     println!(
         "  latency: 3-step no-op runbook, POST /api/v1/executions -> status completed, 2 idle `aiops worker` processes, {samples} samples"
