@@ -557,6 +557,23 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
         (status, body["details"]["field"].clone()),
         (422, json!("alert_name_pattern"))
     );
+    // An empty pattern is refused as the document declares it (minLength 1).
+    for (pattern, severity, field) in [
+        ("", "*", "alert_name_pattern"),
+        ("*", "", "severity_pattern"),
+    ] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/alert-rules",
+                Some(&engineer),
+                Some(rule("empty", 1, pattern, severity, "manual")),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(body["details"]["field"], field, "{body}");
+        assert_eq!(body["details"]["reason"], "must not be empty", "{body}");
+    }
     let (_, list) = app.get("/alert-rules").await;
     let names: Vec<&str> = list
         .as_array()

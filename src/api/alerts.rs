@@ -291,8 +291,10 @@ pub struct AlertRuleInput {
     /// Evaluation order, lower first (default 100).
     pub priority: Option<i32>,
     /// Glob on the alert name (default `*`; regex as `/.../` or `re:...`).
+    #[oai(validator(min_length = 1))]
     pub alert_name_pattern: Option<String>,
     /// Glob on the severity (default `*`, which also matches alerts without one).
+    #[oai(validator(min_length = 1))]
     pub severity_pattern: Option<String>,
     /// Action.
     pub action: RuleAction,

@@ -359,6 +359,7 @@ fn bounds_reason(
         return None;
     }
     Some(match (low, high, unit) {
+        (Some(1.0), None, Some("characters")) => "must not be empty".to_owned(),
         (Some(l), Some(h), Some(u)) => format!("must be {l} to {h} {u}"),
         (Some(l), None, Some(u)) => format!("must be at least {l} {u}"),
         (None, Some(h), Some(u)) => format!("must be at most {h} {u}"),
