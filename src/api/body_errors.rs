@@ -70,53 +70,34 @@ impl BodySchemas {
         message: &str,
     ) -> Option<Offence> {
         let (template, item) = self.path_item(path)?;
-        let (name, raw) = if let Some(rest) = message.strip_prefix("failed to parse path `param") {
-            // poem-openapi numbers path parameters in the order of the path template.
+        // poem-openapi numbers a path parameter it cannot parse (in the order of the path
+        // template) and names one its validator refuses, as it names query parameters.
+        let name = if let Some(rest) = message.strip_prefix("failed to parse path `param") {
             let index: usize = rest.split('`').next()?.parse().ok()?;
-            let (position, segment) = template
+            template
                 .split('/')
-                .enumerate()
-                .filter(|(_, s)| s.starts_with('{') && s.ends_with('}'))
-                .nth(index)?;
-            let raw = path
+                .filter(|s| s.starts_with('{') && s.ends_with('}'))
+                .nth(index)?
+                .trim_matches(['{', '}'])
+                .to_owned()
+        } else if let Some(rest) = message.strip_prefix("failed to parse parameter `") {
+            rest.split('`').next()?.to_owned()
+        } else {
+            return None;
+        };
+        let placeholder = format!("{{{name}}}");
+        let raw = match template.split('/').position(|s| s == placeholder) {
+            Some(position) => path
                 .split('/')
                 .nth(position)
-                .map(|s| percent_decoded(s, false));
-            (segment[1..segment.len() - 1].to_owned(), raw)
-        } else if let Some(rest) = message.strip_prefix("failed to parse parameter `") {
-            let name = rest.split('`').next()?.to_owned();
-            // A path parameter refused by its validator is named, not numbered.
-            let placeholder = format!("{{{name}}}");
-            if let Some(position) = template.split('/').position(|s| s == placeholder) {
-                let raw = path
-                    .split('/')
-                    .nth(position)
-                    .map(|s| percent_decoded(s, false));
-                return self.parameter_value_problem(item, method, name, raw, message);
-            }
-            let raw = query.and_then(|q| {
+                .map(|s| percent_decoded(s, false)),
+            None => query.and_then(|q| {
                 q.split('&').find_map(|pair| {
                     let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
                     (percent_decoded(key, true) == name).then(|| percent_decoded(value, true))
                 })
-            });
-            (name, raw)
-        } else {
-            return None;
+            }),
         };
-        self.parameter_value_problem(item, method, name, raw, message)
-    }
-
-    /// Why the value `raw` sent for parameter `name` (`None`: not sent) does not fit its schema
-    /// in the path item `item`, else poem-openapi's own reason from `message`.
-    fn parameter_value_problem(
-        &self,
-        item: &Value,
-        method: &str,
-        name: String,
-        raw: Option<String>,
-        message: &str,
-    ) -> Option<Offence> {
         let schema = item
             .get(method.to_ascii_lowercase())?
             .get("parameters")?

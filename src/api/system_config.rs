@@ -52,21 +52,6 @@ enum Deleted {
     NoContent,
 }
 
-fn validate_key(key: &str) -> Result<(), ApiError> {
-    if key.is_empty()
-        || key.len() > 50
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(ApiError::invalid(
-            "key",
-            "must be 1 to 50 characters of letters, digits, '.', '_' and '-'",
-        ));
-    }
-    Ok(())
-}
-
 /// Refuses a value the product would not understand for a key it reads (any other key takes any
 /// JSON value).
 fn validate_value(key: &str, value: &serde_json::Value) -> Result<(), ApiError> {
@@ -123,7 +108,6 @@ impl SystemConfigApi {
         key: Path<String>,
     ) -> Result<Json<ConfigEntry>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;
-        validate_key(&key.0)?;
         let mut conn = self.state.pool.acquire().await?;
         let row = store::system_config::config_get(&mut conn, &key.0)
             .await?
@@ -146,7 +130,6 @@ impl SystemConfigApi {
         body: Json<ConfigValue>,
     ) -> Result<Json<ConfigEntry>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Admin).await?;
-        validate_key(&key.0)?;
         validate_value(&key.0, &body.0.value)?;
         let mut tx = self.state.pool.begin().await?;
         let (row, previous) = store::system_config::config_put(
@@ -188,7 +171,6 @@ impl SystemConfigApi {
         key: Path<String>,
     ) -> Result<Deleted, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Admin).await?;
-        validate_key(&key.0)?;
         let mut tx = self.state.pool.begin().await?;
         if !store::system_config::config_delete(&mut tx, &key.0).await? {
             return Err(ApiError::not_found("system_config key", &key.0));
