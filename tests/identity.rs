@@ -412,6 +412,34 @@ async fn users_crud_validation_conflicts_and_audit() {
     assert_eq!(updated["role"], "operator");
     let token = app.login("alice", "another-long-password").await;
     assert!(!token.is_empty());
+    assert_eq!(updated["full_name"], "Alice", "left out: kept");
+
+    // `null` clears the display name; the other fields cannot be cleared and say so.
+    let user_path = format!("/users/{id}");
+    for field in ["email", "password", "role", "is_active"] {
+        let (status, body) = app
+            .call(
+                Method::PATCH,
+                &user_path,
+                Some(&app.admin_token),
+                Some(json!({ field: null, "full_name": "Not Applied" })),
+            )
+            .await;
+        assert_eq!(status, 422, "{field}: {body}");
+        assert_eq!(body["details"]["field"], field, "{body}");
+    }
+    let (status, cleared) = app
+        .call(
+            Method::PATCH,
+            &user_path,
+            Some(&app.admin_token),
+            Some(json!({ "full_name": null })),
+        )
+        .await;
+    assert_eq!(status, 200, "{cleared}");
+    assert!(cleared.get("full_name").is_none(), "{cleared}");
+    assert_eq!(cleared["email"], "alice@example.test");
+    assert_eq!(cleared["role"], "operator");
 
     // The last admin cannot be demoted or deleted.
     let (status, body) = app
@@ -444,8 +472,12 @@ async fn users_crud_validation_conflicts_and_audit() {
     assert_eq!(create[0].2.unwrap().to_string(), id);
     assert_eq!(create[0].4.as_deref(), Some("127.0.0.1"));
     let update = app.audit_rows("user_update").await;
-    assert_eq!(update.len(), 1);
-    let details = update[0].3.clone().unwrap();
+    assert_eq!(update.len(), 2, "refused updates are not audited");
+    assert_eq!(
+        update[0].3.clone().unwrap()["changed"],
+        json!(["full_name"])
+    );
+    let details = update[1].3.clone().unwrap();
     assert_eq!(details["changed"], json!(["password", "role"]));
     assert!(!details.to_string().contains("another-long-password"));
     assert_eq!(app.audit_rows("user_delete").await.len(), 1);

@@ -339,15 +339,18 @@ fn resolve<'a>(spec: &'a Value, mut schema: &'a Value) -> (Option<String>, &'a V
     }
 }
 
-/// Every object in `value` that its schema describes as an object: its JSON pointer, its path as
-/// error bodies name fields (`steps[0]`), and its component name.
-fn objects(
-    spec: &Value,
-    schema: &Value,
+/// An object of a request body: its JSON pointer, its path as error bodies name fields
+/// (`steps[0]`), its component name and its schema.
+type BodyObject<'a> = (String, String, Option<String>, &'a Value);
+
+/// Every object in `value` that its schema describes as an object.
+fn objects<'a>(
+    spec: &'a Value,
+    schema: &'a Value,
     value: &Value,
     pointer: String,
     path: String,
-    out: &mut Vec<(String, String, Option<String>)>,
+    out: &mut Vec<BodyObject<'a>>,
 ) {
     let (name, schema) = resolve(spec, schema);
     match value {
@@ -355,7 +358,7 @@ fn objects(
         Value::Object(fields)
             if schema["type"] == "object" && !schema["additionalProperties"].is_object() =>
         {
-            out.push((pointer.clone(), path.clone(), name));
+            out.push((pointer.clone(), path.clone(), name, schema));
             for (key, field) in fields {
                 if let Some(property) = schema["properties"].get(key) {
                     let sub = if path.is_empty() {
@@ -384,6 +387,66 @@ fn objects(
     }
 }
 
+/// The JSON schema of an operation's request body.
+fn body_schema<'a>(spec: &'a Value, op: &Operation) -> &'a Value {
+    let item = &spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, item)| {
+            item.as_object()
+                .unwrap()
+                .values()
+                .any(|o| o["operationId"] == op.id.as_str())
+        })
+        .unwrap()
+        .1;
+    let operation = &item[op.method.as_str().to_ascii_lowercase()];
+    let content = operation["requestBody"]["content"].as_object().unwrap();
+    &content
+        .iter()
+        .find(|(kind, _)| kind.starts_with("application/json"))
+        .unwrap()
+        .1["schema"]
+}
+
+/// Every object of an operation's sample body.
+fn body_objects<'a>(spec: &'a Value, op: &Operation, body: &Value) -> Vec<BodyObject<'a>> {
+    let mut found = Vec::new();
+    objects(
+        spec,
+        body_schema(spec, op),
+        body,
+        String::new(),
+        String::new(),
+        &mut found,
+    );
+    found
+}
+
+/// A new Alertmanager webhook token.
+async fn webhook_token(app: &common::TestApp, name: &str) -> String {
+    let (status, created) = app
+        .call(
+            reqwest::Method::POST,
+            "/webhook-tokens",
+            Some(&app.admin_token),
+            Some(json!({ "name": name })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    created["secret"].as_str().unwrap().to_owned()
+}
+
+/// The token an operation is called with: the webhook's for the webhook, the admin's otherwise.
+fn token_for<'a>(app: &'a common::TestApp, op: &Operation, webhook_token: &'a str) -> &'a str {
+    if op.id == "alertmanager_webhook_receive" {
+        webhook_token
+    } else {
+        app.admin_token.as_str()
+    }
+}
+
 /// The document says which request objects refuse fields they do not declare
 /// (`additionalProperties: false`), and the API does exactly that: every object of every
 /// operation's sample body, given one extra field, is refused with 400 naming it where the
@@ -393,56 +456,16 @@ fn objects(
 async fn request_objects_refuse_fields_as_documented() {
     let app = common::spawn_app().await;
     let spec: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
-    let (status, created) = app
-        .call(
-            reqwest::Method::POST,
-            "/webhook-tokens",
-            Some(&app.admin_token),
-            Some(json!({ "name": "fields-probe" })),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let webhook_token = created["secret"].as_str().unwrap().to_owned();
+    let webhook_token = webhook_token(&app, "fields-probe").await;
 
     let mut reached = std::collections::BTreeSet::new();
     let mut failures = Vec::new();
     for op in operations(&spec) {
         let Some(body) = &op.body else { continue };
-        let item = &spec["paths"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .find(|(_, item)| {
-                item.as_object()
-                    .unwrap()
-                    .values()
-                    .any(|o| o["operationId"] == op.id.as_str())
-            })
-            .unwrap()
-            .1;
-        let operation = &item[op.method.as_str().to_ascii_lowercase()];
-        let content = operation["requestBody"]["content"].as_object().unwrap();
-        let schema = &content
-            .iter()
-            .find(|(kind, _)| kind.starts_with("application/json"))
-            .unwrap()
-            .1["schema"];
-        let mut found = Vec::new();
-        objects(
-            &spec,
-            schema,
-            body,
-            String::new(),
-            String::new(),
-            &mut found,
-        );
+        let found = body_objects(&spec, &op, body);
         assert!(!found.is_empty(), "{}: no object in its body", op.id);
-        let token = if op.id == "alertmanager_webhook_receive" {
-            webhook_token.as_str()
-        } else {
-            app.admin_token.as_str()
-        };
-        for (pointer, path, name) in found {
+        let token = token_for(&app, &op, &webhook_token);
+        for (pointer, path, name, _) in found {
             let name = name.unwrap_or_else(|| panic!("{}: {path:?} is an inline object", op.id));
             let closed = spec["components"]["schemas"][&name]["additionalProperties"] == false;
             let mut sent = body.clone();
@@ -483,4 +506,86 @@ async fn request_objects_refuse_fields_as_documented() {
         .collect();
     let missed: Vec<_> = documented.difference(&reached).collect();
     assert!(missed.is_empty(), "no sample body reaches {missed:?}");
+}
+
+/// Whether a property's schema lets it be `null` (poem-openapi puts `nullable` beside a `$ref`
+/// in an `allOf` wrapper).
+fn nullable(property: &Value) -> bool {
+    property["nullable"] == true
+        || property["allOf"]
+            .as_array()
+            .is_some_and(|parts| parts.iter().any(|p| p["nullable"] == true))
+}
+
+/// What the document says about `null`, the API does: every optional property of every object
+/// of every operation's sample body, sent as `null`, is refused with 422 naming it and saying it
+/// must not be null exactly where the document does not declare it `nullable` (a partial
+/// update's field that cannot be cleared), and taken (as absent, or as clearing it) where it
+/// does.
+#[tokio::test]
+async fn optional_fields_take_null_exactly_as_documented() {
+    let app = common::spawn_app().await;
+    let spec: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
+    let webhook_token = webhook_token(&app, "null-probe").await;
+    let mut failures = Vec::new();
+    let (mut refused_seen, mut taken_seen) = (0, 0);
+    for op in operations(&spec) {
+        let Some(body) = &op.body else { continue };
+        let found = body_objects(&spec, &op, body);
+        let token = token_for(&app, &op, &webhook_token);
+        for (pointer, path, _, object_schema) in found {
+            let required: Vec<&str> = object_schema["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            for (name, property) in object_schema["properties"].as_object().unwrap() {
+                if required.contains(&name.as_str()) {
+                    continue;
+                }
+                let mut sent = body.clone();
+                sent.pointer_mut(&pointer)
+                    .and_then(Value::as_object_mut)
+                    .unwrap()
+                    .insert(name.clone(), Value::Null);
+                let (status, answer) = app
+                    .call(op.method.clone(), &op.path, Some(token), Some(sent))
+                    .await;
+                let field = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                let refused = status == 422
+                    && answer["details"]["field"] == field.as_str()
+                    && answer["details"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("must not be null"));
+                let documented = nullable(property);
+                if refused {
+                    refused_seen += 1;
+                } else {
+                    taken_seen += 1;
+                }
+                if refused == documented || (documented && (status == 400 || status >= 500)) {
+                    failures.push(format!(
+                        "{} {field} (documented {}): {status} {answer}",
+                        op.id,
+                        if documented {
+                            "nullable"
+                        } else {
+                            "not nullable"
+                        }
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Both kinds occur: partial updates refuse null for fields that cannot be cleared.
+    assert!(
+        refused_seen > 0 && taken_seen > 0,
+        "{refused_seen} {taken_seen}"
+    );
 }

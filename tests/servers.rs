@@ -111,6 +111,71 @@ async fn crud_never_returns_secrets_and_viewers_read() {
     assert_eq!(app.audit_rows("server_delete").await.len(), 1);
 }
 
+/// A partial update: `null` clears the columns that may be empty (domain, environment, WinRM
+/// transport) and is refused, naming the field, for the others, with nothing changed.
+#[tokio::test]
+async fn null_clears_what_may_be_empty_and_is_refused_elsewhere() {
+    let app = app().await;
+    let mut body = password_server("nulls", "pw");
+    body["domain"] = json!("corp.example");
+    let (status, created) = create(&app, body).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["domain"], "corp.example");
+    assert_eq!(created["environment"], "staging");
+    let path = format!("/servers/{}", created["id"].as_str().unwrap());
+    let patch = |body: Value| app.call(Method::PATCH, &path, Some(&app.admin_token), Some(body));
+
+    for field in [
+        "name",
+        "hostname",
+        "port",
+        "username",
+        "tags",
+        "password",
+        "auth_type",
+    ] {
+        let (status, err) = patch(json!({ field: null, "environment": "other" })).await;
+        assert_eq!(status, 422, "{field}: {err}");
+        assert_eq!(err["details"]["field"], field, "{err}");
+        assert!(
+            err["details"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("must not be null"),
+            "{err}"
+        );
+    }
+    let (_, unchanged) = app.get(&path).await;
+    assert_eq!(
+        unchanged["environment"], "staging",
+        "a refused update changes nothing"
+    );
+    assert_eq!(unchanged["name"], "nulls");
+
+    // Left out keeps; null clears.
+    let (status, updated) = patch(json!({ "domain": null })).await;
+    assert_eq!(status, 200, "{updated}");
+    assert!(updated.get("domain").is_none(), "{updated}");
+    assert_eq!(updated["environment"], "staging");
+    let (status, updated) = patch(json!({ "environment": null, "port": 2200 })).await;
+    assert_eq!(status, 200, "{updated}");
+    assert!(updated.get("environment").is_none(), "{updated}");
+    assert_eq!(updated["port"], 2200);
+    let (_, stored) = app.get(&path).await;
+    assert!(
+        stored.get("domain").is_none() && stored.get("environment").is_none(),
+        "{stored}"
+    );
+    assert_eq!(stored["has_password"], true);
+    let audit = app.audit_rows("server_update").await;
+    assert_eq!(audit.len(), 2, "refused updates are not audited");
+    assert_eq!(audit[1].3.clone().unwrap()["changed"], json!(["domain"]));
+    assert_eq!(
+        audit[0].3.clone().unwrap()["changed"],
+        json!(["port", "environment"])
+    );
+}
+
 #[tokio::test]
 async fn validation_names_the_field() {
     let app = app().await;

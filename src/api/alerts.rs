@@ -289,16 +289,20 @@ pub struct AlertRuleInput {
     #[oai(validator(min_length = 1, max_length = 100))]
     pub name: String,
     /// Evaluation order, lower first (default 100).
+    #[oai(nullable)]
     pub priority: Option<i32>,
     /// Glob on the alert name (default `*`; regex as `/.../` or `re:...`).
     #[oai(validator(min_length = 1))]
+    #[oai(nullable)]
     pub alert_name_pattern: Option<String>,
     /// Glob on the severity (default `*`, which also matches alerts without one).
     #[oai(validator(min_length = 1))]
+    #[oai(nullable)]
     pub severity_pattern: Option<String>,
     /// Action.
     pub action: RuleAction,
     /// Considered at all (default true).
+    #[oai(nullable)]
     pub enabled: Option<bool>,
 }
 

@@ -46,6 +46,7 @@ pub struct ApiTokenCreate {
     pub name: String,
     /// Lifetime in days; absent means it never expires.
     #[oai(validator(minimum(value = "1"), maximum(value = "3650")))]
+    #[oai(nullable)]
     pub expires_in_days: Option<u32>,
 }
 

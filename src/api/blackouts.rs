@@ -59,12 +59,15 @@ fn recurrence_name(s: &str) -> RecurrenceName {
 pub struct RecurrencePattern {
     /// IANA timezone of the wall-clock times (default UTC).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub timezone: Option<String>,
     /// Cron expression (`min hour dom month dow`), required for `cron` windows.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub cron: Option<String>,
     /// No occurrence starts at or after this instant.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub until: Option<DateTime<Utc>>,
 }
 
@@ -73,13 +76,13 @@ pub struct RecurrencePattern {
 #[oai(deny_unknown_fields)]
 pub struct AffectedServers {
     /// Specific servers.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub server_ids: Vec<Uuid>,
     /// Server tags: `name` or `name=value`.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub tags: Vec<String>,
     /// Server environments.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub environments: Vec<String>,
 }
 
@@ -88,10 +91,10 @@ pub struct AffectedServers {
 #[oai(deny_unknown_fields)]
 pub struct AffectedRunbooks {
     /// Specific runbooks.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub ids: Vec<Uuid>,
     /// Runbook categories.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub categories: Vec<String>,
 }
 
@@ -103,20 +106,26 @@ pub struct BlackoutWindowInput {
     #[oai(validator(min_length = 1, max_length = 200))]
     pub name: String,
     /// Purpose.
+    #[oai(nullable)]
     pub description: Option<String>,
     /// Start of the first occurrence.
     pub start_time: DateTime<Utc>,
     /// End of the first occurrence; must be after start_time.
     pub end_time: DateTime<Utc>,
     /// Repetition (default none).
+    #[oai(nullable)]
     pub recurrence: Option<RecurrenceName>,
     /// Timezone, cron and end of the series.
+    #[oai(nullable)]
     pub recurrence_pattern: Option<RecurrencePattern>,
     /// Covered servers (default: all).
+    #[oai(nullable)]
     pub affected_servers: Option<AffectedServers>,
     /// Covered runbooks (default: all).
+    #[oai(nullable)]
     pub affected_runbooks: Option<AffectedRunbooks>,
     /// Whether the window is in force (default true).
+    #[oai(nullable)]
     pub enabled: Option<bool>,
 }
 

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use poem::Request;
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
 use uuid::Uuid;
 
@@ -12,6 +13,7 @@ use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
 use super::pagination::Page;
+use super::patch::required_value;
 
 /// `circuit_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -92,19 +94,19 @@ impl From<BreakerRow> for CircuitBreaker {
     }
 }
 
-/// New thresholds; absent fields are kept.
+/// New thresholds: a field left out keeps its value; `null` is refused (none can be cleared).
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 pub struct CircuitBreakerSettings {
     /// Consecutive failures before opening (> 0).
     #[oai(validator(minimum(value = "1")))]
-    pub failure_threshold: Option<i32>,
+    pub failure_threshold: MaybeUndefined<i32>,
     /// Consecutive half-open successes before closing (> 0).
     #[oai(validator(minimum(value = "1")))]
-    pub success_threshold: Option<i32>,
+    pub success_threshold: MaybeUndefined<i32>,
     /// Seconds in open before half-open (> 0).
     #[oai(validator(minimum(value = "1")))]
-    pub reset_timeout_seconds: Option<i32>,
+    pub reset_timeout_seconds: MaybeUndefined<i32>,
 }
 
 /// A page of breakers.
@@ -205,10 +207,15 @@ impl BreakersApi {
         body: Json<CircuitBreakerSettings>,
     ) -> Result<Json<CircuitBreaker>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
+        let b = body.0;
+        let failure_threshold = required_value("failure_threshold", b.failure_threshold)?;
+        let success_threshold = required_value("success_threshold", b.success_threshold)?;
+        let reset_timeout_seconds =
+            required_value("reset_timeout_seconds", b.reset_timeout_seconds)?;
         for (field, value) in [
-            ("failure_threshold", body.0.failure_threshold),
-            ("success_threshold", body.0.success_threshold),
-            ("reset_timeout_seconds", body.0.reset_timeout_seconds),
+            ("failure_threshold", failure_threshold),
+            ("success_threshold", success_threshold),
+            ("reset_timeout_seconds", reset_timeout_seconds),
         ] {
             if value.is_some_and(|v| v <= 0) {
                 return Err(ApiError::invalid(field, "must be > 0"));
@@ -221,9 +228,9 @@ impl BreakersApi {
         store::breakers::breaker_configure(
             &mut tx,
             runbook_id.0,
-            body.0.failure_threshold,
-            body.0.success_threshold,
-            body.0.reset_timeout_seconds,
+            failure_threshold,
+            success_threshold,
+            reset_timeout_seconds,
         )
         .await?;
         // As of now: a shorter reset timeout may already have let an open breaker half-open.

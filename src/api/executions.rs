@@ -77,10 +77,10 @@ fn status_label(s: ExecutionStatus) -> &'static str {
 #[oai(deny_unknown_fields)]
 pub struct ServerSelectorInput {
     /// Server tags: `name` or `name=value`.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub tags: Vec<String>,
     /// Server environments.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub environments: Vec<String>,
 }
 
@@ -91,13 +91,17 @@ pub struct ExecutionCreate {
     /// The runbook.
     pub runbook_id: Uuid,
     /// One server. Leave out both `server_id` and `servers` to run on a worker's own host.
+    #[oai(nullable)]
     pub server_id: Option<Uuid>,
     /// Every matching server gets its own execution.
+    #[oai(nullable)]
     pub servers: Option<ServerSelectorInput>,
     /// Executions of one fan-out that may run at once (default 5).
     #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+    #[oai(nullable)]
     pub max_concurrency: Option<i32>,
     /// Variables; override the runbook's environment_vars of the same name.
+    #[oai(nullable)]
     pub variables: Option<std::collections::BTreeMap<String, Value>>,
 }
 
@@ -345,6 +349,7 @@ pub struct ExecutionPage {
 #[oai(deny_unknown_fields)]
 pub struct Reason {
     /// Why.
+    #[oai(nullable)]
     pub reason: Option<String>,
 }
 

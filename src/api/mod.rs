@@ -19,6 +19,7 @@ pub mod intake;
 pub mod jobs;
 pub mod live;
 pub mod pagination;
+pub mod patch;
 pub mod runbooks;
 pub mod servers;
 pub mod stats;

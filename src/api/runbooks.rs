@@ -118,40 +118,51 @@ impl From<TargetOs> for OsName {
 pub struct StepSpec {
     /// `step_order`; give it on every step or none (then the list position counts from 1).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub order: Option<i32>,
     /// Unique within the runbook.
     pub name: String,
     /// What the step does.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub description: Option<String>,
     /// Command template; every `{{ }}` value is shell-quoted.
     pub command: String,
     /// Success exit codes (default [0]).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub expected_exit_codes: Option<Vec<i32>>,
     /// Step limit in seconds (default 60).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub timeout_seconds: Option<i32>,
     /// Continue after a failure (default false).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub continue_on_failure: Option<bool>,
     /// minijinja expression; the step is skipped when false.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub condition: Option<String>,
     /// Command template that undoes the step.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub rollback_command: Option<String>,
     /// Step retries (default 0).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub retry_count: Option<i32>,
     /// Seconds between retries (default 5).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub retry_delay_seconds: Option<i32>,
     /// Keep stdout for later steps (default false).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub capture_output: Option<bool>,
     /// Mask output (default false).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub sensitive: Option<bool>,
 }
 
@@ -163,33 +174,42 @@ pub struct TriggerSpec {
     pub name: String,
     /// Lower wins (default 100).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub priority: Option<i32>,
     /// Glob, or regex as `/.../` or `re:...`, on the alert name.
     pub alert_name_pattern: String,
     /// Pattern on the severity (absent: any).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub severity_pattern: Option<String>,
     /// Pattern on the source (absent: any).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub source_pattern: Option<String>,
     /// Label name -> pattern; all must match.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub labels_match: Option<BTreeMap<String, String>>,
     /// `HH:MM` in the `alerts.timezone` setting (default UTC); with `time_window_end`.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub time_window_start: Option<String>,
     /// `HH:MM` in the same timezone; earlier than the start wraps midnight.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub time_window_end: Option<String>,
     /// Considered at all (default true).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub enabled: Option<bool>,
     /// Seconds between firings (default 0).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub cooldown_seconds: Option<i32>,
     /// Count the cooldown per alerting instance (`instance` label) instead of per trigger
     /// (default false).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub cooldown_per_instance: Option<bool>,
 }
 
@@ -202,53 +222,69 @@ pub struct RunbookSpec {
     pub name: String,
     /// Description.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub description: Option<String>,
     /// Category.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub category: Option<String>,
     /// Default manual.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub mode: Option<ModeName>,
     /// Default active.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub status: Option<StatusName>,
     /// Default linux.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub target_os: Option<OsName>,
     /// Whole-run limit (default 300).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub timeout_seconds: Option<i32>,
     /// Run retries (default 0).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub max_retries: Option<i32>,
     /// Seconds between run retries (default 60).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub retry_delay_seconds: Option<i32>,
     /// Runs per window (with `rate_limit_window_seconds`).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub rate_limit_count: Option<i32>,
     /// Window in seconds.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub rate_limit_window_seconds: Option<i32>,
     /// Needs approval (default false).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub requires_approval: Option<bool>,
     /// Approving roles (default admin, engineer).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub approval_roles: Option<Vec<String>>,
     /// Server restrictions, a list (default empty).
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub allowed_servers: Option<serde_json::Value>,
     /// Variable templates, available as `vars.NAME` and `NAME`.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub environment_vars: Option<BTreeMap<String, String>>,
     /// Extra configuration, a mapping.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub config: Option<serde_json::Value>,
     /// Steps.
     pub steps: Vec<StepSpec>,
     /// Triggers.
     #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable)]
     pub triggers: Option<Vec<TriggerSpec>>,
 }
 
@@ -567,14 +603,19 @@ pub struct SampleAlert {
     /// Alert name (`alertname`).
     pub name: String,
     /// Severity (default: the `severity` label).
+    #[oai(nullable)]
     pub severity: Option<String>,
     /// Source (default `alertmanager`).
+    #[oai(nullable)]
     pub source: Option<String>,
     /// `firing` (default) or `resolved`.
+    #[oai(nullable)]
     pub status: Option<String>,
     /// Labels.
+    #[oai(nullable)]
     pub labels: Option<BTreeMap<String, String>>,
     /// Annotations.
+    #[oai(nullable)]
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
@@ -583,18 +624,24 @@ pub struct SampleAlert {
 #[oai(deny_unknown_fields)]
 pub struct SampleServer {
     /// Display name.
+    #[oai(nullable)]
     pub name: Option<String>,
     /// Host name or address.
     pub hostname: String,
     /// Port.
+    #[oai(nullable)]
     pub port: Option<i32>,
     /// Login.
+    #[oai(nullable)]
     pub username: Option<String>,
     /// linux or windows (default: the runbook's target).
+    #[oai(nullable)]
     pub os_type: Option<OsName>,
     /// Environment (`production`, ...).
+    #[oai(nullable)]
     pub environment: Option<String>,
     /// Tags.
+    #[oai(nullable)]
     pub tags: Option<Vec<String>>,
 }
 
@@ -604,18 +651,24 @@ pub struct SampleServer {
 #[oai(deny_unknown_fields)]
 pub struct DryRunRequest {
     /// A stored runbook.
+    #[oai(nullable)]
     pub runbook_id: Option<Uuid>,
     /// An inline document.
+    #[oai(nullable)]
     pub runbook: Option<RunbookSpec>,
     /// An inline YAML document.
+    #[oai(nullable)]
     pub yaml: Option<String>,
     /// The sample alert.
     pub alert: SampleAlert,
     /// A stored server.
+    #[oai(nullable)]
     pub server_id: Option<Uuid>,
     /// An inline server.
+    #[oai(nullable)]
     pub server: Option<SampleServer>,
     /// The time to evaluate time windows and cooldowns at (default now).
+    #[oai(nullable)]
     pub at: Option<DateTime<Utc>>,
 }
 

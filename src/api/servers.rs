@@ -5,6 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use poem::Request;
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -17,6 +18,7 @@ use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
 use super::pagination::Page;
+use super::patch::{Change, required_value};
 
 /// Operating system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -186,82 +188,99 @@ pub struct ServerCreate {
     pub hostname: String,
     /// Port, 1 to 65535 (default 22 for ssh, 5986 for winrm).
     #[oai(validator(minimum(value = "1"), maximum(value = "65535")))]
+    #[oai(nullable)]
     pub port: Option<i32>,
     /// Login name, 1 to 100 characters.
     #[oai(validator(min_length = 1, max_length = 100))]
     pub username: String,
     /// Default linux.
+    #[oai(nullable)]
     pub os_type: Option<OsType>,
     /// Default ssh.
+    #[oai(nullable)]
     pub protocol: Option<Protocol>,
     /// Default key.
+    #[oai(nullable)]
     pub auth_type: Option<AuthType>,
     /// OpenSSH or PEM private key (required with auth_type key). Write-only.
+    #[oai(nullable)]
     pub ssh_key: Option<String>,
     /// Passphrase of an encrypted private key. Write-only.
+    #[oai(nullable)]
     pub ssh_key_passphrase: Option<String>,
     /// Password (required with auth_type password). Write-only.
+    #[oai(nullable)]
     pub password: Option<String>,
     /// WinRM transport.
+    #[oai(nullable)]
     pub winrm_transport: Option<WinrmTransport>,
     /// Default true.
+    #[oai(nullable)]
     pub winrm_use_ssl: Option<bool>,
     /// Default true.
+    #[oai(nullable)]
     pub winrm_cert_validation: Option<bool>,
     /// AD domain, at most 100 characters.
     #[oai(validator(min_length = 1, max_length = 100))]
+    #[oai(nullable)]
     pub domain: Option<String>,
     /// Environment, 1 to 50 of letters, digits, `.`, `_`, `-`.
     #[oai(validator(min_length = 1, max_length = 50))]
+    #[oai(nullable)]
     pub environment: Option<String>,
     /// Tags, each 1 to 100 characters (`db`, `role=primary`), at most 50.
     #[oai(validator(max_items = 50))]
+    #[oai(nullable)]
     pub tags: Option<Vec<String>>,
 }
 
-/// A partial update; absent fields keep their value. Giving a secret replaces it.
+/// A partial update: a field left out keeps its value; `null` clears `domain`, `environment` and
+/// `winrm_transport` and is refused for the others. Giving a secret replaces it.
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 pub struct ServerUpdate {
     /// New name.
     #[oai(validator(min_length = 1, max_length = 100))]
-    pub name: Option<String>,
+    pub name: MaybeUndefined<String>,
     /// New host name (clears the pinned host key).
     #[oai(validator(min_length = 1, max_length = 255))]
-    pub hostname: Option<String>,
+    pub hostname: MaybeUndefined<String>,
     /// New port (clears the pinned host key).
     #[oai(validator(minimum(value = "1"), maximum(value = "65535")))]
-    pub port: Option<i32>,
+    pub port: MaybeUndefined<i32>,
     /// New login name.
     #[oai(validator(min_length = 1, max_length = 100))]
-    pub username: Option<String>,
+    pub username: MaybeUndefined<String>,
     /// New operating system.
-    pub os_type: Option<OsType>,
+    pub os_type: MaybeUndefined<OsType>,
     /// New protocol.
-    pub protocol: Option<Protocol>,
+    pub protocol: MaybeUndefined<Protocol>,
     /// New authentication method (the matching secret must be stored or given).
-    pub auth_type: Option<AuthType>,
+    pub auth_type: MaybeUndefined<AuthType>,
     /// New private key. Write-only.
-    pub ssh_key: Option<String>,
+    pub ssh_key: MaybeUndefined<String>,
     /// New key passphrase. Write-only.
-    pub ssh_key_passphrase: Option<String>,
+    pub ssh_key_passphrase: MaybeUndefined<String>,
     /// New password. Write-only.
-    pub password: Option<String>,
-    /// New WinRM transport.
-    pub winrm_transport: Option<WinrmTransport>,
+    pub password: MaybeUndefined<String>,
+    /// New WinRM transport; `null` clears it.
+    #[oai(nullable)]
+    pub winrm_transport: MaybeUndefined<WinrmTransport>,
     /// New WinRM TLS setting.
-    pub winrm_use_ssl: Option<bool>,
+    pub winrm_use_ssl: MaybeUndefined<bool>,
     /// New WinRM certificate validation setting.
-    pub winrm_cert_validation: Option<bool>,
-    /// New AD domain.
+    pub winrm_cert_validation: MaybeUndefined<bool>,
+    /// New AD domain; `null` clears it.
     #[oai(validator(min_length = 1, max_length = 100))]
-    pub domain: Option<String>,
-    /// New environment.
+    #[oai(nullable)]
+    pub domain: MaybeUndefined<String>,
+    /// New environment; `null` clears it.
     #[oai(validator(min_length = 1, max_length = 50))]
-    pub environment: Option<String>,
+    #[oai(nullable)]
+    pub environment: MaybeUndefined<String>,
     /// New tags (replace the old ones).
     #[oai(validator(max_items = 50))]
-    pub tags: Option<Vec<String>>,
+    pub tags: MaybeUndefined<Vec<String>>,
 }
 
 /// A page of servers.
@@ -620,43 +639,56 @@ impl ServersApi {
     ) -> Result<Json<Server>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let b = body.0;
+        let name = required_value("name", b.name)?;
+        let hostname = required_value("hostname", b.hostname)?;
+        let port = required_value("port", b.port)?;
+        let username = required_value("username", b.username)?;
+        let os_type = required_value("os_type", b.os_type)?;
+        let protocol = required_value("protocol", b.protocol)?;
+        let auth_type = required_value("auth_type", b.auth_type)?;
+        let new_ssh_key = required_value("ssh_key", b.ssh_key)?;
+        let new_passphrase = required_value("ssh_key_passphrase", b.ssh_key_passphrase)?;
+        let new_password = required_value("password", b.password)?;
+        let winrm_transport = Change::of(b.winrm_transport);
+        let winrm_use_ssl = required_value("winrm_use_ssl", b.winrm_use_ssl)?;
+        let winrm_cert_validation =
+            required_value("winrm_cert_validation", b.winrm_cert_validation)?;
+        let domain = Change::of(b.domain);
+        let environment = Change::of(b.environment);
+        let new_tags = required_value("tags", b.tags)?;
         let mut tx = self.state.pool.begin().await?;
         let cur = store::servers::server_get_for_update(&mut tx, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("server", id.0))?;
         let draft = Draft {
-            name: b.name.clone().unwrap_or_else(|| cur.name.clone()),
-            hostname: b.hostname.clone().unwrap_or_else(|| cur.hostname.clone()),
-            port: b.port.unwrap_or(cur.port),
-            username: b.username.clone().unwrap_or_else(|| cur.username.clone()),
-            os_type: b
-                .os_type
+            name: name.clone().unwrap_or_else(|| cur.name.clone()),
+            hostname: hostname.clone().unwrap_or_else(|| cur.hostname.clone()),
+            port: port.unwrap_or(cur.port),
+            username: username.clone().unwrap_or_else(|| cur.username.clone()),
+            os_type: os_type
                 .or_else(|| parse_enum(&cur.os_type))
                 .unwrap_or(OsType::Linux),
-            protocol: b
-                .protocol
+            protocol: protocol
                 .or_else(|| parse_enum(&cur.protocol))
                 .unwrap_or(Protocol::Ssh),
-            auth_type: b
-                .auth_type
+            auth_type: auth_type
                 .or_else(|| parse_enum(&cur.auth_type))
                 .unwrap_or(AuthType::Key),
-            winrm_transport: b
-                .winrm_transport
-                .or_else(|| cur.winrm_transport.as_deref().and_then(parse_enum)),
-            winrm_use_ssl: b.winrm_use_ssl.unwrap_or(cur.winrm_use_ssl),
-            winrm_cert_validation: b.winrm_cert_validation.unwrap_or(cur.winrm_cert_validation),
-            domain: b.domain.clone().or_else(|| cur.domain.clone()),
-            environment: b.environment.clone().or_else(|| cur.environment.clone()),
-            tags: b.tags.clone().unwrap_or_else(|| tags_of(&cur.tags)),
+            winrm_transport: winrm_transport
+                .apply(cur.winrm_transport.as_deref().and_then(parse_enum)),
+            winrm_use_ssl: winrm_use_ssl.unwrap_or(cur.winrm_use_ssl),
+            winrm_cert_validation: winrm_cert_validation.unwrap_or(cur.winrm_cert_validation),
+            domain: domain.clone().apply(cur.domain.clone()),
+            environment: environment.clone().apply(cur.environment.clone()),
+            tags: new_tags.clone().unwrap_or_else(|| tags_of(&cur.tags)),
         };
         validate(&draft)?;
         let auth_changed = enum_str(&draft.auth_type) != cur.auth_type;
         let plan = plan_secrets(
             draft.auth_type,
-            b.ssh_key.as_deref(),
-            b.ssh_key_passphrase.as_deref(),
-            b.password.as_deref(),
+            new_ssh_key.as_deref(),
+            new_passphrase.as_deref(),
+            new_password.as_deref(),
             (
                 cur.ssh_key_encrypted.is_some() && !auth_changed,
                 cur.password_encrypted.is_some() && !auth_changed,
@@ -684,22 +716,22 @@ impl ServersApi {
         .ok_or_else(|| ApiError::not_found("server", id.0))?;
         let mut changed = Vec::new();
         for (name, set) in [
-            ("name", b.name.is_some()),
-            ("hostname", b.hostname.is_some()),
-            ("port", b.port.is_some()),
-            ("username", b.username.is_some()),
-            ("os_type", b.os_type.is_some()),
-            ("protocol", b.protocol.is_some()),
-            ("auth_type", b.auth_type.is_some()),
-            ("ssh_key", b.ssh_key.is_some()),
-            ("ssh_key_passphrase", b.ssh_key_passphrase.is_some()),
-            ("password", b.password.is_some()),
-            ("winrm_transport", b.winrm_transport.is_some()),
-            ("winrm_use_ssl", b.winrm_use_ssl.is_some()),
-            ("winrm_cert_validation", b.winrm_cert_validation.is_some()),
-            ("domain", b.domain.is_some()),
-            ("environment", b.environment.is_some()),
-            ("tags", b.tags.is_some()),
+            ("name", name.is_some()),
+            ("hostname", hostname.is_some()),
+            ("port", port.is_some()),
+            ("username", username.is_some()),
+            ("os_type", os_type.is_some()),
+            ("protocol", protocol.is_some()),
+            ("auth_type", auth_type.is_some()),
+            ("ssh_key", new_ssh_key.is_some()),
+            ("ssh_key_passphrase", new_passphrase.is_some()),
+            ("password", new_password.is_some()),
+            ("winrm_transport", winrm_transport.is_given()),
+            ("winrm_use_ssl", winrm_use_ssl.is_some()),
+            ("winrm_cert_validation", winrm_cert_validation.is_some()),
+            ("domain", domain.is_given()),
+            ("environment", environment.is_given()),
+            ("tags", new_tags.is_some()),
         ] {
             if set {
                 changed.push(name);

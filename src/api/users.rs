@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use poem::Request;
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, param::Path, param::Query, payload::Json};
 use uuid::Uuid;
 
@@ -12,6 +13,7 @@ use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
 use super::pagination::Page;
+use super::patch::{Change, required_value};
 
 /// A role name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
@@ -103,6 +105,7 @@ pub struct UserCreate {
     pub email: String,
     /// Display name, at most 100 characters.
     #[oai(validator(max_length = 100))]
+    #[oai(nullable)]
     pub full_name: Option<String>,
     /// At least 12 characters.
     #[oai(validator(min_length = 12))]
@@ -110,26 +113,28 @@ pub struct UserCreate {
     /// Role.
     pub role: RoleName,
     /// Defaults to true.
+    #[oai(nullable)]
     pub is_active: Option<bool>,
 }
 
-/// A partial update; absent fields are left as they are.
+/// A partial update: a field left out keeps its value; `null` clears `full_name` and is refused
+/// for the others.
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 pub struct UserUpdate {
     /// New email.
     #[oai(validator(max_length = 255))]
-    pub email: Option<String>,
-    /// New display name.
-    #[oai(validator(max_length = 100))]
-    pub full_name: Option<String>,
+    pub email: MaybeUndefined<String>,
+    /// New display name; `null` clears it.
+    #[oai(validator(max_length = 100), nullable)]
+    pub full_name: MaybeUndefined<String>,
     /// New password (revokes the user's tokens).
     #[oai(validator(min_length = 12))]
-    pub password: Option<String>,
+    pub password: MaybeUndefined<String>,
     /// New role.
-    pub role: Option<RoleName>,
+    pub role: MaybeUndefined<RoleName>,
     /// Activate or deactivate (deactivation revokes the user's tokens).
-    pub is_active: Option<bool>,
+    pub is_active: MaybeUndefined<bool>,
 }
 
 /// A page of users.
@@ -324,11 +329,18 @@ impl UsersApi {
     ) -> Result<Json<User>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Admin).await?;
         let body = body.0;
-        if let Some(email) = &body.email {
+        let email = required_value("email", body.email)?;
+        let full_name = Change::of(body.full_name);
+        let password = required_value("password", body.password)?;
+        let role = required_value("role", body.role)?;
+        let is_active = required_value("is_active", body.is_active)?;
+        if let Some(email) = &email {
             validate_email(email)?;
         }
-        validate_full_name(body.full_name.as_deref())?;
-        let hash = match body.password {
+        if let Change::Set(name) = &full_name {
+            validate_full_name(Some(name))?;
+        }
+        let hash = match password {
             Some(p) => {
                 validate_password("password", &p)?;
                 Some(
@@ -339,9 +351,9 @@ impl UsersApi {
             }
             None => None,
         };
-        let role: Option<Role> = body.role.map(Into::into);
+        let role: Option<Role> = role.map(Into::into);
         let mut tx = self.state.pool.begin().await?;
-        let demotes_admin = role.is_some_and(|r| r != Role::Admin) || body.is_active == Some(false);
+        let demotes_admin = role.is_some_and(|r| r != Role::Admin) || is_active == Some(false);
         if demotes_admin {
             let current = store::users::user_get(&mut tx, id.0)
                 .await?
@@ -359,27 +371,27 @@ impl UsersApi {
             &mut tx,
             id.0,
             &store::users::UserChanges {
-                email: body.email.as_deref(),
-                full_name: body.full_name.as_deref(),
+                email: email.as_deref(),
+                full_name: full_name.as_ref().map_set(String::as_str).into_option(),
                 password_hash: hash.as_deref(),
                 role: role.map(Role::as_str),
-                is_active: body.is_active,
+                is_active,
             },
         )
         .await?
         .ok_or_else(|| ApiError::not_found("user", id.0))?;
-        let revoked = if hash.is_some() || body.is_active == Some(false) {
+        let revoked = if hash.is_some() || is_active == Some(false) {
             store::tokens::token_revoke_all(&mut tx, id.0).await?
         } else {
             0
         };
         let mut changed = Vec::new();
         for (name, set) in [
-            ("email", body.email.is_some()),
-            ("full_name", body.full_name.is_some()),
+            ("email", email.is_some()),
+            ("full_name", full_name.is_given()),
             ("password", hash.is_some()),
             ("role", role.is_some()),
-            ("is_active", body.is_active.is_some()),
+            ("is_active", is_active.is_some()),
         ] {
             if set {
                 changed.push(name);

@@ -64,18 +64,20 @@ pub struct AlertmanagerAlert {
     /// Labels; `alertname` is required.
     pub labels: HashMap<String, String>,
     /// Annotations.
-    #[oai(default)]
+    #[oai(default, nullable)]
     pub annotations: HashMap<String, String>,
     /// Start of the firing episode (RFC 3339).
     #[oai(rename = "startsAt")]
     pub starts_at: String,
     /// End (RFC 3339); `0001-01-01T00:00:00Z` when unknown.
     #[oai(rename = "endsAt")]
+    #[oai(nullable)]
     pub ends_at: Option<String>,
     /// Link to the expression that fired.
-    #[oai(rename = "generatorURL", default)]
+    #[oai(rename = "generatorURL", default, nullable)]
     pub generator_url: String,
     /// Alertmanager's fingerprint of the label set (computed the same way when absent).
+    #[oai(nullable)]
     pub fingerprint: Option<String>,
 }
 
@@ -85,26 +87,26 @@ pub struct AlertmanagerPayload {
     /// Must be `4`.
     pub version: String,
     /// The notification group's key.
-    #[oai(rename = "groupKey", default)]
+    #[oai(rename = "groupKey", default, nullable)]
     pub group_key: String,
     /// Alerts Alertmanager left out because of the receiver's `max_alerts`.
-    #[oai(rename = "truncatedAlerts", default)]
+    #[oai(rename = "truncatedAlerts", default, nullable)]
     pub truncated_alerts: u64,
     /// `firing` when any alert of the group fires, else `resolved`.
     pub status: String,
     /// The receiver's name.
     pub receiver: String,
     /// Labels the group is keyed by.
-    #[oai(rename = "groupLabels", default)]
+    #[oai(rename = "groupLabels", default, nullable)]
     pub group_labels: HashMap<String, String>,
     /// Labels every alert shares.
-    #[oai(rename = "commonLabels", default)]
+    #[oai(rename = "commonLabels", default, nullable)]
     pub common_labels: HashMap<String, String>,
     /// Annotations every alert shares.
-    #[oai(rename = "commonAnnotations", default)]
+    #[oai(rename = "commonAnnotations", default, nullable)]
     pub common_annotations: HashMap<String, String>,
     /// Alertmanager's URL.
-    #[oai(rename = "externalURL", default)]
+    #[oai(rename = "externalURL", default, nullable)]
     pub external_url: String,
     /// The alerts.
     pub alerts: Vec<AlertmanagerAlert>,
@@ -113,6 +115,7 @@ pub struct AlertmanagerPayload {
     /// `repeat interval elapsed`, ...; absent from older versions). Kept in the stored raw
     /// notification; nothing is decided by it.
     #[oai(rename = "notification_reason")]
+    #[oai(nullable)]
     pub notification_reason: Option<String>,
 }
 

@@ -126,8 +126,8 @@ pub async fn user_count(conn: &mut PgConnection) -> StoreResult<i64> {
 pub struct UserChanges<'a> {
     /// New email.
     pub email: Option<&'a str>,
-    /// New display name.
-    pub full_name: Option<&'a str>,
+    /// New display name: `Some(None)` clears it.
+    pub full_name: Option<Option<&'a str>>,
     /// New password hash.
     pub password_hash: Option<&'a str>,
     /// New role.
@@ -145,7 +145,7 @@ pub async fn user_update(
     Ok(sqlx::query_as::<_, UserRow>(
         "UPDATE users SET \
            email = COALESCE($2, email), \
-           full_name = COALESCE($3, full_name), \
+           full_name = CASE WHEN $7 THEN $3 ELSE full_name END, \
            password_hash = COALESCE($4, password_hash), \
            role = COALESCE($5, role), \
            is_active = COALESCE($6, is_active) \
@@ -155,10 +155,11 @@ pub async fn user_update(
     )
     .bind(id)
     .bind(changes.email)
-    .bind(changes.full_name)
+    .bind(changes.full_name.flatten())
     .bind(changes.password_hash)
     .bind(changes.role)
     .bind(changes.is_active)
+    .bind(changes.full_name.is_some())
     .fetch_optional(conn)
     .await?)
 }
