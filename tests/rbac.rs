@@ -424,6 +424,33 @@ fn body_objects<'a>(spec: &'a Value, op: &Operation, body: &Value) -> Vec<BodyOb
     found
 }
 
+/// Calls `op` with its sample `body` where the object at `(pointer, path)` has field `key` set
+/// to `value`; returns the answer and the field's path as error bodies name it.
+async fn call_with_field(
+    app: &common::TestApp,
+    op: &Operation,
+    token: &str,
+    body: &Value,
+    (pointer, path): (&str, &str),
+    key: &str,
+    value: Value,
+) -> (u16, Value, String) {
+    let mut sent = body.clone();
+    sent.pointer_mut(pointer)
+        .and_then(Value::as_object_mut)
+        .unwrap()
+        .insert(key.to_owned(), value);
+    let (status, answer) = app
+        .call(op.method.clone(), &op.path, Some(token), Some(sent))
+        .await;
+    let field = if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    };
+    (status, answer, field)
+}
+
 /// A new Alertmanager webhook token.
 async fn webhook_token(app: &common::TestApp, name: &str) -> String {
     let (status, created) = app
@@ -468,19 +495,8 @@ async fn request_objects_refuse_fields_as_documented() {
         for (pointer, path, name, _) in found {
             let name = name.unwrap_or_else(|| panic!("{}: {path:?} is an inline object", op.id));
             let closed = spec["components"]["schemas"][&name]["additionalProperties"] == false;
-            let mut sent = body.clone();
-            sent.pointer_mut(&pointer)
-                .and_then(Value::as_object_mut)
-                .unwrap()
-                .insert(EXTRA.into(), json!(1));
-            let (status, answer) = app
-                .call(op.method.clone(), &op.path, Some(token), Some(sent))
-                .await;
-            let field = if path.is_empty() {
-                EXTRA.to_owned()
-            } else {
-                format!("{path}.{EXTRA}")
-            };
+            let (status, answer, field) =
+                call_with_field(&app, &op, token, body, (&pointer, &path), EXTRA, json!(1)).await;
             let refused = status == 400
                 && answer["details"]["field"] == field.as_str()
                 && answer["details"]["reason"] == "is not a known field";
@@ -544,19 +560,9 @@ async fn optional_fields_take_null_exactly_as_documented() {
                 if required.contains(&name.as_str()) {
                     continue;
                 }
-                let mut sent = body.clone();
-                sent.pointer_mut(&pointer)
-                    .and_then(Value::as_object_mut)
-                    .unwrap()
-                    .insert(name.clone(), Value::Null);
-                let (status, answer) = app
-                    .call(op.method.clone(), &op.path, Some(token), Some(sent))
-                    .await;
-                let field = if path.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{path}.{name}")
-                };
+                let (status, answer, field) =
+                    call_with_field(&app, &op, token, body, (&pointer, &path), name, Value::Null)
+                        .await;
                 let refused = status == 422
                     && answer["details"]["field"] == field.as_str()
                     && answer["details"]["reason"]
