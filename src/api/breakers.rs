@@ -212,15 +212,7 @@ impl BreakersApi {
         let success_threshold = required_value("success_threshold", b.success_threshold)?;
         let reset_timeout_seconds =
             required_value("reset_timeout_seconds", b.reset_timeout_seconds)?;
-        for (field, value) in [
-            ("failure_threshold", failure_threshold),
-            ("success_threshold", success_threshold),
-            ("reset_timeout_seconds", reset_timeout_seconds),
-        ] {
-            if value.is_some_and(|v| v <= 0) {
-                return Err(ApiError::invalid(field, "must be > 0"));
-            }
-        }
+        // Values below 1 were refused by the declared `minimum` before the handler ran.
         let mut tx = self.state.pool.begin().await?;
         store::breakers::breaker_lock(&mut tx, runbook_id.0)
             .await?
