@@ -180,3 +180,72 @@ async fn live_events_older_than_the_retention_are_pruned_by_their_scheduled_job(
         "only the old events went"
     );
 }
+
+#[tokio::test]
+async fn one_append_statement_notifies_each_watched_execution_it_touches() {
+    let app = common::spawn_app().await;
+    let (a, b) = two_pending(&app).await;
+    let runbook: Uuid = sqlx::query_scalar("SELECT runbook_id FROM runbook_executions WHERE id = $1")
+        .bind(a)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let c = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let mut listener = PgListener::connect_with(&app.pool).await.unwrap();
+    listener
+        .listen(aiops::engine::EVENTS_CHANNEL)
+        .await
+        .unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    watcher_register(&mut conn, a, Uuid::new_v4()).await.unwrap();
+    watcher_register(&mut conn, c, Uuid::new_v4()).await.unwrap();
+
+    // One statement: two rows of `a`, one of the unwatched `b`, one of `c`.
+    sqlx::query(
+        "INSERT INTO execution_events (execution_id, kind, data) \
+         SELECT e, 'stdout', 'line' FROM unnest($1::uuid[]) AS e",
+    )
+    .bind(vec![a, a, b, c])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let mut got = vec![
+        next_notified(&mut listener).await,
+        next_notified(&mut listener).await,
+    ];
+    got.sort();
+    let mut want = vec![a, c];
+    want.sort();
+    assert_eq!(got, want);
+    // Nothing else was sent for that statement: the next notification is the next append's.
+    event_append(&mut conn, c, None, "stdout", "next\n")
+        .await
+        .unwrap();
+    assert_eq!(next_notified(&mut listener).await, c);
+}
+
+#[tokio::test]
+async fn deleting_an_execution_deletes_its_events() {
+    let app = common::spawn_app().await;
+    let (a, b) = two_pending(&app).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    for id in [a, b] {
+        event_append(&mut conn, id, None, "stdout", "line\n")
+            .await
+            .unwrap();
+    }
+    let count = |id: Uuid| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM execution_events WHERE execution_id = $1")
+            .bind(id)
+    };
+    let b_before = count(b).fetch_one(&mut *conn).await.unwrap();
+    assert!(count(a).fetch_one(&mut *conn).await.unwrap() > 0);
+    // Executions are never deleted by the product; by hand, their events go with them.
+    sqlx::query("DELETE FROM runbook_executions WHERE id = $1")
+        .bind(a)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(count(a).fetch_one(&mut *conn).await.unwrap(), 0);
+    assert_eq!(count(b).fetch_one(&mut *conn).await.unwrap(), b_before);
+}
