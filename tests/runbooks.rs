@@ -178,6 +178,7 @@ async fn crud_through_json_documents_with_filters() {
     let app = common::spawn_app().await;
     let doc = json!({
         "name": "db-vacuum",
+        "description": "Reclaims table Bloat",
         "category": "database",
         "mode": "manual",
         "steps": [{"name": "vacuum", "command": "vacuumdb --all --analyze-only"}],
@@ -231,6 +232,18 @@ async fn crud_through_json_documents_with_filters() {
     assert_eq!(page["items"][0]["name"], "win-iis");
     let (_, page) = app.get("/runbooks?status=draft").await;
     assert_eq!(page["total"], 0);
+    // Text search: in the name or the description, ignoring case; `%` and `_` are plain text.
+    let (_, page) = app.get("/runbooks?search=IIS").await;
+    assert_eq!(page["total"], 1);
+    assert_eq!(page["items"][0]["name"], "win-iis");
+    let (_, page) = app.get("/runbooks?search=bloat").await;
+    assert_eq!(page["total"], 1, "{page}");
+    assert_eq!(page["items"][0]["name"], "db-vacuum");
+    let (_, page) = app.get("/runbooks?search=%25").await;
+    assert_eq!(page["total"], 0, "{page}");
+    let (status, page) = app.get("/runbooks?search=").await;
+    assert_eq!(status, 422, "{page}");
+    assert_eq!(page["details"]["field"], "search");
     let (_, page) = app.get("/runbooks?limit=1&offset=1").await;
     assert_eq!(
         (

@@ -852,7 +852,7 @@ impl RunbooksApi {
 
 #[OpenApi(prefix_path = "/runbooks", tag = "Tag::Runbooks")]
 impl RunbooksApi {
-    /// List runbooks, filtered by category, status, mode and target OS.
+    /// List runbooks, filtered by category, status, mode, target OS and text.
     ///
     /// Least role: viewer.
     #[oai(path = "/", method = "get", operation_id = "runbook_list")]
@@ -869,6 +869,9 @@ impl RunbooksApi {
         mode: Query<Option<ModeName>>,
         /// Target OS.
         target_os: Query<Option<OsName>>,
+        /// Text the runbook's name or description contains, ignoring case.
+        #[oai(validator(min_length = 1, max_length = 255))]
+        search: Query<Option<String>>,
         /// Page size, 1 to 500 (default 50).
         #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<i64>>,
@@ -883,6 +886,7 @@ impl RunbooksApi {
             status: status.0.map(|s| RunbookStatus::from(s).as_str()),
             mode: mode.0.map(|m| ExecutionMode::from(m).as_str()),
             target_os: target_os.0.map(|o| TargetOs::from(o).as_str()),
+            search: search.0.as_deref(),
         };
         let mut conn = self.state.pool.acquire().await?;
         let (rows, total) =

@@ -333,6 +333,8 @@ pub struct RunbookFilter<'a> {
     pub mode: Option<&'a str>,
     /// linux or windows.
     pub target_os: Option<&'a str>,
+    /// Text the name or the description contains, ignoring case.
+    pub search: Option<&'a str>,
 }
 
 /// Lists runbooks by name, filtered and paginated; returns the page and the filtered total.
@@ -344,14 +346,17 @@ pub async fn runbook_list(
 ) -> StoreResult<(Vec<RunbookRow>, i64)> {
     const WHERE: &str = "WHERE ($1::text IS NULL OR category = $1) \
          AND ($2::text IS NULL OR status::text = $2) AND ($3::text IS NULL OR mode::text = $3) \
-         AND ($4::text IS NULL OR target_os::text = $4)";
+         AND ($4::text IS NULL OR target_os::text = $4) \
+         AND ($5::text IS NULL OR strpos(lower(name), lower($5)) > 0 \
+              OR strpos(lower(coalesce(description, '')), lower($5)) > 0)";
     let rows = sqlx::query_as::<_, RunbookRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUNBOOK_COLUMNS} FROM runbooks {WHERE} ORDER BY name LIMIT $5 OFFSET $6"
+        "SELECT {RUNBOOK_COLUMNS} FROM runbooks {WHERE} ORDER BY name LIMIT $6 OFFSET $7"
     )))
     .bind(filter.category)
     .bind(filter.status)
     .bind(filter.mode)
     .bind(filter.target_os)
+    .bind(filter.search)
     .bind(limit)
     .bind(offset)
     .fetch_all(&mut *conn)
@@ -363,6 +368,7 @@ pub async fn runbook_list(
     .bind(filter.status)
     .bind(filter.mode)
     .bind(filter.target_os)
+    .bind(filter.search)
     .fetch_one(conn)
     .await?;
     Ok((rows, total))
