@@ -189,6 +189,11 @@ async fn executions_list_filters_and_paginates_newest_first() {
             "id",
             "`not-an-id` is not a UUID",
         ),
+        (
+            "/executions//events",
+            "id",
+            "is required: its segment of the path is empty",
+        ),
     ] {
         let (status, body) = app.get(path).await;
         assert_eq!(status, 400, "{path}: {body}");

@@ -185,11 +185,12 @@ async fn live_events_older_than_the_retention_are_pruned_by_their_scheduled_job(
 async fn one_append_statement_notifies_each_watched_execution_it_touches() {
     let app = common::spawn_app().await;
     let (a, b) = two_pending(&app).await;
-    let runbook: Uuid = sqlx::query_scalar("SELECT runbook_id FROM runbook_executions WHERE id = $1")
-        .bind(a)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let runbook: Uuid =
+        sqlx::query_scalar("SELECT runbook_id FROM runbook_executions WHERE id = $1")
+            .bind(a)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     let c = app.start_execution(json!({ "runbook_id": runbook })).await;
     let mut listener = PgListener::connect_with(&app.pool).await.unwrap();
     listener
@@ -197,8 +198,12 @@ async fn one_append_statement_notifies_each_watched_execution_it_touches() {
         .await
         .unwrap();
     let mut conn = app.pool.acquire().await.unwrap();
-    watcher_register(&mut conn, a, Uuid::new_v4()).await.unwrap();
-    watcher_register(&mut conn, c, Uuid::new_v4()).await.unwrap();
+    watcher_register(&mut conn, a, Uuid::new_v4())
+        .await
+        .unwrap();
+    watcher_register(&mut conn, c, Uuid::new_v4())
+        .await
+        .unwrap();
 
     // One statement: two rows of `a`, one of the unwatched `b`, one of `c`.
     sqlx::query(
@@ -235,8 +240,10 @@ async fn deleting_an_execution_deletes_its_events() {
             .unwrap();
     }
     let count = |id: Uuid| {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM execution_events WHERE execution_id = $1")
-            .bind(id)
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM execution_events WHERE execution_id = $1",
+        )
+        .bind(id)
     };
     let b_before = count(b).fetch_one(&mut *conn).await.unwrap();
     assert!(count(a).fetch_one(&mut *conn).await.unwrap() > 0);

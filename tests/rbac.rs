@@ -595,3 +595,70 @@ async fn optional_fields_take_null_exactly_as_documented() {
         "{refused_seen} {taken_seen}"
     );
 }
+
+/// A query parameter an operation does not declare is refused with 400 naming it and what the
+/// operation takes, before the operation runs (a mistyped filter must not come back as an
+/// unfiltered list, nor a mutation run with an option it ignored), by every operation except
+/// the Alertmanager webhook, which takes an alert whatever its URL carries.
+#[tokio::test]
+async fn undeclared_query_parameters_are_refused_except_by_the_webhook() {
+    let app = common::spawn_app().await;
+    let spec: Value = serde_json::from_str(&aiops::api::spec_json()).unwrap();
+    let webhook = webhook_token(&app, "query-probe").await;
+    let mut failures = Vec::new();
+    for op in operations(&spec) {
+        let token = token_for(&app, &op, &webhook);
+        let path = format!("{}?limit=5&stauts=failed", op.path);
+        let (status, body) = app
+            .call(op.method.clone(), &path, Some(token), op.body.clone())
+            .await;
+        let declared: Vec<&str> = spec["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .find(|o| o["operationId"] == json!(op.id))
+            .and_then(|o| o["parameters"].as_array())
+            .into_iter()
+            .flatten()
+            .filter(|p| p["in"] == "query")
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        // `limit` is the first undeclared one where the operation does not page.
+        let expected = if declared.contains(&"limit") {
+            "stauts"
+        } else {
+            "limit"
+        };
+        let named = body["details"]["field"] == json!(expected)
+            && body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not a query parameter"));
+        if op.id == "alertmanager_webhook_receive" {
+            if !(200..300).contains(&status) {
+                failures.push(format!("{} refused its alert: {status} {body}", op.id));
+            }
+        } else if status != 400 || !named {
+            failures.push(format!(
+                "{} with ?{}: {status} {body}",
+                op.id,
+                &path[op.path.len() + 1..]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "undeclared query parameters not refused as they should be:\n{}",
+        failures.join("\n")
+    );
+    // Declared ones still work.
+    let (status, body) = app
+        .call(
+            reqwest::Method::GET,
+            "/executions?status=completed&limit=5",
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

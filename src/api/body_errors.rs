@@ -107,8 +107,12 @@ impl BodySchemas {
             .get("schema")?;
         let walk = Walk { spec: &self.spec };
         let schema = walk.resolve(schema);
-        let Some(raw) = raw else {
-            return offence(&name, "is required");
+        let raw = match raw {
+            None => return offence(&name, "is required"),
+            Some(raw) if raw.is_empty() && template.contains(&placeholder) => {
+                return offence(&name, "is required: its segment of the path is empty");
+            }
+            Some(raw) => raw,
         };
         let shown: String = raw.chars().take(100).collect();
         let value = match schema.get("type").and_then(Value::as_str) {
@@ -157,6 +161,56 @@ impl BodySchemas {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let (key, value) = (percent_decoded(key, true), percent_decoded(value, true));
             (key.contains('\0') || value.contains('\0')).then(|| key.replace('\0', ""))
+        })
+    }
+
+    /// The first query parameter of a request that `method` on `path` (relative to the API
+    /// prefix) does not declare, named, with the parameters the operation takes: a mistyped
+    /// filter (`?stauts=failed`) would otherwise be dropped and the list come back unfiltered.
+    /// `None` when each one is declared, for a request that matches no operation, and for the
+    /// Alertmanager webhook (its token schemes), which never refuses an alert for its URL.
+    pub fn undeclared_query_parameter(
+        &self,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<Offence> {
+        let query = query.filter(|q| !q.is_empty())?;
+        let (_, item) = self.path_item(path)?;
+        let operation = item.get(method.to_ascii_lowercase())?;
+        let webhook = self
+            .security(method, path)
+            .iter()
+            .any(|requirement| requirement.keys().any(|name| name.starts_with("webhook")));
+        if webhook {
+            return None;
+        }
+        let declared: Vec<&str> = operation
+            .get("parameters")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|p| p.get("in").and_then(Value::as_str) == Some("query"))
+            .filter_map(|p| p.get("name").and_then(Value::as_str))
+            .collect();
+        let name = query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| percent_decoded(pair.split_once('=').map_or(pair, |(k, _)| k), true))
+            .find(|name| !declared.contains(&name.as_str()))?;
+        let takes = if declared.is_empty() {
+            "it takes none".to_owned()
+        } else {
+            format!("it takes {}", declared.join(", "))
+        };
+        let shown: String = name.chars().take(100).collect();
+        Some(Offence {
+            field: Some(shown),
+            reason: format!(
+                "is not a query parameter of {} {path}; {takes}",
+                method.to_ascii_uppercase()
+            ),
+            invalid_value: false,
         })
     }
 
@@ -290,7 +344,9 @@ fn path_matches(template: &str, path: &str) -> bool {
     loop {
         match (t.next(), p.next()) {
             (None, None) => return true,
-            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') && !ps.is_empty() => {}
+            // An empty segment takes a parameter's place too: the router matches it there, and
+            // the parameter is then named as missing.
+            (Some(ts), Some(_)) if ts.starts_with('{') && ts.ends_with('}') => {}
             (Some(ts), Some(ps)) if ts == ps => {}
             _ => return false,
         }
@@ -684,6 +740,17 @@ mod tests {
         );
         assert_eq!(
             problem(
+                "/things//versions/1",
+                None,
+                &uuid_error.replace("character: found `n` at 0", "length: found 0")
+            ),
+            Some((
+                "id".into(),
+                "is required: its segment of the path is empty".into()
+            ))
+        );
+        assert_eq!(
+            problem(
                 &format!("/things/{id}/versions/v2"),
                 None,
                 "failed to parse path `param1`: failed to parse \"integer_int32\": invalid digit"
@@ -717,6 +784,46 @@ mod tests {
             problem("/elsewhere", Some("all=yes"), &query_error("all")),
             None
         );
+    }
+
+    #[test]
+    fn names_a_query_parameter_the_operation_does_not_declare() {
+        let spec = json!({
+            "paths": {
+                "/things": { "get": { "parameters": [
+                    { "name": "state", "in": "query", "schema": { "type": "string" } },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer" } }
+                ] }, "delete": {} },
+                "/hook": { "post": { "security": [{ "webhookBearer": [] }] } }
+            }
+        });
+        let schemas = BodySchemas::new(&spec.to_string());
+        let undeclared = |method: &str, path: &str, query: &str| {
+            schemas
+                .undeclared_query_parameter(method, path, Some(query))
+                .map(|o| (o.field.unwrap_or_default(), o.reason, o.invalid_value))
+        };
+        assert_eq!(undeclared("GET", "/things", "state=on&limit=2&"), None);
+        assert_eq!(undeclared("GET", "/things", ""), None);
+        assert_eq!(
+            undeclared("GET", "/things", "limit=2&st%61tus=on"),
+            Some((
+                "status".into(),
+                "is not a query parameter of GET /things; it takes state, limit".into(),
+                false
+            ))
+        );
+        assert_eq!(
+            undeclared("DELETE", "/things", "force"),
+            Some((
+                "force".into(),
+                "is not a query parameter of DELETE /things; it takes none".into(),
+                false
+            ))
+        );
+        // No such operation, and the webhook: not this check's to refuse.
+        assert_eq!(undeclared("GET", "/other", "x=1"), None);
+        assert_eq!(undeclared("POST", "/hook", "x=1"), None);
     }
 
     #[test]

@@ -267,7 +267,8 @@ pub fn app(state: AppState) -> impl Endpoint {
                 let json_body = req
                     .content_type()
                     .is_some_and(|c| c.starts_with("application/json"));
-                // A NUL character anywhere; then the body held to the document's types, since
+                // A NUL character anywhere; then a query parameter the operation does not
+                // declare; then the body held to the document's types, since
                 // poem-openapi reads a number or a boolean sent for a string field as its text
                 // (`"name": false` becomes "false").
                 // A request without credentials to an operation that needs them is answered
@@ -281,6 +282,13 @@ pub fn app(state: AppState) -> impl Endpoint {
                     None
                 } else {
                     nul_in_request(&schemas, &operation, query.as_deref(), json_body, &body)
+                        .or_else(|| {
+                            schemas.undeclared_query_parameter(
+                                &method,
+                                &operation,
+                                query.as_deref(),
+                            )
+                        })
                         .or_else(|| {
                             (json_body && !body.is_empty())
                                 .then(|| schemas.diagnose(&method, &operation, &body))
