@@ -689,6 +689,12 @@ async fn gates_refuse_with_their_reason() {
             .unwrap()
             .contains("freeze")
     );
+    // A run that never started has no duration, and the stats average only runs that ran.
+    assert_eq!(refused["started_at"], Value::Null, "{refused}");
+    assert_eq!(refused["duration_ms"], Value::Null, "{refused}");
+    let (_, stats) = app.get(&format!("/stats/executions/{blacked}")).await;
+    assert_eq!(stats["total_executions"], 1, "{stats}");
+    assert_eq!(stats["avg_duration_ms"], Value::Null, "{stats}");
 
     // Open circuit breaker.
     let broken = app

@@ -62,16 +62,18 @@ macro_rules! start_running_update {
 }
 
 /// The assignments that end an execution: terminal status `$status`, completed_at and
-/// duration_ms (0 when it never started), the reason `$error` and summary `$summary` (each
-/// unchanged when NULL), and the jsonb array of log entries `$log` appended.
+/// duration_ms (none when it never started: a refused, rejected or expired run has no duration,
+/// and `execution_stats.avg_duration_ms` averages the runs that ran), the reason `$error` and
+/// summary `$summary` (each unchanged when NULL), and the jsonb array of log entries `$log`
+/// appended.
 macro_rules! end_assignments {
     ($status:literal, $error:literal, $summary:literal, $log:literal) => {
         concat!(
             "status = ",
             $status,
             "::execution_status, completed_at = now(), \
-             duration_ms = COALESCE(LEAST(extract(epoch FROM now() - started_at) * 1000, \
-                                          2147483647)::integer, 0), \
+             duration_ms = CASE WHEN started_at IS NOT NULL THEN \
+                 LEAST(extract(epoch FROM now() - started_at) * 1000, 2147483647)::integer END, \
              error_message = COALESCE(",
             $error,
             ", error_message), output_summary = COALESCE(",
@@ -492,7 +494,7 @@ pub struct ExecutionEnd<'a> {
 }
 
 /// Ends an execution with a terminal status if it is still in one of `end.from`; sets
-/// completed_at, duration_ms (from started_at, or 0 when it never started), the reason and
+/// completed_at, duration_ms (from started_at; none when it never started), the reason and
 /// summary, appends the log entries and cancels `end.cancel_pending_job`, in one statement: one
 /// new version of the row. Returns whether it applied.
 pub async fn execution_finish(
