@@ -93,6 +93,18 @@ async fn crud_and_validation() {
             json!({"name": "", "start_time": start, "end_time": start + Duration::hours(1)}),
             "name",
         ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence": "cron", "recurrence_pattern": {"cron": "0 2 * * 8"}}),
+            "recurrence_pattern.cron",
+        ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence": "daily", "recurrence_pattern": {"until": start}}),
+            "recurrence_pattern.until",
+        ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence_pattern": {"until": start - Duration::days(1)}}),
+            "recurrence_pattern.until",
+        ),
     ] {
         let (status, body) = app
             .call(

@@ -61,7 +61,9 @@ pub struct RecurrencePattern {
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub timezone: Option<String>,
-    /// Cron expression (`min hour dom month dow`), required for `cron` windows.
+    /// Cron expression, required for `cron` windows: `min hour dom month dow` read as Unix cron
+    /// (day of week 0 or 7 is Sunday, 1 Monday; when both the day of month and the day of week
+    /// are restricted, a day matching either fires), on the wall clock of `timezone`.
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub cron: Option<String>,
@@ -238,8 +240,20 @@ fn prepare(input: &BlackoutWindowInput) -> Result<Prepared, ApiError> {
         }
         serde_json::Value::Object(map)
     });
-    blackout::parse_pattern(recurrence, pattern.as_ref())
+    let parsed = blackout::parse_pattern(recurrence, pattern.as_ref())
         .map_err(|e| ApiError::invalid(&e.field, e.reason))?;
+    // A series that ends before it begins would be stored and never black anything out.
+    if let Some(until) = parsed.until
+        && until <= input.start_time
+    {
+        return Err(ApiError::invalid(
+            "recurrence_pattern.until",
+            format!(
+                "must be after start_time ({}): no occurrence could begin before it",
+                input.start_time.to_rfc3339()
+            ),
+        ));
+    }
     let servers = input.affected_servers.clone().unwrap_or_default();
     let servers = ServerSelector {
         server_ids: servers.server_ids,

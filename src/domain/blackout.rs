@@ -5,10 +5,20 @@
 //! - `daily`, `weekly`, `monthly`: at the wall-clock time (and weekday, or day of month) of
 //!   `start_time` in the window's timezone, so "02:00 Europe/Berlin" stays 02:00 across daylight
 //!   saving changes. Months without that day are skipped.
-//! - `cron`: at every fire time of the cron expression (5 fields `min hour dom month dow`, or the
-//!   cron crate's 6/7 fields with seconds), evaluated in the window's timezone.
+//! - `cron`: at every fire time of the cron expression, on the wall clock of the window's
+//!   timezone. Five fields (`min hour dom month dow`) read as Unix cron does: day of week 0 or 7
+//!   is Sunday, 1 Monday, ... 6 Saturday (or names), and when both the day of month and the day
+//!   of week are restricted a day matching either fires. Six or seven fields (with seconds, and
+//!   years) are the cron crate's own syntax, where day of week 1 is Sunday ... 7 Saturday.
 //!
-//! Occurrences never begin before `start_time`, and never at or after `until` when given.
+//! Wall-clock times read as PostgreSQL reads them: in the hour a daylight-saving change repeats,
+//! the first of the two instants; in the hour it skips, as far past the jump as the time is past
+//! its start (02:30 on a day that jumps from 02:00 to 03:00 is 03:30). An occurrence's length is
+//! the window's duration in absolute time.
+//!
+//! Occurrences never begin before `start_time`, and never at or after `until` when given; the
+//! first one, from `start_time` to `end_time`, always counts for daily, weekly and monthly
+//! windows (also when `start_time` is the second pass of a repeated hour).
 //! `recurrence_pattern` is `{"timezone": "Europe/Berlin", "cron": "0 2 * * SAT", "until": RFC 3339}`
 //! (every key optional except `cron` for `cron` windows; the timezone defaults to UTC).
 //!
@@ -20,7 +30,9 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use chrono::{
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc,
+};
 use chrono_tz::Tz;
 use serde_json::Value;
 use uuid::Uuid;
@@ -91,15 +103,126 @@ impl InvalidWindow {
     }
 }
 
-/// Parses a cron expression: 5 fields get a leading seconds field of 0.
-pub fn parse_cron(expr: &str) -> Result<cron::Schedule, String> {
-    let fields = expr.split_whitespace().count();
-    let full = if fields == 5 {
-        format!("0 {expr}")
-    } else {
-        expr.to_owned()
+/// A parsed cron expression: its fire times are those of any of its schedules, read as
+/// wall-clock times.
+#[derive(Debug, Clone)]
+pub struct CronSpec {
+    /// One schedule, or two for a 5-field expression that restricts both the day of the month
+    /// and the day of the week (Unix cron fires on a day matching either).
+    schedules: Vec<cron::Schedule>,
+}
+
+/// Parses a cron expression. Five fields are Unix cron's (`min hour dom month dow`, day of week
+/// 0 or 7 Sunday); six or seven are the cron crate's.
+pub fn parse_cron(expr: &str) -> Result<CronSpec, String> {
+    let invalid = |e: String| format!("invalid cron expression `{expr}`: {e}");
+    let schedule = |full: &str| cron::Schedule::from_str(full).map_err(|e| invalid(e.to_string()));
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let [minute, hour, dom, month, dow] = fields[..] else {
+        return Ok(CronSpec {
+            schedules: vec![schedule(expr)?],
+        });
     };
-    cron::Schedule::from_str(&full).map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
+    let dow = unix_weekdays(dow).map_err(invalid)?;
+    let any = |field: &str| field == "*" || field == "?";
+    let schedules = if any(dom) || any(&dow) {
+        vec![schedule(&format!("0 {minute} {hour} {dom} {month} {dow}"))?]
+    } else {
+        vec![
+            schedule(&format!("0 {minute} {hour} {dom} {month} *"))?,
+            schedule(&format!("0 {minute} {hour} * {month} {dow}"))?,
+        ]
+    };
+    Ok(CronSpec { schedules })
+}
+
+/// A Unix cron day-of-week field (numbers 0-7, 0 and 7 Sunday; three-letter names; lists,
+/// ranges and steps) as the cron crate reads it: the days by name (`*` and `?` kept).
+fn unix_weekdays(field: &str) -> Result<String, String> {
+    const NAMES: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+    if field == "*" || field == "?" {
+        return Ok(field.to_owned());
+    }
+    let day = |text: &str| -> Result<usize, String> {
+        match text.parse::<usize>() {
+            Ok(n) if n <= 7 => Ok(n),
+            Ok(n) => Err(format!(
+                "day of week {n} is out of range (0-7; 0 and 7 are Sunday)"
+            )),
+            Err(_) => NAMES
+                .iter()
+                .position(|name| name.eq_ignore_ascii_case(text))
+                .ok_or_else(|| format!("`{text}` is not a day of the week")),
+        }
+    };
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (
+                range,
+                step.parse::<usize>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("`{step}` is not a step of days"))?,
+            ),
+            None => (item, 1),
+        };
+        let (first, last) = match range.split_once('-') {
+            _ if range == "*" => (0, 6),
+            Some((a, b)) => (day(a)?, day(b)?),
+            // `N/step` runs from N to the end of the week.
+            None if step > 1 => (day(range)?, 6),
+            None => (day(range)?, day(range)?),
+        };
+        if first > last {
+            return Err(format!("the day-of-week range `{range}` runs backwards"));
+        }
+        for d in (first..=last).step_by(step) {
+            days[d % 7] = true;
+        }
+    }
+    Ok(days
+        .iter()
+        .zip(NAMES)
+        .filter(|(on, _)| **on)
+        .map(|(_, name)| name)
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+/// The instant a wall-clock time of `tz` names: the first in an hour a daylight-saving change
+/// repeats; in an hour it skips, the instant as far past the jump as the time is past the
+/// start of the gap, as PostgreSQL reads it.
+fn local_instant(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
+    match tz.from_local_datetime(&local) {
+        LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.with_timezone(&Utc),
+        LocalResult::None => {
+            // The offset in force before the jump.
+            let before = tz
+                .offset_from_utc_datetime(&(local - Duration::days(1)))
+                .fix()
+                .local_minus_utc();
+            Utc.from_utc_datetime(&(local - Duration::seconds(i64::from(before))))
+        }
+    }
+}
+
+/// The latest fire time of `schedule`, read as wall-clock times of `tz`, at or before `upper`.
+fn latest_fire(schedule: &cron::Schedule, tz: Tz, upper: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let local = upper.with_timezone(&tz).naive_local();
+    // In the second pass of a repeated hour, the later wall-clock times of that hour name
+    // earlier instants (their first pass): search from an hour later and pass over the fire
+    // times after `upper`.
+    let ahead = match tz.from_local_datetime(&local) {
+        LocalResult::Ambiguous(..) => Duration::hours(1),
+        _ => Duration::zero(),
+    };
+    let from = Utc.from_utc_datetime(&(local + ahead + Duration::seconds(1)));
+    schedule
+        .after(&from)
+        .rev()
+        .map(|fire| local_instant(tz, fire.naive_utc()))
+        .find(|instant| *instant <= upper)
 }
 
 /// The parsed `recurrence_pattern`.
@@ -107,8 +230,8 @@ pub fn parse_cron(expr: &str) -> Result<cron::Schedule, String> {
 pub struct Pattern {
     /// Timezone the wall-clock times are in.
     pub timezone: Tz,
-    /// The cron schedule for `cron` windows.
-    pub cron: Option<cron::Schedule>,
+    /// The cron expression of `cron` windows.
+    pub cron: Option<CronSpec>,
     /// No occurrence starts at or after this instant.
     pub until: Option<DateTime<Utc>>,
 }
@@ -462,16 +585,18 @@ impl Window {
         match self.recurrence {
             Recurrence::None => self.occurrence_if_covering(self.start_time, now),
             Recurrence::Cron => {
-                let schedule = self.pattern.cron.as_ref()?;
-                let tz = self.pattern.timezone;
-                // The latest fire time that could still cover `now` starts after now - duration.
-                let earliest = (now - duration).max(self.start_time - Duration::seconds(1));
-                let from = earliest.with_timezone(&tz);
-                schedule
-                    .after(&from)
-                    .take_while(|fire| fire.with_timezone(&Utc) <= now)
-                    .filter_map(|fire| self.occurrence_if_covering(fire.with_timezone(&Utc), now))
-                    .last()
+                let spec = self.pattern.cron.as_ref()?;
+                // Occurrences end in the order they start, so only the latest fire time at or
+                // before now (and before `until`) can cover now.
+                let upper = match self.pattern.until {
+                    Some(until) => now.min(until - Duration::nanoseconds(1)),
+                    None => now,
+                };
+                spec.schedules
+                    .iter()
+                    .filter_map(|s| latest_fire(s, self.pattern.timezone, upper))
+                    .filter_map(|fire| self.occurrence_if_covering(fire, now))
+                    .max_by_key(|o| o.start)
             }
             Recurrence::Daily | Recurrence::Weekly | Recurrence::Monthly => {
                 let tz = self.pattern.timezone;
@@ -479,7 +604,8 @@ impl Window {
                 let time_of_day = first_local.time();
                 let today = now.with_timezone(&tz).date_naive();
                 let lookback = duration.num_days().clamp(0, 400) + 1;
-                let mut best = None;
+                // The first occurrence is the one given, whatever its wall-clock reading.
+                let mut best = self.occurrence_if_covering(self.start_time, now);
                 for back in (0..=lookback).rev() {
                     let Some(date) = today.checked_sub_signed(Duration::days(back)) else {
                         continue;
@@ -487,14 +613,10 @@ impl Window {
                     if !self.recurs_on(date, first_local.date_naive()) {
                         continue;
                     }
-                    // A local time skipped by a daylight-saving jump has no occurrence that day.
-                    let Some(local) = tz
-                        .from_local_datetime(&date.and_time(time_of_day))
-                        .earliest()
-                    else {
-                        continue;
-                    };
-                    if let Some(o) = self.occurrence_if_covering(local.with_timezone(&Utc), now) {
+                    let start = local_instant(tz, date.and_time(time_of_day));
+                    if let Some(o) = self.occurrence_if_covering(start, now)
+                        && best.is_none_or(|b: Occurrence| o.start > b.start)
+                    {
                         best = Some(o);
                     }
                 }
@@ -643,6 +765,144 @@ mod tests {
             w.active_at(at("2026-02-02T14:30:00Z")).is_none(),
             "after until"
         );
+    }
+
+    /// Whether a cron window of ten minutes from 02:00 UTC (`expr` at 02:00) covers 02:05 on
+    /// each day from Monday 2029-01-01 to Sunday 2029-01-07.
+    fn cron_days(expr: &str) -> Vec<bool> {
+        let w = window(
+            "2029-01-01T00:00:00Z",
+            "2029-01-01T00:10:00Z",
+            Recurrence::Cron,
+            json!({ "cron": expr }),
+        );
+        (1..=7)
+            .map(|d| {
+                w.active_at(at(&format!("2029-01-0{d}T02:05:00Z")))
+                    .is_some()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn five_field_cron_reads_days_of_week_as_unix_cron() {
+        let weekdays = vec![true, true, true, true, true, false, false];
+        assert_eq!(cron_days("0 2 * * 1-5"), weekdays);
+        assert_eq!(cron_days("0 2 * * MON-FRI"), weekdays);
+        assert_eq!(cron_days("0 2 * * mon,tue,wed,thu,fri"), weekdays);
+        let sunday = vec![false, false, false, false, false, false, true];
+        assert_eq!(cron_days("0 2 * * 0"), sunday);
+        assert_eq!(cron_days("0 2 * * 7"), sunday);
+        assert_eq!(cron_days("0 2 * * SUN"), sunday);
+        assert_eq!(
+            cron_days("0 2 * * 5-7"),
+            vec![false, false, false, false, true, true, true]
+        );
+        // Every other day from Sunday: Sunday, Tuesday, Thursday, Saturday.
+        assert_eq!(
+            cron_days("0 2 * * */2"),
+            vec![false, true, false, true, false, true, true]
+        );
+        assert_eq!(
+            cron_days("0 2 * * 1/3"),
+            vec![true, false, false, true, false, false, false]
+        );
+        assert_eq!(cron_days("0 2 * * *"), vec![true; 7]);
+        // Six fields are the cron crate's syntax: day 2 is Monday there.
+        assert_eq!(
+            cron_days("0 0 2 * * 2"),
+            vec![true, false, false, false, false, false, false]
+        );
+        for bad in ["0 2 * * 8", "0 2 * * 5-1", "0 2 * * Funday", "0 2 * * 1/0"] {
+            let e = parse_pattern(Recurrence::Cron, Some(&json!({ "cron": bad }))).unwrap_err();
+            assert_eq!(e.field, "recurrence_pattern.cron", "{bad}");
+            assert!(e.reason.contains(bad), "{bad}: {}", e.reason);
+        }
+    }
+
+    #[test]
+    fn five_field_cron_fires_on_either_day_when_both_are_restricted() {
+        // The 13th, or any Friday (Unix cron), not only Friday the 13th.
+        let w = window(
+            "2027-01-01T00:00:00Z",
+            "2027-01-01T00:10:00Z",
+            Recurrence::Cron,
+            json!({ "cron": "0 2 13 * FRI" }),
+        );
+        assert!(
+            w.active_at(at("2027-01-13T02:05:00Z")).is_some(),
+            "Wednesday the 13th"
+        );
+        assert!(
+            w.active_at(at("2027-01-15T02:05:00Z")).is_some(),
+            "a Friday"
+        );
+        assert!(w.active_at(at("2027-01-14T02:05:00Z")).is_none(), "neither");
+    }
+
+    #[test]
+    fn long_cron_windows_are_found_from_their_latest_fire_time() {
+        // Fires every second, each occurrence lasting 30 days: covered throughout, found
+        // without walking the fire times in between.
+        let w = window(
+            "2030-01-01T00:00:00Z",
+            "2030-01-31T00:00:00Z",
+            Recurrence::Cron,
+            json!({ "cron": "* * * * * *", "until": "2030-02-01T00:00:00Z" }),
+        );
+        let o = w.active_at(at("2030-03-01T00:00:00Z")).unwrap();
+        assert_eq!(
+            o.start,
+            at("2030-01-31T23:59:59Z"),
+            "the last fire before until"
+        );
+        assert!(w.active_at(at("2030-03-03T00:00:00Z")).is_none());
+    }
+
+    #[test]
+    fn wall_clock_times_across_daylight_saving_changes() {
+        // Daily 02:00-04:00 Berlin (from 2027-03-01, UTC+1). On 2027-03-28 02:00 does not
+        // exist: that day's occurrence starts at 03:00 CEST (01:00 UTC), as long as ever.
+        let daily = window(
+            "2027-03-01T01:00:00Z",
+            "2027-03-01T03:00:00Z",
+            Recurrence::Daily,
+            json!({ "timezone": "Europe/Berlin" }),
+        );
+        let o = daily.active_at(at("2027-03-28T01:15:00Z")).unwrap();
+        assert_eq!(o.start, at("2027-03-28T01:00:00Z"));
+        assert!(daily.active_at(at("2027-03-28T00:30:00Z")).is_none());
+        assert!(
+            daily.active_at(at("2027-03-29T00:30:00Z")).is_some(),
+            "02:30 CEST"
+        );
+
+        // Weekly from 02:30 CET on 2027-10-31, the second pass of the repeated hour (01:30 UTC):
+        // the first occurrence is the one given; the next week's is 02:30 CET again.
+        let weekly = window(
+            "2027-10-31T01:30:00Z",
+            "2027-10-31T02:00:00Z",
+            Recurrence::Weekly,
+            json!({ "timezone": "Europe/Berlin" }),
+        );
+        assert!(weekly.active_at(at("2027-10-31T01:45:00Z")).is_some());
+        assert!(weekly.active_at(at("2027-10-31T00:45:00Z")).is_none());
+        assert!(weekly.active_at(at("2027-11-07T01:45:00Z")).is_some());
+
+        // Cron at 02:30 Berlin, 20 minutes: once on the day the hour repeats (its first pass,
+        // 00:30 UTC), and at 03:30 CEST (01:30 UTC) on the day 02:30 is skipped.
+        let cron = window(
+            "2027-01-01T00:00:00Z",
+            "2027-01-01T00:20:00Z",
+            Recurrence::Cron,
+            json!({ "timezone": "Europe/Berlin", "cron": "30 2 * * *" }),
+        );
+        assert!(cron.active_at(at("2027-10-31T00:40:00Z")).is_some());
+        assert!(cron.active_at(at("2027-10-31T01:40:00Z")).is_none());
+        let o = cron.active_at(at("2027-03-28T01:40:00Z")).unwrap();
+        assert_eq!(o.start, at("2027-03-28T01:30:00Z"));
+        // An ordinary day: 02:30 CET is 01:30 UTC.
+        assert!(cron.active_at(at("2027-01-05T01:40:00Z")).is_some());
     }
 
     #[test]
