@@ -239,6 +239,9 @@ async fn crud_through_json_documents_with_filters() {
     let (_, page) = app.get("/runbooks?search=bloat").await;
     assert_eq!(page["total"], 1, "{page}");
     assert_eq!(page["items"][0]["name"], "db-vacuum");
+    // A listed runbook comes whole, steps and triggers included.
+    assert_eq!(page["items"][0]["steps"][0]["name"], "vacuum", "{page}");
+    assert_eq!(page["items"][0]["triggers"][0]["name"], "bloat", "{page}");
     let (_, page) = app.get("/runbooks?search=%25").await;
     assert_eq!(page["total"], 0, "{page}");
     let (status, page) = app.get("/runbooks?search=").await;
@@ -464,6 +467,26 @@ fn each_validation_rule_has_a_named_error() {
             "approval role",
             &format!("{base}approval_roles: [root]\n"),
             "approval_roles[0] is `root`",
+        ),
+        (
+            "nobody may approve",
+            &format!("{base}mode: semi_auto\napproval_roles: [viewer]\n"),
+            "approval_roles must name operator, engineer or admin",
+        ),
+        (
+            "approval without roles",
+            &format!("{base}requires_approval: true\napproval_roles: []\n"),
+            "approval_roles must name operator, engineer or admin",
+        ),
+        (
+            "runbook retries",
+            &format!("{base}max_retries: 2147483647\n"),
+            "max_retries must be 0 to 100",
+        ),
+        (
+            "step retries",
+            "name: x\nsteps:\n  - {name: a, command: 'true', retry_count: 101}\n",
+            "steps[0].retry_count must be 0 to 100",
         ),
         (
             "allowed servers shape",

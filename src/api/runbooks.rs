@@ -891,16 +891,11 @@ impl RunbooksApi {
         let mut conn = self.state.pool.acquire().await?;
         let (rows, total) =
             store::runbooks::runbook_list(&mut conn, &filter, page.limit, page.offset).await?;
-        let mut items = Vec::with_capacity(rows.len());
-        for row in rows {
-            let steps = store::runbooks::runbook_steps_list(&mut conn, row.id).await?;
-            let triggers = store::runbooks::runbook_triggers_list(&mut conn, row.id).await?;
-            items.push(Runbook::from(&StoredRunbook {
-                row,
-                steps,
-                triggers,
-            }));
-        }
+        let items = store::runbooks::runbooks_with_parts(&mut conn, rows)
+            .await?
+            .iter()
+            .map(Runbook::from)
+            .collect();
         Ok(Json(RunbookPage {
             items,
             total,

@@ -621,6 +621,9 @@ pub fn valid_identifier(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// The most retries a runbook (`max_retries`) or a step (`retry_count`) may ask for.
+pub const MAX_RETRIES: i32 = 100;
+
 /// Names of the template context that environment variables may not shadow.
 pub const RESERVED_CONTEXT_NAMES: [&str; 5] = ["alert", "server", "vars", "steps", "execution"];
 
@@ -645,8 +648,8 @@ pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
     if doc.timeout_seconds <= 0 {
         push("timeout_seconds".into(), "must be > 0".into());
     }
-    if doc.max_retries < 0 {
-        push("max_retries".into(), "must be >= 0".into());
+    if !(0..=MAX_RETRIES).contains(&doc.max_retries) {
+        push("max_retries".into(), format!("must be 0 to {MAX_RETRIES}"));
     }
     if doc.retry_delay_seconds < 0 {
         push("retry_delay_seconds".into(), "must be >= 0".into());
@@ -681,10 +684,26 @@ pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
             push(format!("approval_roles[{i}]"), format!("repeats `{role}`"));
         }
     }
-    if doc.requires_approval && doc.approval_roles.is_empty() {
+    // A run that waits for approval needs someone who may give it: approving takes the
+    // operator role at least.
+    let needs_approval = doc.requires_approval || doc.mode == ExecutionMode::SemiAuto;
+    let can_approve = doc
+        .approval_roles
+        .iter()
+        .filter_map(|r| r.parse::<Role>().ok())
+        .any(|r| r >= Role::Operator);
+    if needs_approval && !can_approve {
         push(
             "approval_roles".into(),
-            "must name at least one role when requires_approval is true".into(),
+            format!(
+                "must name operator, engineer or admin: runs of this runbook wait for approval \
+                 ({}), and approving takes the operator role at least",
+                if doc.requires_approval {
+                    "requires_approval is true"
+                } else {
+                    "mode is semi_auto"
+                }
+            ),
         );
     }
     if !doc.allowed_servers.is_array() {
@@ -795,8 +814,11 @@ fn validate_steps(doc: &RunbookDocument, push: &mut impl FnMut(String, String)) 
                 ),
             );
         }
-        if step.retry_count < 0 {
-            push(format!("{p}.retry_count"), "must be >= 0".into());
+        if !(0..=MAX_RETRIES).contains(&step.retry_count) {
+            push(
+                format!("{p}.retry_count"),
+                format!("must be 0 to {MAX_RETRIES}"),
+            );
         }
         if step.retry_delay_seconds < 0 {
             push(format!("{p}.retry_delay_seconds"), "must be >= 0".into());

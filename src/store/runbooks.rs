@@ -25,6 +25,14 @@ const RUNBOOK_COLUMNS: &str = "id, name, description, category, mode::text AS mo
      retry_delay_seconds, rate_limit_count, rate_limit_window_seconds, requires_approval, \
      approval_roles, allowed_servers, environment_vars, config, created_by, created_at, updated_at";
 
+const STEP_COLUMNS: &str = "id, step_order, name, description, command, expected_exit_codes, \
+     timeout_seconds, continue_on_failure, condition, rollback_command, retry_count, \
+     retry_delay_seconds, capture_output, sensitive";
+
+const TRIGGER_COLUMNS: &str = "id, name, priority, alert_name_pattern, severity_pattern, \
+     source_pattern, labels_match, time_window_start, time_window_end, enabled, cooldown_seconds, \
+     cooldown_per_instance, last_triggered_at";
+
 /// A row of `runbooks`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RunbookRow {
@@ -282,11 +290,9 @@ pub async fn runbook_steps_list(
     conn: &mut PgConnection,
     runbook_id: Uuid,
 ) -> StoreResult<Vec<StepRow>> {
-    Ok(sqlx::query_as::<_, StepRow>(
-        "SELECT id, step_order, name, description, command, expected_exit_codes, timeout_seconds, \
-         continue_on_failure, condition, rollback_command, retry_count, retry_delay_seconds, \
-         capture_output, sensitive FROM runbook_steps WHERE runbook_id = $1 ORDER BY step_order",
-    )
+    Ok(sqlx::query_as::<_, StepRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {STEP_COLUMNS} FROM runbook_steps WHERE runbook_id = $1 ORDER BY step_order"
+    )))
     .bind(runbook_id)
     .fetch_all(conn)
     .await?)
@@ -298,14 +304,59 @@ pub async fn runbook_triggers_list(
     conn: &mut PgConnection,
     runbook_id: Uuid,
 ) -> StoreResult<Vec<TriggerRow>> {
-    Ok(sqlx::query_as::<_, TriggerRow>(
-        "SELECT id, name, priority, alert_name_pattern, severity_pattern, source_pattern, \
-         labels_match, time_window_start, time_window_end, enabled, cooldown_seconds, cooldown_per_instance, \
-         last_triggered_at FROM runbook_triggers WHERE runbook_id = $1 ORDER BY priority, name",
-    )
+    Ok(sqlx::query_as::<_, TriggerRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {TRIGGER_COLUMNS} FROM runbook_triggers WHERE runbook_id = $1 \
+         ORDER BY priority, name"
+    )))
     .bind(runbook_id)
     .fetch_all(conn)
     .await?)
+}
+
+/// The runbooks of `rows` with their steps and triggers, in the order of `rows`: two queries
+/// for the whole page, not two per runbook.
+pub async fn runbooks_with_parts(
+    conn: &mut PgConnection,
+    rows: Vec<RunbookRow>,
+) -> StoreResult<Vec<StoredRunbook>> {
+    use sqlx::{FromRow, Row};
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let mut steps: HashMap<Uuid, Vec<StepRow>> = HashMap::new();
+    for row in sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT runbook_id, {STEP_COLUMNS} FROM runbook_steps WHERE runbook_id = ANY($1) \
+         ORDER BY runbook_id, step_order"
+    )))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        steps
+            .entry(row.try_get("runbook_id")?)
+            .or_default()
+            .push(StepRow::from_row(&row)?);
+    }
+    let mut triggers: HashMap<Uuid, Vec<TriggerRow>> = HashMap::new();
+    for row in sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT runbook_id, {TRIGGER_COLUMNS} FROM runbook_triggers WHERE runbook_id = ANY($1) \
+         ORDER BY runbook_id, priority, name"
+    )))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        triggers
+            .entry(row.try_get("runbook_id")?)
+            .or_default()
+            .push(TriggerRow::from_row(&row)?);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| StoredRunbook {
+            steps: steps.remove(&row.id).unwrap_or_default(),
+            triggers: triggers.remove(&row.id).unwrap_or_default(),
+            row,
+        })
+        .collect())
 }
 
 /// A runbook with its steps and triggers.
