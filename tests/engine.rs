@@ -98,7 +98,7 @@ steps:
     rollback_command: echo undo-1 >> {{{{ LOG }}}}
   - name: two
     command: echo do-2 >> {{{{ LOG }}}}
-    rollback_command: echo undo-2 >> {{{{ LOG }}}}
+    rollback_command: echo undo-2 >> {{{{ LOG }}}}; exit 4
   - name: three
     command: echo do-3 >> {{{{ LOG }}}}; exit 3
     rollback_command: echo undo-3 >> {{{{ LOG }}}}
@@ -131,6 +131,16 @@ steps:
         .map(|s| s["step_name"].as_str().unwrap())
         .collect();
     assert_eq!(rollbacks, ["two", "one"]);
+    // A rollback that fails is recorded as failed, and the older ones still run.
+    let undo_two = steps
+        .iter()
+        .find(|s| s["phase"] == "rollback" && s["step_name"] == "two")
+        .unwrap();
+    assert_eq!(undo_two["status"], "failed", "{undo_two}");
+    assert_eq!(
+        undo_two["error_message"], "rollback exited with code 4",
+        "{undo_two}"
+    );
     let (_, breaker) = app.get(&format!("/circuit-breakers/{runbook}")).await;
     assert_eq!(breaker["failure_count"], 1, "{breaker}");
     worker.stop().await;
@@ -577,6 +587,11 @@ async fn step_timeout_fails_the_step() {
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(
+        done["output_summary"],
+        "attempt 1 of 1: 0 step(s) completed, 0 skipped, 1 failed attempt(s)",
+        "the timed-out attempt counts as failed: {done}"
+    );
     let steps = app.steps(id).await;
     assert_eq!(steps[0]["status"], "timeout");
     assert!(

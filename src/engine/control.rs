@@ -108,7 +108,7 @@ pub async fn create_execution(
             initiated_by: req.initiated_by,
             context_vars: &context,
             runbook_snapshot: &snapshot_json,
-            max_attempts: snapshot.max_retries.max(0) + 1,
+            max_attempts: snapshot.max_retries.clamp(0, i32::MAX - 1) + 1,
             batch_id: req.batch.map(|b| b.0),
             batch_concurrency: req.batch.map(|b| b.1),
             log_entry: &created,
@@ -561,9 +561,10 @@ fn summarize(
         .filter(|(status, skipped)| *status == "completed" && !skipped)
         .count();
     let skipped = this.iter().filter(|(_, skipped)| *skipped).count();
+    // A step attempt its own timeout stopped failed too.
     let failed = this
         .iter()
-        .filter(|(status, _)| *status == "failed")
+        .filter(|(status, _)| matches!(*status, "failed" | "timeout"))
         .count();
     format!(
         "attempt {} of {}: {completed} step(s) completed, {skipped} skipped, {failed} failed attempt(s)",

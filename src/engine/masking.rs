@@ -58,6 +58,16 @@ impl Masker {
         }
     }
 
+    /// [`Masker::mask`], and a cut-off start of a secret (at least 3 characters) at the very
+    /// end masked too: for the last, unfinished line of output that the size cap may have cut.
+    pub fn mask_cut_end(&self, text: &str) -> String {
+        let masked = self.mask(text);
+        match self.cut_off_secret(&masked) {
+            0 => masked,
+            cut => format!("{}{MASK}", &masked[..masked.len() - cut]),
+        }
+    }
+
     /// The length of the longest end of `text` (at least 3 bytes) that is the start of a
     /// secret but not the whole of it; 0 when there is none.
     fn cut_off_secret(&self, text: &str) -> usize {
@@ -111,6 +121,19 @@ pub fn is_secret_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_cut_off_at_the_end_of_unfinished_output_is_masked() {
+        let m = Masker::new(["truncsecretABC".to_owned()]);
+        assert_eq!(m.mask_cut_end("AAAtrunc"), "AAA********");
+        assert_eq!(m.mask_cut_end("AAAtruncsecretABC"), "AAA********");
+        assert_eq!(
+            m.mask_cut_end("AAAtr"),
+            "AAAtr",
+            "two characters say nothing"
+        );
+        assert_eq!(m.mask_cut_end("trunc AAA"), "trunc AAA", "only at the end");
+    }
 
     #[test]
     fn masks_every_occurrence_longest_first() {

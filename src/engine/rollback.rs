@@ -171,7 +171,11 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 Some(if o.timed_out {
                     "rollback timed out".to_owned()
                 } else {
-                    format!("rollback exited with {:?}", o.exit_code)
+                    match (o.exit_code, &o.exit_signal) {
+                        (Some(code), _) => format!("rollback exited with code {code}"),
+                        (None, Some(signal)) => format!("rollback was killed by signal {signal}"),
+                        (None, None) => "rollback ended without an exit status".to_owned(),
+                    }
                 }),
             ),
             Err(e) => ("failed", None, None, None, Some(masker.mask(&e))),

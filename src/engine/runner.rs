@@ -280,7 +280,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     };
 
     // Record and continue, fenced.
-    let verdict = judge(&step, &run, &masker, step_timeout);
+    let verdict = judge(&step, &run, &masker, (step_timeout, runbook_deadline_binds));
     // A sensitive step's captured output is kept only sealed, for later steps to read.
     let to_seal = match &run {
         RunResult::Ran(Ok(o), _) if step.sensitive && step.capture_output => Some(o),
@@ -574,7 +574,7 @@ fn judge(
     step: &StepSnapshot,
     run: &RunResult,
     masker: &Masker,
-    step_timeout: std::time::Duration,
+    (step_timeout, runbook_deadline_binds): (std::time::Duration, bool),
 ) -> Verdict {
     let failed = |error: String| Verdict {
         status: "failed",
@@ -614,12 +614,22 @@ fn judge(
                 )
             } else if o.cancelled {
                 ("cancelled", Some("cancelled while running".to_owned()))
+            } else if o.timed_out && runbook_deadline_binds {
+                // The time left before the runbook deadline was shorter than the step timeout.
+                (
+                    "timeout",
+                    Some(format!(
+                        "the runbook timeout passed after {:.1} s of this step; the command was \
+                         killed",
+                        o.duration.as_secs_f64()
+                    )),
+                )
             } else if o.timed_out {
                 (
                     "timeout",
                     Some(format!(
-                        "timed out after {} s; the command was killed",
-                        o.duration.as_secs().min(step_timeout.as_secs())
+                        "timed out after {} s (the step timeout); the command was killed",
+                        step_timeout.as_secs()
                     )),
                 )
             } else if o
@@ -796,11 +806,15 @@ pub(crate) async fn stream_output(
     }
     for (kind, rest) in pending {
         if !rest.is_empty() && sent < limit {
-            let text = masker.mask(&String::from_utf8_lossy(&rest));
+            // The output's last line may have been cut at the output cap inside a secret.
+            let text = masker.mask_cut_end(&String::from_utf8_lossy(&rest));
             append(&pool, execution_id, step_row, kind, &text).await;
         }
     }
 }
+
+/// The largest event the live log takes is 64 KiB; longer text goes as several events.
+const EVENT_BYTES: usize = 60_000;
 
 async fn append(
     pool: &sqlx::PgPool,
@@ -809,12 +823,32 @@ async fn append(
     kind: &str,
     text: &str,
 ) {
-    let text: String = text.chars().take(60_000).collect();
     let Ok(mut conn) = pool.acquire().await else {
         return;
     };
-    let _ =
-        store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, &text).await;
+    for piece in pieces(text, EVENT_BYTES) {
+        let _ =
+            store::executions::event_append(&mut conn, execution_id, Some(step_row), kind, piece)
+                .await;
+    }
+}
+
+/// `text` in consecutive pieces of at most `max` bytes, split at character boundaries.
+fn pieces(mut text: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    while text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        let (piece, rest) = text.split_at(at);
+        out.push(piece);
+        text = rest;
+    }
+    if !text.is_empty() {
+        out.push(text);
+    }
+    out
 }
 
 /// Enqueues the next step, or ends the run successfully after the last one; completes the job
@@ -1184,6 +1218,18 @@ async fn template_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_live_output_goes_as_several_events_split_at_characters() {
+        let text = format!("{}é{}", "a".repeat(5), "b".repeat(4));
+        assert_eq!(pieces(&text, 6), vec!["aaaaa", "ébbbb"]);
+        assert_eq!(pieces("abc", 3), vec!["abc"]);
+        assert!(pieces("", 3).is_empty());
+        let long = "x".repeat(2 * EVENT_BYTES + 1);
+        let split = pieces(&long, EVENT_BYTES);
+        assert_eq!(split.len(), 3);
+        assert_eq!(split.concat(), long);
+    }
 
     #[test]
     fn an_end_of_the_execution_or_a_gap_in_the_subscription_counts_as_ended() {
