@@ -206,6 +206,21 @@ async fn executions_list_filters_and_paginates_newest_first() {
             "{path}: {body}"
         );
     }
+    // A Last-Event-ID header that is not an event id: named, and not called missing.
+    let resp = app
+        .client
+        .get(app.api(&format!("/executions/{}/events", uuid::Uuid::new_v4())))
+        .bearer_auth(&app.admin_token)
+        .header("Last-Event-ID", "abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["details"]["field"], "Last-Event-ID", "{body}");
+    let reason = body["details"]["reason"].as_str().unwrap_or_default();
+    assert!(!reason.is_empty() && !reason.contains("required"), "{body}");
+
     let (status, body) = app.get("/executions?status=exploded").await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["details"]["field"], "status", "{body}");
