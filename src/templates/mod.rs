@@ -624,6 +624,21 @@ mod tests {
             r.eval_condition("alert.labels.nope is defined", &ctx(), &vars)
                 .is_ok()
         );
+        // Variables are text: numbers compare through `int` (as the README says).
+        let vars: BTreeMap<String, String> = [
+            ("DISK_PCT".to_owned(), "95".to_owned()),
+            ("LIMIT".to_owned(), "100".to_owned()),
+        ]
+        .into();
+        assert!(r.eval_condition("DISK_PCT > LIMIT", &ctx(), &vars).unwrap());
+        assert!(
+            !r.eval_condition("DISK_PCT | int > LIMIT | int", &ctx(), &vars)
+                .unwrap()
+        );
+        assert!(
+            r.eval_condition("vars.DISK_PCT | int > 90", &ctx(), &vars)
+                .unwrap()
+        );
     }
 
     fn issues(yaml: &str) -> Vec<String> {
