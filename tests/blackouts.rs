@@ -157,6 +157,13 @@ async fn crud_and_validation() {
         assert_eq!(rows.len(), 1, "{action}");
         assert_eq!(rows[0].2.unwrap().to_string(), id);
     }
+    // The deletion's entry names what went.
+    let deleted = app.audit_rows("blackout_delete").await;
+    assert_eq!(
+        deleted[0].3.as_ref().unwrap()["name"],
+        "Nightly backups",
+        "{deleted:?}"
+    );
 }
 
 #[tokio::test]

@@ -567,9 +567,9 @@ impl BlackoutsApi {
     ) -> Result<Deleted, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let mut tx = self.state.pool.begin().await?;
-        if !store::blackouts::blackout_delete(&mut tx, id.0).await? {
+        let Some(name) = store::blackouts::blackout_delete(&mut tx, id.0).await? else {
             return Err(ApiError::not_found("blackout window", id.0));
-        }
+        };
         caller
             .record(
                 &mut tx,
@@ -577,7 +577,7 @@ impl BlackoutsApi {
                     "blackout_delete",
                     "blackout_window",
                     Some(id.0),
-                    serde_json::json!({}),
+                    serde_json::json!({ "name": name }),
                 ),
             )
             .await?;

@@ -170,13 +170,14 @@ pub async fn blackout_list(
     Ok((rows, total))
 }
 
-/// Deletes a window; returns whether it existed.
-pub async fn blackout_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<bool> {
-    let done = sqlx::query("DELETE FROM blackout_windows WHERE id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+/// Deletes a window; returns its name, or `None` when there was no such window.
+pub async fn blackout_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<String>> {
+    Ok(
+        sqlx::query_scalar("DELETE FROM blackout_windows WHERE id = $1 RETURNING name")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// The facts about a runbook that windows select on.
