@@ -577,6 +577,25 @@ async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
     worker.stop().await;
 }
 
+/// A runbook-level retry that could only begin after the runbook timeout is not scheduled: the
+/// run fails at once and says why, instead of waiting to end as a timeout.
+#[tokio::test]
+async fn no_runbook_retry_is_scheduled_past_the_runbook_timeout() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: late-retry\nmode: auto\ntimeout_seconds: 30\nmax_retries: 2\nretry_delay_seconds: 60\nsteps:\n  - {name: s, command: 'exit 1', timeout_seconds: 10}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app.wait_for_status(id, common::FINISHED, 20).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["attempt"], 1, "{done}");
+    let message = done["error_message"].as_str().unwrap_or_default();
+    assert!(message.contains("exit code 1"), "{done}");
+    assert!(message.contains("not retried"), "{done}");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn step_timeout_fails_the_step() {
     let app = common::spawn_app().await;

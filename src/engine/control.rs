@@ -373,10 +373,33 @@ pub(crate) async fn finish_run(
     row: &ExecutionRow,
     event: Event,
 ) -> Result<bool, JobError> {
-    let Ok(t) = transition(state_of(row), &event) else {
+    let snapshot = snapshot_of(row)?;
+    let mut state = state_of(row);
+    // A runbook-level retry that could begin only after the runbook deadline would wait there
+    // and end as a timeout: the run fails now, saying why it is not retried.
+    let event = match event {
+        Event::RunFailed(reason) if state.attempt < state.max_attempts => {
+            let deadline = row.started_at.map(|started| {
+                started + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds))
+            });
+            let retry_at =
+                Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds));
+            if deadline.is_some_and(|deadline| retry_at >= deadline) {
+                state.max_attempts = state.attempt;
+                Event::RunFailed(format!(
+                    "{reason}; not retried: after the retry delay ({} s) the runbook timeout \
+                     ({} s from the start) would have passed",
+                    snapshot.retry_delay_seconds, snapshot.timeout_seconds
+                ))
+            } else {
+                Event::RunFailed(reason)
+            }
+        }
+        other => other,
+    };
+    let Ok(t) = transition(state, &event) else {
         return Ok(false);
     };
-    let snapshot = snapshot_of(row)?;
     let summary = run_summary(g.conn(), row).await?;
     let mut rollback_then: Option<Option<i32>> = None;
     // Log entries of this end, appended with the status change (one new version of the row),
