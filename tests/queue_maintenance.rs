@@ -764,3 +764,88 @@ async fn pruning_deletes_old_finished_jobs_and_stale_workers_and_keeps_the_rest(
         .collect();
     assert_eq!(workers, HashSet::from([recent, worker.id()]));
 }
+
+/// A job a worker schedules a little later (a follow-up with `run_at`, or a retry after its
+/// backoff) runs when it is due, not at the worker's next poll: the worker keeps a timer of its
+/// own for it. Nothing else wakes this worker: its poll interval is a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_scheduled_shortly_runs_when_due_without_waiting_for_the_poll() {
+    let pool = common::fresh_pool().await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let mut registry = ping_registry(tx.clone());
+    registry.register("schedule_soon", KindOptions::default(), |ctx| async move {
+        let mut g = ctx.lease().guarded_tx().await?;
+        g.enqueue(
+            &NewJob::new("ping", json!({ "soon": true }))
+                .with_run_at(Utc::now() + TimeDelta::milliseconds(800)),
+        )
+        .await?;
+        g.complete().await
+    });
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = attempts.clone();
+    let retried = tx.clone();
+    registry.register(
+        "fails_once",
+        fixed_backoff(Duration::from_millis(800)),
+        move |ctx| {
+            let first = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let _ = retried.send(ctx.id);
+            async move {
+                if first {
+                    Err(JobError::Retryable("once".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    );
+    let config = WorkerConfig {
+        concurrency: 2,
+        poll_interval: Duration::from_secs(60),
+        maintenance_interval: Duration::from_secs(60),
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::start(pool.clone(), registry, config).await.unwrap();
+    let warm = enqueue(&pool, NewJob::new("ping", json!({ "warm": true }))).await;
+    let (stop, handle) = run_in_background(worker);
+    wait_idle(&pool, &mut started, warm).await;
+
+    // A follow-up due in 0.8 s.
+    let begun = std::time::Instant::now();
+    enqueue(&pool, NewJob::new("schedule_soon", json!({}))).await;
+    sqlx::query("SELECT pg_notify('aiops_jobs', '')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ping = tokio::time::timeout(Duration::from_secs(20), started.recv())
+        .await
+        .expect("the follow-up runs long before the next poll")
+        .unwrap();
+    assert_ne!(ping, warm);
+    let waited = begun.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "ran before it was due: {waited:?}"
+    );
+
+    // A retry due in 0.8 s after its first attempt failed.
+    let flaky = enqueue(&pool, NewJob::new("fails_once", json!({}))).await;
+    sqlx::query("SELECT pg_notify('aiops_jobs', '')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let got = tokio::time::timeout(Duration::from_secs(20), started.recv())
+            .await
+            .expect("the retry runs long before the next poll")
+            .unwrap();
+        assert_eq!(got, flaky);
+    }
+    eventually("the retry completed", Duration::from_secs(10), || async {
+        (state_of(&pool, flaky).await == "completed").then_some(())
+    })
+    .await;
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}

@@ -40,6 +40,10 @@ pub(crate) struct LeaseState {
     /// The handler enqueued a job that is due now: wake workers after settling. Jobs scheduled
     /// for later wake nobody; the workers' polls find them once they are due.
     pub(crate) enqueued: AtomicBool,
+    /// The earliest `run_at` of the jobs the handler enqueued for later: this worker sets a
+    /// timer of its own for it after settling, so a short delay (a step retry) is kept to
+    /// without waiting for a poll.
+    pub(crate) due_later: Mutex<Option<chrono::DateTime<chrono::Utc>>>,
     /// A job this attempt enqueued already claimed by the same worker, committed: the worker
     /// runs it next in the same slot.
     pub(crate) continuation: Mutex<Option<Continuation>>,
@@ -236,20 +240,38 @@ impl GuardedTx {
     /// after the commit when it is due now.
     pub async fn enqueue(&mut self, job: &NewJob) -> Result<Option<i64>, JobError> {
         let id = store::jobs::job_enqueue(&mut self.tx, job).await?;
-        if job.is_due_at(chrono::Utc::now()) {
-            self.wake_after_commit();
-        }
+        self.note_due(std::slice::from_ref(job));
         Ok(id)
     }
 
     /// Enqueues follow-up jobs in one statement in this transaction.
     pub async fn enqueue_many(&mut self, jobs: &[NewJob]) -> Result<Vec<i64>, JobError> {
         let ids = store::jobs::job_enqueue_many(&mut self.tx, jobs).await?;
+        self.note_due(jobs);
+        Ok(ids)
+    }
+
+    /// Notes when jobs enqueued by this transaction become due: now (wake the workers after the
+    /// commit) or later (this worker's own timer).
+    fn note_due(&self, jobs: &[NewJob]) {
         let now = chrono::Utc::now();
         if jobs.iter().any(|job| job.is_due_at(now)) {
             self.wake_after_commit();
         }
-        Ok(ids)
+        if let Some(later) = jobs
+            .iter()
+            .filter_map(|job| job.run_at)
+            .filter(|at| *at > now)
+            .min()
+        {
+            let mut due = self
+                .lease
+                .state
+                .due_later
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *due = Some(due.map_or(later, |d| d.min(later)));
+        }
     }
 
     /// Wakes the workers once this transaction has committed (the job is settled), for a job

@@ -170,6 +170,11 @@ struct Finished {
     ending: Ending,
 }
 
+/// How far ahead a worker keeps a timer of its own for a job it scheduled.
+const LOCAL_TIMER_HORIZON: Duration = Duration::from_secs(120);
+/// How many such timers a worker keeps at most.
+const LOCAL_TIMERS: usize = 4096;
+
 struct Inner {
     pool: PgPool,
     registry: Registry,
@@ -179,6 +184,12 @@ struct Inner {
     /// heartbeat renews.
     running: Mutex<HashMap<i64, (Uuid, Arc<LeaseState>)>>,
     wake: Notify,
+    /// When jobs this worker scheduled for later (follow-up jobs, retries, snoozes) become due:
+    /// an idle worker claims again then instead of waiting for its next poll. Bounded; a job
+    /// further ahead than [`LOCAL_TIMER_HORIZON`] or past the bound is left to the polls.
+    due_timers: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<Instant>>>,
+    /// A timer was added: the claim loop looks at its timers again.
+    timer_added: Notify,
     slot_freed: Notify,
     notifier: Notifier,
     abort: watch::Sender<bool>,
@@ -242,6 +253,8 @@ impl Worker {
                 id,
                 running: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                due_timers: Mutex::new(std::collections::BinaryHeap::new()),
+                timer_added: Notify::new(),
                 slot_freed: Notify::new(),
                 notifier,
                 abort,
@@ -405,6 +418,12 @@ impl Worker {
                 claiming = Some((want, tokio::spawn(async move { claimer.claim(want).await })));
             }
             let cooling = may_claim && claiming.is_none();
+            // A job this worker scheduled for later becomes due: claim then, not at the poll.
+            let timer = if drained {
+                inner.next_timer(Instant::now())
+            } else {
+                None
+            };
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -434,6 +453,10 @@ impl Worker {
                 _ = inner.slot_freed.notified() => {}
                 _ = tokio::time::sleep_until(claim_at), if cooling => {}
                 _ = inner.wake.notified(), if drained => drained = false,
+                _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    drained = false;
+                }
+                _ = inner.timer_added.notified() => {}
                 _ = tokio::time::sleep(inner.config.poll_interval), if drained => drained = false,
             }
         }
@@ -608,6 +631,38 @@ impl Inner {
         Ok(lost)
     }
 
+    /// Sets a timer of this worker's own for a job it scheduled `delay` from now (a little
+    /// after, so that the database finds it due).
+    fn wake_at(&self, delay: Duration) {
+        if delay > LOCAL_TIMER_HORIZON {
+            return;
+        }
+        let mut timers = self.due_timers.lock().unwrap_or_else(|p| p.into_inner());
+        if timers.len() < LOCAL_TIMERS {
+            timers.push(std::cmp::Reverse(
+                Instant::now() + delay + Duration::from_millis(5),
+            ));
+            drop(timers);
+            self.timer_added.notify_one();
+        }
+    }
+
+    /// The earliest timer set by [`wake_at`](Self::wake_at); those already due are dropped
+    /// (`now` is when the worker claims next).
+    fn next_timer(&self, now: Instant) -> Option<Instant> {
+        let mut timers = self.due_timers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut due = false;
+        while timers.peek().is_some_and(|t| t.0 <= now) {
+            timers.pop();
+            due = true;
+        }
+        if due {
+            Some(now)
+        } else {
+            timers.peek().map(|t| t.0)
+        }
+    }
+
     /// Applies the results of finished attempts.
     async fn settle(&self, batch: Vec<Finished>) -> Result<TickOutcome, QueueError> {
         let mut out = TickOutcome::default();
@@ -618,6 +673,10 @@ impl Inner {
         let mut conn = self.pool.acquire().await?;
         for f in batch {
             wake |= f.state.enqueued.load(Ordering::SeqCst);
+            let due_later = *f.state.due_later.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = due_later {
+                self.wake_at((at - Utc::now()).to_std().unwrap_or_default());
+            }
             if f.state.settled.load(Ordering::SeqCst) {
                 if let Ending::Done(Err(e)) = &f.ending {
                     tracing::warn!(job = f.id, error = %e, "handler failed after completing its job; the completion stands");
@@ -655,6 +714,7 @@ impl Inner {
                 }
                 Err(JobError::Snooze(delay)) => {
                     if store::jobs::job_snooze(&mut conn, f.id, f.token, delay).await? {
+                        self.wake_at(delay);
                         out.snoozed += 1;
                     } else {
                         out.lease_lost += 1;
@@ -680,6 +740,9 @@ impl Inner {
                     // A retry after a backoff is found by the polls once due; only one due
                     // now is worth a wake-up.
                     wake |= retry_in.is_some_and(|delay| delay.is_zero());
+                    if let Some(delay) = retry_in.filter(|d| !d.is_zero()) {
+                        self.wake_at(delay);
+                    }
                 }
                 Some(_) => {
                     tracing::warn!(job = f.id, kind = %f.kind, attempt = f.attempt, %error, "job is dead");
