@@ -856,6 +856,29 @@ async fn blackouts_and_allowed_servers_judge_the_run_by_its_server() {
         .await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["details"]["field"], "server_id", "{body}");
+
+    // The object form: production web servers, or one listed by id.
+    let scoped = app
+        .runbook_from_yaml(&format!(
+            "name: prod-web\nmode: auto\nallowed_servers:\n  tags: [role=web]\n  environments: [production]\n  server_ids: [{db1}]\nsteps:\n  - {{name: s, command: 'true'}}\n"
+        ))
+        .await;
+    for (server, allowed) in [(web1, true), (other, true), (db1, true), (web2, false)] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/executions",
+                Some(&app.admin_token),
+                Some(json!({ "runbook_id": scoped, "server_id": server })),
+            )
+            .await;
+        if allowed {
+            assert_eq!(status, 201, "{server}: {body}");
+        } else {
+            assert_eq!(status, 422, "{server}: {body}");
+            assert_eq!(body["details"]["field"], "server_id", "{body}");
+        }
+    }
     worker.stop().await;
 }
 

@@ -232,6 +232,25 @@ async fn crud_through_json_documents_with_filters() {
     assert_eq!(page["items"][0]["name"], "win-iis");
     let (_, page) = app.get("/runbooks?status=draft").await;
     assert_eq!(page["total"], 0);
+    // Renaming onto another runbook's name: 409 naming the field, not the constraint.
+    let mut renamed = doc.clone();
+    renamed["name"] = json!("win-iis");
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            &format!("/runbooks/{id}"),
+            Some(&app.admin_token),
+            Some(renamed),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["details"]["field"], "name", "{body}");
+    assert_eq!(
+        body["details"]["reason"], "is already used by another record",
+        "{body}"
+    );
+    assert!(!body.to_string().contains("_key"), "{body}");
+
     // Text search: in the name or the description, ignoring case; `%` and `_` are plain text.
     let (_, page) = app.get("/runbooks?search=IIS").await;
     assert_eq!(page["total"], 1);
@@ -491,7 +510,17 @@ fn each_validation_rule_has_a_named_error() {
         (
             "allowed servers shape",
             &format!("{base}allowed_servers: {{a: 1}}\n"),
-            "allowed_servers must be a list",
+            "allowed_servers.a unknown key (expected tags, environments, server_ids)",
+        ),
+        (
+            "allowed server id",
+            &format!("{base}allowed_servers: {{server_ids: [web-1]}}\n"),
+            "allowed_servers.server_ids[0] must be a UUID",
+        ),
+        (
+            "allowed servers scalar",
+            &format!("{base}allowed_servers: web\n"),
+            "allowed_servers must be an object, an array of tags or null",
         ),
         (
             "config shape",

@@ -216,11 +216,24 @@ impl From<StoreError> for ApiError {
 impl From<&StoreError> for ApiError {
     fn from(e: &StoreError) -> Self {
         match e {
-            StoreError::Conflict(c) => ApiError::Conflict(body(
-                "conflict",
-                format!("already exists ({c})"),
-                field_of_constraint(c),
-            )),
+            StoreError::Conflict(c) => {
+                // The constraint's name stays in the logs; the caller learns the field.
+                tracing::debug!(constraint = %c, "unique constraint refused a write");
+                let reason = "is already used by another record";
+                let field = field_of_constraint(c);
+                ApiError::Conflict(Json(ErrorBody {
+                    code: "conflict".to_owned(),
+                    message: match field {
+                        Some(f) => format!("{f} {reason}"),
+                        None => "conflicts with an existing record".to_owned(),
+                    },
+                    details: field.map(|f| ErrorDetails {
+                        field: Some(f.to_owned()),
+                        reason: Some(reason.to_owned()),
+                        ..Default::default()
+                    }),
+                }))
+            }
             StoreError::ForeignKey(c) => ApiError::invalid(c, "refers to a missing resource"),
             StoreError::Check(c) => ApiError::invalid(c, "violates a constraint"),
             StoreError::Database(sqlx::Error::PoolTimedOut)

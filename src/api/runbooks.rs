@@ -268,7 +268,9 @@ pub struct RunbookSpec {
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub approval_roles: Option<Vec<String>>,
-    /// Server restrictions, a list (default empty).
+    /// Servers the runbook may run on: a list of tags (`name` or `name=value`, all required), or
+    /// `{"tags": [...], "environments": [...], "server_ids": [...]}` (a listed server, or one
+    /// carrying every tag in one of the environments); empty allows every server.
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub allowed_servers: Option<serde_json::Value>,

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use chrono::NaiveTime;
+use chrono::{NaiveTime, Timelike};
 use serde::{Deserialize, Serialize};
 
 use super::Role;
@@ -260,7 +260,8 @@ pub struct RunbookDocument {
         skip_serializing_if = "is_default_approval_roles"
     )]
     pub approval_roles: Vec<String>,
-    /// Server restrictions by tag or group: a list (default empty: no restriction).
+    /// Servers the runbook may run on (`domain::targeting`): a list of tags, or an object of
+    /// `tags`, `environments` and `server_ids` (default empty: no restriction).
     #[serde(
         default = "default_allowed_servers",
         skip_serializing_if = "is_default_allowed_servers"
@@ -570,7 +571,10 @@ pub fn parse_time_of_day(s: &str) -> Option<NaiveTime> {
     } else {
         "%H:%M:%S"
     };
-    NaiveTime::parse_from_str(s, format).ok()
+    // chrono reads second 60 as a leap second; a time window has none.
+    NaiveTime::parse_from_str(s, format)
+        .ok()
+        .filter(|t| t.nanosecond() < 1_000_000_000)
 }
 
 /// A JSON object as a map of strings (labels, annotations, `labels_match`,
@@ -706,11 +710,12 @@ pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
             ),
         );
     }
-    if !doc.allowed_servers.is_array() {
-        push(
-            "allowed_servers".into(),
-            "must be a list of server tags, groups or names".into(),
-        );
+    // A list of tags, or `{tags, environments, server_ids}` (`domain::targeting`).
+    if let Err(e) = super::targeting::AllowedServers::parse(&doc.allowed_servers) {
+        let (path, reason) = e
+            .split_once(": ")
+            .unwrap_or(("allowed_servers", e.as_str()));
+        push(path.to_owned(), reason.to_owned());
     }
     if !doc.config.is_object() {
         push("config".into(), "must be a mapping".into());
@@ -1182,7 +1187,16 @@ triggers:
     fn time_of_day_parsing() {
         assert!(parse_time_of_day("22:00").is_some());
         assert!(parse_time_of_day("06:30:15").is_some());
-        for bad in ["24:00", "9:00", "12:60", "noon", "12:00:00:00", ""] {
+        for bad in [
+            "24:00",
+            "9:00",
+            "12:60",
+            "09:00:60",
+            "23:59:60",
+            "noon",
+            "12:00:00:00",
+            "",
+        ] {
             assert!(parse_time_of_day(bad).is_none(), "{bad}");
         }
     }
