@@ -26,7 +26,19 @@ enum State {
     Comment,
     BlockComment,
     Heredoc,
-    HereString { double: bool },
+    HereString {
+        double: bool,
+    },
+    /// `$(( ))`, `(( ))` or `$[ ]`: arithmetic, where quotes do not make text literal (`$((
+    /// 'a[$(id)]' ))` runs `id`); `depth` counts the open brackets.
+    Arithmetic {
+        depth: u32,
+        close: char,
+    },
+    /// `${ }`: a parameter expansion, parts of which (offsets, subscripts) are arithmetic.
+    Parameter {
+        depth: u32,
+    },
 }
 
 impl State {
@@ -40,6 +52,8 @@ impl State {
             State::Comment | State::BlockComment => "a comment",
             State::Heredoc => "a heredoc body",
             State::HereString { .. } => "a here-string",
+            State::Arithmetic { .. } => "an arithmetic expansion, where quoting does not hold",
+            State::Parameter { .. } => "a parameter expansion ${...}",
         }
     }
 }
@@ -152,6 +166,31 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
                         state = State::AnsiCQuoted;
                         i += 1;
                     }
+                    '$' if next == Some('(') && chars.get(i + 2) == Some(&'(') => {
+                        state = State::Arithmetic {
+                            depth: 2,
+                            close: ')',
+                        };
+                        i += 2;
+                    }
+                    '(' if at_word_start && next == Some('(') => {
+                        state = State::Arithmetic {
+                            depth: 2,
+                            close: ')',
+                        };
+                        i += 1;
+                    }
+                    '$' if next == Some('[') => {
+                        state = State::Arithmetic {
+                            depth: 1,
+                            close: ']',
+                        };
+                        i += 1;
+                    }
+                    '$' if next == Some('{') => {
+                        state = State::Parameter { depth: 1 };
+                        i += 1;
+                    }
                     '#' if at_word_start => state = State::Comment,
                     '<' if next == Some('<') && chars.get(i + 2) != Some(&'<') => {
                         let (delimiter, strip_tabs, consumed) = heredoc_delimiter(&chars[i + 2..]);
@@ -163,6 +202,30 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
                     _ => {}
                 },
                 State::SingleQuoted if c == '\'' => state = State::Word,
+                State::Arithmetic { depth, close } => {
+                    let open = if close == ')' { '(' } else { '[' };
+                    if c == open {
+                        state = State::Arithmetic {
+                            depth: depth + 1,
+                            close,
+                        };
+                    } else if c == close {
+                        state = match depth {
+                            0 | 1 => State::Word,
+                            _ => State::Arithmetic {
+                                depth: depth - 1,
+                                close,
+                            },
+                        };
+                    }
+                }
+                State::Parameter { depth } => match c {
+                    '\\' => i += 1,
+                    '{' => state = State::Parameter { depth: depth + 1 },
+                    '}' if depth <= 1 => state = State::Word,
+                    '}' => state = State::Parameter { depth: depth - 1 },
+                    _ => {}
+                },
                 State::DoubleQuoted | State::Backticks | State::AnsiCQuoted if c == '\\' => i += 1,
                 State::DoubleQuoted if c == '"' => state = State::Word,
                 State::AnsiCQuoted if c == '\'' => state = State::Word,
@@ -253,6 +316,8 @@ mod tests {
         assert!(posix("echo 'fixed text' {{ x }} \"more\" {{ y }}").is_ok());
         assert!(posix("echo \"it's\" {{ x }}").is_ok());
         assert!(posix("echo $(cat {{ file }})").is_ok());
+        assert!(posix("echo $(( 1 + 2 )) {{ x }} ${HOME} {{ y }}").is_ok());
+        assert!(posix("( (true) ) && echo {{ x }}").is_ok());
         assert!(posix("{% if x %}echo 'a'{% endif %} {{ y }}").is_ok());
         assert!(
             posix("a#b {{ x }}").is_ok(),
@@ -277,6 +342,24 @@ mod tests {
             ("cat <<EOF\n{{ x }}\nEOF", "a heredoc body"),
             ("cat <<-EOF\n\t{{ x }}\n\tEOF", "a heredoc body"),
             ("sh -c 'systemctl restart {{ x }}'", "single quotes"),
+            (
+                "echo $(( {{ x }} ))",
+                "an arithmetic expansion, where quoting does not hold",
+            ),
+            (
+                "echo $(( 1 + (2 * {{ x }}) ))",
+                "an arithmetic expansion, where quoting does not hold",
+            ),
+            (
+                "(( n = {{ x }} ))",
+                "an arithmetic expansion, where quoting does not hold",
+            ),
+            (
+                "echo $[ {{ x }} ]",
+                "an arithmetic expansion, where quoting does not hold",
+            ),
+            ("echo ${X:{{ x }}}", "a parameter expansion ${...}"),
+            ("echo ${A[{{ x }}]}", "a parameter expansion ${...}"),
         ] {
             let err = posix(src).unwrap_err();
             assert_eq!(err.context, context, "{src}");
