@@ -691,6 +691,49 @@ async fn dry_run_renders_and_explains_triggers() {
     assert_eq!(report["steps"][0]["command"], "echo 'db 1'");
     assert_eq!(report["matched_trigger"], "night");
 
+    // The window is read in the alerts.timezone setting, as alert matching reads it: 23:15 UTC
+    // is 08:15 in Tokyo, outside 22:00-06:00 there.
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            "/system-config/alerts.timezone",
+            Some(&app.admin_token),
+            Some(json!({ "value": "Asia/Tokyo" })),
+        )
+        .await;
+    assert!(status == 200 || status == 201, "{body}");
+    let at_tokyo = |at: &str| {
+        json!({ "yaml": yaml, "alert": {"name": "NodeDown"},
+                "server": {"hostname": "db 1"}, "at": at })
+    };
+    let (_, report) = app
+        .call(
+            Method::POST,
+            "/runbooks/dry-run",
+            Some(&viewer),
+            Some(at_tokyo("2026-11-24T23:15:00Z")),
+        )
+        .await;
+    assert_eq!(report["triggers"][0]["matched"], false, "{report}");
+    assert!(
+        report["triggers"][0]["reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("Asia/Tokyo")),
+        "{report}"
+    );
+    let (_, report) = app
+        .call(
+            Method::POST,
+            "/runbooks/dry-run",
+            Some(&viewer),
+            Some(at_tokyo("2026-11-24T14:15:00Z")),
+        )
+        .await;
+    assert_eq!(
+        report["matched_trigger"], "night",
+        "23:15 in Tokyo: {report}"
+    );
+
     // Nothing was stored by the dry run.
     let (_, page) = app.get("/runbooks").await;
     assert_eq!(page["total"], 1);

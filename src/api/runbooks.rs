@@ -16,7 +16,7 @@ use crate::domain::runbook::{
     ExecutionMode, Issue, MAX_DOCUMENT_BYTES, RunbookDocument, RunbookStatus, StepDocument,
     TargetOs, TriggerDocument, locate, parse_yaml, to_canonical_yaml, yaml_locations,
 };
-use crate::domain::trigger_match::{AlertFacts, trigger_matches};
+use crate::domain::trigger_match::{AlertFacts, trigger_matches_in};
 use crate::store::{self, runbooks::StoredRunbook};
 use crate::templates::{TemplateContext, render_dry_run, validate_runbook};
 
@@ -1392,12 +1392,17 @@ impl RunbooksApi {
             }
         };
         let now = body.at.unwrap_or_else(Utc::now);
+        // Time windows are read in the timezone alert matching uses.
+        let tz = store::alerts::alert_timezone_setting(&mut conn)
+            .await?
+            .and_then(|name| name.parse::<chrono_tz::Tz>().ok())
+            .unwrap_or(chrono_tz::Tz::UTC);
         Ok(Json(dry_run_report(
             &doc,
             &body.alert,
             server,
             version,
-            now,
+            (now, tz),
             &last_fired,
         )))
     }
@@ -1457,7 +1462,7 @@ pub fn dry_run_report(
     alert: &SampleAlert,
     server: serde_json::Value,
     version: i32,
-    now: DateTime<Utc>,
+    (now, tz): (DateTime<Utc>, chrono_tz::Tz),
     last_fired: &HashMap<String, Option<DateTime<Utc>>>,
 ) -> DryRunReport {
     let facts = alert_facts(alert);
@@ -1486,8 +1491,13 @@ pub fn dry_run_report(
         .triggers
         .iter()
         .map(|t| {
-            let verdict =
-                trigger_matches(t, &facts, now, last_fired.get(&t.name).copied().flatten());
+            let verdict = trigger_matches_in(
+                t,
+                &facts,
+                now,
+                last_fired.get(&t.name).copied().flatten(),
+                tz,
+            );
             DryRunTrigger {
                 name: t.name.clone(),
                 priority: t.priority,

@@ -74,6 +74,10 @@ pub enum RunbookCommand {
         /// Time to evaluate trigger windows at (RFC 3339; default now).
         #[arg(long)]
         at: Option<chrono::DateTime<chrono::Utc>>,
+        /// IANA timezone of trigger time windows, as the `alerts.timezone` setting gives it
+        /// to alert matching (default UTC).
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
     },
 }
 
@@ -391,7 +395,11 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
             alert,
             host,
             at,
+            timezone,
         } => {
+            let tz: chrono_tz::Tz = timezone
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--timezone: `{timezone}` is not an IANA timezone"))?;
             let loaded = load_all(std::slice::from_ref(&path))?;
             let [runbook] = <[Loaded; 1]>::try_from(loaded)
                 .map_err(|_| anyhow::anyhow!("dry-run takes one file"))?;
@@ -421,7 +429,7 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
                 &sample,
                 server,
                 0,
-                at.unwrap_or_else(chrono::Utc::now),
+                (at.unwrap_or_else(chrono::Utc::now), tz),
                 &HashMap::new(),
             );
             print_dry_run(&report);

@@ -906,13 +906,17 @@ fn validate_triggers(doc: &RunbookDocument, push: &mut impl FnMut(String, String
                 if start.is_none() {
                     push(
                         format!("{p}.time_window_start"),
-                        format!("is `{s}`; must be HH:MM or HH:MM:SS (24-hour, UTC)"),
+                        format!(
+                            "is `{s}`; must be HH:MM or HH:MM:SS (24-hour, in the alerts.timezone setting)"
+                        ),
                     );
                 }
                 if end.is_none() {
                     push(
                         format!("{p}.time_window_end"),
-                        format!("is `{e}`; must be HH:MM or HH:MM:SS (24-hour, UTC)"),
+                        format!(
+                            "is `{e}`; must be HH:MM or HH:MM:SS (24-hour, in the alerts.timezone setting)"
+                        ),
                     );
                 }
                 if start.is_some() && start == end {
