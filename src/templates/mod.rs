@@ -290,6 +290,37 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
         }
     }
 
+    // Removed filters fail only when rendered, after a run has begun: name them now.
+    let mut sources: Vec<(String, &str, bool)> = doc
+        .environment_vars
+        .iter()
+        .map(|(name, source)| (format!("environment_vars.{name}"), source.as_str(), false))
+        .collect();
+    for (i, step) in doc.steps.iter().enumerate() {
+        sources.push((format!("steps[{i}].command"), step.command.as_str(), false));
+        if let Some(rollback) = &step.rollback_command {
+            sources.push((
+                format!("steps[{i}].rollback_command"),
+                rollback.as_str(),
+                false,
+            ));
+        }
+        if let Some(condition) = &step.condition {
+            sources.push((format!("steps[{i}].condition"), condition.as_str(), true));
+        }
+    }
+    for (path, source, expression) in sources {
+        if let Some(filter) = removed_filter(source, expression) {
+            issues.push(Issue::new(
+                path,
+                format!(
+                    "uses the `{filter}` filter, which does not exist here: values are quoted for the \
+                     shell, and `raw` is the one way to leave a value unquoted"
+                ),
+            ));
+        }
+    }
+
     let mut captured_before: HashSet<&str> = HashSet::new();
     let mut earlier: HashSet<&str> = HashSet::new();
     for (i, step) in doc.steps.iter().enumerate() {
@@ -353,6 +384,45 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
         }
     }
     issues
+}
+
+/// The first removed filter (`safe`, `escape`, `e`) applied in `source`: inside its `{{ }}` and
+/// `{% %}` tags, or anywhere when it is an `expression` (a condition).
+fn removed_filter(source: &str, expression: bool) -> Option<&'static str> {
+    const REMOVED: [&str; 3] = ["safe", "escape", "e"];
+    let in_expression = |text: &str| {
+        text.split('|').skip(1).find_map(|after| {
+            let name: String = after
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            REMOVED.iter().copied().find(|r| *r == name)
+        })
+    };
+    if expression {
+        return in_expression(source);
+    }
+    let mut rest = source;
+    while let Some(open) = rest.find(['{']) {
+        let after = &rest[open..];
+        let close = match after.get(..2) {
+            Some("{{") => "}}",
+            Some("{%") => "%}",
+            _ => {
+                rest = &after[1..];
+                continue;
+            }
+        };
+        let Some(end) = after.find(close) else {
+            return None;
+        };
+        if let Some(found) = in_expression(&after[2..end]) {
+            return Some(found);
+        }
+        rest = &after[end + 2..];
+    }
+    None
 }
 
 fn sorted(set: HashSet<String>) -> Vec<String> {
@@ -646,6 +716,32 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn removed_filters_are_named_at_validation() {
+        let found = issues(
+            "name: x\nenvironment_vars:\n  A: \"{{ alert.name | e }}\"\nsteps:\n  - name: a\n    command: echo {{ alert.name | safe }}\n    rollback_command: echo {% if x | escape %}y{% endif %}\n    condition: alert.name|safe == 'x'\n",
+        );
+        for path in [
+            "environment_vars.A uses the `e` filter",
+            "steps[0].command uses the `safe` filter",
+            "steps[0].rollback_command uses the `escape` filter",
+            "steps[0].condition uses the `safe` filter",
+        ] {
+            assert!(
+                found.iter().any(|i| i.starts_with(path)),
+                "{path}: {found:?}"
+            );
+        }
+        // `raw`, `upper`, a filter whose name only starts like one, and `|` in the shell: fine.
+        let fine = issues(
+            "name: x\nsteps:\n  - name: a\n    command: echo {{ alert.name | raw }} {{ alert.name | upper | escapes_nothing_here | default('x') }} | grep e\n",
+        );
+        assert!(
+            !fine.iter().any(|i| i.contains("filter, which")),
+            "{fine:?}"
+        );
     }
 
     #[test]
