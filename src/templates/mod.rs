@@ -414,9 +414,7 @@ fn removed_filter(source: &str, expression: bool) -> Option<&'static str> {
                 continue;
             }
         };
-        let Some(end) = after.find(close) else {
-            return None;
-        };
+        let end = after.find(close)?;
         if let Some(found) = in_expression(&after[2..end]) {
             return Some(found);
         }
