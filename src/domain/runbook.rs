@@ -436,6 +436,16 @@ pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
         let message = e.without_snippet().to_string();
         // The plain message repeats the position; keep only the text after it.
         let message = strip_position(&message);
+        // Say what to do in the product's words, not the parser's API.
+        let message = if message.starts_with("multiple YAML documents") {
+            "holds more than one YAML document (`---`); a runbook file holds one runbook \
+             (`aiops runbook export --out DIR` writes one file per runbook)"
+                .to_owned()
+        } else if let Some((what, _)) = message.split_once(", set DuplicateKeyPolicy") {
+            what.to_owned()
+        } else {
+            message
+        };
         ParseError {
             line: location.map(|l| l.line() as u32),
             column: location.map(|l| l.column() as u32),
@@ -1185,6 +1195,22 @@ triggers:
         assert_eq!(locate(&locs, "steps[1].timeout_seconds"), Some((6, 22)));
         assert_eq!(locate(&locs, "steps[1].command"), Some((5, 5)));
         assert_eq!(locate(&locs, "name"), Some((1, 7)));
+    }
+
+    #[test]
+    fn parser_messages_speak_of_runbooks() {
+        let two = parse_yaml("name: a\nsteps: []\n---\nname: b\nsteps: []\n").unwrap_err();
+        assert!(
+            two.message.starts_with("holds more than one YAML document"),
+            "{}",
+            two.message
+        );
+        let dup = parse_yaml("name: a\nname: b\nsteps: []\n").unwrap_err();
+        assert!(
+            !dup.message.contains("DuplicateKeyPolicy"),
+            "{}",
+            dup.message
+        );
     }
 
     #[test]
