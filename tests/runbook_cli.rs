@@ -78,7 +78,16 @@ fn diff_and_dry_run_work_offline() {
     )
     .unwrap();
     let out = aiops(&dir, None, &["diff", "old.yaml", "new.yaml"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "they differ: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+    let same = aiops(&dir, None, &["diff", "old.yaml", "old.yaml"]);
+    assert!(same.status.success(), "{}", text(&same.stderr));
+    assert!(text(&same.stdout).is_empty(), "{}", text(&same.stdout));
     let diff = text(&out.stdout);
     assert!(
         diff.contains("--- old.yaml") && diff.contains("+++ new.yaml"),
@@ -152,6 +161,7 @@ async fn apply_folder_is_idempotent_prunes_on_request_and_exports() {
     // Diff of a file against what is stored.
     std::fs::write(dir.join("edited.yaml"), GOOD.replace("'Node*'", "'Disk*'")).unwrap();
     let out = aiops(&dir, Some(&url), &["diff", "edited.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let diff = text(&out.stdout);
     assert!(diff.contains("--- cli-one@v2 (stored)"), "{diff}");
     assert!(diff.contains("+  alert_name_pattern: Disk*"), "{diff}");

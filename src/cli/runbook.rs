@@ -53,7 +53,8 @@ pub enum RunbookCommand {
         out: Option<PathBuf>,
     },
     /// Unified diff of the canonical YAML of two files, or of one file against the stored
-    /// runbook of the same name (DATABASE_URL).
+    /// runbook of the same name (DATABASE_URL). Exits 0 when they are the same and 1 when they
+    /// differ (or on an error, which is printed), so CI can detect drift.
     Diff {
         /// The old side (or the only file).
         old: PathBuf,
@@ -80,6 +81,11 @@ pub enum RunbookCommand {
         timezone: String,
     },
 }
+
+/// `diff` found differences: the command fails (exit status 1) without an error message.
+#[derive(Debug, thiserror::Error)]
+#[error("the runbooks differ")]
+pub struct Differences;
 
 /// A file that was read and checked.
 struct Loaded {
@@ -388,7 +394,11 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
                 "{}",
                 unified_diff(&old_text, &new_text, &old_name, &new_name)
             );
-            Ok(())
+            if old_text == new_text {
+                Ok(())
+            } else {
+                Err(Differences.into())
+            }
         }
         RunbookCommand::DryRun {
             path,
