@@ -203,6 +203,13 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     let (status, body) = post(&app, &token, &no_start).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["details"]["field"], "alerts[0].startsAt", "{body}");
+    // An end before the start, which Alertmanager itself never sends.
+    let mut backwards = good.clone();
+    backwards["alerts"][0]["startsAt"] = json!("2026-02-09T00:00:00Z");
+    backwards["alerts"][0]["endsAt"] = json!("2026-02-08T00:00:00Z");
+    let (status, body) = post(&app, &token, &backwards).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "alerts[0].endsAt", "{body}");
     // PostgreSQL cannot keep a NUL character: refused by name, not failed in the database.
     let mut nul = good.clone();
     nul["alerts"][0]["labels"]["team"] = json!("ops\u{0}");

@@ -267,6 +267,19 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             None | Some("") => None,
             Some(v) => Some(time("endsAt", v)?).filter(|t| !alert::is_zero_time(t)),
         };
+        // Alertmanager itself refuses such an alert ("start time must be before end time").
+        if let Some(end) = ends_at
+            && end < starts_at
+        {
+            return Err(ApiError::invalid(
+                &field("endsAt"),
+                format!(
+                    "`{}` is before startsAt `{}`",
+                    end.to_rfc3339(),
+                    starts_at.to_rfc3339()
+                ),
+            ));
+        }
         let labels: BTreeMap<String, String> = a
             .labels
             .iter()
