@@ -105,6 +105,14 @@ async fn crud_and_validation() {
             json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "recurrence_pattern": {"until": start - Duration::days(1)}}),
             "recurrence_pattern.until",
         ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "affected_runbooks": {"ids": [Uuid::new_v4()]}}),
+            "affected_runbooks.ids[0]",
+        ),
+        (
+            json!({"name": "c", "start_time": start, "end_time": start + Duration::hours(1), "affected_servers": {"server_ids": [Uuid::new_v4()]}}),
+            "affected_servers.server_ids[0]",
+        ),
     ] {
         let (status, body) = app
             .call(

@@ -284,6 +284,38 @@ fn prepare(input: &BlackoutWindowInput) -> Result<Prepared, ApiError> {
     })
 }
 
+/// Refuses ids in the selectors that name no runbook or server: such a window would never
+/// cover what its author meant.
+async fn check_references(
+    conn: &mut sqlx::PgConnection,
+    input: &BlackoutWindowInput,
+) -> Result<(), ApiError> {
+    let runbook_ids = input
+        .affected_runbooks
+        .as_ref()
+        .map(|r| r.ids.as_slice())
+        .unwrap_or_default();
+    let server_ids = input
+        .affected_servers
+        .as_ref()
+        .map(|s| s.server_ids.as_slice())
+        .unwrap_or_default();
+    if runbook_ids.is_empty() && server_ids.is_empty() {
+        return Ok(());
+    }
+    match store::blackouts::blackout_missing_references(conn, runbook_ids, server_ids).await? {
+        (Some(i), _) => Err(ApiError::invalid(
+            &format!("affected_runbooks.ids[{i}]"),
+            format!("no runbook has the id {}", runbook_ids[i]),
+        )),
+        (None, Some(i)) => Err(ApiError::invalid(
+            &format!("affected_servers.server_ids[{i}]"),
+            format!("no server has the id {}", server_ids[i]),
+        )),
+        (None, None) => Ok(()),
+    }
+}
+
 fn map_store(e: StoreError) -> ApiError {
     match e {
         StoreError::Check(c) if c == "blackout_windows_end_after_start" => {
@@ -406,6 +438,7 @@ impl BlackoutsApi {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let p = prepare(&body.0)?;
         let mut tx = self.state.pool.begin().await?;
+        check_references(&mut tx, &body.0).await?;
         let row = store::blackouts::blackout_create(
             &mut tx,
             &fields(&body.0, &p),
@@ -531,6 +564,7 @@ impl BlackoutsApi {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let p = prepare(&body.0)?;
         let mut tx = self.state.pool.begin().await?;
+        check_references(&mut tx, &body.0).await?;
         let row = store::blackouts::blackout_update(&mut tx, id.0, &fields(&body.0, &p))
             .await
             .map_err(map_store)?

@@ -180,6 +180,27 @@ pub async fn blackout_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<O
     )
 }
 
+/// The 0-based position of the first of `runbook_ids` that no runbook has, and of the first of
+/// `server_ids` that no server has.
+pub async fn blackout_missing_references(
+    conn: &mut PgConnection,
+    runbook_ids: &[Uuid],
+    server_ids: &[Uuid],
+) -> StoreResult<(Option<usize>, Option<usize>)> {
+    let (runbook, server): (Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT min(n) FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, n) \
+                 WHERE NOT EXISTS (SELECT 1 FROM runbooks r WHERE r.id = t.id)), \
+                (SELECT min(n) FROM unnest($2::uuid[]) WITH ORDINALITY AS t(id, n) \
+                 WHERE NOT EXISTS (SELECT 1 FROM server_credentials s WHERE s.id = t.id))",
+    )
+    .bind(runbook_ids)
+    .bind(server_ids)
+    .fetch_one(conn)
+    .await?;
+    let position = |n: Option<i64>| n.and_then(|n| usize::try_from(n - 1).ok());
+    Ok((position(runbook), position(server)))
+}
+
 /// The facts about a runbook that windows select on.
 pub async fn blackout_runbook_facts(
     conn: &mut PgConnection,
