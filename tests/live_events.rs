@@ -22,6 +22,16 @@ async fn two_pending(app: &common::TestApp) -> (Uuid, Uuid) {
     (a, b)
 }
 
+/// A connection listening on the live events' channel.
+async fn events_listener(app: &common::TestApp) -> PgListener {
+    let mut listener = PgListener::connect_with(&app.pool).await.unwrap();
+    listener
+        .listen(aiops::engine::EVENTS_CHANNEL)
+        .await
+        .unwrap();
+    listener
+}
+
 async fn next_notified(listener: &mut PgListener) -> Uuid {
     let n = tokio::time::timeout(Duration::from_secs(10), listener.recv())
         .await
@@ -34,11 +44,7 @@ async fn next_notified(listener: &mut PgListener) -> Uuid {
 async fn appends_notify_only_watched_executions() {
     let app = common::spawn_app().await;
     let (a, b) = two_pending(&app).await;
-    let mut listener = PgListener::connect_with(&app.pool).await.unwrap();
-    listener
-        .listen(aiops::engine::EVENTS_CHANNEL)
-        .await
-        .unwrap();
+    let mut listener = events_listener(&app).await;
     let mut conn = app.pool.acquire().await.unwrap();
     let watcher = Uuid::new_v4();
 
@@ -192,11 +198,7 @@ async fn one_append_statement_notifies_each_watched_execution_it_touches() {
             .await
             .unwrap();
     let c = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let mut listener = PgListener::connect_with(&app.pool).await.unwrap();
-    listener
-        .listen(aiops::engine::EVENTS_CHANNEL)
-        .await
-        .unwrap();
+    let mut listener = events_listener(&app).await;
     let mut conn = app.pool.acquire().await.unwrap();
     watcher_register(&mut conn, a, Uuid::new_v4())
         .await

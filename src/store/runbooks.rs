@@ -319,36 +319,25 @@ pub async fn runbooks_with_parts(
     conn: &mut PgConnection,
     rows: Vec<RunbookRow>,
 ) -> StoreResult<Vec<StoredRunbook>> {
-    use sqlx::{FromRow, Row};
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let mut steps: HashMap<Uuid, Vec<StepRow>> = HashMap::new();
-    for row in sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT runbook_id, {STEP_COLUMNS} FROM runbook_steps WHERE runbook_id = ANY($1) \
-         ORDER BY runbook_id, step_order"
-    )))
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        steps
-            .entry(row.try_get("runbook_id")?)
-            .or_default()
-            .push(StepRow::from_row(&row)?);
-    }
-    let mut triggers: HashMap<Uuid, Vec<TriggerRow>> = HashMap::new();
-    for row in sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT runbook_id, {TRIGGER_COLUMNS} FROM runbook_triggers WHERE runbook_id = ANY($1) \
-         ORDER BY runbook_id, priority, name"
-    )))
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        triggers
-            .entry(row.try_get("runbook_id")?)
-            .or_default()
-            .push(TriggerRow::from_row(&row)?);
-    }
+    let mut steps: HashMap<Uuid, Vec<StepRow>> = by_runbook(
+        conn,
+        format!(
+            "SELECT runbook_id, {STEP_COLUMNS} FROM runbook_steps WHERE runbook_id = ANY($1) \
+             ORDER BY runbook_id, step_order"
+        ),
+        &ids,
+    )
+    .await?;
+    let mut triggers: HashMap<Uuid, Vec<TriggerRow>> = by_runbook(
+        conn,
+        format!(
+            "SELECT runbook_id, {TRIGGER_COLUMNS} FROM runbook_triggers \
+             WHERE runbook_id = ANY($1) ORDER BY runbook_id, priority, name"
+        ),
+        &ids,
+    )
+    .await?;
     Ok(rows
         .into_iter()
         .map(|row| StoredRunbook {
@@ -357,6 +346,31 @@ pub async fn runbooks_with_parts(
             row,
         })
         .collect())
+}
+
+/// The rows `sql` selects for the runbooks `ids` (bound as `$1`; each row has a `runbook_id`
+/// column besides `T`'s), grouped by runbook in the order selected.
+async fn by_runbook<T>(
+    conn: &mut PgConnection,
+    sql: String,
+    ids: &[Uuid],
+) -> StoreResult<HashMap<Uuid, Vec<T>>>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    use sqlx::Row;
+    let mut grouped: HashMap<Uuid, Vec<T>> = HashMap::new();
+    for row in sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .fetch_all(conn)
+        .await?
+    {
+        grouped
+            .entry(row.try_get("runbook_id")?)
+            .or_default()
+            .push(T::from_row(&row)?);
+    }
+    Ok(grouped)
 }
 
 /// A runbook with its steps and triggers.
