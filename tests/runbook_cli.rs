@@ -62,6 +62,35 @@ fn validate_prints_file_line_column() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("good.yaml: ok (cli-one)"));
 
+    // Several runbooks in one file, as `export` prints them: each is read, and a problem in
+    // the second is placed on its line in the file.
+    let second = "name: cli-two\nsteps:\n  - name: b\n    command: 'true'\n";
+    std::fs::write(dir.join("multi.yml"), format!("{GOOD}---\n{second}")).unwrap();
+    let out = aiops(&dir, None, &["validate", "multi.yml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("(cli-one)") && stdout.contains("(cli-two)"),
+        "{stdout}"
+    );
+    let broken_second = format!(
+        "{GOOD}---\n{}",
+        second.replace(
+            "command: 'true'",
+            "command: 'true'\n    timeout_seconds: -5"
+        )
+    );
+    std::fs::write(dir.join("multi.yml"), broken_second).unwrap();
+    let out = aiops(&dir, None, &["validate", "multi.yml"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    // GOOD has 7 lines, the marker is line 8, the bad value line 13.
+    assert!(
+        stderr.contains("multi.yml:13:22: steps[0].timeout_seconds must be > 0"),
+        "{stderr}"
+    );
+    std::fs::remove_file(dir.join("multi.yml")).unwrap();
+
     // Shipped workflows validate offline.
     let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
     let out = aiops(&dir, None, &["validate", workflows.to_str().unwrap()]);

@@ -112,28 +112,78 @@ fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Reads and validates one file; returns the problems as `file:line:column: message` lines.
-fn load_file(path: &Path) -> Result<RunbookDocument, Vec<String>> {
+/// The YAML documents of a file (separated by `---` lines, as `export` prints several
+/// runbooks), each with the number of lines before it; documents holding only blanks or
+/// comments are left out.
+fn yaml_documents(text: &str) -> Vec<(u32, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 0u32;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker =
+            bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") || bare == "...";
+        if marker {
+            docs.push((start, std::mem::take(&mut current)));
+            // The marker line stays in the next document as a blank line, so that a
+            // document's own line numbers count from its first line.
+            current.push('\n');
+            start = n;
+        } else {
+            current.push_str(line);
+        }
+    }
+    docs.push((start, current));
+    docs.into_iter()
+        .filter(|(_, doc)| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+/// Reads and validates one file, each runbook of it; returns the problems as
+/// `file:line:column: message` lines.
+fn load_file(path: &Path) -> Result<Vec<RunbookDocument>, Vec<String>> {
     let shown = path.display();
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
-    let doc = parse_yaml(&text).map_err(|e| {
-        vec![match (e.line, e.column) {
-            (Some(l), Some(c)) => format!("{shown}:{l}:{c}: {}", e.message),
-            _ => format!("{shown}: {}", e.message),
-        }]
-    })?;
-    let issues = validate_runbook(&doc);
-    if issues.is_empty() {
-        return Ok(doc);
+    let mut docs = Vec::new();
+    let mut problems = Vec::new();
+    let parts = yaml_documents(&text);
+    if parts.is_empty() {
+        // Let the parser say what is missing.
+        if let Err(e) = parse_yaml(&text) {
+            problems.push(format!("{shown}: {}", e.message));
+        }
     }
-    let locations = yaml_locations(&text);
-    Err(issues
-        .iter()
-        .map(|i| match locate(&locations, &i.path) {
-            Some((l, c)) => format!("{shown}:{l}:{c}: {i}"),
+    for (offset, part) in parts {
+        let doc = match parse_yaml(&part) {
+            Ok(doc) => doc,
+            Err(e) => {
+                problems.push(match (e.line, e.column) {
+                    (Some(l), Some(c)) => format!("{shown}:{}:{c}: {}", l + offset, e.message),
+                    _ => format!("{shown}: {}", e.message),
+                });
+                continue;
+            }
+        };
+        let issues = validate_runbook(&doc);
+        if issues.is_empty() {
+            docs.push(doc);
+            continue;
+        }
+        let locations = yaml_locations(&part);
+        problems.extend(issues.iter().map(|i| match locate(&locations, &i.path) {
+            Some((l, c)) => format!("{shown}:{}:{c}: {i}", l + offset),
             None => format!("{shown}: {i}"),
-        })
-        .collect())
+        }));
+    }
+    if problems.is_empty() {
+        Ok(docs)
+    } else {
+        Err(problems)
+    }
 }
 
 /// Loads every file; prints every problem and fails when there is any, including two files
@@ -148,16 +198,21 @@ fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Loaded>> {
     let mut names: HashMap<String, PathBuf> = HashMap::new();
     for path in files {
         match load_file(&path) {
-            Ok(doc) => {
-                if let Some(first) = names.insert(doc.name.clone(), path.clone()) {
-                    problems.push(format!(
-                        "{}: runbook name `{}` is also used by {}",
-                        path.display(),
-                        doc.name,
-                        first.display()
-                    ));
+            Ok(docs) => {
+                for doc in docs {
+                    if let Some(first) = names.insert(doc.name.clone(), path.clone()) {
+                        problems.push(format!(
+                            "{}: runbook name `{}` is also used by {}",
+                            path.display(),
+                            doc.name,
+                            first.display()
+                        ));
+                    }
+                    loaded.push(Loaded {
+                        path: path.clone(),
+                        doc,
+                    });
                 }
-                loaded.push(Loaded { path, doc });
             }
             Err(p) => problems.extend(p),
         }
@@ -352,13 +407,15 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
         }
         RunbookCommand::Diff { old, new } => {
             let old_loaded = load_all(std::slice::from_ref(&old))?;
-            let [old_doc] = <[Loaded; 1]>::try_from(old_loaded)
-                .map_err(|_| anyhow::anyhow!("diff takes files, not folders"))?;
+            let [old_doc] = <[Loaded; 1]>::try_from(old_loaded).map_err(|_| {
+                anyhow::anyhow!("diff takes files of one runbook each, not folders")
+            })?;
             let (old_text, old_name, new_text, new_name) = match new {
                 Some(new) => {
                     let new_loaded = load_all(std::slice::from_ref(&new))?;
-                    let [new_doc] = <[Loaded; 1]>::try_from(new_loaded)
-                        .map_err(|_| anyhow::anyhow!("diff takes files, not folders"))?;
+                    let [new_doc] = <[Loaded; 1]>::try_from(new_loaded).map_err(|_| {
+                        anyhow::anyhow!("diff takes files of one runbook each, not folders")
+                    })?;
                     (
                         to_canonical_yaml(&old_doc.doc),
                         old.display().to_string(),
@@ -412,7 +469,7 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
                 .map_err(|_| anyhow::anyhow!("--timezone: `{timezone}` is not an IANA timezone"))?;
             let loaded = load_all(std::slice::from_ref(&path))?;
             let [runbook] = <[Loaded; 1]>::try_from(loaded)
-                .map_err(|_| anyhow::anyhow!("dry-run takes one file"))?;
+                .map_err(|_| anyhow::anyhow!("dry-run takes one file of one runbook"))?;
             let text = std::fs::read_to_string(&alert)
                 .with_context(|| format!("cannot read {}", alert.display()))?;
             let a: AlertFile = serde_saphyr::from_str(&text).map_err(|e| {

@@ -438,8 +438,8 @@ pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
         let message = strip_position(&message);
         // Say what to do in the product's words, not the parser's API.
         let message = if message.starts_with("multiple YAML documents") {
-            "holds more than one YAML document (`---`); a runbook file holds one runbook \
-             (`aiops runbook export --out DIR` writes one file per runbook)"
+            "holds more than one YAML document (`---`): one runbook at a time here \
+             (`aiops runbook apply` reads files of several)"
                 .to_owned()
         } else if let Some((what, _)) = message.split_once(", set DuplicateKeyPolicy") {
             what.to_owned()
