@@ -882,6 +882,44 @@ async fn blackouts_and_allowed_servers_judge_the_run_by_its_server() {
     worker.stop().await;
 }
 
+/// A reject or cancel reason is stored and audited: the run's secrets written into it are
+/// masked, both the runbook's as written and those given at start (sealed).
+#[tokio::test]
+async fn reasons_are_stored_with_the_runs_secrets_masked() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: reasons\nmode: semi_auto\napproval_roles: [admin]\nenvironment_vars:\n  API_TOKEN: \"tok-literal-123\"\n  DB_PASSWORD: \"\"\nsteps:\n  - {name: s, command: 'true'}\n")
+        .await;
+    for (action, verb) in [
+        ("execution_reject", "reject"),
+        ("execution_cancel", "cancel"),
+    ] {
+        let id = app
+            .start_execution(json!({ "runbook_id": runbook,
+                                     "variables": { "DB_PASSWORD": "sealed-pw-456" } }))
+            .await;
+        app.wait_awaiting_approval(id).await;
+        let (status, body) = app
+            .call(
+                Method::POST,
+                &format!("/executions/{id}/{verb}"),
+                Some(&app.admin_token),
+                Some(json!({ "reason": "leaked tok-literal-123 and sealed-pw-456" })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let message = body["error_message"].as_str().unwrap_or_default();
+        assert!(message.contains("leaked ********"), "{body}");
+        let audit = app.audit_rows(action).await;
+        let stored = format!("{body} {:?}", audit[0].3);
+        for secret in ["tok-literal-123", "sealed-pw-456"] {
+            assert!(!stored.contains(secret), "{verb}: {stored}");
+        }
+    }
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let app = common::spawn_app().await;

@@ -819,6 +819,20 @@ impl ExecutionsApi {
         let user = caller.identity.user_id;
         let role = caller.identity.role.as_str();
         let mut tx = self.state.pool.begin().await?;
+        // A reason is stored and audited: secrets of the run written into it are masked.
+        let masker = store::executions::execution_get(&mut tx, id)
+            .await?
+            .map(|row| engine::secret_vars::reason_masker(&row, self.state.secrets.as_deref()));
+        let mask = |reason: &Option<String>| {
+            reason
+                .as_deref()
+                .map(|r| masker.as_ref().map_or_else(|| r.to_owned(), |m| m.mask(r)))
+        };
+        let decision = match decision {
+            Decision::Cancel(reason) => Decision::Cancel(mask(&reason)),
+            Decision::Reject(reason) => Decision::Reject(mask(&reason)),
+            Decision::Approve => Decision::Approve,
+        };
         let (action, details) = match &decision {
             Decision::Cancel(reason) => {
                 let text = format!(

@@ -24,6 +24,29 @@ fn slot(execution_id: Uuid) -> SecretSlot<'static> {
     }
 }
 
+/// A masker for text a user writes about an execution (a cancel or reject reason), which is
+/// stored and audited: the runbook's secret variables as written and the execution's sealed
+/// ones (when `keyring` opens them; otherwise only the former).
+pub fn reason_masker(
+    row: &crate::store::executions::ExecutionRow,
+    keyring: Option<&Keyring>,
+) -> super::masking::Masker {
+    let mut secrets: Vec<String> = Vec::new();
+    if let Ok(snapshot) = super::control::snapshot_of(row) {
+        secrets.extend(
+            snapshot
+                .environment_vars
+                .iter()
+                .filter(|(name, _)| is_secret_var(&snapshot, name))
+                .map(|(_, value)| value.clone()),
+        );
+    }
+    if let Ok(sealed) = open(row.id, row.secret_vars_encrypted.as_deref(), keyring) {
+        secrets.extend(sealed.into_values());
+    }
+    super::masking::Masker::new(secrets)
+}
+
 /// Whether `name` is a secret variable of this runbook.
 pub fn is_secret_var(snapshot: &RunbookSnapshot, name: &str) -> bool {
     is_secret_name(name) || snapshot.secret_var_names().iter().any(|n| n == name)
