@@ -118,12 +118,16 @@ fn plain_text(value: &Value) -> String {
     }
 }
 
+/// minijinja's filters that would leave a value unquoted; removed so that `raw` is the one
+/// spelling of that.
+const REMOVED_FILTERS: [&str; 3] = ["safe", "escape", "e"];
+
 fn base_environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(FUEL));
     env.set_recursion_limit(50);
-    for unsafe_filter in ["safe", "escape", "e"] {
+    for unsafe_filter in REMOVED_FILTERS {
         env.remove_filter(unsafe_filter);
     }
     env.add_filter("raw", raw_filter);
@@ -389,7 +393,6 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
 /// The first removed filter (`safe`, `escape`, `e`) applied in `source`: inside its `{{ }}` and
 /// `{% %}` tags, or anywhere when it is an `expression` (a condition).
 fn removed_filter(source: &str, expression: bool) -> Option<&'static str> {
-    const REMOVED: [&str; 3] = ["safe", "escape", "e"];
     let in_expression = |text: &str| {
         text.split('|').skip(1).find_map(|after| {
             let name: String = after
@@ -397,7 +400,7 @@ fn removed_filter(source: &str, expression: bool) -> Option<&'static str> {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            REMOVED.iter().copied().find(|r| *r == name)
+            REMOVED_FILTERS.iter().copied().find(|r| *r == name)
         })
     };
     if expression {
