@@ -57,6 +57,21 @@ fn validate_prints_file_line_column() {
         "{stderr}"
     );
     assert!(!stderr.contains("good.yaml"), "{stderr}");
+    // Every field problem of a file, each on its line, named by its path.
+    std::fs::write(
+        dir.join("typos.yaml"),
+        "name: cli-typos\nsteps:\n  - name: a\n    comand: 'true'\n    timeout_seconds: soon\n",
+    )
+    .unwrap();
+    let out = aiops(&dir, None, &["validate", "typos.yaml"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("typos.yaml:4:5: steps[0].comand is not a field here;")
+            && stderr.contains("typos.yaml:5:22: steps[0].timeout_seconds must be a whole number"),
+        "{stderr}"
+    );
+    std::fs::remove_file(dir.join("typos.yaml")).unwrap();
 
     let out = aiops(&dir, None, &["validate", "good.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -358,18 +358,34 @@ async fn validation_errors_name_the_field_and_position() {
     let (status, body) = import(
         &app,
         &app.admin_token,
-        "name: x\nsteps:\n  - name: a\n    comand: ls\n",
+        "name: x\nsteps:\n  - name: a\n    comand: ls\n    timeout_seconds: soon\n",
     )
     .await;
     assert_eq!(status, 400, "{body}");
-    assert_eq!(body["details"]["line"], 4);
-    assert_eq!(body["details"]["column"], 5);
-    assert!(
+    // Every field problem of the document is in the message, each with its place, in the
+    // order of the file; the details are those of the first.
+    assert_eq!(
         body["message"]
             .as_str()
             .unwrap()
-            .contains("unknown field `comand`"),
+            .split("; ")
+            .take(2)
+            .collect::<Vec<_>>(),
+        [
+            "3:5: steps[0].command is required",
+            "4:5: steps[0].comand is not a field here",
+        ],
         "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().ends_with(
+            "; 5:22: steps[0].timeout_seconds must be a whole number from -2147483648 to 2147483647"
+        ),
+        "{body}"
+    );
+    assert_eq!(
+        body["details"],
+        json!({"field": "steps[0].command", "reason": "is required", "line": 3, "column": 5})
     );
 
     // Semantic problems: 422 with the field path and where it is.
@@ -417,6 +433,28 @@ async fn validation_errors_name_the_field_and_position() {
             "{expected} missing from {paths:?}"
         );
     }
+
+    // The validate operation lists every field problem a document has as written, too.
+    let yaml = "name: x\nmode: sometimes\nsteps:\n  - name: a\n    command: 'true'\n    retry_count: many\n";
+    let (status, report) = app
+        .call(
+            Method::POST,
+            "/runbooks/validate",
+            Some(&app.admin_token),
+            Some(json!({"yaml": yaml})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(report["valid"], false);
+    assert_eq!(
+        report["issues"],
+        json!([
+            {"path": "mode", "line": 2, "column": 7,
+             "message": "cannot be `sometimes`; it is one of auto, semi_auto, manual"},
+            {"path": "steps[0].retry_count", "line": 6, "column": 18,
+             "message": "must be a whole number from -2147483648 to 2147483647"},
+        ])
+    );
 
     // Oversized documents: 413.
     let big = format!(

@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::domain::Role;
 use crate::domain::runbook::{
     ExecutionMode, Issue, MAX_DOCUMENT_BYTES, RunbookDocument, RunbookStatus, StepDocument,
-    TargetOs, TriggerDocument, locate, parse_yaml, to_canonical_yaml, yaml_locations,
+    TargetOs, TriggerDocument, locate, parse_yaml, parse_yaml_all, to_canonical_yaml,
+    yaml_locations,
 };
 use crate::domain::trigger_match::{AlertFacts, trigger_matches_in};
 use crate::store::{self, runbooks::StoredRunbook};
@@ -791,13 +792,19 @@ pub fn document_from_yaml(text: &str) -> Result<RunbookDocument, ApiError> {
             details: None,
         })));
     }
-    let doc = parse_yaml(text).map_err(|e| {
+    let doc = parse_yaml_all(text).map_err(|problems| {
+        let first = &problems[0];
+        let message = problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
         ApiError::document(
             true,
-            e.to_string(),
-            None,
-            e.message.clone(),
-            e.line.zip(e.column),
+            message,
+            first.path.as_deref(),
+            first.message.clone(),
+            first.line.zip(first.column),
         )
     })?;
     let issues = validate_runbook(&doc);
@@ -1410,16 +1417,19 @@ impl RunbooksApi {
 
 /// Validates YAML text into a report with positions (shared by the API and the CLI).
 pub fn validation_report(text: &str) -> ValidationReport {
-    match parse_yaml(text) {
-        Err(e) => ValidationReport {
+    match parse_yaml_all(text) {
+        Err(problems) => ValidationReport {
             valid: false,
             name: None,
-            issues: vec![ValidationIssue {
-                path: String::new(),
-                message: e.message,
-                line: e.line,
-                column: e.column,
-            }],
+            issues: problems
+                .into_iter()
+                .map(|e| ValidationIssue {
+                    path: e.path.unwrap_or_default(),
+                    message: e.message,
+                    line: e.line,
+                    column: e.column,
+                })
+                .collect(),
         },
         Ok(doc) => {
             let locations = yaml_locations(text);

@@ -17,7 +17,8 @@ use sqlx::PgPool;
 use crate::api::runbooks::{SampleAlert, dry_run_report, unified_diff};
 use crate::config::Config;
 use crate::domain::runbook::{
-    RunbookDocument, locate, parse_yaml, to_canonical_yaml, yaml_locations,
+    RunbookDocument, locate, parse_yaml, parse_yaml_all, strip_position, to_canonical_yaml,
+    yaml_locations,
 };
 use crate::store::{self, audit::NewAuditEntry};
 use crate::templates::validate_runbook;
@@ -154,17 +155,17 @@ fn load_file(path: &Path) -> Result<Vec<RunbookDocument>, Vec<String>> {
     if parts.is_empty() {
         // Let the parser say what is missing.
         if let Err(e) = parse_yaml(&text) {
-            problems.push(format!("{shown}: {}", e.message));
+            problems.push(format!("{shown}: {}", e.described()));
         }
     }
     for (offset, part) in parts {
-        let doc = match parse_yaml(&part) {
+        let doc = match parse_yaml_all(&part) {
             Ok(doc) => doc,
-            Err(e) => {
-                problems.push(match (e.line, e.column) {
-                    (Some(l), Some(c)) => format!("{shown}:{}:{c}: {}", l + offset, e.message),
-                    _ => format!("{shown}: {}", e.message),
-                });
+            Err(errors) => {
+                problems.extend(errors.iter().map(|e| match (e.line, e.column) {
+                    (Some(l), Some(c)) => format!("{shown}:{}:{c}: {}", l + offset, e.described()),
+                    _ => format!("{shown}: {}", e.described()),
+                }));
                 continue;
             }
         };
@@ -477,7 +478,8 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
                     .location()
                     .map(|l| format!("{}:{}:", l.line(), l.column()))
                     .unwrap_or_default();
-                anyhow::anyhow!("{}:{pos} {}", alert.display(), e.without_snippet())
+                let message = strip_position(&e.without_snippet().to_string());
+                anyhow::anyhow!("{}:{pos} {message}", alert.display())
             })?;
             let sample = SampleAlert {
                 name: a.name,

@@ -375,14 +375,28 @@ pub struct TriggerDocument {
 
 /// A YAML document that could not be read, with its position (1-based line and column).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{message}", location_prefix(*line, *column))]
+#[error("{}{}{message}", location_prefix(*line, *column), path_prefix(path.as_deref()))]
 pub struct ParseError {
+    /// Field path of the problem (`steps[0].timeout_seconds`), when the text is valid YAML
+    /// and the position names a field.
+    pub path: Option<String>,
     /// Line of the problem, when known.
     pub line: Option<u32>,
     /// Column of the problem, when known.
     pub column: Option<u32>,
     /// What is wrong.
     pub message: String,
+}
+
+impl ParseError {
+    /// The problem without its position: the field path (when known) and what is wrong.
+    pub fn described(&self) -> String {
+        format!("{}{}", path_prefix(self.path.as_deref()), self.message)
+    }
+}
+
+fn path_prefix(path: Option<&str>) -> String {
+    path.map(|p| format!("{p} ")).unwrap_or_default()
 }
 
 fn location_prefix(line: Option<u32>, column: Option<u32>) -> String {
@@ -423,6 +437,7 @@ impl fmt::Display for Issue {
 pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(ParseError {
+            path: None,
             line: None,
             column: None,
             message: format!(
@@ -431,30 +446,193 @@ pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
             ),
         });
     }
-    serde_saphyr::from_str::<RunbookDocument>(text).map_err(|e| {
-        let location = e.location();
-        let message = e.without_snippet().to_string();
-        // The plain message repeats the position; keep only the text after it.
-        let message = strip_position(&message);
-        // Say what to do in the product's words, not the parser's API.
-        let message = if message.starts_with("multiple YAML documents") {
-            "holds more than one YAML document (`---`): one runbook at a time here \
-             (`aiops runbook apply` reads files of several)"
-                .to_owned()
-        } else if let Some((what, _)) = message.split_once(", set DuplicateKeyPolicy") {
-            what.to_owned()
-        } else {
-            message
-        };
-        ParseError {
-            line: location.map(|l| l.line() as u32),
-            column: location.map(|l| l.column() as u32),
-            message,
-        }
-    })
+    serde_saphyr::from_str::<RunbookDocument>(text).map_err(|e| parse_error(text, &e))
 }
 
-fn strip_position(message: &str) -> String {
+/// Like [`parse_yaml`], but reports every field problem it can find instead of the first: an
+/// unknown field or a value of the wrong type is set aside and the rest is read again, up to
+/// [`MAX_PARSE_PROBLEMS`]. Positions refer to `text`. Used where a person fixes a file (the
+/// CLI, the validation endpoint).
+pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
+    let first = match parse_yaml(text) {
+        Ok(doc) => return Ok(doc),
+        Err(e) => e,
+    };
+    let mut problems = vec![first];
+    // Only a document that is YAML and a mapping can be read again without a field.
+    let Ok(mut value) = serde_saphyr::from_str::<serde_json::Value>(text) else {
+        return Err(problems);
+    };
+    let nodes = yaml_nodes(text);
+    let locations = yaml_locations(text);
+    let mut removed: Vec<String> = Vec::new();
+    while problems.len() < MAX_PARSE_PROBLEMS {
+        let last = problems.last().expect("at least one problem");
+        // A missing field cannot be set aside; an element of a list is not removed, so that
+        // the indexes of later problems stay those of the file.
+        let Some(path) = last.path.clone() else { break };
+        if last.message == MISSING || path.ends_with(']') || !remove_field(&mut value, &path) {
+            break;
+        }
+        removed.push(path);
+        let Ok(again) = serde_saphyr::to_string(&value) else {
+            break;
+        };
+        let Err(e) = serde_saphyr::from_str::<RunbookDocument>(&again) else {
+            break;
+        };
+        let (mut next, kind) = parse_error_at(&again, &e);
+        let Some(path) = next.path.as_deref() else {
+            break;
+        };
+        // A field set aside for its type now reads as missing: already reported.
+        if removed.iter().any(|r| r == path) {
+            break;
+        }
+        // The same node in the file as written: its key, its value, or for a missing field
+        // the mapping that lacks it.
+        let (wanted, kind) = if next.message == MISSING {
+            (
+                path.rfind('.').map_or("", |i| &path[..i]),
+                Some(NodeKind::Collection),
+            )
+        } else {
+            (path, kind)
+        };
+        let position = nodes
+            .iter()
+            .find(|(p, k, _)| p == wanted && Some(*k) == kind)
+            .map(|(_, _, pos)| *pos)
+            .or_else(|| locate(&locations, path));
+        next.line = position.map(|p| p.0);
+        next.column = position.map(|p| p.1);
+        problems.push(next);
+    }
+    // Read again, fields come in another order; report them in the file's.
+    problems.sort_by_key(|p| (p.line, p.column));
+    Err(problems)
+}
+
+/// At most this many problems are reported for one document.
+pub const MAX_PARSE_PROBLEMS: usize = 50;
+
+/// The message of a required field that is absent.
+const MISSING: &str = "is required";
+
+/// Removes the field at a path of dotted keys and `[i]` indexes; false when there is none.
+fn remove_field(value: &mut serde_json::Value, path: &str) -> bool {
+    let (parent, key) = match path.rfind('.') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    };
+    let mut node = value;
+    for part in parent.split('.').filter(|p| !p.is_empty()) {
+        let (name, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        let Some(next) = node.get_mut(name) else {
+            return false;
+        };
+        node = next;
+        for index in indexes.split(['[', ']']).filter(|i| !i.is_empty()) {
+            let Some(next) = index.parse::<usize>().ok().and_then(|i| node.get_mut(i)) else {
+                return false;
+            };
+            node = next;
+        }
+    }
+    node.as_object_mut()
+        .is_some_and(|map| map.remove(key).is_some())
+}
+
+/// A parser error in the product's words, with the field path it concerns.
+fn parse_error(text: &str, e: &serde_saphyr::Error) -> ParseError {
+    parse_error_at(text, e).0
+}
+
+/// [`parse_error`], and the kind of node its position is at.
+fn parse_error_at(text: &str, e: &serde_saphyr::Error) -> (ParseError, Option<NodeKind>) {
+    let location = e.location();
+    // The plain message repeats the position; keep only the text after it.
+    let raw = strip_position(&e.without_snippet().to_string());
+    let line = location.map(|l| l.line() as u32);
+    let column = location.map(|l| l.column() as u32);
+    let missing = raw
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field);
+    let found = line
+        .zip(column)
+        .and_then(|position| path_at(text, position, missing));
+    let kind = found.as_ref().map(|(_, kind)| *kind);
+    let path = found.map(|(path, _)| path);
+    let error = ParseError {
+        message: product_message(&raw, path.is_some()),
+        path,
+        line,
+        column,
+    };
+    (error, kind)
+}
+
+/// Says what to do in the product's words, not the parser's API. With a field path the
+/// message follows it (`steps[0].timeout_seconds must be a whole number ...`).
+fn product_message(raw: &str, has_path: bool) -> String {
+    let integer = |bits: &str| match bits {
+        "i32" => Some("must be a whole number from -2147483648 to 2147483647"),
+        "i64" => Some("must be a whole number"),
+        "u8" | "u16" | "u32" | "u64" | "usize" => Some("must be a whole number, 0 or more"),
+        _ => None,
+    };
+    if raw.starts_with("multiple YAML documents") {
+        return "holds more than one YAML document (`---`): one runbook at a time here \
+                (`aiops runbook apply` reads files of several)"
+            .to_owned();
+    }
+    if let Some((what, _)) = raw.split_once(", set DuplicateKeyPolicy") {
+        return what.to_owned();
+    }
+    if !has_path {
+        return match raw {
+            "expected mapping start" => {
+                "a runbook must be a mapping of fields (`name: ...`)".to_owned()
+            }
+            _ => raw.to_owned(),
+        };
+    }
+    if raw.starts_with("missing field `") {
+        return MISSING.to_owned();
+    }
+    if let Some(rest) = raw.strip_prefix("unknown field `") {
+        if let Some((_, expected)) = rest.split_once("`, expected one of ") {
+            return format!("is not a field here; the fields are {expected}");
+        }
+        return "is not a field here".to_owned();
+    }
+    if let Some(rest) = raw.strip_prefix("unknown variant `")
+        && let Some((value, expected)) = rest.split_once("`, expected one of ")
+    {
+        return format!("cannot be `{value}`; it is one of {expected}");
+    }
+    if let Some(kind) = raw.strip_prefix("invalid ")
+        && let Some(text) = integer(kind)
+    {
+        return text.to_owned();
+    }
+    match raw {
+        "invalid boolean" => "must be true or false".to_owned(),
+        "expected string scalar" => "must be a string".to_owned(),
+        "expected sequence start" => "must be a list".to_owned(),
+        "expected mapping start" => "must be a mapping (`key: value` lines)".to_owned(),
+        _ if raw.starts_with("cannot deserialize null") => "needs a value".to_owned(),
+        _ => raw.to_owned(),
+    }
+}
+
+/// A YAML parser message without the position it repeats (`... at line L, column C`), for
+/// callers that print the position themselves.
+pub fn strip_position(message: &str) -> String {
     // serde-saphyr renders "... at line L, column C"; the position is carried separately.
     let trimmed = match message.rfind(" at line ") {
         Some(i) => &message[..i],
@@ -463,10 +641,18 @@ fn strip_position(message: &str) -> String {
     trimmed.trim().to_owned()
 }
 
-/// 1-based (line, column) of every node of a YAML text, by field path (`steps[1].command`).
-/// Used to point CLI messages at the line a semantic [`Issue`] concerns. Returns an empty map
-/// for text that does not parse.
-pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
+/// Where a node of a YAML text begins: a mapping key, a scalar value, or the start of a
+/// mapping or sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeKind {
+    Key,
+    Value,
+    Collection,
+}
+
+/// Every node of a YAML text in document order: its field path (`steps[1].command`), kind and
+/// 1-based (line, column). Empty for text that does not parse.
+fn yaml_nodes(text: &str) -> Vec<(String, NodeKind, (u32, u32))> {
     use serde_saphyr::granit_parser::{Event, Parser};
     enum Frame {
         Map { key: Option<String> },
@@ -480,8 +666,6 @@ pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
             Frame::Seq { index } => Some(format!("{path}[{index}]")),
         }
     }
-    let mut out = HashMap::new();
-    let mut stack: Vec<(Frame, String)> = Vec::new();
     // After a value completes, a mapping expects a key next and a sequence moves on.
     fn advance(stack: &mut [(Frame, String)]) {
         if let Some((frame, _)) = stack.last_mut() {
@@ -491,9 +675,11 @@ pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
             }
         }
     }
+    let mut out = Vec::new();
+    let mut stack: Vec<(Frame, String)> = Vec::new();
     for item in Parser::new_from_str(text) {
         let Ok((event, span)) = item else {
-            return HashMap::new();
+            return Vec::new();
         };
         let pos = (span.start.line() as u32, span.start.col() as u32 + 1);
         let value_path = stack.last().and_then(|(f, p)| child(p, f));
@@ -506,9 +692,7 @@ pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
                         None => return out, // complex keys: not part of our format
                     },
                 };
-                if !path.is_empty() {
-                    out.entry(path.clone()).or_insert(pos);
-                }
+                out.push((path.clone(), NodeKind::Collection, pos));
                 let frame = if matches!(event, Event::MappingStart(..)) {
                     Frame::Map { key: None }
                 } else {
@@ -528,13 +712,12 @@ pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
                     } else {
                         format!("{path}.{k}")
                     };
-                    out.entry(full).or_insert(pos);
+                    out.push((full, NodeKind::Key, pos));
                     *key = Some(k);
                 }
                 Some(_) => {
                     if let Some(p) = value_path {
-                        // Point a scalar value's path at the value itself.
-                        out.insert(p, pos);
+                        out.push((p, NodeKind::Value, pos));
                     }
                     advance(&mut stack);
                 }
@@ -545,6 +728,56 @@ pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
         }
     }
     out
+}
+
+/// 1-based (line, column) of every node of a YAML text, by field path (`steps[1].command`):
+/// a scalar's value, otherwise its key. Used to point CLI messages at the line a semantic
+/// [`Issue`] concerns. Returns an empty map for text that does not parse.
+pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
+    let mut out = HashMap::new();
+    for (path, kind, pos) in yaml_nodes(text) {
+        if path.is_empty() {
+            continue;
+        }
+        if kind == NodeKind::Value {
+            out.insert(path, pos);
+        } else {
+            out.entry(path).or_insert(pos);
+        }
+    }
+    out
+}
+
+/// The field path of the node a parse error points at: the deepest node that begins at the
+/// position, otherwise the last one before it. A missing field is named inside the mapping
+/// that lacks it. `None` when the text does not parse as YAML at all.
+fn path_at(
+    text: &str,
+    position: (u32, u32),
+    missing_field: Option<&str>,
+) -> Option<(String, NodeKind)> {
+    let nodes = yaml_nodes(text);
+    let before = nodes.iter().filter(|(_, _, pos)| *pos <= position);
+    let path = if let Some(field) = missing_field {
+        // The mapping that lacks the field begins at or before the position; prefer the
+        // innermost collection there.
+        let (path, _, _) = before
+            .filter(|(_, kind, _)| *kind == NodeKind::Collection)
+            .max_by_key(|(path, _, pos)| (*pos, path.len()))?;
+        let path = if path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        };
+        (path, NodeKind::Collection)
+    } else {
+        let (_, _, at) = before.clone().max_by_key(|(_, _, pos)| *pos)?;
+        let (path, kind, _) = before
+            .filter(|(_, _, pos)| pos == at)
+            .max_by_key(|(path, _, _)| path.len())?;
+        (path.clone(), *kind)
+    };
+    (!path.0.is_empty()).then_some(path)
 }
 
 /// The position for an issue path: the path itself or its nearest ancestor that has one.
@@ -1176,7 +1409,101 @@ triggers:
         assert!(err.line.is_some(), "{err:?}");
         let err = parse_yaml("name: x\nbogus: 1\nsteps: []\n").unwrap_err();
         assert_eq!(err.line, Some(2), "{err:?}");
-        assert!(err.message.contains("bogus"), "{err:?}");
+        assert_eq!(err.path.as_deref(), Some("bogus"), "{err:?}");
+        assert!(err.to_string().starts_with("2:1: bogus "), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_name_the_field_in_the_products_words() {
+        let cases = [
+            (
+                "name: x\nsteps:\n  - name: a\n    command: echo\n    timout_seconds: 5\n",
+                "5:5: steps[0].timout_seconds is not a field here; the fields are order, name,",
+            ),
+            (
+                "name: x\nsteps:\n  - name: a\n    command: echo\n    timeout_seconds: soon\n",
+                "5:22: steps[0].timeout_seconds must be a whole number from",
+            ),
+            (
+                "name: x\nsteps:\n  - name: a\n    timeout_seconds: 5\n  - name: b\n    command: echo\n",
+                "4:5: steps[0].command is required",
+            ),
+            ("steps: []\n", "1:1: name is required"),
+            (
+                "name: x\nsteps:\n  - name: a\n    command: echo\n    expected_exit_codes: [0, x]\n",
+                "5:30: steps[0].expected_exit_codes[1] must be a whole number",
+            ),
+            (
+                "name: x\nmode: bogus\nsteps: []\n",
+                "2:7: mode cannot be `bogus`; it is one of auto, semi_auto, manual",
+            ),
+            (
+                "name: x\nsteps:\n  - {name: a, command: {a: 1}}\n",
+                "3:24: steps[0].command must be a string",
+            ),
+            ("name: x\nsteps: {a: 1}\n", "2:8: steps must be a list"),
+            ("name:\nsteps: []\n", "1:5: name needs a value"),
+            (
+                "name: x\nsteps:\n  - name: a\n    command: echo\n    capture_output: maybe\n",
+                "5:21: steps[0].capture_output must be true or false",
+            ),
+            ("- a\n", "1:1: a runbook must be a mapping of fields"),
+        ];
+        for (text, expected) in cases {
+            let e = parse_yaml(text).unwrap_err().to_string();
+            assert!(e.starts_with(expected), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_field_problem_of_a_document_is_reported() {
+        let text = "name: x\nbogus: 1\nmode: sometimes\nsteps:\n  - name: a\n    command: echo\n    \
+                    timeout_seconds: soon\n  - name: b\n    command: echo\n    retry_count: many\n    \
+                    capture: true\n";
+        let problems = parse_yaml_all(text).unwrap_err();
+        let shown: Vec<String> = problems
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:{} {}",
+                    p.line.unwrap(),
+                    p.column.unwrap(),
+                    p.path.as_deref().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "2:1 bogus",
+                "3:7 mode",
+                "7:22 steps[0].timeout_seconds",
+                "10:18 steps[1].retry_count",
+                "11:5 steps[1].capture",
+            ],
+            "{problems:?}"
+        );
+        // A required field set aside for its type is reported once, not again as missing.
+        let problems = parse_yaml_all("name: [x]\nsteps: []\nbogus: 1\n").unwrap_err();
+        let paths: Vec<_> = problems.iter().map(|p| p.path.as_deref()).collect();
+        assert_eq!(paths, [Some("name"), Some("bogus")], "{problems:?}");
+        // A missing field is reported at the mapping that lacks it.
+        let problems = parse_yaml_all("steps: []\nbogus: 1\nmode: x\n").unwrap_err();
+        let shown: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line, p.column, p.path.as_deref()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (Some(1), Some(1), Some("name")),
+                (Some(2), Some(1), Some("bogus")),
+                (Some(3), Some(7), Some("mode"))
+            ],
+            "{problems:?}"
+        );
+        // A valid document reads as with parse_yaml.
+        assert!(parse_yaml_all(MINIMAL).is_ok());
     }
 
     #[test]
