@@ -210,6 +210,12 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     let (status, body) = post(&app, &token, &backwards).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["details"]["field"], "alerts[0].endsAt", "{body}");
+    // RFC 3339 has four-digit years: a time whose UTC instant is in the year 10000 is refused.
+    let mut far = good.clone();
+    far["alerts"][0]["startsAt"] = json!("9999-12-31T23:59:59-23:59");
+    let (status, body) = post(&app, &token, &far).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "alerts[0].startsAt", "{body}");
     // PostgreSQL cannot keep a NUL character: refused by name, not failed in the database.
     let mut nul = good.clone();
     nul["alerts"][0]["labels"]["team"] = json!("ops\u{0}");
@@ -253,6 +259,45 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     assert_eq!(
         (body["created"].clone(), body["updated"].clone()),
         (json!(0), json!(1))
+    );
+
+    // The same alert twice in one notification, at start times the database cannot tell
+    // apart (below a microsecond, or a leap second and the next second): one episode, the
+    // later entry wins.
+    let twins = |first: &str, second: &str| {
+        let mut a = alert("Twins", "web-9", first, "firing");
+        a["fingerprint"] = json!("aaaa000000000001");
+        let mut b = a.clone();
+        b["startsAt"] = json!(second);
+        b["annotations"]["summary"] = json!("the later entry");
+        payload(vec![a, b])
+    };
+    for (first, second) in [
+        (
+            "2026-12-01T10:00:00.000000100Z",
+            "2026-12-01T10:00:00.000000200Z",
+        ),
+        ("2026-12-31T23:59:60Z", "2027-01-01T00:00:00Z"),
+    ] {
+        let (status, body) = post(&app, &token, &twins(first, second)).await;
+        assert_eq!(status, 200, "{first} {second}: {body}");
+        assert_eq!(body["created"], 1, "{body}");
+    }
+    let kept: Vec<(chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as(
+        "SELECT starts_at, annotations_json->>'summary' FROM alerts \
+         WHERE fingerprint = 'aaaa000000000001' ORDER BY starts_at",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept.iter()
+            .map(|(t, s)| (t.to_rfc3339(), s.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("2026-12-01T10:00:00+00:00".to_owned(), "the later entry"),
+            ("2027-01-01T00:00:00+00:00".to_owned(), "the later entry"),
+        ]
     );
 
     // Accepted notifications record the token's use (in the intake statement itself).
@@ -544,7 +589,7 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
     for body in [
         rule("broad", 50, "*", "*", "manual"),
         rule("db-critical", 10, "Postgres*", "crit*", "auto_analyze"),
-        rule("watchdog", 5, "Watchdog", "*", "ignore"),
+        rule("watchdog", 5, "*Watchdog", "*", "ignore"),
     ] {
         let (status, created) = app
             .call(Method::POST, "/alert-rules", Some(&engineer), Some(body))
@@ -602,10 +647,19 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
             ),
             alert("Watchdog", "am:9093", "2030-01-01T00:00:00Z", "firing"),
             alert("DiskFull", "web-1:9100", "2030-01-01T00:00:00Z", "firing"),
+            // The indexed column keeps 255 characters of the name; rules see all of it.
+            alert(
+                &format!("{}Watchdog", "L".repeat(290)),
+                "am:9094",
+                "2030-01-01T00:00:00Z",
+                "firing",
+            ),
         ]),
     )
     .await;
     assert_eq!(status, 200);
+    let long = processed(&app, alert_id(&app, &"L".repeat(255), "am:9094").await).await;
+    assert_eq!(long["alert"]["action_taken"], "ignore", "{long}");
     let pg = processed(&app, alert_id(&app, "PostgresDown", "db-1:9187").await).await;
     assert_eq!(pg["alert"]["action_taken"], "auto_analyze");
     assert_eq!(pg["matched_rule"]["name"], "db-critical");

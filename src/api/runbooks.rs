@@ -179,15 +179,17 @@ pub struct TriggerSpec {
     pub priority: Option<i32>,
     /// Glob, or regex as `/.../` or `re:...`, on the alert name.
     pub alert_name_pattern: String,
-    /// Pattern on the severity (absent: any).
+    /// Pattern on the severity (absent: any). An alert without a severity is matched as the
+    /// empty string, so `*` matches it.
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub severity_pattern: Option<String>,
-    /// Pattern on the source (absent: any).
+    /// Pattern on the source (absent: any). An alert without a source is matched as the empty
+    /// string, so `*` matches it.
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub source_pattern: Option<String>,
-    /// Label name -> pattern; all must match.
+    /// Label name -> pattern; all must match. A missing label is matched as the empty string.
     #[oai(skip_serializing_if_is_none)]
     #[oai(nullable)]
     pub labels_match: Option<BTreeMap<String, String>>,

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use poem::Request;
 use poem_openapi::auth::{Basic, Bearer};
 use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, param::Path, payload::Json};
@@ -250,14 +250,22 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             .filter(|n| !n.trim().is_empty())
             .ok_or_else(|| ApiError::invalid(&field("labels.alertname"), "is required"))?;
         let time = |name: &str, value: &str| {
-            DateTime::parse_from_rfc3339(value)
-                .map(|t| t.with_timezone(&Utc))
+            let t = DateTime::parse_from_rfc3339(value)
+                .map(|t| alert::stored_instant(t.with_timezone(&Utc)))
                 .map_err(|e| {
                     ApiError::invalid(
                         &field(name),
                         format!("`{value}` is not an RFC 3339 time: {e}"),
                     )
-                })
+                })?;
+            // RFC 3339 has four-digit years: a later instant could not be given back.
+            if t.year() > 9999 {
+                return Err(ApiError::invalid(
+                    &field(name),
+                    format!("`{value}` is after the year 9999 in UTC"),
+                ));
+            }
+            Ok(t)
         };
         let starts_at = time("startsAt", &a.starts_at)?;
         if alert::is_zero_time(&starts_at) {

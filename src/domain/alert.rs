@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, Timelike, Utc};
 
 use super::trigger_match::Pattern;
 
@@ -68,6 +68,23 @@ impl AlertStatus {
 /// Alertmanager's encoding of "no time" (Go's zero `time.Time`): year 1.
 pub fn is_zero_time(t: &DateTime<Utc>) -> bool {
     t.year() <= 1
+}
+
+/// The instant as the database keeps it: whole microseconds (finer digits are cut, as the
+/// driver does), and a leap second (`23:59:60`) read as the next second, as PostgreSQL reads
+/// it. Two times that differ only below that are the same alert episode.
+pub fn stored_instant(t: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = t.timestamp_subsec_nanos();
+    let leap = nanos >= 1_000_000_000;
+    let micros = (nanos % 1_000_000_000) / 1_000 * 1_000;
+    let whole = t
+        .with_nanosecond(micros)
+        .expect("a sub-second count below one second is valid");
+    if leap {
+        whole + chrono::TimeDelta::seconds(1)
+    } else {
+        whole
+    }
 }
 
 /// The fingerprint Alertmanager (prometheus/common `model.LabelSet.Fingerprint`) computes:
@@ -280,5 +297,30 @@ mod tests {
             severity_pattern: "*",
         };
         assert!(!rule_matches(&broken, "[oops", None));
+    }
+
+    #[test]
+    fn stored_instants_are_whole_microseconds_and_leap_seconds_move_on() {
+        let parse = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        assert_eq!(
+            stored_instant(parse("2026-12-01T10:00:00.000000100Z")),
+            stored_instant(parse("2026-12-01T10:00:00.000000900Z"))
+        );
+        assert_eq!(
+            stored_instant(parse("2026-12-01T10:00:00.123456789Z")),
+            parse("2026-12-01T10:00:00.123456Z")
+        );
+        assert_eq!(
+            stored_instant(parse("2026-12-31T23:59:60Z")),
+            parse("2027-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            stored_instant(parse("2026-12-31T23:59:60.25Z")),
+            parse("2027-01-01T00:00:00.25Z")
+        );
     }
 }

@@ -346,13 +346,16 @@ pub struct TriggerDocument {
     pub priority: i32,
     /// Pattern on the alert name (glob, or regex as `/.../` or `re:...`).
     pub alert_name_pattern: String,
-    /// Pattern on the severity; absent: any.
+    /// Pattern on the severity; absent: any. An alert without a severity is matched as the
+    /// empty string, so `*` matches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub severity_pattern: Option<String>,
-    /// Pattern on the alert source; absent: any.
+    /// Pattern on the alert source; absent: any. An alert without a source is matched as the
+    /// empty string, so `*` matches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_pattern: Option<String>,
-    /// Label name -> pattern; every one must match.
+    /// Label name -> pattern; every one must match. A missing label is matched as the empty
+    /// string.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels_match: BTreeMap<String, String>,
     /// `HH:MM` (in the `alerts.timezone` setting, default UTC) from which the trigger is active; set with `time_window_end`.

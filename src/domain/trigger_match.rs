@@ -71,8 +71,9 @@ fn glob_to_regex(glob: &str) -> Result<String, String> {
     let mut chars = glob.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '*' => out.push_str(".*"),
-            '?' => out.push('.'),
+            // Any character, a line break too: label values may hold one.
+            '*' => out.push_str("(?s:.*)"),
+            '?' => out.push_str("(?s:.)"),
             '[' => {
                 let mut class = String::from("[");
                 if chars.peek() == Some(&'!') {
@@ -170,6 +171,9 @@ impl CompiledPattern {
         match &self.compiled {
             Err(e) => reasons.push(format!("the {what} pattern `{pattern}` {e}")),
             Ok(p) => match value {
+                // As Prometheus and Alertmanager matchers read it: a missing value is the
+                // empty string, so `*` matches an alert without one.
+                None if p.matches("") => {}
                 None => reasons.push(format!("the alert has no {what} (pattern `{pattern}`)")),
                 Some(v) if !p.matches(v) => {
                     reasons.push(format!("{what} `{v}` does not match `{pattern}`"))
@@ -354,12 +358,37 @@ mod tests {
         let mut t = trigger();
         t.severity_pattern = Some("warning".into());
         t.labels_match.insert("job".into(), "postgres".into());
-        t.labels_match.insert("instance".into(), "*".into());
+        t.labels_match.insert("instance".into(), "web-*".into());
         let v = trigger_matches(&t, &alert("NodeDown"), at(12, 0), None);
         assert!(!v.matched);
         assert_eq!(v.reasons.len(), 4, "{:?}", v.reasons);
         assert!(v.reasons[0].contains("alert name `NodeDown` does not match `KubePod*`"));
         assert!(v.reasons.iter().any(|r| r.contains("no label `instance`")));
+    }
+
+    #[test]
+    fn a_missing_value_is_the_empty_string_and_globs_span_line_breaks() {
+        let mut t = trigger();
+        t.alert_name_pattern = "*".into();
+        t.severity_pattern = Some("*".into());
+        t.source_pattern = Some("*".into());
+        t.labels_match.insert("team".into(), "*".into());
+        let bare = AlertFacts {
+            name: "Multi\nLine".into(),
+            severity: None,
+            source: None,
+            labels: BTreeMap::new(),
+        };
+        let v = trigger_matches(&t, &bare, at(12, 0), None);
+        assert!(v.matched, "{:?}", v.reasons);
+        // A pattern the empty string does not match still needs the value.
+        t.severity_pattern = Some("crit*".into());
+        t.labels_match.insert("team".into(), "?*".into());
+        let v = trigger_matches(&t, &bare, at(12, 0), None);
+        assert_eq!(v.reasons.len(), 2, "{:?}", v.reasons);
+        assert!(v.reasons[0].contains("no severity"), "{:?}", v.reasons);
+        assert!(Pattern::compile("warn?ing").unwrap().matches("warn\ning"));
+        assert!(Pattern::compile("a*b").unwrap().matches("a\n\nb"));
     }
 
     #[test]

@@ -412,11 +412,16 @@ fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Deci
         claim: None,
     };
 
+    // Match on the labels as sent: the indexed columns keep only a prefix of a long value.
+    let labels = string_map(&a.labels_json);
+    let name = labels.get("alertname").unwrap_or(&a.alert_name);
+    let severity = labels.get("severity").or(a.severity.as_ref());
+
     // 1. auto_analyze_rules, first match wins.
     d.rule = cfg
         .rules
         .iter()
-        .find(|r| r.matcher.matches(&a.alert_name, a.severity.as_deref()));
+        .find(|r| r.matcher.matches(name, severity.map(String::as_str)));
     d.outcome.insert(
         "rule".into(),
         match d.rule {
@@ -435,10 +440,10 @@ fn decide<'c>(cfg: &'c MatchingConfig, a: &AlertRow, now: DateTime<Utc>) -> Deci
 
     // 2. Triggers, first match wins.
     let facts = AlertFacts {
-        name: a.alert_name.clone(),
-        severity: a.severity.clone(),
+        name: name.clone(),
+        severity: severity.cloned(),
         source: a.source.clone(),
-        labels: string_map(&a.labels_json),
+        labels: labels.clone(),
     };
     let mut evaluated = Vec::new();
     let mut chosen = None;
@@ -594,7 +599,9 @@ fn resolve_server(
         Ok(s) => s,
         Err(e) => return Err(format!("the runbook's allowed_servers is invalid: {e}")),
     };
-    let host = a.instance.as_deref().map(alert::instance_host);
+    let labels = string_map(&a.labels_json);
+    let instance = labels.get("instance").or(a.instance.as_ref());
+    let host = instance.map(|i| alert::instance_host(i));
     if let Some(host) = host.filter(|h| !h.is_empty()) {
         match cfg.servers_for_host(host).as_slice() {
             [] => {}
