@@ -316,6 +316,69 @@ async fn failed_logins_are_throttled_per_user_and_per_address() {
 }
 
 #[tokio::test]
+async fn parallel_logins_check_no_more_passwords_than_the_limit_and_never_starve_the_pool() {
+    let app = common::spawn_app_with(|c| {
+        c.login_max_failures_per_user = 3;
+        c.login_max_failures_per_ip = 1000;
+        c.db_max_connections = 4;
+    })
+    .await;
+    let mut users = Vec::new();
+    for _ in 0..10 {
+        let (id, _) = app.user_with_role("viewer").await;
+        let username: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        users.push(username);
+    }
+    let login = |username: &str, password: &'static str| {
+        let app = &app;
+        let username = username.to_owned();
+        async move {
+            let (status, body) = app
+                .call(
+                    Method::POST,
+                    "/auth/login",
+                    None,
+                    Some(json!({ "username": username, "password": password })),
+                )
+                .await;
+            (
+                status,
+                body["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    // Thirty right passwords at once (three for each of ten users), through a pool of four
+    // connections: each is answered, none waits for a connection another login holds.
+    let statuses = futures_util::future::join_all(
+        users
+            .iter()
+            .flat_map(|u| [u, u, u])
+            .map(|u| login(u, common::PASSWORD)),
+    )
+    .await;
+    assert!(statuses.iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    // Twenty wrong ones on one user at once: no more passwords are checked than the limit.
+    let statuses =
+        futures_util::future::join_all((0..20).map(|_| login(&users[0], "wrong-password"))).await;
+    let refused = statuses.iter().filter(|(s, _)| *s == 401).count();
+    let throttled = statuses.iter().filter(|(s, _)| *s == 429).count();
+    assert_eq!((refused, throttled), (3, 17), "{statuses:?}");
+    // Once they are checked, the user is throttled for the window, even with the right
+    // password.
+    let (status, message) = login(&users[0], common::PASSWORD).await;
+    assert_eq!(status, 429);
+    assert!(
+        message.starts_with("too many failed login attempts"),
+        "{message}"
+    );
+    assert_eq!(app.audit_rows("login_failed").await.len(), 3);
+}
+
+#[tokio::test]
 async fn users_crud_validation_conflicts_and_audit() {
     let app = common::spawn_app().await;
     let (status, created) = app

@@ -259,7 +259,7 @@ impl From<AuthError> for ApiError {
             AuthError::InvalidCredentials | AuthError::Inactive | AuthError::Unauthenticated => {
                 ApiError::Unauthorized(body("unauthorized", e.to_string(), None))
             }
-            AuthError::Throttled { .. } => {
+            AuthError::Throttled { .. } | AuthError::Busy => {
                 ApiError::TooManyRequests(body("too_many_requests", e.to_string(), None))
             }
             AuthError::Forbidden { .. } => {

@@ -41,6 +41,10 @@ pub enum AuthError {
         /// When a new attempt may succeed.
         retry_after: Duration,
     },
+    /// As many attempts on this user or from this address are being checked right now as the
+    /// failure limit allows.
+    #[error("too many login attempts in progress for this user or address; retry in a moment")]
+    Busy,
     /// No valid token (missing, unknown, expired, revoked, or its user deactivated).
     #[error("missing, invalid, expired or revoked token")]
     Unauthenticated,
@@ -113,19 +117,33 @@ pub async fn login(
     candidate: &str,
     ip: Option<&str>,
 ) -> Result<LoginGrant, AuthError> {
-    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-    let (user_failures, ip_failures) =
-        store::login_attempts::login_failures_recent(&mut conn, username, ip, settings.window)
+    // The attempt is recorded (pending) before the password is checked, in the transaction
+    // that counts the recent attempts under the username's and the address's locks: parallel
+    // attempts see each other, so no more passwords are checked than the limit allows. No
+    // connection is held while the (deliberately slow) hash is verified.
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    store::login_attempts::login_attempt_lock(&mut tx, username, ip).await?;
+    let recent =
+        store::login_attempts::login_failures_recent(&mut tx, username, ip, settings.window)
             .await?;
-    if user_failures >= settings.max_failures_per_user
-        || ip_failures >= settings.max_failures_per_ip
-    {
-        store::login_attempts::login_attempt_record(&mut conn, username, ip, false).await?;
+    let per_user = settings.max_failures_per_user;
+    let per_ip = settings.max_failures_per_ip;
+    if recent.user_failures >= per_user || recent.ip_failures >= per_ip {
+        store::login_attempts::login_attempt_record(&mut tx, username, ip, false).await?;
+        tx.commit().await.map_err(StoreError::from)?;
         return Err(AuthError::Throttled {
             retry_after: settings.window,
         });
     }
-    let user = store::users::user_get_by_username(&mut conn, username).await?;
+    if recent.user_failures + recent.user_pending >= per_user
+        || recent.ip_failures + recent.ip_pending >= per_ip
+    {
+        tx.commit().await.map_err(StoreError::from)?;
+        return Err(AuthError::Busy);
+    }
+    let attempt = store::login_attempts::login_attempt_begin(&mut tx, username, ip).await?;
+    let user = store::users::user_get_by_username(&mut tx, username).await?;
+    tx.commit().await.map_err(StoreError::from)?;
     let stored = user
         .as_ref()
         .map(|u| u.password_hash.clone())
@@ -135,7 +153,7 @@ pub async fn login(
         Some(user) if ok => user,
         _ => {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
-            store::login_attempts::login_attempt_record(&mut tx, username, ip, false).await?;
+            store::login_attempts::login_attempt_finish(&mut tx, attempt, false).await?;
             store::audit::audit_insert(
                 &mut tx,
                 &NewAuditEntry {
@@ -153,7 +171,8 @@ pub async fn login(
         }
     };
     if !user.is_active {
-        store::login_attempts::login_attempt_record(&mut conn, username, ip, false).await?;
+        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+        store::login_attempts::login_attempt_finish(&mut conn, attempt, false).await?;
         return Err(AuthError::Inactive);
     }
     let new = token::generate();
@@ -172,7 +191,7 @@ pub async fn login(
     )
     .await?;
     store::users::user_touch_login(&mut tx, user.id).await?;
-    store::login_attempts::login_attempt_record(&mut tx, username, ip, true).await?;
+    store::login_attempts::login_attempt_finish(&mut tx, attempt, true).await?;
     store::audit::audit_insert(
         &mut tx,
         &NewAuditEntry {
