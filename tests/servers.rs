@@ -367,6 +367,26 @@ async fn connection_test_pins_classifies_and_admin_resets() {
         )
         .await;
     assert_eq!(status, 403);
+    // Nor does an engineer's change of address (away and back) clear the pin.
+    let (_, pinned) = app.get(&format!("/servers/{id}")).await;
+    let port = pinned["port"].as_i64().unwrap();
+    for p in [port + 1, port] {
+        let (status, body) = app
+            .call(
+                Method::PATCH,
+                &format!("/servers/{id}"),
+                Some(&engineer),
+                Some(json!({ "port": p })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["ssh_host_key_fingerprint"], pinned["ssh_host_key_fingerprint"],
+            "{body}"
+        );
+    }
+    let (_, result) = test(id.clone()).await;
+    assert_eq!(result["failure"], "host_key_mismatch", "{result}");
     let (status, reset) = app
         .call(
             Method::DELETE,
@@ -406,7 +426,7 @@ async fn connection_test_pins_classifies_and_admin_resets() {
     let (_, s) = create(&app, body).await;
     let (_, result) = test(s["id"].as_str().unwrap().to_owned()).await;
     assert_eq!(result["failure"], "dns", "{result}");
-    assert_eq!(app.audit_rows("server_connection_test").await.len(), 6);
+    assert_eq!(app.audit_rows("server_connection_test").await.len(), 7);
 }
 
 #[tokio::test]

@@ -207,24 +207,28 @@ pub async fn server_list(
 }
 
 /// Replaces every non-secret field and both secret columns (the caller passes the current
-/// envelopes for secrets it keeps). A changed hostname or port clears the pinned host key.
+/// envelopes for secrets it keeps). With `may_clear_host_key` (an admin's change), a changed
+/// hostname or port clears the pinned host key; otherwise the pin stays, and the new address
+/// must present the same key.
 pub async fn server_update(
     conn: &mut PgConnection,
     id: Uuid,
     f: &ServerFields<'_>,
     ssh_key_encrypted: Option<&str>,
     password_encrypted: Option<&str>,
+    may_clear_host_key: bool,
 ) -> StoreResult<Option<ServerRow>> {
     Ok(sqlx::query_as::<_, ServerRow>(
         "UPDATE server_credentials SET name = $2, hostname = $3, port = $4, username = $5, \
            os_type = $6, protocol = $7, auth_type = $8, winrm_transport = $9, winrm_use_ssl = $10, \
            winrm_cert_validation = $11, domain = $12, environment = $13, tags = $14, \
            ssh_key_encrypted = $15, password_encrypted = $16, \
-           ssh_host_key = CASE WHEN hostname = $3 AND port = $4 THEN ssh_host_key END, \
-           ssh_host_key_fingerprint = \
-             CASE WHEN hostname = $3 AND port = $4 THEN ssh_host_key_fingerprint END, \
-           ssh_host_key_pinned_at = \
-             CASE WHEN hostname = $3 AND port = $4 THEN ssh_host_key_pinned_at END \
+           ssh_host_key = \
+             CASE WHEN NOT $17 OR (hostname = $3 AND port = $4) THEN ssh_host_key END, \
+           ssh_host_key_fingerprint = CASE WHEN NOT $17 OR (hostname = $3 AND port = $4) \
+             THEN ssh_host_key_fingerprint END, \
+           ssh_host_key_pinned_at = CASE WHEN NOT $17 OR (hostname = $3 AND port = $4) \
+             THEN ssh_host_key_pinned_at END \
          WHERE id = $1 \
          RETURNING id, name, hostname, port, username, os_type, protocol, auth_type, \
            ssh_key_encrypted, password_encrypted, winrm_transport, winrm_use_ssl, \
@@ -248,6 +252,7 @@ pub async fn server_update(
     .bind(f.tags)
     .bind(ssh_key_encrypted)
     .bind(password_encrypted)
+    .bind(may_clear_host_key)
     .fetch_optional(conn)
     .await?)
 }
