@@ -379,6 +379,54 @@ async fn parallel_logins_check_no_more_passwords_than_the_limit_and_never_starve
 }
 
 #[tokio::test]
+async fn two_admins_deactivating_each_other_at_once_leave_one_active() {
+    let app = common::spawn_app().await;
+    for round in 0..5 {
+        let (a, a_token) = app.user_with_role("admin").await;
+        let (b, b_token) = app.user_with_role("admin").await;
+        // Exactly these two are the active admins.
+        sqlx::query("UPDATE users SET is_active = (id = $1 OR id = $2) WHERE role = 'admin'")
+            .bind(a)
+            .bind(b)
+            .execute(&app.pool)
+            .await
+            .unwrap();
+        let deactivate = |token: String, other: uuid::Uuid| {
+            let app = &app;
+            async move {
+                app.call(
+                    Method::PATCH,
+                    &format!("/users/{other}"),
+                    Some(&token),
+                    Some(json!({ "is_active": false })),
+                )
+                .await
+            }
+        };
+        let ((s1, b1), (s2, b2)) = tokio::join!(deactivate(a_token, b), deactivate(b_token, a));
+        let mut statuses = [s1, s2];
+        statuses.sort();
+        // One wins; the other is refused as the last admin, or finds its own token revoked
+        // when it arrives after the first committed.
+        assert!(
+            statuses == [200, 409] || statuses == [200, 401],
+            "round {round}: {s1} {b1} / {s2} {b2}"
+        );
+        for body in [&b1, &b2] {
+            if body["code"] == "conflict" {
+                assert_eq!(body["details"]["field"], "is_active", "{body}");
+            }
+        }
+        let active: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM users WHERE role = 'admin' AND is_active")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(active, 1, "round {round}");
+    }
+}
+
+#[tokio::test]
 async fn users_crud_validation_conflicts_and_audit() {
     let app = common::spawn_app().await;
     let (status, created) = app

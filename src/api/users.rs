@@ -363,7 +363,11 @@ impl UsersApi {
             {
                 return Err(ApiError::conflict(
                     "cannot demote or deactivate the last active admin",
-                    Some("role"),
+                    Some(if role.is_some_and(|r| r != Role::Admin) {
+                        "role"
+                    } else {
+                        "is_active"
+                    }),
                 ));
             }
         }

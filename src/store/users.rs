@@ -182,11 +182,17 @@ pub async fn user_touch_login(conn: &mut PgConnection, id: Uuid) -> StoreResult<
     Ok(())
 }
 
-/// Counts active admins other than `except`; used to refuse removing the last admin.
+/// Counts active admins other than `except`, under a lock held until the transaction ends;
+/// used to refuse removing the last admin.
 pub async fn user_count_other_active_admins(
     conn: &mut PgConnection,
     except: Uuid,
 ) -> StoreResult<i64> {
+    // Check, then act: two admins demoting each other at once must not both see the other.
+    // The lock serializes every change that can take an admin away until the transaction ends.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('users: active admins', 0))")
+        .execute(&mut *conn)
+        .await?;
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM users WHERE role = 'admin' AND is_active AND id <> $1",
     )
