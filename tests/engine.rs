@@ -81,6 +81,46 @@ steps:
 }
 
 #[tokio::test]
+async fn variables_given_at_start_are_text_not_templates() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let yaml = r#"
+name: start-variables-are-text
+mode: auto
+environment_vars:
+  LABEL: default
+  KEPT: "kept-{{ 1 + 1 }}"
+steps:
+  - name: fetch
+    command: echo TopSecretToken-4242
+    sensitive: true
+    capture_output: true
+  - name: report
+    command: printf '%s|%s|%s|%s' "$LABEL" "$FMT" "$N" "$KEPT"
+"#;
+    let runbook = app.runbook_from_yaml(yaml).await;
+    // A value that looks like a template reaches the command as written: it cannot read what
+    // templates see (here a sensitive step's captured output), and a Go format string does not
+    // fail the run. A number is its text; null leaves the runbook's value (itself a template).
+    let id = app
+        .start_execution(json!({ "runbook_id": runbook, "variables": {
+            "LABEL": "{{ steps.fetch.stdout | reverse }}",
+            "FMT": "{{.Names}}",
+            "N": 5,
+            "KEPT": null,
+        } }))
+        .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps = app.steps(id).await;
+    assert_eq!(
+        steps[1]["stdout"], "{{ steps.fetch.stdout | reverse }}|{{.Names}}|5|kept-2",
+        "{steps:?}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn failure_rolls_back_completed_steps_newest_first() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;

@@ -111,6 +111,36 @@ async fn bad_start_requests_name_the_field_and_the_reason_and_create_nothing() {
             "servers.tag",
         ),
         (
+            "variable name the environment cannot hold",
+            json!({ "runbook_id": runbook, "variables": { "bad name": "v" } }),
+            422,
+            "variables.bad name",
+        ),
+        (
+            "variable name reserved for templates",
+            json!({ "runbook_id": runbook, "variables": { "steps": "v" } }),
+            422,
+            "variables.steps",
+        ),
+        (
+            "variable that changes how commands run",
+            json!({ "runbook_id": runbook, "variables": { "PATH": "/nonexistent" } }),
+            422,
+            "variables.PATH",
+        ),
+        (
+            "loader variable",
+            json!({ "runbook_id": runbook, "variables": { "LD_PRELOAD": "/tmp/x.so" } }),
+            422,
+            "variables.LD_PRELOAD",
+        ),
+        (
+            "variable that is a list",
+            json!({ "runbook_id": runbook, "variables": { "HOSTS": ["a", "b"] } }),
+            422,
+            "variables.HOSTS",
+        ),
+        (
             "concurrency out of range",
             json!({ "runbook_id": runbook, "servers": { "tags": ["role=db"] }, "max_concurrency": 0 }),
             422,

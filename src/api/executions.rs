@@ -100,7 +100,10 @@ pub struct ExecutionCreate {
     #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
     #[oai(nullable)]
     pub max_concurrency: Option<i32>,
-    /// Variables; override the runbook's environment_vars of the same name.
+    /// Variables: text (never rendered as a template) that replaces the runbook's
+    /// environment_vars of the same name. Names are identifiers; names that change how
+    /// commands run (PATH, IFS, ENV, BASH_ENV, LD_*, ...) only when the runbook declares them.
+    /// A value is a string, number or boolean; null leaves the variable out.
     #[oai(nullable)]
     pub variables: Option<std::collections::BTreeMap<String, Value>>,
 }

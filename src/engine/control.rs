@@ -45,6 +45,67 @@ pub struct StartRequest {
 /// workers once the transaction has committed (the API's `job_notifier`, a handler's
 /// [`GuardedTx::wake_after_commit`]); a `NOTIFY` inside it would hold PostgreSQL's global
 /// notification lock through the commit.
+/// Names that change how a command runs rather than what it works on (the shell's search path
+/// and start-up files, the dynamic loader). A run takes them at start only when its runbook
+/// declares them in `environment_vars`.
+const COMMAND_ENVIRONMENT_NAMES: [&str; 9] = [
+    "PATH",
+    "IFS",
+    "ENV",
+    "BASH_ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "CDPATH",
+    "GLOBIGNORE",
+];
+
+/// Checks the variables given at start: each is named as an environment variable can be, is
+/// not a template name, and is a string, number or boolean (`null` leaves it out, so the
+/// runbook's value stays); names that change how commands run need the runbook's declaration.
+/// Returns them as stored, each value as text.
+fn start_variables(
+    snapshot: &RunbookSnapshot,
+    given: &serde_json::Map<String, Value>,
+) -> Result<serde_json::Map<String, Value>, EngineError> {
+    let mut out = serde_json::Map::new();
+    for (name, value) in given {
+        let refuse = |reason: &str| EngineError::Invalid {
+            field: format!("variables.{name}"),
+            reason: reason.to_owned(),
+        };
+        if !crate::domain::runbook::valid_identifier(name) {
+            return Err(refuse(
+                "must be a name of letters, digits and '_' not starting with a digit",
+            ));
+        }
+        if crate::domain::runbook::RESERVED_CONTEXT_NAMES.contains(&name.as_str()) {
+            return Err(refuse(
+                "is a reserved template name (alert, server, vars, steps, execution)",
+            ));
+        }
+        let changes_commands = COMMAND_ENVIRONMENT_NAMES.contains(&name.as_str())
+            || name.starts_with("LD_")
+            || name.starts_with("DYLD_");
+        if changes_commands && !snapshot.environment_vars.contains_key(name) {
+            return Err(refuse(
+                "changes how commands run; a run takes it at start only when the runbook \
+                 declares it in environment_vars",
+            ));
+        }
+        let text = match value {
+            Value::Null => continue,
+            Value::String(s) => s.clone(),
+            Value::Number(_) | Value::Bool(_) => value.to_string(),
+            Value::Array(_) | Value::Object(_) => {
+                return Err(refuse("must be a string, a number or a boolean"));
+            }
+        };
+        out.insert(name.clone(), Value::String(text));
+    }
+    Ok(out)
+}
+
 pub async fn create_execution(
     conn: &mut PgConnection,
     req: &StartRequest,
@@ -90,8 +151,9 @@ pub async fn create_execution(
         field: "runbook_id".into(),
         reason: e.to_string(),
     })?;
+    let variables = start_variables(&snapshot, &req.variables)?;
     let id = Uuid::new_v4();
-    let (stored_vars, sealed) = super::secret_vars::seal(id, &snapshot, &req.variables, keyring)?;
+    let (stored_vars, sealed) = super::secret_vars::seal(id, &snapshot, &variables, keyring)?;
     let context = Value::Object(stored_vars);
     let created = log_entry("created", json!({ "runbook_version": snapshot.version }));
     let id = store::executions::execution_create(

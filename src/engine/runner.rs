@@ -1025,25 +1025,36 @@ fn running_event(
     .to_string()
 }
 
-/// The runbook's variables, overridden by the execution's variables of the same name, with the
-/// execution's secret variables opened.
+/// Variables by name.
+type Vars = BTreeMap<String, String>;
+
+/// The variables of a run: the runbook's (templates, rendered per command) and the values given
+/// at start (text, never rendered: a caller may not read through them what the templates see),
+/// with the execution's secret variables opened. A value given at start replaces the runbook's
+/// variable of the same name.
 fn variables(
     engine: &Engine,
     snapshot: &RunbookSnapshot,
     row: &ExecutionRow,
-) -> Result<BTreeMap<String, String>, String> {
-    let mut vars = snapshot.environment_vars.clone();
+) -> Result<(Vars, Vars), String> {
+    let mut given = BTreeMap::new();
     if let Value::Object(map) = &row.context_vars {
         for (k, v) in map {
-            vars.insert(k.clone(), secret_vars::value_text(v));
+            given.insert(k.clone(), secret_vars::value_text(v));
         }
     }
-    vars.extend(secret_vars::open(
+    given.extend(secret_vars::open(
         row.id,
         row.secret_vars_encrypted.as_deref(),
         engine.keyring.as_deref(),
     )?);
-    Ok(vars)
+    let templates = snapshot
+        .environment_vars
+        .iter()
+        .filter(|(name, _)| !given.contains_key(*name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    Ok((templates, given))
 }
 
 fn target_os(snapshot: &RunbookSnapshot) -> crate::domain::runbook::TargetOs {
@@ -1079,9 +1090,9 @@ pub(crate) async fn render_inputs(
     server: Value,
     mut secrets: Vec<String>,
 ) -> Result<RenderInputs, EngineError> {
-    let (vars, vars_error) = match variables(engine, snapshot, row) {
-        Ok(vars) => (vars, None),
-        Err(e) => (BTreeMap::new(), Some(e)),
+    let ((vars, given), vars_error) = match variables(engine, snapshot, row) {
+        Ok(both) => (both, None),
+        Err(e) => ((BTreeMap::new(), BTreeMap::new()), Some(e)),
     };
     let secret_values = |vars: &BTreeMap<String, String>| {
         vars.iter()
@@ -1090,11 +1101,15 @@ pub(crate) async fn render_inputs(
             .collect::<Vec<_>>()
     };
     secrets.extend(secret_values(&vars));
+    secrets.extend(secret_values(&given));
     let (tctx, captured_secrets, captured_error) =
         template_context(engine, conn, row, snapshot, (attempt, index), server).await?;
     secrets.extend(captured_secrets);
     let renderer = Renderer::new(target_os(snapshot));
-    let rendered = renderer.render_vars(&vars, &tctx);
+    let rendered = renderer.render_vars(&vars, &tctx).map(|mut rendered| {
+        rendered.extend(given);
+        rendered
+    });
     if let Ok(rendered) = &rendered {
         secrets.extend(secret_values(rendered));
     }
