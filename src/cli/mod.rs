@@ -1,9 +1,24 @@
 //! Command-line entry points. Thin: each subcommand loads configuration, sets up logging and
 //! calls into `startup`, `store`, `api` or `worker`.
 
-pub mod runbook;
-pub mod secrets;
-mod user;
+/// `print!` for the commands that print and end: when the reader has gone away
+/// (`aiops runbook export | head`) the process ends quietly with the status a shell gives a
+/// program stopped by SIGPIPE, instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` counterpart of [`out!`].
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -163,6 +178,10 @@ impl WorkerArgs {
     }
 }
 
+pub mod runbook;
+pub mod secrets;
+mod user;
+
 /// Connections a worker of `concurrency` needs at least.
 fn worker_connections(concurrency: usize) -> u32 {
     u32::try_from(concurrency)
@@ -170,12 +189,26 @@ fn worker_connections(concurrency: usize) -> u32 {
         .saturating_add(6)
 }
 
+/// Writes to standard output; a reader that went away ends the process (status 141, as a
+/// shell reports SIGPIPE); any other failure to write is reported and ends it too.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Parses the command line and runs it; the process exit code reflects success.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => {
-            print!("{}", crate::api::spec_json());
+            out!("{}", crate::api::spec_json());
             return ExitCode::SUCCESS;
         }
         Command::Lifeline => {
@@ -255,7 +288,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Migrate => {
             let pool = connect(&config).await?;
             store::migrate(&pool).await.context("migration failed")?;
-            println!("migrations applied");
+            outln!("migrations applied");
             Ok(())
         }
         Command::Openapi | Command::Lifeline => {
@@ -387,13 +420,13 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
     store::migrate(&pool).await.context("migration failed")?;
     runbook::apply_workflows_at_start(&pool, &config.workflows_dir).await?;
     if let Some(admin) = startup::ensure_first_admin(&pool).await? {
-        println!("First admin created. Save these credentials now; they are not shown again:");
-        println!("  username: {}", admin.username);
-        println!("  password: {}", admin.password);
+        outln!("First admin created. Save these credentials now; they are not shown again:");
+        outln!("  username: {}", admin.username);
+        outln!("  password: {}", admin.password);
     }
     let config = Arc::new(config);
     let app = Application::build(config.clone(), pool.clone()).await?;
-    println!("aiops is up: http://{}/docs", app.local_addr());
+    outln!("aiops is up: http://{}/docs", app.local_addr());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stopped| *stopped).await;

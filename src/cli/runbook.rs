@@ -344,7 +344,7 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
         RunbookCommand::Validate { paths } => {
             let loaded = load_all(&paths)?;
             for l in &loaded {
-                println!("{}: ok ({})", l.path.display(), l.doc.name);
+                outln!("{}: ok ({})", l.path.display(), l.doc.name);
             }
             Ok(())
         }
@@ -358,7 +358,7 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
             let pool = super::connect(config).await?;
             let report = apply_documents(&pool, &docs, prune, message.as_deref(), "cli").await?;
             for line in report.lines {
-                println!("{line}");
+                outln!("{line}");
             }
             Ok(())
         }
@@ -394,13 +394,13 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
                         let file = dir.join(format!("{name}.yaml"));
                         std::fs::write(&file, &yaml)
                             .with_context(|| format!("cannot write {}", file.display()))?;
-                        println!("wrote {}", file.display());
+                        outln!("wrote {}", file.display());
                     }
                     None => {
                         if i > 0 {
-                            println!("---");
+                            outln!("---");
                         }
-                        print!("{yaml}");
+                        out!("{yaml}");
                     }
                 }
             }
@@ -448,7 +448,7 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
                     )
                 }
             };
-            print!(
+            out!(
                 "{}",
                 unified_diff(&old_text, &new_text, &old_name, &new_name)
             );
@@ -508,38 +508,38 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
 }
 
 fn print_dry_run(report: &crate::api::runbooks::DryRunReport) {
-    println!("runbook {} (dry run, nothing executed)", report.runbook);
+    outln!("runbook {} (dry run, nothing executed)", report.runbook);
     if let Some(e) = &report.vars_error {
-        println!("  variables: ERROR {e}");
+        outln!("  variables: ERROR {e}");
     }
     for (k, v) in &report.vars {
-        println!("  var {k} = {v:?}");
+        outln!("  var {k} = {v:?}");
     }
     for s in &report.steps {
-        println!("step {} {}", s.order, s.name);
+        outln!("step {} {}", s.order, s.name);
         if let Some(c) = &s.condition {
             match (&s.condition_result, &s.condition_error) {
-                (Some(r), _) => println!("  when {c} -> {r}"),
-                (_, Some(e)) => println!("  when {c} -> ERROR {e}"),
+                (Some(r), _) => outln!("  when {c} -> {r}"),
+                (_, Some(e)) => outln!("  when {c} -> ERROR {e}"),
                 _ => {}
             }
         }
         match (&s.command, &s.command_error) {
-            (Some(c), _) => println!("  run: {c}"),
-            (_, Some(e)) => println!("  run: ERROR {e}"),
+            (Some(c), _) => outln!("  run: {c}"),
+            (_, Some(e)) => outln!("  run: ERROR {e}"),
             _ => {}
         }
         match (&s.rollback_command, &s.rollback_error) {
-            (Some(c), _) => println!("  rollback: {c}"),
-            (_, Some(e)) => println!("  rollback: ERROR {e}"),
+            (Some(c), _) => outln!("  rollback: {c}"),
+            (_, Some(e)) => outln!("  rollback: ERROR {e}"),
             _ => {}
         }
     }
     for t in &report.triggers {
         if t.matched {
-            println!("trigger {:?} (priority {}): matches", t.name, t.priority);
+            outln!("trigger {:?} (priority {}): matches", t.name, t.priority);
         } else {
-            println!(
+            outln!(
                 "trigger {:?} (priority {}): no match: {}",
                 t.name,
                 t.priority,
@@ -548,10 +548,10 @@ fn print_dry_run(report: &crate::api::runbooks::DryRunReport) {
         }
     }
     match &report.matched_trigger {
-        Some(t) => println!("would start through trigger {t:?}"),
-        None => println!("no trigger matches this alert"),
+        Some(t) => outln!("would start through trigger {t:?}"),
+        None => outln!("no trigger matches this alert"),
     }
     for n in &report.notes {
-        println!("note: {n}");
+        outln!("note: {n}");
     }
 }

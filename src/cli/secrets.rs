@@ -90,7 +90,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match command {
         SecretsCommand::GenerateKey { id } => {
-            println!("{id}:{}", generate_key_hex());
+            outln!("{id}:{}", generate_key_hex());
             Ok(())
         }
         SecretsCommand::Rotate => {
@@ -98,7 +98,7 @@ pub async fn run(
                 .context("no secret key configured (AIOPS_SECRET_KEY or AIOPS_SECRET_KEY_FILE)")?;
             let pool = pool.context("rotation needs DATABASE_URL")?;
             let report = rotate(pool, &keyring).await?;
-            println!(
+            outln!(
                 "rotated {} secrets to key {} ({} already current)",
                 report.rotated,
                 keyring.current_id(),

@@ -99,12 +99,14 @@ pub async fn run(command: UserCommand, pool: &PgPool) -> anyhow::Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!(
+            outln!(
                 "created user {} ({}) with role {}",
-                row.username, row.id, row.role
+                row.username,
+                row.id,
+                row.role
             );
             if generated {
-                println!("password: {password}");
+                outln!("password: {password}");
             }
             Ok(())
         }
