@@ -1026,6 +1026,27 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     assert_eq!(expired["refused_by"], "approval_expired", "{expired}");
     let (status, body) = app.approve(id, &app.admin_token).await;
     assert_eq!(status, 409, "an expired approval cannot be given: {body}");
+
+    // Deleting the runbook cancels its runs that wait for approval, saying why.
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    app.wait_awaiting_approval(id).await;
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/runbooks/{runbook}"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, gone) = app.get(&format!("/executions/{id}")).await;
+    assert_eq!(gone["status"], "cancelled", "{gone}");
+    assert_eq!(
+        gone["error_message"], "runbook needs-ok was deleted while the run waited for approval",
+        "{gone}"
+    );
+    let (status, body) = app.approve(id, &engineer).await;
+    assert_eq!(status, 409, "nothing is left to approve: {body}");
     worker.stop().await;
 }
 

@@ -379,7 +379,7 @@ enum Created {
     Created(Json<ExecutionCreated>),
 }
 
-fn engine_error(e: EngineError) -> ApiError {
+pub(crate) fn engine_error(e: EngineError) -> ApiError {
     match e {
         EngineError::Store(s) => s.into(),
         EngineError::Invalid { field, reason } => ApiError::invalid(&field, reason),

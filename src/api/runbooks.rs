@@ -1048,6 +1048,25 @@ impl RunbooksApi {
         let existing = store::runbooks::runbook_lock(&mut tx, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", id.0))?;
+        // A run that waits for approval would be approved into a runbook that is gone.
+        let waiting = store::alerts::runbook_executions_awaiting_approval(&mut tx, id.0).await?;
+        let reason = format!(
+            "runbook {} was deleted while the run waited for approval",
+            existing.name
+        );
+        for execution_id in &waiting {
+            match crate::engine::control::cancel(
+                &mut tx,
+                *execution_id,
+                Some(caller.identity.user_id),
+                &reason,
+            )
+            .await
+            {
+                Ok(()) | Err(crate::engine::EngineError::Conflict(_)) => {}
+                Err(e) => return Err(super::executions::engine_error(e)),
+            }
+        }
         store::runbooks::runbook_delete(&mut tx, id.0).await?;
         caller
             .record(
@@ -1056,7 +1075,8 @@ impl RunbooksApi {
                     "runbook_delete",
                     "runbook",
                     Some(id.0),
-                    serde_json::json!({ "name": existing.name, "version": existing.version }),
+                    serde_json::json!({ "name": existing.name, "version": existing.version,
+                                        "cancelled_executions": waiting }),
                 ),
             )
             .await?;

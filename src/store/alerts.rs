@@ -546,6 +546,23 @@ pub async fn alert_executions_awaiting_approval(
     .await?)
 }
 
+/// Executions of a runbook that wait for approval (or will, once their start job runs).
+pub async fn runbook_executions_awaiting_approval(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+) -> StoreResult<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM runbook_executions \
+         WHERE runbook_id = $1 AND status = 'pending' AND (awaiting_approval \
+           OR (approved_at IS NULL AND (mode::text = 'semi_auto' \
+               OR runbook_snapshot->>'requires_approval' = 'true'))) \
+         ORDER BY created_at, id",
+    )
+    .bind(runbook_id)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// A trigger with what matching needs of its runbook.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TriggerCandidate {
