@@ -719,6 +719,24 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
         )
         .await;
     assert_eq!(status, 204);
+    // The audit log says what each change did: the whole rule before and after an update,
+    // and the whole rule a delete removed.
+    let updated = app.audit_rows("alert_rule_update").await;
+    assert_eq!(
+        updated[0].3.clone().unwrap(),
+        json!({
+            "before": { "name": "broad", "priority": 50, "alert_name_pattern": "*",
+                        "severity_pattern": "*", "action": "manual", "enabled": true },
+            "after": { "name": "broad", "priority": 50, "alert_name_pattern": "*",
+                       "severity_pattern": "*", "action": "ignore", "enabled": true },
+        })
+    );
+    let deleted = app.audit_rows("alert_rule_delete").await;
+    assert_eq!(
+        deleted[0].3.clone().unwrap(),
+        json!({ "name": "db-critical", "priority": 10, "alert_name_pattern": "Postgres*",
+                "severity_pattern": "crit*", "action": "auto_analyze", "enabled": true })
+    );
     assert_eq!(app.audit_rows("alert_rule_create").await.len(), 3);
     assert_eq!(app.audit_rows("alert_analyze").await.len(), 1);
     worker.stop().await;

@@ -591,7 +591,7 @@ impl AlertsApi {
                     "alert_rule_create",
                     "auto_analyze_rule",
                     Some(row.id),
-                    json!({ "name": row.name, "action": row.action, "priority": row.priority }),
+                    rule_audit(&row),
                 ),
             )
             .await?;
@@ -641,6 +641,9 @@ impl AlertsApi {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let p = prepare_rule(&body.0)?;
         let mut tx = self.state.pool.begin().await?;
+        let before = store::alert_rules::rule_get(&mut tx, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("alert rule", id.0))?;
         let row = store::alert_rules::rule_update(&mut tx, id.0, &p.fields())
             .await?
             .ok_or_else(|| ApiError::not_found("alert rule", id.0))?;
@@ -651,7 +654,7 @@ impl AlertsApi {
                     "alert_rule_update",
                     "auto_analyze_rule",
                     Some(row.id),
-                    json!({ "name": row.name, "action": row.action, "enabled": row.enabled }),
+                    json!({ "before": rule_audit(&before), "after": rule_audit(&row) }),
                 ),
             )
             .await?;
@@ -676,9 +679,9 @@ impl AlertsApi {
     ) -> Result<Deleted, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let mut tx = self.state.pool.begin().await?;
-        if !store::alert_rules::rule_delete(&mut tx, id.0).await? {
+        let Some(deleted) = store::alert_rules::rule_delete(&mut tx, id.0).await? else {
             return Err(ApiError::not_found("alert rule", id.0));
-        }
+        };
         caller
             .record(
                 &mut tx,
@@ -686,11 +689,23 @@ impl AlertsApi {
                     "alert_rule_delete",
                     "auto_analyze_rule",
                     Some(id.0),
-                    json!({}),
+                    rule_audit(&deleted),
                 ),
             )
             .await?;
         tx.commit().await?;
         Ok(Deleted::NoContent)
     }
+}
+
+/// What the audit log keeps of a rule: everything that decides what it matches and does.
+fn rule_audit(row: &store::alert_rules::RuleRow) -> serde_json::Value {
+    json!({
+        "name": row.name,
+        "priority": row.priority,
+        "alert_name_pattern": row.alert_name_pattern,
+        "severity_pattern": row.severity_pattern,
+        "action": row.action,
+        "enabled": row.enabled,
+    })
 }

@@ -98,12 +98,13 @@ pub async fn rule_get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<R
 }
 
 /// Deletes a rule.
-pub async fn rule_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<bool> {
-    let done = sqlx::query("DELETE FROM auto_analyze_rules WHERE id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn rule_delete(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<RuleRow>> {
+    Ok(sqlx::query_as::<_, RuleRow>(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM auto_analyze_rules WHERE id = $1 RETURNING {COLUMNS}"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Every rule in evaluation order (priority, then creation, then id), optionally only enabled.
