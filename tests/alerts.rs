@@ -1619,6 +1619,19 @@ async fn trigger_time_windows_follow_the_configured_timezone() {
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["details"]["field"], "value", "{body}");
     }
+    // The same key written another way would be stored and never read: refused.
+    for key in ["ALERTS.TIMEZONE", "alerts_timezone", "Alerts-Timezone"] {
+        let (status, body) = app
+            .call(
+                Method::PUT,
+                &format!("/system-config/{key}"),
+                Some(&app.admin_token),
+                Some(json!({ "value": "UTC" })),
+            )
+            .await;
+        assert_eq!(status, 422, "{key}: {body}");
+        assert_eq!(body["details"]["field"], "key", "{body}");
+    }
     let (_, kept) = app.get("/system-config/alerts.timezone").await;
     assert_eq!(kept["value"], "Pacific/Kiritimati", "{kept}");
     // One that stopped being valid (written before, or dropped from the timezone database):

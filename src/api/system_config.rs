@@ -52,9 +52,22 @@ enum Deleted {
     NoContent,
 }
 
+/// The keys the product reads.
+const READ_KEYS: [&str; 1] = [store::alerts::ALERT_TIMEZONE_KEY];
+
 /// Refuses a value the product would not understand for a key it reads (any other key takes any
 /// JSON value).
 fn validate_value(key: &str, value: &serde_json::Value) -> Result<(), ApiError> {
+    // A key the product reads, written another way, would be stored and never read.
+    for known in READ_KEYS {
+        let folded = |k: &str| k.to_ascii_lowercase().replace(['-', '_'], ".");
+        if key != known && folded(key) == folded(known) {
+            return Err(ApiError::invalid(
+                "key",
+                format!("`{key}` is not `{known}`, the key the product reads (keys are exact)"),
+            ));
+        }
+    }
     if key == store::alerts::ALERT_TIMEZONE_KEY {
         let Some(name) = value.as_str() else {
             return Err(ApiError::invalid(
@@ -116,7 +129,8 @@ impl SystemConfigApi {
     }
 
     /// Create or replace one setting. `alerts.timezone` (the timezone of trigger time windows)
-    /// must be an IANA timezone name; other keys take any JSON value.
+    /// must be an IANA timezone name, and a key that differs from it only in case or in `-`,
+    /// `_` and `.` is refused; other keys take any JSON value.
     ///
     /// Least role: admin.
     #[oai(path = "/:key", method = "put", operation_id = "config_put")]
