@@ -476,6 +476,26 @@ async fn users_crud_validation_conflicts_and_audit() {
             json!({"username": "bob", "email": "b@y", "password": "short", "role": "viewer"}),
             "password",
         ),
+        (
+            json!({"username": "..", "email": "b@y", "password": "a-long-enough-password", "role": "viewer"}),
+            "username",
+        ),
+        (
+            json!({"username": "bob", "email": "   @   ", "password": "a-long-enough-password", "role": "viewer"}),
+            "email",
+        ),
+        (
+            json!({"username": "bob", "email": "b@y\n", "password": "a-long-enough-password", "role": "viewer"}),
+            "email",
+        ),
+        (
+            json!({"username": "bob", "email": "b@y", "password": " ".repeat(12), "role": "viewer"}),
+            "password",
+        ),
+        (
+            json!({"username": "bob", "email": "b@y", "full_name": "   ", "password": "a-long-enough-password", "role": "viewer"}),
+            "full_name",
+        ),
     ] {
         let (status, body) = app
             .call(

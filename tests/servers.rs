@@ -184,7 +184,13 @@ async fn validation_names_the_field() {
         ("port", json!(70000)),
         ("port", json!(0)),
         ("hostname", json!("has space")),
+        ("hostname", json!("a_b..c")),
+        ("hostname", json!("[::1]")),
         ("name", json!("")),
+        ("name", json!("   ")),
+        ("domain", json!("   ")),
+        ("tags", json!(["=x"])),
+        ("tags", json!(["a="])),
         ("environment", json!("prod env")),
         ("tags", json!(["a", "a"])),
     ];

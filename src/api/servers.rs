@@ -360,19 +360,36 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
             format!("must be 1 to {max} characters"),
         ));
     }
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(field, "must not be blank"));
+    }
     Ok(())
+}
+
+/// A host name (labels of letters, digits, `-` and `_`, separated by single dots, a final dot
+/// allowed) or an IPv4 or IPv6 address (without brackets).
+fn valid_host(host: &str) -> bool {
+    if host.contains(':') {
+        return host.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
 }
 
 fn validate(d: &Draft) -> Result<(), ApiError> {
     check_len("name", &d.name, 100)?;
     check_len("hostname", &d.hostname, 255)?;
-    if d.hostname
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == '/' || c == '@')
-    {
+    if !valid_host(&d.hostname) {
         return Err(ApiError::invalid(
             "hostname",
-            "must be a host name or IP address",
+            "must be a host name or an IP address (an IPv6 address without brackets)",
         ));
     }
     if !(1..=65535).contains(&d.port) {
@@ -416,6 +433,14 @@ fn validate(d: &Draft) -> Result<(), ApiError> {
             return Err(ApiError::invalid(
                 &format!("tags[{i}]"),
                 "must not contain spaces or commas",
+            ));
+        }
+        if let Some((key, value)) = tag.split_once('=')
+            && (key.is_empty() || value.is_empty())
+        {
+            return Err(ApiError::invalid(
+                &format!("tags[{i}]"),
+                "a key=value tag needs both a key and a value",
             ));
         }
         if !seen.insert(tag) {

@@ -172,6 +172,9 @@ pub fn validate_password(field: &str, password: &str) -> Result<(), ApiError> {
     if password.len() > 1024 {
         return Err(ApiError::invalid(field, "must be at most 1024 bytes"));
     }
+    if password.trim().is_empty() {
+        return Err(ApiError::invalid(field, "must not be only spaces"));
+    }
     Ok(())
 }
 
@@ -189,12 +192,24 @@ pub fn validate_username(username: &str) -> Result<(), ApiError> {
             "may contain only letters, digits, '.', '_' and '-'",
         ));
     }
+    if !username.chars().any(|c| c.is_ascii_alphanumeric()) {
+        return Err(ApiError::invalid(
+            "username",
+            "must contain a letter or a digit",
+        ));
+    }
     Ok(())
 }
 
 /// Email rule shared by create, update and the CLI.
 pub fn validate_email(email: &str) -> Result<(), ApiError> {
-    if email.len() > 255 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+    let well_formed = email.rsplit_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && !domain.is_empty()
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+    }) && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if email.len() > 255 || !well_formed {
         return Err(ApiError::invalid(
             "email",
             "must be an email address of at most 255 characters",
@@ -203,11 +218,17 @@ pub fn validate_email(email: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_full_name(name: Option<&str>) -> Result<(), ApiError> {
+pub fn validate_full_name(name: Option<&str>) -> Result<(), ApiError> {
     if name.is_some_and(|n| n.chars().count() > 100) {
         return Err(ApiError::invalid(
             "full_name",
             "must be at most 100 characters",
+        ));
+    }
+    if name.is_some_and(|n| n.trim().is_empty()) {
+        return Err(ApiError::invalid(
+            "full_name",
+            "must not be blank (leave it out, or null, for none)",
         ));
     }
     Ok(())

@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use sqlx::PgPool;
 
-use crate::api::users::{validate_email, validate_password, validate_username};
+use crate::api::users::{validate_email, validate_full_name, validate_password, validate_username};
 use crate::domain::Role;
 use crate::store;
 
@@ -54,6 +54,7 @@ pub async fn run(command: UserCommand, pool: &PgPool) -> anyhow::Result<()> {
             validate_username(&username).map_err(api_message)?;
             let email = email.unwrap_or_else(|| format!("{username}@localhost"));
             validate_email(&email).map_err(api_message)?;
+            validate_full_name(full_name.as_deref()).map_err(api_message)?;
             let (password, generated) = if password_stdin {
                 let mut line = String::new();
                 std::io::stdin()
