@@ -1027,6 +1027,22 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let (status, body) = app.approve(id, &app.admin_token).await;
     assert_eq!(status, 409, "an expired approval cannot be given: {body}");
 
+    // The reason is optional: a JSON cancel with an empty body is fine.
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    app.wait_awaiting_approval(id).await;
+    let resp = app
+        .client
+        .post(app.api(&format!("/executions/{id}/cancel")))
+        .bearer_auth(&engineer)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+
     // Deleting the runbook cancels its runs that wait for approval, saying why.
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     app.wait_awaiting_approval(id).await;

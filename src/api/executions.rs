@@ -641,11 +641,15 @@ impl ExecutionsApi {
         auth: BearerAuth,
         /// Execution id.
         id: Path<Uuid>,
-        body: Json<Reason>,
+        body: Json<Option<Reason>>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
-        self.decide(&caller, id.0, Decision::Cancel(body.0.reason))
-            .await
+        self.decide(
+            &caller,
+            id.0,
+            Decision::Cancel(body.0.and_then(|b| b.reason)),
+        )
+        .await
     }
 
     /// Approve an execution waiting for approval. Only users holding one of the runbook's
@@ -683,11 +687,15 @@ impl ExecutionsApi {
         auth: BearerAuth,
         /// Execution id.
         id: Path<Uuid>,
-        body: Json<Reason>,
+        body: Json<Option<Reason>>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
-        self.decide(&caller, id.0, Decision::Reject(body.0.reason))
-            .await
+        self.decide(
+            &caller,
+            id.0,
+            Decision::Reject(body.0.and_then(|b| b.reason)),
+        )
+        .await
     }
 
     /// Follow an execution live: Server-Sent Events of step status changes and output chunks
