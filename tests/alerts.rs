@@ -231,6 +231,21 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
         body["details"]["reason"], "must be an array, not a string",
         "{body}"
     );
+    // A caller whose token does not authenticate learns nothing about the payload, however
+    // it is malformed, whether the token comes as bearer or as the basic-auth password.
+    for malformed in [&wrong_type, &json!({ "version": 5 })] {
+        let (status, body) = post(&app, "not-a-token", malformed).await;
+        assert_eq!(status, 401, "{body}");
+        let resp = app
+            .client
+            .post(app.api("/webhooks/alertmanager"))
+            .basic_auth("alertmanager", Some("not-a-token"))
+            .json(malformed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
     // Oversized (the body limit is 1 MiB by default).
     let mut big = good.clone();
     big["alerts"][0]["annotations"]["description"] = json!("x".repeat(2 * 1024 * 1024));

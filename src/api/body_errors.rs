@@ -183,11 +183,7 @@ impl BodySchemas {
         let query = query.filter(|q| !q.is_empty())?;
         let (_, item) = self.path_item(path)?;
         let operation = item.get(method.to_ascii_lowercase())?;
-        let webhook = self
-            .security(method, path)
-            .iter()
-            .any(|requirement| requirement.keys().any(|name| name.starts_with("webhook")));
-        if webhook {
+        if self.webhook_secured(method, path) {
             return None;
         }
         let declared: Vec<&str> = operation
@@ -217,6 +213,13 @@ impl BodySchemas {
             ),
             invalid_value: false,
         })
+    }
+
+    /// Whether the operation takes webhook tokens (the Alertmanager webhook's schemes).
+    pub fn webhook_secured(&self, method: &str, path: &str) -> bool {
+        self.security(method, path)
+            .iter()
+            .any(|requirement| requirement.keys().any(|name| name.starts_with("webhook")))
     }
 
     /// Whether `method` on `path` (relative to the API prefix) declares a security scheme.

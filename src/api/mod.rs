@@ -347,6 +347,7 @@ pub fn app(state: AppState) -> impl Endpoint {
                 // first. Checked only for requests refused for their input, which an operation
                 // refuses before it authorizes (parameters and bodies are read first); an
                 // answer after a successful authorization is kept.
+                let req_credentials = credentials.clone();
                 if let Some(credentials) = credentials
                     && matches!(resp.status().as_u16(), 400 | 415 | 422)
                     && schemas.bearer_secured(&method, &operation)
@@ -356,6 +357,15 @@ pub fn app(state: AppState) -> impl Endpoint {
                         schemas.least_role(&method, &operation),
                     )
                     .await
+                {
+                    return Ok(refusal);
+                }
+                // The same for the Alertmanager webhook's tokens: a caller whose token does not
+                // authenticate learns nothing about its payload.
+                if let Some(credentials) = req_credentials
+                    && matches!(resp.status().as_u16(), 400 | 415 | 422)
+                    && schemas.webhook_secured(&method, &operation)
+                    && let Some(refusal) = webhook::credentials_refused(&pool, &credentials).await
                 {
                     return Ok(refusal);
                 }

@@ -421,6 +421,44 @@ pub struct WebhookApi {
     pub state: AppState,
 }
 
+/// What the webhook answers to `credentials` (an `Authorization` header) before anything about
+/// its payload: 401 for a header that carries no webhook token (bearer, or the basic-auth
+/// password) or one that does not authenticate. `None` when the token is good, or when that
+/// cannot be told now (the database failed): then the answer already given stands.
+pub(crate) async fn credentials_refused(
+    pool: &sqlx::PgPool,
+    credentials: &poem::http::HeaderValue,
+) -> Option<poem::Response> {
+    use base64::Engine as _;
+    use poem::IntoResponse;
+    let secret = credentials.to_str().ok().and_then(|value| {
+        let (scheme, rest) = value.split_once(' ')?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            Some(rest.to_owned())
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()?;
+            let decoded = String::from_utf8(decoded).ok()?;
+            decoded
+                .split_once(':')
+                .map(|(_, password)| password.to_owned())
+        } else {
+            None
+        }
+    });
+    if let Some(secret) = secret {
+        let hash = crate::crypto::token::hash(&secret);
+        let mut conn = pool.acquire().await.ok()?;
+        match store::webhook_tokens::webhook_token_authenticate(&mut conn, &hash).await {
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) => {}
+        }
+    }
+    Some(unauthorized().into_response())
+}
+
 fn unauthorized() -> ApiError {
     ApiError::Unauthorized(Json(ErrorBody {
         code: "unauthorized".to_owned(),
