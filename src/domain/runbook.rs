@@ -1056,7 +1056,12 @@ fn validate_steps(doc: &RunbookDocument, push: &mut impl FnMut(String, String)) 
         }
         if step.timeout_seconds <= 0 {
             push(format!("{p}.timeout_seconds"), "must be > 0".into());
-        } else if doc.timeout_seconds > 0 && step.timeout_seconds > doc.timeout_seconds {
+        } else if doc.timeout_seconds > 0
+            && step.timeout_seconds > doc.timeout_seconds
+            // A step that keeps the default is bounded by the runbook's deadline: its author
+            // set nothing to blame.
+            && step.timeout_seconds != default_step_timeout()
+        {
             push(
                 format!("{p}.timeout_seconds"),
                 format!(
@@ -1507,6 +1512,19 @@ triggers:
         );
         // A valid document reads as with parse_yaml.
         assert!(parse_yaml_all(MINIMAL).is_ok());
+    }
+
+    #[test]
+    fn a_step_without_its_own_timeout_fits_a_short_runbook() {
+        let d =
+            parse_yaml("name: x\ntimeout_seconds: 5\nsteps:\n  - name: a\n    command: 'true'\n")
+                .unwrap();
+        assert!(validate(&d).is_empty(), "{:?}", validate(&d));
+        let d = parse_yaml(
+            "name: x\ntimeout_seconds: 5\nsteps:\n  - name: a\n    command: 'true'\n    timeout_seconds: 6\n",
+        )
+        .unwrap();
+        assert_eq!(validate(&d)[0].path, "steps[0].timeout_seconds");
     }
 
     #[test]
