@@ -581,6 +581,12 @@ async fn a_step_stopped_by_the_runbook_deadline_is_recorded_as_timed_out() {
         .unwrap();
     let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "timeout", "{done}");
+    // The summary, written as the run ends, counts the step the deadline is stopping.
+    assert_eq!(
+        done["output_summary"],
+        "attempt 1 of 1: 1 step(s) completed, 0 skipped, 1 failed attempt(s)",
+        "{done}"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let (step, rollback) = loop {
         let steps = app.steps(id).await;

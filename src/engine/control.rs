@@ -462,7 +462,7 @@ pub(crate) async fn finish_run(
     let Ok(t) = transition(state, &event) else {
         return Ok(false);
     };
-    let summary = run_summary(g.conn(), row).await?;
+    let summary = run_summary(g.conn(), row, matches!(event, Event::TimedOut)).await?;
     let mut rollback_then: Option<Option<i32>> = None;
     // Log entries of this end, appended with the status change (one new version of the row),
     // or on their own when the execution goes on running.
@@ -621,8 +621,19 @@ fn outcome_entry(event: &Event, next: Status, row: &ExecutionRow, summary: &str)
 }
 
 /// A one-line summary of an attempt's steps.
-async fn run_summary(conn: &mut PgConnection, row: &ExecutionRow) -> Result<String, EngineError> {
-    let steps = store::executions::step_list(conn, row.id).await?;
+/// At the runbook deadline (`deadline`), a step still running is being stopped by it: its row
+/// is recorded after this end commits, and it counts as a failed attempt now.
+async fn run_summary(
+    conn: &mut PgConnection,
+    row: &ExecutionRow,
+    deadline: bool,
+) -> Result<String, EngineError> {
+    let mut steps = store::executions::step_list(conn, row.id).await?;
+    if deadline {
+        for step in steps.iter_mut().filter(|s| s.status == "running") {
+            step.status = "timeout".to_owned();
+        }
+    }
     Ok(summarize(&steps, row, None))
 }
 
