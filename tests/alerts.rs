@@ -675,6 +675,12 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
     assert_eq!(status, 200);
     let long = processed(&app, alert_id(&app, &"L".repeat(255), "am:9094").await).await;
     assert_eq!(long["alert"]["action_taken"], "ignore", "{long}");
+    // The list finds it by its whole name.
+    let (status, found) = app
+        .get(&format!("/alerts?name={}Watchdog", "L".repeat(290)))
+        .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], 1, "{found}");
     let pg = processed(&app, alert_id(&app, "PostgresDown", "db-1:9187").await).await;
     assert_eq!(pg["alert"]["action_taken"], "auto_analyze");
     assert_eq!(pg["matched_rule"]["name"], "db-critical");

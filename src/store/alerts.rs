@@ -401,8 +401,13 @@ pub async fn alert_list(
     limit: i64,
     offset: i64,
 ) -> StoreResult<(Vec<AlertRow>, i64)> {
+    // The name and severity columns keep a prefix of a long value (255 and 50 characters):
+    // the prefix finds the rows through their index, the label holds the whole value.
     const WHERE: &str = "WHERE ($1::text IS NULL OR status = $1) \
-           AND ($2::text IS NULL OR severity = $2) AND ($3::text IS NULL OR alert_name = $3) \
+           AND ($2::text IS NULL OR (severity = left($2, 50) \
+                AND labels_json->>'severity' = $2)) \
+           AND ($3::text IS NULL OR (alert_name = left($3, 255) \
+                AND labels_json->>'alertname' = $3)) \
            AND ($4::jsonb IS NULL OR labels_json @> $4) \
            AND ($5::timestamptz IS NULL OR starts_at >= $5) \
            AND ($6::timestamptz IS NULL OR starts_at < $6)";
