@@ -271,3 +271,18 @@ fn a_reader_that_goes_away_ends_the_command_quietly() {
     assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
 }
+
+#[tokio::test]
+async fn a_database_that_was_never_migrated_is_named_with_what_to_do() {
+    let dir = common::Scratch::new("rb-unmigrated");
+    std::fs::write(dir.join("good.yaml"), GOOD).unwrap();
+    let url = common::fresh_database_url().await;
+    let out = aiops(&dir, Some(&url), &["apply", "good.yaml"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr,
+        "error: cannot apply runbook `cli-one`: the database refused: relation \"runbooks\" \
+         does not exist\nhint: this database has no aiops tables yet; run `aiops migrate` first\n"
+    );
+}

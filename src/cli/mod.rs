@@ -203,6 +203,37 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// An error and its causes on one line, each said once (a cause whose text its wrapper already
+/// carries is left out), a database refusal by its message alone, and what to do about a
+/// database that was never migrated.
+fn error_text(e: &anyhow::Error) -> String {
+    let db = e
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(d)) => Some(d),
+            _ => None,
+        });
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts.last().is_some_and(|p| p.contains(&text)) {
+            continue;
+        }
+        if let Some(d) = db
+            && text.contains(d.message())
+        {
+            parts.push(format!("the database refused: {}", d.message()));
+            break;
+        }
+        parts.push(text);
+    }
+    let mut text = parts.join(": ");
+    if db.is_some_and(|d| d.code().as_deref() == Some("42P01")) {
+        text.push_str("\nhint: this database has no aiops tables yet; run `aiops migrate` first");
+    }
+    text
+}
+
 /// Parses the command line and runs it; the process exit code reflects success.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -245,7 +276,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<runbook::Differences>() => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
