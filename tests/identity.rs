@@ -462,6 +462,28 @@ async fn users_crud_validation_conflicts_and_audit() {
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["details"]["field"], "username");
+    // Regardless of case: `ALICE` would be a second account for the same person, and so
+    // would the same email in capitals.
+    for (username, email, field) in [
+        ("ALICE", "other@example.test", "username"),
+        ("alice2", "Alice@Example.TEST", "email"),
+    ] {
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/users",
+                Some(&app.admin_token),
+                Some(json!({
+                    "username": username,
+                    "email": email,
+                    "password": "a-long-enough-password",
+                    "role": "viewer"
+                })),
+            )
+            .await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["details"]["field"], field, "{body}");
+    }
 
     for (payload, field) in [
         (

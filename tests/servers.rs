@@ -53,6 +53,15 @@ async fn crud_never_returns_secrets_and_viewers_read() {
         "{text}"
     );
     assert!(created.get("ssh_key").is_none() && created.get("ssh_key_encrypted").is_none());
+    // The same name in capitals is the same server.
+    let (status, body) = create(
+        &app,
+        json!({ "name": "DB-1", "hostname": "127.0.0.1", "username": "ops",
+                "auth_type": "password", "password": "pw" }),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["details"]["field"], "name", "{body}");
 
     let id = created["id"].as_str().unwrap().to_owned();
     let (_, viewer) = app.user_with_role("viewer").await;

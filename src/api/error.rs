@@ -330,6 +330,15 @@ mod tests {
     fn constraint_names_map_to_fields() {
         assert_eq!(field_of_constraint("users_username_key"), Some("username"));
         assert_eq!(field_of_constraint("users_email_key"), Some("email"));
+        assert_eq!(
+            field_of_constraint("users_lower_username_key"),
+            Some("username")
+        );
+        assert_eq!(field_of_constraint("users_lower_email_key"), Some("email"));
+        assert_eq!(
+            field_of_constraint("server_credentials_lower_name_key"),
+            Some("name")
+        );
     }
 
     #[test]
