@@ -81,6 +81,9 @@ async fn rotation_reseals_everything_under_the_new_key() {
     }
     let report = aiops::cli::secrets::rotate(&app.pool, &both).await.unwrap();
     assert_eq!(report.rotated, 6, "5 passwords and 1 execution's variables");
+    let audited = app.audit_rows("secrets_rotate").await;
+    assert_eq!(audited.len(), 1);
+    assert_eq!(audited[0].3.as_ref().unwrap()["rotated"], 6);
     let envelope = sealed(&app).await;
     assert!(envelope.starts_with("v1:new:"));
     let opened = aiops::engine::secret_vars::open(

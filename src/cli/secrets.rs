@@ -79,6 +79,24 @@ pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> anyhow::Result<Rotation
             after = last;
         }
     }
+    // One audit entry per rotation, after its last row.
+    let mut conn = pool.acquire().await?;
+    crate::store::audit::audit_insert(
+        &mut conn,
+        &crate::store::audit::NewAuditEntry {
+            user_id: None,
+            action: "secrets_rotate",
+            resource_type: "secret_key",
+            resource_id: None,
+            details: serde_json::json!({
+                "key_id": keyring.current_id(),
+                "rotated": report.rotated,
+                "source": "cli",
+            }),
+            ip_address: None,
+        },
+    )
+    .await?;
     Ok(report)
 }
 
@@ -90,6 +108,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match command {
         SecretsCommand::GenerateKey { id } => {
+            // A key whose id AIOPS_SECRET_KEY would refuse is of no use.
+            if !crate::crypto::secrets::valid_id(&id) {
+                anyhow::bail!("--id `{id}`: a key id is 1 to 32 of letters, digits, '_', '-', '.'");
+            }
             outln!("{id}:{}", generate_key_hex());
             Ok(())
         }
@@ -99,10 +121,9 @@ pub async fn run(
             let pool = pool.context("rotation needs DATABASE_URL")?;
             let report = rotate(pool, &keyring).await?;
             outln!(
-                "rotated {} secrets to key {} ({} already current)",
+                "rotated {} secret(s) to key {}; every other stored secret is already under it",
                 report.rotated,
                 keyring.current_id(),
-                report.skipped
             );
             Ok(())
         }

@@ -108,7 +108,8 @@ impl fmt::Debug for Keyring {
     }
 }
 
-fn valid_id(id: &str) -> bool {
+/// Whether a key id is 1 to 32 of letters, digits, '_', '-' and '.'.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 32
         && id
