@@ -62,9 +62,9 @@ pub enum ApiError {
     /// The request parsed but a field is invalid.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
-    /// Too many attempts; retry later.
+    /// Too many attempts; retry later (after `Retry-After` seconds, when given).
     #[oai(status = 429)]
-    TooManyRequests(Json<ErrorBody>),
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] Option<u32>),
     /// An unexpected failure; details are in the server log.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -192,7 +192,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => 413,
             ApiError::UnsupportedMediaType(_) => 415,
             ApiError::Unprocessable(_) => 422,
-            ApiError::TooManyRequests(_) => 429,
+            ApiError::TooManyRequests(..) => 429,
             ApiError::Internal(_) => 500,
             ApiError::Unavailable(_) => 503,
         }
@@ -259,8 +259,12 @@ impl From<AuthError> for ApiError {
             AuthError::InvalidCredentials | AuthError::Inactive | AuthError::Unauthenticated => {
                 ApiError::Unauthorized(body("unauthorized", e.to_string(), None))
             }
-            AuthError::Throttled { .. } | AuthError::Busy => {
-                ApiError::TooManyRequests(body("too_many_requests", e.to_string(), None))
+            AuthError::Throttled { retry_after } => ApiError::TooManyRequests(
+                body("too_many_requests", e.to_string(), None),
+                Some(u32::try_from(crate::auth::retry_seconds(retry_after)).unwrap_or(u32::MAX)),
+            ),
+            AuthError::Busy => {
+                ApiError::TooManyRequests(body("too_many_requests", e.to_string(), None), Some(1))
             }
             AuthError::Forbidden { .. } => {
                 ApiError::Forbidden(body("forbidden", e.to_string(), None))

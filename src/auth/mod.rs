@@ -36,7 +36,7 @@ pub enum AuthError {
     #[error("account is disabled")]
     Inactive,
     /// Too many failed attempts for this user or address.
-    #[error("too many failed login attempts; retry in {} seconds", retry_after.as_secs())]
+    #[error("too many failed login attempts; retry in {} seconds", retry_seconds(*retry_after))]
     Throttled {
         /// When a new attempt may succeed.
         retry_after: Duration,
@@ -87,6 +87,11 @@ pub struct LoginGrant {
     pub role: Role,
 }
 
+/// Whole seconds to wait, rounded up (a client that waits them is not refused again).
+pub fn retry_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 fn parse_role(stored: &str) -> Role {
     // The CHECK constraint on users.role guarantees one of the four; fall back to the least
     // privileged role rather than failing open.
@@ -129,11 +134,18 @@ pub async fn login(
     let per_user = settings.max_failures_per_user;
     let per_ip = settings.max_failures_per_ip;
     if recent.user_failures >= per_user || recent.ip_failures >= per_ip {
+        // A refused attempt counts as a failure too: trying on extends the lockout.
+        let retry_after = store::login_attempts::login_lockout_remaining(
+            &mut tx,
+            username,
+            ip,
+            settings.window,
+            (per_user, per_ip),
+        )
+        .await?;
         store::login_attempts::login_attempt_record(&mut tx, username, ip, false).await?;
         tx.commit().await.map_err(StoreError::from)?;
-        return Err(AuthError::Throttled {
-            retry_after: settings.window,
-        });
+        return Err(AuthError::Throttled { retry_after });
     }
     if recent.user_failures + recent.user_pending >= per_user
         || recent.ip_failures + recent.ip_pending >= per_ip

@@ -94,6 +94,50 @@ pub struct RecentAttempts {
 /// password leaves its attempt pending, and it stops counting after this.
 const PENDING_COUNTS_SECS: f64 = 60.0;
 
+/// How long until a username or address locked out by its limit of failures within `window` may
+/// try again, once the failure about to be recorded counts too. With n failures counted and the
+/// limit l, that is when the (n - l + 2)-th oldest is older than the window (the failure about
+/// to be recorded when there is none); the longer of the two lockouts.
+pub async fn login_lockout_remaining(
+    conn: &mut PgConnection,
+    username: &str,
+    ip_address: Option<&str>,
+    window: Duration,
+    (user_limit, ip_limit): (i64, i64),
+) -> StoreResult<Duration> {
+    let seconds: Option<f64> = sqlx::query_scalar(
+        "WITH u AS ( \
+           SELECT a.created_at FROM login_attempts a \
+            WHERE a.username = $1 AND NOT a.succeeded AND NOT a.pending \
+              AND a.created_at > now() - make_interval(secs => $3) \
+              AND a.created_at > COALESCE((SELECT max(s.created_at) FROM login_attempts s \
+                  WHERE s.username = $1 AND s.succeeded), '-infinity')), \
+         i AS ( \
+           SELECT a.created_at FROM login_attempts a \
+            WHERE $2::text IS NOT NULL AND a.ip_address = $2 AND NOT a.succeeded \
+              AND NOT a.pending AND a.created_at > now() - make_interval(secs => $3)), \
+         nu AS (SELECT count(*) AS n FROM u), ni AS (SELECT count(*) AS n FROM i), \
+         ends AS ( \
+           SELECT CASE WHEN nu.n >= $4 THEN COALESCE((SELECT created_at FROM u \
+                    ORDER BY created_at OFFSET nu.n + 1 - $4 LIMIT 1), now()) END AS e FROM nu \
+           UNION ALL \
+           SELECT CASE WHEN ni.n >= $5 THEN COALESCE((SELECT created_at FROM i \
+                    ORDER BY created_at OFFSET ni.n + 1 - $5 LIMIT 1), now()) END FROM ni) \
+         SELECT EXTRACT(EPOCH FROM max(e) + make_interval(secs => $3) - now())::float8 FROM ends",
+    )
+    .bind(username)
+    .bind(ip_address)
+    .bind(window.as_secs_f64())
+    .bind(user_limit)
+    .bind(ip_limit)
+    .fetch_one(conn)
+    .await?;
+    // No counted failure left to age out (the newest is the one recorded now): a whole window.
+    Ok(seconds
+        .filter(|s| *s > 0.0)
+        .map_or(window, Duration::from_secs_f64))
+}
+
 /// Failed and pending attempts for a username and for an address within the window. A success
 /// for the username resets its count (failures before the last success are not counted).
 pub async fn login_failures_recent(
