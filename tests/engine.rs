@@ -121,6 +121,55 @@ steps:
 }
 
 #[tokio::test]
+async fn a_windows_runbook_never_runs_with_the_posix_shell() {
+    let app = common::spawn_app().await;
+    let runbook = app
+        .runbook_from_yaml("name: win-only\nmode: auto\ntarget_os: windows\nsteps:\n  - {name: s, command: 'Write-Output hi'}\n")
+        .await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "runbook_id", "{body}");
+    // A run whose snapshot says windows by the time a worker takes it (stored before this
+    // check existed, say) fails its step without running anything.
+    let dir = scratch();
+    let marker = dir.join("ran");
+    let linux = app
+        .runbook_from_yaml(&format!(
+            "name: became-windows\nmode: auto\nsteps:\n  - {{name: s, command: 'touch {}'}}\n",
+            marker.display()
+        ))
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": linux })).await;
+    sqlx::query(
+        "UPDATE runbook_executions SET runbook_snapshot = \
+         jsonb_set(runbook_snapshot, '{target_os}', '\"windows\"') WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let worker = common::TestWorker::start(&app.pool).await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("targets windows"),
+        "{done}"
+    );
+    assert!(!marker.exists(), "the command ran");
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn failure_rolls_back_completed_steps_newest_first() {
     let app = common::spawn_app().await;
     let worker = common::TestWorker::start(&app.pool).await;

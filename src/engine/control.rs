@@ -123,6 +123,18 @@ pub async fn create_execution(
             reason: "the runbook has no steps".into(),
         });
     }
+    if snapshot.target_os == "windows" {
+        // Its commands are quoted and checked by PowerShell rules; the worker's host and SSH
+        // servers run them with /bin/sh, where that quoting does not hold.
+        return Err(EngineError::Invalid {
+            field: "runbook_id".into(),
+            reason: format!(
+                "runbook {} targets windows, which needs a WinRM executor; this deployment runs \
+                 commands on the worker's host and over SSH with /bin/sh only",
+                snapshot.name
+            ),
+        });
+    }
     if let Some(server_id) = req.server_id {
         let facts = store::blackouts::blackout_server_facts(conn, server_id)
             .await?

@@ -62,13 +62,19 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         step_order: step.step_order,
     };
     let mut g = ctx.lease().guarded_tx().await?;
-    let resolved = engine.targets.resolve(g.conn(), row.server_id).await;
+    let resolved = super::targets::resolve_for(
+        engine.targets.as_ref(),
+        g.conn(),
+        row.server_id,
+        &snapshot.target_os,
+    )
+    .await;
     let (already, _, attempts) = store::executions::step_slot_prepare(g.conn(), slot).await?;
     if !already {
         let retry = i32::try_from(attempts).unwrap_or(0);
-        let (target, secrets, server) = match resolved {
-            Ok(r) => (Some(r.target), r.secrets, r.server),
-            Err(e) => (None, Vec::new(), json!({ "error": e })),
+        let (target, secrets, server, target_error) = match resolved {
+            Ok(r) => (Some(r.target), r.secrets, r.server, None),
+            Err(e) => (None, Vec::new(), json!({ "error": e }), Some(e)),
         };
         // The same variables, alert, server and captured outputs the run's steps rendered with.
         let RenderInputs {
@@ -116,7 +122,9 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
 
         let result = match (rendered, target) {
             (Err(e), _) => Err(e),
-            (Ok(_), None) => Err("no target for the server".to_owned()),
+            (Ok(_), None) => Err(target_error
+                .map(|e| masker.mask(&e))
+                .unwrap_or_else(|| "no target for the server".to_owned())),
             (Ok(command), Some(target)) => {
                 let executor = match target {
                     crate::exec::Target::Local => Some(engine.local.clone()),

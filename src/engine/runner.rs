@@ -139,10 +139,16 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         step_order: step.step_order,
     };
 
-    let resolved = engine.targets.resolve(prep.conn(), row.server_id).await;
-    let (target, secrets, server_json) = match resolved {
-        Ok(r) => (Some(r.target), r.secrets, r.server),
-        Err(e) => (None, Vec::new(), json!({ "error": e })),
+    let resolved = super::targets::resolve_for(
+        engine.targets.as_ref(),
+        prep.conn(),
+        row.server_id,
+        &snapshot.target_os,
+    )
+    .await;
+    let (target, secrets, server_json, target_error) = match resolved {
+        Ok(r) => (Some(r.target), r.secrets, r.server, None),
+        Err(e) => (None, Vec::new(), json!({ "error": e }), Some(e)),
     };
 
     let (done, interrupted, attempts) = match &mut prep {
@@ -242,10 +248,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             return Ok(());
         }
         (Err(message), _) => Err(masker.mask(&message)),
-        (Ok(Some(_)), None) => Err(format!(
-            "no target for server {}",
-            row.server_id.map(|s| s.to_string()).unwrap_or_default()
-        )),
+        (Ok(Some(_)), None) => Err(masker.mask(&target_error.unwrap_or_else(|| {
+            format!(
+                "no target for server {}",
+                row.server_id.map(|s| s.to_string()).unwrap_or_default()
+            )
+        }))),
         (Ok(Some(command)), Some(target)) => Ok((command, target)),
     };
     match prep {

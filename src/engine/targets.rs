@@ -35,6 +35,26 @@ pub trait TargetResolver: Send + Sync {
     ) -> ResolveFuture<'a>;
 }
 
+/// Resolves an execution's target for its runbook: a runbook written for Windows (quoted and
+/// checked by PowerShell rules) is refused on a target whose commands run with `/bin/sh` (the
+/// worker's own host, SSH), where its quoting would not hold.
+pub async fn resolve_for(
+    resolver: &dyn TargetResolver,
+    conn: &mut PgConnection,
+    server_id: Option<Uuid>,
+    target_os: &str,
+) -> Result<ResolvedTarget, String> {
+    let resolved = resolver.resolve(conn, server_id).await?;
+    if target_os == "windows" {
+        return Err(format!(
+            "the runbook targets windows, but this {} target runs commands with /bin/sh; \
+             a windows runbook runs only on a windows server over WinRM",
+            resolved.target.kind()
+        ));
+    }
+    Ok(resolved)
+}
+
 /// Runs everything on the worker's host; refuses server targets.
 pub struct LocalOnly;
 
