@@ -58,12 +58,9 @@ impl State {
     }
 }
 
-/// `{{ }}` found where the shell does not read plain words.
+/// Template syntax found where the quoting check could not vouch for the command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "`{{{{ }}}}` at line {line}, column {column} of the command is inside {context}; \
-     interpolated values are quoted already, so write them as plain words outside quotes"
-)]
+#[error("{}", self.explain())]
 pub struct Misplaced {
     /// 1-based line within the template.
     pub line: usize,
@@ -71,6 +68,56 @@ pub struct Misplaced {
     pub column: usize,
     /// Where it was found (`double quotes`, `a comment`, ...).
     pub context: &'static str,
+    /// What was found there.
+    pub kind: MisplacedKind,
+}
+
+/// What [`Misplaced`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MisplacedKind {
+    /// `{{ }}` where the shell does not read plain words.
+    Interpolation,
+    /// Whitespace control (`{{-`, `-}}`, `{%-`, `-%}`, `+%}`, ...): it removes text (a newline
+    /// ending a comment or a heredoc) after the check has read it.
+    WhitespaceControl,
+    /// A `{% %}` tag where the shell is not reading plain words, or with a heredoc waiting for
+    /// its body: the text of a branch that is not rendered would still count.
+    BlockTag,
+    /// `{% set x %}...{% endset %}` or `{% filter %}`: what they capture is quoted, and quoted
+    /// again where it is used.
+    Capture,
+}
+
+impl Misplaced {
+    fn explain(&self) -> String {
+        let at = format!(
+            "at line {}, column {} of the command",
+            self.line, self.column
+        );
+        match self.kind {
+            MisplacedKind::Interpolation => format!(
+                "`{{{{ }}}}` {at} is inside {}; interpolated values are quoted already, so \
+                 write them as plain words outside quotes",
+                self.context
+            ),
+            MisplacedKind::WhitespaceControl => format!(
+                "whitespace control (`{{{{-`, `-}}}}`, `{{%-`, `-%}}`) {at} is not allowed in a \
+                 command: it removes text, such as the line break that ends a comment or a \
+                 heredoc, that decides how the shell reads the values"
+            ),
+            MisplacedKind::BlockTag => format!(
+                "`{{% %}}` {at} is inside {}; put template tags where the shell reads plain \
+                 words (outside quotes, comments and heredocs), so that every branch leaves the \
+                 shell reading plain words",
+                self.context
+            ),
+            MisplacedKind::Capture => format!(
+                "`{{% set %}}...{{% endset %}}` and `{{% filter %}}` {at} are not allowed in a \
+                 command: the values they capture are quoted, and quoted again where they are \
+                 used; use `{{% set x = ... %}}`"
+            ),
+        }
+    }
 }
 
 /// Checks every `{{` of a template against the shell's quoting state at that point.
@@ -87,29 +134,56 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
         let c = chars[i];
         let next = chars.get(i + 1).copied();
         // Template syntax first: it is not shell text.
-        if c == '{' && matches!(next, Some('%') | Some('#')) {
-            let close = if next == Some('%') { '%' } else { '#' };
+        if c == '{' && matches!(next, Some('%') | Some('#') | Some('{')) {
+            let close = match next {
+                Some('%') => '%',
+                Some('#') => '#',
+                _ => '}',
+            };
             let mut j = i + 2;
             while j + 1 < chars.len() && !(chars[j] == close && chars[j + 1] == '}') {
                 j += 1;
             }
-            i = j + 2;
-            continue;
-        }
-        if c == '{' && next == Some('{') {
-            if state != State::Word {
-                return Err(Misplaced {
-                    line,
-                    column: i - line_start + 1,
-                    context: state.describe(),
-                });
+            let inner: String = chars[(i + 2).min(j)..j].iter().collect();
+            let misplaced = |context: &'static str, kind: MisplacedKind| Misplaced {
+                line,
+                column: i - line_start + 1,
+                context,
+                kind,
+            };
+            if inner.starts_with(['-', '+']) || inner.ends_with(['-', '+']) {
+                return Err(misplaced("", MisplacedKind::WhitespaceControl));
             }
-            let mut j = i + 2;
-            while j + 1 < chars.len() && !(chars[j] == '}' && chars[j + 1] == '}') {
-                j += 1;
+            match next {
+                Some('{') => {
+                    if state != State::Word {
+                        return Err(misplaced(state.describe(), MisplacedKind::Interpolation));
+                    }
+                    at_word_start = false;
+                }
+                Some('%') => {
+                    if state != State::Word {
+                        return Err(misplaced(state.describe(), MisplacedKind::BlockTag));
+                    }
+                    if !pending_heredocs.is_empty() {
+                        return Err(misplaced(
+                            "a line whose heredoc body has not begun",
+                            MisplacedKind::BlockTag,
+                        ));
+                    }
+                    let mut words = inner.split_whitespace();
+                    let capture = match words.next() {
+                        Some("filter") => true,
+                        Some("set") => !inner.contains('='),
+                        _ => false,
+                    };
+                    if capture {
+                        return Err(misplaced("", MisplacedKind::Capture));
+                    }
+                }
+                _ => {}
             }
             i = j + 2;
-            at_word_start = false;
             continue;
         }
         if c == '\n' {
@@ -366,6 +440,50 @@ mod tests {
         }
         let err = posix("echo ok\necho \"{{ x }}\"").unwrap_err();
         assert_eq!((err.line, err.column), (2, 7));
+    }
+
+    #[test]
+    fn whitespace_control_and_branches_cannot_move_a_value_out_of_place() {
+        for (src, kind) in [
+            (
+                "echo hello # note\n{{- x }}",
+                MisplacedKind::WhitespaceControl,
+            ),
+            (
+                "cat <<EOF\nhello\nEOF\n{{- x }}",
+                MisplacedKind::WhitespaceControl,
+            ),
+            ("echo a {{ x -}}\n", MisplacedKind::WhitespaceControl),
+            (
+                "echo a # {%- if x %}\n{% endif %}",
+                MisplacedKind::WhitespaceControl,
+            ),
+            ("echo a {#- note -#}", MisplacedKind::WhitespaceControl),
+            (
+                "echo {% if true %}\"{% else %}\"{% endif %} {{ x }} \"",
+                MisplacedKind::BlockTag,
+            ),
+            ("echo ok # {% if x %}{% endif %}", MisplacedKind::BlockTag),
+            (
+                "cat <<EOF {% if x %}\n{% endif %}EOF",
+                MisplacedKind::BlockTag,
+            ),
+            (
+                "{% set y %}{{ x }}{% endset %}echo {{ y }}",
+                MisplacedKind::Capture,
+            ),
+            (
+                "{% filter upper %}{{ x }}{% endfilter %}",
+                MisplacedKind::Capture,
+            ),
+        ] {
+            let err = posix(src).unwrap_err();
+            assert_eq!(err.kind, kind, "{src}: {err}");
+        }
+        // Tags where the shell reads plain words are fine, in loops and branches alike.
+        assert!(posix("{% for h in hosts %}ping -c1 {{ h }}; {% endfor %}").is_ok());
+        assert!(posix("{% set y = x ~ '.conf' %}cat {{ y }}").is_ok());
+        assert!(posix("echo {{ -1 }} {{ a - b }}").is_ok());
     }
 
     #[test]
