@@ -146,3 +146,61 @@ async fn a_worker_stopping_mid_step_kills_the_command_and_releases_the_step() {
         "{errors}"
     );
 }
+
+/// A step whose worker let it go at shutdown runs again on another worker, and the attempt that
+/// was stopped stays recorded as interrupted, as after a crash: the job starts again at attempt
+/// 1, but it is not its first claim.
+#[tokio::test]
+async fn a_step_released_at_shutdown_keeps_its_interrupted_attempt() {
+    let app = common::spawn_app().await;
+    let dir = common::Scratch::new("release");
+    let mark = dir.join("mark");
+    let yaml = format!(
+        "name: release-me\nmode: auto\nsteps:\n  - name: s\n    command: \"if [ -e {m} ]; then echo second; else touch {m}; echo first; sleep 30; fi\"\n",
+        m = mark.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let mut worker = app
+        .worker_command(&["--grace-seconds", "0.3"])
+        .spawn()
+        .unwrap();
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !mark.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker_pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker_pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker stops after its grace period")
+        .unwrap();
+
+    let survivor = common::TestWorker::start(&app.pool).await;
+    let done = app.wait_for_status(id, common::FINISHED, 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps = app.steps(id).await;
+    let rows: Vec<(bool, &str, &str)> = steps
+        .iter()
+        .map(|s| {
+            (
+                s["interrupted"].as_bool().unwrap_or(false),
+                s["status"].as_str().unwrap(),
+                s["stdout"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [(true, "failed", ""), (false, "completed", "second\n")],
+        "{steps:?}"
+    );
+    survivor.stop().await;
+}

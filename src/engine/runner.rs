@@ -69,9 +69,10 @@ impl Prep {
 pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let p: StepPayload = ctx.payload_as()?;
     // The attempt row the enqueuing transaction inserted is this job's only on its first
-    // attempt: a later attempt may follow a worker that died while the command ran, so it
-    // takes the checkpoint path, which marks that row interrupted.
-    let prepared = p.prepared.filter(|_| ctx.attempt == 1);
+    // claim: a later one may follow a worker that died while the command ran, that let the job
+    // go at shutdown, or an admin's retry, so it takes the checkpoint path, which marks that
+    // row interrupted.
+    let prepared = p.prepared.filter(|_| ctx.attempt == 1 && ctx.first_claim);
     // Checkpoint: the attempt row, in one lease-fenced transaction with the reads it needs.
     // Its commit does not wait for the WAL flush: only a crash of the PostgreSQL server itself
     // within the WAL writer's delay could lose it, and then the job is still running under its

@@ -462,6 +462,9 @@ pub struct JobContext {
     pub max_attempts: i32,
     /// De-duplication key the job was enqueued with.
     pub unique_key: Option<String>,
+    /// No worker held the job before this claim: false after a graceful release or an admin's
+    /// retry, which start again at attempt 1.
+    pub first_claim: bool,
     pub(crate) lease: Lease,
 }
 

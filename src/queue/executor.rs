@@ -822,6 +822,7 @@ async fn run_handler(inner: &Arc<Inner>, job: &ClaimedJob, state: &Arc<LeaseStat
                 attempt: job.attempt,
                 max_attempts: job.max_attempts,
                 unique_key: job.unique_key.clone(),
+                first_claim: job.first_claim,
                 lease: Lease::new(
                     inner.pool.clone(),
                     job.id,

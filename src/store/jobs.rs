@@ -162,6 +162,10 @@ pub struct ClaimedJob {
     pub run_at: DateTime<Utc>,
     /// De-duplication key.
     pub unique_key: Option<String>,
+    /// No worker held the job before this claim. A job put back without spending an attempt
+    /// (a graceful release, a snooze) or retried by an admin starts again at attempt 1, but it
+    /// has run before.
+    pub first_claim: bool,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -264,7 +268,7 @@ macro_rules! claimed_insert {
                  WHERE unique_key IS NOT NULL AND state IN ('available', 'running', 'retryable') \
                  DO NOTHING \
              RETURNING id, kind, payload, attempt, max_attempts, lease_token, lease_expires_at, \
-                 timeout_seconds, run_at, unique_key"
+                 timeout_seconds, run_at, unique_key, true AS first_claim"
         )
     };
 }
@@ -451,7 +455,7 @@ pub(crate) use cancel_pending_by_key;
 /// rows come back in claim order (`priority, run_at, id`): a worker that claims more jobs than
 /// it has free slots starts them in that order.
 pub const CLAIM_SQL: &str = "WITH picked AS ( \
-         SELECT id FROM jobs \
+         SELECT id, attempted_at FROM jobs \
          WHERE state IN ('available', 'retryable') AND run_at <= now() \
          ORDER BY priority, run_at, id \
          LIMIT $2 \
@@ -463,10 +467,11 @@ pub const CLAIM_SQL: &str = "WITH picked AS ( \
              locked_by = $1, attempted_at = now() \
          FROM picked WHERE j.id = picked.id \
          RETURNING j.id, j.kind, j.payload, j.attempt, j.max_attempts, j.lease_token, \
-             j.lease_expires_at, j.timeout_seconds, j.run_at, j.unique_key, j.priority \
+             j.lease_expires_at, j.timeout_seconds, j.run_at, j.unique_key, j.priority, \
+             picked.attempted_at IS NULL AS first_claim \
      ) \
      SELECT id, kind, payload, attempt, max_attempts, lease_token, lease_expires_at, \
-         timeout_seconds, run_at, unique_key \
+         timeout_seconds, run_at, unique_key, first_claim \
      FROM claimed ORDER BY priority, run_at, id";
 
 /// Claims up to `limit` due jobs for `worker` in one statement (`FOR UPDATE SKIP LOCKED`), giving
