@@ -236,3 +236,41 @@ async fn cancelling_a_running_job_fences_its_worker() {
     let (_, body) = app.get(&format!("/queue/jobs/{id}")).await;
     assert_eq!(body["state"], "cancelled");
 }
+
+#[tokio::test]
+async fn an_executions_jobs_are_cancelled_through_the_execution() {
+    let app = common::spawn_app().await;
+    let runbook = app
+        .runbook_from_yaml(
+            "name: jobs-of-a-run\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n",
+        )
+        .await;
+    // No worker: the run's start job waits in the queue.
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let job: i64 = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE kind = 'execution.start' AND payload->>'execution_id' = $1",
+    )
+    .bind(id.to_string())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/queue/jobs/{job}/cancel"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["details"]["field"], "kind", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/executions/{id}/cancel")),
+        "{body}"
+    );
+    let (_, job_row) = app.get(&format!("/queue/jobs/{job}")).await;
+    assert_eq!(job_row["state"], "available", "{job_row}");
+}

@@ -345,7 +345,8 @@ impl JobsApi {
 
     /// Cancel a job that has not finished (available, retryable or running), or a dead one so it
     /// is not retried. Cancelling a running job revokes its lease: the worker's further writes
-    /// for it are refused. 409 for completed or already cancelled jobs.
+    /// for it are refused. 409 for completed or already cancelled jobs, and for an unfinished
+    /// job of an execution (`execution.*`), which is cancelled through the execution.
     ///
     /// Least role: admin.
     #[oai(
@@ -365,6 +366,23 @@ impl JobsApi {
         let before = store::jobs::job_get(&mut tx, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("job", id.0))?;
+        // A run's jobs carry its state from step to step: cancelling one would leave the run
+        // `running` with nothing to move it on. The run is cancelled as a whole instead.
+        if before.kind.starts_with("execution.") && before.state != "dead" {
+            let execution = before
+                .payload
+                .get("execution_id")
+                .and_then(|v| v.as_str())
+                .map_or_else(|| "{id}".to_owned(), str::to_owned);
+            return Err(ApiError::conflict(
+                format!(
+                    "job {} belongs to an execution; cancel the execution instead \
+                     (POST /api/v1/executions/{execution}/cancel)",
+                    id.0
+                ),
+                Some("kind"),
+            ));
+        }
         let row = store::jobs::job_cancel(&mut tx, id.0)
             .await?
             .ok_or_else(|| {
