@@ -52,11 +52,12 @@ impl From<StatsRow> for RunbookStats {
 pub struct ExecutionStats {
     /// Per runbook, by name.
     pub runbooks: Vec<RunbookStats>,
-    /// Executions of any status, all runbooks.
+    /// Executions of any status of the runbooks listed (runs of a deleted runbook stay in the
+    /// executions list, unlinked, and count here no more).
     pub total_executions: i64,
-    /// Completed executions, all runbooks.
+    /// Completed executions of the runbooks listed.
     pub successful: i64,
-    /// Failed executions, all runbooks.
+    /// Failed executions of the runbooks listed.
     pub failed: i64,
 }
 
@@ -68,7 +69,9 @@ pub struct StatsApi {
 
 #[OpenApi(prefix_path = "/stats", tag = "Tag::Stats")]
 impl StatsApi {
-    /// Execution statistics for every runbook, with totals.
+    /// Execution statistics for every runbook, with totals. They come from the
+    /// `execution_stats` view, one row per existing runbook: runs of a deleted runbook are not
+    /// counted.
     ///
     /// Least role: viewer.
     #[oai(path = "/executions", method = "get", operation_id = "stats_list")]
