@@ -142,6 +142,18 @@ pub struct Renderer {
 }
 
 impl Renderer {
+    /// Whether the command environment has a filter of this name (asked by applying it: an
+    /// unknown filter is an error of its own kind, whatever the arguments).
+    fn has_filter(&self, name: &str) -> bool {
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return false;
+        }
+        match self.commands.render_str(&format!("{{{{ none | {name} }}}}"), ()) {
+            Err(e) => e.kind() != minijinja::ErrorKind::UnknownFilter,
+            Ok(_) => true,
+        }
+    }
+
     /// A renderer quoting for `target`.
     pub fn new(target: TargetOs) -> Renderer {
         let shell = match target {
@@ -313,15 +325,29 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
             sources.push((format!("steps[{i}].condition"), condition.as_str(), true));
         }
     }
+    // So do filters that do not exist at all (a typo, one from another template engine).
+    let mut known: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
     for (path, source, expression) in sources {
-        if let Some(filter) = removed_filter(source, expression) {
-            issues.push(Issue::new(
-                path,
-                format!(
-                    "uses the `{filter}` filter, which does not exist here: values are quoted for the \
-                     shell, and `raw` is the one way to leave a value unquoted"
-                ),
-            ));
+        for filter in filters_used(source, expression) {
+            if REMOVED_FILTERS.contains(&filter.as_str()) {
+                issues.push(Issue::new(
+                    path.clone(),
+                    format!(
+                        "uses the `{filter}` filter, which does not exist here: values are quoted \
+                         for the shell, and `raw` is the one way to leave a value unquoted"
+                    ),
+                ));
+                break;
+            }
+            let exists = *known
+                .entry(filter.clone())
+                .or_insert_with(|| renderer.has_filter(&filter));
+            if !exists {
+                issues.push(Issue::new(
+                    path.clone(),
+                    format!("uses the filter `{filter}`, which does not exist"),
+                ));
+            }
         }
     }
 
@@ -392,19 +418,40 @@ pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
 
 /// The first removed filter (`safe`, `escape`, `e`) applied in `source`: inside its `{{ }}` and
 /// `{% %}` tags, or anywhere when it is an `expression` (a condition).
-fn removed_filter(source: &str, expression: bool) -> Option<&'static str> {
-    let in_expression = |text: &str| {
-        text.split('|').skip(1).find_map(|after| {
+/// The filter names a template applies (`| name`), outside string literals; for an expression
+/// (a condition) the whole source, otherwise what stands inside `{{ }}` and `{% %}`.
+fn filters_used(source: &str, expression: bool) -> Vec<String> {
+    fn in_expression(text: &str, out: &mut Vec<String>) {
+        // String literals may hold `|`: leave them out.
+        let mut code = String::with_capacity(text.len());
+        let mut quote: Option<char> = None;
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            match quote {
+                Some(q) if c == '\\' => {
+                    let _ = (q, chars.next());
+                }
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None if c == '"' || c == '\'' => quote = Some(c),
+                None => code.push(c),
+            }
+        }
+        for after in code.split('|').skip(1) {
             let name: String = after
                 .trim_start()
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            REMOVED_FILTERS.iter().copied().find(|r| *r == name)
-        })
-    };
+            if !name.is_empty() && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    let mut out = Vec::new();
     if expression {
-        return in_expression(source);
+        in_expression(source, &mut out);
+        return out;
     }
     let mut rest = source;
     while let Some(open) = rest.find(['{']) {
@@ -417,13 +464,13 @@ fn removed_filter(source: &str, expression: bool) -> Option<&'static str> {
                 continue;
             }
         };
-        let end = after.find(close)?;
-        if let Some(found) = in_expression(&after[2..end]) {
-            return Some(found);
-        }
+        let Some(end) = after.find(close) else {
+            break;
+        };
+        in_expression(&after[2..end], &mut out);
         rest = &after[end + 2..];
     }
-    None
+    out
 }
 
 fn sorted(set: HashSet<String>) -> Vec<String> {
@@ -737,12 +784,31 @@ mod tests {
         }
         // `raw`, `upper`, a filter whose name only starts like one, and `|` in the shell: fine.
         let fine = issues(
-            "name: x\nsteps:\n  - name: a\n    command: echo {{ alert.name | raw }} {{ alert.name | upper | escapes_nothing_here | default('x') }} | grep e\n",
+            "name: x\nsteps:\n  - name: a\n    command: echo {{ alert.name | raw }} {{ alert.name | upper | escape_free | default('x') }} | grep e\n",
         );
         assert!(
             !fine.iter().any(|i| i.contains("filter, which")),
             "{fine:?}"
         );
+    }
+
+    #[test]
+    fn unknown_filters_are_named_at_validation() {
+        let found = issues(
+            "name: x\nsteps:\n  - name: a\n    command: echo {{ alert.name | nosuchfilter }} {{ alert.labels | tojson }}\n    condition: alert.name | lenght > 3\n",
+        );
+        for expected in [
+            "steps[0].command uses the filter `nosuchfilter`, which does not exist",
+            "steps[0].command uses the filter `tojson`, which does not exist",
+            "steps[0].condition uses the filter `lenght`, which does not exist",
+        ] {
+            assert!(found.iter().any(|i| i == expected), "{expected}: {found:?}");
+        }
+        // Real filters, with arguments or not, and `|` inside string literals: fine.
+        let fine = issues(
+            "name: x\nsteps:\n  - name: a\n    command: echo {{ alert.name | replace('|', '-') | trim | default(\"a|b\") }}\n    condition: alert.name | length > 3\n",
+        );
+        assert!(!fine.iter().any(|i| i.contains("does not exist")), "{fine:?}");
     }
 
     #[test]
