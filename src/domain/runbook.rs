@@ -471,10 +471,20 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
     let mut removed: Vec<String> = Vec::new();
     while problems.len() < MAX_PARSE_PROBLEMS {
         let last = problems.last().expect("at least one problem");
-        // A missing field cannot be set aside; an element of a list is not removed, so that
-        // the indexes of later problems stay those of the file.
+        // A value of the wrong type is replaced by one of the right type (a list element too,
+        // so that the indexes of later problems stay those of the file); an unknown field is
+        // removed. A missing field cannot be set aside.
         let Some(path) = last.path.clone() else { break };
-        if last.message == MISSING || path.ends_with(']') || !remove_field(&mut value, &path) {
+        if last.message == MISSING {
+            break;
+        }
+        let set_aside = match placeholder(&last.message) {
+            Some(valid) if !last.message.starts_with("is not a field") => {
+                field_at(&mut value, &path).map(|v| *v = valid).is_some()
+            }
+            _ => !path.ends_with(']') && remove_field(&mut value, &path),
+        };
+        if !set_aside {
             break;
         }
         removed.push(path);
@@ -522,6 +532,47 @@ pub const MAX_PARSE_PROBLEMS: usize = 50;
 /// The message of a required field that is absent.
 const MISSING: &str = "is required";
 
+/// A value of the type a parse message asks for, to read the rest of a document past it.
+fn placeholder(message: &str) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    if message.starts_with("must be a whole number") {
+        return Some(Value::from(1));
+    }
+    if let Some(rest) = message.strip_prefix("cannot be `")
+        && let Some((_, variants)) = rest.split_once("; it is one of ")
+    {
+        return variants
+            .split(", ")
+            .next()
+            .map(|v| Value::String(v.to_owned()));
+    }
+    match message {
+        "must be true or false" => Some(Value::Bool(false)),
+        "must be a string" => Some(Value::String("x".to_owned())),
+        "must be a list" => Some(Value::Array(Vec::new())),
+        _ if message.starts_with("must be a mapping") => {
+            Some(Value::Object(serde_json::Map::new()))
+        }
+        _ => None,
+    }
+}
+
+/// The value at a path of dotted keys and `[i]` indexes.
+fn field_at<'v>(value: &'v mut serde_json::Value, path: &str) -> Option<&'v mut serde_json::Value> {
+    let mut node = value;
+    for part in path.split('.') {
+        let (name, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        node = node.get_mut(name)?;
+        for index in indexes.split(['[', ']']).filter(|i| !i.is_empty()) {
+            node = node.get_mut(index.parse::<usize>().ok()?)?;
+        }
+    }
+    Some(node)
+}
+
 /// Removes the field at a path of dotted keys and `[i]` indexes; false when there is none.
 fn remove_field(value: &mut serde_json::Value, path: &str) -> bool {
     let (parent, key) = match path.rfind('.') {
@@ -568,10 +619,19 @@ fn parse_error_at(text: &str, e: &serde_saphyr::Error) -> (ParseError, Option<No
     let found = line
         .zip(column)
         .and_then(|position| path_at(text, position, missing));
+    let message = product_message(&raw, found.is_some());
+    // A list where a string belongs is reported at its first element: name the field. (A list
+    // of strings takes any scalar, so no element of one is ever "not a string".)
+    let found = match found {
+        Some((path, _)) if message == "must be a string" && path.ends_with("[0]") => {
+            Some((path[..path.len() - 3].to_owned(), NodeKind::Collection))
+        }
+        other => other,
+    };
     let kind = found.as_ref().map(|(_, kind)| *kind);
     let path = found.map(|(path, _)| path);
     let error = ParseError {
-        message: product_message(&raw, path.is_some()),
+        message,
         path,
         line,
         column,
@@ -1507,6 +1567,26 @@ triggers:
                 (Some(1), Some(1), Some("name")),
                 (Some(2), Some(1), Some("bogus")),
                 (Some(3), Some(7), Some("mode"))
+            ],
+            "{problems:?}"
+        );
+        // Elements of a list and values after them: each is reported where the file has it.
+        let problems = parse_yaml_all(
+            "name: x\nsteps:\n  - name: a\n    command: echo\n    expected_exit_codes: [0, x, y]\n  - name: b\n    command: [echo]\n    timeout_seconds: soon\n    capture_output: maybe\n",
+        )
+        .unwrap_err();
+        let paths: Vec<_> = problems
+            .iter()
+            .map(|p| p.path.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "steps[0].expected_exit_codes[1]",
+                "steps[0].expected_exit_codes[2]",
+                "steps[1].command",
+                "steps[1].timeout_seconds",
+                "steps[1].capture_output",
             ],
             "{problems:?}"
         );

@@ -148,7 +148,10 @@ impl Renderer {
         if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return false;
         }
-        match self.commands.render_str(&format!("{{{{ none | {name} }}}}"), ()) {
+        match self
+            .commands
+            .render_str(&format!("{{{{ none | {name} }}}}"), ())
+        {
             Err(e) => e.kind() != minijinja::ErrorKind::UnknownFilter,
             Ok(_) => true,
         }
@@ -808,7 +811,10 @@ mod tests {
         let fine = issues(
             "name: x\nsteps:\n  - name: a\n    command: echo {{ alert.name | replace('|', '-') | trim | default(\"a|b\") }}\n    condition: alert.name | length > 3\n",
         );
-        assert!(!fine.iter().any(|i| i.contains("does not exist")), "{fine:?}");
+        assert!(
+            !fine.iter().any(|i| i.contains("does not exist")),
+            "{fine:?}"
+        );
     }
 
     #[test]
