@@ -1209,27 +1209,25 @@ fn validate_triggers(doc: &RunbookDocument, push: &mut impl FnMut(String, String
                 push(format!("{p}.labels_match.{label}"), e);
             }
         }
+        // Each bound that is given is read, whether or not the other is.
+        let mut bound = |field: &str, value: &Option<String>| {
+            let value = value.as_ref()?;
+            let time = parse_time_of_day(value);
+            if time.is_none() {
+                push(
+                    format!("{p}.{field}"),
+                    format!(
+                        "is `{value}`; must be HH:MM or HH:MM:SS (24-hour, in the alerts.timezone setting)"
+                    ),
+                );
+            }
+            time
+        };
+        let start = bound("time_window_start", &t.time_window_start);
+        let end = bound("time_window_end", &t.time_window_end);
         match (&t.time_window_start, &t.time_window_end) {
             (None, None) => {}
-            (Some(s), Some(e)) => {
-                let start = parse_time_of_day(s);
-                let end = parse_time_of_day(e);
-                if start.is_none() {
-                    push(
-                        format!("{p}.time_window_start"),
-                        format!(
-                            "is `{s}`; must be HH:MM or HH:MM:SS (24-hour, in the alerts.timezone setting)"
-                        ),
-                    );
-                }
-                if end.is_none() {
-                    push(
-                        format!("{p}.time_window_end"),
-                        format!(
-                            "is `{e}`; must be HH:MM or HH:MM:SS (24-hour, in the alerts.timezone setting)"
-                        ),
-                    );
-                }
+            (Some(_), Some(_)) => {
                 if start.is_some() && start == end {
                     push(
                         format!("{p}.time_window_end"),
@@ -1592,6 +1590,22 @@ triggers:
         );
         // A valid document reads as with parse_yaml.
         assert!(parse_yaml_all(MINIMAL).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_time_window_bound_is_named_even_without_the_other() {
+        let d = parse_yaml(&format!(
+            "{MINIMAL}triggers:\n  - name: t\n    alert_name_pattern: '*'\n    time_window_start: '25:99'\n"
+        ))
+        .unwrap();
+        let found: Vec<String> = validate(&d).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            found,
+            [
+                "triggers[0].time_window_start is `25:99`; must be HH:MM or HH:MM:SS (24-hour, in the alerts.timezone setting)",
+                "triggers[0].time_window_end must be set when time_window_start is",
+            ]
+        );
     }
 
     #[test]
