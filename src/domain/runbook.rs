@@ -648,6 +648,9 @@ fn product_message(raw: &str, has_path: bool) -> String {
         "u8" | "u16" | "u32" | "u64" | "usize" => Some("must be a whole number, 0 or more"),
         _ => None,
     };
+    if raw.starts_with("budget breached") {
+        return "is too large once its aliases (`*name`) are expanded".to_owned();
+    }
     if raw.starts_with("multiple YAML documents") {
         return "holds more than one YAML document (`---`): one runbook at a time here \
                 (`aiops runbook apply` reads files of several)"

@@ -281,6 +281,24 @@ impl Renderer {
 /// syntax, `{{ }}` placement, variables referenced but never defined, `steps.<name>` references
 /// and conditions. Paths use the document's list positions (0-based).
 pub fn validate_runbook(doc: &RunbookDocument) -> Vec<Issue> {
+    let mut issues = validate_all(doc);
+    // A generated document can break one rule thousands of times: the first ones say what to
+    // fix, and the answer stays small.
+    if issues.len() > MAX_ISSUES {
+        let more = issues.len() - MAX_ISSUES;
+        issues.truncate(MAX_ISSUES);
+        issues.push(Issue::new(
+            "runbook",
+            format!("has {more} more problem(s) not listed here; fix these first"),
+        ));
+    }
+    issues
+}
+
+/// At most this many validation problems are listed for one runbook.
+pub const MAX_ISSUES: usize = 100;
+
+fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
     let mut issues = validate(doc);
     let renderer = Renderer::new(doc.target_os);
     let var_names: HashSet<&str> = doc.environment_vars.keys().map(String::as_str).collect();
@@ -792,6 +810,19 @@ mod tests {
         assert!(
             !fine.iter().any(|i| i.contains("filter, which")),
             "{fine:?}"
+        );
+    }
+
+    #[test]
+    fn a_document_that_breaks_a_rule_many_times_gets_a_short_list() {
+        let zeros = vec!["0"; 151].join(", ");
+        let found = issues(&format!(
+            "name: x\nsteps:\n  - name: a\n    command: 'true'\n    expected_exit_codes: [{zeros}]\n"
+        ));
+        assert_eq!(found.len(), MAX_ISSUES + 1, "{}", found.len());
+        assert_eq!(
+            found.last().unwrap(),
+            "runbook has 50 more problem(s) not listed here; fix these first"
         );
     }
 
