@@ -299,7 +299,7 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let fingerprint = match &a.fingerprint {
-            Some(f) if f.is_empty() || f.len() > FINGERPRINT_MAX => {
+            Some(f) if f.is_empty() || f.chars().count() > FINGERPRINT_MAX => {
                 return Err(ApiError::invalid(
                     &field("fingerprint"),
                     format!("must be 1 to {FINGERPRINT_MAX} characters"),
