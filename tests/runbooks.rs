@@ -351,6 +351,20 @@ async fn delete_keeps_executions() {
     assert_eq!(audit[0].2, Some(id));
 }
 
+/// The validation report of a YAML document (the operation answers 200 either way).
+async fn validate_report(app: &common::TestApp, yaml: &str) -> serde_json::Value {
+    let (status, report) = app
+        .call(
+            Method::POST,
+            "/runbooks/validate",
+            Some(&app.admin_token),
+            Some(json!({ "yaml": yaml })),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    report
+}
+
 #[tokio::test]
 async fn validation_errors_name_the_field_and_position() {
     let app = common::spawn_app().await;
@@ -405,15 +419,7 @@ async fn validation_errors_name_the_field_and_position() {
 
     // The validate operation lists every problem.
     let yaml = "name: x\nsteps:\n  - name: a\n    command: echo \"{{ alert.name }}\"\n  - name: a\n    command: echo {{ NOPE }}\ntriggers:\n  - name: t\n    alert_name_pattern: 're:(oops'\n    time_window_start: '25:00'\n    time_window_end: '06:00'\n";
-    let (status, report) = app
-        .call(
-            Method::POST,
-            "/runbooks/validate",
-            Some(&app.admin_token),
-            Some(json!({"yaml": yaml})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let report = validate_report(&app, yaml).await;
     assert_eq!(report["valid"], false);
     let paths: Vec<&str> = report["issues"]
         .as_array()
@@ -436,15 +442,7 @@ async fn validation_errors_name_the_field_and_position() {
 
     // The validate operation lists every field problem a document has as written, too.
     let yaml = "name: x\nmode: sometimes\nsteps:\n  - name: a\n    command: 'true'\n    retry_count: many\n";
-    let (status, report) = app
-        .call(
-            Method::POST,
-            "/runbooks/validate",
-            Some(&app.admin_token),
-            Some(json!({"yaml": yaml})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let report = validate_report(&app, yaml).await;
     assert_eq!(report["valid"], false);
     assert_eq!(
         report["issues"],

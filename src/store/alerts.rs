@@ -532,40 +532,48 @@ pub async fn alert_analysis_not_done(
     Ok(done.rows_affected() == 1)
 }
 
-/// Executions of these alerts waiting for approval, or about to (pending, needing an approval,
-/// not approved yet: their start job has not run), so a resolution racing the start job still
-/// cancels them: `(alert id, execution id)` in creation order.
+/// The executions that wait for approval, or are about to (pending, needing an approval, not
+/// approved yet: their start job has not run), among those `$1` selects by `column`.
+macro_rules! awaiting_approval_sql {
+    ($select:literal, $column:literal) => {
+        concat!(
+            "SELECT ",
+            $select,
+            " FROM runbook_executions WHERE ",
+            $column,
+            " AND status = 'pending' AND (awaiting_approval \
+               OR (approved_at IS NULL AND (mode::text = 'semi_auto' \
+                   OR runbook_snapshot->>'requires_approval' = 'true'))) \
+             ORDER BY created_at, id"
+        )
+    };
+}
+
+/// Executions of these alerts waiting for approval, or about to, so a resolution racing the
+/// start job still cancels them: `(alert id, execution id)` in creation order.
 pub async fn alert_executions_awaiting_approval(
     conn: &mut PgConnection,
     alert_ids: &[Uuid],
 ) -> StoreResult<Vec<(Uuid, Uuid)>> {
-    Ok(sqlx::query_as(
-        "SELECT alert_id, id FROM runbook_executions \
-         WHERE alert_id = ANY($1) AND status = 'pending' AND (awaiting_approval \
-           OR (approved_at IS NULL AND (mode::text = 'semi_auto' \
-               OR runbook_snapshot->>'requires_approval' = 'true'))) \
-         ORDER BY created_at, id",
+    Ok(
+        sqlx::query_as(awaiting_approval_sql!("alert_id, id", "alert_id = ANY($1)"))
+            .bind(alert_ids)
+            .fetch_all(conn)
+            .await?,
     )
-    .bind(alert_ids)
-    .fetch_all(conn)
-    .await?)
 }
 
-/// Executions of a runbook that wait for approval (or will, once their start job runs).
+/// Executions of a runbook that wait for approval, or are about to, in creation order.
 pub async fn runbook_executions_awaiting_approval(
     conn: &mut PgConnection,
     runbook_id: Uuid,
 ) -> StoreResult<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM runbook_executions \
-         WHERE runbook_id = $1 AND status = 'pending' AND (awaiting_approval \
-           OR (approved_at IS NULL AND (mode::text = 'semi_auto' \
-               OR runbook_snapshot->>'requires_approval' = 'true'))) \
-         ORDER BY created_at, id",
+    Ok(
+        sqlx::query_scalar(awaiting_approval_sql!("id", "runbook_id = $1"))
+            .bind(runbook_id)
+            .fetch_all(conn)
+            .await?,
     )
-    .bind(runbook_id)
-    .fetch_all(conn)
-    .await?)
 }
 
 /// A trigger with what matching needs of its runbook.
