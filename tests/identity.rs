@@ -505,40 +505,20 @@ async fn users_crud_validation_conflicts_and_audit() {
         assert_eq!(body["details"]["field"], field, "{body}");
     }
 
-    for (payload, field) in [
-        (
-            json!({"username": "bad name", "email": "x@y", "password": "a-long-enough-password", "role": "viewer"}),
-            "username",
-        ),
-        (
-            json!({"username": "bob", "email": "nope", "password": "a-long-enough-password", "role": "viewer"}),
-            "email",
-        ),
-        (
-            json!({"username": "bob", "email": "b@y", "password": "short", "role": "viewer"}),
-            "password",
-        ),
-        (
-            json!({"username": "..", "email": "b@y", "password": "a-long-enough-password", "role": "viewer"}),
-            "username",
-        ),
-        (
-            json!({"username": "bob", "email": "   @   ", "password": "a-long-enough-password", "role": "viewer"}),
-            "email",
-        ),
-        (
-            json!({"username": "bob", "email": "b@y\n", "password": "a-long-enough-password", "role": "viewer"}),
-            "email",
-        ),
-        (
-            json!({"username": "bob", "email": "b@y", "password": " ".repeat(12), "role": "viewer"}),
-            "password",
-        ),
-        (
-            json!({"username": "bob", "email": "b@y", "full_name": "   ", "password": "a-long-enough-password", "role": "viewer"}),
-            "full_name",
-        ),
+    let base = json!({"username": "bob", "email": "b@y", "password": "a-long-enough-password",
+                      "role": "viewer"});
+    for (field, value) in [
+        ("username", json!("bad name")),
+        ("email", json!("nope")),
+        ("password", json!("short")),
+        ("username", json!("..")),
+        ("email", json!("   @   ")),
+        ("email", json!("b@y\n")),
+        ("password", json!(" ".repeat(12))),
+        ("full_name", json!("   ")),
     ] {
+        let mut payload = base.clone();
+        payload[field] = value;
         let (status, body) = app
             .call(
                 Method::POST,
