@@ -662,3 +662,40 @@ async fn undeclared_query_parameters_are_refused_except_by_the_webhook() {
         .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A body over the size limit is answered 413 only to a caller who may call the operation: no
+/// token, a wrong one or a role below the operation's hears 401 or 403 first.
+#[tokio::test]
+async fn an_oversized_body_is_refused_for_its_size_only_to_a_permitted_caller() {
+    let app = common::spawn_app().await;
+    let (_, viewer) = app.user_with_role("viewer").await;
+    let big = json!({ "username": "x".repeat(2 * 1024 * 1024) });
+    let send = |token: Option<String>, path: &'static str| {
+        let app = &app;
+        let big = big.clone();
+        async move {
+            let mut req = app.client.post(app.api(path)).json(&big);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(send(None, "/users").await, 401);
+    assert_eq!(
+        send(Some("aiops_not-a-token".to_owned()), "/users").await,
+        401
+    );
+    assert_eq!(send(Some(viewer), "/users").await, 403);
+    assert_eq!(send(Some(app.admin_token.clone()), "/users").await, 413);
+    // The Alertmanager webhook, with its own tokens.
+    assert_eq!(send(None, "/webhooks/alertmanager").await, 401);
+    assert_eq!(
+        send(
+            Some("not-a-webhook-token".to_owned()),
+            "/webhooks/alertmanager"
+        )
+        .await,
+        401
+    );
+}

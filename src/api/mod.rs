@@ -256,8 +256,23 @@ pub fn app(state: AppState) -> impl Endpoint {
             let schemas = schemas.clone();
             let pool = pool.clone();
             async move {
+                let asked = (
+                    req.method().as_str().to_owned(),
+                    req.uri().path().to_owned(),
+                    req.headers()
+                        .get(poem::http::header::AUTHORIZATION)
+                        .cloned(),
+                );
                 let (req, body) = match limit_body(max, req).await {
                     Ok(read) => read,
+                    // A body over the limit is answered 413 only to a caller who may call the
+                    // operation: one without credentials, or whose credentials do not
+                    // authenticate or fall short of its role, learns that first.
+                    Err(resp) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                        return Ok(refused_before_size(&schemas, &pool, asked)
+                            .await
+                            .unwrap_or(resp));
+                    }
                     Err(resp) => return Ok(resp),
                 };
                 let method = req.method().as_str().to_owned();
@@ -372,6 +387,32 @@ pub fn app(state: AppState) -> impl Endpoint {
                 Ok(resp)
             }
         })
+}
+
+/// The 401 or 403 a request whose body is over the limit gets instead of its 413: `asked` is
+/// its method, path and `Authorization` header. `None` when the caller may call the operation
+/// (or it is public, or unknown).
+async fn refused_before_size(
+    schemas: &body_errors::BodySchemas,
+    pool: &sqlx::PgPool,
+    (method, path, credentials): (String, String, Option<poem::http::HeaderValue>),
+) -> Option<Response> {
+    let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
+    if !schemas.secured(&method, operation) {
+        return None;
+    }
+    let webhook = schemas.webhook_secured(&method, operation);
+    match credentials {
+        None if webhook => Some(webhook::unauthorized().into_response()),
+        None => {
+            Some(error::ApiError::from(crate::auth::AuthError::Unauthenticated).into_response())
+        }
+        Some(c) if webhook => webhook::credentials_refused(pool, &c).await,
+        Some(c) if schemas.bearer_secured(&method, operation) => {
+            credentials_refused(pool, &c, schemas.least_role(&method, operation)).await
+        }
+        Some(_) => None,
+    }
 }
 
 /// What an operation that takes bearer tokens and needs role `least` answers to `credentials`

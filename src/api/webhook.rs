@@ -459,7 +459,8 @@ pub(crate) async fn credentials_refused(
     Some(unauthorized().into_response())
 }
 
-fn unauthorized() -> ApiError {
+/// The 401 of the webhook: no valid webhook token.
+pub(crate) fn unauthorized() -> ApiError {
     ApiError::Unauthorized(Json(ErrorBody {
         code: "unauthorized".to_owned(),
         message: "a valid webhook token is required (bearer, or basic auth password)".to_owned(),
