@@ -6,15 +6,20 @@ mod common;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+/// The username of a user.
+async fn username_of(app: &common::TestApp, id: uuid::Uuid) -> String {
+    sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn login_returns_an_opaque_token_and_writes_last_login_and_audit() {
     let app = common::spawn_app().await;
     let (id, _) = app.user_with_role("viewer").await;
-    let username: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let username = username_of(&app, id).await;
     let (status, body) = app
         .call(
             Method::POST,
@@ -265,11 +270,7 @@ async fn failed_logins_are_throttled_per_user_and_per_address() {
     })
     .await;
     let (id, _) = app.user_with_role("viewer").await;
-    let username: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
-        .bind(id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let username = username_of(&app, id).await;
     let login = |user: String, password: &'static str| {
         let app = &app;
         async move {
@@ -346,11 +347,7 @@ async fn parallel_logins_check_no_more_passwords_than_the_limit_and_never_starve
     let mut users = Vec::new();
     for _ in 0..10 {
         let (id, _) = app.user_with_role("viewer").await;
-        let username: String = sqlx::query_scalar("SELECT username FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+        let username = username_of(&app, id).await;
         users.push(username);
     }
     let login = |username: &str, password: &'static str| {

@@ -256,29 +256,32 @@ pub fn app(state: AppState) -> impl Endpoint {
             let schemas = schemas.clone();
             let pool = pool.clone();
             async move {
-                let asked = (
-                    req.method().as_str().to_owned(),
-                    req.uri().path().to_owned(),
-                    req.headers()
-                        .get(poem::http::header::AUTHORIZATION)
-                        .cloned(),
-                );
+                let method = req.method().as_str().to_owned();
+                let path = req.uri().path().to_owned();
+                let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path).to_owned();
+                let credentials = req
+                    .headers()
+                    .get(poem::http::header::AUTHORIZATION)
+                    .cloned();
                 let (req, body) = match limit_body(max, req).await {
                     Ok(read) => read,
                     // A body over the limit is answered 413 only to a caller who may call the
                     // operation: one without credentials, or whose credentials do not
                     // authenticate or fall short of its role, learns that first.
                     Err(resp) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                        return Ok(refused_before_size(&schemas, &pool, asked)
-                            .await
-                            .unwrap_or(resp));
+                        return Ok(refused_by_credentials(
+                            &schemas,
+                            &pool,
+                            &method,
+                            &operation,
+                            credentials.as_ref(),
+                        )
+                        .await
+                        .unwrap_or(resp));
                     }
                     Err(resp) => return Ok(resp),
                 };
-                let method = req.method().as_str().to_owned();
-                let path = req.uri().path().to_owned();
                 let query = req.uri().query().map(str::to_owned);
-                let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path).to_owned();
                 let json_body = req
                     .content_type()
                     .is_some_and(|c| c.starts_with("application/json"));
@@ -288,10 +291,6 @@ pub fn app(state: AppState) -> impl Endpoint {
                 // (`"name": false` becomes "false").
                 // A request without credentials to an operation that needs them is answered
                 // 401 by the operation, before anything about its input.
-                let credentials = req
-                    .headers()
-                    .get(poem::http::header::AUTHORIZATION)
-                    .cloned();
                 let anonymous = credentials.is_none() && schemas.secured(&method, &operation);
                 let refused = if anonymous {
                     None
@@ -362,25 +361,16 @@ pub fn app(state: AppState) -> impl Endpoint {
                 // first. Checked only for requests refused for their input, which an operation
                 // refuses before it authorizes (parameters and bodies are read first); an
                 // answer after a successful authorization is kept.
-                let req_credentials = credentials.clone();
-                if let Some(credentials) = credentials
+                if credentials.is_some()
                     && matches!(resp.status().as_u16(), 400 | 415 | 422)
-                    && schemas.bearer_secured(&method, &operation)
-                    && let Some(refusal) = credentials_refused(
+                    && let Some(refusal) = refused_by_credentials(
+                        &schemas,
                         &pool,
-                        &credentials,
-                        schemas.least_role(&method, &operation),
+                        &method,
+                        &operation,
+                        credentials.as_ref(),
                     )
                     .await
-                {
-                    return Ok(refusal);
-                }
-                // The same for the Alertmanager webhook's tokens: a caller whose token does not
-                // authenticate learns nothing about its payload.
-                if let Some(credentials) = req_credentials
-                    && matches!(resp.status().as_u16(), 400 | 415 | 422)
-                    && schemas.webhook_secured(&method, &operation)
-                    && let Some(refusal) = webhook::credentials_refused(&pool, &credentials).await
                 {
                     return Ok(refusal);
                 }
@@ -389,27 +379,30 @@ pub fn app(state: AppState) -> impl Endpoint {
         })
 }
 
-/// The 401 or 403 a request whose body is over the limit gets instead of its 413: `asked` is
-/// its method, path and `Authorization` header. `None` when the caller may call the operation
-/// (or it is public, or unknown).
-async fn refused_before_size(
+/// The 401 or 403 a caller gets before anything about its request for an operation (a path
+/// relative to the API prefix) it may not call: no credentials, credentials that do not
+/// authenticate (user bearer tokens, or the Alertmanager webhook's tokens), or a role below the
+/// operation's. `None` when the caller may call it, it is public or unknown, or that cannot be
+/// told now.
+async fn refused_by_credentials(
     schemas: &body_errors::BodySchemas,
     pool: &sqlx::PgPool,
-    (method, path, credentials): (String, String, Option<poem::http::HeaderValue>),
+    method: &str,
+    operation: &str,
+    credentials: Option<&poem::http::HeaderValue>,
 ) -> Option<Response> {
-    let operation = path.strip_prefix(API_PREFIX).unwrap_or(&path);
-    if !schemas.secured(&method, operation) {
+    if !schemas.secured(method, operation) {
         return None;
     }
-    let webhook = schemas.webhook_secured(&method, operation);
+    let webhook = schemas.webhook_secured(method, operation);
     match credentials {
         None if webhook => Some(webhook::unauthorized().into_response()),
         None => {
             Some(error::ApiError::from(crate::auth::AuthError::Unauthenticated).into_response())
         }
-        Some(c) if webhook => webhook::credentials_refused(pool, &c).await,
-        Some(c) if schemas.bearer_secured(&method, operation) => {
-            credentials_refused(pool, &c, schemas.least_role(&method, operation)).await
+        Some(c) if webhook => webhook::credentials_refused(pool, c).await,
+        Some(c) if schemas.bearer_secured(method, operation) => {
+            credentials_refused(pool, c, schemas.least_role(method, operation)).await
         }
         Some(_) => None,
     }

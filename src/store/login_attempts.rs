@@ -94,6 +94,27 @@ pub struct RecentAttempts {
 /// password leaves its attempt pending, and it stops counting after this.
 const PENDING_COUNTS_SECS: f64 = 60.0;
 
+/// A statement on the recent unsuccessful attempts (`$1` username, `$2` address, `$3` window in
+/// seconds): `u`, those on the username after its last success, and `i`, those from the address,
+/// each with `pending` and `created_at`; `$rest` selects, or continues the `WITH` list after a comma.
+macro_rules! recent_attempts_sql {
+    ($rest:literal) => {
+        concat!(
+            "WITH u AS ( \
+               SELECT a.pending, a.created_at FROM login_attempts a \
+                WHERE a.username = $1 AND NOT a.succeeded \
+                  AND a.created_at > now() - make_interval(secs => $3) \
+                  AND a.created_at > COALESCE((SELECT max(s.created_at) FROM login_attempts s \
+                      WHERE s.username = $1 AND s.succeeded), '-infinity')), \
+             i AS ( \
+               SELECT a.pending, a.created_at FROM login_attempts a \
+                WHERE $2::text IS NOT NULL AND a.ip_address = $2 AND NOT a.succeeded \
+                  AND a.created_at > now() - make_interval(secs => $3)) ",
+            $rest
+        )
+    };
+}
+
 /// How long until a username or address locked out by its limit of failures within `window` may
 /// try again, once the failure about to be recorded counts too. With n failures counted and the
 /// limit l, that is when the (n - l + 2)-th oldest is older than the window (the failure about
@@ -105,26 +126,20 @@ pub async fn login_lockout_remaining(
     window: Duration,
     (user_limit, ip_limit): (i64, i64),
 ) -> StoreResult<Duration> {
-    let seconds: Option<f64> = sqlx::query_scalar(
-        "WITH u AS ( \
-           SELECT a.created_at FROM login_attempts a \
-            WHERE a.username = $1 AND NOT a.succeeded AND NOT a.pending \
-              AND a.created_at > now() - make_interval(secs => $3) \
-              AND a.created_at > COALESCE((SELECT max(s.created_at) FROM login_attempts s \
-                  WHERE s.username = $1 AND s.succeeded), '-infinity')), \
-         i AS ( \
-           SELECT a.created_at FROM login_attempts a \
-            WHERE $2::text IS NOT NULL AND a.ip_address = $2 AND NOT a.succeeded \
-              AND NOT a.pending AND a.created_at > now() - make_interval(secs => $3)), \
-         nu AS (SELECT count(*) AS n FROM u), ni AS (SELECT count(*) AS n FROM i), \
-         ends AS ( \
-           SELECT CASE WHEN nu.n >= $4 THEN COALESCE((SELECT created_at FROM u \
-                    ORDER BY created_at OFFSET nu.n + 1 - $4 LIMIT 1), now()) END AS e FROM nu \
-           UNION ALL \
-           SELECT CASE WHEN ni.n >= $5 THEN COALESCE((SELECT created_at FROM i \
-                    ORDER BY created_at OFFSET ni.n + 1 - $5 LIMIT 1), now()) END FROM ni) \
-         SELECT EXTRACT(EPOCH FROM max(e) + make_interval(secs => $3) - now())::float8 FROM ends",
-    )
+    let seconds: Option<f64> = sqlx::query_scalar(recent_attempts_sql!(
+        ", uf AS (SELECT created_at FROM u WHERE NOT pending), \
+             if_ AS (SELECT created_at FROM i WHERE NOT pending), \
+             nu AS (SELECT count(*) AS n FROM uf), ni AS (SELECT count(*) AS n FROM if_), \
+             ends AS ( \
+               SELECT CASE WHEN nu.n >= $4 THEN COALESCE((SELECT created_at FROM uf \
+                        ORDER BY created_at OFFSET nu.n + 1 - $4 LIMIT 1), now()) END AS e \
+                 FROM nu \
+               UNION ALL \
+               SELECT CASE WHEN ni.n >= $5 THEN COALESCE((SELECT created_at FROM if_ \
+                        ORDER BY created_at OFFSET ni.n + 1 - $5 LIMIT 1), now()) END FROM ni) \
+             SELECT EXTRACT(EPOCH FROM max(e) + make_interval(secs => $3) - now())::float8 \
+             FROM ends"
+    ))
     .bind(username)
     .bind(ip_address)
     .bind(window.as_secs_f64())
@@ -147,24 +162,14 @@ pub async fn login_failures_recent(
     window: Duration,
 ) -> StoreResult<RecentAttempts> {
     let seconds = window.as_secs_f64();
-    let row: (i64, i64, i64, i64) = sqlx::query_as(
-        "WITH u AS ( \
-           SELECT a.pending, a.created_at FROM login_attempts a \
-            WHERE a.username = $1 AND NOT a.succeeded \
-              AND a.created_at > now() - make_interval(secs => $3) \
-              AND a.created_at > COALESCE((SELECT max(s.created_at) FROM login_attempts s \
-                  WHERE s.username = $1 AND s.succeeded), '-infinity')), \
-         i AS ( \
-           SELECT a.pending, a.created_at FROM login_attempts a \
-            WHERE $2::text IS NOT NULL AND a.ip_address = $2 AND NOT a.succeeded \
-              AND a.created_at > now() - make_interval(secs => $3)) \
-         SELECT (SELECT count(*) FROM u WHERE NOT pending), \
+    let row: (i64, i64, i64, i64) = sqlx::query_as(recent_attempts_sql!(
+        "SELECT (SELECT count(*) FROM u WHERE NOT pending), \
                 (SELECT count(*) FROM u WHERE pending \
                     AND created_at > now() - make_interval(secs => $4)), \
                 (SELECT count(*) FROM i WHERE NOT pending), \
                 (SELECT count(*) FROM i WHERE pending \
-                    AND created_at > now() - make_interval(secs => $4))",
-    )
+                    AND created_at > now() - make_interval(secs => $4))"
+    ))
     .bind(username)
     .bind(ip_address)
     .bind(seconds)

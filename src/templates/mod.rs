@@ -449,8 +449,8 @@ fn filters_used(source: &str, expression: bool) -> Vec<String> {
         let mut chars = text.chars();
         while let Some(c) = chars.next() {
             match quote {
-                Some(q) if c == '\\' => {
-                    let _ = (q, chars.next());
+                Some(_) if c == '\\' => {
+                    chars.next();
                 }
                 Some(q) if c == q => quote = None,
                 Some(_) => {}
