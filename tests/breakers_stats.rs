@@ -36,6 +36,19 @@ async fn breakers_are_visible_configurable_and_resettable() {
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["failure_threshold"], 2);
     assert_eq!(b["reset_timeout_seconds"], 60);
+    // The same settings again, or none, change nothing: no new `updated_at`, no audit entry.
+    for same in [json!({ "failure_threshold": 2 }), json!({})] {
+        let (status, again) = app
+            .call(
+                Method::PATCH,
+                &format!("/circuit-breakers/{id}"),
+                Some(&engineer),
+                Some(same),
+            )
+            .await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["updated_at"], b["updated_at"], "{again}");
+    }
     let (status, body) = app
         .call(
             Method::PATCH,
@@ -48,7 +61,6 @@ async fn breakers_are_visible_configurable_and_resettable() {
     assert_eq!(body["details"]["field"], "success_threshold");
 
     // Two consecutive failures recorded the way the engine records them open the breaker.
-    let now = chrono::Utc::now();
     for _ in 0..2 {
         let mut tx = app.pool.begin().await.unwrap();
         let row = aiops::store::breakers::breaker_lock(&mut tx, id)
@@ -56,7 +68,7 @@ async fn breakers_are_visible_configurable_and_resettable() {
             .unwrap()
             .unwrap();
         let mut breaker = row.breaker();
-        breaker.record_failure(now);
+        breaker.record_failure(row.read_at);
         aiops::store::breakers::breaker_save(&mut tx, id, &breaker)
             .await
             .unwrap();

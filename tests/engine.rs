@@ -1309,6 +1309,9 @@ async fn breaker_opens_at_its_threshold_and_a_failing_probe_reopens_it() {
     assert_eq!(run().await["status"], "failed");
     let b = breaker().await;
     assert_eq!(b["state"], "open", "{b}");
+    // Its times come from one clock, the database's: the opening failure's transaction.
+    assert_eq!(b["opened_at"], b["updated_at"], "{b}");
+    assert_eq!(b["last_failure_at"], b["updated_at"], "{b}");
     let refused = run().await;
     assert_eq!(refused["refused_by"], "circuit_breaker", "{refused}");
 

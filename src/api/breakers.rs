@@ -192,6 +192,9 @@ impl BreakersApi {
 
     /// Change a breaker's thresholds.
     ///
+    /// Fields left out keep their values. Settings equal to the current ones change nothing:
+    /// `updated_at` stays and no audit entry is written.
+    ///
     /// Least role: engineer.
     #[oai(
         path = "/:runbook_id",
@@ -217,7 +220,7 @@ impl BreakersApi {
         store::breakers::breaker_lock(&mut tx, runbook_id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
-        store::breakers::breaker_configure(
+        let changed = store::breakers::breaker_configure(
             &mut tx,
             runbook_id.0,
             failure_threshold,
@@ -229,6 +232,10 @@ impl BreakersApi {
         let row = store::breakers::breaker_get(&mut tx, runbook_id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
+        if !changed {
+            // Nothing to record: the settings already were these.
+            return Ok(Json(row.into()));
+        }
         caller
             .record(
                 &mut tx,

@@ -499,7 +499,7 @@ pub(crate) async fn finish_run(
                     if *success {
                         breaker.record_success();
                     } else {
-                        breaker.record_failure(Utc::now());
+                        breaker.record_failure(b.read_at);
                     }
                     store::breakers::breaker_save(g.conn(), snapshot.id, &breaker).await?;
                     b.state = breaker.state.as_str().to_owned();

@@ -105,7 +105,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         let mut breaker = b.breaker();
         let probes =
             store::executions::execution_count_probes_running(g.conn(), snapshot.id).await?;
-        let admission = breaker.admit(now, probes);
+        let admission = breaker.admit(b.read_at, probes);
         if breaker != b.breaker() {
             store::breakers::breaker_save(g.conn(), snapshot.id, &breaker).await?;
         }

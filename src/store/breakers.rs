@@ -39,6 +39,9 @@ pub struct BreakerRow {
     pub reset_timeout_seconds: i32,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The database's clock as of the reading transaction's start: the clock `updated_at` and
+    /// the reset timeout are read against, so every time the domain breaker sets comes from it.
+    pub read_at: DateTime<Utc>,
 }
 
 /// `SELECT` of [`BreakerRow`]s (breaker `b`, runbook `r`) with these expressions for `state`,
@@ -49,7 +52,7 @@ macro_rules! select_breaker_with {
             "SELECT b.id, b.runbook_id, r.name AS runbook_name, ", $state, " AS state, \
                b.failure_count, ", $success_count, " AS success_count, b.last_failure_at, \
                b.opened_at, ", $half_open_at, " AS half_open_at, b.failure_threshold, \
-               b.success_threshold, b.reset_timeout_seconds, b.updated_at \
+               b.success_threshold, b.reset_timeout_seconds, b.updated_at, now() AS read_at \
              FROM circuit_breakers b JOIN runbooks r ON r.id = b.runbook_id ",
             $($tail),+
         )
@@ -194,20 +197,24 @@ pub async fn breaker_save(
     Ok(())
 }
 
-/// Changes the thresholds.
+/// Changes the thresholds; whether any of them changed (a change to the same values leaves the
+/// row, and its `updated_at`, as it is).
 pub async fn breaker_configure(
     conn: &mut PgConnection,
     runbook_id: Uuid,
     failure_threshold: Option<i32>,
     success_threshold: Option<i32>,
     reset_timeout_seconds: Option<i32>,
-) -> StoreResult<()> {
-    sqlx::query(
+) -> StoreResult<bool> {
+    let done = sqlx::query(
         "UPDATE circuit_breakers SET \
            failure_threshold = COALESCE($2, failure_threshold), \
            success_threshold = COALESCE($3, success_threshold), \
            reset_timeout_seconds = COALESCE($4, reset_timeout_seconds) \
-         WHERE runbook_id = $1",
+         WHERE runbook_id = $1 \
+           AND (failure_threshold, success_threshold, reset_timeout_seconds) IS DISTINCT FROM \
+               (COALESCE($2, failure_threshold), COALESCE($3, success_threshold), \
+                COALESCE($4, reset_timeout_seconds))",
     )
     .bind(runbook_id)
     .bind(failure_threshold)
@@ -215,7 +222,7 @@ pub async fn breaker_configure(
     .bind(reset_timeout_seconds)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
 }
 
 /// Lists breakers (every runbook that has one), optionally by state.
