@@ -449,7 +449,64 @@ pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
             ),
         });
     }
+    if let Some(tagged) = foreign_tags(text, 1).pop() {
+        return Err(tagged);
+    }
     serde_saphyr::from_str::<RunbookDocument>(text).map_err(|e| parse_error(text, &e))
+}
+
+/// Up to `limit` nodes that carry a YAML tag outside the core schema (`!vault`, `!!binary`,
+/// `!!timestamp`, ...). The format gives no such tag a meaning, and reading the tagged text as
+/// it stands would run what its author meant to be transformed first (an encrypted value as a
+/// command, say). Core-schema tags (`!!str`, `!!int`, ...) and the non-specific `!` only say
+/// how to read a value, and are read so. Text that is not YAML yields nothing here: the
+/// reader reports it.
+fn foreign_tags(text: &str, limit: usize) -> Vec<ParseError> {
+    use serde_saphyr::granit_parser::Parser;
+    let mut found = Vec::new();
+    for item in Parser::new_from_str(text) {
+        let Ok((event, span)) = item else {
+            return Vec::new();
+        };
+        let Some(tag) = event.tag() else { continue };
+        let written = tag.original();
+        if tag.is_yaml_core_schema() || written == "!" {
+            continue;
+        }
+        if found.len() == limit {
+            break;
+        }
+        let node = (span.start.line() as u32, span.start.col() as u32 + 1);
+        let path = path_at(text, node, None)
+            .map(|(path, _)| path)
+            .filter(|path| !path.is_empty());
+        // The node's span begins at its content (a block scalar's first line): point at the
+        // tag itself, written before it.
+        let before: String = text.chars().take(span.start.index()).collect();
+        let position = before.rfind(&written).map_or(node, |at| {
+            let line_start = before[..at].rfind('\n').map_or(0, |i| i + 1);
+            (
+                before[..at].matches('\n').count() as u32 + 1,
+                before[line_start..at].chars().count() as u32 + 1,
+            )
+        });
+        let message = format!(
+            "{} the YAML tag `{}`: runbooks give tags no meaning, write the value itself",
+            if path.is_some() {
+                "carries"
+            } else {
+                "the document carries"
+            },
+            written
+        );
+        found.push(ParseError {
+            path,
+            line: Some(position.0),
+            column: Some(position.1),
+            message,
+        });
+    }
+    found
 }
 
 /// Like [`parse_yaml`], but reports every field problem it can find instead of the first: an
@@ -457,8 +514,17 @@ pub fn parse_yaml(text: &str) -> Result<RunbookDocument, ParseError> {
 /// [`MAX_PARSE_PROBLEMS`]. Positions refer to `text`. Used where a person fixes a file (the
 /// CLI, the validation endpoint).
 pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
+    let tagged = foreign_tags(text, MAX_PARSE_PROBLEMS);
     let first = match parse_yaml(text) {
         Ok(doc) => return Ok(doc),
+        // The tags are reported with the field problems the rest of the text has.
+        Err(_) if !tagged.is_empty() => {
+            match serde_saphyr::from_str::<RunbookDocument>(text).map_err(|e| parse_error(text, &e))
+            {
+                Ok(_) => return Err(tagged),
+                Err(e) => e,
+            }
+        }
         Err(e) => e,
     };
     let mut problems = vec![first];
@@ -521,8 +587,10 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
         next.column = position.map(|p| p.1);
         problems.push(next);
     }
+    problems.extend(tagged);
     // Read again, fields come in another order; report them in the file's.
     problems.sort_by_key(|p| (p.line, p.column));
+    problems.truncate(MAX_PARSE_PROBLEMS);
     Err(problems)
 }
 
@@ -1522,6 +1590,36 @@ triggers:
             let e = parse_yaml(text).unwrap_err().to_string();
             assert!(e.starts_with(expected), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_tag_outside_the_core_schema_is_refused_where_it_stands() {
+        // An encrypted value must not run as the command it encrypts.
+        let text = "name: x\nsteps:\n  - name: a\n    command: !vault |\n      $ANSIBLE_VAULT;1.1\n  \
+                    - name: b\n    command: !!binary ZWNobw==\n    timeout_seconds: !!int 5\n";
+        let e = parse_yaml(text).unwrap_err();
+        assert_eq!(e.path.as_deref(), Some("steps[0].command"), "{e:?}");
+        assert_eq!((e.line, e.column), (Some(4), Some(14)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "4:14: steps[0].command carries the YAML tag `!vault`: runbooks give tags no \
+             meaning, write the value itself"
+        );
+        let all = parse_yaml_all(text).unwrap_err();
+        let paths: Vec<_> = all.iter().map(|p| p.path.as_deref().unwrap()).collect();
+        assert_eq!(paths, ["steps[0].command", "steps[1].command"], "{all:?}");
+        assert!(all[1].message.contains("`!!binary`"), "{all:?}");
+        // With a field problem elsewhere, both are reported.
+        let all = parse_yaml_all("name: !secret x\nbogus: 1\nsteps: []\n").unwrap_err();
+        let paths: Vec<_> = all.iter().map(|p| p.path.as_deref().unwrap()).collect();
+        assert_eq!(paths, ["name", "bogus"], "{all:?}");
+        // Core-schema tags and the non-specific tag only say how to read a value.
+        let doc = parse_yaml(
+            "name: ! x\nsteps:\n  - name: !!str a\n    command: echo\n    timeout_seconds: !!int 5\n",
+        )
+        .unwrap();
+        assert_eq!(doc.name, "x");
+        assert_eq!(doc.steps[0].timeout_seconds, 5);
     }
 
     #[test]
