@@ -175,6 +175,11 @@ async fn timeout_kills_the_remote_process() {
     req.timeout = Duration::from_secs(1);
     let out = run(&exec, &target, &req).await.unwrap();
     assert!(out.timed_out && !out.cancelled);
+    // sshd's report of the killed command, as a local command reports it.
+    assert_eq!(
+        (out.exit_code, out.exit_signal.as_deref()),
+        (None, Some("TERM"))
+    );
     let pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     assert!(
         wait_gone(pid).await,
@@ -204,6 +209,10 @@ async fn cancellation_mid_command_kills_it() {
     cancel.cancel();
     let out = task.await.unwrap().unwrap();
     assert!(out.cancelled && !out.timed_out);
+    assert_eq!(
+        (out.exit_code, out.exit_signal.as_deref()),
+        (None, Some("TERM"))
+    );
     assert!(
         wait_gone(pid).await,
         "remote sleep {pid} survived cancellation"

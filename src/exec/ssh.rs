@@ -449,6 +449,49 @@ fn kill_script(pgid_file: &str) -> String {
     )
 }
 
+/// What the command's channel reported: its output (capped) and how it ended.
+struct Report {
+    out: CappedBuffer,
+    err: CappedBuffer,
+    exit_code: Option<i32>,
+    exit_signal: Option<String>,
+}
+
+impl Report {
+    fn new(limit: usize) -> Self {
+        Self {
+            out: CappedBuffer::new(OutputStream::Stdout, limit),
+            err: CappedBuffer::new(OutputStream::Stderr, limit),
+            exit_code: None,
+            exit_signal: None,
+        }
+    }
+
+    /// Takes one message of the channel, streaming output as it comes; whether the channel
+    /// has ended.
+    async fn take(&mut self, msg: Option<ChannelMsg>, output: &mpsc::Sender<OutputChunk>) -> bool {
+        match msg {
+            Some(ChannelMsg::Data { data }) => forward(output, self.out.push(&data)).await,
+            Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                forward(output, self.err.push(&data)).await
+            }
+            Some(ChannelMsg::ExitStatus { exit_status }) => {
+                self.exit_code = Some(i32::try_from(exit_status).unwrap_or(i32::MAX));
+            }
+            Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                self.exit_signal = Some(sig_name(&signal_name));
+            }
+            Some(ChannelMsg::Close) | None => return true,
+            Some(_) => {}
+        }
+        false
+    }
+}
+
+/// How long a killed command's channel is read for its end (exit signal or status) once the
+/// kill has been delivered.
+const KILLED_REPORT_WAIT: Duration = Duration::from_secs(2);
+
 /// What a kill over the second channel found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kill {
@@ -626,10 +669,7 @@ impl SshExecutor {
             return Err(ExecError::Session(format!("cannot start the command: {e}")));
         }
 
-        let mut out = CappedBuffer::new(OutputStream::Stdout, request.output_limit_bytes);
-        let mut err = CappedBuffer::new(OutputStream::Stderr, request.output_limit_bytes);
-        let mut exit_code = None;
-        let mut exit_signal = None;
+        let mut report = Report::new(request.output_limit_bytes);
         let mut timed_out = false;
         let mut cancelled = false;
         let mut closed_cleanly = false;
@@ -637,28 +677,28 @@ impl SshExecutor {
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                msg = channel.wait() => match msg {
-                    Some(ChannelMsg::Data { data }) => forward(&output, out.push(&data)).await,
-                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => forward(&output, err.push(&data)).await,
-                    Some(ChannelMsg::ExitStatus { exit_status }) => {
-                        exit_code = Some(i32::try_from(exit_status).unwrap_or(i32::MAX));
-                    }
-                    Some(ChannelMsg::ExitSignal { signal_name, .. }) => exit_signal = Some(sig_name(&signal_name)),
-                    Some(ChannelMsg::Close) | None => {
-                        closed_cleanly = exit_code.is_some() || exit_signal.is_some();
-                        break;
-                    }
-                    Some(_) => {}
+                msg = channel.wait() => if report.take(msg, &output).await {
+                    closed_cleanly = report.exit_code.is_some() || report.exit_signal.is_some();
+                    break;
                 },
                 _ = &mut deadline => { timed_out = true; break; }
                 _ = cancel.cancelled() => { cancelled = true; break; }
             }
         }
         if timed_out || cancelled {
-            if let Err(e) = self.kill_remote(target, Some(&conn), &pgid_file).await {
+            let killed = self.kill_remote(target, Some(&conn), &pgid_file).await;
+            if let Err(e) = &killed {
                 tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command");
             }
             guard.disarm();
+            if matches!(killed, Ok(Kill::Delivered)) {
+                // sshd reports how the killed command ended (`exit-signal TERM`, as a local
+                // command reports it), after the output it flushed on the way.
+                let _ = tokio::time::timeout(KILLED_REPORT_WAIT, async {
+                    while !report.take(channel.wait().await, &output).await {}
+                })
+                .await;
+            }
             let _ = channel.close().await;
         } else if !closed_cleanly {
             // The channel ended without an exit status: the connection broke under the command.
@@ -688,12 +728,12 @@ impl SshExecutor {
         }
         // Ended on its own: the wrapper's watcher kills what it left running.
         guard.disarm();
-        let truncated = out.truncated() || err.truncated();
+        let truncated = report.out.truncated() || report.err.truncated();
         Ok(CommandOutcome {
-            exit_code,
-            exit_signal,
-            stdout: out.finish(),
-            stderr: err.finish(),
+            exit_code: report.exit_code,
+            exit_signal: report.exit_signal,
+            stdout: report.out.finish(),
+            stderr: report.err.finish(),
             truncated,
             timed_out,
             cancelled,
