@@ -29,6 +29,25 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
 
     common::wait_for_file(&file, "1\n2\n").await;
+    // Step 2's first line has reached the live log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let streamed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM execution_events WHERE execution_id = $1 AND kind = 'stdout'",
+        )
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if streamed > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step 2 streamed nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     doomed.start_kill().unwrap(); // SIGKILL
     doomed.wait().await.unwrap();
 
@@ -49,6 +68,17 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
             .as_str()
             .unwrap()
             .contains("interrupted")
+    );
+    // The interrupted attempt keeps what it streamed and the command it ran.
+    assert_eq!(two[0]["stdout"], "two started\n", "{:?}", two[0]);
+    assert_eq!(two[0]["command"], two[1]["command"], "{:?}", two[0]);
+    assert!(
+        two[0]["command"]
+            .as_str()
+            .unwrap()
+            .starts_with("echo 2 >> "),
+        "{:?}",
+        two[0]
     );
     assert_eq!(two[1]["status"], "completed");
     // Run again as the same try: a crash does not use up one of the step's retries.
@@ -199,7 +229,11 @@ async fn a_step_released_at_shutdown_keeps_its_interrupted_attempt() {
         .collect();
     assert_eq!(
         rows,
-        [(true, "failed", ""), (false, "completed", "second\n")],
+        // The stopped attempt keeps the output it streamed before it was stopped.
+        [
+            (true, "failed", "first\n"),
+            (false, "completed", "second\n")
+        ],
         "{steps:?}"
     );
     survivor.stop().await;

@@ -153,7 +153,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     };
 
     let (done, interrupted, attempts) = match &mut prep {
-        Prep::Prepared(_) => (false, 0, 0),
+        Prep::Prepared(_) => (false, Vec::new(), 0),
         Prep::Checkpoint(g) => store::executions::step_slot_prepare(g.conn(), slot).await?,
     };
     if done {
@@ -213,15 +213,24 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 &step.name,
                 retry_attempt,
                 masked_command.as_deref(),
-                Some(&running_event(&step, retry_attempt, p.attempt, interrupted)),
+                Some(&running_event(
+                    &step,
+                    retry_attempt,
+                    p.attempt,
+                    interrupted.len() as i64,
+                )),
             )
             .await?;
-            if interrupted > 0 {
+            if !interrupted.is_empty() {
+                if let Some(command) = &masked_command {
+                    store::executions::step_interrupted_command(conn, &interrupted, command)
+                        .await?;
+                }
                 log(
                     conn,
                     row.id,
                     "step_interrupted",
-                    json!({ "step": step.name, "attempts": interrupted }),
+                    json!({ "step": step.name, "attempts": interrupted.len() }),
                 )
                 .await?;
             }

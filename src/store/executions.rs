@@ -745,20 +745,28 @@ pub struct StepSlot<'a> {
 }
 
 /// A slot's state before a new attempt, in one statement: whether it already completed (a
-/// completed step never runs again), how many attempts left `running` by a dead worker were just
-/// marked interrupted, and how many attempts ended on their own (the next `retry_attempt`: an
-/// attempt a dying worker left unfinished is run again as the same try, not as a retry).
+/// completed step never runs again), the attempts left `running` by a dead worker that were
+/// just marked interrupted, and how many attempts ended on their own (the next
+/// `retry_attempt`: an attempt a dying worker left unfinished is run again as the same try, not
+/// as a retry). An interrupted attempt keeps the output it streamed to the live log (masked as
+/// it was streamed) as its stdout and stderr.
 pub async fn step_slot_prepare(
     conn: &mut PgConnection,
     slot: StepSlot<'_>,
-) -> StoreResult<(bool, i64, i64)> {
+) -> StoreResult<(bool, Vec<Uuid>, i64)> {
     Ok(sqlx::query_as(
         "WITH interrupted AS ( \
-             UPDATE step_executions SET status = 'failed', interrupted = true, \
+             UPDATE step_executions s SET status = 'failed', interrupted = true, \
                completed_at = now(), \
                duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
                                    2147483647)::integer, \
-               error_message = 'interrupted: the worker running this attempt stopped before it finished' \
+               error_message = 'interrupted: the worker running this attempt stopped before it finished', \
+               stdout = COALESCE(s.stdout, (SELECT string_agg(e.data, '' ORDER BY e.id) \
+                   FROM execution_events e WHERE e.execution_id = s.execution_id \
+                     AND e.step_execution_id = s.id AND e.kind = 'stdout')), \
+               stderr = COALESCE(s.stderr, (SELECT string_agg(e.data, '' ORDER BY e.id) \
+                   FROM execution_events e WHERE e.execution_id = s.execution_id \
+                     AND e.step_execution_id = s.id AND e.kind = 'stderr')) \
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
                AND status = 'running' \
              RETURNING id), \
@@ -766,7 +774,7 @@ pub async fn step_slot_prepare(
              SELECT status, interrupted FROM step_executions \
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4) \
          SELECT EXISTS (SELECT 1 FROM slot WHERE status = 'completed'), \
-                (SELECT count(*) FROM interrupted), \
+                ARRAY(SELECT id FROM interrupted), \
                 (SELECT count(*) FROM slot WHERE status <> 'running' AND NOT interrupted)",
     )
     .bind(slot.execution_id)
@@ -775,6 +783,22 @@ pub async fn step_slot_prepare(
     .bind(slot.step_order)
     .fetch_one(conn)
     .await?)
+}
+
+/// Gives interrupted attempts that never recorded their command (the attempt row was written
+/// before the command was rendered) the command as rendered for the attempt that replaces
+/// them, from the same inputs.
+pub async fn step_interrupted_command(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    command: &str,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE step_executions SET command = $2 WHERE id = ANY($1) AND command IS NULL")
+        .bind(ids)
+        .bind(command)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Inserts a running attempt row (with the given id, or a new one) and, when `event` is given,

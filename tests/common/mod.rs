@@ -614,7 +614,7 @@ steps:
   - name: one
     command: echo 1 >> {{{{ F }}}}
   - name: two
-    command: echo 2 >> {{{{ F }}}}; sleep {sleep_seconds}
+    command: echo 2 >> {{{{ F }}}}; echo two started; sleep {sleep_seconds}
   - name: three
     command: echo 3 >> {{{{ F }}}}
   - name: four
