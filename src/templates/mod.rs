@@ -403,12 +403,14 @@ fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
                             format!("in step `{}`: {e}", step.name),
                         ));
                     }
+                    let mut nested = tmpl.undeclared_variables(true);
+                    nested.extend(subscripted(source, false));
                     scope.check(
                         &mut issues,
                         &path,
                         &step.name,
                         tmpl.undeclared_variables(false),
-                        tmpl.undeclared_variables(true),
+                        nested,
                     );
                 }
             }
@@ -420,13 +422,17 @@ fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
                     path,
                     format!("does not compile in step `{}`: {}", step.name, describe(&e)),
                 )),
-                Ok(expr) => scope.check(
-                    &mut issues,
-                    &path,
-                    &step.name,
-                    expr.undeclared_variables(false),
-                    expr.undeclared_variables(true),
-                ),
+                Ok(expr) => {
+                    let mut nested = expr.undeclared_variables(true);
+                    nested.extend(subscripted(condition, true));
+                    scope.check(
+                        &mut issues,
+                        &path,
+                        &step.name,
+                        expr.undeclared_variables(false),
+                        nested,
+                    )
+                }
             }
         }
         earlier.insert(step.name.as_str());
@@ -437,12 +443,37 @@ fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
     issues
 }
 
-/// The first removed filter (`safe`, `escape`, `e`) applied in `source`: inside its `{{ }}` and
-/// `{% %}` tags, or anywhere when it is an `expression` (a condition).
-/// The filter names a template applies (`| name`), outside string literals; for an expression
-/// (a condition) the whole source, otherwise what stands inside `{{ }}` and `{% %}`.
+/// The code of a template: what stands inside its `{{ }}` and `{% %}` tags, or for an
+/// expression (a condition) the whole source.
+fn template_code(source: &str, expression: bool) -> Vec<&str> {
+    if expression {
+        return vec![source];
+    }
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(open) = rest.find(['{']) {
+        let after = &rest[open..];
+        let close = match after.get(..2) {
+            Some("{{") => "}}",
+            Some("{%") => "%}",
+            _ => {
+                rest = &after[1..];
+                continue;
+            }
+        };
+        let Some(end) = after.find(close) else {
+            break;
+        };
+        out.push(&after[2..end]);
+        rest = &after[end + 2..];
+    }
+    out
+}
+
+/// The filter names a template applies (`| name`), outside string literals.
 fn filters_used(source: &str, expression: bool) -> Vec<String> {
-    fn in_expression(text: &str, out: &mut Vec<String>) {
+    let mut out = Vec::new();
+    for text in template_code(source, expression) {
         // String literals may hold `|`: leave them out.
         let mut code = String::with_capacity(text.len());
         let mut quote: Option<char> = None;
@@ -469,27 +500,23 @@ fn filters_used(source: &str, expression: bool) -> Vec<String> {
             }
         }
     }
-    let mut out = Vec::new();
-    if expression {
-        in_expression(source, &mut out);
-        return out;
-    }
-    let mut rest = source;
-    while let Some(open) = rest.find(['{']) {
-        let after = &rest[open..];
-        let close = match after.get(..2) {
-            Some("{{") => "}}",
-            Some("{%") => "%}",
-            _ => {
-                rest = &after[1..];
-                continue;
-            }
-        };
-        let Some(end) = after.find(close) else {
-            break;
-        };
-        in_expression(&after[2..end], &mut out);
-        rest = &after[end + 2..];
+    out
+}
+
+/// `steps.NAME` and `vars.NAME` for each subscript by a string literal (`steps["NAME"]`,
+/// `vars['NAME']`) in a template's code: the same references as the dotted form, which the
+/// template engine's list of variables a template reads does not name.
+fn subscripted(source: &str, expression: bool) -> HashSet<String> {
+    static SUBSCRIPT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"(?:^|[^\w.])(steps|vars)\s*\[\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\]"#)
+            .expect("valid pattern")
+    });
+    let mut out = HashSet::new();
+    for code in template_code(source, expression) {
+        for c in SUBSCRIPT.captures_iter(code) {
+            let name = c.get(2).or_else(|| c.get(3)).map_or("", |m| m.as_str());
+            out.insert(format!("{}.{name}", &c[1]));
+        }
     }
     out
 }
@@ -879,6 +906,20 @@ mod tests {
         );
         assert!(
             found[0].contains("does not set capture_output"),
+            "{found:?}"
+        );
+        // A subscript by name is the same reference as the dotted form.
+        let found = issues(
+            "name: x\nenvironment_vars:\n  V: v\nsteps:\n  - name: a\n    command: 'true'\n    capture_output: true\n  - name: b\n    command: echo {{ steps['a'].stdout }} {{ steps[\"ghost\"].stdout }} {{ vars['V'] }} {{ vars[\"W\"] }}\n    condition: steps[\"gone\"].exit_code == 0\n",
+        );
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found[0].contains("refers to `steps.ghost`, but no earlier step has that name"),
+            "{found:?}"
+        );
+        assert!(found[1].contains("`vars.W`"), "{found:?}");
+        assert!(
+            found[2].starts_with("steps[1].condition") && found[2].contains("`steps.gone`"),
             "{found:?}"
         );
         let found = issues(
