@@ -569,6 +569,15 @@ async fn captured_version_deduplicates_and_resolves(c: &Captured) {
         .get("/alerts?label=instance%3Dweb-1%3A9100&status=resolved")
         .await;
     assert_eq!(page["total"], 1, "{v}");
+    // Every label filter must hold: one label asked for two values matches nothing.
+    let (_, page) = app
+        .get("/alerts?name=NodeDown&label=instance%3Dweb-1%3A9100&label=instance%3Dweb-1%3A9100")
+        .await;
+    assert_eq!(page["total"], 2, "{v}: {page}");
+    let (_, page) = app
+        .get("/alerts?label=instance%3Dweb-1%3A9100&label=instance%3Dother%3A9100")
+        .await;
+    assert_eq!(page["total"], 0, "{v}: {page}");
     let between = rfc3339(starts + chrono::Duration::minutes(30));
     let (_, page) = app.get(&format!("/alerts?since={between}")).await;
     assert_eq!(page["total"], 1, "{v}");
@@ -1315,7 +1324,7 @@ name: report-over-ssh
 mode: auto
 steps:
   - name: report
-    command: echo {{ alert.name }} {{ alert.severity }} {{ alert.labels.instance }} {{ alert.annotations.summary }}
+    command: echo {{ alert.name }} {{ alert.severity }} {{ alert.labels.instance }} {{ alert.annotations.summary }} {{ alert.source }} {{ alert.instance }} {{ alert.alertname }}
     capture_output: true
 triggers:
   - name: any-node
@@ -1329,7 +1338,8 @@ triggers:
     let steps = app.steps(execution).await;
     assert_eq!(
         steps[0]["stdout"],
-        "NodeDown critical 127.0.0.1:9100 127.0.0.1:9100 is in trouble\n"
+        "NodeDown critical 127.0.0.1:9100 127.0.0.1:9100 is in trouble prometheus-0:9090 \
+         127.0.0.1:9100 NodeDown\n"
     );
     worker.stop().await;
 }
@@ -1675,4 +1685,29 @@ async fn trigger_time_windows_follow_the_configured_timezone() {
         "{bad}"
     );
     worker.stop().await;
+}
+
+/// Alertmanager resends a notification answered 5xx forever: a receiver name longer than its
+/// column is kept to 255 characters (the raw notification keeps it whole), not refused.
+#[tokio::test]
+async fn a_long_receiver_name_is_kept_to_its_column() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let mut body = payload(vec![alert(
+        "LongReceiver",
+        "web-1:9100",
+        "2030-01-01T00:00:00Z",
+        "firing",
+    )]);
+    body["receiver"] = json!("r".repeat(300));
+    let (status, receipt) = post(&app, &token, &body).await;
+    assert_eq!(status, 200, "{receipt}");
+    let (receiver, raw): (String, Value) = sqlx::query_as(
+        "SELECT receiver, raw_alert_json FROM alerts WHERE alert_name = 'LongReceiver'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(receiver, "r".repeat(255));
+    assert_eq!(raw["receiver"], "r".repeat(300), "{raw}");
 }

@@ -824,6 +824,25 @@ async fn gates_refuse_with_their_reason() {
     let (_, stats) = app.get(&format!("/stats/executions/{blacked}")).await;
     assert_eq!(stats["total_executions"], 1, "{stats}");
     assert_eq!(stats["avg_duration_ms"], Value::Null, "{stats}");
+    // The gate reads the runbook's category as it is when the run is admitted, as the blackout
+    // check does: a run approved after its runbook moved into the frozen category is refused.
+    let moved = "name: moved\ncategory: {}\nmode: semi_auto\napproval_roles: [admin]\nsteps:\n  - {name: s, command: 'true'}\n";
+    let moved_id = app.runbook_from_yaml(&moved.replace("{}", "web")).await;
+    let id = app.start_execution(json!({ "runbook_id": moved_id })).await;
+    app.wait_awaiting_approval(id).await;
+    assert_eq!(
+        app.runbook_from_yaml(&moved.replace("{}", "database"))
+            .await,
+        moved_id
+    );
+    let (_, check) = app
+        .get(&format!("/blackout-windows/check?runbook_id={moved_id}"))
+        .await;
+    assert_eq!(check["blacked_out"], true, "{check}");
+    let (status, body) = app.approve(id, &app.admin_token).await;
+    assert_eq!(status, 200, "{body}");
+    let refused = app.wait_for_status(id, terminal, 30).await;
+    assert_eq!(refused["refused_by"], "blackout", "{refused}");
 
     // Open circuit breaker.
     let broken = app
@@ -1097,6 +1116,35 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled", "{body}");
+    // So is no body at all, without a Content-Type, as a generated client sends it; a body
+    // without a Content-Type is still refused.
+    for (action, expected) in [("reject", "approval_rejected"), ("cancel", "cancelled")] {
+        let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+        app.wait_awaiting_approval(id).await;
+        let url = app.api(&format!("/executions/{id}/{action}"));
+        let resp = app
+            .client
+            .post(&url)
+            .bearer_auth(&engineer)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 415, "{action}");
+        let (status, body) = app
+            .call(
+                Method::POST,
+                &format!("/executions/{id}/{action}"),
+                Some(&engineer),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{action}: {body}");
+        assert_eq!(body["status"], "cancelled", "{body}");
+        if action == "reject" {
+            assert_eq!(body["refused_by"], expected, "{body}");
+        }
+    }
 
     // Deleting the runbook cancels its runs that wait for approval, saying why.
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
@@ -1166,6 +1214,18 @@ async fn live_events_stream_status_and_output() {
     );
     assert!(body.contains("event: status"));
     assert!(datas.iter().any(|d| d["kind"] == "status" && d["data"].as_str().unwrap().contains("\"completed\"")));
+    // Each event as its schema writes it: a step's events name the attempt, the execution's
+    // own leave the field out (never `null`).
+    for d in &datas {
+        match d.get("step_execution_id") {
+            Some(v) => assert!(v.is_string(), "{d}"),
+            None => assert_eq!(d["kind"], "status", "{d}"),
+        }
+    }
+    assert!(
+        datas.iter().any(|d| d.get("step_execution_id").is_none()),
+        "{body}"
+    );
     worker.stop().await;
 }
 

@@ -770,6 +770,36 @@ async fn dry_run_renders_and_explains_triggers() {
         "23:15 in Tokyo: {report}"
     );
 
+    // The alert has the keys a run it starts has, computed as intake would.
+    let (status, report) = app
+        .call(
+            Method::POST,
+            "/runbooks/dry-run",
+            Some(&viewer),
+            Some(json!({
+                "yaml": "name: keys\nsteps:\n  - name: k\n    command: echo {{ alert.alertname }} {{ alert.source }} {{ alert.instance }} {{ alert.fingerprint }}\n",
+                "alert": {"name": "NodeDown", "labels": {"instance": "db-1:9100", "source": "loki"}},
+                "server": {"hostname": "db-1"},
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let labels = [
+        ("alertname", "NodeDown"),
+        ("instance", "db-1:9100"),
+        ("source", "loki"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(
+        report["steps"][0]["command"],
+        format!(
+            "echo NodeDown loki db-1:9100 {}",
+            aiops::domain::alert::fingerprint_of(&labels)
+        )
+    );
+
     // Nothing was stored by the dry run.
     let (_, page) = app.get("/runbooks").await;
     assert_eq!(page["total"], 1);

@@ -384,11 +384,14 @@ pub struct AlertsApi {
     pub state: AppState,
 }
 
-fn parse_labels(labels: &[String]) -> Result<Option<Value>, ApiError> {
+/// The `label` filters as one containment object, or `None` when two of them ask one label for
+/// different values (an alert has one value per label, so nothing matches).
+fn parse_labels(labels: &[String]) -> Result<Option<Option<Value>>, ApiError> {
     if labels.is_empty() {
-        return Ok(None);
+        return Ok(Some(None));
     }
     let mut map = serde_json::Map::new();
+    let mut satisfiable = true;
     for (i, l) in labels.iter().enumerate() {
         let Some((k, v)) = l.split_once('=').filter(|(k, _)| !k.is_empty()) else {
             return Err(ApiError::invalid(
@@ -396,9 +399,13 @@ fn parse_labels(labels: &[String]) -> Result<Option<Value>, ApiError> {
                 "must be `name=value`",
             ));
         };
-        map.insert(k.to_owned(), json!(v));
+        if let Some(earlier) = map.insert(k.to_owned(), json!(v))
+            && earlier != json!(v)
+        {
+            satisfiable = false;
+        }
     }
-    Ok(Some(Value::Object(map)))
+    Ok(satisfiable.then_some(Some(Value::Object(map))))
 }
 
 #[OpenApi(tag = "Tag::Alerts")]
@@ -440,7 +447,17 @@ impl AlertsApi {
             }),
             severity: severity.0,
             name: name.0,
-            labels: parse_labels(label.0.as_deref().unwrap_or_default())?,
+            labels: match parse_labels(label.0.as_deref().unwrap_or_default())? {
+                Some(labels) => labels,
+                None => {
+                    return Ok(Json(AlertPage {
+                        items: Vec::new(),
+                        total: 0,
+                        limit: page.limit,
+                        offset: page.offset,
+                    }));
+                }
+            },
             since: since.0,
             until: until.0,
         };

@@ -610,7 +610,8 @@ pub struct SampleAlert {
     /// Severity (default: the `severity` label).
     #[oai(nullable)]
     pub severity: Option<String>,
-    /// Source (default `alertmanager`).
+    /// Source (default: the `source` label, as intake reads it; a real alert without one has
+    /// the host of its generatorURL).
     #[oai(nullable)]
     pub source: Option<String>,
     /// `firing` (default) or `resolved`.
@@ -833,12 +834,11 @@ fn alert_facts(alert: &SampleAlert) -> AlertFacts {
             .severity
             .clone()
             .or_else(|| labels.get("severity").cloned()),
-        source: Some(
-            alert
-                .source
-                .clone()
-                .unwrap_or_else(|| "alertmanager".to_owned()),
-        ),
+        // As intake derives it; a sample alert has no generatorURL to fall back on.
+        source: alert
+            .source
+            .clone()
+            .or_else(|| crate::domain::alert::source_of(&labels, "")),
         labels,
     }
 }
@@ -1498,11 +1498,23 @@ pub fn dry_run_report(
     last_fired: &HashMap<String, Option<DateTime<Utc>>>,
 ) -> DryRunReport {
     let facts = alert_facts(alert);
+    let fingerprint = {
+        let mut labels = facts.labels.clone();
+        labels
+            .entry("alertname".to_owned())
+            .or_insert_with(|| facts.name.clone());
+        crate::domain::alert::fingerprint_of(&labels)
+    };
     let ctx = TemplateContext {
+        // The keys a run started by the alert has (`engine::runner`), computed as intake would.
         alert: serde_json::json!({
+            "id": "dry-run",
             "name": facts.name,
+            "alertname": facts.name,
             "severity": facts.severity,
             "source": facts.source,
+            "instance": facts.labels.get("instance"),
+            "fingerprint": fingerprint,
             "status": alert.status.clone().unwrap_or_else(|| "firing".to_owned()),
             "labels": facts.labels,
             "annotations": alert.annotations.clone().unwrap_or_default(),

@@ -522,7 +522,8 @@ impl WebhookApi {
                 .intake
                 .submit(store::alerts::IntakeNotification {
                     token_hash: hash,
-                    receiver: body.0.receiver.clone(),
+                    // The column holds 255 characters; the raw notification keeps it whole.
+                    receiver: alert::truncate(&body.0.receiver, 255),
                     group_key: body.0.group_key.clone(),
                     external_url: body.0.external_url.clone(),
                     alerts: rows,

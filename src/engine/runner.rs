@@ -1173,6 +1173,7 @@ async fn template_context(
             Some(a) => json!({
                 "id": id, "name": a.alert_name, "alertname": a.alert_name, "severity": a.severity,
                 "instance": a.instance, "status": a.status, "fingerprint": a.fingerprint,
+                "source": a.source,
                 "labels": a.labels_json.unwrap_or(json!({})),
                 "annotations": a.annotations_json.unwrap_or(json!({})),
             }),

@@ -248,13 +248,14 @@ pub async fn snapshot_load(
     )))
 }
 
-/// The current status label of a runbook (`None` when it was deleted).
-pub async fn runbook_status(
+/// What the start gates read of a runbook as it is now, not as its snapshot was: its status
+/// label and its category (`None` when it was deleted).
+pub async fn runbook_gate_facts(
     conn: &mut PgConnection,
     runbook_id: Uuid,
-) -> StoreResult<Option<String>> {
+) -> StoreResult<Option<(String, Option<String>)>> {
     Ok(
-        sqlx::query_scalar("SELECT status::text FROM runbooks WHERE id = $1")
+        sqlx::query_as("SELECT status::text, category FROM runbooks WHERE id = $1")
             .bind(runbook_id)
             .fetch_optional(conn)
             .await?,

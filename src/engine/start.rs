@@ -30,7 +30,7 @@ use super::control::{
     approval_expiry_job, deadline_job, log, log_entry, refuse, snapshot_of, state_of,
 };
 use super::runner::StepHandoff;
-use super::snapshot::{RunbookSnapshot, runbook_status};
+use super::snapshot::{RunbookSnapshot, runbook_gate_facts};
 use super::{Engine, ExecutionPayload};
 
 /// Handles `execution.start`.
@@ -50,20 +50,23 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let now = Utc::now();
 
     // 1. Runbook active (its current status, not the snapshot's).
-    let status = runbook_status(g.conn(), snapshot.id).await?;
-    if status.as_deref() != Some("active") {
-        let reason = match status {
-            Some(s) => format!("runbook {} is {s}", snapshot.name),
-            None => format!("runbook {} was deleted", snapshot.name),
-        };
-        refuse(g.conn(), &row, "runbook_inactive", &reason).await?;
-        return g.complete().await;
-    }
+    let current = runbook_gate_facts(g.conn(), snapshot.id).await?;
+    let category = match current {
+        Some((status, category)) if status == "active" => category,
+        other => {
+            let reason = match other {
+                Some((s, _)) => format!("runbook {} is {s}", snapshot.name),
+                None => format!("runbook {} was deleted", snapshot.name),
+            };
+            refuse(g.conn(), &row, "runbook_inactive", &reason).await?;
+            return g.complete().await;
+        }
+    };
 
-    // 2. Blackout windows.
+    // 2. Blackout windows, for the runbook's current category (as the blackout check reads it).
     let runbook_facts = crate::domain::blackout::RunbookFacts {
         id: snapshot.id,
-        category: snapshot.category.clone(),
+        category,
     };
     let server_facts = match row.server_id {
         Some(id) => store::blackouts::blackout_server_facts(g.conn(), id).await?,
@@ -260,7 +263,7 @@ async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<boo
     if facts.blackout_windows_begun {
         let runbook_facts = crate::domain::blackout::RunbookFacts {
             id: snapshot.id,
-            category: snapshot.category.clone(),
+            category: facts.runbook_category.clone(),
         };
         if !store::blackouts::blackout_active_for(
             &mut conn,

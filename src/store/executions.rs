@@ -258,6 +258,8 @@ pub struct StartFacts {
     pub row: ExecutionRow,
     /// `runbooks.status` of `row.runbook_id` (`None`: the runbook is gone).
     pub runbook_status: Option<String>,
+    /// `runbooks.category` of `row.runbook_id` as it is now (blackout windows select by it).
+    pub runbook_category: Option<String>,
     /// The server's selector facts (`None`: no server, or it is gone).
     pub server: Option<crate::domain::blackout::ServerFacts>,
     /// Some enabled blackout window has begun (it may be over or not cover this run).
@@ -271,6 +273,7 @@ struct StartFactsRow {
     #[sqlx(flatten)]
     row: ExecutionRow,
     gate_runbook_status: Option<String>,
+    gate_runbook_category: Option<String>,
     gate_server_id: Option<Uuid>,
     gate_server_tags: Option<Value>,
     gate_server_environment: Option<String>,
@@ -287,7 +290,7 @@ pub async fn execution_start_facts(
 ) -> StoreResult<Option<StartFacts>> {
     let found = sqlx::query_as::<_, StartFactsRow>(concat!(
         "SELECT e.*, \
-           (SELECT status::text FROM runbooks WHERE id = e.runbook_id) AS gate_runbook_status, \
+           r.status::text AS gate_runbook_status, r.category AS gate_runbook_category, \
            s.id AS gate_server_id, s.tags AS gate_server_tags, \
            s.environment AS gate_server_environment, s.name AS gate_server_name, \
            EXISTS (SELECT 1 FROM blackout_windows WHERE enabled AND start_time <= $2) \
@@ -296,6 +299,7 @@ pub async fn execution_start_facts(
          FROM (",
         select_execution!("WHERE id = $1"),
         ") e \
+         LEFT JOIN runbooks r ON r.id = e.runbook_id \
          LEFT JOIN server_credentials s ON s.id = e.server_id \
          LEFT JOIN circuit_breakers b ON b.runbook_id = e.runbook_id"
     ))
@@ -306,6 +310,7 @@ pub async fn execution_start_facts(
     Ok(found.map(|f| StartFacts {
         row: f.row,
         runbook_status: f.gate_runbook_status,
+        runbook_category: f.gate_runbook_category,
         server: f.gate_server_id.map(|id| {
             super::blackouts::server_facts(
                 id,
@@ -1318,6 +1323,8 @@ pub struct AlertContextRow {
     pub annotations_json: Option<Value>,
     /// Alertmanager fingerprint.
     pub fingerprint: String,
+    /// Where it came from (`domain::alert::source_of`).
+    pub source: Option<String>,
 }
 
 /// The alert behind an execution, for its templates.
@@ -1326,8 +1333,8 @@ pub async fn execution_alert(
     alert_id: Uuid,
 ) -> StoreResult<Option<AlertContextRow>> {
     Ok(sqlx::query_as::<_, AlertContextRow>(
-        "SELECT alert_name, severity, instance, status, labels_json, annotations_json, fingerprint \
-         FROM alerts WHERE id = $1",
+        "SELECT alert_name, severity, instance, status, labels_json, annotations_json, fingerprint, \
+           source FROM alerts WHERE id = $1",
     )
     .bind(alert_id)
     .fetch_optional(conn)
