@@ -172,6 +172,8 @@ impl BodySchemas {
     /// The first query parameter of a request that `method` on `path` (relative to the API
     /// prefix) does not declare, named, with the parameters the operation takes: a mistyped
     /// filter (`?stauts=failed`) would otherwise be dropped and the list come back unfiltered.
+    /// A parameter given twice that takes one value (only list parameters such as `tag` and
+    /// `label` repeat) is refused the same way: one of its values would be dropped silently.
     /// `None` when each one is declared, for a request that matches no operation, and for the
     /// Alertmanager webhook (its token schemes), which never refuses an alert for its URL.
     pub fn undeclared_query_parameter(
@@ -186,19 +188,36 @@ impl BodySchemas {
         if self.webhook_secured(method, path) {
             return None;
         }
-        let declared: Vec<&str> = operation
+        let parameters: Vec<&Value> = operation
             .get("parameters")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .filter(|p| p.get("in").and_then(Value::as_str) == Some("query"))
+            .collect();
+        let declared: Vec<&str> = parameters
+            .iter()
             .filter_map(|p| p.get("name").and_then(Value::as_str))
             .collect();
-        let name = query
+        let names: Vec<String> = query
             .split('&')
             .filter(|pair| !pair.is_empty())
             .map(|pair| percent_decoded(pair.split_once('=').map_or(pair, |(k, _)| k), true))
-            .find(|name| !declared.contains(&name.as_str()))?;
+            .collect();
+        let Some(name) = names.iter().find(|name| !declared.contains(&name.as_str())) else {
+            let repeated = names.iter().enumerate().find(|(i, name)| {
+                names[..*i].contains(name)
+                    && parameters.iter().any(|p| {
+                        p.get("name").and_then(Value::as_str) == Some(name.as_str())
+                            && p.pointer("/schema/type").and_then(Value::as_str) != Some("array")
+                    })
+            });
+            return repeated.map(|(_, name)| Offence {
+                field: Some(name.clone()),
+                reason: "is given more than once; it takes one value".to_owned(),
+                invalid_value: false,
+            });
+        };
         let takes = if declared.is_empty() {
             "it takes none".to_owned()
         } else {

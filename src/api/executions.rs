@@ -26,6 +26,7 @@ use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
 use super::live;
+use super::optional_json::OptionalJson;
 use super::pagination::Page;
 
 /// `execution_status`.
@@ -641,7 +642,7 @@ impl ExecutionsApi {
         auth: BearerAuth,
         /// Execution id.
         id: Path<Uuid>,
-        body: Json<Option<Reason>>,
+        body: OptionalJson<Reason>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
         self.decide(
@@ -687,7 +688,7 @@ impl ExecutionsApi {
         auth: BearerAuth,
         /// Execution id.
         id: Path<Uuid>,
-        body: Json<Option<Reason>>,
+        body: OptionalJson<Reason>,
     ) -> Result<Json<Execution>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Operator).await?;
         self.decide(
@@ -800,14 +801,9 @@ impl ExecutionsApi {
             .to_event(|e: ExecutionEvent| {
                 let id = e.id.to_string();
                 let kind = e.kind.clone();
-                let data = serde_json::json!({
-                    "id": e.id,
-                    "kind": e.kind,
-                    "step_execution_id": e.step_execution_id,
-                    "data": e.data,
-                    "created_at": e.created_at,
-                });
-                SseEvent::message(data.to_string()).event_type(kind).id(id)
+                // The event as its schema writes it (an absent step attempt is left out).
+                let data = poem_openapi::types::ToJSON::to_json_string(&e);
+                SseEvent::message(data).event_type(kind).id(id)
             }))
     }
 }

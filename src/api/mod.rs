@@ -18,6 +18,7 @@ pub mod executions;
 pub mod intake;
 pub mod jobs;
 pub mod live;
+pub mod optional_json;
 pub mod pagination;
 pub mod patch;
 pub mod runbooks;
