@@ -172,6 +172,88 @@ async fn crud_and_validation() {
         "Nightly backups",
         "{deleted:?}"
     );
+    // The update's entry has the window before and after.
+    let updated = app.audit_rows("blackout_update").await;
+    let details = updated[0].3.as_ref().unwrap();
+    assert_eq!(details["before"]["name"], "Saturday patching", "{details}");
+    assert_eq!(details["before"]["recurrence"], "weekly", "{details}");
+    assert_eq!(details["after"]["name"], "Nightly backups", "{details}");
+    assert_eq!(
+        details["after"]["recurrence_pattern"]["cron"], "0 2 * * *",
+        "{details}"
+    );
+}
+
+/// A server or runbook a window names may be deleted later: the window can still be edited and
+/// disabled, keeping the ids it holds; a new id must still name something.
+#[tokio::test]
+async fn a_window_naming_a_deleted_server_or_runbook_stays_editable() {
+    let app = common::spawn_app().await;
+    let gone_server = server(&app, "gone", json!([]), "production").await;
+    let gone_runbook = runbook(&app, "gone", "database").await;
+    let start = Utc::now() + Duration::hours(1);
+    let window = |enabled: bool, extra: Option<Uuid>| {
+        let mut servers = vec![gone_server];
+        servers.extend(extra);
+        json!({
+            "name": "freeze", "start_time": start, "end_time": start + Duration::hours(1),
+            "affected_servers": { "server_ids": servers },
+            "affected_runbooks": { "ids": [gone_runbook] },
+            "enabled": enabled,
+        })
+    };
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(window(true, None)),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    for sql in [
+        "DELETE FROM server_credentials WHERE id = $1",
+        "DELETE FROM runbooks WHERE id = $1",
+    ] {
+        let target = if sql.contains("server") {
+            gone_server
+        } else {
+            gone_runbook
+        };
+        sqlx::query(sql)
+            .bind(target)
+            .execute(&app.pool)
+            .await
+            .unwrap();
+    }
+    let (status, updated) = app
+        .call(
+            Method::PUT,
+            &format!("/blackout-windows/{id}"),
+            Some(&app.admin_token),
+            Some(window(false, None)),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["enabled"], false);
+    assert_eq!(
+        updated["affected_servers"]["server_ids"],
+        json!([gone_server])
+    );
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            &format!("/blackout-windows/{id}"),
+            Some(&app.admin_token),
+            Some(window(false, Some(Uuid::new_v4()))),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["details"]["field"], "affected_servers.server_ids[1]",
+        "{body}"
+    );
 }
 
 #[tokio::test]

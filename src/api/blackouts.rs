@@ -285,31 +285,59 @@ fn prepare(input: &BlackoutWindowInput) -> Result<Prepared, ApiError> {
 }
 
 /// Refuses ids in the selectors that name no runbook or server: such a window would never
-/// cover what its author meant.
+/// cover what its author meant. Ids the window already holds (`stored`, on an update) are
+/// kept without the check: a server or runbook deleted since must not make its window
+/// impossible to edit or disable.
 async fn check_references(
     conn: &mut sqlx::PgConnection,
     input: &BlackoutWindowInput,
+    stored: Option<&store::blackouts::BlackoutRow>,
 ) -> Result<(), ApiError> {
-    let runbook_ids = input
-        .affected_runbooks
-        .as_ref()
-        .map(|r| r.ids.as_slice())
-        .unwrap_or_default();
-    let server_ids = input
-        .affected_servers
-        .as_ref()
-        .map(|s| s.server_ids.as_slice())
-        .unwrap_or_default();
+    let held = |selector: Option<&serde_json::Value>, key: &str| -> Vec<Uuid> {
+        selector
+            .and_then(|s| s.get(key))
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()))
+            .collect()
+    };
+    let held_runbooks = held(stored.map(|r| &r.affected_runbooks), "ids");
+    let held_servers = held(stored.map(|r| &r.affected_servers), "server_ids");
+    // New ids only, with their positions in the input.
+    let new = |ids: &[Uuid], held: &[Uuid]| -> (Vec<usize>, Vec<Uuid>) {
+        ids.iter()
+            .enumerate()
+            .filter(|(_, id)| !held.contains(id))
+            .map(|(i, id)| (i, *id))
+            .unzip()
+    };
+    let (runbook_at, runbook_ids) = new(
+        input
+            .affected_runbooks
+            .as_ref()
+            .map(|r| r.ids.as_slice())
+            .unwrap_or_default(),
+        &held_runbooks,
+    );
+    let (server_at, server_ids) = new(
+        input
+            .affected_servers
+            .as_ref()
+            .map(|s| s.server_ids.as_slice())
+            .unwrap_or_default(),
+        &held_servers,
+    );
     if runbook_ids.is_empty() && server_ids.is_empty() {
         return Ok(());
     }
-    match store::blackouts::blackout_missing_references(conn, runbook_ids, server_ids).await? {
+    match store::blackouts::blackout_missing_references(conn, &runbook_ids, &server_ids).await? {
         (Some(i), _) => Err(ApiError::invalid(
-            &format!("affected_runbooks.ids[{i}]"),
+            &format!("affected_runbooks.ids[{}]", runbook_at[i]),
             format!("no runbook has the id {}", runbook_ids[i]),
         )),
         (None, Some(i)) => Err(ApiError::invalid(
-            &format!("affected_servers.server_ids[{i}]"),
+            &format!("affected_servers.server_ids[{}]", server_at[i]),
             format!("no server has the id {}", server_ids[i]),
         )),
         (None, None) => Ok(()),
@@ -438,7 +466,7 @@ impl BlackoutsApi {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let p = prepare(&body.0)?;
         let mut tx = self.state.pool.begin().await?;
-        check_references(&mut tx, &body.0).await?;
+        check_references(&mut tx, &body.0, None).await?;
         let row = store::blackouts::blackout_create(
             &mut tx,
             &fields(&body.0, &p),
@@ -564,11 +592,24 @@ impl BlackoutsApi {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let p = prepare(&body.0)?;
         let mut tx = self.state.pool.begin().await?;
-        check_references(&mut tx, &body.0).await?;
+        let before = store::blackouts::blackout_lock(&mut tx, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("blackout window", id.0))?;
+        check_references(&mut tx, &body.0, Some(&before)).await?;
         let row = store::blackouts::blackout_update(&mut tx, id.0, &fields(&body.0, &p))
             .await
             .map_err(map_store)?
             .ok_or_else(|| ApiError::not_found("blackout window", id.0))?;
+        let now = Utc::now();
+        let written = |row: BlackoutWindow| {
+            let mut value = poem_openapi::types::ToJSON::to_json(&row).unwrap_or_default();
+            if let Some(fields) = value.as_object_mut() {
+                // What was written, not when it was read.
+                fields.remove("active_now");
+                fields.remove("updated_at");
+            }
+            value
+        };
         caller
             .record(
                 &mut tx,
@@ -576,7 +617,12 @@ impl BlackoutsApi {
                     "blackout_update",
                     "blackout_window",
                     Some(row.id),
-                    serde_json::json!({ "name": row.name, "enabled": row.enabled }),
+                    serde_json::json!({
+                        "name": row.name,
+                        "enabled": row.enabled,
+                        "before": written(to_dto(before, now)),
+                        "after": written(to_dto(row.clone(), now)),
+                    }),
                 ),
             )
             .await?;

@@ -145,6 +145,16 @@ pub async fn blackout_get(conn: &mut PgConnection, id: Uuid) -> StoreResult<Opti
     )
 }
 
+/// Fetches one window and locks it for the rest of the transaction.
+pub async fn blackout_lock(conn: &mut PgConnection, id: Uuid) -> StoreResult<Option<BlackoutRow>> {
+    Ok(
+        sqlx::query_as::<_, BlackoutRow>("SELECT * FROM blackout_windows WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// Lists windows by start time, optionally only enabled or disabled ones.
 pub async fn blackout_list(
     conn: &mut PgConnection,
