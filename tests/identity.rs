@@ -1304,3 +1304,51 @@ async fn resp_allow(app: &common::TestApp, method: Method, path: &str) -> String
         .unwrap()
         .to_owned()
 }
+
+/// A token made with an expiring API token expires with it at the latest; one made with a login
+/// session lives as long as asked.
+#[tokio::test]
+async fn a_token_made_with_an_expiring_api_token_does_not_outlive_it() {
+    let app = common::spawn_app().await;
+    let (_, session) = app.user_with_role("operator").await;
+    let create = |token: String, body: serde_json::Value| {
+        let app = &app;
+        async move {
+            let (status, created) = app
+                .call(Method::POST, "/tokens", Some(&token), Some(body))
+                .await;
+            assert_eq!(status, 201, "{created}");
+            created
+        }
+    };
+    let parent = create(
+        session.clone(),
+        json!({ "name": "short", "expires_in_days": 2 }),
+    )
+    .await;
+    let parent_secret = parent["token"].as_str().unwrap().to_owned();
+    let parent_expiry = parent["info"]["expires_at"].clone();
+    assert!(parent_expiry.is_string(), "{parent}");
+    for (name, days) in [
+        ("forever", None),
+        ("longer", Some(30)),
+        ("shorter", Some(1)),
+    ] {
+        let mut body = json!({ "name": name });
+        if let Some(d) = days {
+            body["expires_in_days"] = json!(d);
+        }
+        let child = create(parent_secret.clone(), body).await;
+        let expiry = &child["info"]["expires_at"];
+        if days == Some(1) {
+            assert!(
+                expiry.as_str().unwrap() < parent_expiry.as_str().unwrap(),
+                "{child}"
+            );
+        } else {
+            assert_eq!(expiry, &parent_expiry, "{name}: {child}");
+        }
+    }
+    let lasting = create(session, json!({ "name": "lasting" })).await;
+    assert!(lasting["info"].get("expires_at").is_none(), "{lasting}");
+}

@@ -193,6 +193,8 @@ impl AuthApi {
 
     /// Create a long-lived API token for the calling user (for automation and generated clients).
     ///
+    /// A token created with an expiring API token expires with it at the latest.
+    ///
     /// Least role: viewer.
     #[oai(path = "/tokens", method = "post", operation_id = "token_create")]
     async fn token_create(
@@ -214,8 +216,18 @@ impl AuthApi {
             Some(days) => Some(Utc::now() + chrono::Duration::days(i64::from(days))),
             None => None,
         };
-        let new = token::generate();
         let mut tx = self.state.pool.begin().await?;
+        // An API token outlives nothing that made it: one created with an expiring API token
+        // expires with it at the latest, so a leaked short-lived token cannot mint a lasting
+        // one. A login session creates tokens of any lifetime (that is what it is for).
+        let expires_at =
+            match store::tokens::token_kind_and_expiry(&mut tx, caller.identity.token_id).await? {
+                Some((kind, Some(parent))) if kind == "api" => {
+                    Some(expires_at.map_or(parent, |own| own.min(parent)))
+                }
+                _ => expires_at,
+            };
+        let new = token::generate();
         let row = store::tokens::token_insert(
             &mut tx,
             &NewTokenRow {

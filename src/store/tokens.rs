@@ -89,6 +89,19 @@ pub async fn token_lookup(
     .await?)
 }
 
+/// A token's kind (`session` or `api`) and expiry.
+pub async fn token_kind_and_expiry(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> StoreResult<Option<(String, Option<DateTime<Utc>>)>> {
+    Ok(
+        sqlx::query_as("SELECT kind, expires_at FROM auth_tokens WHERE id = $1")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// Revokes one token of a user; returns whether it was live.
 pub async fn token_revoke(conn: &mut PgConnection, user_id: Uuid, id: Uuid) -> StoreResult<bool> {
     let done = sqlx::query(
