@@ -229,12 +229,23 @@ async fn validation_names_the_field() {
     assert_eq!(err["details"]["field"], "ssh_key");
     // An encrypted key needs its passphrase.
     body["ssh_key"] = json!(sshd::sshd().read("id_ed25519_pass"));
-    let (status, err) = create(&app, body).await;
+    let (status, err) = create(&app, body.clone()).await;
     assert_eq!(status, 422, "{err}");
     assert!(
         err["message"].as_str().unwrap().contains("passphrase"),
         "{err}"
     );
+    // A wrong passphrase is named as such.
+    body["ssh_key_passphrase"] = json!("not the passphrase");
+    let (status, err) = create(&app, body).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["details"]["field"], "ssh_key_passphrase", "{err}");
+    // A passphrase belongs to a key.
+    let mut body = base.clone();
+    body["ssh_key_passphrase"] = json!("pp");
+    let (status, err) = create(&app, body).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["details"]["field"], "ssh_key_passphrase", "{err}");
     // The secret the auth type needs is required.
     let mut body = base;
     body.as_object_mut().unwrap().remove("password");

@@ -984,8 +984,11 @@ fn plan_secrets<'a>(
 ) -> Result<SecretPlan<'a>, ApiError> {
     match auth_type {
         AuthType::Password => {
-            if ssh_key.is_some() || passphrase.is_some() {
-                return Err(ApiError::invalid("ssh_key", "only with auth_type key"));
+            if let Some(field) = [("ssh_key", ssh_key), ("ssh_key_passphrase", passphrase)]
+                .into_iter()
+                .find_map(|(field, value)| value.map(|_| field))
+            {
+                return Err(ApiError::invalid(field, "only with auth_type key"));
             }
             if let Some(p) = password {
                 validate_secret("password", p)?;
@@ -1015,8 +1018,16 @@ fn plan_secrets<'a>(
                     if let Some(p) = passphrase {
                         validate_secret("ssh_key_passphrase", p)?;
                     }
-                    crate::exec::ssh::check_private_key(k, passphrase)
-                        .map_err(|reason| ApiError::invalid("ssh_key", reason))?;
+                    crate::exec::ssh::check_private_key(k, passphrase).map_err(|problem| {
+                        match problem {
+                            crate::exec::ssh::KeyProblem::Key(reason) => {
+                                ApiError::invalid("ssh_key", reason)
+                            }
+                            crate::exec::ssh::KeyProblem::Passphrase(reason) => {
+                                ApiError::invalid("ssh_key_passphrase", reason)
+                            }
+                        }
+                    })?;
                     Ok(SecretPlan {
                         ssh_key: Some(k),
                         password: passphrase,

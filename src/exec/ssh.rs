@@ -82,14 +82,35 @@ pub fn fingerprint(openssh_public_key: &str) -> Option<String> {
 
 /// Checks that a private key parses (and decrypts with the passphrase, when one is given).
 /// Returns a message without key material when it does not.
-pub fn check_private_key(private_key: &str, passphrase: Option<&str>) -> Result<(), String> {
+pub fn check_private_key(private_key: &str, passphrase: Option<&str>) -> Result<(), KeyProblem> {
     match russh::keys::decode_secret_key(private_key, passphrase) {
         Ok(_) => Ok(()),
-        Err(russh::keys::Error::KeyIsEncrypted) => {
-            Err("the key is encrypted; give its passphrase".to_owned())
+        Err(russh::keys::Error::KeyIsEncrypted) => Err(KeyProblem::Key(
+            "the key is encrypted; give its passphrase".to_owned(),
+        )),
+        // An encrypted key that a passphrase did not open: the passphrase is wrong.
+        Err(_)
+            if passphrase.is_some()
+                && matches!(
+                    russh::keys::decode_secret_key(private_key, None),
+                    Err(russh::keys::Error::KeyIsEncrypted)
+                ) =>
+        {
+            Err(KeyProblem::Passphrase("does not open the key".to_owned()))
         }
-        Err(e) => Err(format!("not a usable OpenSSH or PEM private key ({e})")),
+        Err(e) => Err(KeyProblem::Key(format!(
+            "not a usable OpenSSH or PEM private key ({e})"
+        ))),
     }
+}
+
+/// Why a private key cannot be used, by the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// The key itself.
+    Key(String),
+    /// Its passphrase.
+    Passphrase(String),
 }
 
 struct Client {
