@@ -124,6 +124,68 @@ steps:
     .unwrap();
     assert_eq!(leaked, 0);
     let _ = std::fs::remove_file(&marker);
+
+    // A run rolling back after it failed keeps its slot: with max_concurrency 1 the next
+    // server's run starts only once the previous rollback is done. A server that an unfinished
+    // run targets cannot be deleted from under it.
+    let rolled = format!(
+        "/tmp/aiops-fanout-rollback-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let failing = format!(
+        r#"
+name: web-fanout-rollback
+mode: auto
+environment_vars:
+  MARK: "{rolled}"
+steps:
+  - name: change
+    command: echo start {{{{ server.name }}}} >> {{{{ MARK }}}}
+    rollback_command: sleep 2; echo rolled {{{{ server.name }}}} >> {{{{ MARK }}}}
+  - name: break
+    command: exit 1
+"#
+    );
+    let runbook = app.runbook_from_yaml(&failing).await;
+    let (status, created) = app
+        .call(
+            Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": runbook, "servers": { "tags": ["role=web"] }, "max_concurrency": 1 })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let web3_path = format!("/servers/{}", servers[2].1);
+    let delete_web3 = || app.call(Method::DELETE, &web3_path, Some(&app.admin_token), None);
+    let (status, body) = delete_web3().await;
+    assert_eq!(status, 409, "{body}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let lines = loop {
+        let text = std::fs::read_to_string(&rolled).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= 6 {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{lines:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for pair in lines.chunks(2) {
+        let server = pair[0].strip_prefix("start ").expect("a run starts");
+        assert_eq!(pair[1], format!("rolled {server}"), "{lines:?}");
+    }
+    // Once every rollback is done, the server can go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, body) = delete_web3().await;
+        if status == 204 {
+            break;
+        }
+        assert_eq!(status, 409, "{body}");
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(&rolled);
     worker.stop().await;
 }
 

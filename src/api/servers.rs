@@ -785,6 +785,9 @@ impl ServersApi {
 
     /// Delete a server.
     ///
+    /// Refused (409) while an execution that targets it is unfinished: waiting, running, or
+    /// rolling back after it ended. Finished executions keep their history without it.
+    ///
     /// Least role: engineer.
     #[oai(path = "/:id", method = "delete", operation_id = "server_delete")]
     async fn server_delete(
@@ -796,9 +799,27 @@ impl ServersApi {
     ) -> Result<Deleted, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Engineer).await?;
         let mut tx = self.state.pool.begin().await?;
-        let cur = store::servers::server_get(&mut tx, id.0)
+        // Locked: a run created meanwhile (its server reference takes a share lock on the row)
+        // is ordered before the count or after the deletion.
+        let cur = store::servers::server_get_for_update(&mut tx, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("server", id.0))?;
+        let acting = store::executions::execution_count_acting_on_server(
+            &mut tx,
+            id.0,
+            crate::engine::KIND_ROLLBACK,
+        )
+        .await?;
+        if acting > 0 {
+            // Deleting it would leave those runs without their target.
+            return Err(ApiError::conflict(
+                format!(
+                    "{acting} unfinished execution(s) target server {}: cancel them or let                      them finish (rollbacks included) first",
+                    cur.name
+                ),
+                None,
+            ));
+        }
         store::servers::server_delete(&mut tx, id.0).await?;
         caller
             .record(

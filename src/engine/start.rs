@@ -174,7 +174,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         .bind(batch)
         .execute(g.conn())
         .await?;
-        let running = store::executions::execution_count_running_in_batch(g.conn(), batch).await?;
+        let running = store::executions::execution_count_running_in_batch(
+            g.conn(),
+            batch,
+            super::KIND_ROLLBACK,
+        )
+        .await?;
         if running >= i64::from(limit) {
             drop(g);
             return Err(JobError::Snooze(Duration::from_secs(1)));

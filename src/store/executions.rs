@@ -674,15 +674,52 @@ pub async fn execution_count_probes_running(
     .await?)
 }
 
-/// Running executions of a fan-out batch.
+/// Whether an execution (`e`) still acts on its server: running, or ended with rollback jobs
+/// (kind `$rollback`) still to run.
+macro_rules! acting_on_server_sql {
+    ($rollback:literal) => {
+        concat!(
+            "(e.status IN ('pending', 'approved', 'running') \
+              OR (e.status IN ('failed', 'cancelled', 'timeout') \
+                  AND EXISTS (SELECT 1 FROM jobs j WHERE j.kind = ",
+            $rollback,
+            " AND j.state IN ('available', 'running', 'retryable') \
+                  AND j.payload->>'execution_id' = e.id::text)))"
+        )
+    };
+}
+
+/// How many executions of a fan-out batch hold a slot of its concurrency: running, or rolling
+/// back after they ended (a one-at-a-time rollout never touches two hosts at once).
 pub async fn execution_count_running_in_batch(
     conn: &mut PgConnection,
     batch_id: Uuid,
+    rollback_kind: &str,
 ) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM runbook_executions WHERE batch_id = $1 AND status = 'running'",
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM runbook_executions e WHERE e.batch_id = $1 \
+           AND e.status NOT IN ('pending', 'approved') AND ",
+        acting_on_server_sql!("$2")
+    ))
     .bind(batch_id)
+    .bind(rollback_kind)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// How many executions that still act on the server (see [`acting_on_server_sql!`]) target
+/// it; a server is not deleted from under them.
+pub async fn execution_count_acting_on_server(
+    conn: &mut PgConnection,
+    server_id: Uuid,
+    rollback_kind: &str,
+) -> StoreResult<i64> {
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM runbook_executions e WHERE e.server_id = $1 AND ",
+        acting_on_server_sql!("$2")
+    ))
+    .bind(server_id)
+    .bind(rollback_kind)
     .fetch_one(conn)
     .await?)
 }
