@@ -993,6 +993,9 @@ fn valid_runbook_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// The longest `config.approval_timeout_seconds`: a year.
+pub const MAX_APPROVAL_TIMEOUT_SECONDS: i64 = 365 * 24 * 3600;
+
 /// Whether `name` can be a variable name in templates.
 pub fn valid_identifier(name: &str) -> bool {
     let mut chars = name.chars();
@@ -1096,6 +1099,36 @@ pub fn validate(doc: &RunbookDocument) -> Vec<Issue> {
     }
     if !doc.config.is_object() {
         push("config".into(), "must be a mapping".into());
+    }
+    // The keys the product reads; others are free-form.
+    if let Some(timeout) = doc.config.get("approval_timeout_seconds")
+        && !timeout
+            .as_i64()
+            .is_some_and(|t| (1..=MAX_APPROVAL_TIMEOUT_SECONDS).contains(&t))
+    {
+        push(
+            "config.approval_timeout_seconds".into(),
+            format!("must be a whole number of seconds from 1 to {MAX_APPROVAL_TIMEOUT_SECONDS}"),
+        );
+    }
+    if let Some(names) = doc.config.get("secret_vars") {
+        match names.as_array() {
+            None => push(
+                "config.secret_vars".into(),
+                "must be a list of variable names".into(),
+            ),
+            Some(names) => {
+                for (i, name) in names.iter().enumerate() {
+                    if !name.as_str().is_some_and(valid_identifier) {
+                        push(
+                            format!("config.secret_vars[{i}]"),
+                            "must be a variable name (letters, digits and '_', not starting with a digit)"
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
     }
     for name in doc.environment_vars.keys() {
         if !valid_identifier(name) {
@@ -1720,6 +1753,34 @@ triggers:
         )
         .unwrap();
         assert_eq!(validate(&d)[0].path, "steps[0].timeout_seconds");
+    }
+
+    #[test]
+    fn the_config_keys_the_product_reads_are_checked() {
+        let issues = |config: &str| -> Vec<String> {
+            let d = parse_yaml(&format!(
+                "name: x\nconfig: {config}\nsteps:\n  - name: a\n    command: 'true'\n"
+            ))
+            .unwrap();
+            validate(&d).into_iter().map(|i| i.path).collect()
+        };
+        // A secret list given as one name would leave the value unmasked; a timeout past the
+        // bound or in text would not be what it says.
+        assert_eq!(issues("{secret_vars: TOKEN}"), ["config.secret_vars"]);
+        assert_eq!(
+            issues("{secret_vars: [TOKEN, 'not a name', 3]}"),
+            ["config.secret_vars[1]", "config.secret_vars[2]"]
+        );
+        for timeout in ["10000000000000000", "'20s'", "0", "-5", "1.5"] {
+            assert_eq!(
+                issues(&format!("{{approval_timeout_seconds: {timeout}}}")),
+                ["config.approval_timeout_seconds"],
+                "{timeout}"
+            );
+        }
+        assert!(
+            issues("{approval_timeout_seconds: 600, secret_vars: [TOKEN], team: sre}").is_empty()
+        );
     }
 
     #[test]

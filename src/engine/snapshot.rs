@@ -91,10 +91,14 @@ impl RunbookSnapshot {
     /// How long an approval request stays open (runbook config `approval_timeout_seconds`,
     /// default one hour).
     pub fn approval_timeout(&self) -> chrono::Duration {
+        // Validation keeps it within bounds; a runbook stored before that check is held to
+        // them too.
         let seconds = self.config["approval_timeout_seconds"]
             .as_i64()
             .filter(|s| *s > 0)
-            .unwrap_or(3600);
+            .map_or(3600, |s| {
+                s.min(crate::domain::runbook::MAX_APPROVAL_TIMEOUT_SECONDS)
+            });
         chrono::Duration::seconds(seconds)
     }
 
