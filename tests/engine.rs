@@ -1116,6 +1116,8 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled", "{body}");
+    // It never started: no summary of steps.
+    assert!(body.get("output_summary").is_none(), "{body}");
     // So is no body at all, without a Content-Type, as a generated client sends it; a body
     // without a Content-Type is still refused.
     for (action, expected) in [("reject", "approval_rejected"), ("cancel", "cancelled")] {
@@ -1273,6 +1275,12 @@ async fn live_stream_carries_the_step_a_cancel_stopped_and_resumes_after_last_ev
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    // The cancelled run says how far it got.
+    assert_eq!(
+        body["output_summary"],
+        "attempt 1 of 1: 1 step(s) completed, 0 skipped, 0 failed attempt(s)",
+        "{body}"
+    );
     let events = live.await.unwrap();
     let status_of = |e: &Value| -> Option<(String, String)> {
         let data: Value = serde_json::from_str(e["data"].as_str()?).ok()?;

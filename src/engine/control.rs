@@ -351,6 +351,11 @@ pub async fn cancel(
     let t = transition(state_of(&row), &Event::CancelRequested(reason.to_owned()))
         .map_err(|e| EngineError::Conflict(e.to_string()))?;
     store::executions::execution_request_cancel(conn, execution_id, user_id).await?;
+    // A run that started says how far it got, as a run that failed or timed out does.
+    let summary = match row.started_at {
+        Some(_) => Some(run_summary(conn, &row, false).await?),
+        None => None,
+    };
     store::executions::execution_finish(
         conn,
         execution_id,
@@ -358,6 +363,7 @@ pub async fn cancel(
             from: &["pending", "approved", "running"],
             to: t.next.status.as_str(),
             error_message: Some(reason),
+            output_summary: summary.as_deref(),
             log: &[log_entry(
                 "cancelled",
                 json!({ "by": user_id, "reason": reason }),
