@@ -116,16 +116,22 @@ pub struct CronSpec {
 /// 0 or 7 Sunday); six or seven are the cron crate's.
 pub fn parse_cron(expr: &str) -> Result<CronSpec, String> {
     let invalid = |e: String| format!("invalid cron expression `{expr}`: {e}");
-    let schedule = |full: &str| cron::Schedule::from_str(full).map_err(|e| invalid(e.to_string()));
+    let schedule = |full: &str| {
+        cron::Schedule::from_str(full)
+            .map_err(|e| invalid(cron_error_text(&e.to_string(), full, expr)))
+    };
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let [minute, hour, dom, month, dow] = fields[..] else {
         return Ok(CronSpec {
             schedules: vec![schedule(expr)?],
         });
     };
+    // As Unix cron reads the two day fields: a day matching either, unless one of them starts
+    // with `*` (`*`, `*/2`), and then a day matching both.
+    let starred = |field: &str| field.starts_with('*') || field == "?";
+    let either = !starred(dom) && !starred(dow);
     let dow = unix_weekdays(dow).map_err(invalid)?;
-    let any = |field: &str| field == "*" || field == "?";
-    let schedules = if any(dom) || any(&dow) {
+    let schedules = if !either {
         vec![schedule(&format!("0 {minute} {hour} {dom} {month} {dow}"))?]
     } else {
         vec![
@@ -134,6 +140,37 @@ pub fn parse_cron(expr: &str) -> Result<CronSpec, String> {
         ]
     };
     Ok(CronSpec { schedules })
+}
+
+/// The cron crate's error in the product's words: the problem without the six-field form a
+/// five-field expression is read as, and the bounds it breaks stated as they are (the crate says
+/// "less than 59" for a maximum of 59).
+fn cron_error_text(error: &str, full: &str, written: &str) -> String {
+    static BOUND: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"^(.+) must be (less than|greater than or equal to) (\d+)\. \('(\d+)' specified\.\)$",
+        )
+        .expect("valid pattern")
+    });
+    // The crate shows the expression it read with a caret under the problem, then the problem.
+    let error = match error.rsplit_once('\n') {
+        Some((_, last)) => last.to_owned(),
+        None => error.replace(full, written),
+    };
+    match BOUND.captures(&error) {
+        Some(c) => format!(
+            "{} {} is out of range (at {} {})",
+            c[1].to_lowercase(),
+            &c[4],
+            if &c[2] == "less than" {
+                "most"
+            } else {
+                "least"
+            },
+            &c[3]
+        ),
+        None => error,
+    }
 }
 
 /// A Unix cron day-of-week field (numbers 0-7, 0 and 7 Sunday; three-letter names; lists,
@@ -813,6 +850,13 @@ mod tests {
             cron_days("0 0 2 * * 2"),
             vec![true, false, false, false, false, false, false]
         );
+        // Bounds are stated as they are, about the expression as written.
+        let e =
+            parse_pattern(Recurrence::Cron, Some(&json!({ "cron": "61 * * * *" }))).unwrap_err();
+        assert_eq!(
+            e.reason,
+            "invalid cron expression `61 * * * *`: minutes 61 is out of range (at most 59)"
+        );
         for bad in ["0 2 * * 8", "0 2 * * 5-1", "0 2 * * Funday", "0 2 * * 1/0"] {
             let e = parse_pattern(Recurrence::Cron, Some(&json!({ "cron": bad }))).unwrap_err();
             assert_eq!(e.field, "recurrence_pattern.cron", "{bad}");
@@ -838,6 +882,17 @@ mod tests {
             "a Friday"
         );
         assert!(w.active_at(at("2027-01-14T02:05:00Z")).is_none(), "neither");
+        // A day field starting with `*` is not a restriction of its own: both must match
+        // (odd days of the month that are Mondays: 2029-01-01 is one, the 3rd, 5th and 7th
+        // are not Mondays).
+        assert_eq!(
+            cron_days("0 2 */2 * MON"),
+            vec![true, false, false, false, false, false, false]
+        );
+        assert_eq!(
+            cron_days("0 2 1-31/2 * MON"),
+            vec![true, false, true, false, true, false, true]
+        );
     }
 
     #[test]
