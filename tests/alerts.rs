@@ -1711,3 +1711,97 @@ async fn a_long_receiver_name_is_kept_to_its_column() {
     assert_eq!(receiver, "r".repeat(255));
     assert_eq!(raw["receiver"], "r".repeat(300), "{raw}");
 }
+
+/// A trigger's cooldown counts runs, not refusals: a run a blackout refused does not keep the
+/// next alert (after the blackout) from starting the runbook, for a trigger-wide cooldown and
+/// for a per-instance one; a run that did run does.
+#[tokio::test]
+async fn a_run_refused_by_a_gate_does_not_spend_the_cooldown() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    server(&app, "web-1", "10.0.0.1", json!([])).await;
+    for (name, per_instance) in [("Frozen", false), ("FrozenInstance", true)] {
+        app.runbook_from_yaml(&format!(
+            "name: fix-{}\ncategory: frozen\nmode: auto\nsteps:\n  - {{name: s, command: 'true'}}\n\
+             triggers:\n  - name: t\n    alert_name_pattern: \"{name}\"\n    cooldown_seconds: 3600\n    \
+             cooldown_per_instance: {per_instance}\n",
+            name.to_lowercase()
+        ))
+        .await;
+    }
+    let now = chrono::Utc::now();
+    let (status, window) = app
+        .call(
+            Method::POST,
+            "/blackout-windows",
+            Some(&app.admin_token),
+            Some(
+                json!({ "name": "freeze", "start_time": now - chrono::Duration::minutes(1),
+                         "end_time": now + chrono::Duration::hours(1),
+                         "affected_runbooks": { "categories": ["frozen"] } }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{window}");
+    let fire = |name: &'static str, starts_at: &'static str| {
+        let (app, token) = (&app, &token);
+        async move {
+            post(
+                app,
+                token,
+                &payload(vec![alert(name, "10.0.0.1:9100", starts_at, "firing")]),
+            )
+            .await;
+            processed(app, alert_id(app, name, "10.0.0.1:9100").await).await
+        }
+    };
+    for name in ["Frozen", "FrozenInstance"] {
+        let first = fire(name, "2030-01-01T00:00:00Z").await;
+        assert_eq!(
+            first["match_outcome"]["decision"], "execution_created",
+            "{first}"
+        );
+        let id = first["match_outcome"]["execution_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let refused = app.wait_for_status(id, common::FINISHED, 30).await;
+        assert_eq!(refused["refused_by"], "blackout", "{refused}");
+    }
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/blackout-windows/{}", window["id"].as_str().unwrap()),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    for name in ["Frozen", "FrozenInstance"] {
+        let second = fire(name, "2030-01-01T01:00:00Z").await;
+        assert_eq!(
+            second["match_outcome"]["decision"], "execution_created",
+            "{name}: {second}"
+        );
+        let id = second["match_outcome"]["execution_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // It ran (and failed: this worker has no SSH executor for the server).
+        let done = app.wait_for_status(id, common::FINISHED, 30).await;
+        assert!(
+            done["refused_by"].is_null() && done["started_at"].is_string(),
+            "{done}"
+        );
+        // That one ran: the next episode is inside the cooldown.
+        let third = fire(name, "2030-01-01T02:00:00Z").await;
+        assert_eq!(
+            third["match_outcome"]["decision"], "cooldown",
+            "{name}: {third}"
+        );
+    }
+    worker.stop().await;
+}

@@ -511,24 +511,26 @@ async fn claim_and_start(
     outcome: &mut Map<String, Value>,
 ) -> Result<(), JobError> {
     let t = &ct.row;
-    // 5. Cooldown.
+    // 5. Cooldown, claimed in a savepoint: a run that cannot be created gives it back.
     let instance = t
         .trigger
         .cooldown_per_instance
         .then(|| alert::instance_key(&string_map(&a.labels_json), &a.fingerprint));
+    let mut claim = sqlx::Connection::begin(g.conn()).await?;
     let claimed = match &instance {
         Some(key) => {
             store::alerts::trigger_instance_cooldown_claim(
-                g.conn(),
+                &mut claim,
                 t.trigger.id,
                 key,
                 t.trigger.cooldown_seconds,
             )
             .await?
         }
-        None => store::alerts::trigger_cooldown_claim(g.conn(), t.trigger.id).await?,
+        None => store::alerts::trigger_cooldown_claim(&mut claim, t.trigger.id).await?,
     };
     if !claimed {
+        claim.commit().await?;
         let scope = match &instance {
             Some(key) => format!("for instance {key}"),
             None => "for the trigger".to_owned(),
@@ -557,8 +559,9 @@ async fn claim_and_start(
         batch: None,
     };
     // Alert-started runs carry no variables, so nothing needs sealing.
-    match super::create_execution(g.conn(), &request, None).await {
+    match super::create_execution(&mut claim, &request, None).await {
         Ok(execution_id) => {
+            claim.commit().await?;
             g.wake_after_commit();
             set_decision(
                 outcome,
@@ -569,13 +572,16 @@ async fn claim_and_start(
             )
         }
         Err(EngineError::Store(e)) => return Err(JobError::Store(e)),
-        Err(e) => set_decision(
-            outcome,
-            t,
-            "not_run",
-            Some(e.to_string()),
-            json!({ "server_id": server.0, "server": server.1 }),
-        ),
+        Err(e) => {
+            claim.rollback().await?;
+            set_decision(
+                outcome,
+                t,
+                "not_run",
+                Some(format!("{e} (the cooldown is not spent)")),
+                json!({ "server_id": server.0, "server": server.1 }),
+            )
+        }
     }
     Ok(())
 }

@@ -250,8 +250,23 @@ pub(crate) async fn refuse(
         },
     )
     .await?;
+    // A trigger's cooldown counts runs, not refusals: the alert that comes after the blackout
+    // (or the open breaker, the rate limit) may start the runbook.
+    if done && let Some(trigger_id) = row.trigger_id {
+        store::alerts::trigger_cooldown_release(conn, trigger_id, row.id, GATE_REFUSALS).await?;
+    }
     Ok(done)
 }
+
+/// The `refused_by` values of the start gates (an approval's rejection or expiry is a person's
+/// decision, not a gate's).
+pub(crate) const GATE_REFUSALS: &[&str] = &[
+    "runbook_inactive",
+    "target",
+    "blackout",
+    "circuit_breaker",
+    "rate_limit",
+];
 
 /// Approves a pending execution on behalf of a user holding one of the runbook's approval
 /// roles, and enqueues its start job; the caller wakes the workers after the commit.

@@ -660,6 +660,49 @@ pub async fn trigger_instance_cooldown_claim(
     Ok(row.is_some())
 }
 
+/// Gives back the cooldown claimed for execution `execution_id` of trigger `trigger_id` when
+/// a start gate refused it: the trigger's `last_triggered_at` (and, for a per-instance cooldown,
+/// its instance's) becomes the creation time of the latest other execution of the trigger that
+/// a gate did not refuse (`gate_refusals`), or none. The instance key is computed as
+/// `domain::alert::instance_key` computes it.
+pub async fn trigger_cooldown_release(
+    conn: &mut PgConnection,
+    trigger_id: Uuid,
+    execution_id: Uuid,
+    gate_refusals: &[&str],
+) -> StoreResult<()> {
+    sqlx::query(
+        "WITH fired AS ( \
+             SELECT e.created_at, \
+                    COALESCE(NULLIF(a.labels_json->>'instance', ''), \
+                             'fingerprint:' || a.fingerprint) AS instance_key \
+             FROM runbook_executions e LEFT JOIN alerts a ON a.id = e.alert_id \
+             WHERE e.trigger_id = $1 AND e.id <> $2 \
+               AND (e.refused_by IS NULL OR e.refused_by <> ALL($3))), \
+         this AS ( \
+             SELECT COALESCE(NULLIF(a.labels_json->>'instance', ''), \
+                             'fingerprint:' || a.fingerprint) AS instance_key \
+             FROM runbook_executions e JOIN alerts a ON a.id = e.alert_id WHERE e.id = $2), \
+         trigger_level AS ( \
+             UPDATE runbook_triggers SET last_triggered_at = (SELECT max(created_at) FROM fired) \
+             WHERE id = $1), \
+         instance_level AS ( \
+             UPDATE trigger_cooldowns c SET last_triggered_at = \
+               (SELECT max(f.created_at) FROM fired f WHERE f.instance_key = c.instance_key) \
+             WHERE c.trigger_id = $1 AND c.instance_key = (SELECT instance_key FROM this) \
+               AND EXISTS (SELECT 1 FROM fired f WHERE f.instance_key = c.instance_key)) \
+         DELETE FROM trigger_cooldowns c \
+         WHERE c.trigger_id = $1 AND c.instance_key = (SELECT instance_key FROM this) \
+           AND NOT EXISTS (SELECT 1 FROM fired f WHERE f.instance_key = c.instance_key)",
+    )
+    .bind(trigger_id)
+    .bind(execution_id)
+    .bind(gate_refusals)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A server as target resolution sees it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ServerCandidate {
