@@ -630,6 +630,13 @@ async fn users_crud_validation_conflicts_and_audit() {
     let details = update[1].3.clone().unwrap();
     assert_eq!(details["changed"], json!(["password", "role"]));
     assert!(!details.to_string().contains("another-long-password"));
+    assert!(!details.to_string().contains("argon2"), "{details}");
+    // A demotion shows the role it took away.
+    assert_ne!(
+        details["before"]["role"], details["after"]["role"],
+        "{details}"
+    );
+    assert_eq!(details["after"]["role"], details["role"], "{details}");
     assert_eq!(app.audit_rows("user_delete").await.len(), 1);
 }
 

@@ -105,6 +105,29 @@ async fn crud_never_returns_secrets_and_viewers_read() {
         !details.contains("PRIVATE") && !details.contains("correct horse"),
         "{details}"
     );
+    // The update's entry has the server before and after, without secrets.
+    let audit = app.audit_rows("server_update").await;
+    assert_eq!(audit.len(), 1);
+    let details = audit[0].3.clone().unwrap();
+    assert_eq!(
+        details["before"]["tags"],
+        json!(["db", "role=primary"]),
+        "{details}"
+    );
+    assert_eq!(details["after"]["tags"], json!(["web"]), "{details}");
+    assert_eq!(details["after"]["environment"], "staging", "{details}");
+    assert!(!details.to_string().contains("PRIVATE"), "{details}");
+    // An update that gives nothing changes nothing and records nothing.
+    let (status, same) = app
+        .call(
+            Method::PATCH,
+            &format!("/servers/{id}"),
+            Some(&engineer),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{same}");
+    assert_eq!(same["updated_at"], updated["updated_at"], "{same}");
     assert_eq!(app.audit_rows("server_update").await.len(), 1);
 
     let (status, _) = app

@@ -652,6 +652,9 @@ impl ServersApi {
 
     /// Update a server. A new hostname or port clears the pinned host key.
     ///
+    /// Fields left out keep their values; an update that gives no field changes nothing and is
+    /// not audited. The audit entry keeps the server before and after (never its secrets).
+    ///
     /// Least role: engineer.
     #[oai(path = "/:id", method = "patch", operation_id = "server_update")]
     async fn server_update(
@@ -708,6 +711,33 @@ impl ServersApi {
             tags: new_tags.clone().unwrap_or_else(|| tags_of(&cur.tags)),
         };
         validate(&draft)?;
+        let mut changed = Vec::new();
+        for (name, set) in [
+            ("name", name.is_some()),
+            ("hostname", hostname.is_some()),
+            ("port", port.is_some()),
+            ("username", username.is_some()),
+            ("os_type", os_type.is_some()),
+            ("protocol", protocol.is_some()),
+            ("auth_type", auth_type.is_some()),
+            ("ssh_key", new_ssh_key.is_some()),
+            ("ssh_key_passphrase", new_passphrase.is_some()),
+            ("password", new_password.is_some()),
+            ("winrm_transport", winrm_transport.is_given()),
+            ("winrm_use_ssl", winrm_use_ssl.is_some()),
+            ("winrm_cert_validation", winrm_cert_validation.is_some()),
+            ("domain", domain.is_given()),
+            ("environment", environment.is_given()),
+            ("tags", new_tags.is_some()),
+        ] {
+            if set {
+                changed.push(name);
+            }
+        }
+        if changed.is_empty() {
+            // Nothing given: nothing changes, nothing to record.
+            return Ok(Json(cur.into()));
+        }
         let auth_changed = enum_str(&draft.auth_type) != cur.auth_type;
         let plan = plan_secrets(
             draft.auth_type,
@@ -742,29 +772,6 @@ impl ServersApi {
         )
         .await?
         .ok_or_else(|| ApiError::not_found("server", id.0))?;
-        let mut changed = Vec::new();
-        for (name, set) in [
-            ("name", name.is_some()),
-            ("hostname", hostname.is_some()),
-            ("port", port.is_some()),
-            ("username", username.is_some()),
-            ("os_type", os_type.is_some()),
-            ("protocol", protocol.is_some()),
-            ("auth_type", auth_type.is_some()),
-            ("ssh_key", new_ssh_key.is_some()),
-            ("ssh_key_passphrase", new_passphrase.is_some()),
-            ("password", new_password.is_some()),
-            ("winrm_transport", winrm_transport.is_given()),
-            ("winrm_use_ssl", winrm_use_ssl.is_some()),
-            ("winrm_cert_validation", winrm_cert_validation.is_some()),
-            ("domain", domain.is_given()),
-            ("environment", environment.is_given()),
-            ("tags", new_tags.is_some()),
-        ] {
-            if set {
-                changed.push(name);
-            }
-        }
         caller
             .record(
                 &mut tx,
@@ -775,6 +782,8 @@ impl ServersApi {
                     json!({
                         "changed": changed,
                         "host_key_cleared": cur.ssh_host_key.is_some() && row.ssh_host_key.is_none(),
+                        "before": audited_server(&cur),
+                        "after": audited_server(&row),
                     }),
                 ),
             )
@@ -1074,4 +1083,15 @@ fn plan_secrets<'a>(
             }
         }
     }
+}
+
+/// What the audit log keeps of a server before and after a change: the server as the API shows
+/// it (never a secret; a new key or password shows in `changed`), without its update time.
+fn audited_server(row: &ServerRow) -> Value {
+    let mut value =
+        poem_openapi::types::ToJSON::to_json(&Server::from(row.clone())).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("updated_at");
+    }
+    value
 }

@@ -374,23 +374,22 @@ impl UsersApi {
         };
         let role: Option<Role> = role.map(Into::into);
         let mut tx = self.state.pool.begin().await?;
+        let current = store::users::user_get(&mut tx, id.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("user", id.0))?;
         let demotes_admin = role.is_some_and(|r| r != Role::Admin) || is_active == Some(false);
-        if demotes_admin {
-            let current = store::users::user_get(&mut tx, id.0)
-                .await?
-                .ok_or_else(|| ApiError::not_found("user", id.0))?;
-            if current.role == "admin"
-                && store::users::user_count_other_active_admins(&mut tx, id.0).await? == 0
-            {
-                return Err(ApiError::conflict(
-                    "cannot demote or deactivate the last active admin",
-                    Some(if role.is_some_and(|r| r != Role::Admin) {
-                        "role"
-                    } else {
-                        "is_active"
-                    }),
-                ));
-            }
+        if demotes_admin
+            && current.role == "admin"
+            && store::users::user_count_other_active_admins(&mut tx, id.0).await? == 0
+        {
+            return Err(ApiError::conflict(
+                "cannot demote or deactivate the last active admin",
+                Some(if role.is_some_and(|r| r != Role::Admin) {
+                    "role"
+                } else {
+                    "is_active"
+                }),
+            ));
         }
         let row = store::users::user_update(
             &mut tx,
@@ -434,6 +433,8 @@ impl UsersApi {
                         "role": row.role,
                         "is_active": row.is_active,
                         "tokens_revoked": revoked,
+                        "before": audited_user(&current),
+                        "after": audited_user(&row),
                     }),
                 ),
             )
@@ -484,4 +485,15 @@ impl UsersApi {
         tx.commit().await?;
         Ok(Deleted::NoContent)
     }
+}
+
+/// What the audit log keeps of a user's account before and after a change (never a password
+/// hash: a password change shows as `password` in `changed`).
+fn audited_user(u: &store::users::UserRow) -> serde_json::Value {
+    serde_json::json!({
+        "email": u.email,
+        "full_name": u.full_name,
+        "role": u.role,
+        "is_active": u.is_active,
+    })
 }
