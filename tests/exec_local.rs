@@ -186,3 +186,30 @@ async fn cancellation_kills_mid_command() {
     assert!(out.cancelled && !out.timed_out);
     assert!(wait_gone(pid).await, "sleep {pid} survived cancellation");
 }
+
+/// A command that exits leaving a process that holds its output open ends when it exits: the
+/// leftover is killed (as over SSH), the step is not held until its timeout nor recorded as
+/// timed out, and the output written before is kept.
+#[tokio::test]
+async fn a_command_ends_when_it_exits_though_a_leftover_holds_its_output() {
+    let dir = common::Scratch::new("leftover");
+    let pidfile = dir.join("pid");
+    let req = request(&format!(
+        "echo done; sleep 300 & echo $! > {}",
+        pidfile.display()
+    ));
+    let started = std::time::Instant::now();
+    let out = run(&req).await;
+    assert_eq!(
+        (out.exit_code, out.timed_out, out.cancelled),
+        (Some(0), false, false),
+        "{out:?}"
+    );
+    assert_eq!(out.stdout, "done\n");
+    assert!(
+        started.elapsed() < req.timeout,
+        "held until the step timeout: {out:?}"
+    );
+    let pid = wait_for_pid(&pidfile, Duration::from_secs(5)).await;
+    assert!(wait_gone(pid).await, "the leftover sleep {pid} survived");
+}

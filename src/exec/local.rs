@@ -251,13 +251,22 @@ async fn run_local(
             }
             s = child.wait(), if status.is_none() => {
                 status = Some(s?);
+                // What the command left running in its group dies with it (as the SSH
+                // wrapper's watcher does), so pipes it held close and the loop reads them to
+                // the end instead of waiting for the step timeout.
+                if let Some(pgid) = pgid {
+                    kill_group(pgid, Signal::KILL);
+                }
             }
+            // A command that has already exited finished on its own: it is neither timed out
+            // nor cancelled (a pipe still held open by a process that left its group is given
+            // up on here).
             _ = &mut deadline => {
-                timed_out = true;
+                timed_out = status.is_none();
                 break;
             }
             _ = cancel.cancelled() => {
-                cancelled = true;
+                cancelled = status.is_none();
                 break;
             }
         }

@@ -509,8 +509,8 @@ impl Report {
     }
 }
 
-/// How long a killed command's channel is read for its end (exit signal or status) once the
-/// kill has been delivered.
+/// How long a command's channel is read for the rest of its end: its exit report once a kill
+/// has been delivered, or its close once its exit has been reported.
 const KILLED_REPORT_WAIT: Duration = Duration::from_secs(2);
 
 /// What a kill over the second channel found.
@@ -697,13 +697,22 @@ impl SshExecutor {
         let deadline = tokio::time::sleep(request.timeout);
         tokio::pin!(deadline);
         loop {
+            // Once sshd has reported the command's end, it finished on its own: a timeout or
+            // cancel arriving before the channel closes does not make it timed out or
+            // cancelled (the wrapper's watcher kills what it left running, and the channel
+            // closes).
+            let ended = report.exit_code.is_some() || report.exit_signal.is_some();
             tokio::select! {
                 msg = channel.wait() => if report.take(msg, &output).await {
                     closed_cleanly = report.exit_code.is_some() || report.exit_signal.is_some();
                     break;
                 },
-                _ = &mut deadline => { timed_out = true; break; }
-                _ = cancel.cancelled() => { cancelled = true; break; }
+                _ = &mut deadline, if !ended => { timed_out = true; break; }
+                _ = cancel.cancelled(), if !ended => { cancelled = true; break; }
+                _ = tokio::time::sleep(KILLED_REPORT_WAIT), if ended => {
+                    closed_cleanly = true;
+                    break;
+                }
             }
         }
         if timed_out || cancelled {
