@@ -298,7 +298,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     };
 
     // Record and continue, fenced.
-    let verdict = judge(&step, &run, &masker, (step_timeout, runbook_deadline_binds));
+    let verdict = judge(
+        &step,
+        &run,
+        &masker,
+        (step_timeout, remaining, runbook_deadline_binds),
+    );
     // A sensitive step's captured output is kept only sealed, for later steps to read.
     let to_seal = match &run {
         RunResult::Ran(Ok(o), _) if step.sensitive && step.capture_output => Some(o),
@@ -592,7 +597,11 @@ fn judge(
     step: &StepSnapshot,
     run: &RunResult,
     masker: &Masker,
-    (step_timeout, runbook_deadline_binds): (std::time::Duration, bool),
+    (step_timeout, remaining, runbook_deadline_binds): (
+        std::time::Duration,
+        std::time::Duration,
+        bool,
+    ),
 ) -> Verdict {
     let failed = |error: String| Verdict {
         status: "failed",
@@ -636,10 +645,11 @@ fn judge(
                 // The time left before the runbook deadline was shorter than the step timeout.
                 (
                     "timeout",
+                    // The time the step was given, not how long its kill then took.
                     Some(format!(
-                        "the runbook timeout passed after {:.1} s of this step; the command was \
+                        "the runbook timeout passed {:.1} s into this step; the command was \
                          killed",
-                        o.duration.as_secs_f64()
+                        remaining.as_secs_f64()
                     )),
                 )
             } else if o.timed_out {
