@@ -324,7 +324,9 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     assert_eq!(used, 1);
 
     // A revoked token stops working.
-    let (_, tokens) = app.get("/webhook-tokens").await;
+    let (_, page) = app.get("/webhook-tokens").await;
+    assert_eq!(page["total"], 1, "{page}");
+    let tokens = &page["items"];
     let id = tokens[0]["id"].as_str().unwrap();
     assert!(tokens[0].get("secret").is_none());
     let (status, _) = app
@@ -651,13 +653,25 @@ async fn rules_first_match_wins_and_auto_analyze_records_no_provider() {
         assert_eq!(body["details"]["reason"], "must not be empty", "{body}");
     }
     let (_, list) = app.get("/alert-rules").await;
-    let names: Vec<&str> = list
+    assert_eq!(list["total"], 3, "{list}");
+    let names: Vec<&str> = list["items"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["watchdog", "db-critical", "broad"]);
+    // A page of them, in the same order.
+    let (_, page) = app.get("/alert-rules?limit=1&offset=1").await;
+    assert_eq!(
+        (
+            page["total"].clone(),
+            page["items"][0]["name"].clone(),
+            page["items"].as_array().unwrap().len()
+        ),
+        (json!(3), json!("db-critical"), 1),
+        "{page}"
+    );
 
     let (status, _) = post(
         &app,

@@ -218,9 +218,10 @@ async fn api_tokens_are_shown_once_listed_without_secret_and_revocable() {
     assert_eq!(status, 200);
     assert_eq!(me["role"], "operator");
 
-    let (status, list) = app.call(Method::GET, "/tokens", Some(&token), None).await;
+    let (status, page) = app.call(Method::GET, "/tokens", Some(&token), None).await;
     assert_eq!(status, 200);
-    let list = list.as_array().unwrap();
+    assert_eq!(page["total"], 1, "{page}");
+    let list = page["items"].as_array().unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["name"], "ci pipeline");
     assert!(list[0].get("token").is_none());
@@ -669,7 +670,11 @@ async fn system_config_put_get_list_delete_with_audit() {
     assert_eq!(got["value"]["channel"], "#sre");
     let (status, list) = app.get("/system-config").await;
     assert_eq!(status, 200);
-    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["total"], 1, "{list}");
+    let (status, list) = app.get("/system-config?limit=0").await;
+    assert_eq!(status, 422, "{list}");
+    assert_eq!(list["details"]["field"], "limit", "{list}");
     // A body without a value (or with null) is refused and keeps the setting.
     for (body, reason) in [
         (json!({}), "is required"),

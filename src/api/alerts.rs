@@ -576,11 +576,24 @@ impl AlertsApi {
         &self,
         req: &Request,
         auth: BearerAuth,
-    ) -> Result<Json<Vec<AlertRule>>, ApiError> {
+        /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<i64>>,
+        /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
+        offset: Query<Option<i64>>,
+    ) -> Result<Json<AlertRulePage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
+        let page = Page::parse(limit.0, offset.0)?;
         let mut conn = self.state.pool.acquire().await?;
         let rows = store::alert_rules::rule_list(&mut conn, false).await?;
-        Ok(Json(rows.into_iter().map(Into::into).collect()))
+        let (items, total) = page.slice(rows);
+        Ok(Json(AlertRulePage {
+            items: items.into_iter().map(Into::into).collect(),
+            total,
+            limit: page.limit,
+            offset: page.offset,
+        }))
     }
 
     /// Create an auto_analyze rule.
@@ -725,4 +738,17 @@ fn rule_audit(row: &store::alert_rules::RuleRow) -> serde_json::Value {
         "action": row.action,
         "enabled": row.enabled,
     })
+}
+
+/// A page of alert rules, in evaluation order.
+#[derive(Debug, Object)]
+pub struct AlertRulePage {
+    /// Alert rules, in evaluation order.
+    pub items: Vec<AlertRule>,
+    /// All alert rules, in evaluation order.
+    pub total: i64,
+    /// Page size used.
+    pub limit: i64,
+    /// Offset used.
+    pub offset: i64,
 }

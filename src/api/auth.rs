@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use poem::Request;
-use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
+use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, param::Query, payload::Json};
 use uuid::Uuid;
 
 use crate::crypto::token;
@@ -12,6 +12,7 @@ use crate::store::{self, tokens::NewTokenRow};
 use super::Tag;
 use super::context::{AppState, BearerAuth, client_ip};
 use super::error::ApiError;
+use super::pagination::Page;
 use super::users::User;
 
 /// Credentials.
@@ -265,11 +266,24 @@ impl AuthApi {
         &self,
         req: &Request,
         auth: BearerAuth,
-    ) -> Result<Json<Vec<ApiToken>>, ApiError> {
+        /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<i64>>,
+        /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
+        offset: Query<Option<i64>>,
+    ) -> Result<Json<ApiTokenPage>, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Viewer).await?;
+        let page = Page::parse(limit.0, offset.0)?;
         let mut conn = self.state.pool.acquire().await?;
         let rows = store::tokens::token_list_api(&mut conn, caller.identity.user_id).await?;
-        Ok(Json(rows.into_iter().map(ApiToken::from).collect()))
+        let (items, total) = page.slice(rows);
+        Ok(Json(ApiTokenPage {
+            items: items.into_iter().map(ApiToken::from).collect(),
+            total,
+            limit: page.limit,
+            offset: page.offset,
+        }))
     }
 
     /// Revoke one of the calling user's API tokens.
@@ -297,4 +311,17 @@ impl AuthApi {
         tx.commit().await?;
         Ok(NoContent::Done)
     }
+}
+
+/// A page of API tokens.
+#[derive(Debug, Object)]
+pub struct ApiTokenPage {
+    /// API tokens.
+    pub items: Vec<ApiToken>,
+    /// All API tokens.
+    pub total: i64,
+    /// Page size used.
+    pub limit: i64,
+    /// Offset used.
+    pub offset: i64,
 }

@@ -33,3 +33,14 @@ impl Page {
         Ok(Page { limit, offset })
     }
 }
+
+impl Page {
+    /// This page of a whole list read at once (the short configuration lists), with the
+    /// list's length as the total.
+    pub fn slice<T>(&self, all: Vec<T>) -> (Vec<T>, i64) {
+        let total = i64::try_from(all.len()).unwrap_or(i64::MAX);
+        let skip = usize::try_from(self.offset).unwrap_or(usize::MAX);
+        let take = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        (all.into_iter().skip(skip).take(take).collect(), total)
+    }
+}

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use poem::Request;
-use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
+use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, param::Query, payload::Json};
 use uuid::Uuid;
 
 use crate::domain::Role;
@@ -11,6 +11,7 @@ use crate::store;
 use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::ApiError;
+use super::pagination::Page;
 
 /// One setting.
 #[derive(Debug, Object)]
@@ -101,11 +102,24 @@ impl SystemConfigApi {
         &self,
         req: &Request,
         auth: BearerAuth,
-    ) -> Result<Json<Vec<ConfigEntry>>, ApiError> {
+        /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<i64>>,
+        /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
+        offset: Query<Option<i64>>,
+    ) -> Result<Json<ConfigEntryPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;
+        let page = Page::parse(limit.0, offset.0)?;
         let mut conn = self.state.pool.acquire().await?;
         let rows = store::system_config::config_list(&mut conn).await?;
-        Ok(Json(rows.into_iter().map(ConfigEntry::from).collect()))
+        let (items, total) = page.slice(rows);
+        Ok(Json(ConfigEntryPage {
+            items: items.into_iter().map(ConfigEntry::from).collect(),
+            total,
+            limit: page.limit,
+            offset: page.offset,
+        }))
     }
 
     /// Get one setting.
@@ -203,4 +217,17 @@ impl SystemConfigApi {
         tx.commit().await?;
         Ok(Deleted::NoContent)
     }
+}
+
+/// A page of settings.
+#[derive(Debug, Object)]
+pub struct ConfigEntryPage {
+    /// Settings.
+    pub items: Vec<ConfigEntry>,
+    /// All settings.
+    pub total: i64,
+    /// Page size used.
+    pub limit: i64,
+    /// Offset used.
+    pub offset: i64,
 }

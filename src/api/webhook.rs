@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Datelike, Utc};
 use poem::Request;
 use poem_openapi::auth::{Basic, Bearer};
-use poem_openapi::{ApiResponse, Object, OpenApi, SecurityScheme, param::Path, payload::Json};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi, SecurityScheme, param::Path, param::Query, payload::Json,
+};
 use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -26,6 +28,7 @@ use crate::store::{self, alerts::AlertUpsert, webhook_tokens::WebhookTokenRow};
 use super::Tag;
 use super::context::{AppState, BearerAuth};
 use super::error::{ApiError, ErrorBody};
+use super::pagination::Page;
 
 /// A webhook token as a bearer token (`http_config.authorization.credentials`).
 #[derive(SecurityScheme)]
@@ -559,11 +562,24 @@ impl WebhookApi {
         &self,
         req: &Request,
         auth: BearerAuth,
-    ) -> Result<Json<Vec<WebhookToken>>, ApiError> {
+        /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<i64>>,
+        /// Rows to skip (default 0).
+        #[oai(validator(minimum(value = "0")))]
+        offset: Query<Option<i64>>,
+    ) -> Result<Json<WebhookTokenPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;
+        let page = Page::parse(limit.0, offset.0)?;
         let mut conn = self.state.pool.acquire().await?;
         let rows = store::webhook_tokens::webhook_token_list(&mut conn).await?;
-        Ok(Json(rows.into_iter().map(Into::into).collect()))
+        let (items, total) = page.slice(rows);
+        Ok(Json(WebhookTokenPage {
+            items: items.into_iter().map(Into::into).collect(),
+            total,
+            limit: page.limit,
+            offset: page.offset,
+        }))
     }
 
     /// Create a webhook token for Alertmanager; the secret is returned once.
@@ -646,4 +662,17 @@ impl WebhookApi {
         tx.commit().await?;
         Ok(Revoked::NoContent)
     }
+}
+
+/// A page of webhook tokens.
+#[derive(Debug, Object)]
+pub struct WebhookTokenPage {
+    /// Webhook tokens.
+    pub items: Vec<WebhookToken>,
+    /// All webhook tokens.
+    pub total: i64,
+    /// Page size used.
+    pub limit: i64,
+    /// Offset used.
+    pub offset: i64,
 }
