@@ -110,7 +110,12 @@ fn bad_request_from_parse(err: poem::Error) -> ApiError {
         return ApiError::UnsupportedMediaType(body("unsupported_media_type", message, None));
     }
     if err.status() == poem::http::StatusCode::UNAUTHORIZED {
-        return ApiError::Unauthorized(body("unauthorized", message, None));
+        // No credentials at all: said as a bad token is.
+        return ApiError::Unauthorized(body(
+            "unauthorized",
+            crate::auth::AuthError::Unauthenticated.to_string(),
+            None,
+        ));
     }
     let field = field_from_parse_message(&message);
     ApiError::BadRequest(Json(ErrorBody {
@@ -313,6 +318,9 @@ pub fn poem_error_body(err: &poem::Error) -> ErrorBody {
     };
     let message = if status.is_server_error() {
         "internal server error".to_owned()
+    } else if status == poem::http::StatusCode::UNAUTHORIZED {
+        // No credentials at all: said as a bad token is.
+        crate::auth::AuthError::Unauthenticated.to_string()
     } else {
         err.to_string()
     };
