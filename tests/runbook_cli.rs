@@ -138,6 +138,27 @@ fn diff_and_dry_run_work_offline() {
         "{diff}"
     );
     assert!(diff.contains("-  command: echo {{ alert.name }}"), "{diff}");
+    // Files of several runbooks are paired by name.
+    std::fs::write(
+        dir.join("both.yaml"),
+        format!("{GOOD}---\n{}", GOOD.replace("cli-one", "cli-two")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("both-edited.yaml"),
+        format!(
+            "{}---\n{GOOD}",
+            GOOD.replace("cli-one", "cli-two")
+                .replace("'Node*'", "'Disk*'")
+        ),
+    )
+    .unwrap();
+    let out = aiops(&dir, None, &["diff", "both.yaml", "both-edited.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let diff = text(&out.stdout);
+    assert!(diff.contains("--- cli-two (both.yaml)"), "{diff}");
+    assert!(diff.contains("+  alert_name_pattern: Disk*"), "{diff}");
+    assert!(!diff.contains("cli-one"), "{diff}");
 
     std::fs::write(
         dir.join("alert.yaml"),
@@ -209,6 +230,19 @@ async fn apply_folder_is_idempotent_prunes_on_request_and_exports() {
     let diff = text(&out.stdout);
     assert!(diff.contains("--- cli-one@v2 (stored)"), "{diff}");
     assert!(diff.contains("+  alert_name_pattern: Disk*"), "{diff}");
+    // A folder: each runbook against its stored version; only those that differ are shown.
+    let drift = dir.join("drift");
+    std::fs::create_dir_all(&drift).unwrap();
+    std::fs::copy(flows.join("one.yaml"), drift.join("one.yaml")).unwrap();
+    let out = aiops(&dir, Some(&url), &["diff", "drift"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).is_empty(), "{}", text(&out.stdout));
+    std::fs::write(drift.join("two.yaml"), GOOD.replace("cli-one", "cli-new")).unwrap();
+    let out = aiops(&dir, Some(&url), &["diff", "drift"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let diff = text(&out.stdout);
+    assert!(diff.contains("--- cli-new (not stored)"), "{diff}");
+    assert!(!diff.contains("cli-one"), "{diff}");
 
     // Every change was audited as coming from the CLI.
     let audited: i64 = sqlx::query_scalar(

@@ -53,9 +53,10 @@ pub enum RunbookCommand {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
-    /// Unified diff of the canonical YAML of two files, or of one file against the stored
-    /// runbook of the same name (DATABASE_URL). Exits 0 when they are the same and 1 when they
-    /// differ (or on an error, which is printed), so CI can detect drift.
+    /// Unified diff of the canonical YAML of two files or folders (runbooks paired by name), or
+    /// of each runbook of one file or folder against the stored runbook of the same name
+    /// (DATABASE_URL). Only runbooks that differ are shown. Exits 0 when all are the same and 1
+    /// when any differs (or on an error, which is printed), so CI can detect drift.
     Diff {
         /// The old side (or the only file).
         old: PathBuf,
@@ -408,54 +409,79 @@ pub async fn run(command: RunbookCommand, config: &Config) -> anyhow::Result<()>
         }
         RunbookCommand::Diff { old, new } => {
             let old_loaded = load_all(std::slice::from_ref(&old))?;
-            let [old_doc] = <[Loaded; 1]>::try_from(old_loaded).map_err(|_| {
-                anyhow::anyhow!("diff takes files of one runbook each, not folders")
-            })?;
-            let (old_text, old_name, new_text, new_name) = match new {
+            // (old label, old text, new label, new text) per runbook, by name.
+            let mut sides: Vec<(String, String, String, String)> = Vec::new();
+            match new {
                 Some(new) => {
                     let new_loaded = load_all(std::slice::from_ref(&new))?;
-                    let [new_doc] = <[Loaded; 1]>::try_from(new_loaded).map_err(|_| {
-                        anyhow::anyhow!("diff takes files of one runbook each, not folders")
-                    })?;
-                    (
-                        to_canonical_yaml(&old_doc.doc),
-                        old.display().to_string(),
-                        to_canonical_yaml(&new_doc.doc),
-                        new.display().to_string(),
-                    )
+                    if let ([one_old], [one_new]) = (&old_loaded[..], &new_loaded[..]) {
+                        sides.push((
+                            old.display().to_string(),
+                            to_canonical_yaml(&one_old.doc),
+                            new.display().to_string(),
+                            to_canonical_yaml(&one_new.doc),
+                        ));
+                    } else {
+                        // Several runbooks a side: paired by name; one on a side only is
+                        // compared with nothing.
+                        let names: std::collections::BTreeSet<&str> = old_loaded
+                            .iter()
+                            .chain(&new_loaded)
+                            .map(|l| l.doc.name.as_str())
+                            .collect();
+                        let side = |loaded: &[Loaded], name: &str| -> (String, String) {
+                            match loaded.iter().find(|l| l.doc.name == name) {
+                                Some(l) => (
+                                    format!("{} ({})", name, l.path.display()),
+                                    to_canonical_yaml(&l.doc),
+                                ),
+                                None => (format!("{name} (absent)"), String::new()),
+                            }
+                        };
+                        for name in names {
+                            let (old_label, old_text) = side(&old_loaded, name);
+                            let (new_label, new_text) = side(&new_loaded, name);
+                            sides.push((old_label, old_text, new_label, new_text));
+                        }
+                    }
                 }
                 None => {
+                    // Each runbook of the file or folder against what is stored under its name.
                     let pool = super::connect(config).await?;
                     let mut conn = pool.acquire().await?;
-                    let stored =
-                        match store::runbooks::runbook_get_by_name(&mut conn, &old_doc.doc.name)
-                            .await?
-                        {
-                            Some(row) => store::runbooks::runbook_load(&mut conn, row.id)
-                                .await?
-                                .map(|s| (s.row.version, to_canonical_yaml(&s.document()))),
-                            None => None,
+                    for loaded in &old_loaded {
+                        let name = &loaded.doc.name;
+                        let stored =
+                            match store::runbooks::runbook_get_by_name(&mut conn, name).await? {
+                                Some(row) => store::runbooks::runbook_load(&mut conn, row.id)
+                                    .await?
+                                    .map(|s| (s.row.version, to_canonical_yaml(&s.document()))),
+                                None => None,
+                            };
+                        let (label, text) = match stored {
+                            Some((v, text)) => (format!("{name}@v{v} (stored)"), text),
+                            None => (format!("{name} (not stored)"), String::new()),
                         };
-                    let (label, text) = match stored {
-                        Some((v, text)) => (format!("{}@v{v} (stored)", old_doc.doc.name), text),
-                        None => (format!("{} (not stored)", old_doc.doc.name), String::new()),
-                    };
-                    (
-                        text,
-                        label,
-                        to_canonical_yaml(&old_doc.doc),
-                        old.display().to_string(),
-                    )
+                        sides.push((
+                            label,
+                            text,
+                            loaded.path.display().to_string(),
+                            to_canonical_yaml(&loaded.doc),
+                        ));
+                    }
                 }
-            };
-            out!(
-                "{}",
-                unified_diff(&old_text, &new_text, &old_name, &new_name)
-            );
-            if old_text == new_text {
-                Ok(())
-            } else {
+            }
+            let mut differ = false;
+            for (old_name, old_text, new_name, new_text) in &sides {
+                if old_text != new_text {
+                    differ = true;
+                    out!("{}", unified_diff(old_text, new_text, old_name, new_name));
+                }
+            }
+            if differ {
                 Err(Differences.into())
+            } else {
+                Ok(())
             }
         }
         RunbookCommand::DryRun {
