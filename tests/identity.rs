@@ -442,6 +442,20 @@ async fn two_admins_deactivating_each_other_at_once_leave_one_active() {
                 .unwrap();
         assert_eq!(active, 1, "round {round}");
     }
+    // Nor can an admin deactivate themselves, as they cannot delete themselves.
+    let (me, token) = app.user_with_role("admin").await;
+    let (status, body) = app
+        .call(
+            Method::PATCH,
+            &format!("/users/{me}"),
+            Some(&token),
+            Some(json!({ "is_active": false })),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["details"]["field"], "is_active", "{body}");
+    let (status, _) = app.call(Method::GET, "/auth/me", Some(&token), None).await;
+    assert_eq!(status, 200, "the session still works");
 }
 
 #[tokio::test]

@@ -373,6 +373,13 @@ impl UsersApi {
             None => None,
         };
         let role: Option<Role> = role.map(Into::into);
+        if caller.identity.user_id == id.0 && is_active == Some(false) {
+            // As deleting yourself is: it would end this session and every token of yours.
+            return Err(ApiError::conflict(
+                "cannot deactivate yourself",
+                Some("is_active"),
+            ));
+        }
         let mut tx = self.state.pool.begin().await?;
         let current = store::users::user_get(&mut tx, id.0)
             .await?
