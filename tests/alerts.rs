@@ -1744,20 +1744,12 @@ async fn a_run_refused_by_a_gate_does_not_spend_the_cooldown() {
         ))
         .await;
     }
-    let now = chrono::Utc::now();
-    let (status, window) = app
-        .call(
-            Method::POST,
-            "/blackout-windows",
-            Some(&app.admin_token),
-            Some(
-                json!({ "name": "freeze", "start_time": now - chrono::Duration::minutes(1),
-                         "end_time": now + chrono::Duration::hours(1),
-                         "affected_runbooks": { "categories": ["frozen"] } }),
-            ),
+    let window = app
+        .blackout_now(
+            "freeze",
+            json!({ "affected_runbooks": { "categories": ["frozen"] } }),
         )
         .await;
-    assert_eq!(status, 201, "{window}");
     let fire = |name: &'static str, starts_at: &'static str| {
         let (app, token) = (&app, &token);
         async move {

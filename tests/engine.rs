@@ -795,20 +795,11 @@ async fn gates_refuse_with_their_reason() {
     let blacked = app
         .runbook_from_yaml("name: blacked\ncategory: database\nmode: auto\nsteps:\n  - {name: s, command: 'true'}\n")
         .await;
-    let now = chrono::Utc::now();
-    let (status, _) = app
-        .call(
-            Method::POST,
-            "/blackout-windows",
-            Some(&app.admin_token),
-            Some(
-                json!({ "name": "freeze", "start_time": now - chrono::Duration::minutes(1),
-                          "end_time": now + chrono::Duration::hours(1),
-                          "affected_runbooks": { "categories": ["database"] } }),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201);
+    app.blackout_now(
+        "freeze",
+        json!({ "affected_runbooks": { "categories": ["database"] } }),
+    )
+    .await;
     let id = app.start_execution(json!({ "runbook_id": blacked })).await;
     let refused = app.wait_for_status(id, terminal, 30).await;
     assert_eq!(refused["refused_by"], "blackout", "{refused}");
@@ -875,19 +866,11 @@ async fn gates_refuse_with_their_reason() {
     assert_eq!(refused["refused_by"], "runbook_inactive", "{refused}");
 
     // A window for some servers (every runbook) does not cover a run on the worker's own host.
-    let (status, _) = app
-        .call(
-            Method::POST,
-            "/blackout-windows",
-            Some(&app.admin_token),
-            Some(
-                json!({ "name": "db hosts", "start_time": now - chrono::Duration::minutes(1),
-                          "end_time": now + chrono::Duration::hours(1),
-                          "affected_servers": { "tags": ["role=db"] } }),
-            ),
-        )
-        .await;
-    assert_eq!(status, 201);
+    app.blackout_now(
+        "db hosts",
+        json!({ "affected_servers": { "tags": ["role=db"] } }),
+    )
+    .await;
     let local = app
         .runbook_from_yaml(
             "name: local-only
@@ -918,18 +901,12 @@ async fn blackouts_and_allowed_servers_judge_the_run_by_its_server() {
     let db1 = server("db1", json!(["managed", "role=db"]), "production").await;
     let web1 = server("web1", json!(["managed", "role=web"]), "production").await;
     let web2 = server("web2", json!(["managed", "role=web"]), "staging").await;
-    let now = chrono::Utc::now();
     for (name, servers) in [
         ("db freeze", json!({ "tags": ["role=db"] })),
         ("staging freeze", json!({ "environments": ["staging"] })),
     ] {
-        app.create(
-            "/blackout-windows",
-            json!({ "name": name, "start_time": now - chrono::Duration::minutes(1),
-                    "end_time": now + chrono::Duration::hours(1),
-                    "affected_servers": servers }),
-        )
-        .await;
+        app.blackout_now(name, json!({ "affected_servers": servers }))
+            .await;
     }
     let runbook = app
         .runbook_from_yaml(

@@ -479,6 +479,18 @@ impl TestApp {
         created["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Creates a blackout window named `name`, in force from a minute ago for an hour, with
+    /// `selectors` (`affected_servers` and/or `affected_runbooks`); returns it.
+    pub async fn blackout_now(&self, name: &str, selectors: Value) -> Value {
+        let now = chrono::Utc::now();
+        let mut body = json!({ "name": name, "start_time": now - chrono::Duration::minutes(1),
+                               "end_time": now + chrono::Duration::hours(1) });
+        for (key, value) in selectors.as_object().expect("selectors are an object") {
+            body[key] = value.clone();
+        }
+        self.create("/blackout-windows", body).await
+    }
+
     /// Starts an execution through the API; returns its id.
     pub async fn start_execution(&self, body: Value) -> uuid::Uuid {
         let created = self.create("/executions", body).await;
