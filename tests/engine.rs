@@ -89,6 +89,8 @@ name: start-variables-are-text
 mode: auto
 environment_vars:
   LABEL: default
+  FMT: none
+  N: "0"
   KEPT: "kept-{{ 1 + 1 }}"
 steps:
   - name: fetch
@@ -117,6 +119,30 @@ steps:
         steps[1]["stdout"], "{{ steps.fetch.stdout | reverse }}|{{.Names}}|5|kept-2",
         "{steps:?}"
     );
+    // Only variables the runbook declares are taken: whoever may start a run cannot hand its
+    // commands PERL5OPT, NODE_OPTIONS, PATH or any other variable its author did not choose.
+    for name in [
+        "PERL5OPT",
+        "NODE_OPTIONS",
+        "PATH",
+        "LD_PRELOAD",
+        "UNDECLARED",
+    ] {
+        let (status, body) = app
+            .call(
+                reqwest::Method::POST,
+                "/executions",
+                Some(&app.admin_token),
+                Some(json!({ "runbook_id": runbook, "variables": { name: "x" } })),
+            )
+            .await;
+        assert_eq!(status, 422, "{name}: {body}");
+        assert_eq!(
+            body["details"]["field"],
+            format!("variables.{name}"),
+            "{body}"
+        );
+    }
     worker.stop().await;
 }
 

@@ -187,7 +187,7 @@ async fn a_local_command_gets_neither_the_database_url_nor_the_secret_key() {
 async fn secret_variables_are_refused_without_a_secret_key() {
     let app = common::spawn_app_with(|c| c.secret_key = None).await;
     let runbook = app
-        .runbook_from_yaml("name: no-key\nmode: auto\nsteps:\n  - name: s\n    command: \"true\"\n")
+        .runbook_from_yaml("name: no-key\nmode: auto\nenvironment_vars:\n  SERVICE: none\n  api_token: set-at-start\nsteps:\n  - name: s\n    command: \"true\"\n")
         .await;
     let (status, body) = app
         .call(

@@ -43,7 +43,7 @@ async fn rotation_reseals_everything_under_the_new_key() {
     // An execution's secret variables are sealed too (no worker runs it here).
     let runbook = app
         .runbook_from_yaml(
-            "name: rotate-vars\nmode: manual\nsteps:\n  - name: s\n    command: echo $DB_PASSWORD\n",
+            "name: rotate-vars\nmode: manual\nenvironment_vars:\n  DB_PASSWORD: set-at-start\nsteps:\n  - name: s\n    command: echo $DB_PASSWORD\n",
         )
         .await;
     let execution = app

@@ -40,35 +40,17 @@ pub struct StartRequest {
     pub batch: Option<(Uuid, i32)>,
 }
 
-/// Creates a pending execution and enqueues its start job, in the caller's transaction. Secret
-/// variables are sealed with `keyring` (see [`super::secret_vars`]). The caller wakes the
-/// workers once the transaction has committed (the API's `job_notifier`, a handler's
-/// [`GuardedTx::wake_after_commit`]); a `NOTIFY` inside it would hold PostgreSQL's global
-/// notification lock through the commit.
-/// Names that change how a command runs rather than what it works on (the shell's search path
-/// and start-up files, the dynamic loader). A run takes them at start only when its runbook
-/// declares them in `environment_vars`.
-const COMMAND_ENVIRONMENT_NAMES: [&str; 9] = [
-    "PATH",
-    "IFS",
-    "ENV",
-    "BASH_ENV",
-    "SHELLOPTS",
-    "BASHOPTS",
-    "PS4",
-    "CDPATH",
-    "GLOBIGNORE",
-];
-
-/// Checks the variables given at start: each is named as an environment variable can be, is
-/// not a template name, and is a string, number or boolean (`null` leaves it out, so the
-/// runbook's value stays); names that change how commands run need the runbook's declaration.
-/// Returns them as stored, each value as text.
+/// Checks the variables given at start: each is one the runbook declares in `environment_vars`
+/// or lists in `config.secret_vars` (whoever starts a run cannot hand its commands an
+/// environment variable the runbook's author did not choose, such as `PERL5OPT` or
+/// `LD_PRELOAD`), and a string, number or boolean (`null` leaves it out, so the runbook's value
+/// stays). Returns them as stored, each value as text.
 fn start_variables(
     snapshot: &RunbookSnapshot,
     given: &serde_json::Map<String, Value>,
 ) -> Result<serde_json::Map<String, Value>, EngineError> {
     let mut out = serde_json::Map::new();
+    let secret_names = snapshot.secret_var_names();
     for (name, value) in given {
         let refuse = |reason: &str| EngineError::Invalid {
             field: format!("variables.{name}"),
@@ -84,13 +66,10 @@ fn start_variables(
                 "is a reserved template name (alert, server, vars, steps, execution)",
             ));
         }
-        let changes_commands = COMMAND_ENVIRONMENT_NAMES.contains(&name.as_str())
-            || name.starts_with("LD_")
-            || name.starts_with("DYLD_");
-        if changes_commands && !snapshot.environment_vars.contains_key(name) {
+        if !snapshot.environment_vars.contains_key(name) && !secret_names.contains(name) {
             return Err(refuse(
-                "changes how commands run; a run takes it at start only when the runbook \
-                 declares it in environment_vars",
+                "is not a variable of the runbook; a run takes at start only the variables its \
+                 runbook declares in environment_vars or lists in config.secret_vars",
             ));
         }
         let text = match value {
@@ -106,6 +85,11 @@ fn start_variables(
     Ok(out)
 }
 
+/// Creates a pending execution and enqueues its start job, in the caller's transaction. Secret
+/// variables are sealed with `keyring` (see [`super::secret_vars`]). The caller wakes the
+/// workers once the transaction has committed (the API's `job_notifier`, a handler's
+/// [`GuardedTx::wake_after_commit`]); a `NOTIFY` inside it would hold PostgreSQL's global
+/// notification lock through the commit.
 pub async fn create_execution(
     conn: &mut PgConnection,
     req: &StartRequest,
