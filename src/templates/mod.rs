@@ -31,7 +31,7 @@ use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
 
 use crate::domain::runbook::{Issue, RunbookDocument, TargetOs, validate};
-pub use placement::{Shell, check_placement};
+pub use placement::{Shell, VALUE_MARK, check_placement, check_rendered};
 
 /// Fuel (instructions) one render or condition may use; stops runaway loops.
 pub const FUEL: u64 = 100_000;
@@ -53,6 +53,9 @@ pub enum TemplateError {
     /// The rendered command is too long.
     #[error("the rendered command is {0} bytes, over the limit of {MAX_RENDERED_BYTES}")]
     TooLong(usize),
+    /// As rendered, a value stands where the shell would not read it as plain text.
+    #[error("as rendered, {0}")]
+    Placement(String),
 }
 
 fn describe(e: &Error) -> String {
@@ -138,6 +141,8 @@ fn base_environment() -> Environment<'static> {
 pub struct Renderer {
     shell: Shell,
     commands: Environment<'static>,
+    /// As `commands`, with each value written as [`VALUE_MARK`] (the `raw` filter's as is).
+    marked: Environment<'static>,
     text: Environment<'static>,
 }
 
@@ -185,6 +190,14 @@ impl Renderer {
             out.write_str(&text)
                 .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the output"))
         });
+        let mut marked = base_environment();
+        marked.set_formatter(|out, _state, value| {
+            let written = match value.downcast_object_ref::<RawText>() {
+                Some(raw) => out.write_str(&raw.0),
+                None => std::fmt::Write::write_char(out, VALUE_MARK),
+            };
+            written.map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the output"))
+        });
         let mut text = base_environment();
         text.set_formatter(|out, _state, value| {
             out.write_str(&plain_text(value))
@@ -193,6 +206,7 @@ impl Renderer {
         Renderer {
             shell,
             commands,
+            marked,
             text,
         }
     }
@@ -250,12 +264,22 @@ impl Renderer {
             .commands
             .template_from_str(source)
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        let value = Self::base_value(ctx, Some(vars));
         let rendered = tmpl
-            .render(Self::base_value(ctx, Some(vars)))
+            .render(&value)
             .map_err(|e| TemplateError::Render(describe(&e)))?;
         if rendered.len() > MAX_RENDERED_BYTES {
             return Err(TemplateError::TooLong(rendered.len()));
         }
+        // The same command with its values marked: each must stand where the shell reads
+        // plain words, whatever the template's text looked like (see `placement`).
+        let marked = self
+            .marked
+            .template_from_str(source)
+            .and_then(|t| t.render(&value))
+            .map_err(|e| TemplateError::Render(describe(&e)))?;
+        placement::check_rendered(&marked, self.shell)
+            .map_err(|e| TemplateError::Placement(e.to_string()))?;
         Ok(rendered)
     }
 
@@ -670,6 +694,51 @@ mod tests {
             }),
             server: serde_json::json!({"hostname": "web-1"}),
             ..Default::default()
+        }
+    }
+
+    /// Commands whose template text hides where a value lands: a string literal holding `}}`,
+    /// a `{% raw %}` block, text that forms `$((` or a heredoc only once rendered, a nested
+    /// substitution inside double quotes, a value right after `\` or `$`, bash's `((` and
+    /// `[[`. Whatever the validation scan saw, none of them renders for running.
+    #[test]
+    fn a_value_that_would_not_stay_plain_text_as_rendered_never_runs() {
+        let r = Renderer::new(TargetOs::Linux);
+        let vars = BTreeMap::from([("X".to_owned(), "$(touch /tmp/pwned)".to_owned())]);
+        for source in [
+            "echo {{ \"}}'\" }}' {{ X }} '",
+            "echo {% raw %}{{ ' }}{% endraw %} {{ X }} '",
+            "echo \\{{ X }}",
+            "echo $({% if true %}({% endif %} {{ X }} ))",
+            "cat <{% if true %}<{% endif %}EOF\n{{ X }}\nEOF",
+            "echo \"$(echo \" {{ X }} \")\"",
+            "echo ${{ X }}",
+            "if(( {{ X }} > 1 )); then echo big; fi",
+            "[[ {{ X }} -eq 1 ]] && echo one",
+        ] {
+            let e = r.render_command(source, &ctx(), &vars).unwrap_err();
+            assert!(matches!(e, TemplateError::Placement(_)), "{source}: {e}");
+        }
+        // The template scan itself sees through these.
+        for source in [
+            "echo {{ \"}}'\" }}' {{ X }} '",
+            "echo \\{{ X }}",
+            "echo \"$(echo \" {{ X }} \")\"",
+            "echo ${{ X }}",
+            "if(( {{ X }} > 1 )); then echo big; fi",
+        ] {
+            assert!(check_placement(source, Shell::Posix).is_err(), "{source}");
+        }
+        // Values inside command substitutions, inside double quotes or not, are plain words.
+        for source in [
+            "echo \"$(date)\" {{ X }}",
+            "echo $(echo {{ X }})",
+            "echo \"$(printf '%s' {{ X }})\" done",
+            "echo {{ X }}\"$(date)\"",
+        ] {
+            assert!(check_placement(source, Shell::Posix).is_ok(), "{source}");
+            let out = r.render_command(source, &ctx(), &vars).unwrap();
+            assert!(out.contains("'$(touch /tmp/pwned)'"), "{source}: {out}");
         }
     }
 

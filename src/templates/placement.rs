@@ -6,6 +6,12 @@
 //! the comment and its second line runs. So a template that puts `{{ }}` in any of those places
 //! is rejected at validation, whatever the value. The scanner reads the template's literal text
 //! with the target shell's quoting rules and skips `{% %}` and `{# #}` blocks.
+//!
+//! What the template engine outputs can differ from what a reading of the template's text
+//! sees (a branch taken or not, a string literal holding `}}`, a `{% raw %}` block, text that
+//! only forms `$((` or `<<` once rendered). So every command is checked again as rendered, just
+//! before it runs ([`check_rendered`]): the renderer writes it once more with each value
+//! replaced by [`VALUE_MARK`], and every mark must stand where the shell reads plain words.
 
 /// The shell a command template is written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +45,10 @@ enum State {
     Parameter {
         depth: u32,
     },
+    /// `[[ ]]`: bash's test, whose `-eq`, `-lt`, ... operands are read as arithmetic.
+    Test {
+        depth: u32,
+    },
 }
 
 impl State {
@@ -54,6 +64,9 @@ impl State {
             State::HereString { .. } => "a here-string",
             State::Arithmetic { .. } => "an arithmetic expansion, where quoting does not hold",
             State::Parameter { .. } => "a parameter expansion ${...}",
+            State::Test { .. } => {
+                "a [[ ]] test, whose operands bash may read as arithmetic (use [ ] instead)"
+            }
         }
     }
 }
@@ -120,9 +133,41 @@ impl Misplaced {
     }
 }
 
+/// What the renderer writes in place of each value for [`check_rendered`] (a character of
+/// Unicode's private use area; one written in the template itself counts as a value too).
+pub const VALUE_MARK: char = '\u{E000}';
+
+/// What [`scan`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A template's source: `{{ }}`, `{% %}` and `{# #}` are template syntax.
+    Template,
+    /// A rendered command with each value written as [`VALUE_MARK`]; braces are shell text.
+    Rendered,
+}
+
 /// Checks every `{{` of a template against the shell's quoting state at that point.
 pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
+    scan(source, shell, Mode::Template)
+}
+
+/// Checks a rendered command, its values written as [`VALUE_MARK`]: each must stand where the
+/// shell reads plain words.
+pub fn check_rendered(marked: &str, shell: Shell) -> Result<(), Misplaced> {
+    scan(marked, shell, Mode::Rendered)
+}
+
+fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
     let chars: Vec<char> = source.chars().collect();
+    // Whether the character at `k` begins a value: a mark, or in a template `{{`.
+    let value_at = |k: usize| match mode {
+        Mode::Rendered => chars.get(k) == Some(&VALUE_MARK),
+        Mode::Template => chars.get(k) == Some(&'{') && chars.get(k + 1) == Some(&'{'),
+    };
+    // Command substitutions `$( )` entered, innermost last: the state to return to at their
+    // `)` and the parentheses open inside them.
+    let mut outer: Vec<State> = Vec::new();
+    let mut parens: Vec<u32> = Vec::new();
     let mut state = State::Word;
     let mut at_word_start = true;
     let mut pending_heredocs: Vec<(String, bool)> = Vec::new();
@@ -133,15 +178,39 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
     while i < chars.len() {
         let c = chars[i];
         let next = chars.get(i + 1).copied();
+        if mode == Mode::Rendered && c == VALUE_MARK {
+            if state != State::Word {
+                return Err(Misplaced {
+                    line,
+                    column: i - line_start + 1,
+                    context: state.describe(),
+                    kind: MisplacedKind::Interpolation,
+                });
+            }
+            at_word_start = false;
+            i += 1;
+            continue;
+        }
         // Template syntax first: it is not shell text.
-        if c == '{' && matches!(next, Some('%') | Some('#') | Some('{')) {
+        if mode == Mode::Template && c == '{' && matches!(next, Some('%') | Some('#') | Some('{')) {
             let close = match next {
                 Some('%') => '%',
                 Some('#') => '#',
                 _ => '}',
             };
+            // The tag ends at the first closing delimiter outside its string literals.
             let mut j = i + 2;
-            while j + 1 < chars.len() && !(chars[j] == close && chars[j + 1] == '}') {
+            let mut quote: Option<char> = None;
+            while j + 1 < chars.len() {
+                let d = chars[j];
+                match quote {
+                    Some(_) if d == '\\' => j += 1,
+                    Some(q) if d == q => quote = None,
+                    Some(_) => {}
+                    None if close != '#' && (d == '\'' || d == '"') => quote = Some(d),
+                    None if d == close && chars[j + 1] == '}' => break,
+                    None => {}
+                }
                 j += 1;
             }
             let inner: String = chars[(i + 2).min(j)..j].iter().collect();
@@ -231,6 +300,20 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
         }
         match shell {
             Shell::Posix => match state {
+                // A value right after `\` or `$` would not begin its own quoting: `\'` is a
+                // literal quote, `$'` begins ANSI-C quoting in bash.
+                State::Word if matches!(c, '\\' | '$') && value_at(i + 1) => {
+                    return Err(Misplaced {
+                        line,
+                        column: i - line_start + 2,
+                        context: if c == '\\' {
+                            "an escape (right after `\\`)"
+                        } else {
+                            "an expansion (right after `$`)"
+                        },
+                        kind: MisplacedKind::Interpolation,
+                    });
+                }
                 State::Word => match c {
                     '\\' => i += 1,
                     '\'' => state = State::SingleQuoted,
@@ -247,12 +330,38 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
                         };
                         i += 2;
                     }
-                    '(' if at_word_start && next == Some('(') => {
+                    '$' if next == Some('(') => {
+                        // A command substitution: plain words again until its `)`.
+                        outer.push(State::Word);
+                        parens.push(0);
+                        i += 1;
+                    }
+                    // `((` is arithmetic in bash wherever a command may begin (`if((`), and
+                    // `[[` a test whose operands bash may evaluate as arithmetic.
+                    '(' if next == Some('(') => {
                         state = State::Arithmetic {
                             depth: 2,
                             close: ')',
                         };
                         i += 1;
+                    }
+                    '[' if at_word_start && next == Some('[') => {
+                        state = State::Test { depth: 2 };
+                        i += 1;
+                    }
+                    '(' if !parens.is_empty() => {
+                        if let Some(open) = parens.last_mut() {
+                            *open += 1;
+                        }
+                    }
+                    ')' if parens.last().is_some_and(|open| *open == 0) => {
+                        parens.pop();
+                        state = outer.pop().unwrap_or(State::Word);
+                    }
+                    ')' if !parens.is_empty() => {
+                        if let Some(open) = parens.last_mut() {
+                            *open -= 1;
+                        }
                     }
                     '$' if next == Some('[') => {
                         state = State::Arithmetic {
@@ -293,6 +402,12 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
                         };
                     }
                 }
+                State::Test { depth } => match c {
+                    '[' => state = State::Test { depth: depth + 1 },
+                    ']' if depth <= 1 => state = State::Word,
+                    ']' => state = State::Test { depth: depth - 1 },
+                    _ => {}
+                },
                 State::Parameter { depth } => match c {
                     '\\' => i += 1,
                     '{' => state = State::Parameter { depth: depth + 1 },
@@ -302,6 +417,16 @@ pub fn check_placement(source: &str, shell: Shell) -> Result<(), Misplaced> {
                 },
                 State::DoubleQuoted | State::Backticks | State::AnsiCQuoted if c == '\\' => i += 1,
                 State::DoubleQuoted if c == '"' => state = State::Word,
+                // `"$( ... )"`: inside, the shell reads words and quotes of its own (`"$(echo "
+                // x ")"` opens a second pair of double quotes), until the `)`.
+                State::DoubleQuoted
+                    if c == '$' && next == Some('(') && chars.get(i + 2) != Some(&'(') =>
+                {
+                    outer.push(State::DoubleQuoted);
+                    parens.push(0);
+                    state = State::Word;
+                    i += 1;
+                }
                 State::AnsiCQuoted if c == '\'' => state = State::Word,
                 State::Backticks if c == '`' => state = State::Word,
                 _ => {}
