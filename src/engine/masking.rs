@@ -20,9 +20,22 @@ impl Masker {
     /// shell word each `'` of the value is written `'\''` (POSIX) or doubled (PowerShell, which
     /// also reads the typographic single quotes as quotes), so a value with a quote in it never
     /// appears verbatim in the command line.
+    ///
+    /// Each line of a secret of several lines (a private key, a certificate) is a secret of its
+    /// own too: output streamed line by line, or cut into lines by a command, never holds the
+    /// whole value at once.
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Masker {
         let mut all = Vec::new();
         for secret in secrets.into_iter().filter(|s| s.len() >= 3) {
+            if secret.contains('\n') {
+                all.extend(
+                    secret
+                        .lines()
+                        .map(|line| line.trim_end_matches('\r').trim())
+                        .filter(|line| line.len() >= 3)
+                        .map(str::to_owned),
+                );
+            }
             all.extend(quoted_forms(&secret));
             all.push(secret);
         }
@@ -121,6 +134,17 @@ pub fn is_secret_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_line_of_a_secret_of_several_lines_is_masked_on_its_own() {
+        let key = "-----BEGIN KEY-----\r\nMULTILINEsecretAAA111\n  MULTILINEsecretBBB222\n-----END KEY-----";
+        let m = Masker::new([key.to_owned()]);
+        // Streamed one line at a time, as the live log sends it.
+        assert_eq!(m.mask("MULTILINEsecretAAA111\n"), "********\n");
+        assert_eq!(m.mask("    MULTILINEsecretBBB222\n"), "    ********\n");
+        // Whole, it is one mask.
+        assert_eq!(m.mask(&format!("key: {key}!")), "key: ********!");
+    }
 
     #[test]
     fn a_secret_cut_off_at_the_end_of_unfinished_output_is_masked() {
