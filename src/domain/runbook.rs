@@ -993,6 +993,23 @@ fn valid_runbook_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// Whether a variable name says its value is a secret.
+pub fn is_secret_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "private_key",
+        "credential",
+    ]
+    .iter()
+    .any(|m| lower.contains(m))
+}
+
 /// The longest `config.approval_timeout_seconds`: a year.
 pub const MAX_APPROVAL_TIMEOUT_SECONDS: i64 = 365 * 24 * 3600;
 

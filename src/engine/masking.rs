@@ -37,6 +37,11 @@ impl Masker {
                 );
             }
             all.extend(quoted_forms(&secret));
+            // As `trim` leaves it (templates may use a secret through that filter).
+            let trimmed = secret.trim();
+            if trimmed != secret && trimmed.len() >= 3 {
+                all.push(trimmed.to_owned());
+            }
             all.push(secret);
         }
         // Longest first, so a secret containing another is masked whole.
@@ -114,22 +119,7 @@ fn quoted_forms(secret: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a variable name says its value is a secret.
-pub fn is_secret_name(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    [
-        "password",
-        "passwd",
-        "secret",
-        "token",
-        "api_key",
-        "apikey",
-        "private_key",
-        "credential",
-    ]
-    .iter()
-    .any(|m| lower.contains(m))
-}
+pub use crate::domain::runbook::is_secret_name;
 
 #[cfg(test)]
 mod tests {

@@ -370,6 +370,51 @@ fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
             sources.push((format!("steps[{i}].condition"), condition.as_str(), true));
         }
     }
+    // Text derived from a secret (a filter, a slice, an expression, a loop over it) no longer
+    // matches the secret's value, so it could not be masked where it is stored and streamed:
+    // a secret variable, or a sensitive step's captured output, is used only as it is.
+    let secret_vars: Vec<&str> = doc
+        .environment_vars
+        .keys()
+        .map(String::as_str)
+        .filter(|name| crate::domain::runbook::is_secret_name(name))
+        .chain(
+            doc.config["secret_vars"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str),
+        )
+        .collect();
+    let sensitive_steps: Vec<&str> = doc
+        .steps
+        .iter()
+        .filter(|s| s.sensitive)
+        .map(|s| s.name.as_str())
+        .collect();
+    for (path, source, expression) in &sources {
+        if *expression {
+            // A condition yields true or false, nothing of the value.
+            continue;
+        }
+        for (output, code) in template_tags(source) {
+            let Some(secret) = secret_reference(code, &secret_vars, &sensitive_steps) else {
+                continue;
+            };
+            if !(output && is_plain_reference(code)) {
+                issues.push(Issue::new(
+                    path.clone(),
+                    format!(
+                        "derives text from the secret {secret} (`{}`): the result would not \
+                         match the secret and could not be masked; use it as it is, \
+                         `{{{{ NAME }}}}`",
+                        code.trim()
+                    ),
+                ));
+            }
+        }
+    }
+
     // So do filters that do not exist at all (a typo, one from another template engine).
     let mut known: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
     for (path, source, expression) in sources {
@@ -473,6 +518,14 @@ fn template_code(source: &str, expression: bool) -> Vec<&str> {
     if expression {
         return vec![source];
     }
+    template_tags(source)
+        .into_iter()
+        .map(|(_, code)| code)
+        .collect()
+}
+
+/// The tags of a template: whether each writes output (`{{ }}`, not `{% %}`) and its code.
+fn template_tags(source: &str) -> Vec<(bool, &str)> {
     let mut out = Vec::new();
     let mut rest = source;
     while let Some(open) = rest.find(['{']) {
@@ -488,10 +541,98 @@ fn template_code(source: &str, expression: bool) -> Vec<&str> {
         let Some(end) = after.find(close) else {
             break;
         };
-        out.push(&after[2..end]);
+        out.push((close == "}}", &after[2..end]));
         rest = &after[end + 2..];
     }
     out
+}
+
+/// The secret a tag's code refers to, named for a message: a secret variable (by its name,
+/// `vars.NAME` or `vars['NAME']`) or a sensitive step's output (`steps.NAME` other than its
+/// `exit_code`). Names inside string literals are not references.
+fn secret_reference(code: &str, vars: &[&str], steps: &[&str]) -> Option<String> {
+    // The code with string literals blanked (byte for byte, so positions agree), for names
+    // written as names.
+    let mut bare = String::with_capacity(code.len());
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in code.chars() {
+        let blank = match quote {
+            Some(_) if escaped => {
+                escaped = false;
+                true
+            }
+            Some(_) if c == '\\' => {
+                escaped = true;
+                true
+            }
+            Some(q) if c == q => {
+                quote = None;
+                true
+            }
+            Some(_) => true,
+            None if c == '"' || c == '\'' => {
+                quote = Some(c);
+                true
+            }
+            None => false,
+        };
+        if blank {
+            bare.push_str(&" ".repeat(c.len_utf8()));
+        } else {
+            bare.push(c);
+        }
+    }
+    let word_at = |text: &str, name: &str| -> bool {
+        let re = regex::Regex::new(&format!(
+            r"(?:^|[^\w.])(?:vars\s*\.\s*)?{}(?:$|[^\w])",
+            regex::escape(name)
+        ))
+        .expect("valid pattern");
+        re.is_match(text)
+    };
+    let subscript = |text: &str, root: &str, name: &str| -> Option<usize> {
+        let re = regex::Regex::new(&format!(
+            r#"{root}\s*\[\s*(?:"{0}"|'{0}')\s*\]"#,
+            regex::escape(name)
+        ))
+        .expect("valid pattern");
+        re.find(text).map(|m| m.end())
+    };
+    for name in vars {
+        if word_at(&bare, name) || subscript(code, "vars", name).is_some() {
+            return Some(format!("variable {name}"));
+        }
+    }
+    for name in steps {
+        let dotted = regex::Regex::new(&format!(r"steps\s*\.\s*{}\b", regex::escape(name)))
+            .expect("valid pattern");
+        let end = dotted
+            .find(&bare)
+            .map(|m| m.end())
+            .or_else(|| subscript(code, "steps", name));
+        if let Some(end) = end {
+            let rest = code.get(end..).unwrap_or("").trim_start();
+            let rest = rest.strip_prefix('.').map(str::trim_start).unwrap_or("");
+            if !rest.starts_with("exit_code") {
+                return Some(format!("output of the sensitive step {name}"));
+            }
+        }
+    }
+    None
+}
+
+/// Whether a tag's code is one plain reference, optionally through `raw` or `trim` (a secret's
+/// trimmed form is masked too): `NAME`, `vars.NAME`, `vars['NAME']`, `steps.NAME.stdout`,
+/// `steps['NAME'].stderr | trim`.
+fn is_plain_reference(code: &str) -> bool {
+    static PLAIN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r#"^\s*(?:(?:vars\s*\.\s*)?[A-Za-z_]\w*|vars\s*\[\s*(?:"[^"]*"|'[^']*')\s*\]|steps\s*(?:\.\s*[A-Za-z_]\w*|\[\s*(?:"[^"]*"|'[^']*')\s*\])\s*\.\s*(?:stdout|stderr))(?:\s*\|\s*(?:raw|trim))*\s*$"#,
+        )
+        .expect("valid pattern")
+    });
+    PLAIN.is_match(code)
 }
 
 /// The filter names a template applies (`| name`), outside string literals.
@@ -881,6 +1022,48 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn text_derived_from_a_secret_is_refused_at_validation() {
+        let doc = |command: &str| {
+            format!(
+                "name: x\nconfig:\n  secret_vars: [DEPLOY_KEY]\nenvironment_vars:\n  API_TOKEN: set-at-start\n  \
+                 DEPLOY_KEY: set-at-start\n  SERVICE: web\nsteps:\n  - name: sens\n    command: cat /etc/key\n    \
+                 sensitive: true\n    capture_output: true\n  - name: use\n    command: {command}\n    \
+                 condition: API_TOKEN | length > 3 and steps.sens.stdout | lower != 'x'\n"
+            )
+        };
+        // Filters, slices, loops and expressions over a secret or a sensitive step's output.
+        for command in [
+            "echo {{ API_TOKEN | lower }}",
+            "echo {{ API_TOKEN | reverse }}",
+            "echo {{ API_TOKEN[1:] }}",
+            "echo {{ vars.API_TOKEN | replace('e', '3') }}",
+            "echo {{ vars['DEPLOY_KEY'] | title }}",
+            "echo {{ DEPLOY_KEY ~ 'x' }}",
+            "echo {% for c in API_TOKEN %}{{ c }} {% endfor %}",
+            "echo {{ steps.sens.stdout | upper }}",
+            "echo {{ steps['sens'].stdout[2:] }}",
+        ] {
+            let found = issues(&doc(command));
+            assert!(
+                found
+                    .iter()
+                    .any(|i| i.starts_with("steps[1].command derives text from the secret")),
+                "{command}: {found:?}"
+            );
+        }
+        // Used as they are (and in conditions, which yield only true or false): fine. So are
+        // the names inside string literals, and a sensitive step's exit code.
+        for command in [
+            "echo {{ API_TOKEN }} {{ vars.DEPLOY_KEY }} {{ vars['API_TOKEN'] }}",
+            "echo {{ steps.sens.stdout | trim }} {{ steps['sens'].stderr | raw }}",
+            "echo {{ SERVICE | upper }} {{ 'API_TOKEN' | lower }} {{ steps.sens.exit_code + 1 }}",
+        ] {
+            let found = issues(&doc(command));
+            assert!(found.is_empty(), "{command}: {found:?}");
+        }
     }
 
     #[test]
