@@ -1378,3 +1378,22 @@ async fn a_token_made_with_an_expiring_api_token_does_not_outlive_it() {
     let lasting = create(session, json!({ "name": "lasting" })).await;
     assert!(lasting["info"].get("expires_at").is_none(), "{lasting}");
 }
+
+/// Behind a trusted proxy the client is the address the proxy appended to `X-Forwarded-For`,
+/// the last one: the ones before it are whatever the client sent.
+#[tokio::test]
+async fn the_forwarded_client_address_is_the_one_the_proxy_appended() {
+    let app = common::spawn_app_with(|c| c.trust_forwarded_for = true).await;
+    let resp = app
+        .client
+        .post(app.api("/auth/login"))
+        .header("x-forwarded-for", "198.51.100.7, 203.0.113.9")
+        .json(&json!({ "username": "nobody-here", "password": "wrong-password-1" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let failed = app.audit_rows("login_failed").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].4.as_deref(), Some("203.0.113.9"), "{failed:?}");
+}

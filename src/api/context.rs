@@ -100,16 +100,20 @@ pub struct Caller {
     pub ip: Option<String>,
 }
 
-/// The client address: the socket peer, or the first `X-Forwarded-For` hop when the deployment
-/// says a trusted proxy sets it.
+/// The client address: the socket peer, or, when the deployment says a trusted proxy sets
+/// `X-Forwarded-For`, the last address of that header: the one the proxy itself appended (the
+/// ones before it are whatever the client sent, and would let a client pick its own address
+/// for the login throttle and the audit log).
 pub fn client_ip(req: &Request, trust_forwarded_for: bool) -> Option<String> {
     if trust_forwarded_for
         && let Some(forwarded) = req
             .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        && let Some(first) = forwarded.split(',').next()
-        && let Ok(ip) = first.trim().parse::<IpAddr>()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .next_back()
+        && let Some(last) = forwarded.rsplit(',').next()
+        && let Ok(ip) = last.trim().parse::<IpAddr>()
     {
         return Some(ip.to_string());
     }
