@@ -88,6 +88,64 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     survivor.stop().await;
 }
 
+/// A run cancelled while the worker of its running step is dead: when another worker takes
+/// the step's job up, it finds the run ended and records the dead worker's attempt as
+/// interrupted instead of leaving it running for good.
+#[tokio::test]
+async fn a_run_cancelled_while_its_steps_worker_is_dead_leaves_no_attempt_running() {
+    let app = common::spawn_app().await;
+    let dir = common::Scratch::new("crash-cancel");
+    let file = dir.join("steps");
+    let runbook = app
+        .runbook_from_yaml(&common::appending_runbook("crash-cancel", &file, 30))
+        .await;
+    let mut doomed = app
+        .worker_command(&["--concurrency", "2", "--lease-seconds", "2"])
+        .env("AIOPS_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    common::wait_for_file(&file, "1\n2\n").await;
+    doomed.start_kill().unwrap(); // SIGKILL
+    doomed.wait().await.unwrap();
+    let (status, body) = app
+        .call(
+            reqwest::Method::POST,
+            &format!("/executions/{id}/cancel"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let survivor = common::TestWorker::start(&app.pool).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let two = loop {
+        let steps = app.steps(id).await;
+        let two: Vec<_> = steps
+            .into_iter()
+            .filter(|s| s["step_name"] == "two")
+            .collect();
+        if two.iter().all(|s| s["status"] != "running") {
+            break two;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running: {two:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(two.len(), 1, "{two:?}");
+    assert_eq!(two[0]["interrupted"], true, "{two:?}");
+    assert_eq!(two[0]["stdout"], "two started\n", "{two:?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "1\n2\n",
+        "nothing ran after the cancel"
+    );
+    survivor.stop().await;
+}
+
 #[tokio::test]
 async fn a_killed_workers_local_commands_die_with_it() {
     let app = common::spawn_app().await;

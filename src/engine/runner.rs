@@ -121,6 +121,30 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                         ),
                     )
                     .await?;
+                } else if let Some(order) = snapshot_of(&row)
+                    .ok()
+                    .and_then(|s| s.steps.get(p.index).map(|s| s.step_order))
+                {
+                    // A worker that held this job before (it died, or let the job go at
+                    // shutdown) may have left its attempt running: it is recorded interrupted,
+                    // not left running for good.
+                    let slot = StepSlot {
+                        execution_id: row.id,
+                        phase: "run",
+                        run_attempt: p.attempt,
+                        step_order: order,
+                    };
+                    let (_, interrupted, _) =
+                        store::executions::step_slot_prepare(g.conn(), slot).await?;
+                    if !interrupted.is_empty() {
+                        log(
+                            g.conn(),
+                            row.id,
+                            "step_interrupted",
+                            json!({ "step_order": order, "attempts": interrupted.len() }),
+                        )
+                        .await?;
+                    }
                 }
                 return g.complete().await;
             }
