@@ -52,12 +52,41 @@ async fn a_restart_costs_one_failed_operation_not_one_per_pooled_connection() {
         let mut conn = pool.acquire().await.unwrap();
         if let Err(e) = store::runbooks::runbook_names(&mut conn).await {
             assert!(e.is_connection_lost(), "{e}");
+            // An API caller hears that the database, not its request, failed.
+            assert_eq!(aiops::api::error::ApiError::from(&e).status(), 503, "{e}");
             failed.push(e.to_string());
         }
     }
     assert!(
         failed.len() <= 1,
         "every stale pooled connection failed an operation: {failed:?}"
+    );
+
+    // The readiness check's query retires stale connections the same way.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(pool.acquire().await.unwrap());
+    }
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    procs::crash_postmaster(&pgdata, "QUIT").await;
+    drop(pg);
+    let pg = EmbeddedPostgres::start(&dir, None)
+        .await
+        .expect("restart the cluster again");
+    let mut failed = 0;
+    for _ in 0..5 {
+        match store::migrations_current(&pool).await {
+            Ok(current) => assert!(current),
+            Err(e) => {
+                assert!(e.is_connection_lost(), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(
+        failed <= 1,
+        "{failed} readiness checks failed after the restart"
     );
     pool.close().await;
     pg.stop().await.expect("stop the private cluster");

@@ -241,9 +241,11 @@ impl From<&StoreError> for ApiError {
             }
             StoreError::ForeignKey(c) => ApiError::invalid(c, "refers to a missing resource"),
             StoreError::Check(c) => ApiError::invalid(c, "violates a constraint"),
-            StoreError::Database(sqlx::Error::PoolTimedOut)
-            | StoreError::Database(sqlx::Error::PoolClosed)
-            | StoreError::Database(sqlx::Error::Io(_)) => {
+            // The pool gave up, or the server went away (a restart, an administrator's
+            // termination): the database, not the request, failed.
+            StoreError::Database(db)
+                if matches!(db, sqlx::Error::PoolClosed) || e.is_connection_lost() =>
+            {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::Unavailable(body("unavailable", "database unavailable", None))
             }

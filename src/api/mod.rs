@@ -161,7 +161,14 @@ fn healthz() -> poem::web::Json<serde_json::Value> {
 
 #[handler]
 async fn readyz(state: Data<&AppState>) -> Response {
-    match crate::store::migrations_current(&state.pool).await {
+    let mut checked = crate::store::migrations_current(&state.pool).await;
+    if checked.as_ref().is_err_and(|e| e.is_connection_lost()) {
+        // The connection it used was broken by a database restart, which also retired the
+        // others opened before it: asked once more, on a fresh one, the answer is the
+        // database's, not the stale connection's.
+        checked = crate::store::migrations_current(&state.pool).await;
+    }
+    match checked {
         Ok(true) => poem::web::Json(serde_json::json!({ "status": "ready" })).into_response(),
         Ok(false) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -159,7 +159,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 }
 
 /// Whether the database is reachable and every embedded migration has been applied successfully.
-pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
+pub async fn migrations_current(pool: &PgPool) -> StoreResult<bool> {
     let applied: Vec<(i64,)> =
         sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
             .fetch_all(pool)
