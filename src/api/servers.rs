@@ -652,6 +652,10 @@ impl ServersApi {
 
     /// Update a server. A new hostname or port clears the pinned host key.
     ///
+    /// Moving a server that holds a password or key (a new hostname or port) needs an admin,
+    /// or the password or key given again in the same request (403 naming the field): the
+    /// stored one would be sent to the new address.
+    ///
     /// Fields left out keep their values; an update that gives no field changes nothing and is
     /// not audited. The audit entry keeps the server before and after (never its secrets).
     ///
@@ -711,6 +715,28 @@ impl ServersApi {
             tags: new_tags.clone().unwrap_or_else(|| tags_of(&cur.tags)),
         };
         validate(&draft)?;
+        // The stored password or key goes wherever the server points. Before a host key is
+        // pinned nothing checks who answers there, so only an admin moves a server that holds
+        // credentials, unless the same request gives them anew.
+        let moved = draft.hostname != cur.hostname || draft.port != cur.port;
+        let holds_secrets = cur.password_encrypted.is_some() || cur.ssh_key_encrypted.is_some();
+        let secrets_given = new_password.is_some() || new_ssh_key.is_some();
+        if moved && holds_secrets && !secrets_given && !caller.identity.role.allows(Role::Admin) {
+            return Err(ApiError::Forbidden(Json(
+                super::error::ErrorBody::field_problem(
+                    "forbidden",
+                    Some(if draft.hostname != cur.hostname {
+                        "hostname"
+                    } else {
+                        "port"
+                    }),
+                    "moving a server that holds a password or key needs an admin, or the \
+                     password or key given again in the same request: they would be sent to \
+                     the new address"
+                        .to_owned(),
+                ),
+            )));
+        }
         let mut changed = Vec::new();
         for (name, set) in [
             ("name", name.is_some()),
