@@ -49,6 +49,24 @@ async fn import(app: &common::TestApp, token: &str, yaml: &str) -> (u16, Value) 
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Imports of one new runbook at once: one creates it, the others find it unchanged.
+#[tokio::test]
+async fn parallel_imports_of_a_new_runbook_create_it_once() {
+    let app = common::spawn_app().await;
+    let (_, engineer) = app.user_with_role("engineer").await;
+    let answers =
+        futures_util::future::join_all((0..6).map(|_| import(&app, &engineer, YAML_V1))).await;
+    let mut created = 0;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        if body["created"] == true {
+            created += 1;
+        }
+        assert_eq!(body["runbook"]["version"], 1, "{body}");
+    }
+    assert_eq!(created, 1, "{answers:?}");
+}
+
 #[tokio::test]
 async fn import_is_idempotent_and_versions_every_change() {
     let app = common::spawn_app().await;

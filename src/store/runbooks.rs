@@ -814,6 +814,13 @@ pub async fn runbook_apply(
     summary: Option<&str>,
     user: Option<Uuid>,
 ) -> StoreResult<SaveOutcome> {
+    // Applies of one name (in any case: names are unique regardless of case) take turns, so
+    // that two applies of a runbook not stored yet make one create and one "unchanged", not a
+    // create and a conflict; the row lock alone cannot order them while there is no row.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('runbook-name:' || lower($1), 0))")
+        .bind(&doc.name)
+        .execute(&mut *conn)
+        .await?;
     let existing = runbook_lock_by_name(conn, &doc.name).await?;
     runbook_save(conn, existing.as_ref(), doc, summary, user).await
 }
