@@ -159,6 +159,18 @@ fn diff_and_dry_run_work_offline() {
     assert!(diff.contains("--- cli-two (both.yaml)"), "{diff}");
     assert!(diff.contains("+  alert_name_pattern: Disk*"), "{diff}");
     assert!(!diff.contains("cli-one"), "{diff}");
+    // A folder includes its subfolders (not hidden ones).
+    for (path, name) in [
+        ("a/one.yaml", "cli-one"),
+        ("b/sub/one.yaml", "cli-one"),
+        ("b/.hidden/x.yaml", "cli-hidden"),
+    ] {
+        let file = dir.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, GOOD.replace("cli-one", name)).unwrap();
+    }
+    let out = aiops(&dir, None, &["diff", "a", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
 
     std::fs::write(
         dir.join("alert.yaml"),

@@ -95,16 +95,38 @@ struct Loaded {
     doc: RunbookDocument,
 }
 
-/// Expands folders into their YAML files, sorted.
+/// Expands folders into their YAML files, subfolders included (hidden ones, such as `.git`,
+/// left out), sorted by path: a runbook kept in a subfolder is part of the folder, so
+/// `apply --prune` never deletes it.
 fn expand(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read folder {}", dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("cannot read folder {}", dir.display()))?
+                .path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.is_file() && path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+            {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
     let mut out = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .with_context(|| format!("cannot read folder {}", path.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-                .collect();
+            let mut files = Vec::new();
+            walk(path, &mut files)?;
             files.sort();
             out.extend(files);
         } else {
