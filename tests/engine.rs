@@ -1234,6 +1234,64 @@ async fn live_events_stream_status_and_output() {
     worker.stop().await;
 }
 
+/// A live stream outlives neither its token nor its user's access: revoking the token ends it
+/// while the run goes on.
+#[tokio::test]
+async fn a_live_stream_ends_when_its_token_is_revoked() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: long-live\nmode: auto\nsteps:\n  - {name: nap, command: 'while true; do echo tick; sleep 0.2; done', timeout_seconds: 120}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let (status, token) = app
+        .call(
+            Method::POST,
+            "/tokens",
+            Some(&app.admin_token),
+            Some(json!({ "name": "stream" })),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let secret = token["token"].as_str().unwrap().to_owned();
+    let resp = app
+        .client
+        .get(app.api(&format!("/executions/{id}/events")))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::spawn(resp.text());
+    app.wait_step_running(id, "nap").await;
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/tokens/{}", token["info"]["id"].as_str().unwrap()),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let text = tokio::time::timeout(std::time::Duration::from_secs(15), body)
+        .await
+        .expect("the stream ends once its token is revoked")
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("tick"), "{text}");
+    let (_, e) = app.get(&format!("/executions/{id}")).await;
+    assert_eq!(e["status"], "running", "the run goes on: {e}");
+    app.call(
+        Method::POST,
+        &format!("/executions/{id}/cancel"),
+        Some(&app.admin_token),
+        None,
+    )
+    .await;
+    app.wait_for_status(id, common::FINISHED, 30).await;
+    worker.stop().await;
+}
+
 /// A cancel ends the execution before the worker has recorded the step it stopped: the stream
 /// stays open until that step's final status is sent. A reconnecting client's `Last-Event-ID`
 /// resumes after that event.

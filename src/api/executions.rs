@@ -742,9 +742,22 @@ impl ExecutionsApi {
             wake,
             watch,
             refreshed: tokio::time::Instant::now(),
+            credential: auth.0.token.clone(),
+            authorized: tokio::time::Instant::now(),
         };
         let events = stream::unfold(state, |mut f| async move {
             loop {
+                if f.authorized.elapsed() >= STREAM_REAUTHORIZE {
+                    match crate::auth::authenticate(&f.pool, &f.credential).await {
+                        Ok(identity) if crate::auth::require(&identity, Role::Viewer).is_ok() => {
+                            f.authorized = tokio::time::Instant::now();
+                        }
+                        // Revoked, expired, deactivated or demoted: the stream ends.
+                        Err(crate::auth::AuthError::Unauthenticated) | Ok(_) => return None,
+                        // The database is away: checked again on the next turn.
+                        Err(_) => {}
+                    }
+                }
                 if let Some(event) = f.buffered.pop_front() {
                     return Some((event, f));
                 }
@@ -906,7 +919,15 @@ struct Follow {
     wake: tokio::sync::broadcast::Receiver<Uuid>,
     watch: live::Watch,
     refreshed: tokio::time::Instant,
+    /// The bearer token the stream was opened with, checked again every
+    /// [`STREAM_REAUTHORIZE`]: a revoked token, a deactivated user or a role taken away ends
+    /// the stream.
+    credential: String,
+    authorized: tokio::time::Instant,
 }
+
+/// How often an open live stream checks again that its token still authorizes it.
+const STREAM_REAUTHORIZE: Duration = Duration::from_secs(2);
 
 impl Follow {
     /// Until this execution is notified, or the fallback poll interval passes.
