@@ -539,16 +539,17 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
         let last = problems.last().expect("at least one problem");
         // A value of the wrong type is replaced by one of the right type (a list element too,
         // so that the indexes of later problems stay those of the file); an unknown field is
-        // removed. A missing field cannot be set aside.
+        // removed; a missing field is given a value of its type.
         let Some(path) = last.path.clone() else { break };
-        if last.message == MISSING {
-            break;
-        }
-        let set_aside = match placeholder(&last.message) {
-            Some(valid) if !last.message.starts_with("is not a field") => {
-                field_at(&mut value, &path).map(|v| *v = valid).is_some()
+        let set_aside = if last.message == MISSING {
+            insert_missing(&mut value, &path)
+        } else {
+            match placeholder(&last.message) {
+                Some(valid) if !last.message.starts_with("is not a field") => {
+                    field_at(&mut value, &path).map(|v| *v = valid).is_some()
+                }
+                _ => !path.ends_with(']') && remove_field(&mut value, &path),
             }
-            _ => !path.ends_with(']') && remove_field(&mut value, &path),
         };
         if !set_aside {
             break;
@@ -639,6 +640,33 @@ fn field_at<'v>(value: &'v mut serde_json::Value, path: &str) -> Option<&'v mut 
         }
     }
     Some(node)
+}
+
+/// Gives a missing field a value of its type (a list for `steps`, text for the others), to
+/// read the rest of a document past it; false when its mapping is not there or has the field.
+fn insert_missing(value: &mut serde_json::Value, path: &str) -> bool {
+    let (parent, key) = match path.rfind('.') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    };
+    let node = if parent.is_empty() {
+        Some(value)
+    } else {
+        field_at(value, parent)
+    };
+    let Some(map) = node.and_then(serde_json::Value::as_object_mut) else {
+        return false;
+    };
+    if map.contains_key(key) {
+        return false;
+    }
+    let filler = if key == "steps" {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_json::Value::String(String::new())
+    };
+    map.insert(key.to_owned(), filler);
+    true
 }
 
 /// Removes the field at a path of dotted keys and `[i]` indexes; false when there is none.
@@ -1717,6 +1745,20 @@ triggers:
                 (Some(2), Some(1), Some("bogus")),
                 (Some(3), Some(7), Some("mode"))
             ],
+            "{problems:?}"
+        );
+        // A missing field does not hide the problems after it.
+        let problems =
+            parse_yaml_all("name: b\nmode: turbo\nunknown_field: 1\nsteps: [{name: s1}]\n")
+                .unwrap_err();
+        let mut paths: Vec<_> = problems
+            .iter()
+            .map(|p| p.path.as_deref().unwrap())
+            .collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            ["mode", "steps[0].command", "unknown_field"],
             "{problems:?}"
         );
         // Elements of a list and values after them: each is reported where the file has it.
