@@ -13,23 +13,25 @@ use std::time::Duration;
 
 use serde_json::json;
 
-#[tokio::test]
-async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
-    let app = common::spawn_app().await;
-    let dir = common::Scratch::new("crash");
-    let file = dir.join("steps");
-    let yaml = common::appending_runbook("crash-me", &file, 4);
-    let runbook = app.runbook_from_yaml(&yaml).await;
-
+/// Runs the 4-step appending runbook `name` (step 2 sleeps `sleep_seconds`) on a worker
+/// process with a 2 s lease, and kills that worker with SIGKILL once step 2 has appended to
+/// `file` and its first output line has reached the live log; returns the execution.
+async fn killed_during_step_two(
+    app: &common::TestApp,
+    name: &str,
+    file: &std::path::Path,
+    sleep_seconds: u32,
+) -> uuid::Uuid {
+    let runbook = app
+        .runbook_from_yaml(&common::appending_runbook(name, file, sleep_seconds))
+        .await;
     let mut doomed = app
         .worker_command(&["--concurrency", "2", "--lease-seconds", "2"])
         .env("AIOPS_LOG", "warn")
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-
-    common::wait_for_file(&file, "1\n2\n").await;
-    // Step 2's first line has reached the live log.
+    common::wait_for_file(file, "1\n2\n").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let streamed: i64 = sqlx::query_scalar(
@@ -50,6 +52,15 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     }
     doomed.start_kill().unwrap(); // SIGKILL
     doomed.wait().await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
+    let app = common::spawn_app().await;
+    let dir = common::Scratch::new("crash");
+    let file = dir.join("steps");
+    let id = killed_during_step_two(&app, "crash-me", &file, 4).await;
 
     let survivor = common::TestWorker::start(&app.pool).await;
     let done = app.wait_for_status(id, common::FINISHED, 60).await;
@@ -96,18 +107,7 @@ async fn a_run_cancelled_while_its_steps_worker_is_dead_leaves_no_attempt_runnin
     let app = common::spawn_app().await;
     let dir = common::Scratch::new("crash-cancel");
     let file = dir.join("steps");
-    let runbook = app
-        .runbook_from_yaml(&common::appending_runbook("crash-cancel", &file, 30))
-        .await;
-    let mut doomed = app
-        .worker_command(&["--concurrency", "2", "--lease-seconds", "2"])
-        .env("AIOPS_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    common::wait_for_file(&file, "1\n2\n").await;
-    doomed.start_kill().unwrap(); // SIGKILL
-    doomed.wait().await.unwrap();
+    let id = killed_during_step_two(&app, "crash-cancel", &file, 30).await;
     let (status, body) = app
         .call(
             reqwest::Method::POST,

@@ -12,6 +12,22 @@ use serde_json::json;
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
+/// Imports `yaml` and starts it on every `role=web` server, one at a time; returns the
+/// runbook and the answer.
+async fn one_at_a_time_on_web(
+    app: &common::TestApp,
+    yaml: &str,
+) -> (uuid::Uuid, serde_json::Value) {
+    let runbook = app.runbook_from_yaml(yaml).await;
+    let created = app
+        .create(
+            "/executions",
+            json!({ "runbook_id": runbook, "servers": { "tags": ["role=web"] }, "max_concurrency": 1 }),
+        )
+        .await;
+    (runbook, created)
+}
+
 #[tokio::test]
 async fn fan_out_by_tag_runs_one_execution_per_server_within_the_concurrency_limit() {
     let app = common::spawn_app_with(|c| c.secret_key = Some(format!("main:{KEY}"))).await;
@@ -55,16 +71,7 @@ steps:
     command: sleep 0.3
 "#
     );
-    let runbook = app.runbook_from_yaml(&yaml).await;
-    let (status, created) = app
-        .call(
-            Method::POST,
-            "/executions",
-            Some(&app.admin_token),
-            Some(json!({ "runbook_id": runbook, "servers": { "tags": ["role=web"] }, "max_concurrency": 1 })),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
+    let (runbook, created) = one_at_a_time_on_web(&app, &yaml).await;
     let ids: Vec<uuid::Uuid> = created["execution_ids"]
         .as_array()
         .unwrap()
@@ -146,16 +153,7 @@ steps:
     command: exit 1
 "#
     );
-    let runbook = app.runbook_from_yaml(&failing).await;
-    let (status, created) = app
-        .call(
-            Method::POST,
-            "/executions",
-            Some(&app.admin_token),
-            Some(json!({ "runbook_id": runbook, "servers": { "tags": ["role=web"] }, "max_concurrency": 1 })),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
+    one_at_a_time_on_web(&app, &failing).await;
     let web3_path = format!("/servers/{}", servers[2].1);
     let delete_web3 = || app.call(Method::DELETE, &web3_path, Some(&app.admin_token), None);
     let (status, body) = delete_web3().await;
