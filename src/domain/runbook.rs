@@ -642,9 +642,12 @@ fn field_at<'v>(value: &'v mut serde_json::Value, path: &str) -> Option<&'v mut 
     Some(node)
 }
 
-/// Gives a missing field a value of its type (a list for `steps`, text for the others), to
-/// read the rest of a document past it; false when its mapping is not there or has the field.
-fn insert_missing(value: &mut serde_json::Value, path: &str) -> bool {
+/// The mapping that holds the field at a path of dotted keys and `[i]` indexes, and the
+/// field's key; `None` when that mapping is not there.
+fn parent_map<'v, 'p>(
+    value: &'v mut serde_json::Value,
+    path: &'p str,
+) -> Option<(&'v mut serde_json::Map<String, serde_json::Value>, &'p str)> {
     let (parent, key) = match path.rfind('.') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => ("", path),
@@ -654,7 +657,14 @@ fn insert_missing(value: &mut serde_json::Value, path: &str) -> bool {
     } else {
         field_at(value, parent)
     };
-    let Some(map) = node.and_then(serde_json::Value::as_object_mut) else {
+    node.and_then(serde_json::Value::as_object_mut)
+        .map(|map| (map, key))
+}
+
+/// Gives a missing field a value of its type (a list for `steps`, text for the others), to
+/// read the rest of a document past it; false when its mapping is not there or has the field.
+fn insert_missing(value: &mut serde_json::Value, path: &str) -> bool {
+    let Some((map, key)) = parent_map(value, path) else {
         return false;
     };
     if map.contains_key(key) {
@@ -671,29 +681,7 @@ fn insert_missing(value: &mut serde_json::Value, path: &str) -> bool {
 
 /// Removes the field at a path of dotted keys and `[i]` indexes; false when there is none.
 fn remove_field(value: &mut serde_json::Value, path: &str) -> bool {
-    let (parent, key) = match path.rfind('.') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => ("", path),
-    };
-    let mut node = value;
-    for part in parent.split('.').filter(|p| !p.is_empty()) {
-        let (name, indexes) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        let Some(next) = node.get_mut(name) else {
-            return false;
-        };
-        node = next;
-        for index in indexes.split(['[', ']']).filter(|i| !i.is_empty()) {
-            let Some(next) = index.parse::<usize>().ok().and_then(|i| node.get_mut(i)) else {
-                return false;
-            };
-            node = next;
-        }
-    }
-    node.as_object_mut()
-        .is_some_and(|map| map.remove(key).is_some())
+    parent_map(value, path).is_some_and(|(map, key)| map.remove(key).is_some())
 }
 
 /// A parser error in the product's words, with the field path it concerns.
