@@ -13,8 +13,13 @@ fn scratch() -> common::Scratch {
 
 /// The state of the runbook deadline's timer job of execution `id`.
 async fn deadline_timer(app: &common::TestApp, id: uuid::Uuid) -> String {
+    timer_state(app, id, "deadline").await
+}
+
+/// The state of execution `id`'s timer job `timer` (`deadline`, `approval_expiry`).
+async fn timer_state(app: &common::TestApp, id: uuid::Uuid, timer: &str) -> String {
     sqlx::query_scalar("SELECT state::text FROM jobs WHERE unique_key = $1")
-        .bind(format!("execution:{id}:deadline"))
+        .bind(format!("execution:{id}:{timer}"))
         .fetch_one(&app.pool)
         .await
         .unwrap()
@@ -1063,6 +1068,9 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["approved_by"], json!(engineer_id));
     assert_eq!(app.audit_rows("execution_approve").await.len(), 1);
+    // The decision retires the approval's timer instead of leaving it queued.
+    let expiry_state = |id| timer_state(&app, id, "approval_expiry");
+    assert_eq!(expiry_state(id).await, "cancelled");
 
     // Reject.
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
@@ -1088,6 +1096,7 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     assert_eq!(body["refused_by"], "approval_rejected");
     let audited = app.audit_rows("execution_reject").await;
     assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(expiry_state(id).await, "cancelled");
     let (status, _) = reject(engineer.clone()).await;
     assert_eq!(status, 409, "a rejected run cannot be rejected again");
     let (status, _) = app.approve(id, &engineer).await;
@@ -1121,6 +1130,7 @@ async fn approvals_need_a_permitted_role_and_can_be_rejected_or_expire() {
     assert_eq!(body["status"], "cancelled", "{body}");
     // It never started: no summary of steps.
     assert!(body.get("output_summary").is_none(), "{body}");
+    assert_eq!(expiry_state(id).await, "cancelled");
     // So is no body at all, without a Content-Type, as a generated client sends it; a body
     // without a Content-Type is still refused.
     for (action, expected) in [("reject", "approval_rejected"), ("cancel", "cancelled")] {

@@ -269,6 +269,7 @@ pub async fn approve(
         ));
     }
     log(conn, execution_id, "approved", json!({ "by": user_id })).await?;
+    store::jobs::job_cancel_pending(conn, &approval_expiry_key(execution_id)).await?;
     store::jobs::job_enqueue(conn, &start_job(execution_id)).await?;
     Ok(())
 }
@@ -333,6 +334,7 @@ pub async fn reject(
     )
     .await?;
     store::executions::execution_request_cancel(conn, execution_id, Some(user_id)).await?;
+    store::jobs::job_cancel_pending(conn, &approval_expiry_key(execution_id)).await?;
     Ok(())
 }
 
@@ -372,6 +374,10 @@ pub async fn cancel(
         },
     )
     .await?;
+    // A run cancelled while it waited for approval no longer needs the approval's timer.
+    if row.awaiting_approval {
+        store::jobs::job_cancel_pending(conn, &approval_expiry_key(execution_id)).await?;
+    }
     Ok(())
 }
 
@@ -409,8 +415,13 @@ pub(crate) fn approval_expiry_job(execution_id: Uuid, at: chrono::DateTime<Utc>)
         json!(ExecutionPayload { execution_id }),
     );
     job.run_at = Some(at);
-    job.unique_key = Some(format!("execution:{execution_id}:approval_expiry"));
+    job.unique_key = Some(approval_expiry_key(execution_id));
     job
+}
+
+/// The unique key of an execution's approval expiry job, which deciding the approval cancels.
+fn approval_expiry_key(execution_id: Uuid) -> String {
+    format!("execution:{execution_id}:approval_expiry")
 }
 
 fn deadline_key(execution_id: Uuid) -> String {

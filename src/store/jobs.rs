@@ -451,6 +451,16 @@ macro_rules! cancel_pending_by_key {
 }
 pub(crate) use cancel_pending_by_key;
 
+/// Cancels the job with unique key `key` if it has not started: a timer that a decision made
+/// unnecessary (an approval's expiry once the approval is decided). Returns whether one was.
+pub async fn job_cancel_pending(conn: &mut PgConnection, key: &str) -> StoreResult<bool> {
+    let done = sqlx::query(cancel_pending_by_key!("$1"))
+        .bind(key)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 /// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs. The
 /// rows come back in claim order (`priority, run_at, id`): a worker that claims more jobs than
 /// it has free slots starts them in that order.
