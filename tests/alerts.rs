@@ -1811,3 +1811,96 @@ async fn a_run_refused_by_a_gate_does_not_spend_the_cooldown() {
     }
     worker.stop().await;
 }
+
+/// An `instance` label longer than the cooldown key's column counts under its digest: the
+/// alert is processed (before, its job failed on every attempt and the alerts after it in the
+/// notification were never processed), and a gate's refusal gives that key back.
+#[tokio::test]
+async fn a_per_instance_cooldown_takes_an_instance_longer_than_its_column() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let token = webhook_token(&app).await;
+    server(&app, "solo", "10.9.0.1", json!(["solo"])).await;
+    app.runbook_from_yaml(
+        "name: long-instances\ncategory: frozen\nmode: auto\nallowed_servers: [solo]\n\
+         steps:\n  - {name: s, command: 'true'}\n\
+         triggers:\n  - name: t\n    alert_name_pattern: LongInstance\n    cooldown_seconds: 3600\n    \
+         cooldown_per_instance: true\n",
+    )
+    .await;
+    let long_a = format!("a{}", "g".repeat(300));
+    let long_b = format!("b{}", "g".repeat(300));
+    let stored = |instance: &str| instance.chars().take(255).collect::<String>();
+    let fire = |instances: Vec<&str>, starts_at: &'static str| {
+        let (app, token) = (&app, &token);
+        let instances: Vec<String> = instances.into_iter().map(str::to_owned).collect();
+        async move {
+            let alerts = instances
+                .iter()
+                .map(|i| alert("LongInstance", i, starts_at, "firing"))
+                .collect();
+            let (status, body) = post(app, token, &payload(alerts)).await;
+            assert_eq!(status, 200, "{body}");
+            let mut outcomes = Vec::new();
+            for instance in &instances {
+                let id = alert_id(app, "LongInstance", &stored(instance)).await;
+                outcomes.push(processed(app, id).await["match_outcome"].clone());
+            }
+            outcomes
+        }
+    };
+    let keys = || async {
+        sqlx::query_scalar::<_, String>("SELECT instance_key FROM trigger_cooldowns ORDER BY 1")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap()
+    };
+
+    // A refused run gives its instance's cooldown back: the key computed in SQL is the same.
+    let window = app
+        .blackout_now(
+            "freeze",
+            json!({ "affected_runbooks": { "categories": ["frozen"] } }),
+        )
+        .await;
+    let outcome = fire(vec![&long_a], "2030-01-01T00:00:00Z").await.remove(0);
+    assert_eq!(outcome["decision"], "execution_created", "{outcome}");
+    let id = outcome["execution_id"].as_str().unwrap().parse().unwrap();
+    let refused = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(refused["refused_by"], "blackout", "{refused}");
+    assert!(keys().await.is_empty(), "{:?}", keys().await);
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/blackout-windows/{}", window["id"].as_str().unwrap()),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+
+    // Two long instances and a short one in one notification: each its own cooldown.
+    let outcomes = fire(
+        vec![&long_a, &long_b, "10.9.0.1:9100"],
+        "2030-01-01T01:00:00Z",
+    )
+    .await;
+    for outcome in &outcomes {
+        assert_eq!(outcome["decision"], "execution_created", "{outcome}");
+    }
+    let stored_keys = keys().await;
+    assert_eq!(stored_keys.len(), 3, "{stored_keys:?}");
+    assert!(stored_keys.contains(&"10.9.0.1:9100".to_owned()));
+    assert_eq!(
+        stored_keys
+            .iter()
+            .filter(|k| k.starts_with("sha256:"))
+            .count(),
+        2,
+        "{stored_keys:?}"
+    );
+    // The next episode of a long instance is inside its cooldown.
+    let again = fire(vec![&long_b], "2030-01-01T02:00:00Z").await.remove(0);
+    assert_eq!(again["decision"], "cooldown", "{again}");
+    worker.stop().await;
+}

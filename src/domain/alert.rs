@@ -144,14 +144,26 @@ pub fn source_of(labels: &BTreeMap<String, String>, generator_url: &str) -> Opti
     (!host.is_empty()).then(|| host.to_owned())
 }
 
+/// The longest instance key stored as it is (`trigger_cooldowns.instance_key` is
+/// `varchar(255)`).
+pub const MAX_INSTANCE_KEY_CHARS: usize = 255;
+
 /// The key a per-instance cooldown counts under: the `instance` label, or the fingerprint for
-/// alerts without one (each label set is then its own instance).
+/// alerts without one (each label set is then its own instance). A label longer than
+/// [`MAX_INSTANCE_KEY_CHARS`] counts under `sha256:` and the hex digest of its UTF-8 text, so
+/// that two long instances sharing a prefix stay apart.
+/// `store::alerts::trigger_cooldown_release` computes the same key in SQL.
 pub fn instance_key(labels: &BTreeMap<String, String>, fingerprint: &str) -> String {
-    labels
-        .get("instance")
-        .filter(|s| !s.is_empty())
-        .cloned()
-        .unwrap_or_else(|| format!("fingerprint:{fingerprint}"))
+    use sha2::{Digest, Sha256};
+    match labels.get("instance").filter(|s| !s.is_empty()) {
+        Some(instance) if instance.chars().count() > MAX_INSTANCE_KEY_CHARS => {
+            let digest = Sha256::digest(instance.as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            format!("sha256:{hex}")
+        }
+        Some(instance) => instance.clone(),
+        None => format!("fingerprint:{fingerprint}"),
+    }
 }
 
 /// Cuts a value to at most `max` characters (for the indexed columns; the labels keep the whole
@@ -274,6 +286,17 @@ mod tests {
             "a:1".to_owned()
         );
         assert_eq!(instance_key(&BTreeMap::new(), "f"), "fingerprint:f");
+        // At the column's width the label is the key; past it, its digest is.
+        let wide = "é".repeat(MAX_INSTANCE_KEY_CHARS);
+        assert_eq!(instance_key(&labels(&[("instance", &wide)]), "f"), wide);
+        let long = format!("{wide}x");
+        let key = instance_key(&labels(&[("instance", &long)]), "f");
+        assert_eq!(
+            key,
+            "sha256:9b29854583a7dde3247bfcfd1b7ac39476e4e8dabf3f25c4649a6890129715a7"
+        );
+        let other = format!("{wide}y");
+        assert_ne!(instance_key(&labels(&[("instance", &other)]), "f"), key);
         assert_eq!(truncate("abcdef", 3), "abc");
     }
 

@@ -674,13 +674,19 @@ pub async fn trigger_cooldown_release(
     sqlx::query(
         "WITH fired AS ( \
              SELECT e.created_at, \
-                    COALESCE(NULLIF(a.labels_json->>'instance', ''), \
+                    COALESCE(CASE WHEN char_length(a.labels_json->>'instance') > 255 \
+                                  THEN 'sha256:' || encode(sha256(convert_to( \
+                                       a.labels_json->>'instance', 'UTF8')), 'hex') \
+                                  ELSE NULLIF(a.labels_json->>'instance', '') END, \
                              'fingerprint:' || a.fingerprint) AS instance_key \
              FROM runbook_executions e LEFT JOIN alerts a ON a.id = e.alert_id \
              WHERE e.trigger_id = $1 AND e.id <> $2 \
                AND (e.refused_by IS NULL OR e.refused_by <> ALL($3))), \
          this AS ( \
-             SELECT COALESCE(NULLIF(a.labels_json->>'instance', ''), \
+             SELECT COALESCE(CASE WHEN char_length(a.labels_json->>'instance') > 255 \
+                                  THEN 'sha256:' || encode(sha256(convert_to( \
+                                       a.labels_json->>'instance', 'UTF8')), 'hex') \
+                                  ELSE NULLIF(a.labels_json->>'instance', '') END, \
                              'fingerprint:' || a.fingerprint) AS instance_key \
              FROM runbook_executions e JOIN alerts a ON a.id = e.alert_id WHERE e.id = $2), \
          trigger_level AS ( \
