@@ -1001,6 +1001,71 @@ async fn blackouts_and_allowed_servers_judge_the_run_by_its_server() {
             assert_eq!(body["details"]["field"], "server_id", "{body}");
         }
     }
+    // Without a server a run takes the worker's own host: never for a runbook limited to some
+    // servers, whoever asks.
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/executions",
+            Some(&app.admin_token),
+            Some(json!({ "runbook_id": scoped })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "server_id", "{body}");
+
+    // A run on the worker's own host runs its commands as the worker's user, who can reach the
+    // platform's database and key: only an admin may start one.
+    let anywhere = app
+        .runbook_from_yaml(
+            "name: anywhere
+mode: auto
+steps:
+  - {name: s, command: 'true'}
+",
+        )
+        .await;
+    let stored = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runbook_executions")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+    let before = stored().await;
+    for role in ["operator", "engineer"] {
+        let (_, token) = app.user_with_role(role).await;
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/executions",
+                Some(&token),
+                Some(json!({ "runbook_id": anywhere })),
+            )
+            .await;
+        assert_eq!(status, 403, "{role}: {body}");
+        assert_eq!(body["details"]["field"], "server_id", "{role}: {body}");
+        // On a server, the same role may.
+        let (status, body) = app
+            .call(
+                Method::POST,
+                "/executions",
+                Some(&token),
+                Some(json!({ "runbook_id": anywhere, "server_id": web1 })),
+            )
+            .await;
+        assert_eq!(status, 201, "{role}: {body}");
+    }
+    assert_eq!(
+        stored().await,
+        before + 2,
+        "only the runs on a server were stored"
+    );
+    let id = app.start_execution(json!({ "runbook_id": anywhere })).await;
+    let done = app.wait_for_status(id, terminal, 30).await;
+    assert_eq!(
+        done["status"], "completed",
+        "an admin's run on the worker's host: {done}"
+    );
     worker.stop().await;
 }
 

@@ -144,6 +144,16 @@ impl ApiError {
         )))
     }
 
+    /// 403 for a request the caller's role may not make with this field as given (the field
+    /// named, and why).
+    pub fn forbidden_field(field: &str, reason: impl Into<String>) -> Self {
+        ApiError::Forbidden(Json(ErrorBody::field_problem(
+            "forbidden",
+            Some(field),
+            reason.into(),
+        )))
+    }
+
     /// 400 or 422 for a problem in a document body, with the field path and, when known, the
     /// line and column in the YAML. `syntax` selects 400 (unreadable) over 422 (invalid).
     pub fn document(

@@ -91,7 +91,8 @@ pub struct ServerSelectorInput {
 pub struct ExecutionCreate {
     /// The runbook.
     pub runbook_id: Uuid,
-    /// One server. Leave out both `server_id` and `servers` to run on a worker's own host.
+    /// One server. Leave out both `server_id` and `servers` to run on a worker's own host
+    /// (admin only: such a run's commands run as the worker's operating-system user).
     #[oai(nullable)]
     pub server_id: Option<Uuid>,
     /// Every matching server gets its own execution.
@@ -420,7 +421,9 @@ impl ExecutionsApi {
     /// Start a runbook: on one server, on every server matching a selector (one execution per
     /// server, `max_concurrency` at a time), or on a worker's own host.
     ///
-    /// Least role: operator.
+    /// Least role: operator; a run on a worker's own host (no `server_id`, no `servers`) needs
+    /// admin, since its commands run as the worker's operating-system user, with whatever that
+    /// user can reach (the platform's database and secret key included).
     #[oai(path = "/", method = "post", operation_id = "execution_create")]
     async fn execution_create(
         &self,
@@ -434,6 +437,16 @@ impl ExecutionsApi {
             return Err(ApiError::invalid(
                 "servers",
                 "give either server_id or servers, not both",
+            ));
+        }
+        if body.server_id.is_none()
+            && body.servers.is_none()
+            && !caller.identity.role.allows(Role::Admin)
+        {
+            return Err(ApiError::forbidden_field(
+                "server_id",
+                "without a server the run takes the worker's own host, where its commands run \
+                 as the worker's operating-system user; only an admin may start such a run",
             ));
         }
         let concurrency = body.max_concurrency.unwrap_or(5);

@@ -722,20 +722,16 @@ impl ServersApi {
         let holds_secrets = cur.password_encrypted.is_some() || cur.ssh_key_encrypted.is_some();
         let secrets_given = new_password.is_some() || new_ssh_key.is_some();
         if moved && holds_secrets && !secrets_given && !caller.identity.role.allows(Role::Admin) {
-            return Err(ApiError::Forbidden(Json(
-                super::error::ErrorBody::field_problem(
-                    "forbidden",
-                    Some(if draft.hostname != cur.hostname {
-                        "hostname"
-                    } else {
-                        "port"
-                    }),
-                    "moving a server that holds a password or key needs an admin, or the \
-                     password or key given again in the same request: they would be sent to \
-                     the new address"
-                        .to_owned(),
-                ),
-            )));
+            return Err(ApiError::forbidden_field(
+                if draft.hostname != cur.hostname {
+                    "hostname"
+                } else {
+                    "port"
+                },
+                "moving a server that holds a password or key needs an admin, or the \
+                 password or key given again in the same request: they would be sent to \
+                 the new address",
+            ));
         }
         let mut changed = Vec::new();
         for (name, set) in [

@@ -262,6 +262,9 @@ pub fn main() -> ExitCode {
         }
     };
     telemetry::init(config.log_format, &config.log_level);
+    if matches!(cli.command, Command::Up | Command::Worker(_)) {
+        keep_out_local_commands();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -279,6 +282,18 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes this process non-dumpable before it starts any command: the commands
+/// of runs on the worker's own host run as this process's user, and this keeps them (unless
+/// they run as root) from reading its environment (`DATABASE_URL`, `AIOPS_SECRET_KEY`) or its
+/// memory through `/proc/<pid>/environ` and `/proc/<pid>/mem`. Commands are new programs, so
+/// they are dumpable again and their own steps still work as before.
+fn keep_out_local_commands() {
+    use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "cannot make this process non-dumpable");
     }
 }
 

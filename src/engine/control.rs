@@ -142,6 +142,21 @@ pub async fn create_execution(
                 ),
             });
         }
+    } else if !snapshot
+        .allows_server(None)
+        .map_err(|reason| EngineError::Invalid {
+            field: "runbook_id".into(),
+            reason,
+        })?
+    {
+        return Err(EngineError::Invalid {
+            field: "server_id".into(),
+            reason: format!(
+                "runbook {} runs only on the servers its allowed_servers selects; give one of \
+                 them (without a server a run would take the worker's own host)",
+                snapshot.name
+            ),
+        });
     }
     let snapshot_json = serde_json::to_value(&snapshot).map_err(|e| EngineError::Invalid {
         field: "runbook_id".into(),

@@ -103,7 +103,9 @@ impl RunbookSnapshot {
     }
 
     /// Whether the runbook may run on a server, by `domain::targeting` (the one rule for
-    /// `allowed_servers`). Runs on the worker's own host are always allowed.
+    /// `allowed_servers`). A run on the worker's own host (`None`) is allowed only when
+    /// `allowed_servers` restricts nothing: a runbook limited to some servers never runs
+    /// anywhere else.
     pub fn allows_server(
         &self,
         server: Option<&crate::domain::blackout::ServerFacts>,
@@ -111,7 +113,7 @@ impl RunbookSnapshot {
         let allowed = crate::domain::targeting::AllowedServers::parse(&self.allowed_servers)
             .map_err(|e| format!("allowed_servers: {e}"))?;
         Ok(match server {
-            None => true,
+            None => allowed.allows_all(),
             Some(s) => allowed.allows(&crate::domain::targeting::ServerTraits {
                 id: s.id,
                 tags: &s.tags,
