@@ -1599,3 +1599,36 @@ async fn open_breaker_half_opens_after_its_timeout_and_a_good_probe_closes_it() 
     assert_eq!(b["state"], "closed", "{b}");
     worker.stop().await;
 }
+
+/// Output holding NUL bytes (`find -print0`, `/proc/*/cmdline`) is recorded, NUL written as
+/// `␀`, stored and live alike; the step completes once and its command runs once.
+#[tokio::test]
+async fn a_step_printing_nul_bytes_completes_and_runs_once() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let log = dir.join("runs");
+    let yaml = format!(
+        "name: nul-output\nmode: auto\nsteps:\n  - name: n\n    command: |\n      echo run >> {log}\n      \
+         printf 'a\\000b\\n'\n      printf 'c\\000' >&2\n",
+        log = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(read(&log), "run\n", "the command ran once");
+    let steps = app.steps(id).await;
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0]["stdout"], "a\u{2400}b\n");
+    assert_eq!(steps[0]["stderr"], "c\u{2400}");
+    let live: Vec<String> = sqlx::query_scalar(
+        "SELECT data FROM execution_events WHERE execution_id = $1 AND kind = 'stdout'",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(live.concat(), "a\u{2400}b\n", "{live:?}");
+    worker.stop().await;
+}

@@ -844,7 +844,7 @@ pub(crate) async fn stream_output(
         if let Some(pos) = buf.iter().rposition(|b| *b == b'\n') {
             let lines: Vec<u8> = buf.drain(..=pos).collect();
             if sent < limit {
-                let text = masker.mask(&String::from_utf8_lossy(&lines));
+                let text = masker.mask(&crate::exec::output_text(&lines));
                 sent += text.len();
                 append(&pool, execution_id, step_row, kind, &text).await;
                 if sent >= limit {
@@ -859,7 +859,7 @@ pub(crate) async fn stream_output(
     for (kind, rest) in pending {
         if !rest.is_empty() && sent < limit {
             // The output's last line may have been cut at the output cap inside a secret.
-            let text = masker.mask_cut_end(&String::from_utf8_lossy(&rest));
+            let text = masker.mask_cut_end(&crate::exec::output_text(&rest));
             append(&pool, execution_id, step_row, kind, &text).await;
         }
     }

@@ -296,10 +296,14 @@ impl CappedBuffer {
     }
 
     /// Keeps what fits; returns the part to forward live, if any. The chunk that reaches the
-    /// cap carries the truncation marker, so a live reader sees the output was cut.
+    /// cap carries the truncation marker, so a live reader sees the output was cut. The cut
+    /// never splits a UTF-8 character: one that does not fit whole is dropped whole.
     pub(crate) fn push(&mut self, bytes: &[u8]) -> Option<OutputChunk> {
         let room = self.limit.saturating_sub(self.kept.len());
-        let take = room.min(bytes.len());
+        let mut take = room.min(bytes.len());
+        if take < bytes.len() {
+            take = without_cut_char(&bytes[..take]).len();
+        }
         let cut_now = self.dropped == 0 && take < bytes.len();
         self.dropped += (bytes.len() - take) as u64;
         self.kept.extend_from_slice(&bytes[..take]);
@@ -334,12 +338,47 @@ impl CappedBuffer {
     }
 
     pub(crate) fn finish(self) -> String {
-        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        let mut text = output_text(&self.kept);
         if let Some(marker) = self.marker() {
             text.push_str(&marker);
         }
         text
     }
+}
+
+/// Command output as text, as it is stored and streamed: bytes that are not UTF-8 become
+/// U+FFFD, and NUL becomes `␀` (U+2400), since PostgreSQL text cannot hold it. Without that a
+/// step printing NUL (`find -print0`, `/proc/*/cmdline`) could not record its result, and its
+/// job would run the command again.
+pub fn output_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if text.contains('\0') {
+        text.replace('\0', "\u{2400}")
+    } else {
+        text.into_owned()
+    }
+}
+
+/// `bytes` without a UTF-8 character cut short at its end (the lead byte of a sequence whose
+/// continuation bytes are missing, and those of its continuation bytes present).
+fn without_cut_char(bytes: &[u8]) -> &[u8] {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 != 0x80 {
+            let needs = match b {
+                0xF0.. => 4,
+                0xE0.. => 3,
+                0xC0.. => 2,
+                _ => 1,
+            };
+            return if needs > back {
+                &bytes[..bytes.len() - back]
+            } else {
+                bytes
+            };
+        }
+    }
+    bytes
 }
 
 /// Forwards a chunk of live output without blocking the command on a slow consumer for long:
@@ -409,5 +448,39 @@ mod tests {
             text.starts_with("abcde\n[aiops: output truncated at 5 bytes; 5 more"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_cap_never_splits_a_character() {
+        // "aé" is 3 bytes; a cap of 2 would cut "é" in half: it is dropped whole.
+        let mut b = CappedBuffer::new(OutputStream::Stdout, 2);
+        let live = b.push("aé€".as_bytes()).unwrap().bytes;
+        assert!(String::from_utf8(live).unwrap().starts_with("a\n[aiops"));
+        assert!(
+            b.finish()
+                .starts_with("a\n[aiops: output truncated at 2 bytes; 5 more")
+        );
+        for (text, cap, kept) in [
+            ("€€", 4, "€"),
+            ("a😀", 4, "a"),
+            ("ab", 1, "a"),
+            ("é", 2, "é"),
+        ] {
+            let mut b = CappedBuffer::new(OutputStream::Stdout, cap);
+            b.push(text.as_bytes());
+            let out = b.finish();
+            assert!(
+                out.starts_with(kept) && !out.contains('\u{FFFD}'),
+                "{text}: {out}"
+            );
+        }
+    }
+
+    #[test]
+    fn nul_in_output_is_text_postgres_can_store() {
+        assert_eq!(output_text(b"a\0b\xff"), "a\u{2400}b\u{FFFD}");
+        let mut b = CappedBuffer::new(OutputStream::Stdout, 100);
+        b.push(b"x\0y\n");
+        assert_eq!(b.finish(), "x\u{2400}y\n");
     }
 }
