@@ -1070,7 +1070,8 @@ steps:
 }
 
 /// A reject or cancel reason is stored and audited: the run's secrets written into it are
-/// masked, both the runbook's as written and those given at start (sealed).
+/// masked, both the runbook's as written and those given at start (sealed). One over the
+/// limit is refused by name.
 #[tokio::test]
 async fn reasons_are_stored_with_the_runs_secrets_masked() {
     let app = common::spawn_app().await;
@@ -1087,6 +1088,19 @@ async fn reasons_are_stored_with_the_runs_secrets_masked() {
                                      "variables": { "DB_PASSWORD": "sealed-pw-456" } }))
             .await;
         app.wait_awaiting_approval(id).await;
+        // A reason longer than the limit is refused by name, and the run keeps waiting.
+        let (status, body) = app
+            .call(
+                Method::POST,
+                &format!("/executions/{id}/{verb}"),
+                Some(&app.admin_token),
+                Some(json!({ "reason": "r".repeat(2001) })),
+            )
+            .await;
+        assert_eq!(status, 422, "{verb}: {body}");
+        assert_eq!(body["details"]["field"], "reason", "{verb}: {body}");
+        let (_, waiting) = app.get(&format!("/executions/{id}")).await;
+        assert_eq!(waiting["status"], "pending", "{waiting}");
         let (status, body) = app
             .call(
                 Method::POST,

@@ -353,8 +353,8 @@ pub struct ExecutionPage {
 #[derive(Debug, Object)]
 #[oai(deny_unknown_fields)]
 pub struct Reason {
-    /// Why.
-    #[oai(nullable)]
+    /// Why (at most 2,000 characters).
+    #[oai(nullable, validator(max_length = 2000))]
     pub reason: Option<String>,
 }
 
