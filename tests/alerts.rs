@@ -281,6 +281,7 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     // later entry wins.
     let twins = |first: &str, second: &str| {
         let mut a = alert("Twins", "web-9", first, "firing");
+        // A sent fingerprint other than the labels' is not taken; the episode is the same.
         a["fingerprint"] = json!("aaaa000000000001");
         let mut b = a.clone();
         b["startsAt"] = json!(second);
@@ -300,7 +301,7 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     }
     let kept: Vec<(chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as(
         "SELECT starts_at, annotations_json->>'summary' FROM alerts \
-         WHERE fingerprint = 'aaaa000000000001' ORDER BY starts_at",
+         WHERE alert_name = 'Twins' ORDER BY starts_at",
     )
     .fetch_all(&app.pool)
     .await
@@ -1903,4 +1904,45 @@ async fn a_per_instance_cooldown_takes_an_instance_longer_than_its_column() {
     let again = fire(vec![&long_b], "2030-01-01T02:00:00Z").await.remove(0);
     assert_eq!(again["decision"], "cooldown", "{again}");
     worker.stop().await;
+}
+
+/// An alert is stored under the fingerprint of its labels: a notification naming another
+/// episode's fingerprint with other labels makes an episode of its own, and the first keeps
+/// the labels its triggers matched.
+#[tokio::test]
+async fn a_sent_fingerprint_never_moves_an_alert_into_another_episode() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let with_service = |service: &str| {
+        let mut a = alert("SvcDown", "web-1:9100", "2030-01-01T00:00:00Z", "firing");
+        a["labels"]["service"] = json!(service);
+        a
+    };
+    let (status, body) = post(&app, &token, &payload(vec![with_service("nginx")])).await;
+    assert_eq!(status, 200, "{body}");
+    let id = alert_id(&app, "SvcDown", "web-1:9100").await;
+    let (_, first) = app.get(&format!("/alerts/{id}")).await;
+    let fingerprint = first["alert"]["fingerprint"].clone();
+
+    let mut forged = with_service("sshd");
+    forged["fingerprint"] = fingerprint.clone();
+    let (status, body) = post(&app, &token, &payload(vec![forged])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["created"], 1, "{body}");
+    let (_, after) = app.get(&format!("/alerts/{id}")).await;
+    assert_eq!(after["alert"]["labels"]["service"], "nginx", "{after}");
+    assert_eq!(after["alert"]["receive_count"], 1, "{after}");
+    let fingerprints: Vec<String> = sqlx::query_scalar(
+        "SELECT fingerprint FROM alerts WHERE alert_name = 'SvcDown' ORDER BY labels_json->>'service'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(fingerprints.len(), 2, "{fingerprints:?}");
+    assert_eq!(json!(fingerprints[0]), fingerprint, "nginx keeps its own");
+    assert_ne!(
+        json!(fingerprints[1]),
+        fingerprint,
+        "sshd gets the one of its labels"
+    );
 }

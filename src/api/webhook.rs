@@ -79,7 +79,9 @@ pub struct AlertmanagerAlert {
     /// Link to the expression that fired.
     #[oai(rename = "generatorURL", default, nullable)]
     pub generator_url: String,
-    /// Alertmanager's fingerprint of the label set (computed the same way when absent).
+    /// Alertmanager's fingerprint of the label set. The alert is stored under the fingerprint
+    /// computed from its labels the way Alertmanager computes it (the same value Alertmanager
+    /// sends); a different value given here is not taken.
     #[oai(nullable)]
     pub fingerprint: Option<String>,
 }
@@ -301,16 +303,29 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let fingerprint = match &a.fingerprint {
+        // An episode is its label set: the fingerprint is computed from the labels, as
+        // Alertmanager computes the one it sends. A sent value that differs is not taken: it
+        // would let one notification update another episode, labels included, after its
+        // triggers matched.
+        let fingerprint = alert::fingerprint_of(&labels);
+        match &a.fingerprint {
             Some(f) if f.is_empty() || f.chars().count() > FINGERPRINT_MAX => {
                 return Err(ApiError::invalid(
                     &field("fingerprint"),
                     format!("must be 1 to {FINGERPRINT_MAX} characters"),
                 ));
             }
-            Some(f) => f.clone(),
-            None => alert::fingerprint_of(&labels),
-        };
+            Some(f) if *f != fingerprint => {
+                tracing::warn!(
+                    alert = i,
+                    sent = %f,
+                    computed = %fingerprint,
+                    "an alert's fingerprint does not match its labels; the one computed from \
+                     the labels identifies it"
+                );
+            }
+            _ => {}
+        }
         let raw = json_text(&RawNotification {
             version: &p.version,
             receiver: &p.receiver,

@@ -168,7 +168,8 @@ pub struct IntakeJobs<'a> {
 /// the new and newly resolved episodes (`jobs` rows of `jobs.kind`, up to `jobs.per_job` alert
 /// ids each, in id order). Run outside an explicit transaction it commits as one: every
 /// accepted alert and its jobs, or nothing. A resolved episode stays resolved when a late
-/// firing notification arrives.
+/// firing notification arrives. An episode keeps the labels it was first stored with (its
+/// fingerprint is computed from them), so what its triggers matched is what its runs read.
 ///
 /// No episode may appear twice in one batch (one row cannot be upserted twice by one
 /// statement). Rows are written in `(fingerprint, starts_at)` order, so concurrent batches lock
@@ -266,7 +267,7 @@ pub async fn alert_intake(
            status = CASE WHEN a.status = 'resolved' THEN 'resolved' ELSE EXCLUDED.status END, \
            ends_at = CASE WHEN a.status = 'resolved' THEN a.ends_at ELSE EXCLUDED.ends_at END, \
            resolved_at = COALESCE(a.resolved_at, EXCLUDED.resolved_at), \
-           labels_json = EXCLUDED.labels_json, annotations_json = EXCLUDED.annotations_json, \
+           annotations_json = EXCLUDED.annotations_json, \
            raw_alert_json = EXCLUDED.raw_alert_json, generator_url = EXCLUDED.generator_url, \
            source = EXCLUDED.source, receiver = EXCLUDED.receiver, \
            group_key = EXCLUDED.group_key, external_url = EXCLUDED.external_url, \
