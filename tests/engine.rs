@@ -1646,3 +1646,62 @@ async fn a_step_printing_nul_bytes_completes_and_runs_once() {
     assert_eq!(live.concat(), "a\u{2400}b\n", "{live:?}");
     worker.stop().await;
 }
+
+/// A cancel racing the end of a run: the step's end locks the execution before the deadline
+/// timer's job, as a cancel does, so the two never deadlock. Here the step's end commits first
+/// (the test holds the timer's row until both wait), the cancel then finds the run completed,
+/// and the step is recorded as it ended.
+#[tokio::test]
+async fn a_cancel_racing_the_end_of_a_run_waits_for_it_instead_of_deadlocking() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml("name: race\nmode: auto\nsteps:\n  - {name: s, command: 'sleep 1'}\n")
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    app.wait_for_status(id, &["running"], 30).await;
+    let mut holder = app.pool.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT id FROM jobs WHERE unique_key = $1 FOR UPDATE")
+        .bind(format!("execution:{id}:deadline"))
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let waiting = |n: i64| {
+        let pool = app.pool.clone();
+        async move {
+            for _ in 0..300 {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting >= n {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("fewer than {n} statements wait for a lock");
+        }
+    };
+    // The step's end waits (for the timer's row, or for the execution row it holds).
+    waiting(1).await;
+    let cancel = {
+        let request = app
+            .client
+            .post(app.api(&format!("/executions/{id}/cancel")))
+            .bearer_auth(&app.admin_token)
+            .json(&json!({ "reason": "racing the end" }));
+        tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+    };
+    waiting(2).await;
+    holder.commit().await.unwrap();
+    assert_eq!(cancel.await.unwrap(), 409, "the run had completed");
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps = app.steps(id).await;
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0]["status"], "completed", "{steps:?}");
+    worker.stop().await;
+}

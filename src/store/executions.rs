@@ -1146,7 +1146,10 @@ pub struct RunEnd<'a> {
 /// `running` in run attempt `end.attempt` (the compare-and-set that orders this end against a
 /// cancel or timeout that commits first), the execution ends as [`execution_finish`] ends it,
 /// with [`CONTROL_CHANNEL`] notified on commit. The finish event comes before the log entries
-/// in the live stream. The deadline's timer is cancelled whether or not the end applied.
+/// in the live stream. The deadline's timer is cancelled when the end applied (an end that
+/// committed first cancelled it itself). Because the timer's update reads `u`, the statement
+/// locks the execution row before the timer's job row, the order [`execution_finish`] takes
+/// them in, so a cancel racing this end waits for it instead of deadlocking with it.
 pub fn step_end_run_writes<'q>(
     id: Uuid,
     r: &'q StepResult<'q>,
@@ -1177,7 +1180,7 @@ pub fn step_end_run_writes<'q>(
                         ) ev ORDER BY ev.n), \
              timer AS (",
             crate::store::jobs::cancel_pending_by_key!("$22"),
-            " AND EXISTS (SELECT 1 FROM fence)),"
+            " AND EXISTS (SELECT 1 FROM u)),"
         ),
         bind: move |q: crate::store::jobs::FinalQuery<'q>| {
             bind_result(q.bind(id), r)
