@@ -802,7 +802,8 @@ pub async fn step_slot_prepare(
                completed_at = now(), \
                duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
                                    2147483647)::integer, \
-               error_message = 'interrupted: the worker running this attempt stopped before it finished', \
+               error_message = 'interrupted: its result was never recorded (the worker \
+                 running it stopped, or could not write the result)', \
                stdout = COALESCE(s.stdout, (SELECT string_agg(e.data, '' ORDER BY e.id) \
                    FROM execution_events e WHERE e.execution_id = s.execution_id \
                      AND e.step_execution_id = s.id AND e.kind = 'stdout')), \
