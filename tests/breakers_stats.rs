@@ -102,7 +102,12 @@ async fn breakers_are_visible_configurable_and_resettable() {
     let audit = app.audit_rows("breaker_reset").await;
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].3.as_ref().unwrap()["previous_state"], "open");
-    assert_eq!(app.audit_rows("breaker_update").await.len(), 1);
+    let updates = app.audit_rows("breaker_update").await;
+    assert_eq!(updates.len(), 1);
+    let details = updates[0].3.clone().unwrap();
+    assert_eq!(details["before"]["failure_threshold"], 5, "{details}");
+    assert_eq!(details["after"]["failure_threshold"], 2, "{details}");
+    assert_eq!(details["after"]["reset_timeout_seconds"], 60, "{details}");
 
     let (status, _) = app
         .get(&format!("/circuit-breakers/{}", Uuid::new_v4()))

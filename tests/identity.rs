@@ -143,6 +143,9 @@ async fn inactive_users_cannot_log_in_and_their_tokens_stop_working() {
         .await;
     assert_eq!(status, 401);
     assert_eq!(body["message"], "account is disabled");
+    let refused = app.audit_rows("login_refused_inactive").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, Some(id));
 }
 
 #[tokio::test]
@@ -748,7 +751,14 @@ async fn system_config_put_get_list_delete_with_audit() {
     assert_eq!(status, 204);
     let (status, _) = app.get("/system-config/notifications.slack").await;
     assert_eq!(status, 404);
-    assert_eq!(app.audit_rows("system_config_delete").await.len(), 1);
+    let deleted = app.audit_rows("system_config_delete").await;
+    assert_eq!(deleted.len(), 1);
+    let details = deleted[0].3.clone().unwrap();
+    assert_eq!(details["key"], "notifications.slack");
+    assert_eq!(
+        details["previous"]["channel"], "#sre",
+        "the value it held: {details}"
+    );
 }
 
 #[tokio::test]

@@ -217,7 +217,7 @@ impl BreakersApi {
             required_value("reset_timeout_seconds", b.reset_timeout_seconds)?;
         // Values below 1 were refused by the declared `minimum` before the handler ran.
         let mut tx = self.state.pool.begin().await?;
-        store::breakers::breaker_lock(&mut tx, runbook_id.0)
+        let before = store::breakers::breaker_lock(&mut tx, runbook_id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", runbook_id.0))?;
         let changed = store::breakers::breaker_configure(
@@ -245,9 +245,16 @@ impl BreakersApi {
                     Some(row.id),
                     serde_json::json!({
                         "runbook_id": runbook_id.0,
-                        "failure_threshold": row.failure_threshold,
-                        "success_threshold": row.success_threshold,
-                        "reset_timeout_seconds": row.reset_timeout_seconds,
+                        "before": {
+                            "failure_threshold": before.failure_threshold,
+                            "success_threshold": before.success_threshold,
+                            "reset_timeout_seconds": before.reset_timeout_seconds,
+                        },
+                        "after": {
+                            "failure_threshold": row.failure_threshold,
+                            "success_threshold": row.success_threshold,
+                            "reset_timeout_seconds": row.reset_timeout_seconds,
+                        },
                     }),
                 ),
             )

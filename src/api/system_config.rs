@@ -200,9 +200,9 @@ impl SystemConfigApi {
     ) -> Result<Deleted, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Admin).await?;
         let mut tx = self.state.pool.begin().await?;
-        if !store::system_config::config_delete(&mut tx, &key.0).await? {
-            return Err(ApiError::not_found("system_config key", &key.0));
-        }
+        let previous = store::system_config::config_delete(&mut tx, &key.0)
+            .await?
+            .ok_or_else(|| ApiError::not_found("system_config key", &key.0))?;
         caller
             .record(
                 &mut tx,
@@ -210,7 +210,7 @@ impl SystemConfigApi {
                     "system_config_delete",
                     "system_config",
                     None,
-                    serde_json::json!({ "key": key.0 }),
+                    serde_json::json!({ "key": key.0, "previous": previous }),
                 ),
             )
             .await?;

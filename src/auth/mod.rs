@@ -183,8 +183,23 @@ pub async fn login(
         }
     };
     if !user.is_active {
-        let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-        store::login_attempts::login_attempt_finish(&mut conn, attempt, false).await?;
+        // The right password for a disabled account: worth an audit entry of its own (someone
+        // holds the credentials of an account that was shut off).
+        let mut tx = pool.begin().await.map_err(StoreError::from)?;
+        store::login_attempts::login_attempt_finish(&mut tx, attempt, false).await?;
+        store::audit::audit_insert(
+            &mut tx,
+            &NewAuditEntry {
+                user_id: Some(user.id),
+                action: "login_refused_inactive",
+                resource_type: "user",
+                resource_id: Some(user.id),
+                details: serde_json::json!({ "username": username }),
+                ip_address: ip,
+            },
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
         return Err(AuthError::Inactive);
     }
     let new = token::generate();

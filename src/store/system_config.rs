@@ -64,11 +64,15 @@ pub async fn config_put(
     Ok((row, previous))
 }
 
-/// Deletes a key; returns whether it existed.
-pub async fn config_delete(conn: &mut PgConnection, key: &str) -> StoreResult<bool> {
-    let done = sqlx::query("DELETE FROM system_config WHERE key = $1")
-        .bind(key)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+/// Deletes a key; returns the value it held, `None` when there was none.
+pub async fn config_delete(
+    conn: &mut PgConnection,
+    key: &str,
+) -> StoreResult<Option<serde_json::Value>> {
+    Ok(
+        sqlx::query_scalar("DELETE FROM system_config WHERE key = $1 RETURNING value_json")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
