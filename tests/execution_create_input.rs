@@ -195,4 +195,27 @@ async fn bad_start_requests_name_the_field_and_the_reason_and_create_nothing() {
         reason.contains("not JSON") && reason.contains("line 1"),
         "{answer}"
     );
+    // An empty body where the operation takes one says so; without a type, that is missing.
+    for (content_type, expected_status, expected) in [
+        (Some("application/json"), 400, "the body is empty"),
+        (None, 415, "does not include the `Content-Type` header"),
+    ] {
+        let mut request = reqwest::Client::new()
+            .post(app.api("/executions"))
+            .bearer_auth(&app.admin_token)
+            .header("content-length", "0");
+        if let Some(kind) = content_type {
+            request = request.header("content-type", kind);
+        }
+        let resp = request.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(status, expected_status, "{content_type:?}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(expected)),
+            "{content_type:?}: {answer}"
+        );
+    }
 }

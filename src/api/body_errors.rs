@@ -307,6 +307,21 @@ impl BodySchemas {
             .unwrap_or_default()
     }
 
+    /// Why an empty JSON body does not do for `method` on `path`: the operation requires a
+    /// body (an operation whose body is optional, such as a cancel, takes none).
+    pub fn empty_body_problem(&self, method: &str, path: &str) -> Option<Offence> {
+        let required = self
+            .path_item(path)
+            .and_then(|(_, item)| item.get(method.to_ascii_lowercase()))
+            .and_then(|op| op.get("requestBody")?.get("required")?.as_bool())
+            .unwrap_or(false);
+        (required && self.request_schema(method, path).is_some()).then(|| Offence {
+            invalid_value: false,
+            field: None,
+            reason: "the body is empty; this operation takes a JSON object".to_owned(),
+        })
+    }
+
     /// The path template matching a request path, and its path item. Where several match
     /// (`/runbooks/import` and `/runbooks/{id}`), the one with the fewest parameters, as the
     /// router chooses.

@@ -311,10 +311,10 @@ pub fn app(state: AppState) -> impl Endpoint {
                                 query.as_deref(),
                             )
                         })
-                        .or_else(|| {
-                            (json_body && !body.is_empty())
-                                .then(|| schemas.diagnose(&method, &operation, &body))
-                                .flatten()
+                        .or_else(|| match (json_body, body.is_empty()) {
+                            (true, false) => schemas.diagnose(&method, &operation, &body),
+                            (true, true) => schemas.empty_body_problem(&method, &operation),
+                            (false, _) => None,
                         })
                 };
                 let resp = 'answer: {

@@ -116,11 +116,26 @@ pub struct CronSpec {
 /// 0 or 7 Sunday); six or seven are the cron crate's.
 pub fn parse_cron(expr: &str) -> Result<CronSpec, String> {
     let invalid = |e: String| format!("invalid cron expression `{expr}`: {e}");
-    let schedule = |full: &str| {
-        cron::Schedule::from_str(full)
-            .map_err(|e| invalid(cron_error_text(&e.to_string(), full, expr)))
-    };
     let fields: Vec<&str> = expr.split_whitespace().collect();
+    // Which field is which, for an expression of the cron crate's forms.
+    let form = match fields.len() {
+        6 => " (six fields read as: second minute hour day-of-month month day-of-week)",
+        7 => " (seven fields read as: second minute hour day-of-month month day-of-week year)",
+        _ => "",
+    };
+    let schedule = |full: &str| {
+        cron::Schedule::from_str(full).map_err(|e| {
+            let text = cron_error_text(&e.to_string(), full, expr);
+            invalid(if text.trim().is_empty() {
+                "not a schedule: give five fields (minute hour day-of-month month \
+                 day-of-week), six or seven (a second first, a year last), or one of \
+                 @yearly, @monthly, @weekly, @daily, @hourly"
+                    .to_owned()
+            } else {
+                format!("{text}{form}")
+            })
+        })
+    };
     let [minute, hour, dom, month, dow] = fields[..] else {
         return Ok(CronSpec {
             schedules: vec![schedule(expr)?],
@@ -856,6 +871,20 @@ mod tests {
         assert_eq!(
             e.reason,
             "invalid cron expression `61 * * * *`: minutes 61 is out of range (at most 59)"
+        );
+        // Nothing the crate can say is left unsaid, and six fields say how they are read.
+        let e = parse_pattern(Recurrence::Cron, Some(&json!({ "cron": "@reboot" }))).unwrap_err();
+        assert!(
+            e.reason.contains("not a schedule: give five fields"),
+            "{}",
+            e.reason
+        );
+        let e = parse_pattern(Recurrence::Cron, Some(&json!({ "cron": "0 0 2 * * 2099" })))
+            .unwrap_err();
+        assert!(
+            e.reason.contains("out of range") && e.reason.contains("six fields read as"),
+            "{}",
+            e.reason
         );
         for bad in ["0 2 * * 8", "0 2 * * 5-1", "0 2 * * Funday", "0 2 * * 1/0"] {
             let e = parse_pattern(Recurrence::Cron, Some(&json!({ "cron": bad }))).unwrap_err();
