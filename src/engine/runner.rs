@@ -1005,6 +1005,11 @@ pub(crate) async fn start_run_at_once(
             ),
         )
         .await?;
+    // The deadline's timer was inserted by that statement: a worker-local timer fires it on
+    // time while no step runs (a step waiting for its retry delay), as for an enqueued job.
+    if let Some(at) = deadline.run_at {
+        ctx.lease().note_due_later(at);
+    }
     Ok(true)
 }
 

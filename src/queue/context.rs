@@ -188,6 +188,19 @@ impl Lease {
         self.state.is_lost()
     }
 
+    /// Tells the worker that the handler's own statements scheduled a job due at `at` (one not
+    /// enqueued through [`GuardedTx::enqueue`], which does this itself): once this job is
+    /// settled the worker sets a timer of its own for it, as for a snooze, instead of leaving
+    /// it to the next poll.
+    pub fn note_due_later(&self, at: chrono::DateTime<chrono::Utc>) {
+        let mut due = self
+            .state
+            .due_later
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *due = Some(due.map_or(at, |d| d.min(at)));
+    }
+
     /// Whether the lease may still be held: not known lost, and not run out by the worker's own
     /// clock (the last heartbeat that reached the database plus the lease duration).
     pub fn may_be_held(&self) -> bool {
@@ -264,13 +277,7 @@ impl GuardedTx {
             .filter(|at| *at > now)
             .min()
         {
-            let mut due = self
-                .lease
-                .state
-                .due_later
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            *due = Some(due.map_or(later, |d| d.min(later)));
+            self.lease.note_due_later(later);
         }
     }
 
