@@ -72,6 +72,24 @@ fn validate_prints_file_line_column() {
         "{stderr}"
     );
     std::fs::remove_file(dir.join("typos.yaml")).unwrap();
+    // A field problem does not hide the file's other problems.
+    std::fs::write(
+        dir.join("mixed.yaml"),
+        "name: cli-mixed\nmode: sometimes\nsteps:\n  - name: a\n    command: 'true'\n  \
+         - name: a\n    command: 'true'\n    timeout_seconds: -5\n",
+    )
+    .unwrap();
+    let out = aiops(&dir, None, &["validate", "mixed.yaml"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    for expected in [
+        "mixed.yaml:2:7: mode cannot be `sometimes`",
+        "mixed.yaml:6:11: steps[1].name repeats the name `a` of steps[0]",
+        "mixed.yaml:8:22: steps[1].timeout_seconds must be > 0",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    std::fs::remove_file(dir.join("mixed.yaml")).unwrap();
 
     let out = aiops(&dir, None, &["validate", "good.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

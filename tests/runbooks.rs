@@ -471,6 +471,37 @@ async fn validation_errors_name_the_field_and_position() {
              "message": "must be a whole number from -2147483648 to 2147483647"},
         ])
     );
+    // ... and, with them, the problems the rest of the document has: the checks after
+    // parsing read it past its field problems (never reporting on the stand-ins).
+    let yaml = "name: x
+mode: sometimes
+steps:
+  - name: a
+    command: 'true'
+    retry_count: many
+  - name: a
+    command: echo {{ NOPE }}
+    timeout_seconds: -5
+";
+    let report = validate_report(&app, yaml).await;
+    assert_eq!(report["valid"], false);
+    let found: Vec<(&str, i64)> = report["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["path"].as_str().unwrap(), i["line"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("mode", 2),
+            ("steps[0].retry_count", 6),
+            ("steps[1].name", 7),
+            ("steps[1].command", 8),
+            ("steps[1].timeout_seconds", 9),
+        ],
+        "{report}"
+    );
 
     // Oversized documents: 413.
     let big = format!(

@@ -1438,12 +1438,27 @@ impl RunbooksApi {
 }
 
 /// Validates YAML text into a report with positions (shared by the API and the CLI).
+/// A document with field problems is also checked as read past them
+/// ([`crate::domain::runbook::parse_yaml_partial`]), so every problem is reported at once.
 pub fn validation_report(text: &str) -> ValidationReport {
-    match parse_yaml_all(text) {
-        Err(problems) => ValidationReport {
-            valid: false,
-            name: None,
-            issues: problems
+    let checked = |doc: &RunbookDocument| -> Vec<ValidationIssue> {
+        let locations = yaml_locations(text);
+        validate_runbook(doc)
+            .into_iter()
+            .map(|i| {
+                let pos = locate(&locations, &i.path);
+                ValidationIssue {
+                    path: i.path,
+                    message: i.message,
+                    line: pos.map(|p| p.0),
+                    column: pos.map(|p| p.1),
+                }
+            })
+            .collect()
+    };
+    match crate::domain::runbook::parse_yaml_partial(text) {
+        Err((problems, partial)) => {
+            let mut issues: Vec<ValidationIssue> = problems
                 .into_iter()
                 .map(|e| ValidationIssue {
                     path: e.path.unwrap_or_default(),
@@ -1451,22 +1466,23 @@ pub fn validation_report(text: &str) -> ValidationReport {
                     line: e.line,
                     column: e.column,
                 })
-                .collect(),
-        },
-        Ok(doc) => {
-            let locations = yaml_locations(text);
-            let issues: Vec<ValidationIssue> = validate_runbook(&doc)
-                .into_iter()
-                .map(|i| {
-                    let pos = locate(&locations, &i.path);
-                    ValidationIssue {
-                        path: i.path,
-                        message: i.message,
-                        line: pos.map(|p| p.0),
-                        column: pos.map(|p| p.1),
-                    }
-                })
                 .collect();
+            if let Some(partial) = partial {
+                issues.extend(
+                    checked(&partial.doc)
+                        .into_iter()
+                        .filter(|i| partial.keeps(&i.path)),
+                );
+                issues.sort_by_key(|i| (i.line.is_none(), i.line, i.column));
+            }
+            ValidationReport {
+                valid: false,
+                name: None,
+                issues,
+            }
+        }
+        Ok(doc) => {
+            let issues = checked(&doc);
             ValidationReport {
                 valid: issues.is_empty(),
                 name: Some(doc.name),

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use crate::api::runbooks::{SampleAlert, dry_run_report, unified_diff};
 use crate::config::Config;
 use crate::domain::runbook::{
-    RunbookDocument, locate, parse_yaml, parse_yaml_all, strip_position, to_canonical_yaml,
+    RunbookDocument, locate, parse_yaml, parse_yaml_partial, strip_position, to_canonical_yaml,
     yaml_locations,
 };
 use crate::store::{self, audit::NewAuditEntry};
@@ -167,6 +167,15 @@ fn yaml_documents(text: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// One problem as a `file:line:column: message` line (`file: message` without a position);
+/// `offset` is the line of the file its document starts at.
+fn line(shown: &impl std::fmt::Display, offset: u32, at: Option<(u32, u32)>, text: &str) -> String {
+    match at {
+        Some((l, c)) => format!("{shown}:{}:{c}: {text}", l + offset),
+        None => format!("{shown}: {text}"),
+    }
+}
+
 /// Reads and validates one file, each runbook of it; returns the problems as
 /// `file:line:column: message` lines.
 fn load_file(path: &Path) -> Result<Vec<RunbookDocument>, Vec<String>> {
@@ -182,26 +191,49 @@ fn load_file(path: &Path) -> Result<Vec<RunbookDocument>, Vec<String>> {
         }
     }
     for (offset, part) in parts {
-        let doc = match parse_yaml_all(&part) {
-            Ok(doc) => doc,
-            Err(errors) => {
-                problems.extend(errors.iter().map(|e| match (e.line, e.column) {
-                    (Some(l), Some(c)) => format!("{shown}:{}:{c}: {}", l + offset, e.described()),
-                    _ => format!("{shown}: {}", e.described()),
-                }));
+        let locations = yaml_locations(&part);
+        let (doc, mut found, partial) = match parse_yaml_partial(&part) {
+            Ok(doc) => (Some(doc), Vec::new(), None),
+            Err((errors, partial)) => {
+                let found: Vec<(Option<(u32, u32)>, String)> = errors
+                    .iter()
+                    .map(|e| (e.line.zip(e.column), e.described()))
+                    .collect();
+                (None, found, partial)
+            }
+        };
+        // A document with field problems is checked as read past them too, so that every
+        // problem of the file is reported at once.
+        let (checked, keeps): (&RunbookDocument, &dyn Fn(&str) -> bool) = match (&doc, &partial) {
+            (Some(doc), _) => (doc, &|_| true),
+            (None, Some(partial)) => (&partial.doc, &|path| partial.keeps(path)),
+            (None, None) => {
+                problems.extend(
+                    found
+                        .into_iter()
+                        .map(|(at, text)| line(&shown, offset, at, &text)),
+                );
                 continue;
             }
         };
-        let issues = validate_runbook(&doc);
-        if issues.is_empty() {
+        found.extend(
+            validate_runbook(checked)
+                .iter()
+                .filter(|i| keeps(&i.path))
+                .map(|i| (locate(&locations, &i.path), i.to_string())),
+        );
+        if found.is_empty()
+            && let Some(doc) = doc
+        {
             docs.push(doc);
             continue;
         }
-        let locations = yaml_locations(&part);
-        problems.extend(issues.iter().map(|i| match locate(&locations, &i.path) {
-            Some((l, c)) => format!("{shown}:{}:{c}: {i}", l + offset),
-            None => format!("{shown}: {i}"),
-        }));
+        found.sort_by_key(|(at, _)| (at.is_none(), *at));
+        problems.extend(
+            found
+                .into_iter()
+                .map(|(at, text)| line(&shown, offset, at, &text)),
+        );
     }
     if problems.is_empty() {
         Ok(docs)

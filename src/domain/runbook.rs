@@ -514,6 +514,40 @@ fn foreign_tags(text: &str, limit: usize) -> Vec<ParseError> {
 /// [`MAX_PARSE_PROBLEMS`]. Positions refer to `text`. Used where a person fixes a file (the
 /// CLI, the validation endpoint).
 pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
+    parse_yaml_partial(text).map_err(|(problems, _)| problems)
+}
+
+/// The rest of a document whose field problems [`parse_yaml_partial`] set aside: read with a
+/// stand-in of the right type for each field of the wrong type, without each unknown field,
+/// and with a filler for each missing one.
+#[derive(Debug)]
+pub struct PartialReading {
+    /// The document as read with the stand-ins.
+    pub doc: RunbookDocument,
+    /// The paths of the fields set aside: problems found at or under them are about the
+    /// stand-ins, not the file (see [`PartialReading::keeps`]).
+    pub set_aside: Vec<String>,
+}
+
+impl PartialReading {
+    /// Whether a problem the validation of [`doc`](Self::doc) found at `path` concerns the file
+    /// as written: not at or under a field set aside.
+    pub fn keeps(&self, path: &str) -> bool {
+        !self.set_aside.iter().any(|r| {
+            path == r
+                || path
+                    .strip_prefix(r.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        })
+    }
+}
+
+/// [`parse_yaml_all`], and with its problems the rest of the document, read past them, when
+/// it could be read (so that the checks after parsing can report the file's other problems at
+/// once instead of after the field problems are fixed).
+pub fn parse_yaml_partial(
+    text: &str,
+) -> Result<RunbookDocument, (Vec<ParseError>, Option<Box<PartialReading>>)> {
     let tagged = foreign_tags(text, MAX_PARSE_PROBLEMS);
     let first = match parse_yaml(text) {
         Ok(doc) => return Ok(doc),
@@ -521,7 +555,7 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
         Err(_) if !tagged.is_empty() => {
             match serde_saphyr::from_str::<RunbookDocument>(text).map_err(|e| parse_error(text, &e))
             {
-                Ok(_) => return Err(tagged),
+                Ok(_) => return Err((tagged, None)),
                 Err(e) => e,
             }
         }
@@ -530,8 +564,9 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
     let mut problems = vec![first];
     // Only a document that is YAML and a mapping can be read again without a field.
     let Ok(mut value) = serde_saphyr::from_str::<serde_json::Value>(text) else {
-        return Err(problems);
+        return Err((problems, None));
     };
+    let mut rest = None;
     let nodes = yaml_nodes(text);
     let locations = yaml_locations(text);
     let mut removed: Vec<String> = Vec::new();
@@ -558,8 +593,12 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
         let Ok(again) = serde_saphyr::to_string(&value) else {
             break;
         };
-        let Err(e) = serde_saphyr::from_str::<RunbookDocument>(&again) else {
-            break;
+        let e = match serde_saphyr::from_str::<RunbookDocument>(&again) {
+            Ok(doc) => {
+                rest = Some(doc);
+                break;
+            }
+            Err(e) => e,
         };
         let (mut next, kind) = parse_error_at(&again, &e);
         let Some(path) = next.path.as_deref() else {
@@ -588,11 +627,18 @@ pub fn parse_yaml_all(text: &str) -> Result<RunbookDocument, Vec<ParseError>> {
         next.column = position.map(|p| p.1);
         problems.push(next);
     }
+    // A document with foreign tags is not read past them.
+    let partial = rest.filter(|_| tagged.is_empty()).map(|doc| {
+        Box::new(PartialReading {
+            doc,
+            set_aside: removed,
+        })
+    });
     problems.extend(tagged);
     // Read again, fields come in another order; report them in the file's.
     problems.sort_by_key(|p| (p.line, p.column));
     problems.truncate(MAX_PARSE_PROBLEMS);
-    Err(problems)
+    Err((problems, partial))
 }
 
 /// At most this many problems are reported for one document.
