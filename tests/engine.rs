@@ -1705,3 +1705,41 @@ async fn a_cancel_racing_the_end_of_a_run_waits_for_it_instead_of_deadlocking() 
     assert_eq!(steps[0]["status"], "completed", "{steps:?}");
     worker.stop().await;
 }
+
+/// A run cancelled while it waits to begin its next runbook attempt says how the attempt
+/// before went, and that the next had not begun.
+#[tokio::test]
+async fn a_run_cancelled_before_its_retry_began_summarizes_the_attempt_that_ran() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml(
+            "name: retry-later\nmode: auto\nmax_retries: 1\nretry_delay_seconds: 60\nsteps:\n  \
+             - {name: ok, command: 'true'}\n  - {name: bad, command: 'exit 3'}\n",
+        )
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    for _ in 0..300 {
+        let (_, e) = app.get(&format!("/executions/{id}")).await;
+        if e["attempt"] == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/cancel"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["attempt"], 2, "{body}");
+    assert_eq!(
+        body["output_summary"],
+        "attempt 2 of 2 had not begun; attempt 1: 1 step(s) completed, 0 skipped, 1 failed attempt(s)",
+        "{body}"
+    );
+    worker.stop().await;
+}

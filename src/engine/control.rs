@@ -682,32 +682,51 @@ async fn run_summary(
 
 /// The run's summary from its step rows; `last`, when given, is the result of a step row whose
 /// end is written in the same statement as the summary (the row read still says `running`).
+/// A run attempt that ended while waiting to begin (a cancel or the deadline during the delay
+/// before a runbook retry) is summarized with the attempt before it, which did run.
 fn summarize(
     steps: &[store::executions::StepRow],
     row: &ExecutionRow,
     last: Option<(Uuid, &StepResult<'_>)>,
 ) -> String {
-    let this: Vec<(&str, bool)> = steps
+    let counts = |attempt: i32| {
+        let this: Vec<(&str, bool)> = steps
+            .iter()
+            .filter(|s| s.phase == "run" && s.run_attempt == attempt && !s.interrupted)
+            .map(|s| match last {
+                Some((id, r)) if id == s.id => (r.status, r.skipped),
+                _ => (s.status.as_str(), s.skipped),
+            })
+            .collect();
+        let completed = this
+            .iter()
+            .filter(|(status, skipped)| *status == "completed" && !skipped)
+            .count();
+        let skipped = this.iter().filter(|(_, skipped)| *skipped).count();
+        // A step attempt its own timeout stopped failed too.
+        let failed = this
+            .iter()
+            .filter(|(status, _)| matches!(*status, "failed" | "timeout"))
+            .count();
+        format!("{completed} step(s) completed, {skipped} skipped, {failed} failed attempt(s)")
+    };
+    let begun = steps
         .iter()
-        .filter(|s| s.phase == "run" && s.run_attempt == row.attempt && !s.interrupted)
-        .map(|s| match last {
-            Some((id, r)) if id == s.id => (r.status, r.skipped),
-            _ => (s.status.as_str(), s.skipped),
-        })
-        .collect();
-    let completed = this
-        .iter()
-        .filter(|(status, skipped)| *status == "completed" && !skipped)
-        .count();
-    let skipped = this.iter().filter(|(_, skipped)| *skipped).count();
-    // A step attempt its own timeout stopped failed too.
-    let failed = this
-        .iter()
-        .filter(|(status, _)| matches!(*status, "failed" | "timeout"))
-        .count();
+        .any(|s| s.phase == "run" && s.run_attempt == row.attempt);
+    if !begun && row.attempt > 1 {
+        return format!(
+            "attempt {} of {} had not begun; attempt {}: {}",
+            row.attempt,
+            row.max_attempts,
+            row.attempt - 1,
+            counts(row.attempt - 1)
+        );
+    }
     format!(
-        "attempt {} of {}: {completed} step(s) completed, {skipped} skipped, {failed} failed attempt(s)",
-        row.attempt, row.max_attempts
+        "attempt {} of {}: {}",
+        row.attempt,
+        row.max_attempts,
+        counts(row.attempt)
     )
 }
 
