@@ -296,3 +296,64 @@ async fn a_step_released_at_shutdown_keeps_its_interrupted_attempt() {
     );
     survivor.stop().await;
 }
+
+/// A worker stopped with SIGTERM finishes its step within the grace period and gives the next
+/// step back unstarted: that step runs once on another worker, with no attempt recorded as
+/// interrupted, since none was.
+#[tokio::test]
+async fn a_step_given_back_unstarted_at_shutdown_records_no_interrupted_attempt() {
+    let app = common::spawn_app().await;
+    let dir = common::Scratch::new("handback");
+    let started = dir.join("started");
+    let log = dir.join("log");
+    let yaml = format!(
+        "name: hand-back\nmode: auto\nsteps:\n  - name: a\n    command: \"touch {s}; sleep 2; echo a >> {l}\"\n  \
+         - name: b\n    command: \"echo b >> {l}\"\n",
+        s = started.display(),
+        l = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let mut worker = app
+        .worker_command(&["--grace-seconds", "20"])
+        .spawn()
+        .unwrap();
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "step a never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let worker_pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker_pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker stops once step a is done")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\n", "b waits");
+
+    let survivor = common::TestWorker::start(&app.pool).await;
+    let done = app.wait_for_status(id, common::FINISHED, 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\n");
+    let steps = app.steps(id).await;
+    let rows: Vec<(&str, &str, bool)> = steps
+        .iter()
+        .map(|s| {
+            (
+                s["step_name"].as_str().unwrap(),
+                s["status"].as_str().unwrap(),
+                s["interrupted"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [("a", "completed", false), ("b", "completed", false)],
+        "{steps:?}"
+    );
+    survivor.stop().await;
+}

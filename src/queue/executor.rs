@@ -161,11 +161,23 @@ struct Claimed {
     state: Arc<LeaseState>,
 }
 
+/// Jobs given back unstarted for one reason, settled in one statement.
+#[derive(Default)]
+struct Unstarted {
+    reason: &'static str,
+    ids: Vec<i64>,
+    tokens: Vec<Uuid>,
+    /// Claimed for the first time: they go back as never attempted.
+    never_held: Vec<bool>,
+}
+
 struct Finished {
     id: i64,
     token: Uuid,
     kind: String,
     attempt: i32,
+    /// No worker had held the job before this claim (see `ClaimedJob::first_claim`).
+    first_claim: bool,
     state: Arc<LeaseState>,
     ending: Ending,
 }
@@ -538,6 +550,7 @@ fn finished(job: ClaimedJob, state: Arc<LeaseState>, ending: Ending) -> Finished
         token: job.lease_token,
         kind: job.kind,
         attempt: job.attempt,
+        first_claim: job.first_claim,
         state,
         ending,
     }
@@ -668,7 +681,7 @@ impl Inner {
         let mut out = TickOutcome::default();
         let mut complete = (Vec::new(), Vec::new());
         let mut release = (Vec::new(), Vec::new());
-        let mut unstarted: Vec<(&'static str, Vec<i64>, Vec<Uuid>)> = Vec::new();
+        let mut unstarted: Vec<Unstarted> = Vec::new();
         let mut wake = false;
         let mut conn = self.pool.acquire().await?;
         for f in batch {
@@ -691,13 +704,19 @@ impl Inner {
                     continue;
                 }
                 Ending::NotStarted(reason) => {
-                    match unstarted.iter_mut().find(|u| u.0 == reason) {
-                        Some(u) => {
-                            u.1.push(f.id);
-                            u.2.push(f.token);
+                    let group = match unstarted.iter().position(|u| u.reason == reason) {
+                        Some(i) => &mut unstarted[i],
+                        None => {
+                            unstarted.push(Unstarted {
+                                reason,
+                                ..Unstarted::default()
+                            });
+                            unstarted.last_mut().expect("just pushed")
                         }
-                        None => unstarted.push((reason, vec![f.id], vec![f.token])),
-                    }
+                    };
+                    group.ids.push(f.id);
+                    group.tokens.push(f.token);
+                    group.never_held.push(f.first_claim);
                     continue;
                 }
                 Ending::Done(result) => result,
@@ -758,15 +777,23 @@ impl Inner {
             &mut conn,
             &release.0,
             &release.1,
+            &vec![false; release.0.len()],
             "released at worker shutdown (grace period over)",
         )
         .await?;
         out.released += released.len();
         out.lease_lost += release.0.len() - released.len();
-        for (reason, ids, tokens) in unstarted {
-            let returned = store::jobs::job_release_many(&mut conn, &ids, &tokens, reason).await?;
+        for u in unstarted {
+            let returned = store::jobs::job_release_many(
+                &mut conn,
+                &u.ids,
+                &u.tokens,
+                &u.never_held,
+                u.reason,
+            )
+            .await?;
             out.released += returned.len();
-            out.lease_lost += ids.len() - returned.len();
+            out.lease_lost += u.ids.len() - returned.len();
         }
         if wake || out.released > 0 {
             self.notifier.notify();

@@ -639,13 +639,16 @@ pub async fn job_snooze(
     Ok(done.rows_affected() == 1)
 }
 
-/// Gives running jobs back to the queue at once (graceful shutdown past its grace period). The
-/// interrupted attempt is not counted; the interruption is recorded in `errors`. Returns the ids
-/// released.
+/// Gives running jobs back to the queue at once (graceful shutdown past its grace period, or
+/// jobs never started). The interrupted attempt is not counted; the interruption is recorded in
+/// `errors`. A job of `never_held` true was claimed for the first time and never started: it
+/// goes back as never attempted (`attempted_at` cleared), so its next claim is a first claim
+/// again. Returns the ids released.
 pub async fn job_release_many(
     conn: &mut PgConnection,
     ids: &[i64],
     tokens: &[Uuid],
+    never_held: &[bool],
     reason: &str,
 ) -> StoreResult<Vec<i64>> {
     if ids.is_empty() {
@@ -654,11 +657,12 @@ pub async fn job_release_many(
     Ok(sqlx::query_scalar(
         "UPDATE jobs j SET state = 'available', attempt = greatest(j.attempt - 1, 0), \
              run_at = now(), lease_token = NULL, lease_expires_at = NULL, \
+             attempted_at = CASE WHEN r.never_held THEN NULL ELSE j.attempted_at END, \
              errors = (CASE WHEN jsonb_array_length(j.errors) >= $4 THEN j.errors - 0 \
                            ELSE j.errors END) \
                       || jsonb_build_array(jsonb_build_object('attempt', j.attempt, \
                              'at', now(), 'error', $3::text, 'worker', j.locked_by)) \
-         FROM unnest($1::bigint[], $2::uuid[]) AS r(id, token) \
+         FROM unnest($1::bigint[], $2::uuid[], $5::bool[]) AS r(id, token, never_held) \
          WHERE j.id = r.id AND j.lease_token = r.token AND j.state = 'running' \
          RETURNING j.id",
     )
@@ -666,6 +670,7 @@ pub async fn job_release_many(
     .bind(tokens)
     .bind(reason)
     .bind(ERROR_HISTORY)
+    .bind(never_held)
     .fetch_all(conn)
     .await?)
 }
