@@ -819,6 +819,18 @@ async fn dry_run_renders_and_explains_triggers() {
         "23:15 in Tokyo: {report}"
     );
 
+    // An alert is firing or resolved, nothing else.
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/runbooks/dry-run",
+            Some(&viewer),
+            Some(json!({ "yaml": yaml, "alert": {"name": "NodeDown", "status": "bogus"} })),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["details"]["field"], "alert.status", "{body}");
+
     // The alert has the keys a run it starts has, computed as intake would.
     let (status, report) = app
         .call(

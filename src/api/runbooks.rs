@@ -615,7 +615,7 @@ pub struct SampleAlert {
     #[oai(nullable)]
     pub source: Option<String>,
     /// `firing` (default) or `resolved`.
-    #[oai(nullable)]
+    #[oai(nullable, validator(pattern = "^(firing|resolved)$"))]
     pub status: Option<String>,
     /// Labels.
     #[oai(nullable)]
