@@ -1407,3 +1407,25 @@ async fn the_forwarded_client_address_is_the_one_the_proxy_appended() {
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].4.as_deref(), Some("203.0.113.9"), "{failed:?}");
 }
+
+/// A request carrying two Authorization headers is refused: which credentials were meant is
+/// not guessed (before, the first one silently won).
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let app = common::spawn_app().await;
+    let (_, viewer) = app.user_with_role("viewer").await;
+    let resp = app
+        .client
+        .get(app.api("/auth/me"))
+        .header("authorization", format!("Bearer {viewer}"))
+        .header("authorization", format!("Bearer {}", app.admin_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["details"]["field"], "Authorization", "{body}");
+    // One is fine.
+    let (status, me) = app.call(Method::GET, "/auth/me", Some(&viewer), None).await;
+    assert_eq!(status, 200, "{me}");
+}

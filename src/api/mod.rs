@@ -271,6 +271,23 @@ pub fn app(state: AppState) -> impl Endpoint {
                     .headers()
                     .get(poem::http::header::AUTHORIZATION)
                     .cloned();
+                // Two sets of credentials: which one was meant is not for the server to guess.
+                if req
+                    .headers()
+                    .get_all(poem::http::header::AUTHORIZATION)
+                    .iter()
+                    .nth(1)
+                    .is_some()
+                {
+                    return Ok(json_error(
+                        StatusCode::BAD_REQUEST,
+                        &error::ErrorBody::field_problem(
+                            "bad_request",
+                            Some("Authorization"),
+                            "is given more than once; give one".to_owned(),
+                        ),
+                    ));
+                }
                 let (req, body) = match limit_body(max, req).await {
                     Ok(read) => read,
                     // A body over the limit is answered 413 only to a caller who may call the
