@@ -555,12 +555,6 @@ impl<'a> Walk<'a> {
                 }
             }
             Some("integer") => {
-                let Some(n) = value.as_i64() else {
-                    return offence(
-                        path,
-                        format!("must be a whole number, not {}", json_type(value)),
-                    );
-                };
                 let (low, high) = match format {
                     Some("int32") => (i64::from(i32::MIN), i64::from(i32::MAX)),
                     Some("int16") => (i64::from(i16::MIN), i64::from(i16::MAX)),
@@ -570,6 +564,36 @@ impl<'a> Walk<'a> {
                     Some("uint8") => (0, i64::from(u8::MAX)),
                     Some("uint64") => (0, i64::MAX),
                     _ => (i64::MIN, i64::MAX),
+                };
+                let n = match value {
+                    Value::Number(number) => match number.as_i64() {
+                        Some(n) => n,
+                        // A whole number past what 64 bits hold (2^63, 2^64, 1e30) is out of
+                        // range; one with a fraction or written as a decimal (1.5, 1.0) is not
+                        // whole.
+                        None if number.is_u64()
+                            || number
+                                .as_f64()
+                                .is_some_and(|f| f.fract() == 0.0 && f.abs() >= 9.2e18) =>
+                        {
+                            return offence(
+                                path,
+                                format!("{number} is out of range ({low} to {high})"),
+                            );
+                        }
+                        None => {
+                            return offence(
+                                path,
+                                format!("must be a whole number, not `{number}`"),
+                            );
+                        }
+                    },
+                    _ => {
+                        return offence(
+                            path,
+                            format!("must be a whole number, not {}", json_type(value)),
+                        );
+                    }
                 };
                 if !(low..=high).contains(&n) {
                     return offence(path, format!("{n} is out of range ({low} to {high})"));
@@ -696,6 +720,23 @@ mod tests {
             field(json!({ "id": id, "count": 1i64 << 40 })).unwrap().0,
             Some("count".into())
         );
+        // Too large for 64 bits is out of range; a fraction or a decimal point is not whole.
+        let count = |body: &str| {
+            schemas()
+                .diagnose("POST", "/things/7/parts", body.as_bytes())
+                .map(|o| o.reason)
+        };
+        let body = |n: &str| format!("{{\"id\": \"{id}\", \"count\": {n}}}");
+        for huge in ["9223372036854775808", "18446744073709551616", "1e30"] {
+            let reason = count(&body(huge)).unwrap();
+            assert!(reason.contains("is out of range"), "{huge}: {reason}");
+        }
+        for fraction in ["1.5", "1.0"] {
+            assert_eq!(
+                count(&body(fraction)).unwrap(),
+                format!("must be a whole number, not `{fraction}`")
+            );
+        }
         assert_eq!(
             field(json!({ "id": id, "count": 1, "dropped": -3 })),
             Some((
