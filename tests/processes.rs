@@ -206,8 +206,18 @@ async fn up_starts_its_embedded_database_again_after_it_is_killed() {
     let (base, password) = wait_until_up(&mut up).await;
     let token = login(&client, &base, &password.unwrap()).await;
 
-    // The database dies the hardest way: SIGKILL to the postmaster.
+    // The database server gets none of the platform's environment (its secret key, settings):
+    // a command of a run on this host could read a process environment of its own user.
     let pgdata = dir.join("postgres");
+    let environ =
+        std::fs::read(format!("/proc/{}/environ", procs::postmaster_pid(&pgdata))).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.split('\0').all(|v| !v.starts_with("AIOPS_")),
+        "{environ}"
+    );
+
+    // The database dies the hardest way: SIGKILL to the postmaster.
     let postmaster = procs::crash_postmaster(&pgdata, "KILL").await;
 
     // `up` notices and starts it again; the platform is ready once more.

@@ -197,7 +197,11 @@ impl EmbeddedPostgres {
         if let Some(parent) = self.pgdata.parent() {
             cmd.current_dir(parent);
         }
-        cmd.env_remove("PGDATA")
+        // The server gets none of this process's environment (which holds the secret key and
+        // the platform's settings): it is dumpable and may run as this process's user, where a
+        // command of a run on this host could read /proc/<pid>/environ.
+        cmd.env_clear()
+            .envs(std::env::var_os("PATH").map(|path| ("PATH", path)))
             .env("LC_ALL", "C")
             .stdin(Stdio::null())
             .kill_on_drop(true);
