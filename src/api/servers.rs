@@ -845,7 +845,8 @@ impl ServersApi {
             // Deleting it would leave those runs without their target.
             return Err(ApiError::conflict(
                 format!(
-                    "{acting} unfinished execution(s) target server {}: cancel them or let                      them finish (rollbacks included) first",
+                    "{acting} unfinished execution(s) target server {}: cancel them or let them \
+                     finish (rollbacks included) first",
                     cur.name
                 ),
                 None,

@@ -318,7 +318,7 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
             Some(f) if *f != fingerprint => {
                 tracing::warn!(
                     alert = i,
-                    sent = %f,
+                    sent = ?f,
                     computed = %fingerprint,
                     "an alert's fingerprint does not match its labels; the one computed from \
                      the labels identifies it"
