@@ -75,7 +75,7 @@ fn validate_prints_file_line_column() {
     // A field problem does not hide the file's other problems.
     std::fs::write(
         dir.join("mixed.yaml"),
-        "name: cli-mixed\nmode: sometimes\nsteps:\n  - name: a\n    command: 'true'\n  \
+        "name: cli-mixed\nbogus: 1\nsteps:\n  - name: a\n    command: 'true'\n  \
          - name: a\n    command: 'true'\n    timeout_seconds: -5\n",
     )
     .unwrap();
@@ -83,7 +83,7 @@ fn validate_prints_file_line_column() {
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
     for expected in [
-        "mixed.yaml:2:7: mode cannot be `sometimes`",
+        "mixed.yaml:2:1: bogus is not a field here",
         "mixed.yaml:6:11: steps[1].name repeats the name `a` of steps[0]",
         "mixed.yaml:8:22: steps[1].timeout_seconds must be > 0",
     ] {

@@ -471,18 +471,9 @@ async fn validation_errors_name_the_field_and_position() {
              "message": "must be a whole number from -2147483648 to 2147483647"},
         ])
     );
-    // ... and, with them, the problems the rest of the document has: the checks after
-    // parsing read it past its field problems (never reporting on the stand-ins).
-    let yaml = "name: x
-mode: sometimes
-steps:
-  - name: a
-    command: 'true'
-    retry_count: many
-  - name: a
-    command: echo {{ NOPE }}
-    timeout_seconds: -5
-";
+    // ... and, with unknown fields, the problems the rest of the document has: the checks
+    // after parsing read it without those fields.
+    let yaml = "name: x\nbogus: 1\nsteps:\n  - name: a\n    command: 'true'\n    retry_countt: 2\n  - name: a\n    command: echo {{ NOPE }}\n    timeout_seconds: -5\n";
     let report = validate_report(&app, yaml).await;
     assert_eq!(report["valid"], false);
     let found: Vec<(&str, i64)> = report["issues"]
@@ -494,14 +485,25 @@ steps:
     assert_eq!(
         found,
         [
-            ("mode", 2),
-            ("steps[0].retry_count", 6),
+            ("bogus", 2),
+            ("steps[0].retry_countt", 6),
             ("steps[1].name", 7),
             ("steps[1].command", 8),
             ("steps[1].timeout_seconds", 9),
         ],
         "{report}"
     );
+    // A value of the wrong type would be checked through its stand-in (here against the
+    // steps' timeouts): then only the field problems are reported.
+    let yaml = "name: x\ntimeout_seconds: soon\nsteps:\n  - name: a\n    command: 'true'\n    timeout_seconds: 30\n";
+    let report = validate_report(&app, yaml).await;
+    let paths: Vec<&str> = report["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["timeout_seconds"], "{report}");
 
     // Oversized documents: 413.
     let big = format!(

@@ -567,20 +567,34 @@ pub fn parse_yaml_partial(
         return Err((problems, None));
     };
     let mut rest = None;
+    // A value of the wrong type was replaced by a stand-in: the checks after parsing would
+    // judge the stand-in (and compare it with other fields), so the rest is not checked.
+    let mut stand_ins = false;
+    // Stand-in mappings (for a list element that is not one): the fields they lack are not the
+    // file's problems.
+    let mut stand_in_maps: Vec<String> = Vec::new();
     let nodes = yaml_nodes(text);
     let locations = yaml_locations(text);
     let mut removed: Vec<String> = Vec::new();
-    while problems.len() < MAX_PARSE_PROBLEMS {
-        let last = problems.last().expect("at least one problem");
+    let mut current = problems[0].clone();
+    let mut rounds = 0;
+    while problems.len() < MAX_PARSE_PROBLEMS && rounds < 4 * MAX_PARSE_PROBLEMS {
+        rounds += 1;
         // A value of the wrong type is replaced by one of the right type (a list element too,
         // so that the indexes of later problems stay those of the file); an unknown field is
         // removed; a missing field is given a value of its type.
-        let Some(path) = last.path.clone() else { break };
-        let set_aside = if last.message == MISSING {
+        let Some(path) = current.path.clone() else {
+            break;
+        };
+        let set_aside = if current.message == MISSING {
             insert_missing(&mut value, &path)
         } else {
-            match placeholder(&last.message) {
-                Some(valid) if !last.message.starts_with("is not a field") => {
+            match placeholder(&current.message) {
+                Some(valid) if !current.message.starts_with("is not a field") => {
+                    stand_ins = true;
+                    if valid.is_object() {
+                        stand_in_maps.push(path.clone());
+                    }
                     field_at(&mut value, &path).map(|v| *v = valid).is_some()
                 }
                 _ => !path.ends_with(']') && remove_field(&mut value, &path),
@@ -608,27 +622,35 @@ pub fn parse_yaml_partial(
         if removed.iter().any(|r| r == path) {
             break;
         }
-        // The same node in the file as written: its key, its value, or for a missing field
-        // the mapping that lacks it.
-        let (wanted, kind) = if next.message == MISSING {
-            (
-                path.rfind('.').map_or("", |i| &path[..i]),
-                Some(NodeKind::Collection),
-            )
-        } else {
-            (path, kind)
-        };
-        let position = nodes
-            .iter()
-            .find(|(p, k, _)| p == wanted && Some(*k) == kind)
-            .map(|(_, _, pos)| *pos)
-            .or_else(|| locate(&locations, path));
-        next.line = position.map(|p| p.0);
-        next.column = position.map(|p| p.1);
-        problems.push(next);
+        let in_stand_in = next.message == MISSING
+            && stand_in_maps.iter().any(|m| {
+                path.strip_prefix(m.as_str())
+                    .is_some_and(|rest| rest.starts_with('.'))
+            });
+        if !in_stand_in {
+            // The same node in the file as written: its key, its value, or for a missing
+            // field the mapping that lacks it.
+            let (wanted, kind) = if next.message == MISSING {
+                (
+                    path.rfind('.').map_or("", |i| &path[..i]),
+                    Some(NodeKind::Collection),
+                )
+            } else {
+                (path, kind)
+            };
+            let position = nodes
+                .iter()
+                .find(|(p, k, _)| p == wanted && Some(*k) == kind)
+                .map(|(_, _, pos)| *pos)
+                .or_else(|| locate(&locations, path));
+            next.line = position.map(|p| p.0);
+            next.column = position.map(|p| p.1);
+            problems.push(next.clone());
+        }
+        current = next;
     }
     // A document with foreign tags is not read past them.
-    let partial = rest.filter(|_| tagged.is_empty()).map(|doc| {
+    let partial = rest.filter(|_| tagged.is_empty() && !stand_ins).map(|doc| {
         Box::new(PartialReading {
             doc,
             set_aside: removed,
@@ -1732,6 +1754,23 @@ triggers:
         .unwrap();
         assert_eq!(doc.name, "x");
         assert_eq!(doc.steps[0].timeout_seconds, 5);
+    }
+
+    #[test]
+    fn stand_ins_add_no_problems_of_their_own() {
+        // A list element that is not a mapping is one problem, not also its missing fields.
+        let problems = parse_yaml_all("name: x\nsteps: [5]\n").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path.as_deref(), Some("steps[0]"));
+        // Past a stand-in value the rest is not checked; past unknown fields only, it is.
+        let doc = "steps:\n  - {name: a, command: 'true'}\n";
+        let (_, partial) =
+            parse_yaml_partial(&format!("name: x\ntimeout_seconds: soon\n{doc}")).unwrap_err();
+        assert!(partial.is_none());
+        let (_, partial) = parse_yaml_partial(&format!("name: x\nbogus: 1\n{doc}")).unwrap_err();
+        let partial = partial.unwrap();
+        assert!(!partial.keeps("bogus") && !partial.keeps("bogus.x"));
+        assert!(partial.keeps("steps[0].name") && partial.keeps("bogusness"));
     }
 
     #[test]
