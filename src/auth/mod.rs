@@ -98,19 +98,66 @@ fn parse_role(stored: &str) -> Role {
     stored.parse().unwrap_or(Role::Viewer)
 }
 
-/// Verifies a password off the async runtime (argon2id is deliberately slow).
+/// A job for the password threads.
+type PasswordJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `work` (argon2id, deliberately slow) on this process's password threads, one per core,
+/// and returns its result; `None` if the threads are gone. Not the runtime's blocking pool:
+/// each hash takes argon2id's memory (19 MiB), which the allocator keeps in the arena of the
+/// thread that used it, so a burst of logins spread over many blocking threads left the API
+/// process holding that much per thread of the burst. A few long-lived threads bound that to
+/// their number, and beyond the cores more hashes at once only wait for CPU anyway.
+async fn on_password_threads<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    static JOBS: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<PasswordJob>>> =
+        std::sync::OnceLock::new();
+    let jobs = JOBS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<PasswordJob>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        for i in 0..threads {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("password-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            // A job that panics costs its own result, not the thread.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: PasswordJob = Box::new(move || {
+        let _ = tx.send(work());
+    });
+    jobs.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .ok()?;
+    rx.await.ok()
+}
+
+/// Verifies a password on the password threads.
 async fn verify_blocking(candidate: String, stored: String) -> bool {
-    tokio::task::spawn_blocking(move || password::verify(&candidate, &stored))
+    on_password_threads(move || password::verify(&candidate, &stored))
         .await
         .unwrap_or(false)
 }
 
-/// Hashes a password off the async runtime.
+/// Hashes a password on the password threads.
 pub async fn hash_password(plain: String) -> Result<String, password::PasswordError> {
-    match tokio::task::spawn_blocking(move || password::hash(&plain)).await {
-        Ok(result) => result,
-        Err(e) => Err(password::PasswordError::from_join(e)),
-    }
+    on_password_threads(move || password::hash(&plain))
+        .await
+        .unwrap_or_else(|| Err(password::PasswordError::unavailable()))
 }
 
 /// Logs a user in: refuses throttled attempts, verifies the password, records the attempt,

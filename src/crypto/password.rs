@@ -17,9 +17,9 @@ pub const LANES: u32 = 1;
 pub struct PasswordError(String);
 
 impl PasswordError {
-    /// Wraps a failure of the blocking task that ran the hash.
-    pub fn from_join(e: impl std::fmt::Display) -> Self {
-        PasswordError(e.to_string())
+    /// The thread that was to compute the hash did not (it is gone).
+    pub fn unavailable() -> Self {
+        PasswordError("the password threads are not running".to_owned())
     }
 }
 
