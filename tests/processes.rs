@@ -443,3 +443,36 @@ fn every_subcommand_has_useful_help() {
         );
     }
 }
+
+/// A data directory whose path is too long for a socket beside the data gets its socket
+/// directory under /tmp, at a name anyone can compute: a symbolic link planted there is refused,
+/// and its target keeps its owner and mode.
+#[tokio::test]
+async fn a_link_planted_at_the_socket_directory_is_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = temp_dir("sockdir");
+    let long = dir.join("a".repeat(90));
+    std::fs::create_dir_all(&long).unwrap();
+    let pgdata = long.canonicalize().unwrap().join("postgres");
+    let digest = aiops::crypto::token::hash(&pgdata.to_string_lossy());
+    let name: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let link = PathBuf::from(format!("/tmp/aiops-pg-{name}"));
+    let victim = dir.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let owner = std::fs::metadata(&victim).unwrap().uid();
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+
+    let refused = aiops::startup::embedded_pg::EmbeddedPostgres::start(&long, None).await;
+    let _ = std::fs::remove_file(&link);
+    let Err(error) = refused else {
+        panic!("the planted link was taken over");
+    };
+    let error = error.to_string();
+    assert!(error.contains("symbolic link"), "{error}");
+    let meta = std::fs::metadata(&victim).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o755);
+    assert_eq!(meta.uid(), owner);
+    let _ = std::fs::remove_dir_all(&dir);
+}

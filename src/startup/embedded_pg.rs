@@ -136,10 +136,17 @@ impl EmbeddedPostgres {
             .map_err(io(format!("resolve {}", data_dir.display())))?;
         let pgdata = data_dir.join("postgres");
         let pgdata_str = pgdata.to_string_lossy();
-        if pgdata_str.contains('\'') || pgdata_str.contains('"') {
+        // pg_ctl passes the path through a shell, in double quotes, and reads commas in its
+        // options: such characters would change what it runs.
+        if let Some(c) = pgdata_str
+            .chars()
+            .find(|c| matches!(c, '\'' | '"' | '$' | '`' | '\\' | ',' | '\n' | '\r'))
+        {
             return Err(EmbeddedPgError::DataDir(
                 data_dir.clone(),
-                "the path must not contain quotes".to_owned(),
+                format!(
+                    "the path must not contain {c:?} (nor quotes, `$`, backquotes, `\\`, commas, line breaks)"
+                ),
             ));
         }
         // Unix socket paths are limited to 107 bytes; keep the socket beside the data when it
@@ -177,12 +184,40 @@ impl EmbeddedPostgres {
         Ok(pg)
     }
 
-    /// Makes a directory owned by the server's user with mode 0700.
+    /// Makes a directory owned by the server's user with mode 0700. A path that is a symbolic
+    /// link, not a directory, or a directory of another user is refused, never taken over: the
+    /// socket directory may be in /tmp, where anyone could have prepared its (predictable)
+    /// name, and changing its owner or mode would then change those of the link's target. A
+    /// directory of this process's user or the server's, in /tmp (sticky), cannot be swapped by
+    /// anyone else once checked.
     fn prepare_dir(&self, dir: &Path) -> Result<(), EmbeddedPgError> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let refuse = |why: &str| EmbeddedPgError::DataDir(dir.to_path_buf(), why.to_owned());
+        match std::fs::symlink_metadata(dir) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(refuse("is a symbolic link; refusing to use it"));
+            }
+            Ok(meta) if !meta.is_dir() => return Err(refuse("exists and is not a directory")),
+            Ok(meta) => {
+                let owners = [effective_uid(), self.run_as.map(|(uid, _)| uid)];
+                if !owners.contains(&Some(meta.uid())) {
+                    return Err(refuse(&format!(
+                        "belongs to another user (uid {}); refusing to use it",
+                        meta.uid()
+                    )));
+                }
+            }
+            Err(_) => {
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(io(format!("create {}", parent.display())))?;
+                }
+                // Fails if anything appeared there in the meantime.
+                std::fs::create_dir(dir).map_err(io(format!("create {}", dir.display())))?;
+            }
+        }
         if let Some((uid, gid)) = self.run_as {
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
                 .map_err(io(format!("chown {} to postgres", dir.display())))?;
         }
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
