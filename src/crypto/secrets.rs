@@ -232,12 +232,29 @@ impl Keyring {
             return Ok(None);
         }
         // The same key may legitimately be both in the environment and the file; keep the first.
-        let mut seen = std::collections::HashSet::new();
+        // Two different keys under one id are refused: envelopes name their key by id, so one
+        // of the two could never open what the other sealed, and a rotation between them would
+        // find nothing to do.
+        let mut seen: std::collections::HashMap<String, ([u8; 32], String)> =
+            std::collections::HashMap::new();
         let mut unique = Vec::new();
         for (name, entry) in &entries {
-            let (id, _) = parse_entry(name, entry)?;
-            if seen.insert(id) {
-                unique.push((name.clone(), entry.as_str()));
+            let (id, key) = parse_entry(name, entry)?;
+            match seen.get(&id) {
+                Some((first_key, _)) if *first_key == key => {}
+                Some((_, first_name)) => {
+                    return Err(SecretError::BadKey {
+                        source_name: name.clone(),
+                        message: format!(
+                            "key id `{id}` is also given by {first_name} with a different key; \
+                             give each key its own id (`aiops secrets generate-key --id ...`)"
+                        ),
+                    });
+                }
+                None => {
+                    seen.insert(id, (key, name.clone()));
+                    unique.push((name.clone(), entry.as_str()));
+                }
             }
         }
         Keyring::from_entries(unique).map(Some)
@@ -457,5 +474,27 @@ mod tests {
         assert!(format!("{ring:?}").contains("older"));
         assert!(!format!("{ring:?}").contains(K1));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_id_for_two_different_keys_is_refused() {
+        // The same key twice (environment and old keys) is fine.
+        let config = Config {
+            secret_key: Some(format!("k1:{K1}")),
+            secret_keys_old: vec![format!("k1:{K1}")],
+            ..Config::default()
+        };
+        assert!(Keyring::from_config(&config).unwrap().is_some());
+        let config = Config {
+            secret_key: Some(format!("k1:{K2}")),
+            secret_keys_old: vec![format!("k1:{K1}")],
+            ..Config::default()
+        };
+        let error = Keyring::from_config(&config).unwrap_err().to_string();
+        assert!(
+            error.contains("key id `k1`") && error.contains("different key"),
+            "{error}"
+        );
+        assert!(!error.contains(K1) && !error.contains(K2), "{error}");
     }
 }
