@@ -476,3 +476,24 @@ async fn a_link_planted_at_the_socket_directory_is_refused() {
     assert_eq!(meta.uid(), owner);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A second `aiops up` on a data directory that another one runs on refuses to start, and the
+/// first one keeps its database (before, the second adopted it and stopped it on exit).
+#[tokio::test]
+async fn a_second_up_on_the_same_data_directory_refuses_to_start() {
+    let dir = temp_dir("uptwice");
+    let client = reqwest::Client::new();
+    let mut first = aiops(&dir).arg("up").spawn().unwrap();
+    let (base, _) = wait_until_up(&mut first).await;
+    let second = tokio::time::timeout(Duration::from_secs(60), aiops(&dir).arg("up").output())
+        .await
+        .expect("the second `up` ends on its own")
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another `aiops up` is running"), "{stderr}");
+    let ready = client.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    terminate(&mut first).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

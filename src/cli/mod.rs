@@ -358,6 +358,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn up(mut config: Config) -> anyhow::Result<()> {
+    // One `up` per data directory: a second would adopt the first's database and stop it when
+    // it exits. The lock is held until this process ends.
+    let _lock = lock_data_dir(&config.data_dir)?;
     ensure_local_secret_key(&mut config)?;
     let embedded = match config.database_url {
         Some(_) => None,
@@ -389,6 +392,31 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// Takes `<data_dir>/aiops.lock` for this process, or says which data directory another
+/// `aiops up` holds.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let path = data_dir.join("aiops.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another `aiops up` is running on data directory {} (it holds {}); stop it first",
+            data_dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// How often `aiops up` checks that its embedded PostgreSQL is running.
