@@ -222,6 +222,18 @@ fn field_of_constraint(constraint: &str) -> Option<&str> {
     Some(column.rsplit_once('_').map_or(column, |(_, c)| c))
 }
 
+/// The column of a foreign key named `<table>_<column>_fkey`, as PostgreSQL names them, for
+/// the columns the API writes (`runbook_id`, `server_id`, `initiated_by`: the column's last two
+/// words).
+fn field_of_foreign_key(constraint: &str) -> String {
+    let words: Vec<&str> = constraint
+        .strip_suffix("_fkey")
+        .unwrap_or(constraint)
+        .split('_')
+        .collect();
+    words[words.len().saturating_sub(2)..].join("_")
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::from(&e)
@@ -249,7 +261,15 @@ impl From<&StoreError> for ApiError {
                     }),
                 }))
             }
-            StoreError::ForeignKey(c) => ApiError::invalid(c, "refers to a missing resource"),
+            // A referenced row that went away while the request ran (a runbook deleted while a
+            // run of it was being started): the caller learns the field, as for a unique key.
+            StoreError::ForeignKey(c) => {
+                tracing::debug!(constraint = %c, "foreign key refused a write");
+                ApiError::invalid(
+                    &field_of_foreign_key(c),
+                    "refers to a record that does not exist (any more)",
+                )
+            }
             StoreError::Check(c) => ApiError::invalid(c, "violates a constraint"),
             // The pool gave up, or the server went away (a restart, an administrator's
             // termination): the database, not the request, failed.
@@ -349,6 +369,17 @@ pub fn poem_error_body(err: &poem::Error) -> ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreign_keys_map_to_their_column() {
+        for (constraint, field) in [
+            ("runbook_executions_runbook_id_fkey", "runbook_id"),
+            ("runbook_executions_server_id_fkey", "server_id"),
+            ("runbook_executions_initiated_by_fkey", "initiated_by"),
+        ] {
+            assert_eq!(field_of_foreign_key(constraint), field);
+        }
+    }
 
     #[test]
     fn constraint_names_map_to_fields() {

@@ -316,8 +316,8 @@ impl JobsApi {
             Err(store::StoreError::Conflict(_)) => {
                 return Err(ApiError::conflict(
                     format!(
-                        "an unfinished job already holds unique key {:?}",
-                        before.unique_key
+                        "an unfinished job already holds unique key `{}`",
+                        before.unique_key.as_deref().unwrap_or_default()
                     ),
                     Some("unique_key"),
                 ));
