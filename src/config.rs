@@ -219,7 +219,67 @@ impl Config {
             config.apply_file(parsed)?;
         }
         config.apply_env(env)?;
+        config.check_ranges()?;
         Ok(config)
+    }
+
+    /// Refuses values that parse but cannot work: a limit of 0 that would refuse every request
+    /// or connection, or a duration too long for the clock arithmetic it enters (a login token
+    /// expiring past the end of the calendar).
+    fn check_ranges(&self) -> Result<(), ConfigError> {
+        const TEN_YEARS: u64 = 10 * 366 * 24 * 3600;
+        let seconds = |key: &'static str, d: Duration| {
+            if (1..=TEN_YEARS).contains(&d.as_secs()) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    key,
+                    &d.as_secs().to_string(),
+                    "expected 1 second to 10 years",
+                ))
+            }
+        };
+        seconds(
+            "token_ttl_seconds (AIOPS_TOKEN_TTL_SECONDS)",
+            self.token_ttl,
+        )?;
+        seconds(
+            "login_window_seconds (AIOPS_LOGIN_WINDOW_SECONDS)",
+            self.login_window,
+        )?;
+        seconds(
+            "ssh_connect_timeout_seconds (AIOPS_SSH_CONNECT_TIMEOUT_SECONDS)",
+            self.ssh_connect_timeout,
+        )?;
+        if !(1..=10_000).contains(&self.db_max_connections) {
+            return Err(invalid(
+                "db_max_connections (AIOPS_DB_MAX_CONNECTIONS)",
+                &self.db_max_connections.to_string(),
+                "expected 1 to 10000",
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(invalid(
+                "max_body_bytes (AIOPS_MAX_BODY_BYTES)",
+                &self.max_body_bytes.to_string(),
+                "expected at least 1024",
+            ));
+        }
+        for (key, value) in [
+            (
+                "login_max_failures_per_user (AIOPS_LOGIN_MAX_FAILURES_PER_USER)",
+                self.login_max_failures_per_user,
+            ),
+            (
+                "login_max_failures_per_ip (AIOPS_LOGIN_MAX_FAILURES_PER_IP)",
+                self.login_max_failures_per_ip,
+            ),
+        ] {
+            if value < 1 {
+                return Err(invalid(key, &value.to_string(), "expected at least 1"));
+            }
+        }
+        Ok(())
     }
 
     fn apply_file(&mut self, f: FileConfig) -> Result<(), ConfigError> {
@@ -352,6 +412,26 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        for (key, value) in [
+            ("AIOPS_TOKEN_TTL_SECONDS", "9000000000000"),
+            ("AIOPS_TOKEN_TTL_SECONDS", "0"),
+            ("AIOPS_LOGIN_WINDOW_SECONDS", "18446744073709551615"),
+            ("AIOPS_DB_MAX_CONNECTIONS", "0"),
+            ("AIOPS_MAX_BODY_BYTES", "0"),
+            ("AIOPS_LOGIN_MAX_FAILURES_PER_USER", "-1"),
+            ("AIOPS_LOGIN_MAX_FAILURES_PER_IP", "0"),
+        ] {
+            let refused = Config::from_sources(None, env(&[(key, value)]));
+            assert!(
+                matches!(refused, Err(ConfigError::Invalid { .. })),
+                "{key}={value}: {refused:?}"
+            );
+        }
+        assert!(Config::from_sources(None, env(&[("AIOPS_TOKEN_TTL_SECONDS", "5")])).is_ok());
     }
 
     #[test]
