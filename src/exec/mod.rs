@@ -300,14 +300,21 @@ impl CappedBuffer {
     /// never splits a UTF-8 character: one that does not fit whole is dropped whole.
     pub(crate) fn push(&mut self, bytes: &[u8]) -> Option<OutputChunk> {
         let room = self.limit.saturating_sub(self.kept.len());
-        let mut take = room.min(bytes.len());
-        if take < bytes.len() {
-            take = without_cut_char(&bytes[..take]).len();
-        }
+        let take = room.min(bytes.len());
         let cut_now = self.dropped == 0 && take < bytes.len();
         self.dropped += (bytes.len() - take) as u64;
         self.kept.extend_from_slice(&bytes[..take]);
-        let mut live = bytes[..take].to_vec();
+        let mut live_end = take;
+        if cut_now {
+            // The character the cut falls in is dropped whole, wherever its bytes came from
+            // (this read or the ones before it; those already forwarded live stay forwarded).
+            let whole = without_cut_char(&self.kept).len();
+            let cut = self.kept.len() - whole;
+            self.kept.truncate(whole);
+            self.dropped += cut as u64;
+            live_end = take.saturating_sub(cut);
+        }
+        let mut live = bytes[..live_end].to_vec();
         if cut_now {
             live.extend_from_slice(
                 format!(
@@ -446,6 +453,30 @@ mod tests {
         let text = b.finish();
         assert!(
             text.starts_with("abcde\n[aiops: output truncated at 5 bytes; 5 more"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_cap_never_splits_a_character_that_came_in_several_reads() {
+        // "é" is 0xC3 0xA9; the cap falls after its first byte, which came in a read of its
+        // own (and so did the second).
+        let mut b = CappedBuffer::new(OutputStream::Stdout, 3);
+        b.push(b"ab");
+        b.push(&[0xC3]);
+        b.push(&[0xA9, b'\n']);
+        let text = b.finish();
+        assert!(
+            text.starts_with("ab\n[aiops: output truncated at 3 bytes; 3 more"),
+            "{text}"
+        );
+        // A read that fills the cap exactly and ends inside a character.
+        let mut b = CappedBuffer::new(OutputStream::Stdout, 4);
+        b.push(&[b'a', b'b', b'c', 0xE2]);
+        b.push(&[0x82, 0xAC]);
+        let text = b.finish();
+        assert!(
+            text.starts_with("abc\n[aiops") && !text.contains('\u{FFFD}'),
             "{text}"
         );
     }
