@@ -497,3 +497,37 @@ async fn a_second_up_on_the_same_data_directory_refuses_to_start() {
     terminate(&mut first).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM while `up` is still starting (its database is running, the platform not yet up)
+/// stops it cleanly once the current step is done: the database goes with it (before, the
+/// signal killed `up` and left the server running).
+#[tokio::test]
+async fn a_stop_while_up_starts_stops_its_database_too() {
+    let dir = temp_dir("upearly");
+    let mut up = aiops(&dir).arg("up").spawn().unwrap();
+    let pid_file = dir.join("postgres").join("postmaster.pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !pid_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Written once the server runs; the postmaster's pid is its first line.
+    let postmaster = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    terminate(&mut up).await;
+    assert!(
+        procs::wait_gone(postmaster).await,
+        "the database {postmaster} outlived the `up` that started it"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -361,6 +361,16 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     // One `up` per data directory: a second would adopt the first's database and stop it when
     // it exits. The lock is held until this process ends.
     let _lock = lock_data_dir(&config.data_dir)?;
+    // SIGTERM and SIGINT are handled from here on: one that comes while the platform starts
+    // (initdb, migrations) takes effect once the current step is done, and the embedded
+    // PostgreSQL is stopped as on any other stop, instead of the signal killing this process
+    // and leaving the server running.
+    let (signalled, stop_signal) = tokio::sync::watch::channel(false);
+    let shutdown = startup::shutdown_signal();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signalled.send(true);
+    });
     ensure_local_secret_key(&mut config)?;
     let embedded = match config.database_url {
         Some(_) => None,
@@ -375,7 +385,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     // The embedded server is watched while the platform runs, and started again if it dies.
     let (stop_supervising, supervising) = tokio::sync::watch::channel(false);
     let supervisor = embedded.map(|pg| tokio::spawn(supervise_embedded(pg, supervising)));
-    let result = up_with_database(config).await;
+    let result = up_with_database(config, stop_signal).await;
     let _ = stop_supervising.send(true);
     let embedded = match supervisor {
         Some(task) => Some(
@@ -481,8 +491,17 @@ fn ensure_local_secret_key(config: &mut Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn up_with_database(config: Config) -> anyhow::Result<()> {
+/// The platform on its database until `stop` is set (by SIGTERM or SIGINT); a stop that comes
+/// while it starts ends it once the current start-up step is done.
+async fn up_with_database(
+    config: Config,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let stopping = |stop: &tokio::sync::watch::Receiver<bool>| *stop.borrow();
     let worker_args = WorkerArgs::from_env()?;
+    if stopping(&stop) {
+        return Ok(());
+    }
     // The API and the worker share the pool: the API's share plus what the worker needs.
     let pool = connect_at_least(
         &config,
@@ -492,11 +511,17 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     store::migrate(&pool).await.context("migration failed")?;
+    if stopping(&stop) {
+        return Ok(());
+    }
     runbook::apply_workflows_at_start(&pool, &config.workflows_dir).await?;
     if let Some(admin) = startup::ensure_first_admin(&pool).await? {
         outln!("First admin created. Save these credentials now; they are not shown again:");
         outln!("  username: {}", admin.username);
         outln!("  password: {}", admin.password);
+    }
+    if stopping(&stop) {
+        return Ok(());
     }
     let config = Arc::new(config);
     let app = Application::build(config.clone(), pool.clone()).await?;
@@ -514,7 +539,7 @@ async fn up_with_database(config: Config) -> anyhow::Result<()> {
             .with_lifeline(),
         wait_stop(stop_rx),
     ));
-    startup::shutdown_signal().await;
+    let _ = stop.wait_for(|stopped| *stopped).await;
     let _ = stop_tx.send(true);
     server.await.context("API task panicked")??;
     worker.await.context("worker task panicked")??;
