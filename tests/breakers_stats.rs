@@ -104,6 +104,9 @@ async fn breakers_are_visible_configurable_and_resettable() {
     assert_eq!(audit[0].3.as_ref().unwrap()["previous_state"], "open");
     let updates = app.audit_rows("breaker_update").await;
     assert_eq!(updates.len(), 1);
+    // Audited under the id the API names a breaker by: its runbook's.
+    assert_eq!(updates[0].2, Some(id));
+    assert_eq!(audit[0].2, Some(id));
     let details = updates[0].3.clone().unwrap();
     assert_eq!(details["before"]["failure_threshold"], 5, "{details}");
     assert_eq!(details["after"]["failure_threshold"], 2, "{details}");

@@ -242,7 +242,7 @@ impl BreakersApi {
                 caller.audit(
                     "breaker_update",
                     "circuit_breaker",
-                    Some(row.id),
+                    Some(runbook_id.0),
                     serde_json::json!({
                         "runbook_id": runbook_id.0,
                         "before": {
@@ -296,7 +296,7 @@ impl BreakersApi {
                 caller.audit(
                     "breaker_reset",
                     "circuit_breaker",
-                    Some(row.id),
+                    Some(runbook_id.0),
                     serde_json::json!({ "runbook_id": runbook_id.0, "previous_state": previous }),
                 ),
             )
