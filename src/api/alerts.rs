@@ -461,7 +461,7 @@ impl AlertsApi {
             since: since.0,
             until: until.0,
         };
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) =
             store::alerts::alert_list(&mut conn, &filter, page.limit, page.offset).await?;
         Ok(Json(AlertPage {

@@ -98,7 +98,7 @@ impl AuditApi {
             since: since.0,
             until: until.0,
         };
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) =
             store::audit::audit_list(&mut conn, &filter, page.limit, page.offset).await?;
         Ok(Json(AuditPage {

@@ -437,7 +437,7 @@ impl BlackoutsApi {
     ) -> Result<Json<BlackoutWindowPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
         let page = Page::parse(limit.0, offset.0)?;
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) =
             store::blackouts::blackout_list(&mut conn, enabled.0, page.limit, page.offset).await?;
         let now = Utc::now();

@@ -152,7 +152,7 @@ impl BreakersApi {
     ) -> Result<Json<CircuitBreakerPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
         let page = Page::parse(limit.0, offset.0)?;
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) = store::breakers::breaker_list(
             &mut conn,
             state.0.map(state_label),

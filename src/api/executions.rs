@@ -587,7 +587,7 @@ impl ExecutionsApi {
             until: until.0,
             batch_id: batch_id.0,
         };
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) =
             store::executions::execution_list(&mut conn, &filter, page.limit, page.offset).await?;
         Ok(Json(ExecutionPage {

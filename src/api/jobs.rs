@@ -249,7 +249,7 @@ impl JobsApi {
         {
             return Err(ApiError::invalid("kind", "must be 1 to 100 characters"));
         }
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) = store::jobs::job_list(
             &mut conn,
             kind.0.as_deref(),
@@ -448,7 +448,7 @@ impl JobsApi {
     ) -> Result<Json<QueueWorkerPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Operator).await?;
         let page = Page::parse(limit.0, offset.0)?;
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) =
             store::queue_workers::worker_list(&mut conn, page.limit, page.offset).await?;
         Ok(Json(QueueWorkerPage {

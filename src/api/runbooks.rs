@@ -899,7 +899,7 @@ impl RunbooksApi {
             target_os: target_os.0.map(|o| TargetOs::from(o).as_str()),
             search: search.0.as_deref(),
         };
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) =
             store::runbooks::runbook_list(&mut conn, &filter, page.limit, page.offset).await?;
         let items = store::runbooks::runbooks_with_parts(&mut conn, rows)
@@ -1107,7 +1107,7 @@ impl RunbooksApi {
     ) -> Result<Json<RunbookVersionPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
         let page = Page::parse(limit.0, offset.0)?;
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         store::runbooks::runbook_get(&mut conn, id.0)
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", id.0))?;

@@ -535,7 +535,7 @@ impl ServersApi {
     ) -> Result<Json<ServerPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Viewer).await?;
         let page = Page::parse(limit.0, offset.0)?;
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) = store::servers::server_list(
             &mut conn,
             tag.0.as_deref().unwrap_or_default(),

@@ -259,7 +259,7 @@ impl UsersApi {
     ) -> Result<Json<UserPage>, ApiError> {
         self.state.authorize(req, &auth, Role::Admin).await?;
         let page = Page::parse(limit.0, offset.0)?;
-        let mut conn = self.state.pool.acquire().await?;
+        let mut conn = store::read_snapshot(&self.state.pool).await?;
         let (rows, total) = store::users::user_list(&mut conn, page.limit, page.offset).await?;
         Ok(Json(UserPage {
             items: rows.into_iter().map(User::from).collect(),

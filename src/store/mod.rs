@@ -181,3 +181,14 @@ pub async fn relax_commit_durability(conn: &mut sqlx::PgConnection) -> StoreResu
         .await?;
     Ok(())
 }
+
+/// A read-only transaction that sees one snapshot of the database, for a list page and its
+/// total: counted in the same snapshot, the total agrees with the page even while rows are
+/// written. Dropping it ends it.
+pub async fn read_snapshot(
+    pool: &sqlx::PgPool,
+) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+    Ok(pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?)
+}
