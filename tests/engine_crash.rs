@@ -335,6 +335,8 @@ async fn a_step_given_back_unstarted_at_shutdown_records_no_interrupted_attempt(
     assert!(status.success(), "{status:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\n", "b waits");
 
+    // b's attempt starts when b does, not when a ended.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let survivor = common::TestWorker::start(&app.pool).await;
     let done = app.wait_for_status(id, common::FINISHED, 60).await;
     assert_eq!(done["status"], "completed", "{done}");
@@ -353,6 +355,13 @@ async fn a_step_given_back_unstarted_at_shutdown_records_no_interrupted_attempt(
     assert_eq!(
         rows,
         [("a", "completed", false), ("b", "completed", false)],
+        "{steps:?}"
+    );
+    let at = |s: &serde_json::Value, key: &str| {
+        chrono::DateTime::parse_from_rfc3339(s[key].as_str().unwrap()).unwrap()
+    };
+    assert!(
+        at(&steps[1], "started_at") - at(&steps[0], "completed_at") >= chrono::Duration::seconds(1),
         "{steps:?}"
     );
     survivor.stop().await;

@@ -148,6 +148,12 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 }
                 return g.complete().await;
             }
+            if let Some(step_row) = prepared {
+                // Not continued in its predecessor's slot: the row was prepared when that step
+                // ended, and the job waited since (given back at a worker's shutdown). The
+                // attempt starts now.
+                store::executions::step_restart_clock(prep.conn(), step_row).await?;
+            }
             let snapshot = Arc::new(snapshot_of(&row)?);
             (Arc::new(row), snapshot, None)
         }

@@ -976,6 +976,18 @@ macro_rules! step_finish_update {
     };
 }
 
+/// Sets a prepared attempt row's start to now, when its job starts later than the row was
+/// written (its duration then counts from when the command started).
+pub async fn step_restart_clock(conn: &mut PgConnection, id: Uuid) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE step_executions SET started_at = now() WHERE id = $1 AND status = 'running'",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Records the end of a running attempt and, when `event` is given, appends that `status`
 /// event for the live stream, in one statement, which also reads the execution's status and
 /// attempt (without locking the row). `updated` is false when the attempt was no longer
