@@ -957,6 +957,28 @@ async fn readyz_fails_when_migrations_are_not_current() {
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "unavailable");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("migrations are not current"),
+        "{body}"
+    );
+    // A database never migrated (no migration table) says the same, not "unreachable".
+    sqlx::query("DROP TABLE _sqlx_migrations")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("migrations are not current"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -27,6 +27,12 @@ pub enum EmbeddedPgError {
          (apt-get install postgresql), or set DATABASE_URL to use an existing server."
     )]
     BinariesMissing,
+    /// The directory given as `AIOPS_POSTGRES_BIN_DIR` lacks the server binaries.
+    #[error(
+        "AIOPS_POSTGRES_BIN_DIR {0} does not hold the PostgreSQL server binaries (initdb, \
+         pg_ctl, postgres)"
+    )]
+    BinDirWithoutBinaries(PathBuf),
     /// Running as root without a `postgres` user to run the server as.
     #[error(
         "running as root, but there is no `postgres` system user to run the database as; \
@@ -127,7 +133,7 @@ impl EmbeddedPostgres {
     ) -> Result<EmbeddedPostgres, EmbeddedPgError> {
         let bin_dir = match bin_dir {
             Some(dir) if has_tools(dir) => dir.to_path_buf(),
-            Some(_) => return Err(EmbeddedPgError::BinariesMissing),
+            Some(dir) => return Err(EmbeddedPgError::BinDirWithoutBinaries(dir.to_path_buf())),
             None => find_bin_dir().ok_or(EmbeddedPgError::BinariesMissing)?,
         };
         std::fs::create_dir_all(data_dir).map_err(io(format!("create {}", data_dir.display())))?;

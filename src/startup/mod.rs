@@ -28,7 +28,12 @@ pub struct Application {
 impl Application {
     /// Binds the configured listen address.
     pub async fn build(config: Arc<Config>, pool: PgPool) -> std::io::Result<Application> {
-        let acceptor = TcpListener::bind(config.listen).into_acceptor().await?;
+        let acceptor = TcpListener::bind(config.listen)
+            .into_acceptor()
+            .await
+            .map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+            })?;
         let addr = acceptor
             .local_addr()
             .first()

@@ -160,6 +160,13 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// Whether the database is reachable and every embedded migration has been applied successfully.
 pub async fn migrations_current(pool: &PgPool) -> StoreResult<bool> {
+    // A database never migrated has no migration table: reachable, and not current.
+    let migrated: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !migrated {
+        return Ok(false);
+    }
     let applied: Vec<(i64,)> =
         sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
             .fetch_all(pool)
