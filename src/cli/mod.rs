@@ -145,7 +145,20 @@ impl WorkerArgs {
                 .with_context(|| format!("--{name} must be a positive number of seconds"))
         };
         let lease = secs("lease-seconds", self.lease_seconds)?;
-        anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        // Heartbeats run every third of the lease: below a second they would swamp the
+        // database, and a lease of a day would leave a dead worker's jobs that long.
+        anyhow::ensure!(
+            (1.0..=86_400.0).contains(&self.lease_seconds),
+            "--lease-seconds must be 1 to 86400"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.concurrency),
+            "--concurrency must be 1 to 10000"
+        );
+        anyhow::ensure!(
+            (1..=24 * 366 * 10).contains(&self.retention_hours),
+            "--retention-hours must be 1 to 87840 (10 years)"
+        );
         let queue = crate::queue::WorkerConfig {
             concurrency: self.concurrency,
             prefetch: self.prefetch,
@@ -545,4 +558,32 @@ async fn up_with_database(
     worker.await.context("worker task panicked")??;
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(args: &[&str]) -> anyhow::Result<crate::worker::WorkerOptions> {
+        use clap::{Args, FromArgMatches};
+        let matches = WorkerArgs::augment_args(clap::Command::new("worker"))
+            .try_get_matches_from(std::iter::once("worker").chain(args.iter().copied()))?;
+        WorkerArgs::from_arg_matches(&matches)?.options()
+    }
+
+    #[test]
+    fn worker_settings_that_cannot_work_are_refused() {
+        assert!(worker(&[]).is_ok());
+        assert!(worker(&["--lease-seconds", "1.5"]).is_ok());
+        for bad in [
+            &["--lease-seconds", "0.000000002"][..],
+            &["--lease-seconds", "100000"],
+            &["--concurrency", "0"],
+            &["--concurrency", "4294967295"],
+            &["--retention-hours", "18446744073709551615"],
+            &["--retention-hours", "0"],
+        ] {
+            assert!(worker(bad).is_err(), "{bad:?}");
+        }
+    }
 }
