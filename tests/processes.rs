@@ -531,3 +531,25 @@ async fn a_stop_while_up_starts_stops_its_database_too() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Run as root, the database runs as the postgres user, which must be able to enter the data
+/// directory: one it cannot enter (a umask of 077) is refused with what to do, not with
+/// initdb's "Permission denied".
+#[tokio::test]
+async fn a_data_directory_the_database_user_cannot_enter_is_refused_clearly() {
+    use std::os::unix::fs::PermissionsExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    if uid.ok() != Some(0) {
+        return; // only root hands the database to another user
+    }
+    let dir = temp_dir("closed");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), aiops(&dir).arg("up").output())
+        .await
+        .expect("`up` ends on its own")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot enter this directory"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

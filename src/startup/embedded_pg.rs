@@ -169,6 +169,26 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        // The server runs as `postgres` and must reach its data through this directory.
+        if let Some((uid, gid)) = run_as {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(&data_dir)
+                .map_err(io(format!("inspect {}", data_dir.display())))?;
+            let searchable = meta.mode() & 0o001 != 0
+                || (meta.uid() == uid && meta.mode() & 0o100 != 0)
+                || (meta.gid() == gid && meta.mode() & 0o010 != 0);
+            if !searchable {
+                return Err(EmbeddedPgError::DataDir(
+                    data_dir.clone(),
+                    format!(
+                        "the database runs as the postgres user, who cannot enter this directory \
+                         (mode {:o}); allow it (chmod o+x {})",
+                        meta.mode() & 0o7777,
+                        data_dir.display()
+                    ),
+                ));
+            }
+        }
         let mut pg = EmbeddedPostgres {
             bin_dir,
             pgdata,
