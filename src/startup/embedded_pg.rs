@@ -30,7 +30,9 @@ pub enum EmbeddedPgError {
     /// The directory given as `AIOPS_POSTGRES_BIN_DIR` lacks the server binaries.
     #[error(
         "AIOPS_POSTGRES_BIN_DIR {0} does not hold the PostgreSQL server binaries (initdb, \
-         pg_ctl, postgres)"
+         pg_ctl, postgres). Point it at their directory, install the Debian package \
+         `postgresql` (apt-get install postgresql) and leave it unset, or set DATABASE_URL to \
+         use an existing server."
     )]
     BinDirWithoutBinaries(PathBuf),
     /// Running as root without a `postgres` user to run the server as.
