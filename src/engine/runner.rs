@@ -148,7 +148,7 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 }
                 return g.complete().await;
             }
-            if let Some(step_row) = prepared {
+            if let Some(step_row) = prepared.filter(|_| !ctx.continued_in_slot()) {
                 // Not continued in its predecessor's slot: the row was prepared when that step
                 // ended, and the job waited since (given back at a worker's shutdown). The
                 // attempt starts now.

@@ -51,6 +51,9 @@ pub(crate) struct LeaseState {
     handoff_out: Mutex<Option<Handoff>>,
     /// What the job this one continues passed on ([`JobContext::take_handoff`]).
     handoff_in: Mutex<Option<Handoff>>,
+    /// This attempt continues, in the same slot, the job that enqueued it
+    /// ([`JobContext::continued_in_slot`]).
+    continued: AtomicBool,
     /// When the job's lease runs out as far as the worker knows: the claim (or, for a
     /// continuation, the statement that inserted it) or the last successful heartbeat was sent,
     /// plus the lease. A prefetched job or a continuation is not started after it.
@@ -97,6 +100,7 @@ impl LeaseState {
 
     /// Moves what `from` passed on to its continuation into this state, the continuation's.
     pub(crate) fn receive_handoff(&self, from: &LeaseState) {
+        self.continued.store(true, Ordering::SeqCst);
         let handoff = from
             .handoff_out
             .lock()
@@ -479,6 +483,12 @@ impl JobContext {
     /// The lease: fenced writes go through [`Lease::guarded_tx`].
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+
+    /// Whether this attempt runs in the same slot right after the job that enqueued it (a
+    /// continuation), rather than from a claim.
+    pub fn continued_in_slot(&self) -> bool {
+        self.lease.state.continued.load(Ordering::SeqCst)
     }
 
     /// What the job this one continues passed on with [`Lease::pass_on`], if it is a `T`: only
