@@ -55,6 +55,28 @@ async fn killed_during_step_two(
     id
 }
 
+/// Waits until `path` exists (a step wrote it), at most 30 s; `what` names it in the failure.
+async fn wait_until_exists(path: &std::path::Path, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to a worker process and waits (at most 30 s) until it has stopped.
+async fn stop_with_sigterm(worker: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let worker_pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &worker_pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker stops after its grace period")
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     let app = common::spawn_app().await;
@@ -205,15 +227,7 @@ async fn a_worker_stopping_mid_step_kills_the_command_and_releases_the_step() {
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
     let pid = procs::wait_for_pid(&pidfile, Duration::from_secs(30)).await;
-    let worker_pid = worker.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &worker_pid])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker stops after its grace period")
-        .unwrap();
+    let status = stop_with_sigterm(&mut worker).await;
     assert!(status.success(), "{status:?}");
     // The command's background process went with the step.
     assert!(
@@ -253,23 +267,8 @@ async fn a_step_released_at_shutdown_keeps_its_interrupted_attempt() {
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !mark.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let worker_pid = worker.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &worker_pid])
-        .status()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker stops after its grace period")
-        .unwrap();
+    wait_until_exists(&mark, "the step never started").await;
+    stop_with_sigterm(&mut worker).await;
 
     let survivor = common::TestWorker::start(&app.pool).await;
     let done = app.wait_for_status(id, common::FINISHED, 60).await;
@@ -318,20 +317,8 @@ async fn a_step_given_back_unstarted_at_shutdown_records_no_interrupted_attempt(
         .spawn()
         .unwrap();
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !started.exists() {
-        assert!(std::time::Instant::now() < deadline, "step a never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let worker_pid = worker.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &worker_pid])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
-        .await
-        .expect("the worker stops once step a is done")
-        .unwrap();
+    wait_until_exists(&started, "step a never started").await;
+    let status = stop_with_sigterm(&mut worker).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\n", "b waits");
 

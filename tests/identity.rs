@@ -949,13 +949,17 @@ async fn errors_share_one_json_body_and_bodies_are_limited() {
 #[tokio::test]
 async fn readyz_fails_when_migrations_are_not_current() {
     let app = common::spawn_app().await;
+    let readyz = || async {
+        let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap())
+    };
     sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
         .execute(&app.pool)
         .await
         .unwrap();
-    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let body: Value = resp.json().await.unwrap();
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503);
     assert_eq!(body["code"], "unavailable");
     assert!(
         body["message"]
@@ -969,9 +973,8 @@ async fn readyz_fails_when_migrations_are_not_current() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let body: Value = resp.json().await.unwrap();
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503);
     assert!(
         body["message"]
             .as_str()
