@@ -597,7 +597,8 @@ pub fn parse_yaml_partial(
                     }
                     field_at(&mut value, &path).map(|v| *v = valid).is_some()
                 }
-                _ => !path.ends_with(']') && remove_field(&mut value, &path),
+                // Never a list element: only a key is removed.
+                _ => remove_field(&mut value, &path),
             }
         };
         if !set_aside {
@@ -694,20 +695,69 @@ fn placeholder(message: &str) -> Option<serde_json::Value> {
     }
 }
 
+/// One step of a field path: a mapping key or a list index.
+enum PathStep<'p> {
+    Key(&'p str),
+    Index(usize),
+}
+
+/// The steps of a path of dotted keys and `[i]` indexes, read against the document it names,
+/// so that a key which itself holds `.` or `[` (`"db.host": 1`) is one step: at each mapping
+/// the longest key the rest of the path starts with is taken. A last key the mapping lacks is
+/// taken as it is (a missing field). `None` when the path leaves the document.
+fn path_steps<'p>(value: &serde_json::Value, path: &'p str) -> Option<Vec<PathStep<'p>>> {
+    let mut steps = Vec::new();
+    let mut node = value;
+    let mut rest = path;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('[') {
+            let (index, after) = after.split_once(']')?;
+            let index = index.parse::<usize>().ok()?;
+            node = node.get(index)?;
+            steps.push(PathStep::Index(index));
+            rest = after;
+            continue;
+        }
+        if !steps.is_empty() {
+            rest = rest.strip_prefix('.')?;
+        }
+        let map = node.as_object()?;
+        let ends_key = |k: &str| {
+            rest.strip_prefix(k)
+                .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
+        };
+        let key = match map.keys().filter(|k| ends_key(k)).max_by_key(|k| k.len()) {
+            Some(key) => &rest[..key.len()],
+            None if !rest.contains(['.', '[']) => rest,
+            None => return None,
+        };
+        rest = &rest[key.len()..];
+        match map.get(key) {
+            Some(next) => node = next,
+            // Only the last key may be absent.
+            None if rest.is_empty() => {}
+            None => return None,
+        }
+        steps.push(PathStep::Key(key));
+    }
+    Some(steps)
+}
+
+/// Follows path steps from a value.
+fn follow<'v>(
+    value: &'v mut serde_json::Value,
+    steps: &[PathStep<'_>],
+) -> Option<&'v mut serde_json::Value> {
+    steps.iter().try_fold(value, |node, step| match step {
+        PathStep::Key(key) => node.get_mut(*key),
+        PathStep::Index(index) => node.get_mut(*index),
+    })
+}
+
 /// The value at a path of dotted keys and `[i]` indexes.
 fn field_at<'v>(value: &'v mut serde_json::Value, path: &str) -> Option<&'v mut serde_json::Value> {
-    let mut node = value;
-    for part in path.split('.') {
-        let (name, indexes) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        node = node.get_mut(name)?;
-        for index in indexes.split(['[', ']']).filter(|i| !i.is_empty()) {
-            node = node.get_mut(index.parse::<usize>().ok()?)?;
-        }
-    }
-    Some(node)
+    let steps = path_steps(value, path)?;
+    follow(value, &steps)
 }
 
 /// The mapping that holds the field at a path of dotted keys and `[i]` indexes, and the
@@ -716,17 +766,11 @@ fn parent_map<'v, 'p>(
     value: &'v mut serde_json::Value,
     path: &'p str,
 ) -> Option<(&'v mut serde_json::Map<String, serde_json::Value>, &'p str)> {
-    let (parent, key) = match path.rfind('.') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => ("", path),
+    let mut steps = path_steps(value, path)?;
+    let Some(PathStep::Key(key)) = steps.pop() else {
+        return None;
     };
-    let node = if parent.is_empty() {
-        Some(value)
-    } else {
-        field_at(value, parent)
-    };
-    node.and_then(serde_json::Value::as_object_mut)
-        .map(|map| (map, key))
+    follow(value, &steps)?.as_object_mut().map(|map| (map, key))
 }
 
 /// Gives a missing field a value of its type (a list for `steps`, text for the others), to
@@ -1771,6 +1815,33 @@ triggers:
         let partial = partial.unwrap();
         assert!(!partial.keeps("bogus") && !partial.keeps("bogus.x"));
         assert!(partial.keeps("steps[0].name") && partial.keeps("bogusness"));
+    }
+
+    #[test]
+    fn unknown_keys_holding_dots_or_brackets_are_set_aside_too() {
+        // Such a key is one field, not a path: the problems after it are still reported.
+        let text = "name: x\n\"db.host\": 1\nsteps:\n  - name: a\n    command: echo\n    \
+                    \"x[0]\": 2\n    retry_count: many\nmode: sometimes\n";
+        let problems = parse_yaml_all(text).unwrap_err();
+        let shown: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line.unwrap(), p.path.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (2, "db.host"),
+                (6, "steps[0].x[0]"),
+                (7, "steps[0].retry_count"),
+                (8, "mode")
+            ],
+            "{problems:?}"
+        );
+        // A key that only starts like another one is not taken for it.
+        let (_, partial) =
+            parse_yaml_partial("name: x\n\"db.host\": 1\ndb: 2\nsteps: []\n").unwrap_err();
+        let partial = partial.unwrap();
+        assert_eq!(partial.set_aside, ["db.host", "db"], "{partial:?}");
     }
 
     #[test]
