@@ -299,6 +299,31 @@ async fn up_without_postgres_binaries_names_the_package() {
 }
 
 #[tokio::test]
+async fn a_fatal_error_of_a_service_logging_json_is_one_json_line() {
+    let dir = temp_dir("nobin-json");
+    let empty = dir.join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = aiops(&dir)
+        .env("AIOPS_POSTGRES_BIN_DIR", &empty)
+        .env("AIOPS_LOG_FORMAT", "json")
+        .arg("up")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in stderr.lines() {
+        let _: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{stderr}"));
+    }
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    let error = last["fields"]["error"].as_str().unwrap();
+    assert!(error.contains("apt-get install postgresql"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn worker_connects_and_stops_cleanly_on_sigterm() {
     let url = common::fresh_database_url().await;
     let dir = temp_dir("worker");

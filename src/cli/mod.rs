@@ -27,7 +27,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::startup::{self, Application, embedded_pg::EmbeddedPostgres};
 use crate::{store, telemetry};
 
@@ -278,23 +278,32 @@ pub fn main() -> ExitCode {
     if matches!(cli.command, Command::Up | Command::Worker(_)) {
         keep_out_local_commands();
     }
+    // A service's log may be read by a collector that takes one JSON object per line: its
+    // fatal error is such a line too. The commands people type keep their plain message.
+    let fatal_in_log = config.log_format == LogFormat::Json
+        && matches!(
+            cli.command,
+            Command::Up | Command::Serve { .. } | Command::Worker(_) | Command::Migrate
+        );
+    let fatal = |message: &str| {
+        if fatal_in_log && tracing::enabled!(tracing::Level::ERROR) {
+            tracing::error!(error = message, "stopped by a fatal error");
+        } else {
+            eprintln!("error: {message}");
+        }
+        ExitCode::FAILURE
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fatal(&format!("cannot start the async runtime: {e}")),
     };
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<runbook::Differences>() => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {}", error_text(&e));
-            ExitCode::FAILURE
-        }
+        Err(e) => fatal(&error_text(&e)),
     }
 }
 
