@@ -399,6 +399,7 @@ async fn latency(url: &str, samples: usize, concurrency: usize) -> anyhow::Resul
                 name: None,
                 token_hash: &token.hash,
                 expires_at: Some(chrono::Utc::now() + chrono::Duration::hours(2)),
+                created_with: None,
             },
         )
         .await?;

@@ -1414,6 +1414,75 @@ async fn a_token_made_with_an_expiring_api_token_does_not_outlive_it() {
     assert!(lasting["info"].get("expires_at").is_none(), "{lasting}");
 }
 
+/// Revoking an API token revokes every token minted with it, down the line; a login session's
+/// end revokes no API token made with it, and a sibling line is untouched.
+#[tokio::test]
+async fn revoking_an_api_token_revokes_the_tokens_made_with_it() {
+    let app = common::spawn_app().await;
+    let (_, session) = app.user_with_role("operator").await;
+    let create = |token: String, name: &'static str| {
+        let app = &app;
+        async move {
+            let (status, created) = app
+                .call(
+                    Method::POST,
+                    "/tokens",
+                    Some(&token),
+                    Some(json!({ "name": name })),
+                )
+                .await;
+            assert_eq!(status, 201, "{created}");
+            let id = created["info"]["id"].as_str().unwrap().to_owned();
+            (created["token"].as_str().unwrap().to_owned(), id, created)
+        }
+    };
+    let (root, root_id, created) = create(session.clone(), "root").await;
+    assert!(created["info"].get("created_with").is_none(), "{created}");
+    let (child, _, created) = create(root.clone(), "child").await;
+    assert_eq!(
+        created["info"]["created_with"],
+        root_id.as_str(),
+        "{created}"
+    );
+    let (grandchild, _, _) = create(child.clone(), "grandchild").await;
+    let (other, _, _) = create(session.clone(), "other").await;
+    let works = |token: String| {
+        let app = &app;
+        async move {
+            app.call(Method::GET, "/auth/me", Some(&token), None)
+                .await
+                .0
+        }
+    };
+    for t in [&root, &child, &grandchild, &other] {
+        assert_eq!(works(t.clone()).await, 200);
+    }
+    let (status, body) = app
+        .call(
+            Method::DELETE,
+            &format!("/tokens/{root_id}"),
+            Some(&session),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    for t in [&root, &child, &grandchild] {
+        assert_eq!(works(t.clone()).await, 401);
+    }
+    assert_eq!(works(other.clone()).await, 200);
+    let audit = app.audit_rows("token_revoke").await;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let details = audit[0].3.as_ref().unwrap();
+    assert_eq!(details["tokens_created_with_it_revoked"], 2, "{details}");
+    // Logging out ends the session only: the API token it made keeps working.
+    let (status, _) = app
+        .call(Method::POST, "/auth/logout", Some(&session), None)
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(works(session).await, 401);
+    assert_eq!(works(other).await, 200);
+}
+
 /// Behind a trusted proxy the client is the address the proxy appended to `X-Forwarded-For`,
 /// the last one: the ones before it are whatever the client sent.
 #[tokio::test]

@@ -69,6 +69,9 @@ pub struct ApiToken {
     /// Revocation time.
     #[oai(skip_serializing_if_is_none)]
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The API token this one was created with: revoking that one revokes this one too.
+    #[oai(skip_serializing_if_is_none)]
+    pub created_with: Option<Uuid>,
 }
 
 /// A newly created API token, with its secret shown once.
@@ -89,6 +92,7 @@ impl From<store::tokens::TokenRow> for ApiToken {
             expires_at: row.expires_at,
             last_used_at: row.last_used_at,
             revoked_at: row.revoked_at,
+            created_with: row.created_with,
         }
     }
 }
@@ -194,7 +198,7 @@ impl AuthApi {
 
     /// Create a long-lived API token for the calling user (for automation and generated clients).
     ///
-    /// A token created with an expiring API token expires with it at the latest.
+    /// A token created with an API token expires with it at the latest and is revoked with it.
     ///
     /// Least role: viewer.
     #[oai(path = "/tokens", method = "post", operation_id = "token_create")]
@@ -221,12 +225,18 @@ impl AuthApi {
         // An API token outlives nothing that made it: one created with an expiring API token
         // expires with it at the latest, so a leaked short-lived token cannot mint a lasting
         // one. A login session creates tokens of any lifetime (that is what it is for).
-        let expires_at =
+        // It is also revoked with the API token that made it (and that one's maker, and so on),
+        // so revoking a leaked token leaves no copy it minted.
+        let (expires_at, created_with) =
             match store::tokens::token_kind_and_expiry(&mut tx, caller.identity.token_id).await? {
-                Some((kind, Some(parent))) if kind == "api" => {
-                    Some(expires_at.map_or(parent, |own| own.min(parent)))
-                }
-                _ => expires_at,
+                Some((kind, parent)) if kind == "api" => (
+                    match parent {
+                        Some(parent) => Some(expires_at.map_or(parent, |own| own.min(parent))),
+                        None => expires_at,
+                    },
+                    Some(caller.identity.token_id),
+                ),
+                _ => (expires_at, None),
             };
         let new = token::generate();
         let row = store::tokens::token_insert(
@@ -237,6 +247,7 @@ impl AuthApi {
                 name: Some(name),
                 token_hash: &new.hash,
                 expires_at,
+                created_with,
             },
         )
         .await?;
@@ -286,7 +297,8 @@ impl AuthApi {
         }))
     }
 
-    /// Revoke one of the calling user's API tokens.
+    /// Revoke one of the calling user's API tokens, and every token created with it (and with
+    /// those, and so on).
     ///
     /// Least role: viewer.
     #[oai(path = "/tokens/:id", method = "delete", operation_id = "token_revoke")]
@@ -299,13 +311,20 @@ impl AuthApi {
     ) -> Result<NoContent, ApiError> {
         let caller = self.state.authorize(req, &auth, Role::Viewer).await?;
         let mut tx = self.state.pool.begin().await?;
-        if !store::tokens::token_revoke(&mut tx, caller.identity.user_id, id.0).await? {
+        let Some(with_it) =
+            store::tokens::token_revoke(&mut tx, caller.identity.user_id, id.0).await?
+        else {
             return Err(ApiError::not_found("token", id.0));
-        }
+        };
         caller
             .record(
                 &mut tx,
-                caller.audit("token_revoke", "token", Some(id.0), serde_json::json!({})),
+                caller.audit(
+                    "token_revoke",
+                    "token",
+                    Some(id.0),
+                    serde_json::json!({ "tokens_created_with_it_revoked": with_it }),
+                ),
             )
             .await?;
         tx.commit().await?;

@@ -261,6 +261,7 @@ pub async fn login(
             name: None,
             token_hash: &new.hash,
             expires_at: Some(expires_at),
+            created_with: None,
         },
     )
     .await?;

@@ -25,6 +25,8 @@ pub struct TokenRow {
     pub last_used_at: Option<DateTime<Utc>>,
     /// Revocation time.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The API token it was created with, if any (revoking that one revokes this one).
+    pub created_with: Option<Uuid>,
 }
 
 /// Fields of a new token.
@@ -39,20 +41,30 @@ pub struct NewTokenRow<'a> {
     pub token_hash: &'a [u8],
     /// Expiry.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The API token that created it (`None` for a login session's).
+    pub created_with: Option<Uuid>,
+}
+
+/// The columns of [`TokenRow`], as a literal for `concat!`.
+macro_rules! token_columns {
+    () => {
+        "id, user_id, kind, name, created_at, expires_at, last_used_at, revoked_at, created_with"
+    };
 }
 
 /// Inserts a token.
 pub async fn token_insert(conn: &mut PgConnection, new: &NewTokenRow<'_>) -> StoreResult<TokenRow> {
-    Ok(sqlx::query_as::<_, TokenRow>(
-        "INSERT INTO auth_tokens (user_id, kind, name, token_hash, expires_at) \
-         VALUES ($1, $2, $3, $4, $5) \
-         RETURNING id, user_id, kind, name, created_at, expires_at, last_used_at, revoked_at",
-    )
+    Ok(sqlx::query_as::<_, TokenRow>(concat!(
+        "INSERT INTO auth_tokens (user_id, kind, name, token_hash, expires_at, created_with) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
+        token_columns!()
+    ))
     .bind(new.user_id)
     .bind(new.kind)
     .bind(new.name)
     .bind(new.token_hash)
     .bind(new.expires_at)
+    .bind(new.created_with)
     .fetch_one(conn)
     .await?)
 }
@@ -102,17 +114,31 @@ pub async fn token_kind_and_expiry(
     )
 }
 
-/// Revokes one token of a user; returns whether it was live.
-pub async fn token_revoke(conn: &mut PgConnection, user_id: Uuid, id: Uuid) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE auth_tokens SET revoked_at = now() \
-         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+/// Revokes one token of a user and every live token created with it, or with those, and so
+/// on. `None` when the named token was not live; otherwise how many tokens created from it
+/// were revoked with it.
+pub async fn token_revoke(
+    conn: &mut PgConnection,
+    user_id: Uuid,
+    id: Uuid,
+) -> StoreResult<Option<i64>> {
+    let (named, descendants): (i64, i64) = sqlx::query_as(
+        "WITH RECURSIVE lineage AS ( \
+             SELECT id FROM auth_tokens WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL \
+             UNION \
+             SELECT t.id FROM auth_tokens t JOIN lineage l ON t.created_with = l.id \
+              WHERE t.revoked_at IS NULL \
+         ), revoked AS ( \
+             UPDATE auth_tokens t SET revoked_at = now() FROM lineage l WHERE t.id = l.id \
+             RETURNING t.id \
+         ) \
+         SELECT count(*) FILTER (WHERE id = $1), count(*) FILTER (WHERE id <> $1) FROM revoked",
     )
     .bind(id)
     .bind(user_id)
-    .execute(conn)
+    .fetch_one(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok((named == 1).then_some(descendants))
 }
 
 /// Revokes every live token of a user (deactivation, password change).
@@ -128,10 +154,11 @@ pub async fn token_revoke_all(conn: &mut PgConnection, user_id: Uuid) -> StoreRe
 
 /// Lists a user's API tokens, newest first.
 pub async fn token_list_api(conn: &mut PgConnection, user_id: Uuid) -> StoreResult<Vec<TokenRow>> {
-    Ok(sqlx::query_as::<_, TokenRow>(
-        "SELECT id, user_id, kind, name, created_at, expires_at, last_used_at, revoked_at \
-         FROM auth_tokens WHERE user_id = $1 AND kind = 'api' ORDER BY created_at DESC, id",
-    )
+    Ok(sqlx::query_as::<_, TokenRow>(concat!(
+        "SELECT ",
+        token_columns!(),
+        " FROM auth_tokens WHERE user_id = $1 AND kind = 'api' ORDER BY created_at DESC, id"
+    ))
     .bind(user_id)
     .fetch_all(conn)
     .await?)

@@ -336,6 +336,7 @@ impl TestApp {
                 name: None,
                 token_hash: &new.hash,
                 expires_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+                created_with: None,
             },
         )
         .await
