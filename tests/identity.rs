@@ -1483,6 +1483,66 @@ async fn revoking_an_api_token_revokes_the_tokens_made_with_it() {
     assert_eq!(works(other).await, 200);
 }
 
+/// A password change that commits while a login with the old password is being checked wins:
+/// the login is refused and leaves no session behind. The change is held open (its row lock
+/// taken, the user's tokens revoked) until the login waits for it, then committed.
+#[tokio::test]
+async fn a_login_with_the_password_being_changed_gets_no_session() {
+    let app = common::spawn_app().await;
+    let (id, _) = app.user_with_role("engineer").await;
+    let username = username_of(&app, id).await;
+    let new_hash = aiops::auth::hash_password("a-brand-new-password".to_owned())
+        .await
+        .unwrap();
+    let mut change = app.pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
+        .bind(id)
+        .bind(&new_hash)
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE auth_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *change)
+    .await
+    .unwrap();
+    let login = {
+        let request = app
+            .client
+            .post(app.api("/auth/login"))
+            .json(&json!({ "username": username, "password": common::PASSWORD }));
+        tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+    };
+    // Until the login waits for the change's lock (or, were it not to wait, has answered).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting > 0 || login.is_finished() || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    change.commit().await.unwrap();
+    assert_eq!(login.await.unwrap(), 401);
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM auth_tokens WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(live, 0);
+    assert_eq!(app.audit_rows("login_failed").await.len(), 1);
+}
+
 /// Behind a trusted proxy the client is the address the proxy appended to `X-Forwarded-For`,
 /// the last one: the ones before it are whatever the client sent.
 #[tokio::test]

@@ -14,6 +14,7 @@ use super::context::{AppState, BearerAuth, client_ip};
 use super::error::ApiError;
 use super::pagination::Page;
 use super::users::User;
+use crate::auth::AuthError;
 
 /// Credentials.
 #[derive(Debug, Object)]
@@ -222,14 +223,25 @@ impl AuthApi {
             None => None,
         };
         let mut tx = self.state.pool.begin().await?;
+        // The user's row is share-locked until the new token is committed, and the calling
+        // token is read again after it: a password change, deactivation or revocation that
+        // committed meanwhile refuses the request, and one that comes later waits for it and
+        // then revokes the new token with the others.
+        match store::users::user_lock_credentials(&mut tx, caller.identity.user_id).await? {
+            Some((_, true)) => {}
+            _ => return Err(AuthError::Unauthenticated.into()),
+        }
         // An API token outlives nothing that made it: one created with an expiring API token
         // expires with it at the latest, so a leaked short-lived token cannot mint a lasting
         // one. A login session creates tokens of any lifetime (that is what it is for).
         // It is also revoked with the API token that made it (and that one's maker, and so on),
         // so revoking a leaked token leaves no copy it minted.
         let (expires_at, created_with) =
-            match store::tokens::token_kind_and_expiry(&mut tx, caller.identity.token_id).await? {
-                Some((kind, parent)) if kind == "api" => (
+            match store::tokens::token_live_kind_and_expiry(&mut tx, caller.identity.token_id)
+                .await?
+                .ok_or(AuthError::Unauthenticated)?
+            {
+                (kind, parent) if kind == "api" => (
                     match parent {
                         Some(parent) => Some(expires_at.map_or(parent, |own| own.min(parent))),
                         None => expires_at,

@@ -208,10 +208,40 @@ pub async fn login(
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| password::dummy_hash().to_owned());
     let ok = verify_blocking(candidate.to_owned(), stored).await;
-    let user = match user {
-        Some(user) if ok => user,
+    // The outcome is decided again under a share lock on the user's row, held until the session
+    // is committed: a password change, deactivation or deletion that committed while the hash
+    // was being verified is seen here (the verified hash is no longer the stored one), and one
+    // that comes after waits for this session, which its revocation of the user's tokens then
+    // covers. So no session outlives the password or the account it was granted for.
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let current = match &user {
+        Some(u) if ok => store::users::user_lock_credentials(&mut tx, u.id).await?,
+        _ => None,
+    };
+    let user = match (user, current) {
+        (Some(user), Some((hash, active))) if hash == user.password_hash => {
+            if !active {
+                // The right password for a disabled account: worth an audit entry of its own
+                // (someone holds the credentials of an account that was shut off).
+                store::login_attempts::login_attempt_finish(&mut tx, attempt, false).await?;
+                store::audit::audit_insert(
+                    &mut tx,
+                    &NewAuditEntry {
+                        user_id: Some(user.id),
+                        action: "login_refused_inactive",
+                        resource_type: "user",
+                        resource_id: Some(user.id),
+                        details: serde_json::json!({ "username": username }),
+                        ip_address: ip,
+                    },
+                )
+                .await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                return Err(AuthError::Inactive);
+            }
+            user
+        }
         _ => {
-            let mut tx = pool.begin().await.map_err(StoreError::from)?;
             store::login_attempts::login_attempt_finish(&mut tx, attempt, false).await?;
             store::audit::audit_insert(
                 &mut tx,
@@ -229,30 +259,9 @@ pub async fn login(
             return Err(AuthError::InvalidCredentials);
         }
     };
-    if !user.is_active {
-        // The right password for a disabled account: worth an audit entry of its own (someone
-        // holds the credentials of an account that was shut off).
-        let mut tx = pool.begin().await.map_err(StoreError::from)?;
-        store::login_attempts::login_attempt_finish(&mut tx, attempt, false).await?;
-        store::audit::audit_insert(
-            &mut tx,
-            &NewAuditEntry {
-                user_id: Some(user.id),
-                action: "login_refused_inactive",
-                resource_type: "user",
-                resource_id: Some(user.id),
-                details: serde_json::json!({ "username": username }),
-                ip_address: ip,
-            },
-        )
-        .await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        return Err(AuthError::Inactive);
-    }
     let new = token::generate();
     let expires_at = Utc::now()
         + chrono::Duration::from_std(settings.token_ttl).unwrap_or(chrono::Duration::hours(12));
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
     let row = store::tokens::token_insert(
         &mut tx,
         &NewTokenRow {

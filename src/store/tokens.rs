@@ -101,27 +101,34 @@ pub async fn token_lookup(
     .await?)
 }
 
-/// A token's kind (`session` or `api`) and expiry.
-pub async fn token_kind_and_expiry(
+/// A live token's kind (`session` or `api`) and expiry; `None` once it is revoked or expired.
+pub async fn token_live_kind_and_expiry(
     conn: &mut PgConnection,
     id: Uuid,
 ) -> StoreResult<Option<(String, Option<DateTime<Utc>>)>> {
-    Ok(
-        sqlx::query_as("SELECT kind, expires_at FROM auth_tokens WHERE id = $1")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT kind, expires_at FROM auth_tokens WHERE id = $1 AND revoked_at IS NULL \
+           AND (expires_at IS NULL OR expires_at > now())",
     )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Revokes one token of a user and every live token created with it, or with those, and so
 /// on. `None` when the named token was not live; otherwise how many tokens created from it
-/// were revoked with it.
+/// were revoked with it. The user's row is locked first: a token being created from one of
+/// the user's tokens (which share-locks that row) is committed before the line is read, and
+/// one created later sees its maker revoked.
 pub async fn token_revoke(
     conn: &mut PgConnection,
     user_id: Uuid,
     id: Uuid,
 ) -> StoreResult<Option<i64>> {
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await?;
     let (named, descendants): (i64, i64) = sqlx::query_as(
         "WITH RECURSIVE lineage AS ( \
              SELECT id FROM auth_tokens WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL \

@@ -93,6 +93,21 @@ pub async fn user_get_by_username(
     .await?)
 }
 
+/// A user's password hash and whether the account is active, read under a share lock held
+/// until the transaction ends: a concurrent password change, deactivation or deletion waits
+/// for it, and one that committed first is what this reads. `None` when the user is gone.
+pub async fn user_lock_credentials(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> StoreResult<Option<(String, bool)>> {
+    Ok(
+        sqlx::query_as("SELECT password_hash, is_active FROM users WHERE id = $1 FOR SHARE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// Lists users ordered by username, with keyset-free offset pagination (the table is small).
 pub async fn user_list(
     conn: &mut PgConnection,
