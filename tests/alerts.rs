@@ -1906,6 +1906,40 @@ async fn a_per_instance_cooldown_takes_an_instance_longer_than_its_column() {
     worker.stop().await;
 }
 
+/// A notification is looked at only for a valid token: one with a wrong token gets 401 and
+/// writes nothing to the log, whatever its alerts say; with the right token, alerts whose sent
+/// fingerprint differs from their labels' are logged in one line.
+#[tokio::test]
+async fn only_an_authenticated_notification_is_logged() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let marker = format!("forged-{}", uuid::Uuid::new_v4().simple());
+    let alerts: Vec<Value> = (0..50)
+        .map(|i| {
+            let mut a = alert(
+                "Forged",
+                &format!("web-{i}:9100"),
+                "2030-01-01T00:00:00Z",
+                "firing",
+            );
+            a["fingerprint"] = json!(marker);
+            a
+        })
+        .collect();
+    let (status, body) = post(&app, "aiops_not-a-token", &payload(alerts.clone())).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!common::logged().contains(&marker), "{}", common::logged());
+    let (status, body) = post(&app, &token, &payload(alerts)).await;
+    assert_eq!(status, 200, "{body}");
+    let lines: Vec<String> = common::logged()
+        .lines()
+        .filter(|l| l.contains(&marker))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("alerts=50"), "{lines:?}");
+}
+
 /// An alert is stored under the fingerprint of its labels: a notification naming another
 /// episode's fingerprint with other labels makes an episode of its own, and the first keeps
 /// the labels its triggers matched.

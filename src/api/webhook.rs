@@ -202,6 +202,32 @@ fn no_nul_in_map(field: &str, map: &HashMap<String, String>) -> Result<(), ApiEr
     Ok(())
 }
 
+/// Logs, in one line, the alerts of an authenticated notification whose sent fingerprint
+/// differs from the one computed from their labels (which identifies them). Only after the
+/// token is checked: an unauthenticated caller must not be able to write to the log.
+fn log_foreign_fingerprints(p: &AlertmanagerPayload) {
+    let mut foreign = p.alerts.iter().enumerate().filter_map(|(i, a)| {
+        let sent = a.fingerprint.as_deref()?;
+        let labels: BTreeMap<String, String> = a
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let computed = alert::fingerprint_of(&labels);
+        (sent != computed).then_some((i, sent, computed))
+    });
+    if let Some((first, sent, computed)) = foreign.next() {
+        tracing::warn!(
+            alerts = 1 + foreign.count(),
+            first,
+            sent = ?sent,
+            computed = %computed,
+            "alerts whose sent fingerprint does not match their labels; the one computed from \
+             the labels identifies each"
+        );
+    }
+}
+
 /// Validates a payload into rows to store, or names the first problem.
 pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
     if p.version != "4" {
@@ -315,15 +341,7 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
                     format!("must be 1 to {FINGERPRINT_MAX} characters"),
                 ));
             }
-            Some(f) if *f != fingerprint => {
-                tracing::warn!(
-                    alert = i,
-                    sent = ?f,
-                    computed = %fingerprint,
-                    "an alert's fingerprint does not match its labels; the one computed from \
-                     the labels identifies it"
-                );
-            }
+            // Logged once the sender is authenticated (`log_foreign_fingerprints`).
             _ => {}
         }
         let raw = json_text(&RawNotification {
@@ -550,6 +568,7 @@ impl WebhookApi {
                 .map_err(|e| ApiError::from(&*e))?
                 .ok_or_else(unauthorized)?
         };
+        log_foreign_fingerprints(&body.0);
         let receipt = WebhookReceipt {
             received: body.0.alerts.len(),
             created: outcomes.iter().filter(|o| o.inserted).count(),

@@ -157,6 +157,39 @@ pub async fn spawn_app() -> TestApp {
 pub const TEST_SECRET_KEY: &str =
     "test:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
+/// What the test process has logged (warn and above), kept to be read by [`logged`].
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// A writer that copies the log to stderr (shown for failing tests) and to [`LOG`].
+struct LogTee;
+
+impl std::io::Write for LogTee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        std::io::stderr().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Logs warnings and errors of the in-process servers, as a service does, and keeps them for
+/// [`logged`].
+fn init_log_capture() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_ansi(false)
+        .with_writer(|| LogTee)
+        .try_init();
+}
+
+/// Everything logged so far by this test binary (all of its tests).
+#[allow(dead_code)]
+pub fn logged() -> String {
+    String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned()
+}
+
 /// Starts the real server on port 0 after letting the test adjust the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     spawn_app_on(fresh_database_url().await, adjust).await
@@ -164,7 +197,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
 
 /// Starts the real server on port 0 on the (empty or migrated) database at `database_url`.
 pub async fn spawn_app_on(database_url: String, adjust: impl FnOnce(&mut Config)) -> TestApp {
-    aiops::telemetry::init(aiops::config::LogFormat::Text, "warn");
+    init_log_capture();
     let pool = aiops::store::connect(&database_url, 10)
         .await
         .expect("connect to the test database");
