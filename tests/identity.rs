@@ -658,6 +658,57 @@ async fn users_crud_validation_conflicts_and_audit() {
     assert_eq!(app.audit_rows("user_delete").await.len(), 1);
 }
 
+/// A deleted user's audit trail still names them: the entries keep the username (their id is
+/// cleared with the user), and the log can be filtered by it in any case.
+#[tokio::test]
+async fn a_deleted_users_audit_entries_still_name_them() {
+    let app = common::spawn_app().await;
+    let (id, token) = app.user_with_role("operator").await;
+    let username = username_of(&app, id).await;
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/tokens",
+            Some(&token),
+            Some(json!({ "name": "t1" })),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/users/{id}"),
+            Some(&app.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (status, page) = app
+        .get(&format!("/audit-log?username={}", username.to_uppercase()))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let actions: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["token_create", "login"], "{page}");
+    assert_eq!(page["total"], 2, "{page}");
+    for entry in page["items"].as_array().unwrap() {
+        assert_eq!(entry["username"], username.as_str(), "{entry}");
+        assert!(entry.get("user_id").is_none(), "{entry}");
+    }
+    // The admin's own entries name the admin.
+    let (_, page) = app.get("/audit-log?action=user_delete").await;
+    assert_eq!(
+        page["items"][0]["user_id"],
+        app.admin_id.to_string(),
+        "{page}"
+    );
+    assert!(page["items"][0]["username"].is_string(), "{page}");
+}
+
 #[tokio::test]
 async fn system_config_put_get_list_delete_with_audit() {
     let app = common::spawn_app().await;

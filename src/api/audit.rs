@@ -21,6 +21,10 @@ pub struct AuditEntry {
     /// Acting user (absent for anonymous actions such as failed logins).
     #[oai(skip_serializing_if_is_none)]
     pub user_id: Option<Uuid>,
+    /// The acting user's name when the entry was written. Kept when the user is deleted (then
+    /// `user_id` is absent).
+    #[oai(skip_serializing_if_is_none)]
+    pub username: Option<String>,
     /// Action (`user_create`, `login`, ...).
     pub action: String,
     /// Resource type.
@@ -71,6 +75,9 @@ impl AuditApi {
         auth: BearerAuth,
         /// Only entries by this user.
         user_id: Query<Option<Uuid>>,
+        /// Only entries by the user of this name (any case), also after the user was deleted.
+        #[oai(validator(max_length = 100))]
+        username: Query<Option<String>>,
         /// Only this action.
         action: Query<Option<String>>,
         /// Only this resource type.
@@ -92,6 +99,7 @@ impl AuditApi {
         let page = Page::parse(limit.0, offset.0)?;
         let filter = AuditFilter {
             user_id: user_id.0,
+            username: username.0,
             action: action.0,
             resource_type: resource_type.0,
             resource_id: resource_id.0,
@@ -107,6 +115,7 @@ impl AuditApi {
                 .map(|r| AuditEntry {
                     id: r.id,
                     user_id: r.user_id,
+                    username: r.username,
                     action: r.action,
                     resource_type: r.resource_type,
                     resource_id: r.resource_id,

@@ -30,6 +30,8 @@ pub struct AuditRow {
     pub id: Uuid,
     /// Acting user.
     pub user_id: Option<Uuid>,
+    /// The acting user's name when the entry was written (kept after the user is deleted).
+    pub username: Option<String>,
     /// Action name.
     pub action: String,
     /// Resource type.
@@ -44,11 +46,13 @@ pub struct AuditRow {
     pub created_at: DateTime<Utc>,
 }
 
-/// Appends an entry; call it in the same transaction as the change it records.
+/// Appends an entry; call it in the same transaction as the change it records. The actor's
+/// name is written beside their id.
 pub async fn audit_insert(conn: &mut PgConnection, entry: &NewAuditEntry<'_>) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO audit_log (user_id, action, resource_type, resource_id, details_json, ip_address) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO audit_log \
+           (user_id, username, action, resource_type, resource_id, details_json, ip_address) \
+         VALUES ($1, (SELECT username FROM users WHERE id = $1), $2, $3, $4, $5, $6)",
     )
     .bind(entry.user_id)
     .bind(entry.action)
@@ -66,6 +70,8 @@ pub async fn audit_insert(conn: &mut PgConnection, entry: &NewAuditEntry<'_>) ->
 pub struct AuditFilter {
     /// Acting user.
     pub user_id: Option<Uuid>,
+    /// Acting user's name (any case), also for entries of deleted users.
+    pub username: Option<String>,
     /// Action name.
     pub action: Option<String>,
     /// Resource type.
@@ -78,6 +84,19 @@ pub struct AuditFilter {
     pub until: Option<DateTime<Utc>>,
 }
 
+/// The filter of [`audit_list`], as a literal for `concat!`.
+macro_rules! audit_where {
+    () => {
+        " FROM audit_log WHERE ($1::uuid IS NULL OR user_id = $1) \
+          AND ($2::text IS NULL OR action = $2) \
+          AND ($3::text IS NULL OR resource_type = $3) \
+          AND ($4::uuid IS NULL OR resource_id = $4) \
+          AND ($5::timestamptz IS NULL OR created_at >= $5) \
+          AND ($6::timestamptz IS NULL OR created_at < $6) \
+          AND ($7::text IS NULL OR lower(username) = lower($7))"
+    };
+}
+
 /// Lists entries newest first, with the total matching count.
 pub async fn audit_list(
     conn: &mut PgConnection,
@@ -85,41 +104,32 @@ pub async fn audit_list(
     limit: i64,
     offset: i64,
 ) -> StoreResult<(Vec<AuditRow>, i64)> {
-    let rows = sqlx::query_as::<_, AuditRow>(
-        "SELECT id, user_id, action, resource_type, resource_id, details_json, ip_address, created_at \
-         FROM audit_log WHERE ($1::uuid IS NULL OR user_id = $1) \
-        AND ($2::text IS NULL OR action = $2) \
-        AND ($3::text IS NULL OR resource_type = $3) \
-        AND ($4::uuid IS NULL OR resource_id = $4) \
-        AND ($5::timestamptz IS NULL OR created_at >= $5) \
-        AND ($6::timestamptz IS NULL OR created_at < $6) \
-         ORDER BY created_at DESC, id LIMIT $7 OFFSET $8",
-    )
+    let rows = sqlx::query_as::<_, AuditRow>(concat!(
+        "SELECT id, user_id, username, action, resource_type, resource_id, details_json, \
+         ip_address, created_at",
+        audit_where!(),
+        " ORDER BY created_at DESC, id LIMIT $8 OFFSET $9"
+    ))
     .bind(filter.user_id)
     .bind(filter.action.as_deref())
     .bind(filter.resource_type.as_deref())
     .bind(filter.resource_id)
     .bind(filter.since)
     .bind(filter.until)
+    .bind(filter.username.as_deref())
     .bind(limit)
     .bind(offset)
     .fetch_all(&mut *conn)
     .await?;
-    let total: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_log WHERE ($1::uuid IS NULL OR user_id = $1) \
-        AND ($2::text IS NULL OR action = $2) \
-        AND ($3::text IS NULL OR resource_type = $3) \
-        AND ($4::uuid IS NULL OR resource_id = $4) \
-        AND ($5::timestamptz IS NULL OR created_at >= $5) \
-        AND ($6::timestamptz IS NULL OR created_at < $6)",
-    )
-    .bind(filter.user_id)
-    .bind(filter.action.as_deref())
-    .bind(filter.resource_type.as_deref())
-    .bind(filter.resource_id)
-    .bind(filter.since)
-    .bind(filter.until)
-    .fetch_one(conn)
-    .await?;
+    let total: i64 = sqlx::query_scalar(concat!("SELECT count(*)", audit_where!()))
+        .bind(filter.user_id)
+        .bind(filter.action.as_deref())
+        .bind(filter.resource_type.as_deref())
+        .bind(filter.resource_id)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.username.as_deref())
+        .fetch_one(conn)
+        .await?;
     Ok((rows, total))
 }
