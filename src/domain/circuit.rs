@@ -96,19 +96,14 @@ impl Breaker {
     /// Asks to admit an execution; `probes_in_flight` counts admitted half-open probes that have
     /// not finished. May move open -> half_open.
     pub fn admit(&mut self, now: DateTime<Utc>, probes_in_flight: i64) -> Admission {
+        self.elapse(now);
         if self.state == CircuitState::Open {
             let opened = self.opened_at.unwrap_or(now);
-            if now >= opened + self.reset_timeout {
-                self.state = CircuitState::HalfOpen;
-                self.half_open_at = Some(now);
-                self.success_count = 0;
-            } else {
-                return Admission::Refused(format!(
-                    "circuit breaker is open after {} consecutive failures; probes resume at {}",
-                    self.failure_count,
-                    (opened + self.reset_timeout).to_rfc3339()
-                ));
-            }
+            return Admission::Refused(format!(
+                "circuit breaker is open after {} consecutive failures; probes resume at {}",
+                self.failure_count,
+                (opened + self.reset_timeout).to_rfc3339()
+            ));
         }
         match self.state {
             CircuitState::Closed => Admission::Allowed,
@@ -127,8 +122,23 @@ impl Breaker {
         }
     }
 
-    /// Counts a successful execution.
-    pub fn record_success(&mut self) {
+    /// open -> half_open once the reset timeout has passed, at the instant it passed: the
+    /// stored row stays `open` until something reads it, and what is read (an admission or an
+    /// outcome) sees the state the breaker has been in since.
+    fn elapse(&mut self, now: DateTime<Utc>) {
+        if self.state == CircuitState::Open {
+            let resumes = self.opened_at.unwrap_or(now) + self.reset_timeout;
+            if now >= resumes {
+                self.state = CircuitState::HalfOpen;
+                self.half_open_at = Some(resumes);
+                self.success_count = 0;
+            }
+        }
+    }
+
+    /// Counts a successful execution that ended at `now`.
+    pub fn record_success(&mut self, now: DateTime<Utc>) {
+        self.elapse(now);
         match self.state {
             CircuitState::Closed => self.failure_count = 0,
             CircuitState::HalfOpen => {
@@ -144,8 +154,9 @@ impl Breaker {
         }
     }
 
-    /// Counts a failed (or timed-out) execution.
+    /// Counts a failed (or timed-out) execution that ended at `now`.
     pub fn record_failure(&mut self, now: DateTime<Utc>) {
+        self.elapse(now);
         self.last_failure_at = Some(now);
         match self.state {
             CircuitState::Closed => {
@@ -217,10 +228,10 @@ mod tests {
             b.admit(now + Duration::seconds(301), 3),
             Admission::Refused(_)
         ));
-        b.record_success();
-        b.record_success();
+        b.record_success(now + Duration::seconds(310));
+        b.record_success(now + Duration::seconds(310));
         assert_eq!(b.state, CircuitState::HalfOpen);
-        b.record_success();
+        b.record_success(now + Duration::seconds(310));
         assert_eq!(b.state, CircuitState::Closed);
         assert_eq!(b.failure_count, 0);
     }
@@ -233,7 +244,7 @@ mod tests {
         };
         let now = t0();
         b.record_failure(now);
-        b.record_success();
+        b.record_success(now);
         b.record_failure(now);
         assert_eq!(
             b.state,
@@ -243,13 +254,49 @@ mod tests {
         b.record_failure(now);
         assert_eq!(b.state, CircuitState::Open);
         b.admit(now + Duration::seconds(600), 0);
-        b.record_success();
+        b.record_success(now + Duration::seconds(600));
         b.record_failure(now + Duration::seconds(601));
         assert_eq!(b.state, CircuitState::Open);
         assert_eq!(b.opened_at, Some(now + Duration::seconds(601)));
         b.reset();
         assert_eq!(b.state, CircuitState::Closed);
         assert_eq!(b.admit(now, 0), Admission::Allowed);
+    }
+
+    /// An outcome recorded after the reset timeout meets the breaker half-open even when no
+    /// run was admitted since (the stored row still said open): a failure reopens it from then,
+    /// a success counts towards closing it.
+    #[test]
+    fn outcomes_after_the_reset_timeout_meet_a_half_open_breaker() {
+        let opened = t0();
+        let tripped = || {
+            let mut b = Breaker {
+                failure_threshold: 1,
+                success_threshold: 1,
+                ..Breaker::new()
+            };
+            b.record_failure(opened);
+            assert_eq!(b.state, CircuitState::Open);
+            b
+        };
+        // Before the timeout an in-flight run's failure only counts.
+        let mut b = tripped();
+        b.record_failure(opened + Duration::seconds(100));
+        assert_eq!((b.state, b.opened_at), (CircuitState::Open, Some(opened)));
+        // After it, the failure reopens the breaker: the next probe waits a whole timeout.
+        let mut b = tripped();
+        let late = opened + Duration::seconds(314);
+        b.record_failure(late);
+        assert_eq!((b.state, b.opened_at), (CircuitState::Open, Some(late)));
+        assert!(matches!(
+            b.admit(late + Duration::seconds(2), 0),
+            Admission::Refused(_)
+        ));
+        assert_eq!(b.admit(late + Duration::seconds(300), 0), Admission::Probe);
+        // A success after it is a half-open success.
+        let mut b = tripped();
+        b.record_success(late);
+        assert_eq!(b.state, CircuitState::Closed);
     }
 
     proptest! {
@@ -261,7 +308,7 @@ mod tests {
                 now += Duration::seconds(37);
                 match op {
                     0 => b.record_failure(now),
-                    1 => b.record_success(),
+                    1 => b.record_success(now),
                     _ => {
                         let before = b.clone();
                         let admission = b.admit(now, 0);

@@ -528,7 +528,7 @@ pub(crate) async fn finish_run(
                 if let Some(mut b) = store::breakers::breaker_lock(g.conn(), snapshot.id).await? {
                     let mut breaker = b.breaker();
                     if *success {
-                        breaker.record_success();
+                        breaker.record_success(b.read_at);
                     } else {
                         breaker.record_failure(b.read_at);
                     }
