@@ -266,6 +266,90 @@ steps:
     worker.stop().await;
 }
 
+/// A cancel that comes while the rollbacks before a runbook retry run stops them: the running
+/// rollback command is killed and recorded as cancelled, the older ones never run, and the log
+/// says why.
+#[tokio::test]
+async fn a_cancel_during_the_rollbacks_before_a_retry_stops_them() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let log = dir.join("log");
+    let yaml = format!(
+        r#"
+name: rollback-cancelled
+mode: auto
+max_retries: 1
+retry_delay_seconds: 1
+environment_vars:
+  LOG: "{log}"
+steps:
+  - name: one
+    command: "true"
+    rollback_command: echo undo-1 >> {{{{ LOG }}}}
+  - name: two
+    command: "true"
+    rollback_command: echo undo-2 >> {{{{ LOG }}}}; sleep 30; echo undo-2-end >> {{{{ LOG }}}}
+  - name: three
+    command: exit 1
+"#,
+        log = log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    common::wait_for_file(&log, "undo-2\n").await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/executions/{id}/cancel"),
+            Some(&app.admin_token),
+            Some(json!({ "reason": "stop everything" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    // The rollback's command is killed at once and recorded, and nothing follows it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let undo_two = loop {
+        let steps = app.steps(id).await;
+        if let Some(s) = steps
+            .iter()
+            .find(|s| s["phase"] == "rollback" && s["status"] != "running")
+        {
+            break s.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{steps:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(undo_two["step_name"], "two", "{undo_two}");
+    assert_eq!(undo_two["status"], "cancelled", "{undo_two}");
+    // Like a step's, a rollback's row says which signal ended its command.
+    assert_eq!(undo_two["exit_signal"], "TERM", "{undo_two}");
+    let (_, done) = app.get(&format!("/executions/{id}")).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut done = done;
+    while !done["execution_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event"] == "rollback_stopped")
+    {
+        assert!(std::time::Instant::now() < deadline, "{done}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        done = app.get(&format!("/executions/{id}")).await.1;
+    }
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let rollbacks = app
+        .steps(id)
+        .await
+        .into_iter()
+        .filter(|s| s["phase"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
+    assert_eq!(read(&log), "undo-2\n");
+    worker.stop().await;
+}
+
 /// A rollback command is rendered with what the run's steps saw: the variables given at start
 /// (overriding the runbook's), secret ones included and masked in what is stored, the captured
 /// output of earlier steps, and the variables as its environment.

@@ -13,7 +13,7 @@ use crate::queue::{JobContext, JobError, NewJob};
 use crate::store::{self, executions::StepResult, executions::StepSlot};
 
 use super::control::{begin_attempt, log, snapshot_of};
-use super::runner::{RenderInputs, render_inputs, stream_output};
+use super::runner::{RenderInputs, render_inputs, stream_output, watch_execution};
 use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
 
 /// How long rollbacks wait for the worker of a stopped step to record it (its command's kill
@@ -31,6 +31,13 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
     let Some(row) = row else {
         return ctx.lease().guarded_tx().await?.complete().await;
     };
+    // A cancelled run does not roll back: a cancel that came while the rollbacks before a
+    // runbook retry ran stops the rest of them.
+    if row.status == "cancelled" {
+        let mut g = ctx.lease().guarded_tx().await?;
+        log_stopped(g.conn(), row.id).await?;
+        return g.complete().await;
+    }
     // The step a timeout or cancel stopped may still be dying on its worker (its kill grace):
     // nothing is undone while its command may still be doing what the rollback undoes.
     {
@@ -152,10 +159,21 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                             ),
                             output_limit_bytes: engine.settings.output_limit_bytes,
                         };
+                        // Only a cancel stops a rollback: one before a runbook retry runs
+                        // while its execution is still running, and a cancel of it asks for
+                        // nothing more on the host. (A final rollback runs after the end.)
+                        let cancel = crate::exec::CancellationToken::new();
+                        let _stop_watcher = cancel.clone().drop_guard();
+                        let watcher =
+                            watch_execution(engine, &ctx, row.id, None, &cancel, |status, _| {
+                                status == "cancelled"
+                            });
                         let ran = ex
-                            .run(&target, &req, crate::exec::CancellationToken::new(), tx)
+                            .run(&target, &req, cancel.clone(), tx)
                             .await
                             .map_err(|e| e.to_string());
+                        cancel.cancel();
+                        let _ = watcher.await;
                         let _ = streamer.await;
                         ran
                     }
@@ -163,6 +181,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             }
         };
         g = ctx.lease().guarded_tx().await?;
+        let exit_signal = result.as_ref().ok().and_then(|o| o.exit_signal.clone());
+        let truncated = result.as_ref().is_ok_and(|o| o.truncated);
         let (status, exit_code, stdout, stderr, error) = match result {
             Ok(o) if o.exit_code == Some(0) => (
                 "completed",
@@ -172,12 +192,20 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 None,
             ),
             Ok(o) => (
-                if o.timed_out { "timeout" } else { "failed" },
+                if o.timed_out {
+                    "timeout"
+                } else if o.cancelled {
+                    "cancelled"
+                } else {
+                    "failed"
+                },
                 o.exit_code,
                 Some(masker.mask(&o.stdout)),
                 Some(masker.mask(&o.stderr)),
                 Some(if o.timed_out {
                     "rollback timed out".to_owned()
+                } else if o.cancelled {
+                    "rollback stopped: the run was cancelled".to_owned()
                 } else {
                     match (o.exit_code, &o.exit_signal) {
                         (Some(code), _) => format!("rollback exited with code {code}"),
@@ -202,8 +230,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
             &StepResult {
                 status,
                 exit_code,
+                exit_signal: exit_signal.as_deref(),
                 stdout: stdout.as_deref(),
                 stderr: stderr.as_deref(),
+                truncated,
                 error_message: error.as_deref(),
                 ..StepResult::default()
             },
@@ -222,7 +252,14 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         )
         .await?;
     }
-    if !rest.is_empty() {
+    // A cancel of the run during its rollbacks before a retry stops the ones left.
+    let stopped = p.then_attempt.is_some()
+        && store::executions::execution_status(g.conn(), row.id)
+            .await?
+            .is_some_and(|(status, _)| status == "cancelled");
+    if stopped {
+        log_stopped(g.conn(), row.id).await?;
+    } else if !rest.is_empty() {
         let mut job = NewJob::new(
             KIND_ROLLBACK,
             json!(RollbackPayload {
@@ -255,4 +292,16 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         .await?;
     }
     g.complete().await
+}
+
+/// Records that the rollbacks left were not run because the run was cancelled.
+async fn log_stopped(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<(), JobError> {
+    log(
+        conn,
+        id,
+        "rollback_stopped",
+        json!({ "reason": "the run was cancelled" }),
+    )
+    .await?;
+    Ok(())
 }

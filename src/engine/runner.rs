@@ -755,46 +755,10 @@ async fn run_command(
     let _stop_watcher = cancel.clone().drop_guard();
     let (tx, rx) = mpsc::channel::<OutputChunk>(64);
     let pool = engine.pool.clone();
-    let watcher = {
-        let cancel = cancel.clone();
-        let pool = pool.clone();
-        let lease = ctx.lease().clone();
-        let id = row.id;
-        let poll = engine.settings.cancel_poll;
-        let mut ended = ended.unwrap_or_else(|| engine.ended.subscribe());
-        let id_text = row.id.to_string();
-        tokio::spawn(async move {
-            let mut fallback = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
-            fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                // The end of the execution is notified; the poll is the fallback.
-                tokio::select! {
-                    _ = cancel.cancelled() => return None,
-                    _ = lease.lost() => { cancel.cancel(); return None; }
-                    _ = fallback.tick() => {}
-                    msg = ended.recv() => match msg {
-                        Ok(ended_id) if ended_id != id_text => continue,
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            fallback.tick().await;
-                        }
-                    },
-                }
-                let Ok(mut conn) = pool.acquire().await else {
-                    continue;
-                };
-                match store::executions::execution_status(&mut conn, id).await {
-                    Ok(Some((status, cancel_requested)))
-                        if status == "running" && !cancel_requested => {}
-                    Ok(ended) => {
-                        cancel.cancel();
-                        return ended.map(|(status, _)| status);
-                    }
-                    Err(_) => {}
-                }
-            }
-        })
-    };
+    // A step's command stops when its execution ends in any way.
+    let watcher = watch_execution(engine, ctx, row.id, ended, &cancel, |status, requested| {
+        status != "running" || requested
+    });
     let streamer = tokio::spawn(stream_output(
         pool,
         row.id,
@@ -809,6 +773,56 @@ async fn run_command(
     let ended_as = watcher.await.ok().flatten();
     let _ = streamer.await;
     (outcome.map_err(|e| e.to_string()), ended_as)
+}
+
+/// Spawns the watcher of a running command: it cancels `cancel` when the execution reaches a
+/// status `stops` accepts (given the status and whether a cancel was requested), as notified
+/// on the end channel or found by the fallback poll, or when the job's lease is lost. Returns
+/// the status that stopped it.
+pub(crate) fn watch_execution(
+    engine: &Engine,
+    ctx: &JobContext,
+    id: uuid::Uuid,
+    ended: Option<broadcast::Receiver<String>>,
+    cancel: &CancellationToken,
+    stops: fn(&str, bool) -> bool,
+) -> tokio::task::JoinHandle<Option<String>> {
+    let cancel = cancel.clone();
+    let pool = engine.pool.clone();
+    let lease = ctx.lease().clone();
+    let poll = engine.settings.cancel_poll;
+    let mut ended = ended.unwrap_or_else(|| engine.ended.subscribe());
+    let id_text = id.to_string();
+    tokio::spawn(async move {
+        let mut fallback = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+        fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // The end of the execution is notified; the poll is the fallback.
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = lease.lost() => { cancel.cancel(); return None; }
+                _ = fallback.tick() => {}
+                msg = ended.recv() => match msg {
+                    Ok(ended_id) if ended_id != id_text => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        fallback.tick().await;
+                    }
+                },
+            }
+            let Ok(mut conn) = pool.acquire().await else {
+                continue;
+            };
+            match store::executions::execution_status(&mut conn, id).await {
+                Ok(Some((status, requested))) if !stops(&status, requested) => {}
+                Ok(ended) => {
+                    cancel.cancel();
+                    return ended.map(|(status, _)| status);
+                }
+                Err(_) => {}
+            }
+        }
+    })
 }
 
 /// Appends a command's output to the live event log of attempt row `step_row` as it arrives:
