@@ -209,6 +209,36 @@ fn diff_and_dry_run_work_offline() {
     );
 }
 
+/// Two applies of the same runbooks listed in opposite orders (a folder and its export) at
+/// the same moment both succeed: they take turns instead of deadlocking.
+#[tokio::test]
+async fn applies_of_the_same_runbooks_in_opposite_orders_take_turns() {
+    let url = common::fresh_database_url().await;
+    let pool = aiops::store::connect(&url, 8).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    for round in 0..4 {
+        let docs: Vec<_> = (0..20)
+            .map(|i| {
+                aiops::domain::runbook::parse_yaml(&format!(
+                    "name: order-{i:02}\nsteps:\n  - name: s\n    command: echo {round}\n"
+                ))
+                .unwrap()
+            })
+            .collect();
+        let mut reversed = docs.clone();
+        reversed.reverse();
+        for d in &mut reversed {
+            d.steps[0].command = format!("echo {round} again");
+        }
+        let (a, b) = tokio::join!(
+            aiops::cli::runbook::apply_documents(&pool, &docs, false, None, "test"),
+            aiops::cli::runbook::apply_documents(&pool, &reversed, false, None, "test"),
+        );
+        assert!(a.is_ok(), "round {round}: {:#}", a.unwrap_err());
+        assert!(b.is_ok(), "round {round}: {:#}", b.unwrap_err());
+    }
+}
+
 #[tokio::test]
 async fn apply_folder_is_idempotent_prunes_on_request_and_exports() {
     let url = common::fresh_database_url().await;

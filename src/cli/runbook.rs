@@ -300,6 +300,19 @@ pub async fn apply_documents(
     source: &str,
 ) -> anyhow::Result<ApplyReport> {
     let mut tx = pool.begin().await?;
+    // Every name this apply writes is locked first, in one order for all applies: two applies
+    // of the same runbooks listed in different orders (a folder and its export) take turns
+    // instead of deadlocking.
+    let mut names: Vec<String> = docs.iter().map(|d| d.name.clone()).collect();
+    if prune {
+        names.extend(
+            store::runbooks::runbook_names(&mut tx)
+                .await?
+                .into_iter()
+                .map(|(_, name)| name),
+        );
+    }
+    store::runbooks::runbook_lock_names(&mut tx, names).await?;
     let mut report = ApplyReport::default();
     for doc in docs {
         let out = store::runbooks::runbook_apply(&mut tx, doc, message, None)

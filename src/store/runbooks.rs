@@ -805,6 +805,30 @@ pub async fn runbook_server_context(
     .await?)
 }
 
+/// Takes the transaction-long lock of a runbook name (any case).
+async fn lock_name(conn: &mut PgConnection, name: &str) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('runbook-name:' || lower($1), 0))")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes the locks of several runbook names (those [`runbook_apply`] takes one by one) in one
+/// order, by their lower-case form: transactions that lock overlapping sets this way wait for
+/// each other instead of deadlocking.
+pub async fn runbook_lock_names(
+    conn: &mut PgConnection,
+    mut names: Vec<String>,
+) -> StoreResult<()> {
+    names.sort_by_cached_key(|name| name.to_lowercase());
+    names.dedup_by(|a, b| a.to_lowercase() == b.to_lowercase());
+    for name in &names {
+        lock_name(conn, name).await?;
+    }
+    Ok(())
+}
+
 /// Creates or updates the runbook named like `doc` (locking it first), through
 /// [`runbook_save`]. Two applies of a brand-new name racing each other: the loser gets
 /// `StoreError::Conflict`.
@@ -817,10 +841,7 @@ pub async fn runbook_apply(
     // Applies of one name (in any case: names are unique regardless of case) take turns, so
     // that two applies of a runbook not stored yet make one create and one "unchanged", not a
     // create and a conflict; the row lock alone cannot order them while there is no row.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('runbook-name:' || lower($1), 0))")
-        .bind(&doc.name)
-        .execute(&mut *conn)
-        .await?;
+    lock_name(conn, &doc.name).await?;
     let existing = runbook_lock_by_name(conn, &doc.name).await?;
     runbook_save(conn, existing.as_ref(), doc, summary, user).await
 }
