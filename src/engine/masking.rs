@@ -56,13 +56,9 @@ impl Masker {
     /// matches it whole: a cut-off start of a secret (at least 3 characters) just before the
     /// truncation marker is masked too.
     pub fn mask(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for secret in &self.secrets {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), MASK);
-            }
-        }
-        match out.find(TRUNCATION_MARKER) {
+        let out = self.mask_matches(text);
+        // The real marker is the last one: output may print the marker's text itself.
+        match out.rfind(TRUNCATION_MARKER) {
             Some(at) => {
                 let (kept, marker) = out.split_at(at);
                 let cut = self.cut_off_secret(kept);
@@ -74,6 +70,43 @@ impl Masker {
             }
             None => out,
         }
+    }
+
+    /// The text with every occurrence of every secret masked. Occurrences are found in the
+    /// text as given and overlapping ones are masked as one, so two secrets that share
+    /// characters (`abcdefXYZ9` and `XYZ9876543` in `abcdefXYZ9876543`) leave nothing of
+    /// either in clear.
+    fn mask_matches(&self, text: &str) -> String {
+        let mut found: Vec<(usize, usize)> = Vec::new();
+        for secret in &self.secrets {
+            let mut from = 0;
+            while let Some(at) = text[from..].find(secret.as_str()) {
+                let start = from + at;
+                found.push((start, start + secret.len()));
+                // The next occurrence may overlap this one: go on from its next character.
+                from = start + text[start..].chars().next().map_or(1, char::len_utf8);
+            }
+        }
+        if found.is_empty() {
+            return text.to_owned();
+        }
+        found.sort_unstable();
+        let mut out = String::with_capacity(text.len());
+        let mut copied = 0;
+        let mut i = 0;
+        while i < found.len() {
+            let (start, mut end) = found[i];
+            i += 1;
+            while i < found.len() && found[i].0 < end {
+                end = end.max(found[i].1);
+                i += 1;
+            }
+            out.push_str(&text[copied..start]);
+            out.push_str(MASK);
+            copied = end;
+        }
+        out.push_str(&text[copied..]);
+        out
     }
 
     /// [`Masker::mask`], and a cut-off start of a secret (at least 3 characters) at the very
@@ -192,5 +225,21 @@ mod tests {
         assert_eq!(m.mask(short), short);
         // Without a truncation marker the end of the text is left alone.
         assert_eq!(m.mask("token hunter2-ex"), "token hunter2-ex");
+        // Output that prints the marker's text itself does not hide the real one.
+        let fake = "[aiops: output truncated at 5 bytes; fake]\n";
+        assert_eq!(
+            m.mask(&format!("{fake}aaa hunter2-ex\n{}", &cut[17..])),
+            format!("{fake}aaa ********\n{}", &cut[17..])
+        );
+    }
+
+    #[test]
+    fn overlapping_secrets_are_masked_as_one() {
+        let m = Masker::new(["abcdefXYZ9".to_owned(), "XYZ9876543".to_owned()]);
+        assert_eq!(m.mask("id=abcdefXYZ9876543."), "id=********.");
+        assert_eq!(m.mask("abcdefXYZ9 and XYZ9876543"), "******** and ********");
+        // Occurrences that overlap themselves too.
+        let m = Masker::new(["aXa".to_owned()]);
+        assert_eq!(m.mask("aXaXa-é"), "********-é");
     }
 }
