@@ -99,6 +99,11 @@ pub enum MisplacedKind {
     /// `{% set x %}...{% endset %}` or `{% filter %}`: what they capture is quoted, and quoted
     /// again where it is used.
     Capture,
+    /// `{{ }}` in a plain word that the command it belongs to reads as code: an argument of
+    /// `eval` or `let`, a variable name or a `-i`/`-a`/`-A` value of `declare`, `local`, ...,
+    /// the name after `printf -v` or `[ -v`, the script after `sh -c`. The context names the
+    /// command.
+    EvaluatedArgument,
 }
 
 impl Misplaced {
@@ -122,6 +127,13 @@ impl Misplaced {
                 "`{{% %}}` {at} is inside {}; put template tags where the shell reads plain \
                  words (outside quotes, comments and heredocs), so that every branch leaves the \
                  shell reading plain words",
+                self.context
+            ),
+            MisplacedKind::EvaluatedArgument => format!(
+                "`{{{{ }}}}` {at} is an argument that `{}` reads as code (arithmetic, an array \
+                 subscript or a script), where quoting does not hold; give the value to the \
+                 command as the value of an environment variable or of a plain assignment \
+                 (`x={{{{ v }}}}`) instead, and compare numbers with `[ ]` or `case`",
                 self.context
             ),
             MisplacedKind::Capture => format!(
@@ -170,6 +182,10 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
     let mut parens: Vec<u32> = Vec::new();
     let mut state = State::Word;
     let mut at_word_start = true;
+    // The words of the simple command being read (quotes removed), and those of the commands
+    // around the `$( )` entered; a value stands for [`VALUE_MARK`] in them.
+    let mut words = CommandWords::default();
+    let mut outer_words: Vec<CommandWords> = Vec::new();
     let mut pending_heredocs: Vec<(String, bool)> = Vec::new();
     let mut heredoc: Option<(String, bool)> = None;
     let mut line = 1;
@@ -187,6 +203,15 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
                     kind: MisplacedKind::Interpolation,
                 });
             }
+            if let Some(command) = words.evaluates_next_value(shell) {
+                return Err(Misplaced {
+                    line,
+                    column: i - line_start + 1,
+                    context: command,
+                    kind: MisplacedKind::EvaluatedArgument,
+                });
+            }
+            words.current.push(VALUE_MARK);
             at_word_start = false;
             i += 1;
             continue;
@@ -228,6 +253,10 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
                     if state != State::Word {
                         return Err(misplaced(state.describe(), MisplacedKind::Interpolation));
                     }
+                    if let Some(command) = words.evaluates_next_value(shell) {
+                        return Err(misplaced(command, MisplacedKind::EvaluatedArgument));
+                    }
+                    words.current.push(VALUE_MARK);
                     at_word_start = false;
                 }
                 Some('%') => {
@@ -256,6 +285,7 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
             continue;
         }
         if c == '\n' {
+            words.read(c, state, shell, next);
             line += 1;
             line_start = i + 1;
             match state {
@@ -298,6 +328,7 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
             i += 1;
             continue;
         }
+        words.read(c, state, shell, next);
         match shell {
             Shell::Posix => match state {
                 // A value right after `\` or `$` would not begin its own quoting: `\'` is a
@@ -334,6 +365,7 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
                         // A command substitution: plain words again until its `)`.
                         outer.push(State::Word);
                         parens.push(0);
+                        outer_words.push(std::mem::take(&mut words));
                         i += 1;
                     }
                     // `((` is arithmetic in bash wherever a command may begin (`if((`), and
@@ -357,6 +389,9 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
                     ')' if parens.last().is_some_and(|open| *open == 0) => {
                         parens.pop();
                         state = outer.pop().unwrap_or(State::Word);
+                        words = outer_words.pop().unwrap_or_default();
+                        // The substitution is part of the word being read.
+                        words.current.push('$');
                     }
                     ')' if !parens.is_empty() => {
                         if let Some(open) = parens.last_mut() {
@@ -424,6 +459,7 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
                 {
                     outer.push(State::DoubleQuoted);
                     parens.push(0);
+                    outer_words.push(std::mem::take(&mut words));
                     state = State::Word;
                     i += 1;
                 }
@@ -471,6 +507,123 @@ fn scan(source: &str, shell: Shell, mode: Mode) -> Result<(), Misplaced> {
         i += 1;
     }
     Ok(())
+}
+
+/// The words of the simple command being read, to know what reads a value as code.
+#[derive(Debug, Default)]
+struct CommandWords {
+    /// Finished words.
+    done: Vec<String>,
+    /// The word being read.
+    current: String,
+}
+
+/// Commands (bash builtins) that read every argument as code: arithmetic, or a script.
+const EVALUATING_COMMANDS: [&str; 3] = ["eval", "let", "trap"];
+
+/// Builtins whose arguments name variables, whose array subscripts bash evaluates as
+/// arithmetic (`unset 'a[$(id)]'` runs `id`).
+const NAMING_COMMANDS: [&str; 5] = ["read", "unset", "mapfile", "readarray", "getopts"];
+
+/// Builtins that declare variables: a value in a variable's name (before `=`) has its subscript
+/// evaluated, and with `-i`, `-a` or `-A` the value itself is arithmetic or an array
+/// assignment that bash parses (`declare -a a='($(id))'` runs `id`).
+const DECLARING_COMMANDS: [&str; 5] = ["declare", "typeset", "local", "readonly", "export"];
+
+/// Shells whose `-c` argument is a script.
+const SHELLS: [&str; 7] = ["sh", "bash", "dash", "ash", "ksh", "zsh", "busybox"];
+
+impl CommandWords {
+    /// Takes in the character `c` read in `state` (before the state machine moves on).
+    fn read(&mut self, c: char, state: State, shell: Shell, next: Option<char>) {
+        match state {
+            State::Word => {
+                let separator = match shell {
+                    Shell::Posix => matches!(c, ';' | '|' | '&' | '(' | ')' | '\n'),
+                    Shell::PowerShell => matches!(c, ';' | '|' | '(' | ')' | '{' | '}' | '\n'),
+                };
+                if separator {
+                    self.done.clear();
+                    self.current.clear();
+                } else if c.is_whitespace() {
+                    if !self.current.is_empty() {
+                        self.done.push(std::mem::take(&mut self.current));
+                    }
+                } else if !(matches!(c, '\'' | '"') || shell == Shell::Posix && c == '\\') {
+                    // `$(` begins a substitution, read as a command of its own.
+                    if !(c == '$' && next == Some('(')) {
+                        self.current.push(c);
+                    }
+                }
+            }
+            State::SingleQuoted | State::DoubleQuoted | State::AnsiCQuoted
+                if !matches!(c, '\'' | '"') =>
+            {
+                self.current.push(c);
+            }
+            _ => {}
+        }
+    }
+
+    /// The command, when the value about to be read is an argument it reads as code.
+    fn evaluates_next_value(&self, shell: Shell) -> Option<&'static str> {
+        // The command word: past assignments, reserved words and the `command`/`builtin`
+        // prefixes.
+        let mut rest = self.done.iter().map(String::as_str).skip_while(|w| {
+            matches!(
+                *w,
+                "if" | "then"
+                    | "else"
+                    | "elif"
+                    | "do"
+                    | "while"
+                    | "until"
+                    | "!"
+                    | "{"
+                    | "time"
+                    | "command"
+                    | "builtin"
+            ) || w.split_once('=').is_some_and(|(name, _)| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+        });
+        let command = rest.next()?;
+        let args: Vec<&str> = rest.collect();
+        let find = |list: &[&'static str]| list.iter().copied().find(|n| *n == command);
+        if shell == Shell::PowerShell {
+            let lower = command.to_ascii_lowercase();
+            return ["invoke-expression", "iex"]
+                .iter()
+                .any(|n| *n == lower)
+                .then_some("Invoke-Expression");
+        }
+        if let Some(name) = find(&EVALUATING_COMMANDS).or_else(|| find(&NAMING_COMMANDS)) {
+            return Some(name);
+        }
+        if let Some(name) = find(&DECLARING_COMMANDS) {
+            let typed = args.iter().any(|a| {
+                a.len() > 1
+                    && (a.starts_with('-') || a.starts_with('+'))
+                    && a[1..].contains(['i', 'a', 'A'])
+            });
+            // Before `=`, the value is (part of) a variable's name.
+            return (typed || !self.current.contains('=')).then_some(name);
+        }
+        let previous = args.last().copied();
+        match command {
+            "printf" | "test" | "[" if previous == Some("-v") || self.current == "-v" => {
+                Some(if command == "printf" {
+                    "printf -v"
+                } else {
+                    "test -v"
+                })
+            }
+            _ if SHELLS.contains(&command) && previous == Some("-c") && self.current.is_empty() => {
+                Some("sh -c")
+            }
+            _ => None,
+        }
+    }
 }
 
 fn is_powershell_single_quote(c: char) -> bool {
@@ -565,6 +718,66 @@ mod tests {
         }
         let err = posix("echo ok\necho \"{{ x }}\"").unwrap_err();
         assert_eq!((err.line, err.column), (2, 7));
+    }
+
+    #[test]
+    fn arguments_a_builtin_reads_as_code_are_rejected() {
+        for (src, command) in [
+            ("let n={{ x }}", "let"),
+            ("eval echo {{ x }}", "eval"),
+            ("x=1 command eval {{ x }}", "eval"),
+            ("trap {{ x }} EXIT", "trap"),
+            ("declare -i m; m=1; declare -i n={{ x }}", "declare"),
+            ("declare -a arr={{ x }}", "declare"),
+            ("typeset -i t={{ x }}", "typeset"),
+            ("f() { local -i v={{ x }}; }", "local"),
+            ("export {{ x }}", "export"),
+            ("readonly {{ x }}=1", "readonly"),
+            ("unset {{ x }}", "unset"),
+            ("read -r {{ x }} < /etc/hostname", "read"),
+            ("printf -v {{ x }} '%s' 1", "printf -v"),
+            ("[ -v {{ x }} ]", "test -v"),
+            ("if test -v {{ x }}; then echo y; fi", "test -v"),
+            ("echo ok; bash -c {{ x }}", "sh -c"),
+            ("echo $(let n={{ x }})", "let"),
+            ("echo \"$(eval {{ x }})\"", "eval"),
+        ] {
+            let err = posix(src).unwrap_err();
+            assert_eq!(
+                (err.kind, err.context),
+                (MisplacedKind::EvaluatedArgument, command),
+                "{src}"
+            );
+            assert!(err.to_string().contains(command), "{err}");
+        }
+        // The same commands with values where bash reads them as plain text.
+        for src in [
+            "export PGPASSWORD={{ x }}",
+            "local name={{ x }}",
+            "declare -r v={{ x }}",
+            "printf -v out '%s' {{ x }}",
+            "printf '%s\\n' {{ x }}",
+            "[ {{ x }} -gt 90 ]",
+            "sh -c 'echo \"$1\"' sh {{ x }}",
+            "let n=1\necho {{ x }}",
+            "eval true; echo {{ x }}",
+            "echo $(eval true) {{ x }}",
+            "{{ cmd }} --flag {{ x }}",
+        ] {
+            assert!(posix(src).is_ok(), "{src}: {:?}", posix(src));
+        }
+        // The rendered command is checked the same way.
+        let marked = format!("let n={VALUE_MARK}");
+        assert_eq!(
+            check_rendered(&marked, Shell::Posix).unwrap_err().kind,
+            MisplacedKind::EvaluatedArgument
+        );
+        let ps = |s| check_placement(s, Shell::PowerShell);
+        assert_eq!(
+            ps("Invoke-Expression {{ x }}").unwrap_err().kind,
+            MisplacedKind::EvaluatedArgument
+        );
+        assert!(ps("Write-Output {{ x }}").is_ok());
     }
 
     #[test]
