@@ -178,3 +178,33 @@ async fn captured_output_reaches_a_step_on_another_worker() {
     assert_eq!(workers, 2, "steps ran on two workers");
     second.stop().await;
 }
+
+/// A captured step reads as its last attempt, whatever its end: one whose retry timed out is
+/// seen with that attempt's output and exit code -1, not with the failed attempt before it.
+#[tokio::test]
+async fn a_captured_step_reads_as_its_last_attempt_even_when_it_timed_out() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let yaml = format!(
+        "name: capture-timeout\nmode: auto\nenvironment_vars:\n  F: \"{}\"\nsteps:\n  - name: flaky\n    command: if test -e {{{{ F }}}}; then echo attempt 2; sleep 30; else touch {{{{ F }}}}; echo attempt 1; exit 1; fi\n    capture_output: true\n    retry_count: 1\n    retry_delay_seconds: 0\n    timeout_seconds: 2\n    continue_on_failure: true\n  - name: report\n    command: echo flaky said {{{{ steps.flaky.stdout | trim }}}} exit {{{{ steps.flaky.exit_code }}}}\n",
+        dir.join("seen").display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app.wait_for_status(id, TERMINAL, 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let steps = app.steps(id).await;
+    let flaky: Vec<&str> = steps
+        .iter()
+        .filter(|s| s["step_name"] == "flaky")
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(flaky, ["failed", "timeout"], "{steps:?}");
+    let report = steps.iter().find(|s| s["step_name"] == "report").unwrap();
+    assert_eq!(
+        report["stdout"], "flaky said attempt 2 exit -1\n",
+        "{report}"
+    );
+    worker.stop().await;
+}

@@ -1223,8 +1223,9 @@ pub async fn step_list(conn: &mut PgConnection, execution_id: Uuid) -> StoreResu
     .await?)
 }
 
-/// The latest completed (not skipped) run row of each step of an attempt: the outputs later
-/// steps read and the steps a rollback undoes.
+/// The latest finished run row of each step of an attempt (completed, failed or timed out;
+/// not interrupted): the outputs later steps read (a step reads as its last attempt) and the
+/// steps a rollback undoes (those completed and not skipped).
 pub async fn step_completed_runs(
     conn: &mut PgConnection,
     execution_id: Uuid,
@@ -1233,7 +1234,7 @@ pub async fn step_completed_runs(
     Ok(sqlx::query_as::<_, StepRow>(select_step!(
         "DISTINCT ON (step_order)",
         "WHERE execution_id = $1 AND run_attempt = $2 AND phase = 'run' \
-             AND status IN ('completed', 'failed') AND NOT interrupted \
+             AND status IN ('completed', 'failed', 'timeout') AND NOT interrupted \
              ORDER BY step_order, retry_attempt DESC"
     ))
     .bind(execution_id)
