@@ -398,6 +398,25 @@ fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
             continue;
         }
         for (output, code) in template_tags(source) {
+            // `vars` or `steps` taken whole (aliased, filtered, looped over, parenthesized, or
+            // subscripted with a computed key) reaches every value by a name no reading of the
+            // code can follow: not in a runbook that has secrets of that kind.
+            for (root, has_secrets) in [
+                ("vars", !secret_vars.is_empty()),
+                ("steps", !sensitive_steps.is_empty()),
+            ] {
+                if has_secrets && takes_namespace_whole(code, root) {
+                    issues.push(Issue::new(
+                        path.clone(),
+                        format!(
+                            "uses `{root}` other than as `{root}.NAME` or `{root}['NAME']` \
+                             (`{}`): in a runbook with secrets that could derive text from \
+                             one, which could not be masked; name each value",
+                            code.trim()
+                        ),
+                    ));
+                }
+            }
             let Some(secret) = secret_reference(code, &secret_vars, &sensitive_steps) else {
                 continue;
             };
@@ -547,12 +566,9 @@ fn template_tags(source: &str) -> Vec<(bool, &str)> {
     out
 }
 
-/// The secret a tag's code refers to, named for a message: a secret variable (by its name,
-/// `vars.NAME` or `vars['NAME']`) or a sensitive step's output (`steps.NAME` other than its
-/// `exit_code`). Names inside string literals are not references.
-fn secret_reference(code: &str, vars: &[&str], steps: &[&str]) -> Option<String> {
-    // The code with string literals blanked (byte for byte, so positions agree), for names
-    // written as names.
+/// The code with string literals blanked (byte for byte, so positions agree), for names
+/// written as names.
+fn blank_string_literals(code: &str) -> String {
     let mut bare = String::with_capacity(code.len());
     let mut quote: Option<char> = None;
     let mut escaped = false;
@@ -583,6 +599,14 @@ fn secret_reference(code: &str, vars: &[&str], steps: &[&str]) -> Option<String>
             bare.push(c);
         }
     }
+    bare
+}
+
+/// The secret a tag's code refers to, named for a message: a secret variable (by its name,
+/// `vars.NAME` or `vars['NAME']`) or a sensitive step's output (`steps.NAME` other than its
+/// `exit_code`). Names inside string literals are not references.
+fn secret_reference(code: &str, vars: &[&str], steps: &[&str]) -> Option<String> {
+    let bare = blank_string_literals(code);
     let word_at = |text: &str, name: &str| -> bool {
         let re = regex::Regex::new(&format!(
             r"(?:^|[^\w.])(?:vars\s*\.\s*)?{}(?:$|[^\w])",
@@ -620,6 +644,20 @@ fn secret_reference(code: &str, vars: &[&str], steps: &[&str]) -> Option<String>
         }
     }
     None
+}
+
+/// Whether a tag's code uses the namespace `root` (`vars`, `steps`) other than through a
+/// name right after it: `root.NAME` or `root['NAME']` with a string literal.
+fn takes_namespace_whole(code: &str, root: &str) -> bool {
+    let bare = blank_string_literals(code);
+    let at = regex::Regex::new(&format!(r"(?:^|[^\w.]){}\b", regex::escape(root)))
+        .expect("valid pattern");
+    static NAMED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"^\s*(?:\.\s*[A-Za-z_]\w*|\[\s*(?:"[^"]*"|'[^']*')\s*\])"#)
+            .expect("valid pattern")
+    });
+    at.find_iter(&bare)
+        .any(|m| !NAMED.is_match(code.get(m.end()..).unwrap_or("")))
 }
 
 /// Whether a tag's code is one plain reference, optionally through `raw` or `trim` (a secret's
@@ -1064,6 +1102,33 @@ mod tests {
             let found = issues(&doc(command));
             assert!(found.is_empty(), "{command}: {found:?}");
         }
+        // `vars` or `steps` taken whole reaches a secret by a name the code does not spell.
+        for (command, root) in [
+            ("echo {{ (vars).API_TOKEN | upper }}", "vars"),
+            (
+                "echo; {% set v = vars %}echo {{ v.API_TOKEN | reverse }}",
+                "vars",
+            ),
+            ("echo {{ vars['API_' ~ 'TOKEN'] | reverse }}", "vars"),
+            ("echo {{ vars | items | map('last') | join('-') }}", "vars"),
+            ("echo {{ vars | dictsort | list | string | upper }}", "vars"),
+            ("echo {{ vars|attr('API_TOKEN') }}", "vars"),
+            ("echo {{ (steps).sens.stdout | upper }}", "steps"),
+            ("echo {% for s in steps %}{{ s }}{% endfor %}", "steps"),
+        ] {
+            let found = issues(&doc(command));
+            let expected = format!("steps[1].command uses `{root}` other than as");
+            assert!(
+                found.iter().any(|i| i.starts_with(&expected)),
+                "{command}: {found:?}"
+            );
+        }
+        // Without secrets of that kind, the namespace may be used whole.
+        let found = issues(
+            "name: x\nenvironment_vars:\n  SERVICE: web\nsteps:\n  - name: a\n    \
+             command: echo {{ vars | length }} {{ (vars).SERVICE }}\n",
+        );
+        assert!(found.is_empty(), "{found:?}");
     }
 
     #[test]
