@@ -605,7 +605,9 @@ pub fn parse_yaml_partial(
             break;
         }
         removed.push(path);
-        let Ok(again) = serde_saphyr::to_string(&value) else {
+        // Written again as JSON, which is YAML in flow style: an error about a collection is
+        // placed at the collection itself, not at its first element as in block style.
+        let Ok(again) = serde_json::to_string(&value) else {
             break;
         };
         let e = match serde_saphyr::from_str::<RunbookDocument>(&again) {
@@ -910,6 +912,8 @@ enum NodeKind {
     Key,
     Value,
     Collection,
+    /// Where a collection ends (the position of what follows it), under its path.
+    CollectionEnd,
 }
 
 /// Every node of a YAML text in document order: its field path (`steps[1].command`), kind and
@@ -963,7 +967,9 @@ fn yaml_nodes(text: &str) -> Vec<(String, NodeKind, (u32, u32))> {
                 stack.push((frame, path));
             }
             Event::MappingEnd | Event::SequenceEnd => {
-                stack.pop();
+                if let Some((_, path)) = stack.pop() {
+                    out.push((path, NodeKind::CollectionEnd, pos));
+                }
                 advance(&mut stack);
             }
             Event::Scalar(value, ..) => match stack.last_mut() {
@@ -998,7 +1004,7 @@ fn yaml_nodes(text: &str) -> Vec<(String, NodeKind, (u32, u32))> {
 pub fn yaml_locations(text: &str) -> HashMap<String, (u32, u32)> {
     let mut out = HashMap::new();
     for (path, kind, pos) in yaml_nodes(text) {
-        if path.is_empty() {
+        if path.is_empty() || kind == NodeKind::CollectionEnd {
             continue;
         }
         if kind == NodeKind::Value {
@@ -1019,12 +1025,20 @@ fn path_at(
     missing_field: Option<&str>,
 ) -> Option<(String, NodeKind)> {
     let nodes = yaml_nodes(text);
-    let before = nodes.iter().filter(|(_, _, pos)| *pos <= position);
+    let before = nodes
+        .iter()
+        .filter(|(_, kind, pos)| *pos <= position && *kind != NodeKind::CollectionEnd);
     let path = if let Some(field) = missing_field {
-        // The mapping that lacks the field begins at or before the position; prefer the
-        // innermost collection there.
+        // The mapping that lacks the field contains the position: the innermost collection
+        // that began at or before it and had not ended before it (one that ended there is the
+        // one before the position, not the one around it).
+        let ended_by = |path: &str, start: (u32, u32)| {
+            nodes.iter().any(|(p, kind, pos)| {
+                *kind == NodeKind::CollectionEnd && p == path && *pos > start && *pos <= position
+            })
+        };
         let (path, _, _) = before
-            .filter(|(_, kind, _)| *kind == NodeKind::Collection)
+            .filter(|(path, kind, start)| *kind == NodeKind::Collection && !ended_by(path, *start))
             .max_by_key(|(path, _, pos)| (*pos, path.len()))?;
         let path = if path.is_empty() {
             field.to_owned()
@@ -1815,6 +1829,71 @@ triggers:
         let partial = partial.unwrap();
         assert!(!partial.keeps("bogus") && !partial.keeps("bogus.x"));
         assert!(partial.keeps("steps[0].name") && partial.keeps("bogusness"));
+    }
+
+    #[test]
+    fn a_missing_field_is_named_in_the_mapping_that_lacks_it() {
+        for (text, expected) in [
+            (
+                "name: x\nenvironment_vars:\n  A: b\ndescription: d\n",
+                "steps",
+            ),
+            (
+                "name: x\nsteps:\n  - name: a\n    expected_exit_codes: [0, 1]\n    timeout_seconds: 5\n",
+                "steps[0].command",
+            ),
+            (
+                "steps:\n  - name: a\n    command: echo\ntriggers:\n  - name: t\n    alert_name_pattern: X\n",
+                "name",
+            ),
+            (
+                "name: x\nsteps:\n  - {name: a, command: echo}\ntriggers:\n  - name: t\n    labels_match: {a: b}\n",
+                "triggers[0].alert_name_pattern",
+            ),
+        ] {
+            let problems = parse_yaml_all(text).unwrap_err();
+            let paths: Vec<_> = problems.iter().map(|p| p.path.as_deref()).collect();
+            assert_eq!(paths, [Some(expected)], "{text}: {problems:?}");
+            assert_eq!(problems[0].message, MISSING, "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn a_collection_of_the_wrong_kind_is_one_problem_at_its_field() {
+        let text = "name: ev\nmode: AUTO\nenvironment_vars: [a]\nstatus: enabled\nsteps:\n  - name: s\n    \
+                    command: echo\n    timeout_seconds: x\n";
+        let problems = parse_yaml_all(text).unwrap_err();
+        let paths: Vec<_> = problems
+            .iter()
+            .map(|p| p.path.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "mode",
+                "environment_vars",
+                "status",
+                "steps[0].timeout_seconds"
+            ],
+            "{problems:?}"
+        );
+        let text = "name: e\nmode: bogus\nsteps:\n  - name: s\n    command: {a: b}\n    timeout_seconds: soon\n  \
+                    - name: t\n    command: echo\n    retry_count: lots\n";
+        let problems = parse_yaml_all(text).unwrap_err();
+        let shown: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line.unwrap(), p.path.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (2, "mode"),
+                (5, "steps[0].command"),
+                (6, "steps[0].timeout_seconds"),
+                (9, "steps[1].retry_count")
+            ],
+            "{problems:?}"
+        );
     }
 
     #[test]
