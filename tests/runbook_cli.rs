@@ -209,6 +209,55 @@ fn diff_and_dry_run_work_offline() {
     );
 }
 
+/// Runbook names are unique regardless of case: a folder naming one runbook twice in two
+/// cases is refused, an apply in another case updates the stored runbook (and its name's
+/// case), and the API refuses a second runbook whose name differs only in case.
+#[tokio::test]
+async fn runbook_names_are_unique_regardless_of_case() {
+    let url = common::fresh_database_url().await;
+    let pool = aiops::store::connect(&url, 2).await.unwrap();
+    aiops::store::migrate(&pool).await.unwrap();
+    let dir = common::Scratch::new("rb-case");
+    let flows = dir.join("flows");
+    std::fs::create_dir_all(&flows).unwrap();
+    let doc = |name: &str| format!("name: {name}\nsteps:\n  - name: s\n    command: echo x\n");
+    std::fs::write(flows.join("a.yaml"), doc("Restart-Web")).unwrap();
+    std::fs::write(flows.join("b.yaml"), doc("restart-web")).unwrap();
+    let out = aiops(&dir, None, &["validate", "flows"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("runbook name `restart-web` is also used by"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::remove_file(flows.join("b.yaml")).unwrap();
+    let out = aiops(&dir, Some(&url), &["apply", "flows"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(flows.join("a.yaml"), doc("restart-WEB")).unwrap();
+    let out = aiops(&dir, Some(&url), &["apply", "flows", "--prune"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("updated restart-WEB v2"),
+        "{}",
+        text(&out.stdout)
+    );
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM runbooks")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(names, ["restart-WEB"]);
+    // A second runbook under the same name in another case is refused by the database too.
+    let refused =
+        sqlx::query("INSERT INTO runbooks (name, description) VALUES ('RESTART-web', '')")
+            .execute(&pool)
+            .await
+            .unwrap_err();
+    assert!(
+        refused.to_string().contains("runbooks_lower_name_key"),
+        "{refused}"
+    );
+}
+
 /// Two applies of the same runbooks listed in opposite orders (a folder and its export) at
 /// the same moment both succeed: they take turns instead of deadlocking.
 #[tokio::test]

@@ -229,6 +229,19 @@ async fn crud_through_json_documents_with_filters() {
         )
         .await;
     assert_eq!(status, 409, "duplicate name");
+    // Names are unique regardless of case.
+    let mut shouted = doc.clone();
+    shouted["name"] = json!(doc["name"].as_str().unwrap().to_uppercase());
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/runbooks",
+            Some(&app.admin_token),
+            Some(shouted),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["details"]["field"], "name", "{body}");
 
     let other = json!({"name": "win-iis", "target_os": "windows", "mode": "auto",
         "steps": [{"name": "reset", "command": "iisreset /restart"}]});
@@ -252,7 +265,7 @@ async fn crud_through_json_documents_with_filters() {
     assert_eq!(page["total"], 0);
     // Renaming onto another runbook's name: 409 naming the field, not the constraint.
     let mut renamed = doc.clone();
-    renamed["name"] = json!("win-iis");
+    renamed["name"] = json!("WIN-iis");
     let (status, body) = app
         .call(
             Method::PUT,

@@ -256,7 +256,8 @@ fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Loaded>> {
         match load_file(&path) {
             Ok(docs) => {
                 for doc in docs {
-                    if let Some(first) = names.insert(doc.name.clone(), path.clone()) {
+                    // Names are unique regardless of case, as the database keeps them.
+                    if let Some(first) = names.insert(doc.name.to_lowercase(), path.clone()) {
                         problems.push(format!(
                             "{}: runbook name `{}` is also used by {}",
                             path.display(),

@@ -265,20 +265,20 @@ pub async fn runbook_lock_by_name(
     name: &str,
 ) -> StoreResult<Option<RunbookRow>> {
     Ok(sqlx::query_as::<_, RunbookRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUNBOOK_COLUMNS} FROM runbooks WHERE name = $1 FOR UPDATE"
+        "SELECT {RUNBOOK_COLUMNS} FROM runbooks WHERE lower(name) = lower($1) FOR UPDATE"
     )))
     .bind(name)
     .fetch_optional(conn)
     .await?)
 }
 
-/// Fetches a runbook by name.
+/// Fetches a runbook by name (in any case: names are unique regardless of case).
 pub async fn runbook_get_by_name(
     conn: &mut PgConnection,
     name: &str,
 ) -> StoreResult<Option<RunbookRow>> {
     Ok(sqlx::query_as::<_, RunbookRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUNBOOK_COLUMNS} FROM runbooks WHERE name = $1"
+        "SELECT {RUNBOOK_COLUMNS} FROM runbooks WHERE lower(name) = lower($1)"
     )))
     .bind(name)
     .fetch_optional(conn)
