@@ -258,6 +258,57 @@ async fn runbook_names_are_unique_regardless_of_case() {
     );
 }
 
+/// `apply --prune` deletes a runbook as the API does: a run of it waiting for approval is
+/// cancelled with it, not left to be approved into a runbook that is gone.
+#[tokio::test]
+async fn a_pruned_runbook_takes_its_runs_waiting_for_approval_with_it() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = common::Scratch::new("rb-prune-approval");
+    let flows = dir.join("flows");
+    let others = dir.join("others");
+    std::fs::create_dir_all(&flows).unwrap();
+    std::fs::create_dir_all(&others).unwrap();
+    std::fs::write(
+        flows.join("a.yaml"),
+        "name: needs-approval\nrequires_approval: true\nsteps:\n  - name: s\n    command: echo x\n",
+    )
+    .unwrap();
+    std::fs::write(others.join("b.yaml"), GOOD).unwrap();
+    let out = aiops(&dir, Some(&app.database_url), &["apply", "flows"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let runbook: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM runbooks WHERE name = 'needs-approval'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let id = app
+        .start_execution(serde_json::json!({ "runbook_id": runbook }))
+        .await;
+    app.wait_awaiting_approval(id).await;
+    let out = aiops(
+        &dir,
+        Some(&app.database_url),
+        &["apply", "others", "--prune"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deleted needs-approval"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (_, run) = app.get(&format!("/executions/{id}")).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert!(
+        run["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("was deleted while the run waited for approval"),
+        "{run}"
+    );
+    worker.stop().await;
+}
+
 /// Two applies of the same runbooks listed in opposite orders (a folder and its export) at
 /// the same moment both succeed: they take turns instead of deadlocking.
 #[tokio::test]

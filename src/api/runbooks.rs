@@ -1049,25 +1049,14 @@ impl RunbooksApi {
             .await?
             .ok_or_else(|| ApiError::not_found("runbook", id.0))?;
         // A run that waits for approval would be approved into a runbook that is gone.
-        let waiting = store::alerts::runbook_executions_awaiting_approval(&mut tx, id.0).await?;
-        let reason = format!(
-            "runbook {} was deleted while the run waited for approval",
-            existing.name
-        );
-        for execution_id in &waiting {
-            match crate::engine::control::cancel(
-                &mut tx,
-                *execution_id,
-                Some(caller.identity.user_id),
-                &reason,
-            )
-            .await
-            {
-                Ok(()) | Err(crate::engine::EngineError::Conflict(_)) => {}
-                Err(e) => return Err(super::executions::engine_error(e)),
-            }
-        }
-        store::runbooks::runbook_delete(&mut tx, id.0).await?;
+        let waiting = crate::engine::control::delete_runbook(
+            &mut tx,
+            id.0,
+            &existing.name,
+            Some(caller.identity.user_id),
+        )
+        .await
+        .map_err(super::executions::engine_error)?;
         caller
             .record(
                 &mut tx,

@@ -356,7 +356,13 @@ pub async fn apply_documents(
             if keep.contains(name.as_str()) {
                 continue;
             }
-            store::runbooks::runbook_delete(&mut tx, id).await?;
+            // As the API's delete: runs waiting for approval are cancelled with it.
+            if store::runbooks::runbook_lock(&mut tx, id).await?.is_none() {
+                continue;
+            }
+            let cancelled = crate::engine::control::delete_runbook(&mut tx, id, &name, None)
+                .await
+                .with_context(|| format!("cannot delete runbook `{name}`"))?;
             store::audit::audit_insert(
                 &mut tx,
                 &NewAuditEntry {
@@ -364,7 +370,8 @@ pub async fn apply_documents(
                     action: "runbook_delete",
                     resource_type: "runbook",
                     resource_id: Some(id),
-                    details: serde_json::json!({ "name": name, "source": source, "pruned": true }),
+                    details: serde_json::json!({ "name": name, "source": source, "pruned": true,
+                                                 "cancelled_executions": cancelled }),
                     ip_address: None,
                 },
             )

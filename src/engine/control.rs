@@ -353,6 +353,27 @@ pub async fn reject(
     Ok(())
 }
 
+/// Deletes a runbook (its row locked by the caller) and cancels, in the same transaction, the
+/// runs of it that wait for approval: approved, they would run a runbook that is gone. Returns
+/// the ids of the runs cancelled. Used by the API's delete and by `aiops runbook apply --prune`.
+pub async fn delete_runbook(
+    conn: &mut PgConnection,
+    runbook_id: Uuid,
+    name: &str,
+    user_id: Option<Uuid>,
+) -> Result<Vec<Uuid>, EngineError> {
+    let waiting = store::alerts::runbook_executions_awaiting_approval(conn, runbook_id).await?;
+    let reason = format!("runbook {name} was deleted while the run waited for approval");
+    for execution_id in &waiting {
+        match cancel(conn, *execution_id, user_id, &reason).await {
+            Ok(()) | Err(EngineError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    store::runbooks::runbook_delete(conn, runbook_id).await?;
+    Ok(waiting)
+}
+
 /// Cancels an execution that has not finished; a running step notices within its poll interval
 /// and kills its command.
 pub async fn cancel(
