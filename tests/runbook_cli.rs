@@ -209,6 +209,35 @@ fn diff_and_dry_run_work_offline() {
     );
 }
 
+/// A document may begin with YAML directives, as the API takes it; a file without any
+/// runbook is one problem with a position.
+#[test]
+fn directives_are_read_and_an_empty_file_is_named() {
+    let dir = common::Scratch::new("rb-directives");
+    std::fs::write(
+        dir.join("dir.yaml"),
+        "%YAML 1.2\n---\nname: d1\nsteps:\n  - name: s\n    command: echo\n---\nname: d2\nsteps:\n  - name: s\n    command: echo\n    timeout_seconds: -1\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("empty.yaml"), "# nothing here yet\n\n").unwrap();
+    let out = aiops(&dir, None, &["validate", "."]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("./dir.yaml:12:22: steps[0].timeout_seconds must be > 0"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("./dir.yaml:1:") && !stderr.contains("./dir.yaml:2:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("./empty.yaml:1:1: holds no runbook (only blank lines or comments)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("error: 2 problem(s) found"), "{stderr}");
+}
+
 /// Runbook names are unique regardless of case: a folder naming one runbook twice in two
 /// cases is refused, an apply in another case updates the stored runbook (and its name's
 /// case), and the API refuses a second runbook whose name differs only in case.
@@ -226,7 +255,10 @@ async fn runbook_names_are_unique_regardless_of_case() {
     let out = aiops(&dir, None, &["validate", "flows"]);
     assert!(!out.status.success());
     assert!(
-        text(&out.stderr).contains("runbook name `restart-web` is also used by"),
+        text(&out.stderr).contains(
+            "flows/b.yaml:1:7: name `restart-web` is already used by the runbook at \
+             flows/a.yaml:1:7"
+        ),
         "{}",
         text(&out.stderr)
     );

@@ -17,8 +17,7 @@ use sqlx::PgPool;
 use crate::api::runbooks::{SampleAlert, dry_run_report, unified_diff};
 use crate::config::Config;
 use crate::domain::runbook::{
-    RunbookDocument, locate, parse_yaml, parse_yaml_partial, strip_position, to_canonical_yaml,
-    yaml_locations,
+    RunbookDocument, locate, parse_yaml_partial, strip_position, to_canonical_yaml, yaml_locations,
 };
 use crate::store::{self, audit::NewAuditEntry};
 use crate::templates::validate_runbook;
@@ -148,7 +147,15 @@ fn yaml_documents(text: &str) -> Vec<(u32, String)> {
         let bare = line.trim_end_matches(['\n', '\r']);
         let marker =
             bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") || bare == "...";
-        if marker {
+        // Directives (`%YAML 1.2`) belong to the document their `---` begins.
+        let only_directives = current.lines().any(|l| l.starts_with('%'))
+            && current.lines().all(|l| {
+                let l = l.trim();
+                l.is_empty() || l.starts_with('%') || l.starts_with('#')
+            });
+        if marker && bare != "..." && only_directives {
+            current.push_str(line);
+        } else if marker {
             docs.push((start, std::mem::take(&mut current)));
             // The marker line stays in the next document as a blank line, so that a
             // document's own line numbers count from its first line.
@@ -176,19 +183,22 @@ fn line(shown: &impl std::fmt::Display, offset: u32, at: Option<(u32, u32)>, tex
     }
 }
 
+/// Where a runbook's `name` stands in its file (line, column), when known.
+type Position = Option<(u32, u32)>;
+
 /// Reads and validates one file, each runbook of it; returns the problems as
 /// `file:line:column: message` lines.
-fn load_file(path: &Path) -> Result<Vec<RunbookDocument>, Vec<String>> {
+fn load_file(path: &Path) -> Result<Vec<(RunbookDocument, Position)>, Vec<String>> {
     let shown = path.display();
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{shown}: {e}")])?;
     let mut docs = Vec::new();
     let mut problems = Vec::new();
     let parts = yaml_documents(&text);
     if parts.is_empty() {
-        // Let the parser say what is missing.
-        if let Err(e) = parse_yaml(&text) {
-            problems.push(format!("{shown}: {}", e.described()));
-        }
+        // Nothing but blanks and comments: no runbook at all.
+        problems.push(format!(
+            "{shown}:1:1: holds no runbook (only blank lines or comments)"
+        ));
     }
     for (offset, part) in parts {
         let locations = yaml_locations(&part);
@@ -225,7 +235,9 @@ fn load_file(path: &Path) -> Result<Vec<RunbookDocument>, Vec<String>> {
         if found.is_empty()
             && let Some(doc) = doc
         {
-            docs.push(doc);
+            // Where its name stands, for a message about two runbooks of one name.
+            let at = locations.get("name").map(|(l, c)| (l + offset, *c));
+            docs.push((doc, at));
             continue;
         }
         found.sort_by_key(|(at, _)| (at.is_none(), *at));
@@ -251,18 +263,21 @@ fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Loaded>> {
     }
     let mut loaded = Vec::new();
     let mut problems = Vec::new();
-    let mut names: HashMap<String, PathBuf> = HashMap::new();
+    let mut names: HashMap<String, String> = HashMap::new();
     for path in files {
         match load_file(&path) {
             Ok(docs) => {
-                for doc in docs {
+                for (doc, at) in docs {
+                    let here = match at {
+                        Some((l, c)) => format!("{}:{l}:{c}", path.display()),
+                        None => path.display().to_string(),
+                    };
                     // Names are unique regardless of case, as the database keeps them.
-                    if let Some(first) = names.insert(doc.name.to_lowercase(), path.clone()) {
+                    if let Some(first) = names.insert(doc.name.to_lowercase(), here.clone()) {
                         problems.push(format!(
-                            "{}: runbook name `{}` is also used by {}",
-                            path.display(),
+                            "{here}: name `{}` is already used by the runbook at {first} (names \
+                             are unique regardless of case)",
                             doc.name,
-                            first.display()
                         ));
                     }
                     loaded.push(Loaded {
