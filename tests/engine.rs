@@ -350,6 +350,43 @@ steps:
     worker.stop().await;
 }
 
+/// A retry that slow rollbacks pushed past the runbook deadline is not scheduled: the run fails
+/// saying why, as when the deadline is known at the failure, instead of ending as a timeout.
+#[tokio::test]
+async fn a_retry_the_rollbacks_pushed_past_the_deadline_fails_the_run() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let yaml = "name: slow-undo\nmode: auto\ntimeout_seconds: 6\nmax_retries: 1\nretry_delay_seconds: 2\n\
+                steps:\n  - name: a\n    command: 'true'\n    rollback_command: sleep 5\n  \
+                - name: b\n    command: exit 1\n";
+    let runbook = app.runbook_from_yaml(yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error_message"].as_str().unwrap();
+    assert!(
+        error.contains("not retried: after the retry delay (2 s)"),
+        "{done}"
+    );
+    let events: Vec<&str> = done["execution_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(events.contains(&"rollback_step"), "{events:?}");
+    assert!(!events.contains(&"retry_scheduled"), "{events:?}");
+    // Rolled back once, not again at the end.
+    let rollbacks = app
+        .steps(id)
+        .await
+        .into_iter()
+        .filter(|s| s["phase"] == "rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
+    worker.stop().await;
+}
+
 /// A rollback command is rendered with what the run's steps saw: the variables given at start
 /// (overriding the runbook's), secret ones included and masked in what is stored, the captured
 /// output of earlier steps, and the variables as its environment.

@@ -499,6 +499,25 @@ pub(crate) async fn finish_run(
     row: &ExecutionRow,
     event: Event,
 ) -> Result<bool, JobError> {
+    end_run(g, row, event, false).await
+}
+
+/// Ends a run whose failed attempt has been rolled back already and whose next attempt could
+/// begin only after the runbook deadline ([`begin_attempt`] said so): it fails now, saying why
+/// it is not retried, and nothing is rolled back again.
+pub(crate) async fn fail_unretried(g: &mut GuardedTx, row: &ExecutionRow) -> Result<(), JobError> {
+    let reason = format!("attempt {} failed", row.attempt);
+    end_run(g, row, Event::RunFailed(reason), true).await?;
+    Ok(())
+}
+
+/// [`finish_run`]; `rolled_back` when the attempt's rollbacks have run already.
+async fn end_run(
+    g: &mut GuardedTx,
+    row: &ExecutionRow,
+    event: Event,
+    rolled_back: bool,
+) -> Result<bool, JobError> {
     let snapshot = snapshot_of(row)?;
     let mut state = state_of(row);
     // A runbook-level retry that could begin only after the runbook deadline would wait there
@@ -585,7 +604,7 @@ pub(crate) async fn finish_run(
         }
         None => store::executions::execution_log_append(g.conn(), row.id, &entries).await?,
     }
-    if let Some(then_attempt) = rollback_then {
+    if let Some(then_attempt) = rollback_then.filter(|_| !rolled_back) {
         start_rollback(g, row, &snapshot, then_attempt).await?;
     }
     Ok(true)
@@ -615,7 +634,8 @@ async fn start_rollback(
     remaining.reverse();
     if remaining.is_empty() {
         if let Some(attempt) = then_attempt {
-            begin_attempt(g, row, snapshot, attempt).await?;
+            // The end of the run checked the deadline a moment ago.
+            begin_attempt(g, row, snapshot, attempt, false).await?;
         }
         return Ok(());
     }
@@ -640,18 +660,28 @@ async fn start_rollback(
 }
 
 /// Moves to the next runbook-level attempt and enqueues its first step after the retry delay.
+/// With `check_deadline` (after the attempt's rollbacks, which take their time), returns false
+/// and schedules nothing when the attempt could begin only after the runbook deadline: the
+/// caller then ends the run ([`fail_unretried`]).
 pub(crate) async fn begin_attempt(
     g: &mut GuardedTx,
     row: &ExecutionRow,
     snapshot: &RunbookSnapshot,
     attempt: i32,
-) -> Result<(), JobError> {
+    check_deadline: bool,
+) -> Result<bool, JobError> {
+    let begins = Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds));
+    let deadline = row
+        .started_at
+        .map(|started| started + chrono::Duration::seconds(i64::from(snapshot.timeout_seconds)));
+    if check_deadline && deadline.is_some_and(|deadline| begins >= deadline) {
+        return Ok(false);
+    }
     if !store::executions::execution_next_attempt(g.conn(), row.id, attempt).await? {
-        return Ok(());
+        return Ok(true);
     }
     let mut job = step_job(row.id, attempt, 0, 0);
-    job.run_at =
-        Some(Utc::now() + chrono::Duration::seconds(i64::from(snapshot.retry_delay_seconds)));
+    job.run_at = Some(begins);
     g.enqueue(&job).await?;
     log(
         g.conn(),
@@ -660,7 +690,7 @@ pub(crate) async fn begin_attempt(
         json!({ "attempt": attempt, "delay_seconds": snapshot.retry_delay_seconds }),
     )
     .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// The log entry of the breaker's state after a run's outcome was counted.

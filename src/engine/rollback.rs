@@ -12,7 +12,7 @@ use crate::exec::CommandRequest;
 use crate::queue::{JobContext, JobError, NewJob};
 use crate::store::{self, executions::StepResult, executions::StepSlot};
 
-use super::control::{begin_attempt, log, snapshot_of};
+use super::control::{begin_attempt, fail_unretried, log, snapshot_of};
 use super::runner::{RenderInputs, render_inputs, stream_output, watch_execution};
 use super::{Engine, EngineError, KIND_ROLLBACK, RollbackPayload};
 
@@ -281,7 +281,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         && let Some(current) = store::executions::execution_lock(g.conn(), row.id).await?
         && current.status == "running"
     {
-        begin_attempt(&mut g, &current, &snapshot, next).await?;
+        // The rollbacks took their time: the retry may now begin only after the deadline.
+        if !begin_attempt(&mut g, &current, &snapshot, next, true).await? {
+            fail_unretried(&mut g, &current).await?;
+        }
     } else {
         log(
             g.conn(),
