@@ -387,6 +387,51 @@ async fn a_retry_the_rollbacks_pushed_past_the_deadline_fails_the_run() {
     worker.stop().await;
 }
 
+/// A runbook-level retry begins the runbook's commands again: a blackout window that became
+/// active during its delay refuses it, as the start gate refuses a run.
+#[tokio::test]
+async fn a_blackout_that_begins_during_the_retry_delay_refuses_the_retry() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let yaml = "name: retry-freeze\nmode: auto\ncategory: freeze-me\nmax_retries: 1\n\
+                retry_delay_seconds: 2\nsteps:\n  - name: a\n    command: exit 1\n";
+    let runbook = app.runbook_from_yaml(yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, run) = app.get(&format!("/executions/{id}")).await;
+        if run["execution_log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "retry_scheduled")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{run}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.blackout_now(
+        "change-freeze",
+        json!({ "affected_runbooks": { "categories": ["freeze-me"] } }),
+    )
+    .await;
+    let done = app.wait_for_status(id, common::FINISHED, 30).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["refused_by"], "blackout", "{done}");
+    let error = done["error_message"].as_str().unwrap();
+    assert!(error.contains("attempt 2 was not begun"), "{done}");
+    assert!(error.contains("change-freeze"), "{done}");
+    let runs: Vec<i64> = app
+        .steps(id)
+        .await
+        .iter()
+        .map(|s| s["run_attempt"].as_i64().unwrap())
+        .collect();
+    assert_eq!(runs, [1], "the command ran only in the first attempt");
+    worker.stop().await;
+}
+
 /// A rollback command is rendered with what the run's steps saw: the variables given at start
 /// (overriding the runbook's), secret ones included and masked in what is stored, the captured
 /// output of earlier steps, and the variables as its environment.

@@ -681,6 +681,7 @@ pub(crate) async fn begin_attempt(
         return Ok(true);
     }
     let mut job = step_job(row.id, attempt, 0, 0);
+    job.payload["begins_attempt"] = json!(true);
     job.run_at = Some(begins);
     g.enqueue(&job).await?;
     log(

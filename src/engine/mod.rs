@@ -168,6 +168,10 @@ pub struct StepPayload {
     /// follows at once); the job's first attempt runs under it without a checkpoint of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepared: Option<Uuid>,
+    /// The first step of a runbook-level retry: the attempt begins with it, and a blackout
+    /// window active then refuses it as the start gate refuses a run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub begins_attempt: bool,
 }
 
 /// Payload of `execution.rollback`.
@@ -203,6 +207,7 @@ pub fn step_job(execution_id: Uuid, attempt: i32, index: usize, retry: i64) -> N
             attempt,
             index,
             prepared: None,
+            begins_attempt: false,
         }),
     );
     job.unique_key = Some(format!(

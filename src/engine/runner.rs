@@ -163,6 +163,20 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         .get(p.index)
         .cloned()
         .ok_or_else(|| JobError::Permanent(format!("step index {} out of range", p.index)))?;
+    // A runbook-level retry begins the runbook's commands again: a blackout window that became
+    // active during its delay refuses it, as the start gate refuses a run.
+    if p.begins_attempt
+        && let Some(reason) = super::start::blackout_now(prep.conn(), &row, &snapshot).await?
+    {
+        let mut g = prep.into_guarded(&ctx).await?;
+        let reason = format!("attempt {} was not begun: {reason}", p.attempt);
+        match super::control::cancel(g.conn(), row.id, None, &reason).await {
+            Ok(()) | Err(EngineError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        store::executions::execution_set_refused_by(g.conn(), row.id, "blackout").await?;
+        return g.complete().await;
+    }
     let slot = StepSlot {
         execution_id: row.id,
         phase: "run",
@@ -1076,6 +1090,7 @@ fn next_step(
         attempt,
         index,
         prepared: Some(row_id),
+        begins_attempt: false,
     });
     FollowingStep {
         job,

@@ -296,3 +296,35 @@ async fn start_at_once(ctx: &JobContext, execution_id: uuid::Uuid) -> Result<boo
     )
     .await
 }
+
+/// The blackout window that covers a run's runbook (its current category) on its server now,
+/// described; `None` when none does. For a runbook-level retry, which begins the runbook's
+/// commands again.
+pub(crate) async fn blackout_now(
+    conn: &mut sqlx::PgConnection,
+    row: &ExecutionRow,
+    snapshot: &RunbookSnapshot,
+) -> Result<Option<String>, super::EngineError> {
+    let category = store::runbooks::runbook_get(conn, snapshot.id)
+        .await?
+        .map(|r| r.category)
+        .unwrap_or_else(|| snapshot.category.clone());
+    let runbook_facts = crate::domain::blackout::RunbookFacts {
+        id: snapshot.id,
+        category,
+    };
+    let server_facts = match row.server_id {
+        Some(id) => store::blackouts::blackout_server_facts(conn, id).await?,
+        None => None,
+    };
+    let active = store::blackouts::blackout_active_for(
+        conn,
+        Some(&runbook_facts),
+        server_facts.as_ref(),
+        chrono::Utc::now(),
+    )
+    .await?;
+    Ok(active
+        .first()
+        .map(|(window, occurrence)| window.describe(occurrence)))
+}

@@ -539,6 +539,21 @@ pub async fn execution_finish(
 /// its steps stops the command at once instead of at its next status poll.
 pub const CONTROL_CHANNEL: &str = "aiops_execution_control";
 
+/// Names the gate that refused an execution (`refused_by`), for a refusal that ended it
+/// through a cancel (a runbook-level retry refused when it was to begin).
+pub async fn execution_set_refused_by(
+    conn: &mut PgConnection,
+    id: Uuid,
+    gate: &str,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE runbook_executions SET refused_by = $2 WHERE id = $1")
+        .bind(id)
+        .bind(gate)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Records a cancel request (idempotent); returns the row's status after the request.
 pub async fn execution_request_cancel(
     conn: &mut PgConnection,
