@@ -242,6 +242,16 @@ fn prepare(input: &BlackoutWindowInput) -> Result<Prepared, ApiError> {
     });
     let parsed = blackout::parse_pattern(recurrence, pattern.as_ref())
         .map_err(|e| ApiError::invalid(&e.field, e.reason))?;
+    // Nor would a schedule that never fires (31 February), or not before the series ends.
+    if let Some(spec) = &parsed.cron
+        && !spec.fires_after(parsed.timezone, input.start_time, parsed.until)
+    {
+        return Err(ApiError::invalid(
+            "recurrence_pattern.cron",
+            "never fires at or after start_time (before `until`), so the window would never \
+             black anything out",
+        ));
+    }
     // A series that ends before it begins would be stored and never black anything out.
     if let Some(until) = parsed.until
         && until <= input.start_time

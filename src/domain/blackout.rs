@@ -110,6 +110,22 @@ pub struct CronSpec {
     /// One schedule, or two for a 5-field expression that restricts both the day of the month
     /// and the day of the week (Unix cron fires on a day matching either).
     schedules: Vec<cron::Schedule>,
+    /// The hour field is a wildcard (`*`, `*/2`): as Unix cron, such a schedule fires in both
+    /// passes of an hour a daylight-saving change repeats; a fixed hour fires once, in the first.
+    every_hour: bool,
+}
+
+impl CronSpec {
+    /// Whether the schedule fires at all at or after `start`, read as wall-clock times of
+    /// `tz`, and before `until`: `0 0 31 2 *` (31 February) never does.
+    pub fn fires_after(&self, tz: Tz, start: DateTime<Utc>, until: Option<DateTime<Utc>>) -> bool {
+        let local = Utc.from_utc_datetime(&start.with_timezone(&tz).naive_local());
+        self.schedules.iter().any(|s| {
+            s.after(&(local - Duration::seconds(1)))
+                .next()
+                .is_some_and(|fire| until.is_none_or(|u| local_instant(tz, fire.naive_utc()) < u))
+        })
+    }
 }
 
 /// Parses a cron expression. Five fields are Unix cron's (`min hour dom month dow`, day of week
@@ -137,8 +153,13 @@ pub fn parse_cron(expr: &str) -> Result<CronSpec, String> {
         })
     };
     let [minute, hour, dom, month, dow] = fields[..] else {
+        let every_hour = match fields.len() {
+            6 | 7 => fields[2].starts_with('*'),
+            _ => expr.trim() == "@hourly",
+        };
         return Ok(CronSpec {
             schedules: vec![schedule(expr)?],
+            every_hour,
         });
     };
     // As Unix cron reads the two day fields: a day matching either, unless one of them starts
@@ -154,7 +175,10 @@ pub fn parse_cron(expr: &str) -> Result<CronSpec, String> {
             schedule(&format!("0 {minute} {hour} * {month} {dow}"))?,
         ]
     };
-    Ok(CronSpec { schedules })
+    Ok(CronSpec {
+        schedules,
+        every_hour: hour.starts_with('*'),
+    })
 }
 
 /// The cron crate's error in the product's words: the problem without the six-field form a
@@ -260,7 +284,14 @@ fn local_instant(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
 }
 
 /// The latest fire time of `schedule`, read as wall-clock times of `tz`, at or before `upper`.
-fn latest_fire(schedule: &cron::Schedule, tz: Tz, upper: DateTime<Utc>) -> Option<DateTime<Utc>> {
+/// With `both_passes`, a wall-clock time of an hour a daylight-saving change repeats fires at
+/// both of its instants.
+fn latest_fire(
+    schedule: &cron::Schedule,
+    tz: Tz,
+    upper: DateTime<Utc>,
+    both_passes: bool,
+) -> Option<DateTime<Utc>> {
     let local = upper.with_timezone(&tz).naive_local();
     // In the second pass of a repeated hour, the later wall-clock times of that hour name
     // earlier instants (their first pass): search from an hour later and pass over the fire
@@ -270,11 +301,34 @@ fn latest_fire(schedule: &cron::Schedule, tz: Tz, upper: DateTime<Utc>) -> Optio
         _ => Duration::zero(),
     };
     let from = Utc.from_utc_datetime(&(local + ahead + Duration::seconds(1)));
-    schedule
-        .after(&from)
-        .rev()
-        .map(|fire| local_instant(tz, fire.naive_utc()))
-        .find(|instant| *instant <= upper)
+    let ambiguous =
+        |t: NaiveDateTime| matches!(tz.from_local_datetime(&t), LocalResult::Ambiguous(..));
+    let mut best: Option<(NaiveDateTime, DateTime<Utc>)> = None;
+    for fire in schedule.after(&from).rev() {
+        let fire = fire.naive_utc();
+        if let Some((found_at, _)) = best {
+            // A later instant can only be the second pass of an earlier wall-clock time of a
+            // repeated hour, less than an hour before the one found.
+            if !both_passes || fire < found_at - Duration::hours(1) || !ambiguous(fire) {
+                break;
+            }
+        }
+        let instants = match tz.from_local_datetime(&fire) {
+            LocalResult::Ambiguous(first, second) if both_passes => {
+                vec![first.with_timezone(&Utc), second.with_timezone(&Utc)]
+            }
+            _ => vec![local_instant(tz, fire)],
+        };
+        for instant in instants.into_iter().filter(|i| *i <= upper) {
+            if best.is_none_or(|(_, b)| instant > b) {
+                best = Some((best.map_or(fire, |(at, _)| at), instant));
+            }
+        }
+        if best.is_some() && !both_passes {
+            break;
+        }
+    }
+    best.map(|(_, instant)| instant)
 }
 
 /// The parsed `recurrence_pattern`.
@@ -646,7 +700,7 @@ impl Window {
                 };
                 spec.schedules
                     .iter()
-                    .filter_map(|s| latest_fire(s, self.pattern.timezone, upper))
+                    .filter_map(|s| latest_fire(s, self.pattern.timezone, upper, spec.every_hour))
                     .filter_map(|fire| self.occurrence_if_covering(fire, now))
                     .max_by_key(|o| o.start)
             }
@@ -987,6 +1041,44 @@ mod tests {
         assert_eq!(o.start, at("2027-03-28T01:30:00Z"));
         // An ordinary day: 02:30 CET is 01:30 UTC.
         assert!(cron.active_at(at("2027-01-05T01:40:00Z")).is_some());
+
+        // Every hour, an hour long: as Unix cron fires a wildcard hour in both passes of the
+        // repeated hour, the window covers the night the clocks go back without a gap.
+        let hourly = window(
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T01:00:00Z",
+            Recurrence::Cron,
+            json!({ "timezone": "Europe/Berlin", "cron": "0 * * * *" }),
+        );
+        for now in [
+            "2026-10-25T00:59:00Z",
+            "2026-10-25T01:00:00Z",
+            "2026-10-25T01:30:00Z",
+            "2026-10-25T01:59:00Z",
+            "2026-10-25T02:00:00Z",
+            "2027-03-28T00:59:00Z",
+            "2027-03-28T01:30:00Z",
+        ] {
+            let o = hourly.active_at(at(now));
+            assert!(o.is_some(), "{now}");
+            assert!(o.unwrap().start <= at(now), "{now}");
+        }
+        assert_eq!(
+            hourly.active_at(at("2026-10-25T01:30:00Z")).unwrap().start,
+            at("2026-10-25T01:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_cron_schedule_that_never_fires_is_known() {
+        let start = at("2026-01-01T00:00:00Z");
+        let never = parse_cron("0 0 31 2 *").unwrap();
+        assert!(!never.fires_after(Tz::UTC, start, None));
+        let leap = parse_cron("0 0 29 2 *").unwrap();
+        assert!(leap.fires_after(Tz::UTC, start, None));
+        assert!(!leap.fires_after(Tz::UTC, start, Some(at("2027-01-01T00:00:00Z"))));
+        let daily = parse_cron("30 2 * * *").unwrap();
+        assert!(daily.fires_after(Tz::Europe__Berlin, start, Some(at("2026-01-01T02:00:00Z"))));
     }
 
     #[test]
