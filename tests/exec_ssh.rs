@@ -605,3 +605,45 @@ async fn connect_failures_are_classified() {
         "{err}"
     );
 }
+
+/// The step's environment and command travel on the channel, not in the exec request: no
+/// process on the host shows a secret variable in its command line while the command runs,
+/// a large environment is no argument over the kernel's limit, and the command keeps the
+/// session's umask (the wrapper's own `umask 077` is for its pgid file only).
+#[tokio::test]
+async fn the_environment_stays_out_of_every_command_line_on_the_host() {
+    let sshd = sshd::sshd();
+    let (exec, _) = executor();
+    let target = sshd.key_target("id_ed25519");
+    let secret = format!("s3cret-{}", Uuid::new_v4().simple());
+    // Two values of 100,000 bytes: each under the kernel's limit for one string, together
+    // over it (as one exec request they were refused).
+    let mut req = request("sleep 2; umask; printf '%s%s' \"$BIG\" \"$BIG2\" | wc -c");
+    req.env = vec![
+        ("DB_PASSWORD".to_owned(), secret.clone()),
+        ("BIG".to_owned(), "x".repeat(100_000)),
+        ("BIG2".to_owned(), "y".repeat(100_000)),
+    ];
+    let running = {
+        let (exec, target, req) = (exec.clone(), target.clone(), req.clone());
+        tokio::spawn(async move { run(&exec, &target, &req).await })
+    };
+    let mut seen = Vec::new();
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
+                && String::from_utf8_lossy(&cmdline).contains(&secret)
+            {
+                seen.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = running.await.unwrap().unwrap();
+    assert!(seen.is_empty(), "{seen:?}");
+    assert_eq!(out.exit_code, Some(0), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_ne!(lines[0], "0077", "{out:?}");
+    assert_eq!(lines[1].trim(), "200000", "{out:?}");
+}

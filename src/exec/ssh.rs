@@ -3,8 +3,10 @@
 //! killed on the remote host when they time out or are cancelled.
 //!
 //! How a command runs: sshd starts the session's shell as the leader of its own session and
-//! process group. The remote shell gets a small wrapper that exports the environment as
-//! single-quoted literals, records that group's id in a private file under `/tmp`, forks a
+//! process group. The remote shell gets a small wrapper that reads the environment (as
+//! single-quoted literals) and the command on its standard input, not in the exec request whose
+//! text is a command line any user of the host can read, records that group's id in a private
+//! file under `/tmp` (written under `umask 077`; the command runs with the session's), forks a
 //! watcher into the group and execs the command in its own place, so sshd waits for the command
 //! itself and reports how it really ended: an exit status, or the signal that killed it (a
 //! command that runs `exit 137` reports 137, one killed by SIGKILL reports `KILL`). Once the
@@ -400,14 +402,26 @@ pub async fn test_connection(
     Ok(())
 }
 
-/// The remote wrapper around a command (see the module comment).
-fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
-    let mut script = String::from("umask 077\n");
+/// What the wrapper reads on its standard input before anything else: the step's environment
+/// (`export NAME='value'` lines) and the command (`c='...'`). They travel on the channel, not in
+/// the exec request, whose text is the session shell's command line (and that of the watcher
+/// forked from it), which every user of the host can read in `ps` or `/proc/<pid>/cmdline`;
+/// nor does their size count against the kernel's limit for one argument.
+fn wrapper_input(request: &CommandRequest) -> String {
+    let mut input = String::new();
     for (name, value) in &request.env {
-        script.push_str(&format!("export {name}={}\n", shell_quote(value)));
+        input.push_str(&format!("export {name}={}\n", shell_quote(value)));
     }
+    input.push_str(&format!("c={}\n", shell_quote(&request.command)));
+    input
+}
+
+/// The remote wrapper around a command (see the module comment). It first reads
+/// [`wrapper_input`] to its end from standard input, and keeps the session's umask for the
+/// command (only the pgid file is written under `umask 077`).
+fn wrapper_script(pgid_file: &str) -> String {
+    let mut script = String::from("eval \"$(cat)\"\nu=$(umask)\numask 077\n");
     script.push_str(&format!("f={}\n", shell_quote(pgid_file)));
-    script.push_str(&format!("c={}\n", shell_quote(&request.command)));
     // sshd starts the session's shell as the leader of its own session and process group. The
     // wrapper records that group, forks a watcher into it and execs the command in its place,
     // so sshd itself waits for the command and reports its real end: `exit-status`, or
@@ -430,6 +444,7 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
         "sleep \"$d\" || sleep 1; i=$((i+1)); [ \"$i\" -ne 100 ] || d=1\n",
         "done\n",
         "rm -f \"$f\"; kill -KILL \"-$p\") </dev/null >/dev/null 2>&1 &)\n",
+        "umask \"$u\"\n",
         "exec /bin/sh -c \"$c\" </dev/null\n",
         "fi\n",
     ));
@@ -439,7 +454,7 @@ fn wrapper_script(request: &CommandRequest, pgid_file: &str) -> String {
     // group checks every second that this shell's parent, the session's sshd, is still there;
     // when it is gone, the command's group gets TERM 3 s later and KILL 2 s after that, as above.
     script.push_str(concat!(
-        "setsid -w /bin/sh -c 'echo $$ >\"$1\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" \"$c\" </dev/null &\n",
+        "setsid -w /bin/sh -c 'echo $$ >\"$1\"; umask \"$3\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" \"$c\" \"$u\" </dev/null &\n",
         "w=$!\n",
         "(o=$PPID\n",
         "while kill -0 \"$w\"; do\n",
@@ -682,10 +697,12 @@ impl SshExecutor {
             conn: conn.clone(),
             pgid_file: Some(pgid_file.clone()),
         };
-        if let Err(e) = channel
-            .exec(true, wrapper_script(request, &pgid_file))
-            .await
-        {
+        let started_command = async {
+            channel.exec(true, wrapper_script(&pgid_file)).await?;
+            channel.data(wrapper_input(request).as_bytes()).await?;
+            channel.eof().await
+        };
+        if let Err(e) = started_command.await {
             guard.disarm();
             return Err(ExecError::Session(format!("cannot start the command: {e}")));
         }
@@ -883,12 +900,15 @@ mod tests {
             timeout: Duration::from_secs(1),
             output_limit_bytes: 10,
         };
-        let script = wrapper_script(&request, "/tmp/.aiops-step-x.pgid");
+        let input = wrapper_input(&request);
+        assert!(input.contains("export X='a'\\''b; rm -rf /'\n"), "{input}");
+        assert!(input.contains("\nc='echo '\\''hi'\\'''\n"), "{input}");
+        // Neither is part of the exec request, the command line every user of the host sees.
+        let script = wrapper_script("/tmp/.aiops-step-x.pgid");
         assert!(
-            script.contains("export X='a'\\''b; rm -rf /'\n"),
+            !script.contains("rm -rf") && !script.contains("export X"),
             "{script}"
         );
-        assert!(script.contains("\nc='echo '\\''hi'\\'''\n"), "{script}");
     }
 
     /// Runs the wrapper with this host's `/bin/sh`, as the leader of its own process group (as
@@ -903,11 +923,19 @@ mod tests {
             output_limit_bytes: 1024,
         };
         let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.arg("-c").arg(wrapper_script(&request, &pgid_file));
+        cmd.arg("-c")
+            .arg(wrapper_script(&pgid_file))
+            .stdin(std::process::Stdio::piped());
         if leader {
             cmd.process_group(0);
         }
-        let status = cmd.status().unwrap();
+        let mut child = cmd.spawn().unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(wrapper_input(&request).as_bytes()).unwrap();
+        }
+        let status = child.wait().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::path::Path::new(&pgid_file).exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -962,10 +990,11 @@ mod tests {
         let mut parent = std::process::Command::new("/bin/sh")
             .arg("-c")
             .arg(format!(
-                "{start} -c \"$1\" </dev/null >/dev/null 2>&1 & wait"
+                "printf '%s' \"$2\" | {start} -c \"$1\" >/dev/null 2>&1 & wait"
             ))
             .arg("parent")
-            .arg(wrapper_script(&request, &pgid_file))
+            .arg(wrapper_script(&pgid_file))
+            .arg(wrapper_input(&request))
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
