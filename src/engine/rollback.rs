@@ -202,7 +202,16 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                 o.exit_code,
                 Some(masker.mask(&o.stdout)),
                 Some(masker.mask(&o.stderr)),
-                Some(if o.timed_out {
+                Some(if let Some(e) = &o.kill_error {
+                    format!(
+                        "rollback {}; killing it failed ({e}); it may still be running",
+                        if o.timed_out {
+                            "timed out"
+                        } else {
+                            "was stopped"
+                        }
+                    )
+                } else if o.timed_out {
                     "rollback timed out".to_owned()
                 } else if o.cancelled {
                     "rollback stopped: the run was cancelled".to_owned()

@@ -678,10 +678,20 @@ fn judge(
             } else {
                 (masker.mask(&o.stdout), masker.mask(&o.stderr))
             };
+            // What became of a command that was to be killed.
+            let killed = match &o.kill_error {
+                None => "the command was killed".to_owned(),
+                Some(e) => format!("killing the command failed ({e}); it may still be running"),
+            };
             let (status, error) = if o.cancelled && ended_as.as_deref() == Some("timeout") {
                 (
                     "timeout",
-                    Some("the runbook timeout ended the execution; the command was killed".into()),
+                    Some(format!("the runbook timeout ended the execution; {killed}")),
+                )
+            } else if o.cancelled && o.kill_error.is_some() {
+                (
+                    "cancelled",
+                    Some(format!("cancelled while running; {killed}")),
                 )
             } else if o.cancelled {
                 ("cancelled", Some("cancelled while running".to_owned()))
@@ -691,8 +701,7 @@ fn judge(
                     "timeout",
                     // The time the step was given, not how long its kill then took.
                     Some(format!(
-                        "the runbook timeout passed {:.1} s into this step; the command was \
-                         killed",
+                        "the runbook timeout passed {:.1} s into this step; {killed}",
                         remaining.as_secs_f64()
                     )),
                 )
@@ -700,7 +709,7 @@ fn judge(
                 (
                     "timeout",
                     Some(format!(
-                        "timed out after {} s (the step timeout); the command was killed",
+                        "timed out after {} s (the step timeout); {killed}",
                         step_timeout.as_secs()
                     )),
                 )
@@ -1337,6 +1346,69 @@ mod tests {
         let split = pieces(&long, EVENT_BYTES);
         assert_eq!(split.len(), 3);
         assert_eq!(split.concat(), long);
+    }
+
+    #[test]
+    fn a_timeout_whose_kill_failed_says_the_command_may_still_run() {
+        let step = StepSnapshot {
+            id: uuid::Uuid::nil(),
+            step_order: 1,
+            name: "s".into(),
+            command: "sleep 1000".into(),
+            expected_exit_codes: vec![0],
+            timeout_seconds: 8,
+            continue_on_failure: false,
+            condition: None,
+            rollback_command: None,
+            retry_count: 0,
+            retry_delay_seconds: 0,
+            capture_output: false,
+            sensitive: false,
+        };
+        let outcome = |kill_error: Option<&str>| CommandOutcome {
+            exit_code: None,
+            exit_signal: None,
+            stdout: "start\n".into(),
+            stderr: String::new(),
+            truncated: false,
+            timed_out: true,
+            cancelled: false,
+            kill_error: kill_error.map(str::to_owned),
+            duration: std::time::Duration::from_secs(8),
+        };
+        let limits = (
+            std::time::Duration::from_secs(8),
+            std::time::Duration::from_secs(60),
+            false,
+        );
+        let masker = Masker::new(Vec::<String>::new());
+        let killed = judge(
+            &step,
+            &RunResult::Ran(Ok(outcome(None)), None),
+            &masker,
+            limits,
+        );
+        assert_eq!(
+            killed.error.as_deref(),
+            Some("timed out after 8 s (the step timeout); the command was killed")
+        );
+        let failed = judge(
+            &step,
+            &RunResult::Ran(
+                Ok(outcome(Some("cannot reconnect: connection refused"))),
+                None,
+            ),
+            &masker,
+            limits,
+        );
+        assert_eq!(failed.status, "timeout");
+        assert_eq!(
+            failed.error.as_deref(),
+            Some(
+                "timed out after 8 s (the step timeout); killing the command failed (cannot \
+                 reconnect: connection refused); it may still be running"
+            )
+        );
     }
 
     #[test]

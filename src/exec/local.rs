@@ -292,6 +292,7 @@ async fn run_local(
         truncated,
         timed_out,
         cancelled,
+        kill_error: None,
         duration: started.elapsed(),
     })
 }

@@ -70,6 +70,9 @@ pub struct CommandOutcome {
     pub timed_out: bool,
     /// Whether cancellation killed the command.
     pub cancelled: bool,
+    /// Why killing the command (at its timeout, or on cancel) failed, when it did: it may
+    /// still be running. Only a remote command can fail to be killed.
+    pub kill_error: Option<String>,
     /// Wall-clock time from start to end.
     pub duration: Duration,
 }

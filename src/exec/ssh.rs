@@ -732,10 +732,14 @@ impl SshExecutor {
                 }
             }
         }
+        let mut kill_error = None;
         if timed_out || cancelled {
             let killed = self.kill_remote(target, Some(&conn), &pgid_file).await;
             if let Err(e) = &killed {
                 tracing::warn!(server_id = %target.server_id, error = %e, "could not kill the remote command");
+                kill_error = Some(format!(
+                    "{e} (its process group id is in {pgid_file} on the host)"
+                ));
             }
             guard.disarm();
             if matches!(killed, Ok(Kill::Delivered)) {
@@ -784,6 +788,7 @@ impl SshExecutor {
             truncated,
             timed_out,
             cancelled,
+            kill_error,
             duration: started.elapsed(),
         })
     }
