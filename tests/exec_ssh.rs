@@ -412,6 +412,7 @@ struct Proxy {
     port: u16,
     accepted: Arc<AtomicUsize>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    freeze: Arc<tokio::sync::Notify>,
 }
 
 impl Proxy {
@@ -420,15 +421,21 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (acc, t) = (accepted.clone(), tasks.clone());
+        let freeze = Arc::new(tokio::sync::Notify::new());
+        let (acc, t, f) = (accepted.clone(), tasks.clone(), freeze.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 acc.fetch_add(1, Ordering::SeqCst);
+                let f = f.clone();
                 let handle = tokio::spawn(async move {
                     let mut outbound = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
                         .await
                         .unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Silent from now on: nothing passes, nothing is closed.
+                        _ = f.notified() => std::future::pending::<()>().await,
+                    }
                 });
                 t.lock().unwrap().push(handle);
             }
@@ -437,7 +444,14 @@ impl Proxy {
             port,
             accepted,
             tasks,
+            freeze,
         }
+    }
+
+    /// The connections open now go silent, as to a host that lost power: no data passes and
+    /// none is closed. Later connections pass.
+    fn freeze_all(&self) {
+        self.freeze.notify_waiters();
     }
 
     fn cut_all(&self) {
@@ -479,6 +493,63 @@ async fn connections_are_reused_and_a_broken_one_is_replaced() {
         "the broken connection is replaced once"
     );
     assert_eq!(exec.pooled_connections().await, 1);
+}
+
+/// A pooled connection that went silent (no reset, nothing answers) is given up after a few
+/// seconds and replaced, instead of holding the step until the keepalive notices; a cancel
+/// that comes while the channel is being opened ends the step at once.
+#[tokio::test]
+async fn a_silent_pooled_connection_is_replaced_and_a_cancel_reaches_the_connect() {
+    let sshd = sshd::sshd();
+    let proxy = Proxy::start(sshd.port).await;
+    let (exec, _) = executor();
+    let mut target = sshd.key_target("id_ed25519");
+    target.port = proxy.port;
+    assert_eq!(
+        run(&exec, &target, &request("echo hi"))
+            .await
+            .unwrap()
+            .stdout,
+        "hi\n"
+    );
+    proxy.freeze_all();
+    // Bounded well below the keepalive's two minutes.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(&exec, &target, &request("echo again")),
+    )
+    .await
+    .expect("the silent connection held the step")
+    .unwrap();
+    assert_eq!(out.stdout, "again\n");
+    assert!(!out.timed_out, "{out:?}");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+
+    proxy.freeze_all();
+    let cancel = CancellationToken::new();
+    let (tx, _rx) = mpsc::channel(16);
+    let canceller = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel();
+        })
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        exec.run(
+            &Target::Ssh(target.clone()),
+            &request("echo never"),
+            cancel,
+            tx,
+        ),
+    )
+    .await
+    .expect("the cancel did not reach the connect")
+    .unwrap();
+    canceller.await.unwrap();
+    assert!(out.cancelled && out.exit_code.is_none(), "{out:?}");
+    assert_eq!(out.stdout, "");
 }
 
 /// `comm` and parent pid of a process, from `/proc/<pid>/stat`.

@@ -660,6 +660,35 @@ impl SshExecutor {
         Ok(conn)
     }
 
+    /// A session channel on the server's pooled connection, or on a new one when the pooled
+    /// one broke or went silent since its last use (a host that lost power or a firewall that
+    /// drops the connection answers nothing: the keepalive would notice only after minutes).
+    async fn open_channel(
+        &self,
+        target: &SshTarget,
+    ) -> Result<(Arc<Connection>, russh::Channel<russh::client::Msg>), ExecError> {
+        let conn = self.connection(target, false).await?;
+        let problem =
+            match tokio::time::timeout(CHANNEL_OPEN_TIMEOUT, conn.handle.channel_open_session())
+                .await
+            {
+                Ok(Ok(channel)) => return Ok((conn, channel)),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} s", CHANNEL_OPEN_TIMEOUT.as_secs()),
+            };
+        tracing::info!(server_id = %target.server_id, error = %problem, "pooled SSH connection is broken; reconnecting");
+        self.drop_connection(target.server_id, &conn).await;
+        let conn = self.connection(target, true).await?;
+        match tokio::time::timeout(CHANNEL_OPEN_TIMEOUT, conn.handle.channel_open_session()).await {
+            Ok(Ok(channel)) => Ok((conn, channel)),
+            Ok(Err(e)) => Err(ExecError::Session(format!("cannot open a channel: {e}"))),
+            Err(_) => Err(ExecError::Session(format!(
+                "cannot open a channel: no answer within {} s",
+                CHANNEL_OPEN_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
     async fn drop_connection(&self, server_id: Uuid, conn: &Arc<Connection>) {
         let mut pool = self.pool.lock().await;
         if pool.get(&server_id).is_some_and(|c| Arc::ptr_eq(c, conn)) {
@@ -676,19 +705,24 @@ impl SshExecutor {
     ) -> Result<CommandOutcome, ExecError> {
         validate_env(&request.env)?;
         let started = Instant::now();
-        let mut conn = self.connection(target, false).await?;
-        let mut channel = match conn.handle.channel_open_session().await {
-            Ok(c) => c,
-            Err(e) => {
-                // The pooled connection broke since its last use: replace it once.
-                tracing::info!(server_id = %target.server_id, error = %e, "pooled SSH connection is broken; reconnecting");
-                self.drop_connection(target.server_id, &conn).await;
-                conn = self.connection(target, true).await?;
-                conn.handle
-                    .channel_open_session()
-                    .await
-                    .map_err(|e| ExecError::Session(format!("cannot open a channel: {e}")))?
-            }
+        // The step timeout and a cancel also cover reaching the server and opening a channel.
+        let deadline = tokio::time::sleep(request.timeout);
+        tokio::pin!(deadline);
+        let not_started = |timed_out: bool| CommandOutcome {
+            exit_code: None,
+            exit_signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            timed_out,
+            cancelled: !timed_out,
+            kill_error: None,
+            duration: started.elapsed(),
+        };
+        let (conn, mut channel) = tokio::select! {
+            opened = self.open_channel(target) => opened?,
+            _ = &mut deadline => return Ok(not_started(true)),
+            _ = cancel.cancelled() => return Ok(not_started(false)),
         };
         let pgid_file = format!("/tmp/.aiops-step-{}.pgid", Uuid::new_v4().simple());
         let mut guard = AbandonGuard {
@@ -711,8 +745,6 @@ impl SshExecutor {
         let mut timed_out = false;
         let mut cancelled = false;
         let mut closed_cleanly = false;
-        let deadline = tokio::time::sleep(request.timeout);
-        tokio::pin!(deadline);
         loop {
             // Once sshd has reported the command's end, it finished on its own: a timeout or
             // cancel arriving before the channel closes does not make it timed out or
