@@ -38,7 +38,7 @@ async fn execution(app: &common::TestApp) -> Uuid {
 /// Enqueues `job` and claims it for `worker`: (job id, lease token).
 async fn claimed(conn: &mut PgConnection, job: &NewJob, worker: Uuid) -> (i64, Uuid) {
     let id = job_enqueue(conn, job).await.unwrap().unwrap();
-    let jobs = job_claim(conn, worker, 1, Duration::from_secs(60))
+    let jobs = job_claim(conn, worker, 1, Duration::from_secs(60), None)
         .await
         .unwrap();
     assert_eq!(jobs.len(), 1);

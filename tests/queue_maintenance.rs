@@ -331,7 +331,7 @@ async fn claim_and_abandon(pool: &PgPool, expected: usize) -> uuid::Uuid {
     let mut conn = pool.acquire().await.unwrap();
     let mut claimed = 0;
     loop {
-        let got = jobs::job_claim(&mut conn, crashed, 1000, Duration::from_millis(1))
+        let got = jobs::job_claim(&mut conn, crashed, 1000, Duration::from_millis(1), None)
             .await
             .unwrap();
         if got.is_empty() {
@@ -605,6 +605,7 @@ async fn an_expired_last_attempt_goes_dead_and_an_earlier_one_backs_off() {
         uuid::Uuid::new_v4(),
         10,
         Duration::from_millis(1),
+        None,
     )
     .await
     .unwrap();

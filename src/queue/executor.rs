@@ -208,6 +208,8 @@ struct Inner {
     /// Set once the worker stops claiming (graceful shutdown).
     stopping: AtomicBool,
     chain: Arc<ChainPolicy>,
+    /// The kinds this worker has handlers for: the only ones it claims.
+    kinds: Vec<String>,
 }
 
 /// A registered worker. Cheap to clone.
@@ -272,6 +274,7 @@ impl Worker {
                 abort,
                 stopping: AtomicBool::new(false),
                 chain,
+                kinds,
             }),
         })
     }
@@ -566,6 +569,7 @@ impl Inner {
             self.id,
             i64::try_from(limit).unwrap_or(i64::MAX),
             self.config.lease,
+            Some(&self.kinds),
         )
         .await?;
         drop(conn);

@@ -463,10 +463,13 @@ pub async fn job_cancel_pending(conn: &mut PgConnection, key: &str) -> StoreResu
 
 /// The claim statement, shared with the EXPLAIN test so the test checks exactly what runs. The
 /// rows come back in claim order (`priority, run_at, id`): a worker that claims more jobs than
-/// it has free slots starts them in that order.
+/// it has free slots starts them in that order. `$4` lists the kinds the worker runs (NULL:
+/// any): a job of a kind it has no handler for is left to a worker that has one (a newer
+/// version during a rolling upgrade), not claimed and failed.
 pub const CLAIM_SQL: &str = "WITH picked AS ( \
          SELECT id, attempted_at FROM jobs \
          WHERE state IN ('available', 'retryable') AND run_at <= now() \
+           AND ($4::text[] IS NULL OR kind = ANY($4::text[])) \
          ORDER BY priority, run_at, id \
          LIMIT $2 \
          FOR UPDATE SKIP LOCKED \
@@ -485,17 +488,20 @@ pub const CLAIM_SQL: &str = "WITH picked AS ( \
      FROM claimed ORDER BY priority, run_at, id";
 
 /// Claims up to `limit` due jobs for `worker` in one statement (`FOR UPDATE SKIP LOCKED`), giving
-/// each a fresh lease token valid for `lease`; returned in `(priority, run_at, id)` order.
+/// each a fresh lease token valid for `lease`; returned in `(priority, run_at, id)` order. Only
+/// jobs of `kinds` when given.
 pub async fn job_claim(
     conn: &mut PgConnection,
     worker: Uuid,
     limit: i64,
     lease: Duration,
+    kinds: Option<&[String]>,
 ) -> StoreResult<Vec<ClaimedJob>> {
     Ok(sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
         .bind(worker)
         .bind(limit)
         .bind(millis(lease))
+        .bind(kinds)
         .fetch_all(conn)
         .await?)
 }
