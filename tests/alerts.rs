@@ -184,20 +184,15 @@ async fn webhook_authenticates_validates_and_stores_nothing_on_refusal() {
     let (status, body) = post(&app, &token, &bad_status).await;
     assert_eq!(status, 422);
     assert_eq!(body["details"]["field"], "alerts[0].status", "{body}");
-    let mut nameless = payload(vec![
+    // An alert without any label, which Alertmanager itself refuses.
+    let mut unlabelled = payload(vec![
         alert("Fine", "a:1", "2030-01-01T00:00:00Z", "firing"),
         alert("X", "b:1", "2030-01-01T00:00:00Z", "firing"),
     ]);
-    nameless["alerts"][1]["labels"]
-        .as_object_mut()
-        .unwrap()
-        .remove("alertname");
-    let (status, body) = post(&app, &token, &nameless).await;
+    unlabelled["alerts"][1]["labels"] = json!({});
+    let (status, body) = post(&app, &token, &unlabelled).await;
     assert_eq!(status, 422);
-    assert_eq!(
-        body["details"]["field"], "alerts[1].labels.alertname",
-        "{body}"
-    );
+    assert_eq!(body["details"]["field"], "alerts[1].labels", "{body}");
     let mut no_start = good.clone();
     no_start["alerts"][0]["startsAt"] = json!("yesterday");
     let (status, body) = post(&app, &token, &no_start).await;
@@ -1904,6 +1899,36 @@ async fn a_per_instance_cooldown_takes_an_instance_longer_than_its_column() {
     let again = fire(vec![&long_b], "2030-01-01T02:00:00Z").await.remove(0);
     assert_eq!(again["decision"], "cooldown", "{again}");
     worker.stop().await;
+}
+
+/// Alertmanager takes an alert without `alertname` (it needs one label only): it is stored with
+/// an empty name, and the alerts grouped with it are not refused with it.
+#[tokio::test]
+async fn an_alert_without_alertname_is_stored_with_its_group() {
+    let app = common::spawn_app().await;
+    let token = webhook_token(&app).await;
+    let mut group = payload(vec![
+        alert(
+            "SrvNoName",
+            "grp-host:9100",
+            "2030-01-01T00:00:00Z",
+            "firing",
+        ),
+        alert("X", "grp-host:9100", "2030-01-01T00:00:00Z", "firing"),
+    ]);
+    group["alerts"][1]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("alertname");
+    let (status, body) = post(&app, &token, &group).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["created"], 2, "{body}");
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT alert_name FROM alerts ORDER BY alert_name")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(names, ["", "SrvNoName"]);
 }
 
 /// A notification is looked at only for a valid token: one with a wrong token gets 401 and

@@ -64,7 +64,7 @@ impl WebhookAuth {
 pub struct AlertmanagerAlert {
     /// `firing` or `resolved`.
     pub status: String,
-    /// Labels; `alertname` is required.
+    /// Labels (at least one); `alertname` names the alert (empty without it).
     pub labels: HashMap<String, String>,
     /// Annotations.
     #[oai(default, nullable)]
@@ -275,11 +275,16 @@ pub fn prepare(p: &AlertmanagerPayload) -> Result<Vec<AlertUpsert>, ApiError> {
                 format!("`{}` is neither firing nor resolved", a.status),
             )
         })?;
-        let name = a
-            .labels
-            .get("alertname")
-            .filter(|n| !n.trim().is_empty())
-            .ok_or_else(|| ApiError::invalid(&field("labels.alertname"), "is required"))?;
+        // Alertmanager takes an alert without `alertname` (it needs only one label): such an
+        // alert is stored with an empty name, so the rest of its group is not refused with it.
+        if a.labels.is_empty() {
+            return Err(ApiError::invalid(
+                &field("labels"),
+                "must hold at least one label (Alertmanager refuses an alert without any)",
+            ));
+        }
+        let empty = String::new();
+        let name = a.labels.get("alertname").unwrap_or(&empty);
         let time = |name: &str, value: &str| {
             let t = DateTime::parse_from_rfc3339(value)
                 .map(|t| alert::stored_instant(t.with_timezone(&Utc)))

@@ -113,9 +113,21 @@ pub fn fingerprint_of(labels: &BTreeMap<String, String>) -> String {
 }
 
 /// The host of an `instance` label: `host:port` -> `host`, `[v6]:port` -> `v6`; a bare host or
-/// an unbracketed IPv6 address is returned as is.
+/// an unbracketed IPv6 address is returned as is. A URL (`https://user@host:8443/healthz`, as
+/// blackbox_exporter probes put the probed target in `instance`) gives its host.
 pub fn instance_host(instance: &str) -> &str {
-    let instance = instance.trim();
+    let mut instance = instance.trim();
+    if let Some((scheme, rest)) = instance.split_once("://")
+        && !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        instance = authority
+            .rsplit_once('@')
+            .map_or(authority, |(_, host)| host);
+    }
     if let Some(rest) = instance.strip_prefix('[')
         && let Some((host, _)) = rest.split_once(']')
     {
@@ -256,6 +268,24 @@ mod tests {
         assert_eq!(instance_host("::1"), "::1");
         assert_eq!(instance_host("fe80::1"), "fe80::1");
         assert_eq!(instance_host("db.example.com:"), "db.example.com:");
+        // Probed URLs give their host.
+        assert_eq!(
+            instance_host("https://nginx-1.example.com/healthz"),
+            "nginx-1.example.com"
+        );
+        assert_eq!(
+            instance_host("https://nginx-1.example.com"),
+            "nginx-1.example.com"
+        );
+        assert_eq!(
+            instance_host("http://nginx-1.example.com:8080/"),
+            "nginx-1.example.com"
+        );
+        assert_eq!(
+            instance_host("http://u:p@[2001:db8::1]:8080/x?y#z"),
+            "2001:db8::1"
+        );
+        assert_eq!(instance_host("tcp://db-1:5432"), "db-1");
     }
 
     #[test]

@@ -1462,10 +1462,12 @@ fn validate_triggers(doc: &RunbookDocument, push: &mut impl FnMut(String, String
             }
         }
         for (label, pattern) in &t.labels_match {
-            if !valid_identifier(label) {
+            // Prometheus 3 and Alertmanager 0.28 take any UTF-8 label name (`service.name`, as
+            // OpenTelemetry names them), and the webhook stores them: triggers match them too.
+            if label.trim().is_empty() || label.chars().any(char::is_control) {
                 push(
                     format!("{p}.labels_match.{label}"),
-                    "is not a valid Prometheus label name".into(),
+                    "is not a label name (it is empty or holds control characters)".into(),
                 );
             }
             if let Err(e) = Pattern::compile(pattern) {
@@ -1829,6 +1831,22 @@ triggers:
         let partial = partial.unwrap();
         assert!(!partial.keeps("bogus") && !partial.keeps("bogus.x"));
         assert!(partial.keeps("steps[0].name") && partial.keeps("bogusness"));
+    }
+
+    #[test]
+    fn triggers_match_utf8_label_names() {
+        let doc = |labels: &str| {
+            parse_yaml(&format!(
+                "name: x\nsteps:\n  - {{name: a, command: echo}}\ntriggers:\n  - name: t\n    \
+                 alert_name_pattern: '*'\n    labels_match: {labels}\n"
+            ))
+            .unwrap()
+        };
+        let issues = validate(&doc("{service.name: checkout, k8s-ns: prod, Größe: L}"));
+        assert!(issues.is_empty(), "{issues:?}");
+        let issues = validate(&doc("{'': x}"));
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].path, "triggers[0].labels_match.");
     }
 
     #[test]
