@@ -39,6 +39,9 @@ pub struct WorkerOptions {
     /// Kills local commands' process groups if this process dies without doing so itself
     /// (see [`crate::exec::lifeline`]).
     pub lifeline: Option<Arc<Lifeline>>,
+    /// The login throttling window (`AIOPS_LOGIN_WINDOW_SECONDS`): login attempts are kept at
+    /// least this long, whatever the retention, or pruning would lift a lockout.
+    pub login_window: Duration,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -67,6 +70,7 @@ impl Default for WorkerOptions {
             engine: EngineSettings::default(),
             local_env_passthrough: Vec::new(),
             lifeline: None,
+            login_window: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -92,6 +96,12 @@ impl WorkerOptions {
 }
 
 impl WorkerOptions {
+    /// Keeps login attempts at least as long as the API's throttling window reads them.
+    pub fn with_login_window(mut self, window: Duration) -> Self {
+        self.login_window = window;
+        self
+    }
+
     /// Starts the lifeline process, so that the commands this worker runs on its own host die
     /// with it even when it is killed with SIGKILL. A lifeline that cannot start is logged and
     /// the worker runs without one.
@@ -118,7 +128,8 @@ impl WorkerOptions {
 pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Registry> {
     let mut registry = Registry::new();
     queue::prune::register(&mut registry, options.retention)?;
-    register_login_attempts_prune(&mut registry, options.retention)?;
+    // Throttling reads the last login window: attempts within it are never pruned.
+    register_login_attempts_prune(&mut registry, options.retention.max(options.login_window))?;
     let mut local = LocalExecutor::from_host(&options.local_env_passthrough);
     if let Some(lifeline) = &options.lifeline {
         local = local.with_lifeline(lifeline.clone());
@@ -140,8 +151,9 @@ pub fn registry(options: &WorkerOptions, pool: &PgPool) -> anyhow::Result<Regist
     Ok(registry)
 }
 
-/// Job kind: deletes login attempts older than the retention period (throttling reads only the
-/// last login window; the rest is kept that long for investigations), every ten minutes.
+/// Job kind: deletes login attempts older than the retention period or the login window,
+/// whichever is longer (throttling reads the last login window; the rest is kept that long for
+/// investigations), every ten minutes.
 pub const KIND_LOGIN_ATTEMPTS_PRUNE: &str = "auth.login_attempts_prune";
 
 fn register_login_attempts_prune(

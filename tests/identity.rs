@@ -1060,6 +1060,33 @@ async fn login_attempts_older_than_the_retention_are_pruned_by_their_scheduled_j
         .collect();
     assert_eq!(expected.len(), 2);
     assert_eq!(left, expected, "only attempts older than 7 days went");
+
+    // A retention shorter than the login window keeps what throttling still reads: pruning
+    // must not lift a lockout.
+    sqlx::query("DELETE FROM login_attempts")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO login_attempts (username, ip_address, succeeded, created_at) \
+         SELECT 'victim', '192.0.2.1', false, now() - age \
+         FROM unnest(ARRAY[interval '2 hours', interval '3 days']) AS age",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let options = aiops::worker::WorkerOptions {
+        retention: std::time::Duration::from_secs(3600),
+        ..aiops::worker::WorkerOptions::default()
+    }
+    .with_login_window(std::time::Duration::from_secs(48 * 3600));
+    common::run_scheduled_job_with(&pool, aiops::worker::KIND_LOGIN_ATTEMPTS_PRUNE, &options).await;
+    let left: Vec<bool> =
+        sqlx::query_scalar("SELECT created_at > now() - interval '1 day' FROM login_attempts")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [true], "the attempt within the login window stays");
 }
 
 /// Bounds the document declares (lengths, item counts, numeric ranges) are refused through the

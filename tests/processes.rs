@@ -323,6 +323,34 @@ async fn a_fatal_error_of_a_service_logging_json_is_one_json_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `aiops up` refuses bad worker settings from the environment before it starts anything,
+/// naming where they come from.
+#[tokio::test]
+async fn up_refuses_bad_worker_settings_before_starting() {
+    let dir = temp_dir("bad-worker-env");
+    for value in ["0", "abc"] {
+        let out = aiops(&dir)
+            .env("AIOPS_WORKER_CONCURRENCY", value)
+            .arg("up")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stdout.contains("is up"), "{value}: {stdout}");
+        assert!(
+            stderr.contains("AIOPS_WORKER_") && stderr.contains("concurrency"),
+            "{value}: {stderr}"
+        );
+        assert!(
+            !dir.join("postgres").exists(),
+            "{value}: a database was created"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn worker_connects_and_stops_cleanly_on_sigterm() {
     let url = common::fresh_database_url().await;

@@ -350,7 +350,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Worker(args) => {
             let pool = connect_at_least(&config, worker_connections(args.concurrency)).await?;
-            let options = args.options()?.with_ssh(&pool, &config)?.with_lifeline();
+            let options = args
+                .options()?
+                .with_ssh(&pool, &config)?
+                .with_login_window(config.login_window)
+                .with_lifeline();
             crate::worker::run(pool, options, startup::shutdown_signal()).await
         }
         Command::Migrate => {
@@ -393,6 +397,13 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         shutdown.await;
         let _ = signalled.send(true);
     });
+    // The worker's settings come from the environment: refused before anything starts.
+    let worker_args = WorkerArgs::from_env()
+        .and_then(|args| args.options().map(|_| args))
+        .context(
+            "worker settings from the AIOPS_WORKER_* environment variables (see `aiops worker \
+             --help` for what each takes)",
+        )?;
     ensure_local_secret_key(&mut config)?;
     let embedded = match config.database_url {
         Some(_) => None,
@@ -407,7 +418,7 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     // The embedded server is watched while the platform runs, and started again if it dies.
     let (stop_supervising, supervising) = tokio::sync::watch::channel(false);
     let supervisor = embedded.map(|pg| tokio::spawn(supervise_embedded(pg, supervising)));
-    let result = up_with_database(config, stop_signal).await;
+    let result = up_with_database(config, worker_args, stop_signal).await;
     let _ = stop_supervising.send(true);
     let embedded = match supervisor {
         Some(task) => Some(
@@ -517,10 +528,10 @@ fn ensure_local_secret_key(config: &mut Config) -> anyhow::Result<()> {
 /// while it starts ends it once the current start-up step is done.
 async fn up_with_database(
     config: Config,
+    worker_args: WorkerArgs,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let stopping = |stop: &tokio::sync::watch::Receiver<bool>| *stop.borrow();
-    let worker_args = WorkerArgs::from_env()?;
     if stopping(&stop) {
         return Ok(());
     }
@@ -558,6 +569,7 @@ async fn up_with_database(
         worker_args
             .options()?
             .with_ssh(&pool, &config)?
+            .with_login_window(config.login_window)
             .with_lifeline(),
         wait_stop(stop_rx),
     ));

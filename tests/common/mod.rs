@@ -607,7 +607,16 @@ pub async fn run_scheduled_job(pool: &PgPool, kind: &str) {
         retention: std::time::Duration::from_secs(7 * 24 * 3600),
         ..aiops::worker::WorkerOptions::default()
     };
-    let registry = aiops::worker::registry(&options, pool).unwrap();
+    run_scheduled_job_with(pool, kind, &options).await;
+}
+
+/// [`run_scheduled_job`] on a worker with `options`.
+pub async fn run_scheduled_job_with(
+    pool: &PgPool,
+    kind: &str,
+    options: &aiops::worker::WorkerOptions,
+) {
+    let registry = aiops::worker::registry(options, pool).unwrap();
     assert!(
         registry.cron_entries().iter().any(|c| c.name == kind),
         "{kind} is scheduled"
