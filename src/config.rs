@@ -258,6 +258,15 @@ impl Config {
                 "expected 1 to 10000",
             ));
         }
+        // A filter that does not parse would silently log at `info`.
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(invalid(
+                "log_level (AIOPS_LOG)",
+                &self.log_level,
+                "not a log filter; for example `info` or `warn,aiops=debug` (levels: error, \
+                 warn, info, debug, trace, off)",
+            ));
+        }
         if self.max_body_bytes < 1024 {
             return Err(invalid(
                 "max_body_bytes (AIOPS_MAX_BODY_BYTES)",
@@ -492,5 +501,15 @@ mod tests {
                 .contains("AIOPS_SSH_CONNECT_TIMEOUT_SECONDS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_refused() {
+        for bad in ["warn,aiops=dbug", "[[["] {
+            let err = Config::from_sources(None, env(&[("AIOPS_LOG", bad)])).unwrap_err();
+            assert!(err.to_string().contains("log_level (AIOPS_LOG)"), "{err}");
+        }
+        let c = Config::from_sources(None, env(&[("AIOPS_LOG", "warn,aiops=debug")])).unwrap();
+        assert_eq!(c.log_level, "warn,aiops=debug");
     }
 }

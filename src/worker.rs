@@ -184,13 +184,7 @@ pub async fn run(
     options: WorkerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    match crate::store::migrations_current(&pool).await {
-        Ok(true) => {}
-        Ok(false) => anyhow::bail!("the database schema is not current; run `aiops migrate` first"),
-        Err(e) => {
-            anyhow::bail!("cannot read the applied migrations ({e}); run `aiops migrate` first")
-        }
-    }
+    crate::store::require_current_schema(&pool).await?;
     let registry = registry(&options, &pool)?;
     let worker = Worker::start(pool, registry, options.queue)
         .await

@@ -323,6 +323,60 @@ async fn a_fatal_error_of_a_service_logging_json_is_one_json_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `aiops serve` (without `--migrate`) and `aiops worker` refuse a database that was never
+/// migrated, saying what to run, instead of answering 500 to every request.
+#[tokio::test]
+async fn serve_and_worker_refuse_a_database_that_was_never_migrated() {
+    let dir = temp_dir("unmigrated");
+    let url = common::fresh_database_url().await;
+    for command in ["serve", "worker"] {
+        let out = aiops(&dir)
+            .env("DATABASE_URL", &url)
+            .arg(command)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("the database schema is not current; run `aiops migrate` first"),
+            "{command}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A database nobody listens for is named with the address and the reason, not only "pool
+/// timed out".
+#[tokio::test]
+async fn an_unreachable_database_is_named_with_its_address_and_reason() {
+    let dir = temp_dir("unreachable");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = aiops(&dir)
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres:hunter2@127.0.0.1:{port}/x"),
+        )
+        .arg("migrate")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to the database at 127.0.0.1:{port}"
+        )) && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `aiops up` refuses bad worker settings from the environment before it starts anything,
 /// naming where they come from.
 #[tokio::test]

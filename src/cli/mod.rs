@@ -330,9 +330,27 @@ async fn connect_at_least(config: &Config, at_least: u32) -> anyhow::Result<sqlx
     let url = config.database_url.as_deref().context(
         "DATABASE_URL is not set (only `aiops up` starts an embedded database by itself)",
     )?;
-    store::connect(url, config.db_max_connections.max(at_least))
-        .await
-        .context("cannot connect to the database")
+    match store::connect(url, config.db_max_connections.max(at_least)).await {
+        Ok(pool) => Ok(pool),
+        // The pool retries until its timeout and then says only that: one more attempt of
+        // its own says why (connection refused at an address, a name that does not resolve).
+        Err(sqlx::Error::PoolTimedOut) => {
+            use sqlx::ConnectOptions;
+            let cause = match url.parse::<sqlx::postgres::PgConnectOptions>() {
+                Ok(options) => {
+                    // Where it tried (never the password).
+                    let at = format!("{}:{}", options.get_host(), options.get_port());
+                    match options.connect().await {
+                        Ok(_) => format!("{at}: the server accepted no connection for 10 s"),
+                        Err(e) => format!("{at}: {e}"),
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!("cannot connect to the database at {cause}")
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("cannot connect to the database")),
+    }
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -343,6 +361,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if migrate {
                 store::migrate(&pool).await.context("migration failed")?;
             }
+            // Without its schema every request would answer 500.
+            store::require_current_schema(&pool).await?;
             let app = Application::build(Arc::new(config), pool).await?;
             tracing::info!(addr = %app.local_addr(), "API listening");
             app.run_until(startup::shutdown_signal()).await?;

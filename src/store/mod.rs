@@ -178,6 +178,21 @@ pub async fn migrations_current(pool: &PgPool) -> StoreResult<bool> {
         .all(|m| applied.contains(&m.version)))
 }
 
+/// Refuses to go on against a database whose schema is not current (never migrated, or
+/// missing migrations of this build): every request or job would fail on it.
+pub async fn require_current_schema(pool: &PgPool) -> anyhow::Result<()> {
+    match migrations_current(pool).await {
+        Ok(true) => Ok(()),
+        Ok(false) => anyhow::bail!(
+            "the database schema is not current; run `aiops migrate` first (or `aiops serve \
+             --migrate`)"
+        ),
+        Err(e) => {
+            anyhow::bail!("cannot read the applied migrations ({e}); run `aiops migrate` first")
+        }
+    }
+}
+
 /// Lets the current transaction commit without waiting for its WAL flush
 /// (`synchronous_commit = off` for this transaction only). Only for writes whose loss in a
 /// database server crash is harmless because the work is redone; a later durable commit
