@@ -432,6 +432,53 @@ async fn a_blackout_that_begins_during_the_retry_delay_refuses_the_retry() {
     worker.stop().await;
 }
 
+/// A run whose step job died (its attempts exhausted: the step got its worker killed on every
+/// one) is ended by the engine's dead-job pass instead of waiting for its deadline with an
+/// attempt row left running: the row is closed as interrupted and the run fails.
+#[tokio::test]
+async fn a_run_whose_step_job_died_is_failed_and_its_attempt_closed() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let runbook = app
+        .runbook_from_yaml(
+            "name: poison\nmode: auto\ntimeout_seconds: 3600\nsteps:\n  - name: s1\n    \
+             command: echo started; sleep 30\n",
+        )
+        .await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    app.wait_step_running(id, "s1").await;
+    // As the rescuer leaves a job whose last attempt's worker died.
+    let died = sqlx::query(
+        "UPDATE jobs SET state = 'dead', finished_at = now(), lease_token = NULL, \
+           last_error = 'lease expired: the worker stopped heartbeating (crashed or hung)' \
+         WHERE kind = 'execution.step' AND state = 'running'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(died.rows_affected(), 1);
+    worker.stop().await;
+    common::run_scheduled_job(&app.pool, aiops::engine::dead_jobs::KIND).await;
+    let (_, done) = app.get(&format!("/executions/{id}")).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("its execution.step job died after its last attempt (lease expired"),
+        "{done}"
+    );
+    let steps = app.steps(id).await;
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert_eq!(steps[0]["status"], "failed", "{steps:?}");
+    assert_eq!(steps[0]["interrupted"], true, "{steps:?}");
+    assert!(steps[0]["completed_at"].is_string(), "{steps:?}");
+    // Once ended, the pass leaves it alone.
+    common::run_scheduled_job(&app.pool, aiops::engine::dead_jobs::KIND).await;
+    let (_, again) = app.get(&format!("/executions/{id}")).await;
+    assert_eq!(again["execution_log"], done["execution_log"]);
+}
+
 /// A rollback command is rendered with what the run's steps saw: the variables given at start
 /// (overriding the runbook's), secret ones included and masked in what is stored, the captured
 /// output of earlier steps, and the variables as its environment.

@@ -19,6 +19,7 @@
 
 pub mod alerts;
 pub mod control;
+pub mod dead_jobs;
 pub mod masking;
 pub mod prune;
 pub mod rollback;
@@ -225,6 +226,7 @@ pub fn register(
     retention: Duration,
 ) -> Result<(), crate::queue::QueueError> {
     prune::register(registry, retention)?;
+    dead_jobs::register(registry, engine.clone())?;
     registry.forward_notifications(store::executions::CONTROL_CHANNEL, engine.ended.clone());
     let quick = KindOptions {
         timeout: Duration::from_secs(60),

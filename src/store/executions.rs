@@ -554,6 +554,56 @@ pub async fn execution_set_refused_by(
     Ok(())
 }
 
+/// Runs whose step, rollback or start job died (its attempts exhausted) in the last day, with
+/// no job of theirs left to run: nothing will ever move them on. Each with the dead job's kind
+/// and last error.
+pub async fn executions_with_dead_jobs(
+    conn: &mut PgConnection,
+) -> StoreResult<Vec<(Uuid, String, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT ON (e.id) e.id, j.kind, j.last_error \
+         FROM jobs j JOIN runbook_executions e ON e.id::text = j.payload->>'execution_id' \
+         WHERE j.state = 'dead' AND j.finished_at > now() - interval '1 day' \
+           AND j.kind IN ('execution.step', 'execution.rollback', 'execution.start') \
+           AND e.status IN ('pending', 'approved', 'running') \
+           AND NOT EXISTS (SELECT 1 FROM jobs o \
+               WHERE o.kind IN ('execution.step', 'execution.rollback', 'execution.start') \
+                 AND o.state IN ('available', 'retryable', 'running') \
+                 AND o.payload->>'execution_id' = j.payload->>'execution_id') \
+         ORDER BY e.id, j.finished_at DESC",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Closes the attempt rows of an execution still `running` whose job died: failed and
+/// interrupted, with `reason`, keeping the output they streamed.
+pub async fn steps_close_dead(
+    conn: &mut PgConnection,
+    execution_id: Uuid,
+    reason: &str,
+) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "UPDATE step_executions s SET status = 'failed', interrupted = true, \
+           completed_at = now(), \
+           duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                               2147483647)::integer, \
+           error_message = $2, \
+           stdout = COALESCE(s.stdout, (SELECT string_agg(e.data, '' ORDER BY e.id) \
+               FROM execution_events e WHERE e.execution_id = s.execution_id \
+                 AND e.step_execution_id = s.id AND e.kind = 'stdout')), \
+           stderr = COALESCE(s.stderr, (SELECT string_agg(e.data, '' ORDER BY e.id) \
+               FROM execution_events e WHERE e.execution_id = s.execution_id \
+                 AND e.step_execution_id = s.id AND e.kind = 'stderr')) \
+         WHERE execution_id = $1 AND status = 'running'",
+    )
+    .bind(execution_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Records a cancel request (idempotent); returns the row's status after the request.
 pub async fn execution_request_cancel(
     conn: &mut PgConnection,
