@@ -219,3 +219,49 @@ async fn bad_start_requests_name_the_field_and_the_reason_and_create_nothing() {
         );
     }
 }
+
+/// Numbers given at start reach commands as they were written where that can be known (`1e3`
+/// is `1000`), and one that JSON could not keep exactly is refused; a secret too short to be
+/// masked is refused rather than shown.
+#[tokio::test]
+async fn start_values_are_kept_exactly_or_refused() {
+    let app = common::spawn_app().await;
+    let runbook = app
+        .runbook_from_yaml(
+            "name: values\nmode: auto\nenvironment_vars:\n  API_TOKEN: set-at-start\n  COUNT: '1'\nsteps:\n  - {name: s, command: 'true'}\n",
+        )
+        .await;
+    let start = |variables: &str| {
+        let body = format!(r#"{{"runbook_id": "{runbook}", "variables": {variables}}}"#);
+        let app = &app;
+        async move {
+            let resp = app
+                .client
+                .post(app.api("/executions"))
+                .bearer_auth(&app.admin_token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    for (variables, field) in [
+        (r#"{"COUNT": 100000000000000000000}"#, "variables.COUNT"),
+        (r#"{"COUNT": 1.2345678901234567e22}"#, "variables.COUNT"),
+        (r#"{"API_TOKEN": "Q7"}"#, "variables.API_TOKEN"),
+    ] {
+        let (status, answer) = start(variables).await;
+        assert_eq!(status, 422, "{variables}: {answer}");
+        assert_eq!(answer["details"]["field"], field, "{answer}");
+    }
+    for (given, stored) in [("1e3", "1000"), ("-0.0", "0"), ("0.1", "0.1"), ("42", "42")] {
+        let (status, answer) = start(&format!(r#"{{"COUNT": {given}}}"#)).await;
+        assert_eq!(status, 201, "{given}: {answer}");
+        let id = answer["execution_ids"][0].as_str().unwrap();
+        let (_, run) = app.get(&format!("/executions/{id}")).await;
+        assert_eq!(run["context_vars"]["COUNT"], stored, "{given}: {run}");
+    }
+}

@@ -75,14 +75,50 @@ fn start_variables(
         let text = match value {
             Value::Null => continue,
             Value::String(s) => s.clone(),
-            Value::Number(_) | Value::Bool(_) => value.to_string(),
+            Value::Number(n) => number_text(n).ok_or_else(|| {
+                refuse(
+                    "is a number that cannot be written back exactly (beyond 2^53, or too \
+                     precise); give it as a string",
+                )
+            })?,
+            Value::Bool(_) => value.to_string(),
             Value::Array(_) | Value::Object(_) => {
                 return Err(refuse("must be a string, a number or a boolean"));
             }
         };
+        // A secret is masked wherever it appears; two characters or fewer would mask ordinary
+        // text, so they are not masked at all, and such a secret would show.
+        if !text.is_empty()
+            && text.trim().chars().count() < 3
+            && (crate::domain::runbook::is_secret_name(name) || secret_names.contains(name))
+        {
+            return Err(refuse(
+                "is a secret too short to be masked in output (at least 3 characters)",
+            ));
+        }
         out.insert(name.clone(), Value::String(text));
     }
     Ok(out)
+}
+
+/// A number as a command sees it, written as the caller wrote it where that can be known:
+/// integers as integers (`1e3` is `1000`, not `1000.0`), other values in their shortest form
+/// (`0.1`). `None` for a number the JSON reading could not keep exactly (an integer beyond
+/// 2^53 read as a float, such as `100000000000000000000`).
+fn number_text(n: &serde_json::Number) -> Option<String> {
+    if n.is_i64() || n.is_u64() {
+        return Some(n.to_string());
+    }
+    let f = n.as_f64()?;
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if !f.is_finite() || f.abs() >= EXACT {
+        return None;
+    }
+    if f.fract() == 0.0 {
+        // Whole and below 2^53: exactly an integer (`-0` is `0`).
+        return Some(format!("{}", f as i64));
+    }
+    Some(format!("{f}"))
 }
 
 /// Creates a pending execution and enqueues its start job, in the caller's transaction. Secret
