@@ -143,6 +143,35 @@ pub enum ConfigError {
     },
 }
 
+/// A config file's parse error with its position and the top-level key it is under (the
+/// parser names only the position, and a value inside a list is lines below its key).
+fn file_error(text: &str, e: &serde_saphyr::Error) -> String {
+    let message = e.without_snippet().to_string();
+    let Some(location) = e.location() else {
+        return message;
+    };
+    let line = location.line() as usize;
+    // The last line at or before the error's that starts a top-level `key:`.
+    let key = text
+        .lines()
+        .take(line)
+        .filter(|l| !l.starts_with([' ', '\t', '-', '#']) && l.contains(':'))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, _)| k.trim().trim_matches(['"', '\'']))
+        })
+        .last();
+    // The parser's text repeats the position.
+    let reason = crate::domain::runbook::strip_position(&message);
+    match key {
+        Some(key) => format!(
+            "line {line} column {}: key `{key}`: {reason}",
+            location.column()
+        ),
+        None => format!("line {line} column {}: {reason}", location.column()),
+    }
+}
+
 fn invalid(key: &'static str, value: &str, message: &'static str) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -213,7 +242,7 @@ impl Config {
             } else {
                 serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_path_buf(),
-                    message: e.to_string(),
+                    message: file_error(&text, &e),
                 })?
             };
             config.apply_file(parsed)?;
@@ -480,6 +509,21 @@ mod tests {
         std::fs::write(&path, "lisen: 1\n").unwrap();
         let err = Config::from_sources(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+        // A value of the wrong type names the key it is under, even lines below it.
+        std::fs::write(
+            &path,
+            "listen: 127.0.0.1:1\nsecret_keys_old:\n  - a\n  - [b]\ntoken_ttl_seconds: 5\n",
+        )
+        .unwrap();
+        let err = Config::from_sources(Some(&path), env(&[])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("line 4 column 5: key `secret_keys_old`: expected string"),
+            "{err}"
+        );
+        std::fs::write(&path, "token_ttl_seconds: -5\n").unwrap();
+        let err = Config::from_sources(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("key `token_ttl_seconds`"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
