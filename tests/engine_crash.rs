@@ -118,6 +118,16 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     assert_eq!(two[0]["retry_attempt"], 0);
     assert_eq!(two[1]["retry_attempt"], 0);
     assert_eq!(steps.iter().filter(|s| s["step_name"] == "one").count(), 1);
+    // The log says which step was interrupted, by name and position.
+    let interrupted: Vec<&serde_json::Value> = done["execution_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "step_interrupted")
+        .collect();
+    assert_eq!(interrupted.len(), 1, "{done}");
+    assert_eq!(interrupted[0]["details"]["step"], "two", "{done}");
+    assert_eq!(interrupted[0]["details"]["step_order"], 2, "{done}");
     survivor.stop().await;
 }
 

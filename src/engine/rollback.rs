@@ -76,7 +76,19 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         &snapshot.target_os,
     )
     .await;
-    let (already, _, attempts) = store::executions::step_slot_prepare(g.conn(), slot).await?;
+    let (already, interrupted, attempts) =
+        store::executions::step_slot_prepare(g.conn(), slot).await?;
+    if !interrupted.is_empty() {
+        // A rollback whose worker died is run again; the interrupted attempt stays recorded.
+        log(
+            g.conn(),
+            row.id,
+            "rollback_interrupted",
+            json!({ "step": step.name, "step_order": step.step_order,
+                    "attempts": interrupted.len() }),
+        )
+        .await?;
+    }
     if !already {
         let retry = i32::try_from(attempts).unwrap_or(0);
         let (target, secrets, server, target_error) = match resolved {

@@ -121,9 +121,9 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                         ),
                     )
                     .await?;
-                } else if let Some(order) = snapshot_of(&row)
+                } else if let Some((order, name)) = snapshot_of(&row)
                     .ok()
-                    .and_then(|s| s.steps.get(p.index).map(|s| s.step_order))
+                    .and_then(|s| s.steps.get(p.index).map(|s| (s.step_order, s.name.clone())))
                 {
                     // A worker that held this job before (it died, or let the job go at
                     // shutdown) may have left its attempt running: it is recorded interrupted,
@@ -141,7 +141,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                             g.conn(),
                             row.id,
                             "step_interrupted",
-                            json!({ "step_order": order, "attempts": interrupted.len() }),
+                            json!({ "step": name, "step_order": order,
+                                    "attempts": interrupted.len() }),
                         )
                         .await?;
                     }
@@ -274,7 +275,8 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                     conn,
                     row.id,
                     "step_interrupted",
-                    json!({ "step": step.name, "attempts": interrupted.len() }),
+                    json!({ "step": step.name, "step_order": step.step_order,
+                            "attempts": interrupted.len() }),
                 )
                 .await?;
             }
