@@ -473,6 +473,17 @@ async fn a_run_whose_step_job_died_is_failed_and_its_attempt_closed() {
     assert_eq!(steps[0]["status"], "failed", "{steps:?}");
     assert_eq!(steps[0]["interrupted"], true, "{steps:?}");
     assert!(steps[0]["completed_at"].is_string(), "{steps:?}");
+    // The live stream gets the attempt's end too, not only its start.
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM execution_events WHERE step_execution_id = $1::text::uuid \
+         AND kind = 'status' AND (data::jsonb)->>'status' = 'failed' \
+         AND (data::jsonb)->>'interrupted' = 'true'",
+    )
+    .bind(steps[0]["id"].as_str().unwrap())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1);
     // Once ended, the pass leaves it alone.
     common::run_scheduled_job(&app.pool, aiops::engine::dead_jobs::KIND).await;
     let (_, again) = app.get(&format!("/executions/{id}")).await;

@@ -128,6 +128,16 @@ async fn a_killed_worker_is_resumed_without_rerunning_completed_steps() {
     assert_eq!(interrupted.len(), 1, "{done}");
     assert_eq!(interrupted[0]["details"]["step"], "two", "{done}");
     assert_eq!(interrupted[0]["details"]["step_order"], 2, "{done}");
+    // The live stream gets the interrupted attempt's end too, not only its start.
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM execution_events WHERE step_execution_id = $1::text::uuid \
+         AND kind = 'status' AND (data::jsonb)->>'interrupted' = 'true'",
+    )
+    .bind(two[0]["id"].as_str().unwrap())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1);
     survivor.stop().await;
 }
 

@@ -577,14 +577,15 @@ pub async fn executions_with_dead_jobs(
 }
 
 /// Closes the attempt rows of an execution still `running` whose job died: failed and
-/// interrupted, with `reason`, keeping the output they streamed.
+/// interrupted, with `reason`, keeping the output they streamed; each gets its status event on
+/// the live stream. Returns how many were closed.
 pub async fn steps_close_dead(
     conn: &mut PgConnection,
     execution_id: Uuid,
     reason: &str,
 ) -> StoreResult<u64> {
     let done = sqlx::query(
-        "UPDATE step_executions s SET status = 'failed', interrupted = true, \
+        "WITH closed AS (UPDATE step_executions s SET status = 'failed', interrupted = true, \
            completed_at = now(), \
            duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
                                2147483647)::integer, \
@@ -595,7 +596,13 @@ pub async fn steps_close_dead(
            stderr = COALESCE(s.stderr, (SELECT string_agg(e.data, '' ORDER BY e.id) \
                FROM execution_events e WHERE e.execution_id = s.execution_id \
                  AND e.step_execution_id = s.id AND e.kind = 'stderr')) \
-         WHERE execution_id = $1 AND status = 'running'",
+         WHERE execution_id = $1 AND status = 'running' \
+         RETURNING id, step_name, step_order, phase, run_attempt) \
+         INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+         SELECT $1, c.id, 'status', json_build_object('step', c.step_name, \
+             'step_order', c.step_order, 'phase', c.phase, 'status', 'failed', \
+             'interrupted', true, 'attempt', c.run_attempt)::text \
+         FROM closed c",
     )
     .bind(execution_id)
     .bind(reason)
@@ -877,7 +884,13 @@ pub async fn step_slot_prepare(
                      AND e.step_execution_id = s.id AND e.kind = 'stderr')) \
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
                AND status = 'running' \
-             RETURNING id), \
+             RETURNING id, step_name, step_order, phase, run_attempt), \
+         ended AS ( \
+             INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+             SELECT $1, i.id, 'status', json_build_object('step', i.step_name, \
+                 'step_order', i.step_order, 'phase', i.phase, 'status', 'failed', \
+                 'interrupted', true, 'attempt', i.run_attempt)::text \
+             FROM interrupted i), \
          slot AS ( \
              SELECT status, interrupted FROM step_executions \
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4) \
