@@ -584,16 +584,23 @@ async fn a_connection_lost_mid_command_is_replaced_and_the_command_killed_over_i
     let mut target = sshd.key_target("id_ed25519");
     target.port = proxy.port;
     let pidfile = format!("/tmp/aiops-ssh-test-{}.pid", Uuid::new_v4().simple());
-    let mut req = request(&format!("sleep 300 & echo $! > {pidfile}; wait"));
+    let mut req = request(&format!(
+        "echo started; sleep 300 & echo $! > {pidfile}; wait"
+    ));
     // Long enough that only the lost connection (never the timeout) can end the command here.
     req.timeout = Duration::from_secs(120);
+    let (tx, mut rx) = mpsc::channel(16);
     let task = {
         let (exec, target) = (exec.clone(), Target::Ssh(target.clone()));
-        tokio::spawn(async move {
-            let (tx, _rx) = mpsc::channel(16);
-            exec.run(&target, &req, CancellationToken::new(), tx).await
-        })
+        tokio::spawn(async move { exec.run(&target, &req, CancellationToken::new(), tx).await })
     };
+    // Its first line has reached the executor before the connection breaks.
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no output")
+        .expect("output channel closed");
+    assert_eq!(first.bytes, b"started\n");
+    let _keep_receiving = tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let sleep_pid = wait_for_pid(&pidfile, Duration::from_secs(10)).await;
     let shell_pid = comm_and_parent(sleep_pid).unwrap().1;
     let server = serving_sshd(sleep_pid);
@@ -608,12 +615,19 @@ async fn a_connection_lost_mid_command_is_replaced_and_the_command_killed_over_i
         .unwrap();
     assert!(status.success());
 
-    let err = tokio::time::timeout(Duration::from_secs(60), task)
+    let out = tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .expect("run did not return after the connection broke")
         .unwrap()
-        .unwrap_err();
-    let text = err.to_string();
+        .unwrap();
+    // No exit status, what it printed kept, and why.
+    assert_eq!(
+        (out.exit_code, out.exit_signal.as_deref()),
+        (None, None),
+        "{out:?}"
+    );
+    assert_eq!(out.stdout, "started\n", "{out:?}");
+    let text = out.lost.unwrap_or_default();
     assert!(
         text.contains(&format!(
             "the connection to 127.0.0.1:{} was lost while the command ran",

@@ -231,7 +231,10 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
                     match (o.exit_code, &o.exit_signal) {
                         (Some(code), _) => format!("rollback exited with code {code}"),
                         (None, Some(signal)) => format!("rollback was killed by signal {signal}"),
-                        (None, None) => "rollback ended without an exit status".to_owned(),
+                        (None, None) => match &o.lost {
+                            Some(why) => format!("rollback ended without an exit status: {why}"),
+                            None => "rollback ended without an exit status".to_owned(),
+                        },
                     }
                 }),
             ),

@@ -729,7 +729,7 @@ fn judge(
                             step.expected_exit_codes
                         ),
                         (None, Some(sig)) => format!("killed by signal {sig}"),
-                        (None, None) => "no exit status".to_owned(),
+                        (None, None) => o.lost.clone().unwrap_or_else(|| "no exit status".into()),
                     }),
                 )
             };
@@ -1376,6 +1376,7 @@ mod tests {
             timed_out: true,
             cancelled: false,
             kill_error: kill_error.map(str::to_owned),
+            lost: None,
             duration: std::time::Duration::from_secs(8),
         };
         let limits = (

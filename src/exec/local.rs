@@ -293,6 +293,7 @@ async fn run_local(
         timed_out,
         cancelled,
         kill_error: None,
+        lost: None,
         duration: started.elapsed(),
     })
 }

@@ -73,6 +73,9 @@ pub struct CommandOutcome {
     /// Why killing the command (at its timeout, or on cancel) failed, when it did: it may
     /// still be running. Only a remote command can fail to be killed.
     pub kill_error: Option<String>,
+    /// Why the command ended without an exit status, when it did (the connection to its host
+    /// was lost while it ran); what it printed until then is kept.
+    pub lost: Option<String>,
     /// Wall-clock time from start to end.
     pub duration: Duration,
 }

@@ -717,6 +717,7 @@ impl SshExecutor {
             timed_out,
             cancelled: !timed_out,
             kill_error: None,
+            lost: None,
             duration: started.elapsed(),
         };
         let (conn, mut channel) = tokio::select! {
@@ -807,7 +808,20 @@ impl SshExecutor {
             };
             guard.disarm();
             tracing::warn!(server_id = %target.server_id, "{message}");
-            return Err(ExecError::Session(message));
+            // What the command printed until then is kept, as for a timeout.
+            let truncated = report.out.truncated() || report.err.truncated();
+            return Ok(CommandOutcome {
+                exit_code: None,
+                exit_signal: None,
+                stdout: report.out.finish(),
+                stderr: report.err.finish(),
+                truncated,
+                timed_out: false,
+                cancelled: false,
+                kill_error: None,
+                lost: Some(format!("ssh session failed: {message}")),
+                duration: started.elapsed(),
+            });
         }
         // Ended on its own: the wrapper's watcher kills what it left running.
         guard.disarm();
@@ -821,6 +835,7 @@ impl SshExecutor {
             timed_out,
             cancelled,
             kill_error,
+            lost: None,
             duration: started.elapsed(),
         })
     }
