@@ -403,25 +403,31 @@ pub async fn test_connection(
 }
 
 /// What the wrapper reads on its standard input before anything else: the step's environment
-/// (`export NAME='value'` lines) and the command (`c='...'`). They travel on the channel, not in
-/// the exec request, whose text is the session shell's command line (and that of the watcher
-/// forked from it), which every user of the host can read in `ps` or `/proc/<pid>/cmdline`;
-/// nor does their size count against the kernel's limit for one argument.
+/// (`export NAME='value'` lines) and the command (`aiops_command='...'`). They travel on the
+/// channel, not in the exec request, whose text is the session shell's command line (and that
+/// of the watcher forked from it), which every user of the host can read in `ps` or
+/// `/proc/<pid>/cmdline`; nor does their size count against the kernel's limit for one argument.
 fn wrapper_input(request: &CommandRequest) -> String {
     let mut input = String::new();
     for (name, value) in &request.env {
         input.push_str(&format!("export {name}={}\n", shell_quote(value)));
     }
-    input.push_str(&format!("c={}\n", shell_quote(&request.command)));
+    input.push_str(&format!(
+        "aiops_command={}\n",
+        shell_quote(&request.command)
+    ));
     input
 }
 
-/// The remote wrapper around a command (see the module comment). It first reads
-/// [`wrapper_input`] to its end from standard input, and keeps the session's umask for the
-/// command (only the pgid file is written under `umask 077`).
+/// The remote wrapper around a command (see the module comment). It reads [`wrapper_input`]
+/// to its end from standard input into a variable and applies it only in what becomes the
+/// command, after the wrapper's own state (its parent, umask, pgid file) is taken and its
+/// watcher is forked: a step variable named like one of the wrapper's, or `PATH`, `PPID`, ...
+/// changes nothing of the wrapper. The command keeps the session's umask (only the pgid file is
+/// written under `umask 077`).
 fn wrapper_script(pgid_file: &str) -> String {
-    let mut script = String::from("eval \"$(cat)\"\nu=$(umask)\numask 077\n");
-    script.push_str(&format!("f={}\n", shell_quote(pgid_file)));
+    let mut script = String::from("aiops_in=$(cat)\naiops_o=$PPID\naiops_u=$(umask)\numask 077\n");
+    script.push_str(&format!("aiops_f={}\n", shell_quote(pgid_file)));
     // sshd starts the session's shell as the leader of its own session and process group. The
     // wrapper records that group, forks a watcher into it and execs the command in its place,
     // so sshd itself waits for the command and reports its real end: `exit-status`, or
@@ -430,13 +436,14 @@ fn wrapper_script(pgid_file: &str) -> String {
     // pgid file and kills what the command left running in the group, itself last, so a step
     // never leaks processes or holds the output streams open. While the watcher lives the group
     // exists, so its id cannot be reused by an unrelated process. When the command's parent
-    // is no longer the one the wrapper started under (`$PPID`), the session's sshd is gone (the connection broke, or the worker died): unless
-    // the group is killed over a new connection within 3 s, the watcher sends it TERM, then
-    // KILL 2 s later, so the command does not run on beside the step's next run.
+    // is no longer the one the wrapper started under, the session's sshd is gone (the
+    // connection broke, or the worker died): unless the group is killed over a new connection
+    // within 3 s, the watcher sends it TERM, then KILL 2 s later, so the command does not run on
+    // beside the step's next run.
     script.push_str(concat!(
         "if kill -0 \"-$$\" 2>/dev/null; then\n",
-        "echo $$ >\"$f\"\n",
-        "( (p=$$ d=0.1 i=0 o=$PPID\n",
+        "echo $$ >\"$aiops_f\"\n",
+        "( (p=$$ d=0.1 i=0 o=$aiops_o f=$aiops_f\n",
         "while kill -0 \"$p\"; do\n",
         "s=; read -r s <\"/proc/$p/stat\"; s=${s##*) }; [ \"${s%% *}\" != Z ] || break\n",
         "s=${s#* }; s=${s%% *}\n",
@@ -444,8 +451,9 @@ fn wrapper_script(pgid_file: &str) -> String {
         "sleep \"$d\" || sleep 1; i=$((i+1)); [ \"$i\" -ne 100 ] || d=1\n",
         "done\n",
         "rm -f \"$f\"; kill -KILL \"-$p\") </dev/null >/dev/null 2>&1 &)\n",
-        "umask \"$u\"\n",
-        "exec /bin/sh -c \"$c\" </dev/null\n",
+        "umask \"$aiops_u\"\n",
+        "eval \"$aiops_in\"\n",
+        "exec /bin/sh -c \"$aiops_command\" </dev/null\n",
         "fi\n",
     ));
     // Otherwise (a server that does not give the session its own group): run the command under
@@ -453,16 +461,19 @@ fn wrapper_script(pgid_file: &str) -> String {
     // command, so the exit code is then the shell's `128 + N`. A watcher outside the command's
     // group checks every second that this shell's parent, the session's sshd, is still there;
     // when it is gone, the command's group gets TERM 3 s later and KILL 2 s after that, as above.
+    // The step's environment is applied in the subshell that becomes `setsid` (found with the
+    // session's `PATH`), not here.
     script.push_str(concat!(
-        "setsid -w /bin/sh -c 'echo $$ >\"$1\"; umask \"$3\"; exec /bin/sh -c \"$2\"' aiops-step \"$f\" \"$c\" \"$u\" </dev/null &\n",
+        "aiops_setsid=$(command -v setsid)\n",
+        "(eval \"$aiops_in\"; exec \"$aiops_setsid\" -w /bin/sh -c 'echo $$ >\"$1\"; umask \"$2\"; exec /bin/sh -c \"$3\"' aiops-step \"$aiops_f\" \"$aiops_u\" \"$aiops_command\") </dev/null &\n",
         "w=$!\n",
-        "(o=$PPID\n",
+        "(o=$aiops_o\n",
         "while kill -0 \"$w\"; do\n",
         "s=; read -r s <\"/proc/$$/stat\"; s=${s##*) }; s=${s#* }; s=${s%% *}\n",
         "if [ -n \"$s\" ] && [ \"$s\" != \"$o\" ]; then sleep 3; kill -TERM \"-$w\"; sleep 2; kill -KILL \"-$w\"; break; fi\n",
         "sleep 1\n",
         "done) </dev/null >/dev/null 2>&1 &\n",
-        "wait \"$w\"\nrc=$?\nrm -f \"$f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
+        "wait \"$w\"\nrc=$?\nrm -f \"$aiops_f\"\nkill -KILL \"-$w\" 2>/dev/null\nexit \"$rc\"\n",
     ));
     script
 }
@@ -954,7 +965,10 @@ mod tests {
         };
         let input = wrapper_input(&request);
         assert!(input.contains("export X='a'\\''b; rm -rf /'\n"), "{input}");
-        assert!(input.contains("\nc='echo '\\''hi'\\'''\n"), "{input}");
+        assert!(
+            input.contains("\naiops_command='echo '\\''hi'\\'''\n"),
+            "{input}"
+        );
         // Neither is part of the exec request, the command line every user of the host sees.
         let script = wrapper_script("/tmp/.aiops-step-x.pgid");
         assert!(
@@ -966,11 +980,20 @@ mod tests {
     /// Runs the wrapper with this host's `/bin/sh`, as the leader of its own process group (as
     /// sshd starts it) or not; returns the raw exit status and whether the pgid file is gone.
     fn run_wrapper_locally(command: &str, leader: bool) -> (std::process::ExitStatus, bool) {
+        run_wrapper_locally_with(command, leader, Vec::new())
+    }
+
+    /// [`run_wrapper_locally`] with a step environment.
+    fn run_wrapper_locally_with(
+        command: &str,
+        leader: bool,
+        env: Vec<(String, String)>,
+    ) -> (std::process::ExitStatus, bool) {
         use std::os::unix::process::CommandExt;
         let pgid_file = format!("/tmp/.aiops-step-test-{}.pgid", Uuid::new_v4().simple());
         let request = CommandRequest {
             command: command.to_owned(),
-            env: Vec::new(),
+            env,
             timeout: Duration::from_secs(10),
             output_limit_bytes: 1024,
         };
@@ -993,6 +1016,31 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         (status, !std::path::Path::new(&pgid_file).exists())
+    }
+
+    /// Step variables named like the wrapper's own, or that the wrapper relies on (`PATH`,
+    /// `PPID`), reach the command as given and change nothing of the wrapper, in both of its
+    /// paths.
+    #[test]
+    fn step_variables_do_not_reach_into_the_wrapper() {
+        let env: Vec<(String, String)> = [
+            ("c", "my-c"),
+            ("f", "my-f"),
+            ("u", "my-u"),
+            ("p", "my-p"),
+            ("o", "my-o"),
+            ("PPID", "1"),
+            ("PATH", "/nonexistent"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let check = "[ \"$c$f$u$p$o$PATH\" = my-cmy-fmy-umy-pmy-o/nonexistent ] || exit 3; \
+                     /bin/sleep 4; exit 7";
+        for leader in [true, false] {
+            let (status, cleaned) = run_wrapper_locally_with(check, leader, env.clone());
+            assert_eq!((status.code(), cleaned), (Some(7), true), "leader {leader}");
+        }
     }
 
     #[test]
