@@ -1561,6 +1561,29 @@ async fn revoking_an_api_token_revokes_the_tokens_made_with_it() {
     assert_eq!(works(other).await, 200);
 }
 
+/// Parallel logins to one account all succeed: each locks the user's row for the update it
+/// makes (`last_login`), so none deadlocks with another.
+#[tokio::test]
+async fn parallel_logins_to_one_account_all_succeed() {
+    let app = common::spawn_app().await;
+    let (id, _) = app.user_with_role("operator").await;
+    let username = username_of(&app, id).await;
+    for _ in 0..10 {
+        let logins: Vec<_> = (0..5)
+            .map(|_| {
+                let request = app
+                    .client
+                    .post(app.api("/auth/login"))
+                    .json(&json!({ "username": username, "password": common::PASSWORD }));
+                tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        for login in logins {
+            assert_eq!(login.await.unwrap(), 200);
+        }
+    }
+}
+
 /// A password change that commits while a login with the old password is being checked wins:
 /// the login is refused and leaves no session behind. The change is held open (its row lock
 /// taken, the user's tokens revoked) until the login waits for it, then committed.

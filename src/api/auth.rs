@@ -227,7 +227,7 @@ impl AuthApi {
         // token is read again after it: a password change, deactivation or revocation that
         // committed meanwhile refuses the request, and one that comes later waits for it and
         // then revokes the new token with the others.
-        match store::users::user_lock_credentials(&mut tx, caller.identity.user_id).await? {
+        match store::users::user_lock_credentials(&mut tx, caller.identity.user_id, false).await? {
             Some((_, true)) => {}
             _ => return Err(AuthError::Unauthenticated.into()),
         }

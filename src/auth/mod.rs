@@ -208,14 +208,14 @@ pub async fn login(
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| password::dummy_hash().to_owned());
     let ok = verify_blocking(candidate.to_owned(), stored).await;
-    // The outcome is decided again under a share lock on the user's row, held until the session
+    // The outcome is decided again under a lock on the user's row, held until the session
     // is committed: a password change, deactivation or deletion that committed while the hash
     // was being verified is seen here (the verified hash is no longer the stored one), and one
     // that comes after waits for this session, which its revocation of the user's tokens then
     // covers. So no session outlives the password or the account it was granted for.
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
     let current = match &user {
-        Some(u) if ok => store::users::user_lock_credentials(&mut tx, u.id).await?,
+        Some(u) if ok => store::users::user_lock_credentials(&mut tx, u.id, true).await?,
         _ => None,
     };
     let user = match (user, current) {

@@ -93,19 +93,23 @@ pub async fn user_get_by_username(
     .await?)
 }
 
-/// A user's password hash and whether the account is active, read under a share lock held
+/// A user's password hash and whether the account is active, read under a row lock held
 /// until the transaction ends: a concurrent password change, deactivation or deletion waits
 /// for it, and one that committed first is what this reads. `None` when the user is gone.
+/// `for_update` takes the lock a later update of the row in the same transaction needs (a
+/// login writes `last_login`): two transactions that share-locked the row and then both
+/// updated it would deadlock.
 pub async fn user_lock_credentials(
     conn: &mut PgConnection,
     id: Uuid,
+    for_update: bool,
 ) -> StoreResult<Option<(String, bool)>> {
-    Ok(
-        sqlx::query_as("SELECT password_hash, is_active FROM users WHERE id = $1 FOR SHARE")
-            .bind(id)
-            .fetch_optional(conn)
-            .await?,
-    )
+    let sql = if for_update {
+        "SELECT password_hash, is_active FROM users WHERE id = $1 FOR NO KEY UPDATE"
+    } else {
+        "SELECT password_hash, is_active FROM users WHERE id = $1 FOR SHARE"
+    };
+    Ok(sqlx::query_as(sql).bind(id).fetch_optional(conn).await?)
 }
 
 /// Lists users ordered by username, with keyset-free offset pagination (the table is small).
