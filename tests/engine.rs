@@ -490,6 +490,85 @@ async fn a_run_whose_step_job_died_is_failed_and_its_attempt_closed() {
     assert_eq!(again["execution_log"], done["execution_log"]);
 }
 
+/// A rollback whose job died counts as that rollback failing, also after the run ended (the
+/// rollbacks after a failure run then): its row is closed as interrupted, the older rollbacks
+/// still run, and the death is handled once.
+#[tokio::test]
+async fn a_rollback_whose_job_died_is_closed_and_the_older_ones_still_run() {
+    let app = common::spawn_app().await;
+    let worker = common::TestWorker::start(&app.pool).await;
+    let dir = scratch();
+    let log = dir.join("log");
+    let yaml = format!(
+        "name: dying-undo\nmode: auto\nenvironment_vars:\n  LOG: \"{}\"\nsteps:\n  - name: s1\n    \
+         command: 'true'\n    rollback_command: echo rb1 >> {{{{ LOG }}}}\n  - name: s2\n    \
+         command: 'true'\n    rollback_command: echo rb2 >> {{{{ LOG }}}}; sleep 30\n  - name: s3\n    \
+         command: exit 5\n",
+        log.display()
+    );
+    let runbook = app.runbook_from_yaml(&yaml).await;
+    let id = app.start_execution(json!({ "runbook_id": runbook })).await;
+    common::wait_for_file(&log, "rb2\n").await;
+    let died = sqlx::query(
+        "UPDATE jobs SET state = 'dead', finished_at = now(), lease_token = NULL, \
+           last_error = 'lease expired: the worker stopped heartbeating (crashed or hung)' \
+         WHERE kind = 'execution.rollback' AND state = 'running'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(died.rows_affected(), 1);
+    common::run_scheduled_job(&app.pool, aiops::engine::dead_jobs::KIND).await;
+    common::wait_for_file(&log, "rb2\nrb1\n").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let done = loop {
+        let (_, run) = app.get(&format!("/executions/{id}")).await;
+        let events: Vec<String> = run["execution_log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap().to_owned())
+            .collect();
+        if events.iter().any(|e| e == "rollback_finished") {
+            break run;
+        }
+        assert!(std::time::Instant::now() < deadline, "{run}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["status"], "failed", "{done}");
+    let rollbacks: Vec<(String, String, bool)> = app
+        .steps(id)
+        .await
+        .iter()
+        .filter(|s| s["phase"] == "rollback")
+        .map(|s| {
+            (
+                s["step_name"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+                s["interrupted"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rollbacks,
+        [
+            ("s2".to_owned(), "failed".to_owned(), true),
+            ("s1".to_owned(), "completed".to_owned(), false)
+        ]
+    );
+    // Handled once: another pass changes nothing.
+    common::run_scheduled_job(&app.pool, aiops::engine::dead_jobs::KIND).await;
+    let (_, again) = app.get(&format!("/executions/{id}")).await;
+    let died = again["execution_log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "job_died")
+        .count();
+    assert_eq!(died, 1, "{again}");
+    worker.stop().await;
+}
+
 /// A rollback command is rendered with what the run's steps saw: the variables given at start
 /// (overriding the runbook's), secret ones included and masked in what is stored, the captured
 /// output of earlier steps, and the variables as its environment.

@@ -276,49 +276,67 @@ pub async fn handle(engine: &Engine, ctx: JobContext) -> Result<(), JobError> {
         )
         .await?;
     }
-    // A cancel of the run during its rollbacks before a retry stops the ones left.
+    after_rollback(&mut g, row.id, &snapshot, &p, rest, true).await?;
+    g.complete().await
+}
+
+/// What follows one rollback, done or given up on (its job died): the rollbacks left (`rest`),
+/// then the retry the run waits for (`p.then_attempt`), or the end of the rollbacks. A cancel
+/// of the run during its rollbacks before a retry stops the ones left. `in_slot`: the next
+/// rollback may continue in this job's worker slot.
+pub(crate) async fn after_rollback(
+    g: &mut crate::queue::GuardedTx,
+    execution_id: uuid::Uuid,
+    snapshot: &super::snapshot::RunbookSnapshot,
+    p: &RollbackPayload,
+    rest: &[usize],
+    in_slot: bool,
+) -> Result<(), JobError> {
     let stopped = p.then_attempt.is_some()
-        && store::executions::execution_status(g.conn(), row.id)
+        && store::executions::execution_status(g.conn(), execution_id)
             .await?
             .is_some_and(|(status, _)| status == "cancelled");
     if stopped {
-        log_stopped(g.conn(), row.id).await?;
+        log_stopped(g.conn(), execution_id).await?;
     } else if !rest.is_empty() {
         let mut job = NewJob::new(
             KIND_ROLLBACK,
             json!(RollbackPayload {
-                execution_id: row.id,
+                execution_id,
                 attempt: p.attempt,
                 remaining: rest.to_vec(),
                 then_attempt: p.then_attempt,
             }),
         );
         job.unique_key = Some(format!(
-            "execution:{}:rollback:{}:{}",
-            row.id,
+            "execution:{execution_id}:rollback:{}:{}",
             p.attempt,
             rest.len()
         ));
         job.max_attempts = 10;
-        g.enqueue_next(&job).await?;
+        if in_slot {
+            g.enqueue_next(&job).await?;
+        } else {
+            g.enqueue(&job).await?;
+        }
     } else if let Some(next) = p.then_attempt
-        && let Some(current) = store::executions::execution_lock(g.conn(), row.id).await?
+        && let Some(current) = store::executions::execution_lock(g.conn(), execution_id).await?
         && current.status == "running"
     {
         // The rollbacks took their time: the retry may now begin only after the deadline.
-        if !begin_attempt(&mut g, &current, &snapshot, next, true).await? {
-            fail_unretried(&mut g, &current).await?;
+        if !begin_attempt(g, &current, snapshot, next, true).await? {
+            fail_unretried(g, &current).await?;
         }
     } else {
         log(
             g.conn(),
-            row.id,
+            execution_id,
             "rollback_finished",
             json!({ "at": Utc::now() }),
         )
         .await?;
     }
-    g.complete().await
+    Ok(())
 }
 
 /// Records that the rollbacks left were not run because the run was cancelled.

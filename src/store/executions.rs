@@ -554,23 +554,41 @@ pub async fn execution_set_refused_by(
     Ok(())
 }
 
-/// Runs whose step, rollback or start job died (its attempts exhausted) in the last day, with
-/// no job of theirs left to run: nothing will ever move them on. Each with the dead job's kind
-/// and last error.
-pub async fn executions_with_dead_jobs(
-    conn: &mut PgConnection,
-) -> StoreResult<Vec<(Uuid, String, Option<String>)>> {
-    Ok(sqlx::query_as(
-        "SELECT DISTINCT ON (e.id) e.id, j.kind, j.last_error \
+/// A job of a run that died with its attempts exhausted.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadJob {
+    /// The run.
+    pub execution_id: Uuid,
+    /// The job.
+    pub job_id: i64,
+    /// Its kind (`execution.step`, `execution.rollback`, `execution.start`).
+    pub kind: String,
+    /// Its payload.
+    pub payload: serde_json::Value,
+    /// Its last error.
+    pub last_error: Option<String>,
+}
+
+/// Jobs of runs that died (attempts exhausted) in the last day and that nothing moves on: no
+/// job of the run is left to run, and the run has not recorded the death (`job_died` in its
+/// log). A start job matters while its run is pending or approved, a step job while its run
+/// runs, a rollback job whatever the run's status (the rollbacks after a failure run after the
+/// end). Oldest first.
+pub async fn dead_jobs_unhandled(conn: &mut PgConnection) -> StoreResult<Vec<DeadJob>> {
+    Ok(sqlx::query_as::<_, DeadJob>(
+        "SELECT e.id AS execution_id, j.id AS job_id, j.kind, j.payload, j.last_error \
          FROM jobs j JOIN runbook_executions e ON e.id::text = j.payload->>'execution_id' \
          WHERE j.state = 'dead' AND j.finished_at > now() - interval '1 day' \
-           AND j.kind IN ('execution.step', 'execution.rollback', 'execution.start') \
-           AND e.status IN ('pending', 'approved', 'running') \
+           AND ((j.kind = 'execution.start' AND e.status IN ('pending', 'approved')) \
+             OR (j.kind = 'execution.step' AND e.status = 'running') \
+             OR j.kind = 'execution.rollback') \
+           AND NOT e.execution_log @> jsonb_build_array(jsonb_build_object( \
+                 'event', 'job_died', 'details', jsonb_build_object('job', j.id))) \
            AND NOT EXISTS (SELECT 1 FROM jobs o \
                WHERE o.kind IN ('execution.step', 'execution.rollback', 'execution.start') \
                  AND o.state IN ('available', 'retryable', 'running') \
                  AND o.payload->>'execution_id' = j.payload->>'execution_id') \
-         ORDER BY e.id, j.finished_at DESC",
+         ORDER BY j.finished_at, j.id",
     )
     .fetch_all(conn)
     .await?)
