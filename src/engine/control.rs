@@ -77,8 +77,8 @@ fn start_variables(
             Value::String(s) => s.clone(),
             Value::Number(n) => number_text(n).ok_or_else(|| {
                 refuse(
-                    "is a number that cannot be written back exactly (beyond 2^53, or too \
-                     precise); give it as a string",
+                    "is a whole number beyond 2^53, which JSON numbers do not keep exactly; \
+                     give it as a string",
                 )
             })?,
             Value::Bool(_) => value.to_string(),
@@ -101,10 +101,11 @@ fn start_variables(
     Ok(out)
 }
 
-/// A number as a command sees it, written as the caller wrote it where that can be known:
-/// integers as integers (`1e3` is `1000`, not `1000.0`), other values in their shortest form
-/// (`0.1`). `None` for a number the JSON reading could not keep exactly (an integer beyond
-/// 2^53 read as a float, such as `100000000000000000000`).
+/// A number as a command sees it: integers as integers (`1e3` is `1000`, not `1000.0`), other
+/// values in the shortest form that reads back as the same double (`0.1`). Numbers are read as
+/// doubles, so digits beyond about 16 significant ones are rounded (the README says to give
+/// such values as strings). `None` for a whole number beyond 2^53 read as a double (such as
+/// `100000000000000000000`), whose digits would be made up.
 fn number_text(n: &serde_json::Number) -> Option<String> {
     if n.is_i64() || n.is_u64() {
         return Some(n.to_string());
