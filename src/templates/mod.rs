@@ -358,6 +358,22 @@ fn validate_all(doc: &RunbookDocument) -> Vec<Issue> {
         .map(|(name, source)| (format!("environment_vars.{name}"), source.as_str(), false))
         .collect();
     for (i, step) in doc.steps.iter().enumerate() {
+        // A command already over the rendering limit as written could never run.
+        for (field, text) in [
+            ("command", Some(step.command.as_str())),
+            ("rollback_command", step.rollback_command.as_deref()),
+        ] {
+            if let Some(text) = text.filter(|t| t.len() > MAX_RENDERED_BYTES) {
+                issues.push(Issue::new(
+                    format!("steps[{i}].{field}"),
+                    format!(
+                        "is {} bytes, over the limit of {MAX_RENDERED_BYTES} for a rendered \
+                         command; put long scripts in a file on the server",
+                        text.len()
+                    ),
+                ));
+            }
+        }
         sources.push((format!("steps[{i}].command"), step.command.as_str(), false));
         if let Some(rollback) = &step.rollback_command {
             sources.push((
@@ -1129,6 +1145,22 @@ mod tests {
              command: echo {{ vars | length }} {{ (vars).SERVICE }}\n",
         );
         assert!(found.is_empty(), "{found:?}");
+    }
+
+    #[test]
+    fn a_command_over_the_rendering_limit_is_refused_at_validation() {
+        let long = format!("echo {}", "x".repeat(MAX_RENDERED_BYTES));
+        let found = issues(&format!(
+            "name: x\nsteps:\n  - name: a\n    command: {long}\n    rollback_command: echo ok\n"
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(&format!(
+                "steps[0].command is {} bytes, over the limit of {MAX_RENDERED_BYTES}",
+                long.len()
+            )),
+            "{found:?}"
+        );
     }
 
     #[test]
