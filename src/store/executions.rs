@@ -594,6 +594,42 @@ pub async fn dead_jobs_unhandled(conn: &mut PgConnection) -> StoreResult<Vec<Dea
     .await?)
 }
 
+/// The `SET` of an attempt row marked interrupted (its worker died, or its job did), with
+/// `$reason` as its error: failed, ended now, keeping the output it streamed to the live log
+/// (masked as it was streamed) as its stdout and stderr. The row is aliased `s`.
+macro_rules! interrupted_set {
+    ($reason:literal) => {
+        concat!(
+            "status = 'failed', interrupted = true, completed_at = now(), \
+             duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
+                                 2147483647)::integer, \
+             error_message = ",
+            $reason,
+            ", stdout = COALESCE(s.stdout, (SELECT string_agg(e.data, '' ORDER BY e.id) \
+                 FROM execution_events e WHERE e.execution_id = s.execution_id \
+                   AND e.step_execution_id = s.id AND e.kind = 'stdout')), \
+             stderr = COALESCE(s.stderr, (SELECT string_agg(e.data, '' ORDER BY e.id) \
+                 FROM execution_events e WHERE e.execution_id = s.execution_id \
+                   AND e.step_execution_id = s.id AND e.kind = 'stderr')) "
+        )
+    };
+}
+
+/// The live status event of each attempt row a CTE `$cte` marked interrupted (it returns
+/// `id, step_name, step_order, phase, run_attempt`), for execution `$1`.
+macro_rules! interrupted_events {
+    ($cte:literal) => {
+        concat!(
+            "INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
+             SELECT $1, i.id, 'status', json_build_object('step', i.step_name, \
+                 'step_order', i.step_order, 'phase', i.phase, 'status', 'failed', \
+                 'interrupted', true, 'attempt', i.run_attempt)::text FROM ",
+            $cte,
+            " i"
+        )
+    };
+}
+
 /// Closes the attempt rows of an execution still `running` whose job died: failed and
 /// interrupted, with `reason`, keeping the output they streamed; each gets its status event on
 /// the live stream. Returns how many were closed.
@@ -602,26 +638,13 @@ pub async fn steps_close_dead(
     execution_id: Uuid,
     reason: &str,
 ) -> StoreResult<u64> {
-    let done = sqlx::query(
-        "WITH closed AS (UPDATE step_executions s SET status = 'failed', interrupted = true, \
-           completed_at = now(), \
-           duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
-                               2147483647)::integer, \
-           error_message = $2, \
-           stdout = COALESCE(s.stdout, (SELECT string_agg(e.data, '' ORDER BY e.id) \
-               FROM execution_events e WHERE e.execution_id = s.execution_id \
-                 AND e.step_execution_id = s.id AND e.kind = 'stdout')), \
-           stderr = COALESCE(s.stderr, (SELECT string_agg(e.data, '' ORDER BY e.id) \
-               FROM execution_events e WHERE e.execution_id = s.execution_id \
-                 AND e.step_execution_id = s.id AND e.kind = 'stderr')) \
-         WHERE execution_id = $1 AND status = 'running' \
-         RETURNING id, step_name, step_order, phase, run_attempt) \
-         INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
-         SELECT $1, c.id, 'status', json_build_object('step', c.step_name, \
-             'step_order', c.step_order, 'phase', c.phase, 'status', 'failed', \
-             'interrupted', true, 'attempt', c.run_attempt)::text \
-         FROM closed c",
-    )
+    let done = sqlx::query(concat!(
+        "WITH closed AS (UPDATE step_executions s SET ",
+        interrupted_set!("$2"),
+        "WHERE execution_id = $1 AND status = 'running' \
+         RETURNING id, step_name, step_order, phase, run_attempt) ",
+        interrupted_events!("closed")
+    ))
     .bind(execution_id)
     .bind(reason)
     .execute(conn)
@@ -886,36 +909,26 @@ pub async fn step_slot_prepare(
     conn: &mut PgConnection,
     slot: StepSlot<'_>,
 ) -> StoreResult<(bool, Vec<Uuid>, i64)> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(concat!(
         "WITH interrupted AS ( \
-             UPDATE step_executions s SET status = 'failed', interrupted = true, \
-               completed_at = now(), \
-               duration_ms = LEAST(extract(epoch FROM now() - started_at) * 1000, \
-                                   2147483647)::integer, \
-               error_message = 'interrupted: its result was never recorded (the worker \
-                 running it stopped, or could not write the result)', \
-               stdout = COALESCE(s.stdout, (SELECT string_agg(e.data, '' ORDER BY e.id) \
-                   FROM execution_events e WHERE e.execution_id = s.execution_id \
-                     AND e.step_execution_id = s.id AND e.kind = 'stdout')), \
-               stderr = COALESCE(s.stderr, (SELECT string_agg(e.data, '' ORDER BY e.id) \
-                   FROM execution_events e WHERE e.execution_id = s.execution_id \
-                     AND e.step_execution_id = s.id AND e.kind = 'stderr')) \
-             WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
+             UPDATE step_executions s SET ",
+        interrupted_set!(
+            "'interrupted: its result was never recorded (the worker running it stopped, \
+                 or could not write the result)'"
+        ),
+        "WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4 \
                AND status = 'running' \
              RETURNING id, step_name, step_order, phase, run_attempt), \
-         ended AS ( \
-             INSERT INTO execution_events (execution_id, step_execution_id, kind, data) \
-             SELECT $1, i.id, 'status', json_build_object('step', i.step_name, \
-                 'step_order', i.step_order, 'phase', i.phase, 'status', 'failed', \
-                 'interrupted', true, 'attempt', i.run_attempt)::text \
-             FROM interrupted i), \
+         ended AS (",
+        interrupted_events!("interrupted"),
+        "), \
          slot AS ( \
              SELECT status, interrupted FROM step_executions \
              WHERE execution_id = $1 AND phase = $2 AND run_attempt = $3 AND step_order = $4) \
          SELECT EXISTS (SELECT 1 FROM slot WHERE status = 'completed'), \
                 ARRAY(SELECT id FROM interrupted), \
-                (SELECT count(*) FROM slot WHERE status <> 'running' AND NOT interrupted)",
-    )
+                (SELECT count(*) FROM slot WHERE status <> 'running' AND NOT interrupted)"
+    ))
     .bind(slot.execution_id)
     .bind(slot.phase)
     .bind(slot.run_attempt)
