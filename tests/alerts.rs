@@ -982,6 +982,10 @@ triggers:
         "{first}"
     );
     assert_eq!(first["match_outcome"]["server_id"], json!(a));
+    assert_eq!(
+        first["match_outcome"]["server_chosen_by"], "instance `10.0.0.1`",
+        "{first}"
+    );
     // The same instance fires again (a new episode): inside its own cooldown.
     post(
         &app,
@@ -1043,6 +1047,12 @@ triggers:
     let c = processed(&app, id).await;
     assert_eq!(c["match_outcome"]["decision"], "execution_created", "{c}");
     assert_eq!(c["match_outcome"]["server"], "other");
+    // The outcome says the server came from allowed_servers, not from the alert.
+    assert_eq!(
+        c["match_outcome"]["server_chosen_by"],
+        "the alert has no `instance` label: the only server the runbook's allowed_servers selects",
+        "{c}"
+    );
     worker.stop().await;
 }
 

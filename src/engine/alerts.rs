@@ -374,7 +374,7 @@ struct Decision<'c> {
     outcome: Map<String, Value>,
     suggested: Vec<Value>,
     /// A runnable trigger matched and the target server is known: the cooldown decides.
-    claim: Option<(&'c CachedTrigger, (Uuid, String))>,
+    claim: Option<(&'c CachedTrigger, ChosenServer)>,
 }
 
 /// Records the decision on a matched trigger in the outcome.
@@ -507,7 +507,7 @@ async fn claim_and_start(
     g: &mut GuardedTx,
     a: &AlertRow,
     ct: &CachedTrigger,
-    server: (Uuid, String),
+    server: ChosenServer,
     outcome: &mut Map<String, Value>,
 ) -> Result<(), JobError> {
     let t = &ct.row;
@@ -543,7 +543,7 @@ async fn claim_and_start(
                 "trigger {} fired within its cooldown of {} s {scope}",
                 t.trigger.name, t.trigger.cooldown_seconds
             )),
-            json!({ "server_id": server.0, "server": server.1 }),
+            json!({ "server_id": server.0, "server": server.1, "server_chosen_by": server.2 }),
         );
         return Ok(());
     }
@@ -568,7 +568,8 @@ async fn claim_and_start(
                 t,
                 "execution_created",
                 None,
-                json!({ "execution_id": execution_id, "server_id": server.0, "server": server.1 }),
+                json!({ "execution_id": execution_id, "server_id": server.0, "server": server.1,
+                        "server_chosen_by": server.2 }),
             )
         }
         Err(EngineError::Store(e)) => return Err(JobError::Store(e)),
@@ -579,7 +580,7 @@ async fn claim_and_start(
                 t,
                 "not_run",
                 Some(format!("{e} (the cooldown is not spent)")),
-                json!({ "server_id": server.0, "server": server.1 }),
+                json!({ "server_id": server.0, "server": server.1, "server_chosen_by": server.2 }),
             )
         }
     }
@@ -595,12 +596,15 @@ fn allowed(rule: &AllowedServers, s: &ServerCandidate) -> bool {
     })
 }
 
-/// The alert's target server: `(id, name)`, or why there is none.
+/// A server an alert's run targets: `(id, name, how it was chosen)`.
+type ChosenServer = (Uuid, String, String);
+
+/// The alert's target server, or why there is none.
 fn resolve_server(
     cfg: &MatchingConfig,
     a: &AlertRow,
     allowed_servers: &Result<AllowedServers, String>,
-) -> Result<(Uuid, String), String> {
+) -> Result<ChosenServer, String> {
     let selector = match allowed_servers {
         Ok(s) => s,
         Err(e) => return Err(format!("the runbook's allowed_servers is invalid: {e}")),
@@ -613,7 +617,7 @@ fn resolve_server(
             [] => {}
             [one] => {
                 if allowed(selector, one) {
-                    return Ok((one.id, one.name.clone()));
+                    return Ok((one.id, one.name.clone(), format!("instance `{host}`")));
                 }
                 return Err(format!(
                     "server {} (from instance `{host}`) is not among the runbook's allowed_servers",
@@ -624,7 +628,11 @@ fn resolve_server(
                 let permitted: Vec<&&ServerCandidate> =
                     many.iter().filter(|s| allowed(selector, s)).collect();
                 if let [one] = permitted.as_slice() {
-                    return Ok((one.id, one.name.clone()));
+                    return Ok((
+                        one.id,
+                        one.name.clone(),
+                        format!("instance `{host}`, the one of its servers allowed_servers takes"),
+                    ));
                 }
                 return Err(format!(
                     "{} servers have hostname or name `{host}` and {} of them are allowed; \
@@ -650,7 +658,11 @@ fn resolve_server(
         .filter(|s| allowed(selector, s))
         .collect();
     match permitted.as_slice() {
-        [one] => Ok((one.id, one.name.clone())),
+        [one] => Ok((
+            one.id,
+            one.name.clone(),
+            format!("{from_instance}: the only server the runbook's allowed_servers selects"),
+        )),
         [] => Err(format!(
             "{from_instance}, and no server matches the runbook's allowed_servers"
         )),
