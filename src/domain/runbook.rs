@@ -621,6 +621,20 @@ pub fn parse_yaml_partial(
         let Some(path) = next.path.as_deref() else {
             break;
         };
+        // The stand-in for "must be a string" (the parser says so for a list or mapping where
+        // any scalar belongs) was text where a number belongs: the problem is that one, and a
+        // number stands in instead.
+        if next.message.starts_with("must be a whole number")
+            && let Some(last) = problems.last_mut()
+            && last.message == "must be a string"
+            && last.path.as_deref() == Some(path)
+            && let Some(field) = field_at(&mut value, path)
+        {
+            last.message = next.message.clone();
+            *field = serde_json::Value::from(1);
+            current = next;
+            continue;
+        }
         // A field set aside for its type now reads as missing: already reported.
         if removed.iter().any(|r| r == path) {
             break;
@@ -1874,6 +1888,33 @@ triggers:
             assert_eq!(paths, [Some(expected)], "{text}: {problems:?}");
             assert_eq!(problems[0].message, MISSING, "{problems:?}");
         }
+    }
+
+    #[test]
+    fn a_list_where_a_number_belongs_is_told_to_be_a_number() {
+        let problems = parse_yaml_all(
+            "name: x\nretry_delay_seconds: [1]\nsteps:\n  - name: a\n    command: echo\n    \
+             timeout_seconds: {a: 1}\n    retry_count: lots\n",
+        )
+        .unwrap_err();
+        let shown: Vec<_> = problems
+            .iter()
+            .map(|p| {
+                (
+                    p.path.as_deref().unwrap(),
+                    p.message.starts_with("must be a whole number"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("retry_delay_seconds", true),
+                ("steps[0].timeout_seconds", true),
+                ("steps[0].retry_count", true)
+            ],
+            "{problems:?}"
+        );
     }
 
     #[test]
