@@ -550,6 +550,12 @@ async fn a_silent_pooled_connection_is_replaced_and_a_cancel_reaches_the_connect
     canceller.await.unwrap();
     assert!(out.cancelled && out.exit_code.is_none(), "{out:?}");
     assert_eq!(out.stdout, "");
+    assert!(
+        out.lost
+            .as_deref()
+            .is_some_and(|why| why.starts_with("the command never started")),
+        "{out:?}"
+    );
 }
 
 /// `comm` and parent pid of a process, from `/proc/<pid>/stat`.

@@ -681,16 +681,21 @@ fn judge(
                 (masker.mask(&o.stdout), masker.mask(&o.stderr))
             };
             // What became of a command that was to be killed.
-            let killed = match &o.kill_error {
-                None => "the command was killed".to_owned(),
-                Some(e) => format!("killing the command failed ({e}); it may still be running"),
+            // What became of the command: killed, not killed, or never started (over SSH, a
+            // timeout or cancel while the server was being reached).
+            let killed = match (&o.kill_error, &o.lost) {
+                (Some(e), _) => {
+                    format!("killing the command failed ({e}); it may still be running")
+                }
+                (None, Some(why)) => why.clone(),
+                (None, None) => "the command was killed".to_owned(),
             };
             let (status, error) = if o.cancelled && ended_as.as_deref() == Some("timeout") {
                 (
                     "timeout",
                     Some(format!("the runbook timeout ended the execution; {killed}")),
                 )
-            } else if o.cancelled && o.kill_error.is_some() {
+            } else if o.cancelled && (o.kill_error.is_some() || o.lost.is_some()) {
                 (
                     "cancelled",
                     Some(format!("cancelled while running; {killed}")),
@@ -1394,6 +1399,18 @@ mod tests {
         assert_eq!(
             killed.error.as_deref(),
             Some("timed out after 8 s (the step timeout); the command was killed")
+        );
+        // Over SSH, a timeout while the server was being reached: the command never ran.
+        let mut never = outcome(None);
+        never.lost =
+            Some("the command never started: the connection to db-1:22 was not ready".into());
+        let never = judge(&step, &RunResult::Ran(Ok(never), None), &masker, limits);
+        assert_eq!(
+            never.error.as_deref(),
+            Some(
+                "timed out after 8 s (the step timeout); the command never started: the \
+                 connection to db-1:22 was not ready"
+            )
         );
         let failed = judge(
             &step,

@@ -728,7 +728,10 @@ impl SshExecutor {
             timed_out,
             cancelled: !timed_out,
             kill_error: None,
-            lost: None,
+            lost: Some(format!(
+                "the command never started: the connection to {}:{} was not ready",
+                target.hostname, target.port
+            )),
             duration: started.elapsed(),
         };
         let (conn, mut channel) = tokio::select! {
