@@ -25,6 +25,40 @@ async fn timer_state(app: &common::TestApp, id: uuid::Uuid, timer: &str) -> Stri
         .unwrap()
 }
 
+/// Polls an execution until its log holds an entry of `event`; returns the execution.
+async fn wait_for_log_event(app: &common::TestApp, id: uuid::Uuid, event: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, run) = app.get(&format!("/executions/{id}")).await;
+        if run["execution_log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == event)
+        {
+            return run;
+        }
+        assert!(std::time::Instant::now() < deadline, "no {event}: {run}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls an execution until one of its rollback attempts has ended; returns that attempt.
+async fn wait_for_finished_rollback(app: &common::TestApp, id: uuid::Uuid) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let steps = app.steps(id).await;
+        if let Some(s) = steps
+            .iter()
+            .find(|s| s["phase"] == "rollback" && s["status"] != "running")
+        {
+            return s.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{steps:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn read(path: &PathBuf) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -309,35 +343,12 @@ steps:
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled", "{body}");
     // The rollback's command is killed at once and recorded, and nothing follows it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let undo_two = loop {
-        let steps = app.steps(id).await;
-        if let Some(s) = steps
-            .iter()
-            .find(|s| s["phase"] == "rollback" && s["status"] != "running")
-        {
-            break s.clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "{steps:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let undo_two = wait_for_finished_rollback(&app, id).await;
     assert_eq!(undo_two["step_name"], "two", "{undo_two}");
     assert_eq!(undo_two["status"], "cancelled", "{undo_two}");
     // Like a step's, a rollback's row says which signal ended its command.
     assert_eq!(undo_two["exit_signal"], "TERM", "{undo_two}");
-    let (_, done) = app.get(&format!("/executions/{id}")).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let mut done = done;
-    while !done["execution_log"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["event"] == "rollback_stopped")
-    {
-        assert!(std::time::Instant::now() < deadline, "{done}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        done = app.get(&format!("/executions/{id}")).await.1;
-    }
+    let done = wait_for_log_event(&app, id, "rollback_stopped").await;
     assert_eq!(done["status"], "cancelled", "{done}");
     let rollbacks = app
         .steps(id)
@@ -397,20 +408,7 @@ async fn a_blackout_that_begins_during_the_retry_delay_refuses_the_retry() {
                 retry_delay_seconds: 2\nsteps:\n  - name: a\n    command: exit 1\n";
     let runbook = app.runbook_from_yaml(yaml).await;
     let id = app.start_execution(json!({ "runbook_id": runbook })).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let (_, run) = app.get(&format!("/executions/{id}")).await;
-        if run["execution_log"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event"] == "retry_scheduled")
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{run}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_log_event(&app, id, "retry_scheduled").await;
     app.blackout_now(
         "change-freeze",
         json!({ "affected_runbooks": { "categories": ["freeze-me"] } }),
@@ -520,21 +518,7 @@ async fn a_rollback_whose_job_died_is_closed_and_the_older_ones_still_run() {
     assert_eq!(died.rows_affected(), 1);
     common::run_scheduled_job(&app.pool, aiops::engine::dead_jobs::KIND).await;
     common::wait_for_file(&log, "rb2\nrb1\n").await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let done = loop {
-        let (_, run) = app.get(&format!("/executions/{id}")).await;
-        let events: Vec<String> = run["execution_log"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["event"].as_str().unwrap().to_owned())
-            .collect();
-        if events.iter().any(|e| e == "rollback_finished") {
-            break run;
-        }
-        assert!(std::time::Instant::now() < deadline, "{run}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let done = wait_for_log_event(&app, id, "rollback_finished").await;
     assert_eq!(done["status"], "failed", "{done}");
     let rollbacks: Vec<(String, String, bool)> = app
         .steps(id)
@@ -608,18 +592,7 @@ steps:
     let done = app.wait_for_status(id, common::FINISHED, 30).await;
     assert_eq!(done["status"], "failed", "{done}");
     // Rollbacks run after the status is final; wait until the rollback's attempt is recorded.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let rollback = loop {
-        let steps = app.steps(id).await;
-        if let Some(r) = steps
-            .iter()
-            .find(|s| s["phase"] == "rollback" && s["status"] != "running")
-        {
-            break r.clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "{steps:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let rollback = wait_for_finished_rollback(&app, id).await;
     assert_eq!(
         read(&log),
         format!("start web-1\nstop web-1 probed-7 web-1 {secret}\n")

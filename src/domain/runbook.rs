@@ -1917,6 +1917,14 @@ triggers:
         );
     }
 
+    /// Each problem's line and field path.
+    fn lines_and_paths(problems: &[ParseError]) -> Vec<(u32, &str)> {
+        problems
+            .iter()
+            .map(|p| (p.line.unwrap(), p.path.as_deref().unwrap()))
+            .collect()
+    }
+
     #[test]
     fn a_collection_of_the_wrong_kind_is_one_problem_at_its_field() {
         let text = "name: ev\nmode: AUTO\nenvironment_vars: [a]\nstatus: enabled\nsteps:\n  - name: s\n    \
@@ -1939,10 +1947,7 @@ triggers:
         let text = "name: e\nmode: bogus\nsteps:\n  - name: s\n    command: {a: b}\n    timeout_seconds: soon\n  \
                     - name: t\n    command: echo\n    retry_count: lots\n";
         let problems = parse_yaml_all(text).unwrap_err();
-        let shown: Vec<_> = problems
-            .iter()
-            .map(|p| (p.line.unwrap(), p.path.as_deref().unwrap()))
-            .collect();
+        let shown = lines_and_paths(&problems);
         assert_eq!(
             shown,
             [
@@ -1961,10 +1966,7 @@ triggers:
         let text = "name: x\n\"db.host\": 1\nsteps:\n  - name: a\n    command: echo\n    \
                     \"x[0]\": 2\n    retry_count: many\nmode: sometimes\n";
         let problems = parse_yaml_all(text).unwrap_err();
-        let shown: Vec<_> = problems
-            .iter()
-            .map(|p| (p.line.unwrap(), p.path.as_deref().unwrap()))
-            .collect();
+        let shown = lines_and_paths(&problems);
         assert_eq!(
             shown,
             [

@@ -97,6 +97,20 @@ macro_rules! audit_where {
     };
 }
 
+/// Binds the parameters `$1`..`$7` of [`audit_where!`] from an [`AuditFilter`].
+macro_rules! bind_filter {
+    ($query:expr, $filter:expr) => {
+        $query
+            .bind($filter.user_id)
+            .bind($filter.action.as_deref())
+            .bind($filter.resource_type.as_deref())
+            .bind($filter.resource_id)
+            .bind($filter.since)
+            .bind($filter.until)
+            .bind($filter.username.as_deref())
+    };
+}
+
 /// Lists entries newest first, with the total matching count.
 pub async fn audit_list(
     conn: &mut PgConnection,
@@ -104,32 +118,24 @@ pub async fn audit_list(
     limit: i64,
     offset: i64,
 ) -> StoreResult<(Vec<AuditRow>, i64)> {
-    let rows = sqlx::query_as::<_, AuditRow>(concat!(
-        "SELECT id, user_id, username, action, resource_type, resource_id, details_json, \
-         ip_address, created_at",
-        audit_where!(),
-        " ORDER BY created_at DESC, id LIMIT $8 OFFSET $9"
-    ))
-    .bind(filter.user_id)
-    .bind(filter.action.as_deref())
-    .bind(filter.resource_type.as_deref())
-    .bind(filter.resource_id)
-    .bind(filter.since)
-    .bind(filter.until)
-    .bind(filter.username.as_deref())
+    let rows = bind_filter!(
+        sqlx::query_as::<_, AuditRow>(concat!(
+            "SELECT id, user_id, username, action, resource_type, resource_id, details_json, \
+             ip_address, created_at",
+            audit_where!(),
+            " ORDER BY created_at DESC, id LIMIT $8 OFFSET $9"
+        )),
+        filter
+    )
     .bind(limit)
     .bind(offset)
     .fetch_all(&mut *conn)
     .await?;
-    let total: i64 = sqlx::query_scalar(concat!("SELECT count(*)", audit_where!()))
-        .bind(filter.user_id)
-        .bind(filter.action.as_deref())
-        .bind(filter.resource_type.as_deref())
-        .bind(filter.resource_id)
-        .bind(filter.since)
-        .bind(filter.until)
-        .bind(filter.username.as_deref())
-        .fetch_one(conn)
-        .await?;
+    let total: i64 = bind_filter!(
+        sqlx::query_scalar(concat!("SELECT count(*)", audit_where!())),
+        filter
+    )
+    .fetch_one(conn)
+    .await?;
     Ok((rows, total))
 }
